@@ -1,0 +1,495 @@
+//! The one header both sides of bindtrace share: the record the probe writes into the ring
+//! buffer, the configuration the tracer writes into the probe before load, and the filter
+//! predicates, so the kernel and userspace decide "does this event pass" with the same code.
+//!
+//! Everything here is `#[repr(C)]`, fixed-size and free of pointers: it crosses the
+//! kernel/user boundary as raw bytes.
+#![no_std]
+
+/// Length of `task_struct.comm`, including the NUL.
+pub const COMM_LEN: usize = 16;
+/// Most port ranges `--port` accepts; the probe walks them in a bounded loop.
+pub const MAX_PORT_RANGES: usize = 16;
+/// Errnos 1..=254 have their own bit in [`FilterConfig::results`]; larger ones share bit 255.
+pub const ERRNO_BITS: usize = 256;
+
+pub const AF_INET: u16 = 2;
+pub const AF_INET6: u16 = 10;
+pub const IPPROTO_TCP: u16 = 6;
+pub const IPPROTO_UDP: u16 = 17;
+
+/// Names of the maps and globals in the probe object, used by the loader to find them.
+pub mod names {
+    pub const EVENTS: &str = "EVENTS";
+    pub const IN_FLIGHT: &str = "IN_FLIGHT";
+    pub const STATS: &str = "STATS";
+    pub const FILTER_PIDS: &str = "FILTER_PIDS";
+    pub const CONFIG: &str = "BINDTRACE_CONFIG";
+    pub const PROG_ENTER: &str = "bindtrace_sys_enter_bind";
+    pub const PROG_EXIT: &str = "bindtrace_sys_exit_bind";
+}
+
+/// Which kernel hook produced an event.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    Tracepoint = 1,
+}
+
+impl Backend {
+    pub fn from_raw(raw: u8) -> Option<Self> {
+        match raw {
+            1 => Some(Self::Tracepoint),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Tracepoint => "tracepoint",
+        }
+    }
+}
+
+/// Bits of [`BindEvent::sock_flags`].
+pub mod sock_flags {
+    /// The kernel socket behind the fd was found; the fields below and `sock_type`,
+    /// `protocol` and `bound_dev_if` are meaningful only with this bit set.
+    pub const SOCK_INFO: u32 = 1 << 0;
+    /// SO_REUSEADDR (`skc_reuse` non-zero).
+    pub const REUSEADDR: u32 = 1 << 1;
+    /// SO_REUSEPORT.
+    pub const REUSEPORT: u32 = 1 << 2;
+    /// IPV6_V6ONLY.
+    pub const V6ONLY: u32 = 1 << 3;
+    /// The requested sockaddr could be copied from the caller; without it `addr`/`port` are 0.
+    pub const ADDR_READ: u32 = 1 << 8;
+    /// The sockaddr was shorter than its family needs (`addrlen` tells by how much).
+    pub const ADDR_SHORT: u32 = 1 << 9;
+}
+
+/// One bind attempt, as the probe writes it into the ring buffer.
+///
+/// The address and port are the ones the caller *asked for*, copied from the syscall's
+/// arguments, so they survive a failed bind (the kernel resets the socket's own address).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BindEvent {
+    /// CLOCK_MONOTONIC (`bpf_ktime_get_ns`) when bind() was entered.
+    pub timestamp_ns: u64,
+    /// Time spent inside bind().
+    pub duration_ns: u64,
+    /// cgroup v2 id of the calling task.
+    pub cgroup_id: u64,
+    /// Requested address in network byte order; an IPv4 address fills the first 4 bytes.
+    pub addr: [u8; 16],
+    /// `task_struct.comm` of the calling thread, NUL-padded.
+    pub comm: [u8; COMM_LEN],
+    /// Inode of the socket's network namespace (the caller's when the socket was not found).
+    pub netns_ino: u32,
+    pub tgid: u32,
+    pub tid: u32,
+    pub uid: u32,
+    pub gid: u32,
+    /// bind()'s return value: 0 or a negative errno.
+    pub ret: i32,
+    pub fd: i32,
+    /// The addrlen argument.
+    pub addrlen: u32,
+    /// sin6_scope_id for IPv6.
+    pub scope_id: u32,
+    /// SO_BINDTODEVICE ifindex (`skc_bound_dev_if`), 0 if none.
+    pub bound_dev_if: u32,
+    /// [`sock_flags`] bits.
+    pub sock_flags: u32,
+    /// sa_family of the requested sockaddr (any value, not only AF_INET/AF_INET6).
+    pub family: u16,
+    /// Requested port, host byte order.
+    pub port: u16,
+    /// SOCK_STREAM, SOCK_DGRAM, ... (with SOCK_INFO).
+    pub sock_type: u16,
+    /// IPPROTO_TCP, IPPROTO_UDP, ... (with SOCK_INFO).
+    pub protocol: u16,
+    /// [`Backend`] as u8.
+    pub backend: u8,
+    pub _reserved: [u8; 11],
+}
+
+/// Size of one ring-buffer record; the decoder rejects anything else.
+pub const BIND_EVENT_SIZE: usize = core::mem::size_of::<BindEvent>();
+const _: () = assert!(BIND_EVENT_SIZE == 120);
+
+impl BindEvent {
+    pub const fn zeroed() -> Self {
+        Self {
+            timestamp_ns: 0,
+            duration_ns: 0,
+            cgroup_id: 0,
+            addr: [0; 16],
+            comm: [0; COMM_LEN],
+            netns_ino: 0,
+            tgid: 0,
+            tid: 0,
+            uid: 0,
+            gid: 0,
+            ret: 0,
+            fd: 0,
+            addrlen: 0,
+            scope_id: 0,
+            bound_dev_if: 0,
+            sock_flags: 0,
+            family: 0,
+            port: 0,
+            sock_type: 0,
+            protocol: 0,
+            backend: 0,
+            _reserved: [0; 11],
+        }
+    }
+}
+
+/// Indices of the per-CPU counters in the `STATS` array.
+pub mod stat {
+    /// bind() calls that reached the probe's exit hook with a matching entry.
+    pub const SEEN: u32 = 0;
+    /// Events the in-kernel filters rejected (they never touch the ring buffer).
+    pub const FILTERED: u32 = 1;
+    /// Events written to the ring buffer.
+    pub const EMITTED: u32 = 2;
+    /// Events lost because the ring buffer was full.
+    pub const RINGBUF_FULL: u32 = 3;
+    /// Events lost because the in-flight map was full at entry.
+    pub const IN_FLIGHT_FULL: u32 = 4;
+    /// Exits with no in-flight entry (the bind began before the probe attached, or the entry
+    /// was lost).
+    pub const IN_FLIGHT_MISSING: u32 = 5;
+    /// Events whose sockaddr could not be read from user memory (emitted without address).
+    pub const ADDR_READ_FAILED: u32 = 6;
+    pub const COUNT: u32 = 7;
+}
+
+/// Where a struct member lives, resolved from the running kernel's BTF by the tracer.
+///
+/// The probe reads `(u32 at base + offset) >> bit_shift`, masked to `bit_width` bits;
+/// a plain u8/u16/u32 member has `bit_shift` 0 and `bit_width` 8/16/32.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FieldLoc {
+    pub offset: u32,
+    pub bit_shift: u8,
+    /// 0 when the kernel has no such member: the probe then leaves the field unset.
+    pub bit_width: u8,
+    pub _reserved: [u8; 2],
+}
+
+impl FieldLoc {
+    pub const ABSENT: Self = Self {
+        offset: 0,
+        bit_shift: 0,
+        bit_width: 0,
+        _reserved: [0; 2],
+    };
+
+    pub const fn is_present(&self) -> bool {
+        self.bit_width != 0
+    }
+
+    /// Extracts this field from the 32 bits read at its offset.
+    #[inline(always)]
+    pub const fn extract(&self, raw: u32) -> u32 {
+        let shifted = raw >> (self.bit_shift & 31);
+        if self.bit_width >= 32 {
+            shifted
+        } else {
+            shifted & ((1u32 << self.bit_width) - 1)
+        }
+    }
+}
+
+/// Offsets the probe needs to walk from the current task to the socket behind an fd.
+/// Pointer members are byte offsets; value members are [`FieldLoc`]s.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KernelLayout {
+    /// `task_struct.files`
+    pub task_files: u32,
+    /// `task_struct.nsproxy`
+    pub task_nsproxy: u32,
+    /// `files_struct.fdt`
+    pub files_fdt: u32,
+    /// `fdtable.max_fds`
+    pub fdtable_max_fds: u32,
+    /// `fdtable.fd`
+    pub fdtable_fd: u32,
+    /// `file.private_data`
+    pub file_private_data: u32,
+    /// `socket.file`
+    pub socket_file: u32,
+    /// `socket.sk`
+    pub socket_sk: u32,
+    /// `nsproxy.net_ns`
+    pub nsproxy_net_ns: u32,
+    /// `sock.__sk_common.skc_net` (a `possible_net_t`, whose first member is the pointer)
+    pub sock_net: u32,
+    /// `net.ns.inum`
+    pub net_inum: u32,
+    pub _reserved: u32,
+    pub sock_family: FieldLoc,
+    pub sock_type: FieldLoc,
+    pub sock_protocol: FieldLoc,
+    pub sock_reuse: FieldLoc,
+    pub sock_reuseport: FieldLoc,
+    pub sock_ipv6only: FieldLoc,
+    pub sock_bound_dev_if: FieldLoc,
+}
+
+/// Bits of [`FilterConfig::flags`]: which filters are active.
+pub mod filter_flags {
+    pub const PIDS: u32 = 1 << 0;
+    pub const PORTS: u32 = 1 << 1;
+    pub const RESULTS: u32 = 1 << 2;
+    pub const FAMILY: u32 = 1 << 3;
+    pub const PROTOCOL: u32 = 1 << 4;
+    pub const COMM: u32 = 1 << 5;
+}
+
+/// Filters applied in the kernel, so that a rejected event costs no ring-buffer space.
+/// The pid set lives in the `FILTER_PIDS` hash map; everything else is here.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FilterConfig {
+    /// Accepted results: bit 0 is success, bit N is errno N (N >= 255 all map to bit 255).
+    pub results: [u64; ERRNO_BITS / 64],
+    /// Inclusive port ranges; the first `port_range_count` are used.
+    pub port_ranges: [[u16; 2]; MAX_PORT_RANGES],
+    /// Exact `comm` to match, NUL-padded.
+    pub comm: [u8; COMM_LEN],
+    pub port_range_count: u32,
+    /// [`filter_flags`] bits.
+    pub flags: u32,
+    pub family: u16,
+    pub protocol: u16,
+    pub _reserved: u32,
+}
+
+impl FilterConfig {
+    pub const fn accept_all() -> Self {
+        Self {
+            results: [0; ERRNO_BITS / 64],
+            port_ranges: [[0; 2]; MAX_PORT_RANGES],
+            comm: [0; COMM_LEN],
+            port_range_count: 0,
+            flags: 0,
+            family: 0,
+            protocol: 0,
+            _reserved: 0,
+        }
+    }
+
+    #[inline(always)]
+    pub const fn is_active(&self, flag: u32) -> bool {
+        self.flags & flag != 0
+    }
+
+    /// The bit of [`Self::results`] a bind return value maps to.
+    #[inline(always)]
+    pub const fn result_bit(ret: i32) -> usize {
+        if ret >= 0 {
+            0
+        } else {
+            let errno = ret.unsigned_abs() as usize;
+            if errno >= ERRNO_BITS - 1 {
+                ERRNO_BITS - 1
+            } else {
+                errno
+            }
+        }
+    }
+
+    pub fn accept_result_bit(&mut self, bit: usize) {
+        let bit = if bit >= ERRNO_BITS { ERRNO_BITS - 1 } else { bit };
+        self.results[bit / 64] |= 1u64 << (bit % 64);
+        self.flags |= filter_flags::RESULTS;
+    }
+
+    /// Does the return value pass the result filter (`--errno`, `--failed`)?
+    #[inline(always)]
+    pub fn accepts_result(&self, ret: i32) -> bool {
+        if !self.is_active(filter_flags::RESULTS) {
+            return true;
+        }
+        let bit = Self::result_bit(ret);
+        // `bit` is at most 255, so the index is at most 3; the mask keeps the verifier sure.
+        let word = self.results[(bit / 64) & 3];
+        word & (1u64 << (bit % 64)) != 0
+    }
+
+    /// Does the requested port pass `--port`? Walks a bounded number of ranges.
+    #[inline(always)]
+    pub fn accepts_port(&self, port: u16) -> bool {
+        if !self.is_active(filter_flags::PORTS) {
+            return true;
+        }
+        let mut i = 0;
+        while i < MAX_PORT_RANGES {
+            if (i as u32) >= self.port_range_count {
+                break;
+            }
+            let [lo, hi] = self.port_ranges[i];
+            if port >= lo && port <= hi {
+                return true;
+            }
+            i += 1;
+        }
+        false
+    }
+
+    #[inline(always)]
+    pub fn accepts_family(&self, family: u16) -> bool {
+        !self.is_active(filter_flags::FAMILY) || self.family == family
+    }
+
+    #[inline(always)]
+    pub fn accepts_protocol(&self, protocol: u16) -> bool {
+        !self.is_active(filter_flags::PROTOCOL) || self.protocol == protocol
+    }
+
+    #[inline(always)]
+    pub fn accepts_comm(&self, comm: &[u8; COMM_LEN]) -> bool {
+        if !self.is_active(filter_flags::COMM) {
+            return true;
+        }
+        let mut i = 0;
+        while i < COMM_LEN {
+            if comm[i] != self.comm[i] {
+                return false;
+            }
+            if comm[i] == 0 {
+                return true;
+            }
+            i += 1;
+        }
+        true
+    }
+
+    /// Every predicate on an event except the pid set (which the caller checks against its
+    /// own pid list): the userspace mirror of what the probe decides in the kernel.
+    pub fn accepts_event(&self, event: &BindEvent) -> bool {
+        self.accepts_result(event.ret)
+            && self.accepts_port(event.port)
+            && self.accepts_family(event.family)
+            && self.accepts_protocol(event.protocol)
+            && self.accepts_comm(&event.comm)
+    }
+}
+
+/// Everything the tracer writes into the probe's read-only data before load.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ProbeConfig {
+    pub layout: KernelLayout,
+    pub filter: FilterConfig,
+}
+
+impl ProbeConfig {
+    pub const fn zeroed() -> Self {
+        Self {
+            layout: KernelLayout {
+                task_files: 0,
+                task_nsproxy: 0,
+                files_fdt: 0,
+                fdtable_max_fds: 0,
+                fdtable_fd: 0,
+                file_private_data: 0,
+                socket_file: 0,
+                socket_sk: 0,
+                nsproxy_net_ns: 0,
+                sock_net: 0,
+                net_inum: 0,
+                _reserved: 0,
+                sock_family: FieldLoc::ABSENT,
+                sock_type: FieldLoc::ABSENT,
+                sock_protocol: FieldLoc::ABSENT,
+                sock_reuse: FieldLoc::ABSENT,
+                sock_reuseport: FieldLoc::ABSENT,
+                sock_ipv6only: FieldLoc::ABSENT,
+                sock_bound_dev_if: FieldLoc::ABSENT,
+            },
+            filter: FilterConfig::accept_all(),
+        }
+    }
+}
+
+// SAFETY: plain-old-data: repr(C), no pointers, every bit pattern valid; padding is explicit.
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for ProbeConfig {}
+// SAFETY: as above.
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for BindEvent {}
+
+#[cfg(test)]
+mod tests {
+    extern crate std;
+    use super::*;
+
+    #[test]
+    fn result_filter_maps_success_errnos_and_overflow() {
+        let mut filter = FilterConfig::accept_all();
+        assert!(filter.accepts_result(-98), "inactive filter accepts all");
+        filter.accept_result_bit(98);
+        assert!(filter.accepts_result(-98));
+        assert!(!filter.accepts_result(0));
+        assert!(!filter.accepts_result(-13));
+        filter.accept_result_bit(0);
+        assert!(filter.accepts_result(0));
+        assert_eq!(FilterConfig::result_bit(-4000), 255);
+        assert_eq!(FilterConfig::result_bit(-255), 255);
+        assert_eq!(FilterConfig::result_bit(-254), 254);
+    }
+
+    #[test]
+    fn port_ranges_are_inclusive_and_bounded_by_count() {
+        let mut filter = FilterConfig::accept_all();
+        filter.flags |= filter_flags::PORTS;
+        filter.port_ranges[0] = [8080, 8080];
+        filter.port_ranges[1] = [9000, 9010];
+        filter.port_ranges[2] = [1, 65535];
+        filter.port_range_count = 2;
+        assert!(filter.accepts_port(8080));
+        assert!(filter.accepts_port(9000));
+        assert!(filter.accepts_port(9010));
+        assert!(!filter.accepts_port(9011));
+        assert!(!filter.accepts_port(80), "range 3 is beyond the count");
+    }
+
+    #[test]
+    fn comm_filter_matches_exactly() {
+        let mut filter = FilterConfig::accept_all();
+        filter.flags |= filter_flags::COMM;
+        filter.comm[..5].copy_from_slice(b"nginx");
+        let mut comm = [0u8; COMM_LEN];
+        comm[..5].copy_from_slice(b"nginx");
+        assert!(filter.accepts_comm(&comm));
+        comm[5] = b'x';
+        assert!(!filter.accepts_comm(&comm));
+    }
+
+    #[test]
+    fn field_loc_extracts_bitfields() {
+        let reuseport = FieldLoc {
+            offset: 0,
+            bit_shift: 4,
+            bit_width: 1,
+            _reserved: [0; 2],
+        };
+        assert_eq!(reuseport.extract(0b1_0000), 1);
+        assert_eq!(reuseport.extract(0b0_1111), 0);
+        let word = FieldLoc {
+            offset: 0,
+            bit_shift: 0,
+            bit_width: 32,
+            _reserved: [0; 2],
+        };
+        assert_eq!(word.extract(u32::MAX), u32::MAX);
+    }
+}

@@ -1,0 +1,323 @@
+//! bindtrace's kernel side: the syscall-tracepoint backend.
+//!
+//! `sys_enter_bind` copies the requested sockaddr out of the caller's memory (so it survives a
+//! failed bind) and reads the socket behind the fd; `sys_exit_bind` adds the return code and
+//! duration, applies the filters and writes one `BindEvent` into the ring buffer.
+//!
+//! Kernel struct offsets are not compiled in: the tracer resolves them from the running
+//! kernel's BTF and writes them into `BINDTRACE_CONFIG` before the object is loaded.
+#![no_std]
+#![no_main]
+
+use aya_ebpf::{
+    helpers::{
+        bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
+        bpf_get_current_task, bpf_get_current_uid_gid, bpf_ktime_get_ns, bpf_probe_read_kernel,
+        bpf_probe_read_user, bpf_probe_read_user_buf,
+    },
+    macros::{map, tracepoint},
+    maps::{HashMap, PerCpuArray, RingBuf},
+    programs::TracePointContext,
+};
+use aya_log_ebpf::debug;
+use bindtrace_common::{
+    filter_flags, sock_flags, stat, Backend, BindEvent, FieldLoc, KernelLayout, ProbeConfig,
+    AF_INET, AF_INET6, COMM_LEN,
+};
+
+/// Written by the tracer before load (aya rewrites .rodata); read only through [`config`].
+#[unsafe(no_mangle)]
+static BINDTRACE_CONFIG: ProbeConfig = ProbeConfig::zeroed();
+
+/// Default size; the tracer may resize it before load.
+#[map(name = "EVENTS")]
+static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 20, 0);
+
+/// bind() calls between entry and exit, keyed by thread id.
+#[map(name = "IN_FLIGHT")]
+static IN_FLIGHT: HashMap<u32, BindEvent> = HashMap::with_max_entries(16384, 0);
+
+/// Per-CPU counters, indexed by `bindtrace_common::stat`.
+#[map(name = "STATS")]
+static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stat::COUNT, 0);
+
+/// tgids accepted by `--pid` (value unused).
+#[map(name = "FILTER_PIDS")]
+static FILTER_PIDS: HashMap<u32, u8> = HashMap::with_max_entries(1024, 0);
+
+// Offsets into the syscalls:sys_{enter,exit}_bind records (after the 8-byte common header and
+// the 8-byte syscall number); see /sys/kernel/tracing/events/syscalls/sys_enter_bind/format.
+const ENTER_FD: usize = 16;
+const ENTER_UMYADDR: usize = 24;
+const ENTER_ADDRLEN: usize = 32;
+const EXIT_RET: usize = 16;
+
+const SOCKADDR_IN_LEN: u32 = 16;
+const SOCKADDR_IN6_LEN: u32 = 28;
+const ENOTSOCK: i32 = 88;
+const EBADF: i32 = 9;
+
+/// The configuration, read through an opaque pointer: `BINDTRACE_CONFIG` is an immutable
+/// static, so without this the compiler would fold its (all-zero) initial value into the code.
+#[inline(always)]
+fn config() -> &'static ProbeConfig {
+    let ptr = core::hint::black_box(&raw const BINDTRACE_CONFIG);
+    // SAFETY: points to a static that lives for the whole program.
+    unsafe { &*ptr }
+}
+
+#[inline(always)]
+fn count(index: u32) {
+    if let Some(counter) = STATS.get_ptr_mut(index) {
+        // SAFETY: per-CPU slot; a program runs to completion on one CPU without preemption
+        // by another instance of itself on that CPU.
+        unsafe { *counter += 1 };
+    }
+}
+
+/// Task-based filters (pid, comm), checked at entry and again at exit so that a filtered
+/// call never touches the in-flight map.
+#[inline(always)]
+fn task_passes(cfg: &ProbeConfig, tgid: u32, comm: &[u8; COMM_LEN]) -> bool {
+    let filter = &cfg.filter;
+    // SAFETY: the value is never dereferenced, only tested for presence.
+    if filter.is_active(filter_flags::PIDS) && unsafe { FILTER_PIDS.get(&tgid) }.is_none() {
+        return false;
+    }
+    filter.accepts_comm(comm)
+}
+
+#[tracepoint(category = "syscalls", name = "sys_enter_bind")]
+pub fn bindtrace_sys_enter_bind(ctx: TracePointContext) -> u32 {
+    on_enter(&ctx);
+    0
+}
+
+#[tracepoint(category = "syscalls", name = "sys_exit_bind")]
+pub fn bindtrace_sys_exit_bind(ctx: TracePointContext) -> u32 {
+    on_exit(&ctx);
+    0
+}
+
+#[inline(always)]
+fn on_enter(ctx: &TracePointContext) {
+    let cfg = config();
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let tgid = (pid_tgid >> 32) as u32;
+    let tid = pid_tgid as u32;
+    let comm = bpf_get_current_comm().unwrap_or([0; COMM_LEN]);
+    if !task_passes(cfg, tgid, &comm) {
+        return;
+    }
+
+    let mut event = BindEvent::zeroed();
+    event.timestamp_ns = unsafe { bpf_ktime_get_ns() };
+    event.tgid = tgid;
+    event.tid = tid;
+    event.comm = comm;
+    let uid_gid = bpf_get_current_uid_gid();
+    event.uid = uid_gid as u32;
+    event.gid = (uid_gid >> 32) as u32;
+    event.cgroup_id = unsafe { bpf_get_current_cgroup_id() };
+    event.backend = Backend::Tracepoint as u8;
+
+    // SAFETY: the offsets are inside the tracepoint record, whose layout is syscall ABI.
+    let (fd, user_addr, addrlen) = unsafe {
+        (
+            ctx.read_at::<u64>(ENTER_FD).unwrap_or(u64::MAX) as i32,
+            ctx.read_at::<u64>(ENTER_UMYADDR).unwrap_or(0) as *const u8,
+            ctx.read_at::<u64>(ENTER_ADDRLEN).unwrap_or(0) as u32,
+        )
+    };
+    event.fd = fd;
+    event.addrlen = addrlen;
+
+    if read_requested_address(&mut event, user_addr, addrlen).is_err() {
+        count(stat::ADDR_READ_FAILED);
+        debug!(ctx, "bindtrace: sockaddr of pid {} unreadable", tgid);
+    }
+    read_socket(&mut event, &cfg.layout, fd);
+
+    if IN_FLIGHT.insert(&tid, &event, 0).is_err() {
+        count(stat::IN_FLIGHT_FULL);
+    }
+}
+
+/// Copies the sockaddr the caller passed. Only the family is read when the length is too
+/// short for it (bind() then fails with EINVAL, and the event still says so).
+#[inline(always)]
+fn read_requested_address(event: &mut BindEvent, user_addr: *const u8, addrlen: u32) -> Result<(), i32> {
+    if user_addr.is_null() || addrlen < 2 {
+        event.sock_flags |= sock_flags::ADDR_SHORT;
+        return Ok(());
+    }
+    // SAFETY: bpf_probe_read_user copes with any user pointer.
+    let family: u16 = unsafe { bpf_probe_read_user(user_addr.cast::<u16>())? };
+    event.family = family;
+    match family {
+        AF_INET => {
+            if addrlen < SOCKADDR_IN_LEN {
+                event.sock_flags |= sock_flags::ADDR_SHORT;
+                return Ok(());
+            }
+            let mut raw = [0u8; SOCKADDR_IN_LEN as usize];
+            unsafe { bpf_probe_read_user_buf(user_addr, &mut raw)? };
+            event.port = u16::from_be_bytes([raw[2], raw[3]]);
+            event.addr[..4].copy_from_slice(&raw[4..8]);
+        }
+        AF_INET6 => {
+            if addrlen < SOCKADDR_IN6_LEN {
+                event.sock_flags |= sock_flags::ADDR_SHORT;
+                return Ok(());
+            }
+            let mut raw = [0u8; SOCKADDR_IN6_LEN as usize];
+            unsafe { bpf_probe_read_user_buf(user_addr, &mut raw)? };
+            event.port = u16::from_be_bytes([raw[2], raw[3]]);
+            event.addr.copy_from_slice(&raw[8..24]);
+            event.scope_id = u32::from_ne_bytes([raw[24], raw[25], raw[26], raw[27]]);
+        }
+        _ => {}
+    }
+    event.sock_flags |= sock_flags::ADDR_READ;
+    Ok(())
+}
+
+#[inline(always)]
+unsafe fn read_ptr(base: *const u8, offset: u32) -> Option<*const u8> {
+    // SAFETY: bpf_probe_read_kernel copes with any address.
+    let value = unsafe { bpf_probe_read_kernel(base.add(offset as usize).cast::<*const u8>()) }.ok()?;
+    if value.is_null() { None } else { Some(value) }
+}
+
+#[inline(always)]
+unsafe fn read_field(base: *const u8, loc: &FieldLoc) -> Option<u32> {
+    if !loc.is_present() {
+        return None;
+    }
+    // SAFETY: as above; reading 4 bytes at a narrower member's offset stays inside `struct sock`.
+    let raw = unsafe { bpf_probe_read_kernel(base.add(loc.offset as usize).cast::<u32>()) }.ok()?;
+    Some(loc.extract(raw))
+}
+
+/// Walks task → files → fdtable → file → socket → sock and fills the socket fields and the
+/// netns. Any failed read leaves `SOCK_INFO` clear; the event is still emitted.
+#[inline(always)]
+fn read_socket(event: &mut BindEvent, layout: &KernelLayout, fd: i32) {
+    // SAFETY: every dereference below goes through bpf_probe_read_kernel.
+    unsafe {
+        let task = bpf_get_current_task() as *const u8;
+        let sock = socket_of_fd(task, layout, fd);
+        let net = match sock {
+            Some(sk) => {
+                fill_sock_fields(event, layout, sk);
+                read_ptr(sk, layout.sock_net)
+            }
+            None => read_ptr(task, layout.task_nsproxy).and_then(|ns| read_ptr(ns, layout.nsproxy_net_ns)),
+        };
+        if let Some(net) = net {
+            if let Ok(inum) = bpf_probe_read_kernel(net.add(layout.net_inum as usize).cast::<u32>()) {
+                event.netns_ino = inum;
+            }
+        }
+    }
+}
+
+#[inline(always)]
+unsafe fn socket_of_fd(task: *const u8, layout: &KernelLayout, fd: i32) -> Option<*const u8> {
+    if fd < 0 || layout.file_private_data == 0 {
+        return None;
+    }
+    unsafe {
+        let files = read_ptr(task, layout.task_files)?;
+        let fdt = read_ptr(files, layout.files_fdt)?;
+        let max_fds: u32 = bpf_probe_read_kernel(fdt.add(layout.fdtable_max_fds as usize).cast::<u32>()).ok()?;
+        if fd as u32 >= max_fds {
+            return None;
+        }
+        let fd_array = read_ptr(fdt, layout.fdtable_fd)?;
+        let file = read_ptr(fd_array, (fd as u32) * 8)?;
+        let socket = read_ptr(file, layout.file_private_data)?;
+        // A socket's `file` points back at its file; anything else behind private_data
+        // (the fd is not a socket) fails this check.
+        if read_ptr(socket, layout.socket_file)? != file {
+            return None;
+        }
+        read_ptr(socket, layout.socket_sk)
+    }
+}
+
+#[inline(always)]
+unsafe fn fill_sock_fields(event: &mut BindEvent, layout: &KernelLayout, sk: *const u8) {
+    unsafe {
+        let Some(sock_type) = read_field(sk, &layout.sock_type) else {
+            return;
+        };
+        event.sock_type = sock_type as u16;
+        event.protocol = read_field(sk, &layout.sock_protocol).unwrap_or(0) as u16;
+        event.bound_dev_if = read_field(sk, &layout.sock_bound_dev_if).unwrap_or(0);
+        let mut flags = sock_flags::SOCK_INFO;
+        if read_field(sk, &layout.sock_reuse).unwrap_or(0) != 0 {
+            flags |= sock_flags::REUSEADDR;
+        }
+        if read_field(sk, &layout.sock_reuseport).unwrap_or(0) != 0 {
+            flags |= sock_flags::REUSEPORT;
+        }
+        if read_field(sk, &layout.sock_ipv6only).unwrap_or(0) != 0 {
+            flags |= sock_flags::V6ONLY;
+        }
+        event.sock_flags |= flags;
+    }
+}
+
+#[inline(always)]
+fn on_exit(ctx: &TracePointContext) {
+    count(stat::SEEN);
+    let cfg = config();
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let tid = pid_tgid as u32;
+    let comm = bpf_get_current_comm().unwrap_or([0; COMM_LEN]);
+    if !task_passes(cfg, (pid_tgid >> 32) as u32, &comm) {
+        count(stat::FILTERED);
+        return;
+    }
+    let Some(event) = IN_FLIGHT.get_ptr_mut(&tid) else {
+        count(stat::IN_FLIGHT_MISSING);
+        return;
+    };
+    // SAFETY: the map value stays valid until we remove it below; only this thread uses its key.
+    let event = unsafe { &mut *event };
+    // SAFETY: offset inside the tracepoint record.
+    let ret = unsafe { ctx.read_at::<u64>(EXIT_RET) }.unwrap_or(0) as i64 as i32;
+    event.ret = ret;
+    event.duration_ns = unsafe { bpf_ktime_get_ns() }.saturating_sub(event.timestamp_ns);
+    if ret == -ENOTSOCK || ret == -EBADF {
+        // Whatever was read behind the fd was not this call's socket.
+        event.sock_flags &= !(sock_flags::SOCK_INFO | sock_flags::REUSEADDR | sock_flags::REUSEPORT | sock_flags::V6ONLY);
+        event.sock_type = 0;
+        event.protocol = 0;
+    }
+
+    let filter = &cfg.filter;
+    let passes = filter.accepts_result(ret)
+        && filter.accepts_port(event.port)
+        && filter.accepts_family(event.family)
+        && filter.accepts_protocol(event.protocol);
+    if !passes {
+        count(stat::FILTERED);
+    } else if EVENTS.output::<BindEvent>(&*event, 0).is_ok() {
+        count(stat::EMITTED);
+    } else {
+        count(stat::RINGBUF_FULL);
+    }
+    let _ = IN_FLIGHT.remove(&tid);
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

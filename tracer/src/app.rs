@@ -1,0 +1,173 @@
+//! From command line to exit status: validate everything that can be wrong with the user's
+//! input (exit 2, one line), then load the probe, run the pipeline and print the report.
+
+use std::{
+    fs::OpenOptions,
+    io::{self, IsTerminal as _, Write as _},
+    process::ExitCode,
+};
+
+use anyhow::{Context as _, Result};
+use bindtrace_common::ProbeConfig;
+use clap::{error::ErrorKind, Parser as _};
+
+use crate::{
+    cli::{Cli, ColorChoice, OutputFormat},
+    clock::{Rfc3339, WallClock},
+    filter::EventFilter,
+    layout,
+    pipeline::{Ending, Limits, Pipeline},
+    probe::{self, AttachedProbe},
+    sink::{ndjson::NdjsonSink, table::TableSink, Output, Sink},
+    summary::Summary,
+};
+
+/// Exit status for bad input and missing privileges.
+const EXIT_USAGE: u8 = 2;
+/// Exit status for a failure after the input was accepted (the kernel refused, I/O failed).
+const EXIT_FAILURE: u8 = 1;
+
+fn print_error(message: &str) {
+    let _ = writeln!(io::stderr().lock(), "bindtrace: {message}");
+}
+
+/// Everything decided before anything touches the kernel.
+struct Plan {
+    cli: Cli,
+    filter: EventFilter,
+    sink: Box<dyn Sink>,
+}
+
+fn plan(cli: Cli) -> Result<Plan> {
+    let filter = EventFilter::from_cli(&cli)?;
+    let stdout_is_terminal = io::stdout().is_terminal();
+    let format = cli.output.unwrap_or(if cli.file.is_some() || !stdout_is_terminal {
+        OutputFormat::Ndjson
+    } else {
+        OutputFormat::Table
+    });
+    let (writer, to_terminal): (Box<dyn io::Write + Send>, bool) = match &cli.file {
+        Some(path) => {
+            let file = OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(path)
+                .with_context(|| format!("cannot write --file {}", path.display()))?;
+            (Box::new(file), false)
+        }
+        None => (Box::new(io::stdout()), stdout_is_terminal),
+    };
+    let output = Output::new(writer);
+    let sink: Box<dyn Sink> = match format {
+        OutputFormat::Ndjson => Box::new(NdjsonSink::new(output)),
+        OutputFormat::Table => {
+            let no_color_env = std::env::var_os("NO_COLOR").is_some_and(|v| !v.is_empty());
+            let color = match cli.color {
+                ColorChoice::Always => true,
+                ColorChoice::Never => false,
+                ColorChoice::Auto => to_terminal && !no_color_env,
+            };
+            Box::new(TableSink::new(output, color))
+        }
+    };
+    Ok(Plan {
+        cli,
+        filter,
+        sink,
+    })
+}
+
+pub fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn"))
+        .format_timestamp(None)
+        .init();
+
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(err) if matches!(err.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) => {
+            let _ = err.print();
+            return ExitCode::SUCCESS;
+        }
+        Err(err) => {
+            // clap's message, reduced to its first line: "error: invalid value ...".
+            let rendered = err.render().to_string();
+            let first = rendered.lines().next().unwrap_or("invalid arguments").trim_start_matches("error: ");
+            print_error(&format!("{first} (see bindtrace --help)"));
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+
+    let plan = match plan(cli).and_then(|plan| probe::check_privileges().map(|()| plan)) {
+        Ok(plan) => plan,
+        Err(err) => {
+            print_error(&format!("{err:#}"));
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            print_error(&format!("cannot start the runtime: {err}"));
+            return ExitCode::from(EXIT_FAILURE);
+        }
+    };
+    match runtime.block_on(run(plan)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            print_error(&format!("{err:#}"));
+            ExitCode::from(EXIT_FAILURE)
+        }
+    }
+}
+
+async fn run(plan: Plan) -> Result<()> {
+    let Plan {
+        cli,
+        filter,
+        mut sink,
+    } = plan;
+    let config = ProbeConfig {
+        layout: layout::running_kernel_layout()?,
+        filter: filter.kernel,
+    };
+    let mut probe = AttachedProbe::attach(cli.attach, &config, &filter.pids, probe::DEFAULT_RING_BYTES)?;
+    let clock = WallClock::new();
+    let mut time = Rfc3339::default();
+    let start_ns = clock.now_wall_ns();
+    eprintln!(
+        "bindtrace: attached ({}); tracing binds{}. Ctrl-C to stop.",
+        probe.backend.name(),
+        if filter.kernel.flags != 0 || !filter.pids.is_empty() { " matching the filters" } else { "" }
+    );
+    sink.start().context("writing to the output")?;
+
+    let mut pipeline = Pipeline {
+        filter: &filter,
+        sink: sink.as_mut(),
+        summary: Summary::default(),
+        clock,
+        limits: Limits {
+            duration: cli.duration,
+            count: cli.count,
+        },
+    };
+    let ending = pipeline.run(&mut probe).await?;
+    if ending == Ending::OutputClosed || cli.no_summary {
+        return Ok(());
+    }
+    let end_ns = clock.now_wall_ns();
+    let counters = probe.counters().unwrap_or_default();
+    let report = pipeline.summary.report(
+        probe.backend.name(),
+        time.to_string(start_ns),
+        time.to_string(end_ns),
+        (end_ns - start_ns) as f64 / 1e9,
+        counters,
+    );
+    match pipeline.sink.report(&report) {
+        Err(err) if err.kind() == io::ErrorKind::BrokenPipe => Ok(()),
+        other => other.context("writing the summary"),
+    }
+}

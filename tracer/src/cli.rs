@@ -1,0 +1,253 @@
+//! Every flag bindtrace takes, in one place, with the parsers that turn user text into typed
+//! values. Anything wrong here is reported as one line and exit status 2 before the probe
+//! is loaded.
+
+use std::{path::PathBuf, time::Duration};
+
+use clap::{Parser, ValueEnum};
+
+use crate::errno;
+
+const EXAMPLES: &str = "\
+Examples:
+  sudo bindtrace                           every bind on this host, live
+  sudo bindtrace --errno EADDRINUSE        only binds that failed with 'Address already in use'
+  sudo bindtrace -x -P 8000-8100           failed binds on ports 8000 to 8100
+  sudo bindtrace -p 4242 --proto udp       UDP binds of process 4242
+  sudo bindtrace -o ndjson > trace.ndjson  one JSON object per line (schema: docs/ndjson-schema.md)
+  sudo bindtrace -d 30s --file trace.ndjson
+  sudo bindtrace -o ndjson | jq 'select(.ok == false)'";
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "bindtrace",
+    version,
+    about = "Trace every socket bind on this host, with its result, live.",
+    long_about = "Trace every socket bind on this host, with its result, live.\n\n\
+        Failed binds keep the address and port that were asked for. Runs as root (CAP_BPF).",
+    after_help = EXAMPLES
+)]
+pub struct Cli {
+    /// Only these results: errno names in any case or numbers, comma-separated
+    /// (EADDRINUSE,eacces,22).
+    #[arg(long, value_name = "LIST", value_delimiter = ',', value_parser = errno::parse)]
+    pub errno: Vec<i32>,
+
+    /// Only failed binds.
+    #[arg(short = 'x', long)]
+    pub failed: bool,
+
+    /// Only binds by these process ids (repeat or comma-separate).
+    #[arg(short = 'p', long = "pid", value_name = "PID", value_delimiter = ',', value_parser = parse_pid)]
+    pub pids: Vec<u32>,
+
+    /// Only binds asking for these ports: PORT or LO-HI (repeat or comma-separate).
+    #[arg(short = 'P', long = "port", value_name = "PORT|LO-HI", value_delimiter = ',', value_parser = parse_port_range)]
+    pub ports: Vec<PortRange>,
+
+    /// Only binds by processes with this name (the kernel keeps the first 15 bytes).
+    #[arg(long, value_name = "NAME", value_parser = parse_comm)]
+    pub comm: Option<String>,
+
+    /// Only this address family.
+    #[arg(long, value_name = "4|6", value_parser = parse_family)]
+    pub family: Option<Family>,
+
+    /// Only this protocol.
+    #[arg(long, value_enum)]
+    pub proto: Option<Proto>,
+
+    /// Output format [default: table on a terminal, ndjson otherwise or with --file].
+    #[arg(short = 'o', long, value_enum)]
+    pub output: Option<OutputFormat>,
+
+    /// Write events to this file instead of standard output.
+    #[arg(long, value_name = "PATH")]
+    pub file: Option<PathBuf>,
+
+    /// Stop after this long (30s, 5m, 1h30m).
+    #[arg(short = 'd', long, value_name = "DURATION", value_parser = parse_duration)]
+    pub duration: Option<Duration>,
+
+    /// Stop after this many events.
+    #[arg(short = 'n', long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    pub count: Option<u64>,
+
+    /// Do not print the summary at exit.
+    #[arg(long)]
+    pub no_summary: bool,
+
+    /// Kernel hook to use.
+    #[arg(long, value_enum, default_value_t = Attach::Auto)]
+    pub attach: Attach,
+
+    /// Colour failures in the table.
+    #[arg(long, value_enum, default_value_t = ColorChoice::Auto)]
+    pub color: ColorChoice,
+}
+
+/// An inclusive port range; a single port has `low == high`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PortRange {
+    pub low: u16,
+    pub high: u16,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Family {
+    Inet,
+    Inet6,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Proto {
+    Tcp,
+    Udp,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum OutputFormat {
+    Table,
+    Ndjson,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Attach {
+    /// The best hook this kernel offers.
+    Auto,
+    /// syscalls:sys_enter_bind / sys_exit_bind.
+    Tracepoint,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ColorChoice {
+    Auto,
+    Always,
+    Never,
+}
+
+fn parse_port(text: &str) -> Result<u16, String> {
+    let number: u32 = text
+        .trim()
+        .parse()
+        .map_err(|_| format!("'{text}' is not a port number (1-65535)"))?;
+    match u16::try_from(number) {
+        Ok(port) if port >= 1 => Ok(port),
+        _ => Err(format!("port {number} is outside 1-65535")),
+    }
+}
+
+pub fn parse_port_range(text: &str) -> Result<PortRange, String> {
+    match text.split_once('-') {
+        None => {
+            let port = parse_port(text)?;
+            Ok(PortRange { low: port, high: port })
+        }
+        Some((low, high)) => {
+            let (low, high) = (parse_port(low)?, parse_port(high)?);
+            if low > high {
+                return Err(format!("inverted port range {low}-{high}: write it as {high}-{low}"));
+            }
+            Ok(PortRange { low, high })
+        }
+    }
+}
+
+fn parse_pid(text: &str) -> Result<u32, String> {
+    match text.trim().parse::<u32>() {
+        Ok(pid) if pid > 0 && pid <= i32::MAX as u32 => Ok(pid),
+        _ => Err(format!("'{text}' is not a process id")),
+    }
+}
+
+fn parse_family(text: &str) -> Result<Family, String> {
+    match text.trim().to_ascii_lowercase().as_str() {
+        "4" | "ipv4" | "inet" => Ok(Family::Inet),
+        "6" | "ipv6" | "inet6" => Ok(Family::Inet6),
+        _ => Err(format!("unknown family '{text}': use 4 or 6")),
+    }
+}
+
+fn parse_comm(text: &str) -> Result<String, String> {
+    if text.is_empty() {
+        return Err("empty process name".into());
+    }
+    if text.bytes().any(|b| b == 0) {
+        return Err("a process name cannot contain NUL".into());
+    }
+    Ok(text.to_owned())
+}
+
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let duration = humantime::parse_duration(text.trim()).map_err(|e| format!("'{text}': {e} (examples: 30s, 5m, 1h30m)"))?;
+    if duration.is_zero() {
+        return Err("the duration must be longer than 0".into());
+    }
+    Ok(duration)
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("bindtrace").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn errno_lists_mix_names_numbers_and_repeats() {
+        let cli = parse(&["--errno", "EADDRINUSE,eacces", "--errno", "22"]).expect("valid");
+        assert_eq!(cli.errno, vec![98, 13, 22]);
+        let err = parse(&["--errno", "EBOGUS"]).expect_err("invalid");
+        assert!(err.to_string().contains("unknown errno name 'EBOGUS'"), "{err}");
+    }
+
+    #[test]
+    fn ports_and_ranges() {
+        let cli = parse(&["-P", "8080", "--port", "9000-9010,53"]).expect("valid");
+        assert_eq!(
+            cli.ports,
+            vec![
+                PortRange { low: 8080, high: 8080 },
+                PortRange { low: 9000, high: 9010 },
+                PortRange { low: 53, high: 53 }
+            ]
+        );
+        for (bad, why) in [
+            ("0", "outside 1-65535"),
+            ("65536", "outside 1-65535"),
+            ("9010-9000", "inverted port range"),
+            ("http", "not a port number"),
+        ] {
+            let err = parse(&["-P", bad]).expect_err(bad);
+            assert!(err.to_string().contains(why), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn pids_family_proto_output_duration_count() {
+        let cli = parse(&[
+            "-p", "1,42", "--family", "6", "--proto", "udp", "-o", "ndjson", "-d", "1m30s", "-n", "5",
+        ])
+        .expect("valid");
+        assert_eq!(cli.pids, vec![1, 42]);
+        assert_eq!(cli.family, Some(Family::Inet6));
+        assert_eq!(cli.proto, Some(Proto::Udp));
+        assert_eq!(cli.output, Some(OutputFormat::Ndjson));
+        assert_eq!(cli.duration, Some(Duration::from_secs(90)));
+        assert_eq!(cli.count, Some(5));
+        assert!(parse(&["-p", "0"]).is_err());
+        assert!(parse(&["--family", "5"]).is_err());
+        assert!(parse(&["-o", "xml"]).is_err());
+        assert!(parse(&["-d", "soon"]).is_err());
+        assert!(parse(&["-d", "0s"]).is_err());
+        assert!(parse(&["-n", "0"]).is_err());
+    }
+}

@@ -1,0 +1,192 @@
+//! Ring-buffer record → [`BindEvent`], checked: a record of the wrong size or with an
+//! unknown backend is an error, never a panic.
+//!
+//! Hand-written rather than through a serialization crate: this runs once per event on the
+//! hot path, and the record is a fixed `#[repr(C)]` struct, so one bounds check and one
+//! unaligned 120-byte copy is all it takes.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use bindtrace_common::{sock_flags, Backend, BindEvent, AF_INET, AF_INET6, BIND_EVENT_SIZE};
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum DecodeError {
+    WrongSize { got: usize },
+    UnknownBackend(u8),
+}
+
+impl std::fmt::Display for DecodeError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::WrongSize { got } => write!(f, "ring-buffer record of {got} bytes, expected {BIND_EVENT_SIZE}"),
+            Self::UnknownBackend(raw) => write!(f, "ring-buffer record from unknown backend {raw}"),
+        }
+    }
+}
+
+impl std::error::Error for DecodeError {}
+
+pub fn decode(bytes: &[u8]) -> Result<BindEvent, DecodeError> {
+    if bytes.len() != BIND_EVENT_SIZE {
+        return Err(DecodeError::WrongSize { got: bytes.len() });
+    }
+    // SAFETY: the length is checked above, BindEvent is repr(C) plain data for which every
+    // bit pattern is valid, and read_unaligned does not require alignment.
+    let event = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<BindEvent>()) };
+    if Backend::from_raw(event.backend).is_none() {
+        return Err(DecodeError::UnknownBackend(event.backend));
+    }
+    Ok(event)
+}
+
+/// Typed views of the raw fields, shared by the filter, the sinks and the summary.
+pub trait BindEventExt {
+    fn requested_ip(&self) -> Option<IpAddr>;
+    fn errno(&self) -> Option<i32>;
+    fn comm_bytes(&self) -> &[u8];
+    fn has(&self, flag: u32) -> bool;
+    fn proto_name(&self) -> Option<&'static str>;
+    fn backend_name(&self) -> &'static str;
+}
+
+impl BindEventExt for BindEvent {
+    /// The address asked for; `None` for other families or when it could not be read.
+    fn requested_ip(&self) -> Option<IpAddr> {
+        if !self.has(sock_flags::ADDR_READ) {
+            return None;
+        }
+        match self.family {
+            AF_INET => Some(IpAddr::V4(Ipv4Addr::new(self.addr[0], self.addr[1], self.addr[2], self.addr[3]))),
+            AF_INET6 => Some(IpAddr::V6(Ipv6Addr::from(self.addr))),
+            _ => None,
+        }
+    }
+
+    /// The positive errno of a failed bind.
+    fn errno(&self) -> Option<i32> {
+        (self.ret < 0).then(|| self.ret.saturating_neg())
+    }
+
+    fn comm_bytes(&self) -> &[u8] {
+        let end = self.comm.iter().position(|&b| b == 0).unwrap_or(self.comm.len());
+        &self.comm[..end]
+    }
+
+    fn has(&self, flag: u32) -> bool {
+        self.sock_flags & flag != 0
+    }
+
+    fn proto_name(&self) -> Option<&'static str> {
+        if !self.has(sock_flags::SOCK_INFO) {
+            return None;
+        }
+        // SOCK_RAW first: a raw socket may carry IPPROTO_TCP/UDP as its protocol.
+        Some(match (self.sock_type, self.protocol) {
+            (3, _) => "raw",
+            (_, 6) => "tcp",
+            (_, 17) => "udp",
+            (_, 136) => "udplite",
+            (_, 132) => "sctp",
+            (_, 262) => "mptcp",
+            (1, _) => "stream",
+            (2, _) => "dgram",
+            _ => "other",
+        })
+    }
+
+    fn backend_name(&self) -> &'static str {
+        Backend::from_raw(self.backend).map_or("unknown", Backend::name)
+    }
+}
+
+/// "AF_INET" for 2; the number for families without a name here.
+pub fn family_name(family: u16) -> Option<&'static str> {
+    Some(match family {
+        0 => "AF_UNSPEC",
+        1 => "AF_UNIX",
+        2 => "AF_INET",
+        10 => "AF_INET6",
+        16 => "AF_NETLINK",
+        17 => "AF_PACKET",
+        40 => "AF_VSOCK",
+        _ => return None,
+    })
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    pub(crate) fn sample_event() -> BindEvent {
+        let mut event = BindEvent::zeroed();
+        event.backend = Backend::Tracepoint as u8;
+        event.family = AF_INET;
+        event.addr[..4].copy_from_slice(&[127, 0, 0, 1]);
+        event.port = 8080;
+        event.ret = -98;
+        event.tgid = 4242;
+        event.tid = 4243;
+        event.comm[..7].copy_from_slice(b"python3");
+        event.protocol = 6;
+        event.sock_type = 1;
+        event.sock_flags = sock_flags::ADDR_READ | sock_flags::SOCK_INFO | sock_flags::REUSEADDR;
+        event
+    }
+
+    fn bytes_of(event: &BindEvent) -> Vec<u8> {
+        // SAFETY: BindEvent is plain data of exactly BIND_EVENT_SIZE bytes.
+        unsafe { std::slice::from_raw_parts((event as *const BindEvent).cast::<u8>(), BIND_EVENT_SIZE) }.to_vec()
+    }
+
+    #[test]
+    fn decodes_a_record_from_raw_bytes() {
+        let event = sample_event();
+        let decoded = decode(&bytes_of(&event)).expect("valid record");
+        assert_eq!(decoded, event);
+        assert_eq!(decoded.requested_ip(), Some(IpAddr::V4(Ipv4Addr::LOCALHOST)));
+        assert_eq!(decoded.errno(), Some(98));
+        assert_eq!(decoded.comm_bytes(), b"python3");
+        assert_eq!(decoded.proto_name(), Some("tcp"));
+    }
+
+    #[test]
+    fn decodes_from_an_unaligned_slice() {
+        let mut buffer = vec![0u8; BIND_EVENT_SIZE + 1];
+        buffer[1..].copy_from_slice(&bytes_of(&sample_event()));
+        assert_eq!(decode(&buffer[1..]).expect("valid"), sample_event());
+    }
+
+    #[test]
+    fn short_long_and_malformed_records_are_errors() {
+        let bytes = bytes_of(&sample_event());
+        assert_eq!(decode(&bytes[..10]), Err(DecodeError::WrongSize { got: 10 }));
+        assert_eq!(decode(&[]), Err(DecodeError::WrongSize { got: 0 }));
+        let mut long = bytes.clone();
+        long.push(0);
+        assert_eq!(decode(&long), Err(DecodeError::WrongSize { got: BIND_EVENT_SIZE + 1 }));
+        let mut bad_backend = sample_event();
+        bad_backend.backend = 200;
+        assert_eq!(decode(&bytes_of(&bad_backend)), Err(DecodeError::UnknownBackend(200)));
+        // Garbage of the right size decodes to *something* or an error, never a panic.
+        for seed in 0u8..=255 {
+            let garbage: Vec<u8> = (0..BIND_EVENT_SIZE).map(|i| (i as u8).wrapping_mul(31) ^ seed).collect();
+            if let Ok(event) = decode(&garbage) {
+                let _ = (event.requested_ip(), event.errno(), event.comm_bytes(), event.proto_name());
+            }
+        }
+    }
+
+    #[test]
+    fn ipv6_and_unread_addresses() {
+        let mut event = sample_event();
+        event.family = AF_INET6;
+        event.addr = Ipv6Addr::LOCALHOST.octets();
+        assert_eq!(event.requested_ip(), Some(IpAddr::V6(Ipv6Addr::LOCALHOST)));
+        event.sock_flags &= !sock_flags::ADDR_READ;
+        assert_eq!(event.requested_ip(), None);
+        event.sock_flags = 0;
+        assert_eq!(event.proto_name(), None, "no socket info, no protocol");
+        assert_eq!(family_name(10), Some("AF_INET6"));
+        assert_eq!(family_name(999), None);
+    }
+}

@@ -1,0 +1,147 @@
+//! The filter stage: turns the command line into the [`FilterConfig`] the probe applies in
+//! the kernel, and applies the very same predicates (shared through `bindtrace-common`) to
+//! every decoded event, so that an event only reaches the sinks if both sides agree.
+
+use std::collections::HashSet;
+
+use anyhow::{bail, Result};
+use bindtrace_common::{filter_flags, BindEvent, FilterConfig, AF_INET, AF_INET6, COMM_LEN, IPPROTO_TCP, IPPROTO_UDP, MAX_PORT_RANGES};
+
+use crate::cli::{Cli, Family, Proto};
+
+/// Most pids `--pid` takes (the size of the probe's FILTER_PIDS map).
+pub const MAX_PIDS: usize = 1024;
+
+#[derive(Clone, Debug)]
+pub struct EventFilter {
+    pub kernel: FilterConfig,
+    pub pids: Vec<u32>,
+    pid_set: HashSet<u32>,
+}
+
+impl EventFilter {
+    pub fn from_cli(cli: &Cli) -> Result<Self> {
+        let mut kernel = FilterConfig::accept_all();
+
+        if !cli.errno.is_empty() {
+            for &errno in &cli.errno {
+                kernel.accept_result_bit(errno as usize);
+            }
+        } else if cli.failed {
+            for bit in 1..bindtrace_common::ERRNO_BITS {
+                kernel.accept_result_bit(bit);
+            }
+        }
+
+        if cli.ports.len() > MAX_PORT_RANGES {
+            bail!("at most {MAX_PORT_RANGES} ports or port ranges can be given, got {}", cli.ports.len());
+        }
+        if !cli.ports.is_empty() {
+            for (slot, range) in kernel.port_ranges.iter_mut().zip(&cli.ports) {
+                *slot = [range.low, range.high];
+            }
+            kernel.port_range_count = cli.ports.len() as u32;
+            kernel.flags |= filter_flags::PORTS;
+        }
+
+        if let Some(family) = cli.family {
+            kernel.family = match family {
+                Family::Inet => AF_INET,
+                Family::Inet6 => AF_INET6,
+            };
+            kernel.flags |= filter_flags::FAMILY;
+        }
+
+        if let Some(proto) = cli.proto {
+            kernel.protocol = match proto {
+                Proto::Tcp => IPPROTO_TCP,
+                Proto::Udp => IPPROTO_UDP,
+            };
+            kernel.flags |= filter_flags::PROTOCOL;
+        }
+
+        if let Some(comm) = &cli.comm {
+            // The kernel keeps 15 bytes of a task name; match what it can hold.
+            let bytes = comm.as_bytes();
+            let len = bytes.len().min(COMM_LEN - 1);
+            kernel.comm[..len].copy_from_slice(&bytes[..len]);
+            kernel.flags |= filter_flags::COMM;
+        }
+
+        let mut pids = cli.pids.clone();
+        pids.sort_unstable();
+        pids.dedup();
+        if pids.len() > MAX_PIDS {
+            bail!("at most {MAX_PIDS} process ids can be given, got {}", pids.len());
+        }
+        if !pids.is_empty() {
+            kernel.flags |= filter_flags::PIDS;
+        }
+        let pid_set = pids.iter().copied().collect();
+        Ok(Self { kernel, pids, pid_set })
+    }
+
+    /// The userspace mirror of the probe's decision.
+    pub fn accepts(&self, event: &BindEvent) -> bool {
+        (self.pid_set.is_empty() || self.pid_set.contains(&event.tgid)) && self.kernel.accepts_event(event)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+    use crate::decode::tests::sample_event;
+
+    fn filter(args: &[&str]) -> EventFilter {
+        let cli = Cli::try_parse_from(std::iter::once("bindtrace").chain(args.iter().copied())).expect("valid args");
+        EventFilter::from_cli(&cli).expect("valid filter")
+    }
+
+    #[test]
+    fn no_flags_accept_everything() {
+        let f = filter(&[]);
+        assert_eq!(f.kernel.flags, 0);
+        assert!(f.accepts(&sample_event()));
+    }
+
+    #[test]
+    fn errno_failed_port_pid_family_proto_comm() {
+        let event = sample_event(); // 127.0.0.1:8080 tcp EADDRINUSE pid 4242 python3
+        let mut ok = event;
+        ok.ret = 0;
+
+        assert!(filter(&["--errno", "EADDRINUSE"]).accepts(&event));
+        assert!(!filter(&["--errno", "EACCES"]).accepts(&event));
+        assert!(!filter(&["--errno", "EADDRINUSE"]).accepts(&ok));
+        assert!(filter(&["-x"]).accepts(&event));
+        assert!(!filter(&["-x"]).accepts(&ok));
+        assert!(filter(&["-P", "8000-8100"]).accepts(&event));
+        assert!(!filter(&["-P", "80,443"]).accepts(&event));
+        assert!(filter(&["-p", "4242"]).accepts(&event));
+        assert!(!filter(&["-p", "1"]).accepts(&event));
+        assert!(filter(&["--family", "4"]).accepts(&event));
+        assert!(!filter(&["--family", "6"]).accepts(&event));
+        assert!(filter(&["--proto", "tcp"]).accepts(&event));
+        assert!(!filter(&["--proto", "udp"]).accepts(&event));
+        assert!(filter(&["--comm", "python3"]).accepts(&event));
+        assert!(!filter(&["--comm", "python"]).accepts(&event));
+    }
+
+    #[test]
+    fn long_comm_is_cut_to_what_the_kernel_keeps() {
+        let f = filter(&["--comm", "a-very-long-process-name"]);
+        assert_eq!(&f.kernel.comm[..15], b"a-very-long-pro");
+        assert_eq!(f.kernel.comm[15], 0);
+    }
+
+    #[test]
+    fn too_many_ranges_is_an_error() {
+        let ports: Vec<String> = (1..=17).map(|p| p.to_string()).collect();
+        let joined = ports.join(",");
+        let cli = Cli::try_parse_from(["bindtrace", "-P", joined.as_str()]).expect("parses");
+        let err = EventFilter::from_cli(&cli).expect_err("17 ranges");
+        assert!(err.to_string().contains("at most 16"), "{err}");
+    }
+}

@@ -1,0 +1,214 @@
+//! Resolves the kernel struct members the probe reads (task → files → fdtable → file → socket
+//! → sock, and the netns inode) from the running kernel's BTF, so that no offset is compiled
+//! in for one kernel. Bitfields (skc_reuse, skc_reuseport, and sk_protocol before 5.6) come
+//! out as a byte offset plus a bit shift and width.
+
+use std::path::Path;
+
+use anyhow::{anyhow, bail, Context as _, Result};
+use bindtrace_common::{FieldLoc, KernelLayout};
+use btf_rs::{Backend, Btf, Struct, Type};
+
+pub const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
+
+/// Where one member sits inside its outermost struct.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct MemberLoc {
+    bit_offset: u32,
+    /// Width in bits: the bitfield width, or the member's size times 8.
+    bits: u32,
+}
+
+pub struct KernelTypes {
+    btf: Btf,
+}
+
+impl KernelTypes {
+    /// Opens a BTF file, mapping it instead of parsing it whole: only a few structs are read.
+    pub fn open(path: &Path) -> Result<Self> {
+        let btf = Btf::from_file_with_backend(path, Backend::Mmap)
+            .or_else(|_| Btf::from_file(path))
+            .with_context(|| format!("cannot read kernel BTF from {}", path.display()))?;
+        Ok(Self { btf })
+    }
+
+    fn find_struct(&self, name: &str) -> Result<Struct> {
+        self.btf
+            .resolve_types_by_name(name)
+            .ok()
+            .into_iter()
+            .flatten()
+            .find_map(|t| match t {
+                Type::Struct(s) if !s.members.is_empty() => Some(s),
+                _ => None,
+            })
+            .ok_or_else(|| anyhow!("kernel BTF has no struct {name}"))
+    }
+
+    /// Follows typedefs and qualifiers down to the type that has a shape.
+    fn strip(&self, mut ty: Type) -> Result<Type> {
+        for _ in 0..32 {
+            ty = match ty {
+                Type::Typedef(t) => self.btf.resolve_chained_type(&t)?,
+                Type::Const(t) | Type::Volatile(t) | Type::Restrict(t) => self.btf.resolve_chained_type(&t)?,
+                Type::TypeTag(t) => self.btf.resolve_chained_type(&t)?,
+                other => return Ok(other),
+            };
+        }
+        bail!("type chain too long")
+    }
+
+    fn size_in_bytes(&self, ty: Type) -> Result<u32> {
+        let size = match self.strip(ty)? {
+            Type::Int(i) => i.size(),
+            Type::Ptr(_) => 8,
+            Type::Enum(e) => e.size(),
+            Type::Enum64(e) => e.size(),
+            Type::Struct(s) | Type::Union(s) => s.size(),
+            other => bail!("unexpected member type {}", other.name()),
+        };
+        u32::try_from(size).context("member too large")
+    }
+
+    /// Finds `name` among the members of `parent`, looking inside anonymous structs and
+    /// unions too. Returns the member's bit offset relative to `parent` and its type.
+    fn find_member(&self, parent: &Struct, name: &str) -> Result<Option<(u32, Option<u32>, Type)>> {
+        for member in &parent.members {
+            let member_name = self.btf.resolve_name(member).unwrap_or_default();
+            if member_name == name {
+                let ty = self.btf.resolve_chained_type(member)?;
+                return Ok(Some((member.bit_offset(), member.bitfield_size(), ty)));
+            }
+            if member_name.is_empty() {
+                if let Type::Struct(inner) | Type::Union(inner) = self.strip(self.btf.resolve_chained_type(member)?)? {
+                    if let Some((offset, bits, ty)) = self.find_member(&inner, name)? {
+                        return Ok(Some((member.bit_offset() + offset, bits, ty)));
+                    }
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    /// Resolves a dotted member path such as `__sk_common.skc_reuse` inside `struct_name`.
+    fn member(&self, struct_name: &str, path: &str) -> Result<MemberLoc> {
+        let mut current = self.find_struct(struct_name)?;
+        let mut bit_offset = 0;
+        let mut parts = path.split('.').peekable();
+        while let Some(part) = parts.next() {
+            let (offset, bitfield, ty) = self
+                .find_member(&current, part)?
+                .ok_or_else(|| anyhow!("kernel BTF: struct {struct_name} has no member {path}"))?;
+            bit_offset += offset;
+            if parts.peek().is_none() {
+                let bits = match bitfield {
+                    Some(bits) if bits > 0 => bits,
+                    _ => self.size_in_bytes(ty)? * 8,
+                };
+                return Ok(MemberLoc { bit_offset, bits });
+            }
+            current = match self.strip(ty)? {
+                Type::Struct(s) | Type::Union(s) => s,
+                other => bail!("kernel BTF: {struct_name}.{path}: {part} is a {}, not a struct", other.name()),
+            };
+        }
+        bail!("empty member path")
+    }
+
+    /// Byte offset of a pointer (or other whole-byte) member.
+    fn offset(&self, struct_name: &str, path: &str) -> Result<u32> {
+        let loc = self.member(struct_name, path)?;
+        if loc.bit_offset % 8 != 0 {
+            bail!("kernel BTF: {struct_name}.{path} is not byte-aligned");
+        }
+        Ok(loc.bit_offset / 8)
+    }
+
+    /// A value member the probe reads as (u32 at offset >> shift) & mask.
+    fn field(&self, struct_name: &str, path: &str) -> Result<FieldLoc> {
+        let loc = self.member(struct_name, path)?;
+        field_loc(loc).with_context(|| format!("kernel BTF: {struct_name}.{path}"))
+    }
+
+    /// Every offset the tracepoint probe needs.
+    pub fn layout(&self) -> Result<KernelLayout> {
+        Ok(KernelLayout {
+            task_files: self.offset("task_struct", "files")?,
+            task_nsproxy: self.offset("task_struct", "nsproxy")?,
+            files_fdt: self.offset("files_struct", "fdt")?,
+            fdtable_max_fds: self.offset("fdtable", "max_fds")?,
+            fdtable_fd: self.offset("fdtable", "fd")?,
+            file_private_data: self.offset("file", "private_data")?,
+            socket_file: self.offset("socket", "file")?,
+            socket_sk: self.offset("socket", "sk")?,
+            nsproxy_net_ns: self.offset("nsproxy", "net_ns")?,
+            sock_net: self.offset("sock", "__sk_common.skc_net.net")?,
+            net_inum: self.offset("net", "ns.inum")?,
+            _reserved: 0,
+            sock_family: self.field("sock", "__sk_common.skc_family")?,
+            sock_type: self.field("sock", "sk_type")?,
+            sock_protocol: self.field("sock", "sk_protocol")?,
+            sock_reuse: self.field("sock", "__sk_common.skc_reuse")?,
+            sock_reuseport: self.field("sock", "__sk_common.skc_reuseport")?,
+            sock_ipv6only: self.field("sock", "__sk_common.skc_ipv6only")?,
+            sock_bound_dev_if: self.field("sock", "__sk_common.skc_bound_dev_if")?,
+        })
+    }
+}
+
+fn field_loc(loc: MemberLoc) -> Result<FieldLoc> {
+    let offset = loc.bit_offset / 8;
+    let shift = loc.bit_offset % 8;
+    if loc.bits == 0 || shift + loc.bits > 32 {
+        bail!("{} bits at bit {} do not fit in a 32-bit read", loc.bits, loc.bit_offset);
+    }
+    Ok(FieldLoc {
+        offset,
+        bit_shift: shift as u8,
+        bit_width: loc.bits as u8,
+        _reserved: [0; 2],
+    })
+}
+
+/// The running kernel's layout, from /sys/kernel/btf/vmlinux.
+pub fn running_kernel_layout() -> Result<KernelLayout> {
+    let path = Path::new(VMLINUX_BTF);
+    if !path.exists() {
+        bail!("{VMLINUX_BTF} is missing: this kernel was built without CONFIG_DEBUG_INFO_BTF, which bindtrace needs");
+    }
+    KernelTypes::open(path)?.layout()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bitfields_become_shift_and_width() {
+        let loc = field_loc(MemberLoc { bit_offset: 18 * 8 + 4, bits: 1 }).expect("fits");
+        assert_eq!((loc.offset, loc.bit_shift, loc.bit_width), (18, 4, 1));
+        assert_eq!(loc.extract(0b1_0000), 1);
+        let word = field_loc(MemberLoc { bit_offset: 64, bits: 32 }).expect("fits");
+        assert_eq!((word.offset, word.bit_shift, word.bit_width), (8, 0, 32));
+        assert!(field_loc(MemberLoc { bit_offset: 4, bits: 32 }).is_err());
+        assert!(field_loc(MemberLoc { bit_offset: 0, bits: 64 }).is_err());
+    }
+
+    /// Reads the real BTF of the kernel this runs on: every member must resolve.
+    #[test]
+    fn running_kernel_btf_resolves_every_member() {
+        if !Path::new(VMLINUX_BTF).exists() {
+            println!("SKIPPED: {VMLINUX_BTF} is missing on this kernel");
+            return;
+        }
+        let layout = running_kernel_layout().expect("layout");
+        assert!(layout.task_files > 0 && layout.task_nsproxy > 0);
+        assert_eq!(layout.socket_sk % 8, 0);
+        assert_eq!(layout.sock_reuse.bit_width, 4, "skc_reuse is a 4-bit field");
+        assert_eq!(layout.sock_reuseport.bit_width, 1);
+        assert_eq!(layout.sock_ipv6only.bit_width, 1);
+        assert_eq!(layout.sock_family.bit_width, 16);
+        assert_eq!(layout.sock_type.bit_width, 16);
+        assert_eq!(layout.sock_bound_dev_if.bit_width, 32);
+    }
+}

@@ -1,0 +1,17 @@
+//! bindtrace: records every socket bind attempt on a Linux host, with its result, and
+//! prints it live. The stages, in the order data flows (see docs/ARCHITECTURE.md):
+//!
+//! kernel probe → [`probe`] (load, attach, counters) → [`pipeline`] (ring buffer loop) →
+//! [`decode`] → [`filter`] → [`sink`] (table or NDJSON) → [`summary`] (exit report).
+
+pub mod app;
+pub mod cli;
+pub mod clock;
+pub mod decode;
+pub mod errno;
+pub mod filter;
+pub mod layout;
+pub mod pipeline;
+pub mod probe;
+pub mod sink;
+pub mod summary;

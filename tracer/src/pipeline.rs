@@ -1,0 +1,178 @@
+//! Drives the stages in order — ring buffer → decode → filter → sink — until a signal, the
+//! duration, the event count or a closed output ends the run, and reports drops live.
+
+use std::{io, os::fd::AsRawFd, time::Duration};
+
+use anyhow::{Context as _, Result};
+use aya::maps::{MapData, RingBuf};
+use tokio::{
+    io::{unix::AsyncFd, Interest},
+    signal::unix::{signal, SignalKind},
+    time::{interval, sleep_until, Instant, MissedTickBehavior},
+};
+
+use crate::{
+    clock::WallClock,
+    decode::decode,
+    filter::EventFilter,
+    probe::{AttachedProbe, ProbeLogger},
+    sink::Sink,
+    summary::{KernelCounters, Summary},
+};
+
+/// Why the run ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ending {
+    Signal,
+    Duration,
+    Count,
+    /// The reader of our output went away (`| head`): end quietly.
+    OutputClosed,
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Limits {
+    pub duration: Option<Duration>,
+    pub count: Option<u64>,
+}
+
+/// How often drops are checked and reported, and the wall clock re-synchronised.
+const TICK: Duration = Duration::from_secs(1);
+
+pub struct Pipeline<'a> {
+    pub filter: &'a EventFilter,
+    pub sink: &'a mut dyn Sink,
+    pub summary: Summary,
+    pub clock: WallClock,
+    pub limits: Limits,
+}
+
+/// What a drain of the ring buffer decided.
+enum Drained {
+    Continue,
+    Stop(Ending),
+}
+
+fn is_closed_output(err: &io::Error) -> bool {
+    err.kind() == io::ErrorKind::BrokenPipe
+}
+
+impl Pipeline<'_> {
+    /// Handles every record in the ring buffer now, then writes the batch out.
+    fn drain(&mut self, ring: &mut RingBuf<MapData>) -> io::Result<Drained> {
+        let mut outcome = Drained::Continue;
+        while let Some(item) = ring.next() {
+            match decode(&item) {
+                Ok(event) => {
+                    if !self.filter.accepts(&event) {
+                        continue;
+                    }
+                    self.summary.record(&event);
+                    self.sink.event(&event, self.clock.wall_ns(event.timestamp_ns))?;
+                    if self.limits.count.is_some_and(|limit| self.summary.events() >= limit) {
+                        outcome = Drained::Stop(Ending::Count);
+                        break;
+                    }
+                }
+                Err(err) => {
+                    if self.summary.decode_errors() == 0 {
+                        log::warn!("{err} (further decode errors are only counted)");
+                    }
+                    self.summary.record_decode_error();
+                }
+            }
+        }
+        self.sink.flush()?;
+        Ok(outcome)
+    }
+
+    pub async fn run(&mut self, probe: &mut AttachedProbe) -> Result<Ending> {
+        let mut ring = poll(probe.take_ring_buffer()?).context("polling the ring buffer")?;
+        let mut logger = match probe.take_logger() {
+            Some(logger) => Some(poll(logger).context("polling the eBPF log")?),
+            None => None,
+        };
+        let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+        let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+        let deadline = self.limits.duration.map(|d| Instant::now() + d);
+        let mut tick = interval(TICK);
+        tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut reported = probe.counters().unwrap_or_default();
+
+        let ending = loop {
+            tokio::select! {
+                _ = sigint.recv() => break Ending::Signal,
+                _ = sigterm.recv() => break Ending::Signal,
+                _ = async { sleep_until(deadline.unwrap_or_else(Instant::now)).await }, if deadline.is_some() => break Ending::Duration,
+                guard = ring.readable_mut() => {
+                    let mut guard = guard.context("waiting for the ring buffer")?;
+                    // Clear first, then drain: a record that lands after the drain re-arms the fd.
+                    guard.clear_ready();
+                    match self.drain(guard.get_inner_mut()) {
+                        Ok(Drained::Continue) => {}
+                        Ok(Drained::Stop(ending)) => break ending,
+                        Err(err) if is_closed_output(&err) => break Ending::OutputClosed,
+                        Err(err) => return Err(err).context("writing events"),
+                    }
+                }
+                _ = forward_probe_log(&mut logger) => {}
+                _ = tick.tick() => {
+                    self.clock.resync();
+                    if let Ok(now) = probe.counters() {
+                        report_new_drops(&reported, &now);
+                        reported = now;
+                    }
+                }
+            }
+        };
+
+        // Records already in the ring when a signal or the deadline arrived are still printed,
+        // so every bind that completed before the stop is in the output.
+        if matches!(ending, Ending::Signal | Ending::Duration) {
+            match self.drain(ring.get_mut()) {
+                Ok(_) => {}
+                Err(err) if is_closed_output(&err) => return Ok(Ending::OutputClosed),
+                Err(err) => return Err(err).context("writing events"),
+            }
+        }
+        Ok(ending)
+    }
+}
+
+/// Registers a map's fd with the runtime for readability.
+fn poll<T: AsRawFd>(inner: T) -> io::Result<AsyncFd<T>> {
+    // SAFETY: `inner` owns its fd (an aya map or logger) and keeps it open and unchanged until
+    // it is dropped together with the AsyncFd.
+    unsafe { AsyncFd::register_with_interest(inner, Interest::READABLE) }.map_err(io::Error::from)
+}
+
+/// Passes the probe's log lines (rare error paths) on to the `log` crate; never returns
+/// without a logger.
+async fn forward_probe_log(logger: &mut Option<AsyncFd<ProbeLogger>>) {
+    let Some(fd) = logger.as_mut() else {
+        return std::future::pending().await;
+    };
+    match fd.readable_mut().await {
+        Ok(mut guard) => {
+            guard.clear_ready();
+            guard.get_inner_mut().flush();
+        }
+        Err(err) => {
+            log::debug!("eBPF log unavailable: {err}");
+            *logger = None;
+        }
+    }
+}
+
+/// One stderr line whenever events were lost since the last tick: never silently.
+fn report_new_drops(before: &KernelCounters, now: &KernelCounters) {
+    let ring = now.dropped_ring_buffer_full.saturating_sub(before.dropped_ring_buffer_full);
+    let in_flight = now.dropped_in_flight_full.saturating_sub(before.dropped_in_flight_full);
+    if ring + in_flight > 0 {
+        eprintln!(
+            "bindtrace: lost {} events in the last second ({ring} ring buffer full, {in_flight} in-flight map full; {} lost in total)",
+            ring + in_flight,
+            now.dropped()
+        );
+    }
+}

@@ -1,0 +1,140 @@
+//! The last stage: prints events and the exit report, as a live table or as NDJSON.
+//!
+//! Sinks append to one reused buffer and write it out at the end of each ring-buffer batch
+//! (or when it grows past [`Output::HIGH_WATER`]): one write per batch under load, one per
+//! event at low rates, so `bindtrace -o ndjson | jq` shows events as they happen.
+
+pub mod ndjson;
+pub mod table;
+
+use std::{
+    fmt::Write as _,
+    io::{self, Write},
+    net::IpAddr,
+};
+
+use bindtrace_common::BindEvent;
+use bytes::BytesMut;
+
+use crate::{
+    decode::{family_name, BindEventExt as _},
+    summary::Report,
+};
+
+pub trait Sink {
+    /// Called once the probe is attached (the table prints its header then).
+    fn start(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+    /// Formats one event into the output buffer (written out by [`Sink::flush`]).
+    fn event(&mut self, event: &BindEvent, wall_ns: i128) -> io::Result<()>;
+    /// Writes out everything buffered.
+    fn flush(&mut self) -> io::Result<()>;
+    /// Prints the exit report.
+    fn report(&mut self, report: &Report) -> io::Result<()>;
+}
+
+/// A writer with a reusable buffer in front of it.
+pub struct Output {
+    buffer: BytesMut,
+    writer: Box<dyn Write + Send>,
+}
+
+impl Output {
+    /// Buffered bytes that trigger a write in the middle of a batch.
+    const HIGH_WATER: usize = 256 * 1024;
+
+    pub fn new(writer: Box<dyn Write + Send>) -> Self {
+        Self {
+            buffer: BytesMut::with_capacity(Self::HIGH_WATER + 4096),
+            writer,
+        }
+    }
+
+    pub fn buffer(&mut self) -> &mut BytesMut {
+        &mut self.buffer
+    }
+
+    pub fn write_if_full(&mut self) -> io::Result<()> {
+        if self.buffer.len() >= Self::HIGH_WATER {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    pub fn flush(&mut self) -> io::Result<()> {
+        if !self.buffer.is_empty() {
+            self.writer.write_all(&self.buffer)?;
+            self.buffer.clear();
+        }
+        self.writer.flush()
+    }
+}
+
+/// Appends text a process chose (its name, later its command line) with every control
+/// character escaped, so that it can never drive the operator's terminal.
+pub fn push_escaped(out: &mut String, bytes: &[u8]) {
+    for chunk in bytes.utf8_chunks() {
+        for c in chunk.valid().chars() {
+            if c.is_control() {
+                let _ = write!(out, "\\u{{{:x}}}", c as u32);
+            } else if c == '\\' {
+                out.push_str("\\\\");
+            } else {
+                out.push(c);
+            }
+        }
+        for byte in chunk.invalid() {
+            let _ = write!(out, "\\x{byte:02x}");
+        }
+    }
+}
+
+/// The requested address as `127.0.0.1:8080` or `[::1]:8080` (`[fe80::1%2]:80` with a scope),
+/// or a description when there is none.
+pub fn requested_endpoint(event: &BindEvent) -> String {
+    match event.requested_ip() {
+        Some(IpAddr::V4(ip)) => format!("{ip}:{}", event.port),
+        Some(IpAddr::V6(ip)) if event.scope_id != 0 => format!("[{ip}%{}]:{}", event.scope_id, event.port),
+        Some(IpAddr::V6(ip)) => format!("[{ip}]:{}", event.port),
+        None if event.has(bindtrace_common::sock_flags::ADDR_SHORT) => "(address too short)".to_owned(),
+        None => family_name(event.family).map_or_else(|| format!("family {}", event.family), str::to_owned),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::decode::tests::sample_event;
+
+    fn escaped(bytes: &[u8]) -> String {
+        let mut out = String::new();
+        push_escaped(&mut out, bytes);
+        out
+    }
+
+    #[test]
+    fn control_characters_are_escaped() {
+        assert_eq!(escaped(b"nginx"), "nginx");
+        assert_eq!(escaped(b"\x1b[31mred"), "\\u{1b}[31mred");
+        assert_eq!(escaped(b"a\nb\tc\x7f"), "a\\u{a}b\\u{9}c\\u{7f}");
+        assert_eq!(escaped("é\u{9b}".as_bytes()), "é\\u{9b}", "C1 controls too");
+        assert_eq!(escaped(b"\xff\xfe"), "\\xff\\xfe");
+        assert_eq!(escaped(b"back\\slash"), "back\\\\slash");
+    }
+
+    #[test]
+    fn endpoints() {
+        let mut event = sample_event();
+        assert_eq!(requested_endpoint(&event), "127.0.0.1:8080");
+        event.family = bindtrace_common::AF_INET6;
+        event.addr = std::net::Ipv6Addr::LOCALHOST.octets();
+        assert_eq!(requested_endpoint(&event), "[::1]:8080");
+        event.scope_id = 2;
+        assert_eq!(requested_endpoint(&event), "[::1%2]:8080");
+        event.family = 1;
+        assert_eq!(requested_endpoint(&event), "AF_UNIX");
+        event.family = 99;
+        assert_eq!(requested_endpoint(&event), "family 99");
+    }
+}

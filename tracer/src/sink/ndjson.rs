@@ -1,0 +1,236 @@
+//! One JSON object per line. Field names are a stable interface, documented in
+//! docs/ndjson-schema.md: change both together.
+
+use std::{borrow::Cow, io, net::IpAddr};
+
+use bindtrace_common::{sock_flags, BindEvent};
+use bytes::BufMut as _;
+use serde::Serialize;
+
+use super::{Output, Sink};
+use crate::{
+    clock::Rfc3339,
+    decode::{family_name, BindEventExt as _},
+    errno,
+    summary::Report,
+};
+
+#[derive(Serialize)]
+struct EventRecord<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    time: &'a str,
+    pid: u32,
+    tid: u32,
+    comm: Cow<'a, str>,
+    uid: u32,
+    gid: u32,
+    family: Option<&'static str>,
+    family_num: u16,
+    addr: Option<IpAddr>,
+    port: Option<u16>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    scope_id: Option<u32>,
+    proto: Option<&'static str>,
+    ok: bool,
+    ret: i32,
+    errno: i32,
+    errno_name: Option<&'static str>,
+    message: Option<&'static str>,
+    reuseaddr: Option<bool>,
+    reuseport: Option<bool>,
+    v6only: Option<bool>,
+    bound_dev_if: Option<u32>,
+    fd: i32,
+    addrlen: u32,
+    duration_ns: u64,
+    netns: u32,
+    cgroup_id: u64,
+    backend: &'static str,
+}
+
+#[derive(Serialize)]
+struct SummaryRecord<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    #[serde(flatten)]
+    report: &'a Report,
+}
+
+pub struct NdjsonSink {
+    output: Output,
+    time: Rfc3339,
+    scratch: Vec<u8>,
+}
+
+impl NdjsonSink {
+    pub fn new(output: Output) -> Self {
+        Self {
+            output,
+            time: Rfc3339::default(),
+            scratch: Vec::with_capacity(40),
+        }
+    }
+
+}
+
+fn write_line<T: Serialize>(output: &mut Output, value: &T) -> io::Result<()> {
+    let buffer = output.buffer();
+    serde_json::to_writer(buffer.writer(), value).map_err(io::Error::other)?;
+    buffer.put_u8(b'\n');
+    output.write_if_full()
+}
+
+impl Sink for NdjsonSink {
+    fn event(&mut self, event: &BindEvent, wall_ns: i128) -> io::Result<()> {
+        self.scratch.clear();
+        self.time.write(&mut self.scratch, wall_ns);
+        let time = std::str::from_utf8(&self.scratch).unwrap_or("");
+        let has_sock = event.has(sock_flags::SOCK_INFO);
+        let sock_flag = |flag| has_sock.then(|| event.has(flag));
+        let addr = event.requested_ip();
+        let errno_number = event.errno().unwrap_or(0);
+        let record = EventRecord {
+            kind: "bind",
+            time,
+            pid: event.tgid,
+            tid: event.tid,
+            comm: String::from_utf8_lossy(event.comm_bytes()),
+            uid: event.uid,
+            gid: event.gid,
+            family: family_name(event.family),
+            family_num: event.family,
+            addr,
+            port: addr.map(|_| event.port),
+            scope_id: matches!(addr, Some(IpAddr::V6(_))).then_some(event.scope_id).filter(|&s| s != 0),
+            proto: event.proto_name(),
+            ok: event.ret >= 0,
+            ret: event.ret,
+            errno: errno_number,
+            errno_name: errno::name(errno_number),
+            message: errno::message(errno_number),
+            reuseaddr: sock_flag(sock_flags::REUSEADDR),
+            reuseport: sock_flag(sock_flags::REUSEPORT),
+            v6only: sock_flag(sock_flags::V6ONLY),
+            bound_dev_if: has_sock.then_some(event.bound_dev_if),
+            fd: event.fd,
+            addrlen: event.addrlen,
+            duration_ns: event.duration_ns,
+            netns: event.netns_ino,
+            cgroup_id: event.cgroup_id,
+            backend: event.backend_name(),
+        };
+        write_line(&mut self.output, &record)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.output.flush()
+    }
+
+    fn report(&mut self, report: &Report) -> io::Result<()> {
+        write_line(&mut self.output, &SummaryRecord { kind: "summary", report })?;
+        self.output.flush()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use super::*;
+    use crate::{
+        decode::tests::sample_event,
+        summary::{KernelCounters, Summary},
+    };
+
+    /// A writer the test can read back.
+    #[derive(Clone, Default)]
+    struct Shared(Arc<Mutex<Vec<u8>>>);
+    impl io::Write for Shared {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.0.lock().expect("lock").extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn lines(shared: &Shared) -> Vec<serde_json::Value> {
+        let bytes = shared.0.lock().expect("lock").clone();
+        String::from_utf8(bytes)
+            .expect("utf-8")
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("every line is JSON"))
+            .collect()
+    }
+
+    #[test]
+    fn event_line_has_the_documented_fields() {
+        let shared = Shared::default();
+        let mut sink = NdjsonSink::new(Output::new(Box::new(shared.clone())));
+        let mut event = sample_event();
+        event.comm[..8].copy_from_slice(b"ev\x1bl\nname");
+        sink.event(&event, 1_795_600_931_000_000_001).expect("encode");
+        assert!(lines(&shared).is_empty(), "nothing is written before flush");
+        sink.flush().expect("flush");
+        let out = lines(&shared);
+        assert_eq!(out.len(), 1);
+        let line = &out[0];
+        assert_eq!(line["type"], "bind");
+        assert_eq!(line["time"], "2026-11-25T10:02:11.000000001Z");
+        assert_eq!(line["pid"], 4242);
+        assert_eq!(line["tid"], 4243);
+        assert_eq!(line["comm"], "ev\u{1b}l\nname");
+        assert_eq!(line["family"], "AF_INET");
+        assert_eq!(line["addr"], "127.0.0.1");
+        assert_eq!(line["port"], 8080);
+        assert_eq!(line["proto"], "tcp");
+        assert_eq!(line["ok"], false);
+        assert_eq!(line["ret"], -98);
+        assert_eq!(line["errno"], 98);
+        assert_eq!(line["errno_name"], "EADDRINUSE");
+        assert_eq!(line["message"], "Address already in use");
+        assert_eq!(line["reuseaddr"], true);
+        assert_eq!(line["reuseport"], false);
+        assert_eq!(line["backend"], "tracepoint");
+        assert!(line.get("scope_id").is_none());
+    }
+
+    #[test]
+    fn success_and_unknown_socket_use_nulls() {
+        let shared = Shared::default();
+        let mut sink = NdjsonSink::new(Output::new(Box::new(shared.clone())));
+        let mut event = sample_event();
+        event.ret = 0;
+        event.sock_flags = 0;
+        sink.event(&event, 0).expect("encode");
+        sink.flush().expect("flush");
+        let line = &lines(&shared)[0];
+        assert_eq!(line["ok"], true);
+        assert_eq!(line["errno"], 0);
+        assert!(line["errno_name"].is_null());
+        assert!(line["addr"].is_null(), "address not read");
+        assert!(line["port"].is_null());
+        assert!(line["proto"].is_null());
+        assert!(line["reuseaddr"].is_null());
+    }
+
+    #[test]
+    fn summary_record() {
+        let shared = Shared::default();
+        let mut sink = NdjsonSink::new(Output::new(Box::new(shared.clone())));
+        let mut summary = Summary::default();
+        summary.record(&sample_event());
+        let report = summary.report("tracepoint", "s".into(), "e".into(), 2.5, KernelCounters::default());
+        sink.report(&report).expect("report");
+        let line = &lines(&shared)[0];
+        assert_eq!(line["type"], "summary");
+        assert_eq!(line["events"], 1);
+        assert_eq!(line["dropped"], 0);
+        assert_eq!(line["by_result"][0]["result"], "EADDRINUSE");
+        assert_eq!(line["by_port"][0]["port"], 8080);
+        assert_eq!(line["top_processes"][0]["comm"], "python3");
+        assert_eq!(line["kernel"]["dropped_ring_buffer_full"], 0);
+    }
+}

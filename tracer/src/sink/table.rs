@@ -1,0 +1,192 @@
+//! Live aligned columns for a person watching a terminal; the exit report goes to stderr so
+//! that it never mixes with redirected output.
+
+use std::{fmt::Write as _, io};
+
+use anstyle::{AnsiColor, Style};
+use bindtrace_common::BindEvent;
+
+use super::{push_escaped, requested_endpoint, Output, Sink};
+use crate::{clock::local_time_of_day, decode::BindEventExt as _, errno, summary::Report};
+
+const FAILURE: Style = AnsiColor::Red.on_default().bold();
+
+pub struct TableSink {
+    output: Output,
+    color: bool,
+    header_written: bool,
+    line: String,
+}
+
+impl TableSink {
+    pub fn new(output: Output, color: bool) -> Self {
+        Self {
+            output,
+            color,
+            header_written: false,
+            line: String::with_capacity(160),
+        }
+    }
+
+    fn push_line(&mut self) -> io::Result<()> {
+        self.line.push('\n');
+        self.output.buffer().extend_from_slice(self.line.as_bytes());
+        self.line.clear();
+        self.output.write_if_full()
+    }
+
+    /// Writes the column titles now, so the operator sees bindtrace is ready before any bind.
+    pub fn header(&mut self) -> io::Result<()> {
+        if !self.header_written {
+            self.header_written = true;
+            let _ = write!(self.line, "{:<12} {:>7} {:<16} {:<5} {:<30} RESULT", "TIME", "PID", "COMM", "PROTO", "ADDRESS");
+            self.push_line()?;
+            self.output.flush()?;
+        }
+        Ok(())
+    }
+}
+
+/// "ok" or "EADDRINUSE (Address already in use)".
+pub fn result_text(ret: i32) -> String {
+    if ret >= 0 {
+        return "ok".to_owned();
+    }
+    let errno = ret.saturating_neg();
+    match (errno::name(errno), errno::message(errno)) {
+        (Some(name), Some(message)) => format!("{name} ({message})"),
+        _ => format!("errno {errno}"),
+    }
+}
+
+impl Sink for TableSink {
+    fn start(&mut self) -> io::Result<()> {
+        self.header()
+    }
+
+    fn event(&mut self, event: &BindEvent, wall_ns: i128) -> io::Result<()> {
+        self.header()?;
+        let mut comm = String::with_capacity(16);
+        push_escaped(&mut comm, event.comm_bytes());
+        let _ = write!(
+            self.line,
+            "{:<12} {:>7} {:<16} {:<5} {:<30} ",
+            local_time_of_day(wall_ns),
+            event.tgid,
+            comm,
+            event.proto_name().unwrap_or("-"),
+            requested_endpoint(event),
+        );
+        let result = result_text(event.ret);
+        if event.ret < 0 && self.color {
+            let _ = write!(self.line, "{FAILURE}{result}{FAILURE:#}");
+        } else {
+            self.line.push_str(&result);
+        }
+        self.push_line()
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.output.flush()
+    }
+
+    fn report(&mut self, report: &Report) -> io::Result<()> {
+        self.output.flush()?;
+        let mut text = String::new();
+        let _ = writeln!(
+            text,
+            "\n{} bind events in {:.1}s (backend: {}); dropped: {}",
+            report.events, report.duration_s, report.backend, report.dropped
+        );
+        if !report.by_result.is_empty() {
+            let results: Vec<String> = report.by_result.iter().map(|r| format!("{} {}", r.result, r.count)).collect();
+            let _ = writeln!(text, "  by result:  {}", results.join(", "));
+        }
+        if !report.by_port.is_empty() {
+            let ports: Vec<String> = report.by_port.iter().map(|p| format!("{}/{} {}", p.port, p.proto, p.count)).collect();
+            let _ = writeln!(text, "  by port:    {}", ports.join(", "));
+        }
+        if !report.top_processes.is_empty() {
+            let processes: Vec<String> = report
+                .top_processes
+                .iter()
+                .map(|p| {
+                    let mut comm = String::new();
+                    push_escaped(&mut comm, p.comm.as_bytes());
+                    format!("{} ({}) {}", p.pid, comm, p.count)
+                })
+                .collect();
+            let _ = writeln!(text, "  processes:  {}", processes.join(", "));
+        }
+        let k = &report.kernel;
+        if report.dropped > 0 || report.decode_errors > 0 || k.address_unreadable > 0 {
+            let _ = writeln!(
+                text,
+                "  kernel:     seen {} filtered {} emitted {}; lost {} (ring buffer full) + {} (in-flight map full); \
+                 {} without address; {} undecodable",
+                k.seen, k.filtered, k.emitted, k.dropped_ring_buffer_full, k.dropped_in_flight_full, k.address_unreadable, report.decode_errors
+            );
+        }
+        // The report is for the operator: stderr, whatever stdout is.
+        use io::Write as _;
+        let mut stderr = io::stderr().lock();
+        stderr.write_all(text.as_bytes())?;
+        stderr.flush()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use super::*;
+    use crate::decode::tests::sample_event;
+
+    #[derive(Clone, Default)]
+    struct Shared(Arc<Mutex<Vec<u8>>>);
+    impl io::Write for Shared {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.0.lock().expect("lock").extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn render(color: bool, event: &BindEvent) -> String {
+        let shared = Shared::default();
+        let mut sink = TableSink::new(Output::new(Box::new(shared.clone())), color);
+        sink.event(event, 1_795_600_931_000_000_000).expect("row");
+        sink.flush().expect("flush");
+        let bytes = shared.0.lock().expect("lock").clone();
+        String::from_utf8(bytes).expect("utf-8")
+    }
+
+    #[test]
+    fn rows_align_under_the_header() {
+        let text = render(false, &sample_event());
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 2);
+        assert!(lines[0].starts_with("TIME "));
+        let result_col = lines[0].find("RESULT").expect("RESULT column");
+        assert_eq!(&lines[1][result_col..], "EADDRINUSE (Address already in use)");
+        assert!(lines[1].contains(" 4242 python3 "), "{}", lines[1]);
+        assert!(lines[1].contains(" tcp   127.0.0.1:8080 "), "{}", lines[1]);
+        assert!(!text.contains('\x1b'), "no colour when disabled");
+    }
+
+    #[test]
+    fn failures_are_coloured_and_names_escaped() {
+        let mut event = sample_event();
+        event.comm = [0; 16];
+        event.comm[..6].copy_from_slice(b"\x1b]0;x\x07");
+        let text = render(true, &event);
+        assert!(text.contains("\x1b[1m\x1b[31mEADDRINUSE") || text.contains("\x1b[31m"), "{text:?}");
+        assert!(text.contains("\\u{1b}]0;x\\u{7}"), "{text:?}");
+        assert_eq!(text.matches('\x1b').count(), 3, "only bindtrace's own colour codes: {text:?}");
+        let mut ok = sample_event();
+        ok.ret = 0;
+        assert!(!render(true, &ok).contains('\x1b'), "successes are not highlighted");
+    }
+}

@@ -1,0 +1,227 @@
+//! Counts what went by, for the report printed at exit: events by result, by port, the
+//! busiest processes, and the probe's own counters (drops among them).
+
+use std::collections::HashMap;
+
+use bindtrace_common::{stat, BindEvent, COMM_LEN};
+use serde::Serialize;
+
+use crate::{decode::BindEventExt as _, errno};
+
+/// How many ports and processes the report lists.
+const TOP: usize = 10;
+
+/// The probe's per-CPU counters, summed over CPUs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct KernelCounters {
+    /// bind() exits the probe saw.
+    pub seen: u64,
+    /// Rejected by the in-kernel filters.
+    pub filtered: u64,
+    /// Written to the ring buffer.
+    pub emitted: u64,
+    /// Lost: the ring buffer was full.
+    pub dropped_ring_buffer_full: u64,
+    /// Lost: the in-flight map was full.
+    pub dropped_in_flight_full: u64,
+    /// Exits without an entry record (binds already in progress when the probe attached).
+    pub in_flight_missing: u64,
+    /// Emitted without an address: the caller's sockaddr could not be read.
+    pub address_unreadable: u64,
+}
+
+impl KernelCounters {
+    /// Builds the counters from per-index sums, in `bindtrace_common::stat` order.
+    pub fn from_sums(sums: &[u64; stat::COUNT as usize]) -> Self {
+        Self {
+            seen: sums[stat::SEEN as usize],
+            filtered: sums[stat::FILTERED as usize],
+            emitted: sums[stat::EMITTED as usize],
+            dropped_ring_buffer_full: sums[stat::RINGBUF_FULL as usize],
+            dropped_in_flight_full: sums[stat::IN_FLIGHT_FULL as usize],
+            in_flight_missing: sums[stat::IN_FLIGHT_MISSING as usize],
+            address_unreadable: sums[stat::ADDR_READ_FAILED as usize],
+        }
+    }
+
+    /// Events the kernel saw but bindtrace will never print.
+    pub fn dropped(&self) -> u64 {
+        self.dropped_ring_buffer_full + self.dropped_in_flight_full
+    }
+}
+
+#[derive(Default)]
+pub struct Summary {
+    events: u64,
+    decode_errors: u64,
+    by_result: HashMap<i32, u64>,
+    by_port: HashMap<(u16, &'static str), u64>,
+    by_process: HashMap<u32, ([u8; COMM_LEN], u64)>,
+}
+
+#[derive(Debug, Serialize, PartialEq, Eq)]
+pub struct ResultCount {
+    pub result: String,
+    pub errno: i32,
+    pub count: u64,
+}
+
+#[derive(Debug, Serialize, PartialEq, Eq)]
+pub struct PortCount {
+    pub port: u16,
+    pub proto: &'static str,
+    pub count: u64,
+}
+
+#[derive(Debug, Serialize, PartialEq, Eq)]
+pub struct ProcessCount {
+    pub pid: u32,
+    pub comm: String,
+    pub count: u64,
+}
+
+/// The finished report, in the shape both sinks print.
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub backend: &'static str,
+    pub start: String,
+    pub end: String,
+    pub duration_s: f64,
+    pub events: u64,
+    pub by_result: Vec<ResultCount>,
+    pub by_port: Vec<PortCount>,
+    pub top_processes: Vec<ProcessCount>,
+    /// Events lost before reaching bindtrace (ring buffer or in-flight map full).
+    pub dropped: u64,
+    /// Ring-buffer records that could not be decoded.
+    pub decode_errors: u64,
+    pub kernel: KernelCounters,
+}
+
+/// Text label of a result: "ok", "EADDRINUSE", or "errno 300" for unnamed numbers.
+pub fn result_label(ret: i32) -> String {
+    if ret >= 0 {
+        return "ok".to_owned();
+    }
+    let errno = ret.saturating_neg();
+    errno::name(errno).map_or_else(|| format!("errno {errno}"), str::to_owned)
+}
+
+impl Summary {
+    pub fn record(&mut self, event: &BindEvent) {
+        self.events += 1;
+        *self.by_result.entry(event.ret.min(0)).or_default() += 1;
+        let proto = event.proto_name().unwrap_or("?");
+        *self.by_port.entry((event.port, proto)).or_default() += 1;
+        self.by_process.entry(event.tgid).or_insert((event.comm, 0)).1 += 1;
+    }
+
+    pub fn record_decode_error(&mut self) {
+        self.decode_errors += 1;
+    }
+
+    pub fn events(&self) -> u64 {
+        self.events
+    }
+
+    pub fn decode_errors(&self) -> u64 {
+        self.decode_errors
+    }
+
+    pub fn report(&self, backend: &'static str, start: String, end: String, duration_s: f64, kernel: KernelCounters) -> Report {
+        let mut by_result: Vec<ResultCount> = self
+            .by_result
+            .iter()
+            .map(|(&ret, &count)| ResultCount {
+                result: result_label(ret),
+                errno: ret.saturating_neg(),
+                count,
+            })
+            .collect();
+        by_result.sort_by(|a, b| b.count.cmp(&a.count).then(a.errno.cmp(&b.errno)));
+
+        let mut by_port: Vec<PortCount> = self
+            .by_port
+            .iter()
+            .map(|(&(port, proto), &count)| PortCount { port, proto, count })
+            .collect();
+        by_port.sort_by(|a, b| b.count.cmp(&a.count).then(a.port.cmp(&b.port)));
+        by_port.truncate(TOP);
+
+        let mut top_processes: Vec<ProcessCount> = self
+            .by_process
+            .iter()
+            .map(|(&pid, (comm, count))| {
+                let end = comm.iter().position(|&b| b == 0).unwrap_or(COMM_LEN);
+                ProcessCount {
+                    pid,
+                    comm: String::from_utf8_lossy(&comm[..end]).into_owned(),
+                    count: *count,
+                }
+            })
+            .collect();
+        top_processes.sort_by(|a, b| b.count.cmp(&a.count).then(a.pid.cmp(&b.pid)));
+        top_processes.truncate(TOP);
+
+        Report {
+            backend,
+            start,
+            end,
+            duration_s,
+            events: self.events,
+            by_result,
+            by_port,
+            top_processes,
+            dropped: kernel.dropped(),
+            decode_errors: self.decode_errors,
+            kernel,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::decode::tests::sample_event;
+
+    #[test]
+    fn counts_by_result_port_and_process() {
+        let mut summary = Summary::default();
+        let failed = sample_event();
+        let mut ok = failed;
+        ok.ret = 0;
+        ok.port = 9000;
+        let mut other = failed;
+        other.tgid = 7;
+        for event in [failed, failed, ok, other] {
+            summary.record(&event);
+        }
+        summary.record_decode_error();
+        let kernel = KernelCounters {
+            dropped_ring_buffer_full: 2,
+            dropped_in_flight_full: 1,
+            ..Default::default()
+        };
+        let report = summary.report("tracepoint", "a".into(), "b".into(), 1.0, kernel);
+        assert_eq!(report.events, 4);
+        assert_eq!(report.dropped, 3);
+        assert_eq!(report.decode_errors, 1);
+        assert_eq!(
+            report.by_result,
+            vec![
+                ResultCount { result: "EADDRINUSE".into(), errno: 98, count: 3 },
+                ResultCount { result: "ok".into(), errno: 0, count: 1 },
+            ]
+        );
+        assert_eq!(report.by_port[0], PortCount { port: 8080, proto: "tcp", count: 3 });
+        assert_eq!(report.top_processes[0], ProcessCount { pid: 4242, comm: "python3".into(), count: 3 });
+        assert_eq!(report.top_processes[1].pid, 7);
+    }
+
+    #[test]
+    fn labels() {
+        assert_eq!(result_label(0), "ok");
+        assert_eq!(result_label(-13), "EACCES");
+        assert_eq!(result_label(-300), "errno 300");
+    }
+}
