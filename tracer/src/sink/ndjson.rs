@@ -170,7 +170,7 @@ mod tests {
         let shared = Shared::default();
         let mut sink = NdjsonSink::new(Output::new(Box::new(shared.clone())));
         let mut event = sample_event();
-        event.comm[..8].copy_from_slice(b"ev\x1bl\nname");
+        event.comm[..9].copy_from_slice(b"ev\x1bl\nname");
         sink.event(&event, 1_795_600_931_000_000_001).expect("encode");
         assert!(lines(&shared).is_empty(), "nothing is written before flush");
         sink.flush().expect("flush");

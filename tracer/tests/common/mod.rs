@@ -1,0 +1,251 @@
+//! Harness for the integration tests: runs the real `bindtrace` binary, which loads the real
+//! probe into this kernel, and makes real binds from this process and from forked children.
+#![allow(dead_code)]
+
+use std::{
+    io::{BufRead as _, BufReader, Read as _},
+    net::{SocketAddr, TcpListener},
+    os::fd::AsRawFd as _,
+    process::{Child, Command, ExitStatus, Stdio},
+    sync::mpsc::{self, Receiver},
+    thread,
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+
+pub const BINDTRACE: &str = env!("CARGO_BIN_EXE_bindtrace");
+const ATTACH_TIMEOUT: Duration = Duration::from_secs(30);
+const EVENT_TIMEOUT: Duration = Duration::from_secs(10);
+const EXIT_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// True when the probe can be loaded. Otherwise says why on stderr, and fails the test when
+/// `BINDTRACE_REQUIRE_ROOT` is set (`cargo xtask test` sets it when run as root, and CI runs
+/// as root), so a kernel test never passes without having run.
+pub fn can_load_probe(test: &str) -> bool {
+    if unsafe { libc::geteuid() } == 0 {
+        return true;
+    }
+    if std::env::var_os("BINDTRACE_REQUIRE_ROOT").is_some() {
+        panic!("{test}: needs root to load the probe, and BINDTRACE_REQUIRE_ROOT is set");
+    }
+    eprintln!("SKIPPED {test}: needs root (CAP_BPF) to load the probe; run the tests with sudo");
+    false
+}
+
+pub struct Tracer {
+    pub child: Child,
+    /// stdout lines not read yet; dropping it closes the pipe after the next line.
+    pub lines: Receiver<String>,
+    seen: Vec<String>,
+    pub stderr: Receiver<String>,
+}
+
+pub struct Finished {
+    pub status: ExitStatus,
+    /// Every stdout line, in order.
+    pub lines: Vec<String>,
+    pub stderr: String,
+}
+
+impl Finished {
+    pub fn json(&self) -> Vec<Value> {
+        self.lines
+            .iter()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("line is not JSON ({e}): {l}")))
+            .collect()
+    }
+
+    pub fn binds(&self) -> Vec<Value> {
+        self.json().into_iter().filter(|v| v["type"] == "bind").collect()
+    }
+
+    pub fn summary(&self) -> Value {
+        let json = self.json();
+        let last = json.last().cloned().unwrap_or(Value::Null);
+        assert_eq!(last["type"], "summary", "last line is the summary record: {:?}", self.lines.last());
+        last
+    }
+}
+
+fn spawn_line_reader<R: std::io::Read + Send + 'static>(reader: R) -> Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || {
+        for line in BufReader::new(reader).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+impl Tracer {
+    /// Starts `bindtrace ARGS` and returns once it says it is attached.
+    pub fn start(args: &[&str]) -> Tracer {
+        let mut child = Command::new(BINDTRACE)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn bindtrace");
+        let lines = spawn_line_reader(child.stdout.take().expect("stdout"));
+        let stderr = spawn_line_reader(child.stderr.take().expect("stderr"));
+        let deadline = Instant::now() + ATTACH_TIMEOUT;
+        let mut early = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match stderr.recv_timeout(left) {
+                Ok(line) if line.contains("attached") => break,
+                Ok(line) => early.push(line),
+                Err(_) => {
+                    let _ = child.kill();
+                    panic!("bindtrace did not attach within {ATTACH_TIMEOUT:?}; stderr: {early:?}");
+                }
+            }
+        }
+        Tracer {
+            child,
+            lines,
+            seen: Vec::new(),
+            stderr,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Waits for a bind event matching `pred` (the events come live, while the tracer runs).
+    pub fn wait_for(&mut self, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + EVENT_TIMEOUT;
+        let matches = |line: &String| serde_json::from_str::<Value>(line).ok().filter(|v| v["type"] == "bind" && pred(v));
+        if let Some(found) = self.seen.iter().find_map(matches) {
+            return found;
+        }
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    let found = matches(&line);
+                    self.seen.push(line);
+                    if let Some(found) = found {
+                        return found;
+                    }
+                }
+                Err(_) => panic!("no event for {what} within {EVENT_TIMEOUT:?}; got {:#?}", self.seen),
+            }
+        }
+    }
+
+    /// Sends SIGINT and collects everything.
+    pub fn stop(self) -> Finished {
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
+        self.wait()
+    }
+
+    /// Waits for the tracer to end on its own (--count, --duration).
+    pub fn wait(mut self) -> Finished {
+        let deadline = Instant::now() + EXIT_TIMEOUT;
+        let status = loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                break status;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!("bindtrace did not exit within {EXIT_TIMEOUT:?}");
+            }
+            thread::sleep(Duration::from_millis(20));
+        };
+        let mut lines = self.seen;
+        lines.extend(self.lines.iter());
+        let stderr: Vec<String> = self.stderr.iter().collect();
+        Finished {
+            status,
+            lines,
+            stderr: stderr.join("\n"),
+        }
+    }
+}
+
+/// Runs bindtrace to completion with no stdin, returning (status, stdout, stderr).
+pub fn run_to_end(args: &[&str]) -> (ExitStatus, String, String) {
+    let mut child = Command::new(BINDTRACE)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn bindtrace");
+    let mut stdout = String::new();
+    let mut stderr = String::new();
+    child.stdout.take().expect("stdout").read_to_string(&mut stdout).expect("read stdout");
+    child.stderr.take().expect("stderr").read_to_string(&mut stderr).expect("read stderr");
+    (child.wait().expect("wait"), stdout, stderr)
+}
+
+/// A TCP port that was free a moment ago (the kernel picked it), to request explicitly.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("ephemeral port")
+}
+
+pub fn my_pid() -> u32 {
+    std::process::id()
+}
+
+pub fn my_tid() -> u32 {
+    unsafe { libc::gettid() as u32 }
+}
+
+/// The calling thread's name as the kernel has it (the test harness names threads after
+/// the tests).
+pub fn my_comm() -> String {
+    std::fs::read_to_string("/proc/thread-self/comm").expect("comm").trim_end().to_owned()
+}
+
+/// Forks a child that (optionally) drops to `uid`, binds a TCP socket to `addr` and exits
+/// with the bind's errno (0 on success). Returns (child pid, errno).
+///
+/// The child runs only raw syscalls between fork and _exit: this process has other
+/// threads, so nothing that allocates or locks may run there.
+pub fn bind_in_child(addr: SocketAddr, uid: Option<u32>) -> (u32, i32) {
+    let SocketAddr::V4(v4) = addr else { panic!("IPv4 only") };
+    let sockaddr = libc::sockaddr_in {
+        sin_family: libc::AF_INET as u16,
+        sin_port: v4.port().to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from_ne_bytes(v4.ip().octets()),
+        },
+        sin_zero: [0; 8],
+    };
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0, "fork failed");
+    if pid == 0 {
+        unsafe {
+            if let Some(uid) = uid {
+                if libc::syscall(libc::SYS_setresgid, uid, uid, uid) != 0 || libc::syscall(libc::SYS_setresuid, uid, uid, uid) != 0 {
+                    libc::_exit(200);
+                }
+            }
+            let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
+            if fd < 0 {
+                libc::_exit(201);
+            }
+            let rc = libc::bind(fd, (&raw const sockaddr).cast(), std::mem::size_of::<libc::sockaddr_in>() as u32);
+            let errno = if rc == 0 { 0 } else { *libc::__errno_location() };
+            libc::_exit(errno);
+        }
+    }
+    let mut status = 0;
+    unsafe { libc::waitpid(pid, &mut status, 0) };
+    assert!(libc::WIFEXITED(status), "child did not exit normally");
+    let code = libc::WEXITSTATUS(status);
+    assert!(code < 200, "child setup failed with {code}");
+    (pid as u32, code)
+}
+
+pub fn raw_fd(socket: &socket2::Socket) -> i64 {
+    socket.as_raw_fd() as i64
+}

@@ -1,0 +1,367 @@
+//! The real probe on this kernel, driven by real binds. Each test asks for its own ports and
+//! matches events by port, since the tests of this file run in parallel in one process.
+
+mod common;
+
+use std::net::{Ipv6Addr, SocketAddr};
+
+use common::*;
+use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+
+fn socket(domain: Domain, ty: Type) -> Socket {
+    let protocol = if ty == Type::STREAM { Protocol::TCP } else { Protocol::UDP };
+    Socket::new(domain, ty, Some(protocol)).expect("socket")
+}
+
+fn addr(text: &str) -> SockAddr {
+    SockAddr::from(text.parse::<SocketAddr>().expect("address"))
+}
+
+#[test]
+fn successes_tcp_udp_ipv4_ipv6_carry_every_field() {
+    if !can_load_probe("successes_tcp_udp_ipv4_ipv6_carry_every_field") {
+        return;
+    }
+    let pid = my_pid().to_string();
+    let mut tracer = Tracer::start(&["-o", "ndjson", "-p", &pid]);
+    let cases = [
+        (Domain::IPV4, Type::STREAM, "127.0.0.1", "tcp", "AF_INET"),
+        (Domain::IPV4, Type::DGRAM, "127.0.0.1", "udp", "AF_INET"),
+        (Domain::IPV6, Type::STREAM, "::1", "tcp", "AF_INET6"),
+        (Domain::IPV6, Type::DGRAM, "::1", "udp", "AF_INET6"),
+    ];
+    let mut sockets = Vec::new();
+    for (domain, ty, ip, proto, family) in cases {
+        let port = free_port();
+        let sock = socket(domain, ty);
+        let text = if domain == Domain::IPV6 { format!("[{ip}]:{port}") } else { format!("{ip}:{port}") };
+        sock.bind(&addr(&text)).expect("bind succeeds");
+        let event = tracer.wait_for(&text, |e| e["port"] == port && e["proto"] == proto);
+        assert_eq!(event["ok"], true, "{event}");
+        assert_eq!(event["ret"], 0);
+        assert_eq!(event["errno"], 0);
+        assert_eq!(event["addr"], ip);
+        assert_eq!(event["family"], family);
+        assert_eq!(event["pid"], my_pid());
+        assert_eq!(event["tid"], my_tid());
+        assert_eq!(event["comm"], my_comm());
+        assert_eq!(event["uid"], 0);
+        assert_eq!(event["fd"], raw_fd(&sock));
+        assert_eq!(event["reuseaddr"], false);
+        assert_eq!(event["backend"], "tracepoint");
+        assert!(event["duration_ns"].as_u64().is_some_and(|d| d > 0), "{event}");
+        assert!(event["netns"].as_u64().is_some_and(|n| n > 0), "{event}");
+        let own_netns = std::fs::read_link("/proc/self/ns/net").expect("netns link");
+        assert_eq!(own_netns.to_string_lossy(), format!("net:[{}]", event["netns"]));
+        sockets.push(sock);
+    }
+    let finished = tracer.stop();
+    assert!(finished.status.success(), "exit status {:?}: {}", finished.status, finished.stderr);
+}
+
+#[test]
+fn eaddrinuse_keeps_the_requested_port_pid_and_comm() {
+    if !can_load_probe("eaddrinuse_keeps_the_requested_port_pid_and_comm") {
+        return;
+    }
+    let port = free_port();
+    let pid = my_pid().to_string();
+    let mut tracer = Tracer::start(&["-o", "ndjson", "--errno", "EADDRINUSE", "-p", &pid, "-P", &port.to_string()]);
+    let holder = socket(Domain::IPV4, Type::STREAM);
+    holder.set_reuse_address(true).expect("SO_REUSEADDR");
+    holder.bind(&addr(&format!("127.0.0.1:{port}"))).expect("first bind");
+    holder.listen(16).expect("listen");
+    let second = socket(Domain::IPV4, Type::STREAM);
+    let err = second.bind(&addr(&format!("127.0.0.1:{port}"))).expect_err("port is taken");
+    assert_eq!(err.raw_os_error(), Some(libc::EADDRINUSE));
+
+    let event = tracer.wait_for("EADDRINUSE", |e| e["port"] == port);
+    assert_eq!(event["ok"], false);
+    assert_eq!(event["errno"], 98);
+    assert_eq!(event["errno_name"], "EADDRINUSE");
+    assert_eq!(event["message"], "Address already in use");
+    assert_eq!(event["addr"], "127.0.0.1");
+    assert_eq!(event["port"], port, "the requested port, not 0");
+    assert_eq!(event["pid"], my_pid());
+    assert_eq!(event["comm"], my_comm());
+    assert_eq!(event["fd"], raw_fd(&second));
+    assert_eq!(event["reuseaddr"], false, "the failing socket did not set SO_REUSEADDR");
+
+    let finished = tracer.stop();
+    assert!(finished.status.success(), "{:?}", finished.status);
+    let binds = finished.binds();
+    assert!(
+        binds.iter().all(|e| e["errno"] == 98),
+        "the successful first bind was filtered out: {binds:#?}"
+    );
+    let summary = finished.summary();
+    assert!(summary["kernel"]["filtered"].as_u64().is_some_and(|n| n >= 1), "{summary}");
+}
+
+#[test]
+fn reuse_flags_come_from_the_kernel_socket() {
+    if !can_load_probe("reuse_flags_come_from_the_kernel_socket") {
+        return;
+    }
+    let port = free_port();
+    let mut tracer = Tracer::start(&["-o", "ndjson", "-P", &port.to_string()]);
+    let sock = socket(Domain::IPV6, Type::DGRAM);
+    sock.set_reuse_address(true).expect("SO_REUSEADDR");
+    sock.set_reuse_port(true).expect("SO_REUSEPORT");
+    sock.set_only_v6(true).expect("IPV6_V6ONLY");
+    sock.bind(&SockAddr::from(SocketAddr::from((Ipv6Addr::LOCALHOST, port)))).expect("bind");
+    let event = tracer.wait_for("flags", |e| e["port"] == port);
+    assert_eq!(event["reuseaddr"], true, "{event}");
+    assert_eq!(event["reuseport"], true);
+    assert_eq!(event["v6only"], true);
+    assert_eq!(event["proto"], "udp");
+    tracer.stop();
+}
+
+#[test]
+fn eacces_for_port_80_from_uid_65534() {
+    if !can_load_probe("eacces_for_port_80_from_uid_65534") {
+        return;
+    }
+    let mut tracer = Tracer::start(&["-o", "ndjson", "-P", "80", "--errno", "EACCES"]);
+    let (child, errno) = bind_in_child("127.0.0.1:80".parse().expect("addr"), Some(65534));
+    assert_eq!(errno, libc::EACCES, "unprivileged bind of port 80 fails with EACCES");
+    let event = tracer.wait_for("EACCES", |e| e["pid"] == child);
+    assert_eq!(event["errno"], 13);
+    assert_eq!(event["errno_name"], "EACCES");
+    assert_eq!(event["uid"], 65534);
+    assert_eq!(event["gid"], 65534);
+    assert_eq!(event["port"], 80);
+    assert_eq!(event["addr"], "127.0.0.1");
+    tracer.stop();
+}
+
+#[test]
+fn einval_for_a_second_bind_on_a_bound_socket() {
+    if !can_load_probe("einval_for_a_second_bind_on_a_bound_socket") {
+        return;
+    }
+    let (first, second) = (free_port(), free_port());
+    let ports = format!("{first},{second}");
+    let mut tracer = Tracer::start(&["-o", "ndjson", "-P", &ports]);
+    let sock = socket(Domain::IPV4, Type::STREAM);
+    sock.bind(&addr(&format!("127.0.0.1:{first}"))).expect("first bind");
+    let err = sock.bind(&addr(&format!("127.0.0.1:{second}"))).expect_err("already bound");
+    assert_eq!(err.raw_os_error(), Some(libc::EINVAL));
+    let event = tracer.wait_for("EINVAL", |e| e["port"] == second);
+    assert_eq!(event["errno_name"], "EINVAL");
+    assert_eq!(event["fd"], raw_fd(&sock));
+    let ok = tracer.wait_for("first bind", |e| e["port"] == first);
+    assert_eq!(ok["ok"], true);
+    tracer.stop();
+}
+
+#[test]
+fn port_and_pid_filters_drop_events_in_the_kernel() {
+    if !can_load_probe("port_and_pid_filters_drop_events_in_the_kernel") {
+        return;
+    }
+    let (wanted, other_port, child_port) = (free_port(), free_port(), free_port());
+    let pid = my_pid().to_string();
+    let ports = format!("{wanted},{child_port}");
+    let mut tracer = Tracer::start(&["-o", "ndjson", "-p", &pid, "-P", &ports]);
+    let outside_ports = socket(Domain::IPV4, Type::DGRAM);
+    outside_ports.bind(&addr(&format!("127.0.0.1:{other_port}"))).expect("bind");
+    let (child, errno) = bind_in_child(format!("127.0.0.1:{child_port}").parse().expect("addr"), None);
+    assert_eq!(errno, 0);
+    let kept = socket(Domain::IPV4, Type::DGRAM);
+    kept.bind(&addr(&format!("127.0.0.1:{wanted}"))).expect("bind");
+    tracer.wait_for("wanted port", |e| e["port"] == wanted);
+    let finished = tracer.stop();
+    let binds = finished.binds();
+    assert!(binds.iter().all(|e| e["port"] != other_port), "port filter: {binds:#?}");
+    assert!(binds.iter().all(|e| e["pid"] != child), "pid filter: {binds:#?}");
+    assert!(binds.iter().all(|e| e["pid"] == my_pid()), "{binds:#?}");
+    let kernel = &finished.summary()["kernel"];
+    let count = |name: &str| kernel[name].as_u64().unwrap_or_else(|| panic!("kernel.{name} in {kernel}"));
+    assert!(count("filtered") >= 2, "both foreign binds were rejected in the kernel: {kernel}");
+    assert_eq!(count("emitted"), binds.len() as u64, "every emitted event was printed: {kernel}");
+    assert_eq!(
+        count("seen"),
+        count("filtered") + count("emitted") + count("dropped_ring_buffer_full") + count("in_flight_missing"),
+        "every bind the probe saw is accounted for: {kernel}"
+    );
+}
+
+#[test]
+fn ndjson_lines_are_valid_and_sigint_ends_with_a_summary() {
+    if !can_load_probe("ndjson_lines_are_valid_and_sigint_ends_with_a_summary") {
+        return;
+    }
+    let port = free_port();
+    let mut tracer = Tracer::start(&["-P", &port.to_string()]); // stdout is a pipe: NDJSON by default
+    let holder = socket(Domain::IPV4, Type::STREAM);
+    holder.bind(&addr(&format!("127.0.0.1:{port}"))).expect("bind");
+    holder.listen(1).expect("listen");
+    for _ in 0..3 {
+        let _ = socket(Domain::IPV4, Type::STREAM).bind(&addr(&format!("127.0.0.1:{port}")));
+    }
+    tracer.wait_for("third failure", |e| e["errno"] == 98 && e["port"] == port);
+    let finished = tracer.stop();
+    assert!(finished.status.success(), "SIGINT ends with status 0: {:?}", finished.status);
+    assert!(!finished.stderr.contains("panicked"), "{}", finished.stderr);
+    let json = finished.json(); // panics on any invalid line
+    for line in &json {
+        assert!(matches!(line["type"].as_str(), Some("bind" | "summary")), "{line}");
+    }
+    let binds = finished.binds();
+    assert_eq!(binds.len(), 4, "one success and three failures: {binds:#?}");
+    for bind in &binds {
+        let time = bind["time"].as_str().expect("time");
+        assert!(time.ends_with('Z') && time.len() == 30, "RFC 3339 with nanoseconds: {time}");
+    }
+    let summary = finished.summary();
+    assert_eq!(summary["events"], 4);
+    assert_eq!(summary["dropped"], 0);
+    assert_eq!(summary["backend"], "tracepoint");
+    let by_result: Vec<(String, u64)> = summary["by_result"]
+        .as_array()
+        .expect("by_result")
+        .iter()
+        .map(|r| (r["result"].as_str().unwrap_or("").to_owned(), r["count"].as_u64().unwrap_or(0)))
+        .collect();
+    assert_eq!(by_result, vec![("EADDRINUSE".to_owned(), 3), ("ok".to_owned(), 1)]);
+    assert_eq!(summary["by_port"][0]["port"], port);
+    assert_eq!(summary["top_processes"][0]["pid"], my_pid());
+}
+
+#[test]
+fn count_and_duration_end_the_run_by_themselves() {
+    if !can_load_probe("count_and_duration_end_the_run_by_themselves") {
+        return;
+    }
+    let port = free_port();
+    let tracer = Tracer::start(&["-o", "ndjson", "-P", &port.to_string(), "-n", "2"]);
+    let sockets: Vec<Socket> = (0..3)
+        .map(|_| {
+            let s = socket(Domain::IPV4, Type::DGRAM);
+            let _ = s.bind(&addr(&format!("127.0.0.1:{port}")));
+            s
+        })
+        .collect();
+    let finished = tracer.wait();
+    assert!(finished.status.success(), "{:?}", finished.status);
+    assert_eq!(finished.binds().len(), 2, "--count 2 stops after two events");
+    assert_eq!(finished.summary()["events"], 2);
+    drop(sockets);
+
+    let tracer = Tracer::start(&["-o", "ndjson", "-P", &free_port().to_string(), "-d", "300ms"]);
+    let finished = tracer.wait();
+    assert!(finished.status.success(), "{:?}", finished.status);
+    assert_eq!(finished.summary()["events"], 0);
+    assert!(finished.summary()["duration_s"].as_f64().is_some_and(|d| d >= 0.3));
+}
+
+#[test]
+fn table_output_aligns_colours_failures_and_escapes_names() {
+    if !can_load_probe("table_output_aligns_colours_failures_and_escapes_names") {
+        return;
+    }
+    let port = free_port();
+    let tracer = Tracer::start(&["-o", "table", "--color", "always", "-P", &port.to_string()]);
+    // A thread whose name would clear the operator's screen if printed raw.
+    std::thread::spawn(move || {
+        let name = c"evil\x1b[2J";
+        unsafe { libc::prctl(libc::PR_SET_NAME, name.as_ptr()) };
+        let holder = socket(Domain::IPV4, Type::STREAM);
+        holder.bind(&addr(&format!("127.0.0.1:{port}"))).expect("bind");
+        holder.listen(1).expect("listen");
+        let _ = socket(Domain::IPV4, Type::STREAM).bind(&addr(&format!("127.0.0.1:{port}")));
+    })
+    .join()
+    .expect("binding thread");
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let finished = tracer.stop();
+    assert!(finished.status.success());
+    let header = finished.lines.first().expect("header");
+    assert!(header.starts_with("TIME") && header.ends_with("RESULT"), "{header}");
+    let rows: Vec<&String> = finished.lines.iter().filter(|l| l.contains(&format!(":{port}"))).collect();
+    assert_eq!(rows.len(), 2, "{:#?}", finished.lines);
+    assert!(rows.iter().all(|r| r.contains("evil\\u{1b}[2J")), "name escaped: {rows:?}");
+    assert!(rows[0].ends_with(" ok"), "{}", rows[0]);
+    assert!(!rows[0].contains('\x1b'), "success rows carry no escape codes: {:?}", rows[0]);
+    assert!(rows[1].contains("\x1b[31mEADDRINUSE (Address already in use)"), "failure in red: {:?}", rows[1]);
+    let result_col = header.find("RESULT").expect("RESULT");
+    assert_eq!(&rows[0][result_col..], "ok", "rows align under the header");
+    assert!(finished.stderr.contains("2 bind events"), "summary on stderr: {}", finished.stderr);
+}
+
+#[test]
+fn closed_pipe_ends_quietly() {
+    if !can_load_probe("closed_pipe_ends_quietly") {
+        return;
+    }
+    let port = free_port();
+    let mut tracer = Tracer::start(&["-o", "ndjson", "-P", &port.to_string()]);
+    let holder = socket(Domain::IPV4, Type::STREAM);
+    holder.bind(&addr(&format!("127.0.0.1:{port}"))).expect("bind");
+    holder.listen(1).expect("listen");
+    tracer.wait_for("first event", |e| e["port"] == port);
+    // Like `| head -n 1`: the reader goes away, the tracer must notice on its next write.
+    let Tracer { mut child, lines, stderr, .. } = tracer;
+    drop(lines);
+    drop(child.stdout.take());
+    // Keep binding: the first write after the reader left may still land in the pipe, the
+    // next one fails with EPIPE.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status;
+        }
+        assert!(std::time::Instant::now() < deadline, "bindtrace kept running after its reader left");
+        let _ = socket(Domain::IPV4, Type::STREAM).bind(&addr(&format!("127.0.0.1:{port}")));
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let messages: Vec<String> = stderr.iter().collect();
+    assert!(status.success(), "{status:?} {messages:?}");
+    assert!(!messages.iter().any(|m| m.contains("panicked") || m.contains("Broken pipe")), "{messages:?}");
+}
+
+fn assert_one_line_usage_error(args: &[&str], expected: &str) {
+    let (status, stdout, stderr) = run_to_end(args);
+    assert_eq!(status.code(), Some(2), "{args:?}: {stderr}");
+    assert!(stdout.is_empty(), "{args:?}: nothing on stdout, got {stdout}");
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "{args:?}: one line, got {stderr:?}");
+    assert!(lines[0].starts_with("bindtrace: "), "{:?}", lines[0]);
+    assert!(lines[0].contains(expected), "{args:?}: {:?} should mention {expected:?}", lines[0]);
+    assert!(!stderr.contains("attached"), "nothing attaches on bad input");
+}
+
+#[test]
+fn bad_input_is_one_line_and_exit_2() {
+    assert_one_line_usage_error(&["--errno", "EBOGUS"], "unknown errno name 'EBOGUS'");
+    assert_one_line_usage_error(&["-P", "0"], "outside 1-65535");
+    assert_one_line_usage_error(&["-P", "70000"], "outside 1-65535");
+    assert_one_line_usage_error(&["-P", "9000-8000"], "inverted port range");
+    assert_one_line_usage_error(&["-o", "xml"], "xml");
+    assert_one_line_usage_error(&["--file", "/nonexistent-dir/trace.ndjson"], "cannot write --file /nonexistent-dir/trace.ndjson");
+    assert_one_line_usage_error(&["--bogus-flag"], "--bogus-flag");
+}
+
+#[test]
+fn without_privileges_it_says_to_use_sudo() {
+    let mut command = std::process::Command::new(BINDTRACE);
+    command.args(["-d", "1s"]);
+    if unsafe { libc::geteuid() } == 0 {
+        use std::os::unix::process::CommandExt as _;
+        command.uid(65534).gid(65534);
+    }
+    let output = command.output().expect("run bindtrace");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("run it with sudo"), "{stderr}");
+}
+
+#[test]
+fn help_shows_examples() {
+    let (status, stdout, _) = run_to_end(&["--help"]);
+    assert!(status.success());
+    assert!(stdout.contains("Examples:") && stdout.contains("--errno EADDRINUSE"), "{stdout}");
+}
