@@ -18,11 +18,7 @@ fn main() -> anyhow::Result<()> {
     check_toolchain()?;
     let root_dir = probe_dir.to_str().context("probe path is not UTF-8")?;
     aya_build::build_ebpf(
-        [aya_build::Package {
-            name: PROBE_PACKAGE,
-            root_dir,
-            ..Default::default()
-        }],
+        [aya_build::Package { name: PROBE_PACKAGE, root_dir, ..Default::default() }],
         aya_build::Toolchain::Nightly,
     )
     .with_context(|| format!("building the eBPF probe failed; if a tool is missing, {SETUP_HINT}"))
@@ -30,18 +26,12 @@ fn main() -> anyhow::Result<()> {
 
 /// Fails with one line naming what to install, instead of a page of nested cargo output.
 fn check_toolchain() -> anyhow::Result<()> {
-    let has = |program: &str, args: &[&str]| {
-        Command::new(program)
-            .args(args)
-            .output()
-            .is_ok_and(|out| out.status.success())
-    };
+    let has =
+        |program: &str, args: &[&str]| Command::new(program).args(args).output().is_ok_and(|out| out.status.success());
     if !has("bpf-linker", &["--version"]) {
         bail!("bpf-linker is not installed: {SETUP_HINT}");
     }
-    let rust_src = Command::new("rustup")
-        .args(["component", "list", "--toolchain", "nightly", "--installed"])
-        .output();
+    let rust_src = Command::new("rustup").args(["component", "list", "--toolchain", "nightly", "--installed"]).output();
     match rust_src {
         Ok(out) if out.status.success() => {
             if !String::from_utf8_lossy(&out.stdout).lines().any(|l| l.starts_with("rust-src")) {

@@ -183,12 +183,7 @@ pub struct FieldLoc {
 }
 
 impl FieldLoc {
-    pub const ABSENT: Self = Self {
-        offset: 0,
-        bit_shift: 0,
-        bit_width: 0,
-        _reserved: [0; 2],
-    };
+    pub const ABSENT: Self = Self { offset: 0, bit_shift: 0, bit_width: 0, _reserved: [0; 2] };
 
     pub const fn is_present(&self) -> bool {
         self.bit_width != 0
@@ -476,20 +471,10 @@ mod tests {
 
     #[test]
     fn field_loc_extracts_bitfields() {
-        let reuseport = FieldLoc {
-            offset: 0,
-            bit_shift: 4,
-            bit_width: 1,
-            _reserved: [0; 2],
-        };
+        let reuseport = FieldLoc { offset: 0, bit_shift: 4, bit_width: 1, _reserved: [0; 2] };
         assert_eq!(reuseport.extract(0b1_0000), 1);
         assert_eq!(reuseport.extract(0b0_1111), 0);
-        let word = FieldLoc {
-            offset: 0,
-            bit_shift: 0,
-            bit_width: 32,
-            _reserved: [0; 2],
-        };
+        let word = FieldLoc { offset: 0, bit_shift: 0, bit_width: 32, _reserved: [0; 2] };
         assert_eq!(word.extract(u32::MAX), u32::MAX);
     }
 }

@@ -11,9 +11,8 @@
 
 use aya_ebpf::{
     helpers::{
-        bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
-        bpf_get_current_task, bpf_get_current_uid_gid, bpf_ktime_get_ns, bpf_probe_read_kernel,
-        bpf_probe_read_user, bpf_probe_read_user_buf,
+        bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_task,
+        bpf_get_current_uid_gid, bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_user, bpf_probe_read_user_buf,
     },
     macros::{map, tracepoint},
     maps::{HashMap, PerCpuArray, RingBuf},
@@ -21,8 +20,8 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use bindtrace_common::{
-    filter_flags, sock_flags, stat, Backend, BindEvent, FieldLoc, KernelLayout, ProbeConfig,
-    AF_INET, AF_INET6, COMM_LEN,
+    filter_flags, sock_flags, stat, Backend, BindEvent, FieldLoc, KernelLayout, ProbeConfig, AF_INET, AF_INET6,
+    COMM_LEN,
 };
 
 /// Written by the tracer before load (aya rewrites .rodata); read only through [`config`].
@@ -81,7 +80,7 @@ fn count(index: u32) {
 fn task_passes(cfg: &ProbeConfig, tgid: u32, comm: &[u8; COMM_LEN]) -> bool {
     let filter = &cfg.filter;
     // SAFETY: the value is never dereferenced, only tested for presence.
-    if filter.is_active(filter_flags::PIDS) && unsafe { FILTER_PIDS.get(&tgid) }.is_none() {
+    if filter.is_active(filter_flags::PIDS) && unsafe { FILTER_PIDS.get(tgid) }.is_none() {
         return false;
     }
     filter.accepts_comm(comm)
@@ -138,7 +137,7 @@ fn on_enter(ctx: &TracePointContext) {
     }
     read_socket(&mut event, &cfg.layout, fd);
 
-    if IN_FLIGHT.insert(&tid, &event, 0).is_err() {
+    if IN_FLIGHT.insert(tid, event, 0).is_err() {
         count(stat::IN_FLIGHT_FULL);
     }
 }
@@ -186,7 +185,11 @@ fn read_requested_address(event: &mut BindEvent, user_addr: *const u8, addrlen: 
 unsafe fn read_ptr(base: *const u8, offset: u32) -> Option<*const u8> {
     // SAFETY: bpf_probe_read_kernel copes with any address.
     let value = unsafe { bpf_probe_read_kernel(base.add(offset as usize).cast::<*const u8>()) }.ok()?;
-    if value.is_null() { None } else { Some(value) }
+    if value.is_null() {
+        None
+    } else {
+        Some(value)
+    }
 }
 
 #[inline(always)]
@@ -280,7 +283,7 @@ fn on_exit(ctx: &TracePointContext) {
         count(stat::FILTERED);
         return;
     }
-    let Some(event) = IN_FLIGHT.get_ptr_mut(&tid) else {
+    let Some(event) = IN_FLIGHT.get_ptr_mut(tid) else {
         count(stat::IN_FLIGHT_MISSING);
         return;
     };
@@ -292,7 +295,8 @@ fn on_exit(ctx: &TracePointContext) {
     event.duration_ns = unsafe { bpf_ktime_get_ns() }.saturating_sub(event.timestamp_ns);
     if ret == -ENOTSOCK || ret == -EBADF {
         // Whatever was read behind the fd was not this call's socket.
-        event.sock_flags &= !(sock_flags::SOCK_INFO | sock_flags::REUSEADDR | sock_flags::REUSEPORT | sock_flags::V6ONLY);
+        event.sock_flags &=
+            !(sock_flags::SOCK_INFO | sock_flags::REUSEADDR | sock_flags::REUSEPORT | sock_flags::V6ONLY);
         event.sock_type = 0;
         event.protocol = 0;
     }
@@ -309,7 +313,7 @@ fn on_exit(ctx: &TracePointContext) {
     } else {
         count(stat::RINGBUF_FULL);
     }
-    let _ = IN_FLIGHT.remove(&tid);
+    let _ = IN_FLIGHT.remove(tid);
 }
 
 #[cfg(not(test))]

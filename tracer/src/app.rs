@@ -71,17 +71,11 @@ fn plan(cli: Cli) -> Result<Plan> {
             Box::new(TableSink::new(output, color))
         }
     };
-    Ok(Plan {
-        cli,
-        filter,
-        sink,
-    })
+    Ok(Plan { cli, filter, sink })
 }
 
 pub fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn"))
-        .format_timestamp(None)
-        .init();
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).format_timestamp(None).init();
 
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
@@ -123,15 +117,8 @@ pub fn main() -> ExitCode {
 }
 
 async fn run(plan: Plan) -> Result<()> {
-    let Plan {
-        cli,
-        filter,
-        mut sink,
-    } = plan;
-    let config = ProbeConfig {
-        layout: layout::running_kernel_layout()?,
-        filter: filter.kernel,
-    };
+    let Plan { cli, filter, mut sink } = plan;
+    let config = ProbeConfig { layout: layout::running_kernel_layout()?, filter: filter.kernel };
     let mut probe = AttachedProbe::attach(cli.attach, &config, &filter.pids, probe::DEFAULT_RING_BYTES)?;
     let clock = WallClock::new();
     let mut time = Rfc3339::default();
@@ -148,10 +135,7 @@ async fn run(plan: Plan) -> Result<()> {
         sink: sink.as_mut(),
         summary: Summary::default(),
         clock,
-        limits: Limits {
-            duration: cli.duration,
-            count: cli.count,
-        },
+        limits: Limits { duration: cli.duration, count: cli.count },
     };
     let ending = pipeline.run(&mut probe).await?;
     if ending == Ending::OutputClosed || cli.no_summary {

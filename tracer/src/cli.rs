@@ -127,10 +127,7 @@ pub enum ColorChoice {
 }
 
 fn parse_port(text: &str) -> Result<u16, String> {
-    let number: u32 = text
-        .trim()
-        .parse()
-        .map_err(|_| format!("'{text}' is not a port number (1-65535)"))?;
+    let number: u32 = text.trim().parse().map_err(|_| format!("'{text}' is not a port number (1-65535)"))?;
     match u16::try_from(number) {
         Ok(port) if port >= 1 => Ok(port),
         _ => Err(format!("port {number} is outside 1-65535")),
@@ -179,7 +176,8 @@ fn parse_comm(text: &str) -> Result<String, String> {
 }
 
 fn parse_duration(text: &str) -> Result<Duration, String> {
-    let duration = humantime::parse_duration(text.trim()).map_err(|e| format!("'{text}': {e} (examples: 30s, 5m, 1h30m)"))?;
+    let duration =
+        humantime::parse_duration(text.trim()).map_err(|e| format!("'{text}': {e} (examples: 30s, 5m, 1h30m)"))?;
     if duration.is_zero() {
         return Err("the duration must be longer than 0".into());
     }
@@ -233,10 +231,8 @@ mod tests {
 
     #[test]
     fn pids_family_proto_output_duration_count() {
-        let cli = parse(&[
-            "-p", "1,42", "--family", "6", "--proto", "udp", "-o", "ndjson", "-d", "1m30s", "-n", "5",
-        ])
-        .expect("valid");
+        let cli = parse(&["-p", "1,42", "--family", "6", "--proto", "udp", "-o", "ndjson", "-d", "1m30s", "-n", "5"])
+            .expect("valid");
         assert_eq!(cli.pids, vec![1, 42]);
         assert_eq!(cli.family, Some(Family::Inet6));
         assert_eq!(cli.proto, Some(Proto::Udp));

@@ -19,6 +19,12 @@ fn now_ns(clock: ClockId) -> i128 {
     clock_gettime(clock).map_or(0, |ts| ts.tv_sec() as i128 * 1_000_000_000 + ts.tv_nsec() as i128)
 }
 
+impl Default for WallClock {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl WallClock {
     pub fn new() -> Self {
         let mut clock = Self { offset_ns: 0 };

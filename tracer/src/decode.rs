@@ -151,7 +151,7 @@ pub(crate) mod tests {
 
     #[test]
     fn decodes_from_an_unaligned_slice() {
-        let mut buffer = vec![0u8; BIND_EVENT_SIZE + 1];
+        let mut buffer = [0u8; BIND_EVENT_SIZE + 1];
         buffer[1..].copy_from_slice(&bytes_of(&sample_event()));
         assert_eq!(decode(&buffer[1..]).expect("valid"), sample_event());
     }

@@ -11,11 +11,8 @@ use nix::errno::Errno;
 const MAX_ERRNO: i32 = 133;
 
 /// Aliases the enum cannot carry because they share a number with another name.
-const ALIASES: [(&str, i32); 3] = [
-    ("EWOULDBLOCK", libc::EWOULDBLOCK),
-    ("EDEADLOCK", libc::EDEADLOCK),
-    ("ENOTSUP", libc::ENOTSUP),
-];
+const ALIASES: [(&str, i32); 3] =
+    [("EWOULDBLOCK", libc::EWOULDBLOCK), ("EDEADLOCK", libc::EDEADLOCK), ("ENOTSUP", libc::ENOTSUP)];
 
 struct Entry {
     name: String,
@@ -28,10 +25,8 @@ fn table() -> &'static [Option<Entry>] {
         (0..=MAX_ERRNO)
             .map(|number| {
                 let errno = Errno::from_raw(number);
-                (number != 0 && errno != Errno::UnknownErrno).then(|| Entry {
-                    name: format!("{errno:?}"),
-                    message: errno.desc(),
-                })
+                (number != 0 && errno != Errno::UnknownErrno)
+                    .then(|| Entry { name: format!("{errno:?}"), message: errno.desc() })
             })
             .collect()
     })
@@ -67,9 +62,9 @@ pub fn parse(text: &str) -> Result<i32, String> {
     if let Some((_, number)) = ALIASES.iter().find(|(alias, _)| *alias == wanted) {
         return Ok(*number);
     }
-    (1..=MAX_ERRNO)
-        .find(|&n| name(n) == Some(wanted.as_str()))
-        .ok_or_else(|| format!("unknown errno name '{text}' (try EADDRINUSE, EACCES, EADDRNOTAVAIL, EINVAL or a number)"))
+    (1..=MAX_ERRNO).find(|&n| name(n) == Some(wanted.as_str())).ok_or_else(|| {
+        format!("unknown errno name '{text}' (try EADDRINUSE, EACCES, EADDRNOTAVAIL, EINVAL or a number)")
+    })
 }
 
 /// Parses a comma-separated list of errnos.

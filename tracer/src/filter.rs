@@ -5,7 +5,9 @@
 use std::collections::HashSet;
 
 use anyhow::{bail, Result};
-use bindtrace_common::{filter_flags, BindEvent, FilterConfig, AF_INET, AF_INET6, COMM_LEN, IPPROTO_TCP, IPPROTO_UDP, MAX_PORT_RANGES};
+use bindtrace_common::{
+    filter_flags, BindEvent, FilterConfig, AF_INET, AF_INET6, COMM_LEN, IPPROTO_TCP, IPPROTO_UDP, MAX_PORT_RANGES,
+};
 
 use crate::cli::{Cli, Family, Proto};
 

@@ -162,12 +162,7 @@ fn field_loc(loc: MemberLoc) -> Result<FieldLoc> {
     if loc.bits == 0 || shift + loc.bits > 32 {
         bail!("{} bits at bit {} do not fit in a 32-bit read", loc.bits, loc.bit_offset);
     }
-    Ok(FieldLoc {
-        offset,
-        bit_shift: shift as u8,
-        bit_width: loc.bits as u8,
-        _reserved: [0; 2],
-    })
+    Ok(FieldLoc { offset, bit_shift: shift as u8, bit_width: loc.bits as u8, _reserved: [0; 2] })
 }
 
 /// The running kernel's layout, from /sys/kernel/btf/vmlinux.

@@ -40,9 +40,8 @@ pub fn check_privileges() -> Result<()> {
     const CAP_SYS_ADMIN: u64 = 21;
     const CAP_PERFMON: u64 = 38;
     const CAP_BPF: u64 = 39;
-    let status = procfs::process::Process::myself()
-        .and_then(|p| p.status())
-        .context("cannot read /proc/self/status")?;
+    let status =
+        procfs::process::Process::myself().and_then(|p| p.status()).context("cannot read /proc/self/status")?;
     let effective = status.capeff;
     let has = |cap: u64| effective & (1 << cap) != 0;
     if has(CAP_SYS_ADMIN) || (has(CAP_BPF) && has(CAP_PERFMON)) {
@@ -101,23 +100,18 @@ impl AttachedProbe {
         // Entry first: an exit without its entry is counted, an entry without its exit is
         // overwritten by the thread's next bind.
         for (program, tracepoint) in [(names::PROG_ENTER, "sys_enter_bind"), (names::PROG_EXIT, "sys_exit_bind")] {
-            let program: &mut TracePoint = ebpf
-                .program_mut(program)
-                .ok_or_else(|| anyhow!("probe has no program {program}"))?
-                .try_into()?;
+            let program: &mut TracePoint =
+                ebpf.program_mut(program).ok_or_else(|| anyhow!("probe has no program {program}"))?.try_into()?;
             program.load().with_context(|| format!("loading {tracepoint} program failed"))?;
             program
                 .attach("syscalls", tracepoint)
                 .with_context(|| format!("attaching to syscalls:{tracepoint} failed"))?;
         }
 
-        let stats = PerCpuArray::try_from(ebpf.take_map(names::STATS).ok_or_else(|| anyhow!("probe has no {} map", names::STATS))?)?;
-        Ok(Self {
-            logger,
-            stats,
-            ebpf,
-            backend,
-        })
+        let stats = PerCpuArray::try_from(
+            ebpf.take_map(names::STATS).ok_or_else(|| anyhow!("probe has no {} map", names::STATS))?,
+        )?;
+        Ok(Self { logger, stats, ebpf, backend })
     }
 
     pub fn take_ring_buffer(&mut self) -> Result<RingBuf<MapData>> {

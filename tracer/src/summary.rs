@@ -128,23 +128,23 @@ impl Summary {
         self.decode_errors
     }
 
-    pub fn report(&self, backend: &'static str, start: String, end: String, duration_s: f64, kernel: KernelCounters) -> Report {
+    pub fn report(
+        &self,
+        backend: &'static str,
+        start: String,
+        end: String,
+        duration_s: f64,
+        kernel: KernelCounters,
+    ) -> Report {
         let mut by_result: Vec<ResultCount> = self
             .by_result
             .iter()
-            .map(|(&ret, &count)| ResultCount {
-                result: result_label(ret),
-                errno: ret.saturating_neg(),
-                count,
-            })
+            .map(|(&ret, &count)| ResultCount { result: result_label(ret), errno: ret.saturating_neg(), count })
             .collect();
         by_result.sort_by(|a, b| b.count.cmp(&a.count).then(a.errno.cmp(&b.errno)));
 
-        let mut by_port: Vec<PortCount> = self
-            .by_port
-            .iter()
-            .map(|(&(port, proto), &count)| PortCount { port, proto, count })
-            .collect();
+        let mut by_port: Vec<PortCount> =
+            self.by_port.iter().map(|(&(port, proto), &count)| PortCount { port, proto, count }).collect();
         by_port.sort_by(|a, b| b.count.cmp(&a.count).then(a.port.cmp(&b.port)));
         by_port.truncate(TOP);
 
@@ -153,11 +153,7 @@ impl Summary {
             .iter()
             .map(|(&pid, (comm, count))| {
                 let end = comm.iter().position(|&b| b == 0).unwrap_or(COMM_LEN);
-                ProcessCount {
-                    pid,
-                    comm: String::from_utf8_lossy(&comm[..end]).into_owned(),
-                    count: *count,
-                }
+                ProcessCount { pid, comm: String::from_utf8_lossy(&comm[..end]).into_owned(), count: *count }
             })
             .collect();
         top_processes.sort_by(|a, b| b.count.cmp(&a.count).then(a.pid.cmp(&b.pid)));
@@ -197,11 +193,7 @@ mod tests {
             summary.record(&event);
         }
         summary.record_decode_error();
-        let kernel = KernelCounters {
-            dropped_ring_buffer_full: 2,
-            dropped_in_flight_full: 1,
-            ..Default::default()
-        };
+        let kernel = KernelCounters { dropped_ring_buffer_full: 2, dropped_in_flight_full: 1, ..Default::default() };
         let report = summary.report("tracepoint", "a".into(), "b".into(), 1.0, kernel);
         assert_eq!(report.events, 4);
         assert_eq!(report.dropped, 3);

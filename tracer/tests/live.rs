@@ -90,10 +90,7 @@ fn eaddrinuse_keeps_the_requested_port_pid_and_comm() {
     let finished = tracer.stop();
     assert!(finished.status.success(), "{:?}", finished.status);
     let binds = finished.binds();
-    assert!(
-        binds.iter().all(|e| e["errno"] == 98),
-        "the successful first bind was filtered out: {binds:#?}"
-    );
+    assert!(binds.iter().all(|e| e["errno"] == 98), "the successful first bind was filtered out: {binds:#?}");
     let summary = finished.summary();
     assert!(summary["kernel"]["filtered"].as_u64().is_some_and(|n| n >= 1), "{summary}");
 }
@@ -340,7 +337,10 @@ fn bad_input_is_one_line_and_exit_2() {
     assert_one_line_usage_error(&["-P", "70000"], "outside 1-65535");
     assert_one_line_usage_error(&["-P", "9000-8000"], "inverted port range");
     assert_one_line_usage_error(&["-o", "xml"], "xml");
-    assert_one_line_usage_error(&["--file", "/nonexistent-dir/trace.ndjson"], "cannot write --file /nonexistent-dir/trace.ndjson");
+    assert_one_line_usage_error(
+        &["--file", "/nonexistent-dir/trace.ndjson"],
+        "cannot write --file /nonexistent-dir/trace.ndjson",
+    );
     assert_one_line_usage_error(&["--bogus-flag"], "--bogus-flag");
 }
 

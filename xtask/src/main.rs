@@ -1,1 +1,151 @@
-fn main() {}
+//! `cargo xtask`: installs what building the probe needs, builds, runs and tests bindtrace.
+//!
+//! Every command starts with the same idempotent set-up, so a fresh Debian machine (as root)
+//! gets from clone to a green test run with one command.
+
+mod setup;
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, ExitCode},
+};
+
+use anyhow::{bail, Context as _, Result};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "Build, run and test bindtrace")]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what the eBPF build needs: rust-src for nightly, Debian's LLVM dev packages
+    /// and bpf-linker built against the LLVM that nightly rustc uses.
+    Setup,
+    /// Build the probe and the `bindtrace` binary (the probe is embedded in it).
+    Build {
+        #[arg(long)]
+        release: bool,
+    },
+    /// Build, then run bindtrace with the given arguments (needs root).
+    Run {
+        #[arg(long)]
+        release: bool,
+        /// Arguments for bindtrace, after `--`.
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// The whole test suite: formatting, clippy, unit tests and the integration tests that
+    /// load the real probe (as root).
+    Test,
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."))
+}
+
+/// Runs a command in the workspace root, echoing it, and fails if it fails.
+pub fn run(command: &mut Command) -> Result<()> {
+    eprintln!("xtask: $ {}", describe(command));
+    let status = command
+        .current_dir(workspace_root())
+        .status()
+        .with_context(|| format!("cannot start {}", describe(command)))?;
+    if !status.success() {
+        bail!("{} failed ({status})", describe(command));
+    }
+    Ok(())
+}
+
+pub fn describe(command: &Command) -> String {
+    std::iter::once(command.get_program())
+        .chain(command.get_args())
+        .map(|s| s.to_string_lossy().into_owned())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn cargo() -> Command {
+    Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+fn build(release: bool) -> Result<PathBuf> {
+    setup::ensure()?;
+    let mut command = cargo();
+    command.args(["build", "--package", "bindtrace"]);
+    if release {
+        command.arg("--release");
+    }
+    run(&mut command)?;
+    Ok(workspace_root().join("target").join(if release { "release" } else { "debug" }).join("bindtrace"))
+}
+
+fn test() -> Result<()> {
+    setup::ensure()?;
+    run(cargo().args(["fmt", "--all", "--", "--check"]))?;
+    run(cargo().args([
+        "clippy",
+        "--workspace",
+        "--exclude",
+        "bindtrace-probe",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    // The probe only builds for the BPF target, with nightly (rustup picks it from `+nightly`).
+    run(Command::new("cargo").args([
+        "+nightly",
+        "clippy",
+        "--package",
+        "bindtrace-probe",
+        "--target",
+        "bpfel-unknown-none",
+        "-Z",
+        "build-std=core",
+        "--release",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    let mut tests = cargo();
+    tests.args(["test", "--workspace", "--exclude", "bindtrace-probe"]);
+    if is_root() {
+        // The kernel tests must run, not skip, when they can.
+        tests.env("BINDTRACE_REQUIRE_ROOT", "1");
+    } else {
+        eprintln!("xtask: not root: the tests that load the probe will be SKIPPED (run `sudo cargo xtask test`)");
+    }
+    run(&mut tests)
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Task::Setup => setup::ensure(),
+        Task::Build { release } => build(release).map(|path| eprintln!("xtask: built {}", path.display())),
+        Task::Run { release, args } => build(release).and_then(|binary| {
+            let status = Command::new(&binary)
+                .args(&args)
+                .status()
+                .with_context(|| format!("cannot run {}", binary.display()))?;
+            std::process::exit(status.code().unwrap_or(1));
+        }),
+        Task::Test => test(),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("xtask: error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -45,10 +45,7 @@ impl Output {
     const HIGH_WATER: usize = 256 * 1024;
 
     pub fn new(writer: Box<dyn Write + Send>) -> Self {
-        Self {
-            buffer: BytesMut::with_capacity(Self::HIGH_WATER + 4096),
-            writer,
-        }
+        Self { buffer: BytesMut::with_capacity(Self::HIGH_WATER + 4096), writer }
     }
 
     pub fn buffer(&mut self) -> &mut BytesMut {

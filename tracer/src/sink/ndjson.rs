@@ -65,13 +65,8 @@ pub struct NdjsonSink {
 
 impl NdjsonSink {
     pub fn new(output: Output) -> Self {
-        Self {
-            output,
-            time: Rfc3339::default(),
-            scratch: Vec::with_capacity(40),
-        }
+        Self { output, time: Rfc3339::default(), scratch: Vec::with_capacity(40) }
     }
-
 }
 
 fn write_line<T: Serialize>(output: &mut Output, value: &T) -> io::Result<()> {

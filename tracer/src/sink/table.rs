@@ -20,12 +20,7 @@ pub struct TableSink {
 
 impl TableSink {
     pub fn new(output: Output, color: bool) -> Self {
-        Self {
-            output,
-            color,
-            header_written: false,
-            line: String::with_capacity(160),
-        }
+        Self { output, color, header_written: false, line: String::with_capacity(160) }
     }
 
     fn push_line(&mut self) -> io::Result<()> {
@@ -39,7 +34,8 @@ impl TableSink {
     pub fn header(&mut self) -> io::Result<()> {
         if !self.header_written {
             self.header_written = true;
-            let _ = write!(self.line, "{:<12} {:>7} {:<16} {:<5} {:<30} RESULT", "TIME", "PID", "COMM", "PROTO", "ADDRESS");
+            let _ =
+                write!(self.line, "{:<12} {:>7} {:<16} {:<5} {:<30} RESULT", "TIME", "PID", "COMM", "PROTO", "ADDRESS");
             self.push_line()?;
             self.output.flush()?;
         }
@@ -103,7 +99,8 @@ impl Sink for TableSink {
             let _ = writeln!(text, "  by result:  {}", results.join(", "));
         }
         if !report.by_port.is_empty() {
-            let ports: Vec<String> = report.by_port.iter().map(|p| format!("{}/{} {}", p.port, p.proto, p.count)).collect();
+            let ports: Vec<String> =
+                report.by_port.iter().map(|p| format!("{}/{} {}", p.port, p.proto, p.count)).collect();
             let _ = writeln!(text, "  by port:    {}", ports.join(", "));
         }
         if !report.top_processes.is_empty() {
@@ -124,7 +121,13 @@ impl Sink for TableSink {
                 text,
                 "  kernel:     seen {} filtered {} emitted {}; lost {} (ring buffer full) + {} (in-flight map full); \
                  {} without address; {} undecodable",
-                k.seen, k.filtered, k.emitted, k.dropped_ring_buffer_full, k.dropped_in_flight_full, k.address_unreadable, report.decode_errors
+                k.seen,
+                k.filtered,
+                k.emitted,
+                k.dropped_ring_buffer_full,
+                k.dropped_in_flight_full,
+                k.address_unreadable,
+                report.decode_errors
             );
         }
         // The report is for the operator: stderr, whatever stdout is.

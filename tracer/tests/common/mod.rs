@@ -106,12 +106,7 @@ impl Tracer {
                 }
             }
         }
-        Tracer {
-            child,
-            lines,
-            seen: Vec::new(),
-            stderr,
-        }
+        Tracer { child, lines, seen: Vec::new(), stderr }
     }
 
     pub fn pid(&self) -> u32 {
@@ -121,7 +116,8 @@ impl Tracer {
     /// Waits for a bind event matching `pred` (the events come live, while the tracer runs).
     pub fn wait_for(&mut self, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
         let deadline = Instant::now() + EVENT_TIMEOUT;
-        let matches = |line: &String| serde_json::from_str::<Value>(line).ok().filter(|v| v["type"] == "bind" && pred(v));
+        let matches =
+            |line: &String| serde_json::from_str::<Value>(line).ok().filter(|v| v["type"] == "bind" && pred(v));
         if let Some(found) = self.seen.iter().find_map(matches) {
             return found;
         }
@@ -162,11 +158,7 @@ impl Tracer {
         let mut lines = self.seen;
         lines.extend(self.lines.iter());
         let stderr: Vec<String> = self.stderr.iter().collect();
-        Finished {
-            status,
-            lines,
-            stderr: stderr.join("\n"),
-        }
+        Finished { status, lines, stderr: stderr.join("\n") }
     }
 }
 
@@ -215,9 +207,7 @@ pub fn bind_in_child(addr: SocketAddr, uid: Option<u32>) -> (u32, i32) {
     let sockaddr = libc::sockaddr_in {
         sin_family: libc::AF_INET as u16,
         sin_port: v4.port().to_be(),
-        sin_addr: libc::in_addr {
-            s_addr: u32::from_ne_bytes(v4.ip().octets()),
-        },
+        sin_addr: libc::in_addr { s_addr: u32::from_ne_bytes(v4.ip().octets()) },
         sin_zero: [0; 8],
     };
     let pid = unsafe { libc::fork() };
@@ -225,7 +215,9 @@ pub fn bind_in_child(addr: SocketAddr, uid: Option<u32>) -> (u32, i32) {
     if pid == 0 {
         unsafe {
             if let Some(uid) = uid {
-                if libc::syscall(libc::SYS_setresgid, uid, uid, uid) != 0 || libc::syscall(libc::SYS_setresuid, uid, uid, uid) != 0 {
+                if libc::syscall(libc::SYS_setresgid, uid, uid, uid) != 0
+                    || libc::syscall(libc::SYS_setresuid, uid, uid, uid) != 0
+                {
                     libc::_exit(200);
                 }
             }
