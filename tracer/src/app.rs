@@ -119,7 +119,7 @@ pub fn main() -> ExitCode {
 async fn run(plan: Plan) -> Result<()> {
     let Plan { cli, filter, mut sink } = plan;
     let config = ProbeConfig { layout: layout::running_kernel_layout()?, filter: filter.kernel };
-    let mut probe = AttachedProbe::attach(cli.attach, &config, &filter.pids, probe::DEFAULT_RING_BYTES)?;
+    let mut probe = AttachedProbe::attach(cli.attach, &config, &filter.pids, cli.ring_buffer_size)?;
     let clock = WallClock::new();
     let mut time = Rfc3339::default();
     let start_ns = clock.now_wall_ns();

@@ -81,6 +81,11 @@ pub struct Cli {
     #[arg(long, value_enum, default_value_t = Attach::Auto)]
     pub attach: Attach,
 
+    /// Size of the kernel ring buffer: a power of two, at least 4K (4K, 256K, 1M, 16M).
+    /// Raise it if bindtrace reports lost events.
+    #[arg(long, value_name = "BYTES", default_value = "1M", value_parser = parse_ring_size)]
+    pub ring_buffer_size: u32,
+
     /// Colour failures in the table.
     #[arg(long, value_enum, default_value_t = ColorChoice::Auto)]
     pub color: ColorChoice,
@@ -175,6 +180,30 @@ fn parse_comm(text: &str) -> Result<String, String> {
     Ok(text.to_owned())
 }
 
+fn parse_ring_size(text: &str) -> Result<u32, String> {
+    let trimmed = text.trim();
+    let (digits, unit) = match trimmed.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
+        Some((at, _)) => trimmed.split_at(at),
+        None => (trimmed, ""),
+    };
+    let multiplier: u64 = match unit.to_ascii_uppercase().as_str() {
+        "" => 1,
+        "K" | "KB" | "KIB" => 1 << 10,
+        "M" | "MB" | "MIB" => 1 << 20,
+        "G" | "GB" | "GIB" => 1 << 30,
+        _ => return Err(format!("'{text}': use a size such as 256K or 4M")),
+    };
+    let bytes = digits
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(multiplier))
+        .ok_or_else(|| format!("'{text}': use a size such as 256K or 4M"))?;
+    if !(4096..=(1 << 30)).contains(&bytes) || !bytes.is_power_of_two() {
+        return Err(format!("ring buffer size {text} must be a power of two from 4K to 1G"));
+    }
+    Ok(bytes as u32)
+}
+
 fn parse_duration(text: &str) -> Result<Duration, String> {
     let duration =
         humantime::parse_duration(text.trim()).map_err(|e| format!("'{text}': {e} (examples: 30s, 5m, 1h30m)"))?;
@@ -245,5 +274,16 @@ mod tests {
         assert!(parse(&["-d", "soon"]).is_err());
         assert!(parse(&["-d", "0s"]).is_err());
         assert!(parse(&["-n", "0"]).is_err());
+    }
+
+    #[test]
+    fn ring_buffer_sizes() {
+        assert_eq!(parse(&[]).expect("default").ring_buffer_size, 1 << 20);
+        assert_eq!(parse(&["--ring-buffer-size", "4K"]).expect("4K").ring_buffer_size, 4096);
+        assert_eq!(parse(&["--ring-buffer-size", "16m"]).expect("16m").ring_buffer_size, 16 << 20);
+        assert_eq!(parse(&["--ring-buffer-size", "8192"]).expect("8192").ring_buffer_size, 8192);
+        for bad in ["3K", "1K", "2G", "lots", "5X"] {
+            assert!(parse(&["--ring-buffer-size", bad]).is_err(), "{bad}");
+        }
     }
 }

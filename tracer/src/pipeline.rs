@@ -97,7 +97,9 @@ impl Pipeline<'_> {
         let deadline = self.limits.duration.map(|d| Instant::now() + d);
         let mut tick = interval(TICK);
         tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
-        let mut reported = probe.counters().unwrap_or_default();
+        // The probe's counters start at zero when it is loaded: anything lost before this
+        // loop runs is still reported at the first tick.
+        let mut reported = KernelCounters::default();
 
         let ending = loop {
             tokio::select! {

@@ -19,9 +19,6 @@ static PROBE_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR")
 
 const TRACEFS: &str = "/sys/kernel/tracing";
 
-/// Default ring-buffer size: at 120 bytes (+8 header) an event, room for 8192 events.
-pub const DEFAULT_RING_BYTES: u32 = 1 << 20;
-
 /// aya-log's logger writing to the `log` crate. Kept alive for as long as the probe: dropping
 /// it early breaks the next load ("fd is not pointing to valid bpf_map").
 pub type ProbeLogger = EbpfLogger<&'static dyn log::Log>;

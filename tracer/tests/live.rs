@@ -365,3 +365,38 @@ fn help_shows_examples() {
     assert!(status.success());
     assert!(stdout.contains("Examples:") && stdout.contains("--errno EADDRINUSE"), "{stdout}");
 }
+
+#[test]
+fn a_full_ring_buffer_is_counted_and_reported_never_silent() {
+    if !can_load_probe("a_full_ring_buffer_is_counted_and_reported_never_silent") {
+        return;
+    }
+    let port = free_port();
+    // 4 KiB holds 32 records of 128 bytes.
+    let tracer = Tracer::start(&["-o", "ndjson", "--ring-buffer-size", "4K", "-P", &port.to_string()]);
+    // Freeze the reader so the ring buffer fills up.
+    unsafe { libc::kill(tracer.pid() as i32, libc::SIGSTOP) };
+    let holder = socket(Domain::IPV4, Type::STREAM);
+    holder.bind(&addr(&format!("127.0.0.1:{port}"))).expect("bind");
+    holder.listen(1).expect("listen");
+    const FAILURES: u64 = 200;
+    for _ in 0..FAILURES {
+        let _ = socket(Domain::IPV4, Type::STREAM).bind(&addr(&format!("127.0.0.1:{port}")));
+    }
+    unsafe { libc::kill(tracer.pid() as i32, libc::SIGCONT) };
+    // Past the next once-a-second drop check.
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let finished = tracer.stop();
+    let printed = finished.binds().len() as u64;
+    let summary = finished.summary();
+    let dropped = summary["dropped"].as_u64().expect("dropped");
+    assert!(dropped > 0, "a 4K ring buffer cannot hold 201 events: {summary}");
+    assert!(printed > 0);
+    assert_eq!(printed + dropped, FAILURES + 1, "every bind was printed or counted as dropped: {summary}");
+    assert_eq!(summary["kernel"]["dropped_ring_buffer_full"], dropped);
+    assert!(
+        finished.stderr.contains(&format!("lost {dropped} events")),
+        "drops are reported live on stderr: {:?} (summary {summary})",
+        finished.stderr
+    );
+}
