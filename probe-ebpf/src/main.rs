@@ -77,13 +77,19 @@ fn count(index: u32) {
 /// Task-based filters (pid, comm), checked at entry and again at exit so that a filtered
 /// call never touches the in-flight map.
 #[inline(always)]
-fn task_passes(cfg: &ProbeConfig, tgid: u32, comm: &[u8; COMM_LEN]) -> bool {
+fn task_passes(cfg: &ProbeConfig, tgid: u32, comm: impl FnOnce() -> [u8; COMM_LEN]) -> bool {
     let filter = &cfg.filter;
     // SAFETY: the value is never dereferenced, only tested for presence.
     if filter.is_active(filter_flags::PIDS) && unsafe { FILTER_PIDS.get(tgid) }.is_none() {
         return false;
     }
-    filter.accepts_comm(comm)
+    // Only fetch the name when a --comm filter needs it (the verifier prunes this otherwise).
+    !filter.is_active(filter_flags::COMM) || filter.accepts_comm(&comm())
+}
+
+#[inline(always)]
+fn current_comm() -> [u8; COMM_LEN] {
+    bpf_get_current_comm().unwrap_or([0; COMM_LEN])
 }
 
 #[tracepoint(category = "syscalls", name = "sys_enter_bind")]
@@ -104,8 +110,8 @@ fn on_enter(ctx: &TracePointContext) {
     let pid_tgid = bpf_get_current_pid_tgid();
     let tgid = (pid_tgid >> 32) as u32;
     let tid = pid_tgid as u32;
-    let comm = bpf_get_current_comm().unwrap_or([0; COMM_LEN]);
-    if !task_passes(cfg, tgid, &comm) {
+    let comm = current_comm();
+    if !task_passes(cfg, tgid, || comm) {
         return;
     }
 
@@ -278,8 +284,7 @@ fn on_exit(ctx: &TracePointContext) {
     let cfg = config();
     let pid_tgid = bpf_get_current_pid_tgid();
     let tid = pid_tgid as u32;
-    let comm = bpf_get_current_comm().unwrap_or([0; COMM_LEN]);
-    if !task_passes(cfg, (pid_tgid >> 32) as u32, &comm) {
+    if !task_passes(cfg, (pid_tgid >> 32) as u32, current_comm) {
         count(stat::FILTERED);
         return;
     }

@@ -16,7 +16,7 @@ use crate::{
     clock::{Rfc3339, WallClock},
     filter::EventFilter,
     layout,
-    pipeline::{Ending, Limits, Pipeline},
+    pipeline::{Ending, Limits, Pipeline, StopSignals},
     probe::{self, AttachedProbe},
     sink::{ndjson::NdjsonSink, table::TableSink, Output, Sink},
     summary::Summary,
@@ -119,6 +119,7 @@ pub fn main() -> ExitCode {
 async fn run(plan: Plan) -> Result<()> {
     let Plan { cli, filter, mut sink } = plan;
     let config = ProbeConfig { layout: layout::running_kernel_layout()?, filter: filter.kernel };
+    let signals = StopSignals::install()?;
     let mut probe = AttachedProbe::attach(cli.attach, &config, &filter.pids, cli.ring_buffer_size)?;
     let clock = WallClock::new();
     let mut time = Rfc3339::default();
@@ -137,7 +138,7 @@ async fn run(plan: Plan) -> Result<()> {
         clock,
         limits: Limits { duration: cli.duration, count: cli.count },
     };
-    let ending = pipeline.run(&mut probe).await?;
+    let ending = pipeline.run(&mut probe, signals).await?;
     if ending == Ending::OutputClosed || cli.no_summary {
         return Ok(());
     }

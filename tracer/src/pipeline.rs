@@ -7,7 +7,7 @@ use anyhow::{Context as _, Result};
 use aya::maps::{MapData, RingBuf};
 use tokio::{
     io::{unix::AsyncFd, Interest},
-    signal::unix::{signal, SignalKind},
+    signal::unix::{signal, Signal, SignalKind},
     time::{interval, sleep_until, Instant, MissedTickBehavior},
 };
 
@@ -45,6 +45,22 @@ pub struct Pipeline<'a> {
     pub summary: Summary,
     pub clock: WallClock,
     pub limits: Limits,
+}
+
+/// SIGINT and SIGTERM handlers. Installed before the probe attaches, so that a signal sent
+/// as soon as bindtrace says "attached" still ends it cleanly.
+pub struct StopSignals {
+    interrupt: Signal,
+    terminate: Signal,
+}
+
+impl StopSignals {
+    pub fn install() -> Result<Self> {
+        Ok(Self {
+            interrupt: signal(SignalKind::interrupt()).context("installing the SIGINT handler")?,
+            terminate: signal(SignalKind::terminate()).context("installing the SIGTERM handler")?,
+        })
+    }
 }
 
 /// What a drain of the ring buffer decided.
@@ -86,14 +102,12 @@ impl Pipeline<'_> {
         Ok(outcome)
     }
 
-    pub async fn run(&mut self, probe: &mut AttachedProbe) -> Result<Ending> {
+    pub async fn run(&mut self, probe: &mut AttachedProbe, mut signals: StopSignals) -> Result<Ending> {
         let mut ring = poll(probe.take_ring_buffer()?).context("polling the ring buffer")?;
         let mut logger = match probe.take_logger() {
             Some(logger) => Some(poll(logger).context("polling the eBPF log")?),
             None => None,
         };
-        let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-        let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
         let deadline = self.limits.duration.map(|d| Instant::now() + d);
         let mut tick = interval(TICK);
         tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -103,8 +117,8 @@ impl Pipeline<'_> {
 
         let ending = loop {
             tokio::select! {
-                _ = sigint.recv() => break Ending::Signal,
-                _ = sigterm.recv() => break Ending::Signal,
+                _ = signals.interrupt.recv() => break Ending::Signal,
+                _ = signals.terminate.recv() => break Ending::Signal,
                 _ = async { sleep_until(deadline.unwrap_or_else(Instant::now)).await }, if deadline.is_some() => break Ending::Duration,
                 guard = ring.readable_mut() => {
                     let mut guard = guard.context("waiting for the ring buffer")?;

@@ -400,3 +400,55 @@ fn a_full_ring_buffer_is_counted_and_reported_never_silent() {
         finished.stderr
     );
 }
+
+#[test]
+fn comm_family_and_proto_filters() {
+    if !can_load_probe("comm_family_and_proto_filters") {
+        return;
+    }
+    let (named, unnamed) = (free_port(), free_port());
+    let ports = format!("{named},{unnamed}");
+    let mut by_comm = Tracer::start(&["-o", "ndjson", "--comm", "bt-comm-filter", "-P", &ports]);
+    let mut by_family = Tracer::start(&["-o", "ndjson", "--family", "6", "-P", &ports]);
+    let mut by_proto = Tracer::start(&["-o", "ndjson", "--proto", "udp", "-P", &ports]);
+    std::thread::Builder::new()
+        .name("bt-comm-filter".into())
+        .spawn(move || {
+            let sock = socket(Domain::IPV6, Type::DGRAM);
+            sock.bind(&SockAddr::from(SocketAddr::from((Ipv6Addr::LOCALHOST, named)))).expect("bind");
+        })
+        .expect("spawn")
+        .join()
+        .expect("join");
+    let sock = socket(Domain::IPV4, Type::STREAM);
+    sock.bind(&addr(&format!("127.0.0.1:{unnamed}"))).expect("bind");
+
+    for tracer in [&mut by_comm, &mut by_family, &mut by_proto] {
+        tracer.wait_for("the IPv6 UDP bind of the named thread", |e| e["port"] == named);
+    }
+    // Wait until the unnamed thread's bind must have gone through the probe.
+    let mut control = Tracer::start(&["-o", "ndjson", "-P", &ports]);
+    let again = socket(Domain::IPV4, Type::STREAM);
+    let _ = again.bind(&addr(&format!("127.0.0.1:{unnamed}")));
+    control.wait_for("control", |e| e["port"] == unnamed);
+    control.stop();
+    for (name, tracer) in [("--comm", by_comm), ("--family 6", by_family), ("--proto udp", by_proto)] {
+        let finished = tracer.stop();
+        let binds = finished.binds();
+        assert_eq!(binds.len(), 1, "{name} keeps only the IPv6 UDP bind of bt-comm-filter: {binds:#?}");
+        assert_eq!(binds[0]["comm"], "bt-comm-filter");
+        assert!(finished.summary()["kernel"]["filtered"].as_u64().is_some_and(|n| n >= 2), "{name}");
+    }
+}
+
+#[test]
+fn sigterm_ends_cleanly_with_a_summary() {
+    if !can_load_probe("sigterm_ends_cleanly_with_a_summary") {
+        return;
+    }
+    let tracer = Tracer::start(&["-o", "ndjson", "-P", &free_port().to_string()]);
+    unsafe { libc::kill(tracer.pid() as i32, libc::SIGTERM) };
+    let finished = tracer.wait();
+    assert!(finished.status.success(), "{:?}", finished.status);
+    assert_eq!(finished.summary()["events"], 0);
+}
