@@ -100,9 +100,31 @@ pub fn requested_endpoint(event: &BindEvent) -> String {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
+    use std::sync::{Arc, Mutex};
+
     use super::*;
     use crate::decode::tests::sample_event;
+
+    /// A writer the sink tests can read back.
+    #[derive(Clone, Default)]
+    pub(crate) struct Shared(Arc<Mutex<Vec<u8>>>);
+
+    impl Shared {
+        pub(crate) fn text(&self) -> String {
+            String::from_utf8(self.0.lock().expect("lock").clone()).expect("utf-8")
+        }
+    }
+
+    impl io::Write for Shared {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.0.lock().expect("lock").extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
 
     fn escaped(bytes: &[u8]) -> String {
         let mut out = String::new();

@@ -130,34 +130,15 @@ impl Sink for NdjsonSink {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::{Arc, Mutex};
-
     use super::*;
     use crate::{
         decode::tests::sample_event,
+        sink::tests::Shared,
         summary::{KernelCounters, Summary},
     };
 
-    /// A writer the test can read back.
-    #[derive(Clone, Default)]
-    struct Shared(Arc<Mutex<Vec<u8>>>);
-    impl io::Write for Shared {
-        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-            self.0.lock().expect("lock").extend_from_slice(buf);
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> io::Result<()> {
-            Ok(())
-        }
-    }
-
     fn lines(shared: &Shared) -> Vec<serde_json::Value> {
-        let bytes = shared.0.lock().expect("lock").clone();
-        String::from_utf8(bytes)
-            .expect("utf-8")
-            .lines()
-            .map(|l| serde_json::from_str(l).expect("every line is JSON"))
-            .collect()
+        shared.text().lines().map(|l| serde_json::from_str(l).expect("every line is JSON")).collect()
     }
 
     #[test]

@@ -140,30 +140,15 @@ impl Sink for TableSink {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::{Arc, Mutex};
-
     use super::*;
-    use crate::decode::tests::sample_event;
-
-    #[derive(Clone, Default)]
-    struct Shared(Arc<Mutex<Vec<u8>>>);
-    impl io::Write for Shared {
-        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-            self.0.lock().expect("lock").extend_from_slice(buf);
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> io::Result<()> {
-            Ok(())
-        }
-    }
+    use crate::{decode::tests::sample_event, sink::tests::Shared};
 
     fn render(color: bool, event: &BindEvent) -> String {
         let shared = Shared::default();
         let mut sink = TableSink::new(Output::new(Box::new(shared.clone())), color);
         sink.event(event, 1_795_600_931_000_000_000).expect("row");
         sink.flush().expect("flush");
-        let bytes = shared.0.lock().expect("lock").clone();
-        String::from_utf8(bytes).expect("utf-8")
+        shared.text()
     }
 
     #[test]

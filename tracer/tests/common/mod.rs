@@ -68,6 +68,17 @@ impl Finished {
     }
 }
 
+/// `bindtrace ARGS` with no stdin and both outputs piped to the test.
+fn spawn(args: &[&str]) -> Child {
+    Command::new(BINDTRACE)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn bindtrace")
+}
+
 fn spawn_line_reader<R: std::io::Read + Send + 'static>(reader: R) -> Receiver<String> {
     let (tx, rx) = mpsc::channel();
     thread::spawn(move || {
@@ -84,13 +95,7 @@ fn spawn_line_reader<R: std::io::Read + Send + 'static>(reader: R) -> Receiver<S
 impl Tracer {
     /// Starts `bindtrace ARGS` and returns once it says it is attached.
     pub fn start(args: &[&str]) -> Tracer {
-        let mut child = Command::new(BINDTRACE)
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn bindtrace");
+        let mut child = spawn(args);
         let lines = spawn_line_reader(child.stdout.take().expect("stdout"));
         let stderr = spawn_line_reader(child.stderr.take().expect("stderr"));
         let deadline = Instant::now() + ATTACH_TIMEOUT;
@@ -164,13 +169,7 @@ impl Tracer {
 
 /// Runs bindtrace to completion with no stdin, returning (status, stdout, stderr).
 pub fn run_to_end(args: &[&str]) -> (ExitStatus, String, String) {
-    let mut child = Command::new(BINDTRACE)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn bindtrace");
+    let mut child = spawn(args);
     let mut stdout = String::new();
     let mut stderr = String::new();
     child.stdout.take().expect("stdout").read_to_string(&mut stdout).expect("read stdout");
