@@ -62,6 +62,15 @@ pub mod sock_flags {
     pub const REUSEPORT: u32 = 1 << 2;
     /// IPV6_V6ONLY.
     pub const V6ONLY: u32 = 1 << 3;
+    /// IP_FREEBIND.
+    pub const FREEBIND: u32 = 1 << 4;
+    /// IP_TRANSPARENT.
+    pub const TRANSPARENT: u32 = 1 << 5;
+    /// IP_BIND_ADDRESS_NO_PORT.
+    pub const BIND_ADDRESS_NO_PORT: u32 = 1 << 6;
+    /// Every bit that describes the socket (cleared together when the fd was no socket).
+    pub const SOCKET_BITS: u32 =
+        SOCK_INFO | REUSEADDR | REUSEPORT | V6ONLY | FREEBIND | TRANSPARENT | BIND_ADDRESS_NO_PORT;
     /// The requested sockaddr could be copied from the caller; without it `addr`/`port` are 0.
     pub const ADDR_READ: u32 = 1 << 8;
     /// The sockaddr was shorter than its family needs (`addrlen` tells by how much).
@@ -110,9 +119,16 @@ pub struct BindEvent {
     pub sock_type: u16,
     /// IPPROTO_TCP, IPPROTO_UDP, ... (with SOCK_INFO).
     pub protocol: u16,
+    /// The socket's local port when bind() returned (`skc_num`): the port the kernel chose
+    /// for a port-0 bind, or for EINVAL the port the socket was already bound to.
+    pub bound_port: u16,
     /// [`Backend`] as u8.
     pub backend: u8,
-    pub _reserved: [u8; 11],
+    pub _pad: u8,
+    /// The socket's IPv4 local address when bind() returned (`skc_rcv_saddr`), network order;
+    /// only for AF_INET requests with SOCK_INFO.
+    pub bound_addr4: [u8; 4],
+    pub _reserved: [u8; 4],
 }
 
 /// Size of one ring-buffer record; the decoder rejects anything else.
@@ -142,8 +158,11 @@ impl BindEvent {
             port: 0,
             sock_type: 0,
             protocol: 0,
+            bound_port: 0,
             backend: 0,
-            _reserved: [0; 11],
+            _pad: 0,
+            bound_addr4: [0; 4],
+            _reserved: [0; 4],
         }
     }
 }
@@ -228,7 +247,8 @@ pub struct KernelLayout {
     pub sock_net: u32,
     /// `net.ns.inum`
     pub net_inum: u32,
-    pub _reserved: u32,
+    /// `sock.__sk_common.skc_rcv_saddr`
+    pub sock_rcv_saddr: u32,
     pub sock_family: FieldLoc,
     pub sock_type: FieldLoc,
     pub sock_protocol: FieldLoc,
@@ -236,6 +256,12 @@ pub struct KernelLayout {
     pub sock_reuseport: FieldLoc,
     pub sock_ipv6only: FieldLoc,
     pub sock_bound_dev_if: FieldLoc,
+    /// `sock.__sk_common.skc_num`
+    pub sock_num: FieldLoc,
+    /// IP_FREEBIND: a bit of `inet_sock.inet_flags` since 6.6, a bitfield before.
+    pub inet_freebind: FieldLoc,
+    pub inet_transparent: FieldLoc,
+    pub inet_bind_address_no_port: FieldLoc,
 }
 
 /// Bits of [`FilterConfig::flags`]: which filters are active.
@@ -401,7 +427,7 @@ impl ProbeConfig {
                 nsproxy_net_ns: 0,
                 sock_net: 0,
                 net_inum: 0,
-                _reserved: 0,
+                sock_rcv_saddr: 0,
                 sock_family: FieldLoc::ABSENT,
                 sock_type: FieldLoc::ABSENT,
                 sock_protocol: FieldLoc::ABSENT,
@@ -409,6 +435,10 @@ impl ProbeConfig {
                 sock_reuseport: FieldLoc::ABSENT,
                 sock_ipv6only: FieldLoc::ABSENT,
                 sock_bound_dev_if: FieldLoc::ABSENT,
+                sock_num: FieldLoc::ABSENT,
+                inet_freebind: FieldLoc::ABSENT,
+                inet_transparent: FieldLoc::ABSENT,
+                inet_bind_address_no_port: FieldLoc::ABSENT,
             },
             filter: FilterConfig::accept_all(),
         }

@@ -32,9 +32,17 @@ static BINDTRACE_CONFIG: ProbeConfig = ProbeConfig::zeroed();
 #[map(name = "EVENTS")]
 static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 20, 0);
 
+/// A bind() between entry and exit: the event so far, and the kernel socket (0 if not found),
+/// kept here rather than in the event so that no kernel pointer reaches userspace.
+#[repr(C)]
+struct InFlight {
+    event: BindEvent,
+    sock: u64,
+}
+
 /// bind() calls between entry and exit, keyed by thread id.
 #[map(name = "IN_FLIGHT")]
-static IN_FLIGHT: HashMap<u32, BindEvent> = HashMap::with_max_entries(16384, 0);
+static IN_FLIGHT: HashMap<u32, InFlight> = HashMap::with_max_entries(16384, 0);
 
 /// Per-CPU counters, indexed by `bindtrace_common::stat`.
 #[map(name = "STATS")]
@@ -141,9 +149,9 @@ fn on_enter(ctx: &TracePointContext) {
         count(stat::ADDR_READ_FAILED);
         debug!(ctx, "bindtrace: sockaddr of pid {} unreadable", tgid);
     }
-    read_socket(&mut event, &cfg.layout, fd);
+    let sock = read_socket(&mut event, &cfg.layout, fd);
 
-    if IN_FLIGHT.insert(tid, event, 0).is_err() {
+    if IN_FLIGHT.insert(tid, InFlight { event, sock: sock.map_or(0, |sk| sk as u64) }, 0).is_err() {
         count(stat::IN_FLIGHT_FULL);
     }
 }
@@ -209,9 +217,10 @@ unsafe fn read_field(base: *const u8, loc: &FieldLoc) -> Option<u32> {
 }
 
 /// Walks task → files → fdtable → file → socket → sock and fills the socket fields and the
-/// netns. Any failed read leaves `SOCK_INFO` clear; the event is still emitted.
+/// netns. Any failed read leaves `SOCK_INFO` clear; the event is still emitted. Returns the
+/// sock for the exit hook.
 #[inline(always)]
-fn read_socket(event: &mut BindEvent, layout: &KernelLayout, fd: i32) {
+fn read_socket(event: &mut BindEvent, layout: &KernelLayout, fd: i32) -> Option<*const u8> {
     // SAFETY: every dereference below goes through bpf_probe_read_kernel.
     unsafe {
         let task = bpf_get_current_task() as *const u8;
@@ -228,6 +237,7 @@ fn read_socket(event: &mut BindEvent, layout: &KernelLayout, fd: i32) {
                 event.netns_ino = inum;
             }
         }
+        sock
     }
 }
 
@@ -274,7 +284,32 @@ unsafe fn fill_sock_fields(event: &mut BindEvent, layout: &KernelLayout, sk: *co
         if read_field(sk, &layout.sock_ipv6only).unwrap_or(0) != 0 {
             flags |= sock_flags::V6ONLY;
         }
+        // inet_sock begins with struct sock, so these offsets apply to the same pointer.
+        if read_field(sk, &layout.inet_freebind).unwrap_or(0) != 0 {
+            flags |= sock_flags::FREEBIND;
+        }
+        if read_field(sk, &layout.inet_transparent).unwrap_or(0) != 0 {
+            flags |= sock_flags::TRANSPARENT;
+        }
+        if read_field(sk, &layout.inet_bind_address_no_port).unwrap_or(0) != 0 {
+            flags |= sock_flags::BIND_ADDRESS_NO_PORT;
+        }
         event.sock_flags |= flags;
+    }
+}
+
+/// Where the socket is bound now: the port the kernel picked for port 0, or, after EINVAL,
+/// what the socket was already bound to.
+#[inline(always)]
+fn read_bound_address(event: &mut BindEvent, layout: &KernelLayout, sk: *const u8) {
+    // SAFETY: reads go through bpf_probe_read_kernel.
+    unsafe {
+        event.bound_port = read_field(sk, &layout.sock_num).unwrap_or(0) as u16;
+        if event.family == AF_INET {
+            if let Ok(addr) = bpf_probe_read_kernel(sk.add(layout.sock_rcv_saddr as usize).cast::<[u8; 4]>()) {
+                event.bound_addr4 = addr;
+            }
+        }
     }
 }
 
@@ -288,22 +323,24 @@ fn on_exit(ctx: &TracePointContext) {
         count(stat::FILTERED);
         return;
     }
-    let Some(event) = IN_FLIGHT.get_ptr_mut(tid) else {
+    let Some(in_flight) = IN_FLIGHT.get_ptr_mut(tid) else {
         count(stat::IN_FLIGHT_MISSING);
         return;
     };
     // SAFETY: the map value stays valid until we remove it below; only this thread uses its key.
-    let event = unsafe { &mut *event };
+    let in_flight = unsafe { &mut *in_flight };
+    let event = &mut in_flight.event;
     // SAFETY: offset inside the tracepoint record.
     let ret = unsafe { ctx.read_at::<u64>(EXIT_RET) }.unwrap_or(0) as i64 as i32;
     event.ret = ret;
     event.duration_ns = unsafe { bpf_ktime_get_ns() }.saturating_sub(event.timestamp_ns);
     if ret == -ENOTSOCK || ret == -EBADF {
         // Whatever was read behind the fd was not this call's socket.
-        event.sock_flags &=
-            !(sock_flags::SOCK_INFO | sock_flags::REUSEADDR | sock_flags::REUSEPORT | sock_flags::V6ONLY);
+        event.sock_flags &= !sock_flags::SOCKET_BITS;
         event.sock_type = 0;
         event.protocol = 0;
+    } else if in_flight.sock != 0 {
+        read_bound_address(event, &cfg.layout, in_flight.sock as *const u8);
     }
 
     let filter = &cfg.filter;

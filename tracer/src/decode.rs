@@ -42,6 +42,7 @@ pub fn decode(bytes: &[u8]) -> Result<BindEvent, DecodeError> {
 /// Typed views of the raw fields, shared by the filter, the sinks and the summary.
 pub trait BindEventExt {
     fn requested_ip(&self) -> Option<IpAddr>;
+    fn bound_ip(&self) -> Option<IpAddr>;
     fn errno(&self) -> Option<i32>;
     fn comm_bytes(&self) -> &[u8];
     fn has(&self, flag: u32) -> bool;
@@ -60,6 +61,12 @@ impl BindEventExt for BindEvent {
             AF_INET6 => Some(IpAddr::V6(Ipv6Addr::from(self.addr))),
             _ => None,
         }
+    }
+
+    /// The socket's IPv4 local address when bind() returned, when the probe read it.
+    fn bound_ip(&self) -> Option<IpAddr> {
+        (self.family == AF_INET && self.has(sock_flags::SOCK_INFO))
+            .then(|| IpAddr::V4(Ipv4Addr::from(self.bound_addr4)))
     }
 
     /// The positive errno of a failed bind.

@@ -144,7 +144,7 @@ impl KernelTypes {
             nsproxy_net_ns: self.offset("nsproxy", "net_ns")?,
             sock_net: self.offset("sock", "__sk_common.skc_net.net")?,
             net_inum: self.offset("net", "ns.inum")?,
-            _reserved: 0,
+            sock_rcv_saddr: self.offset("sock", "__sk_common.skc_rcv_saddr")?,
             sock_family: self.field("sock", "__sk_common.skc_family")?,
             sock_type: self.field("sock", "sk_type")?,
             sock_protocol: self.field("sock", "sk_protocol")?,
@@ -152,7 +152,43 @@ impl KernelTypes {
             sock_reuseport: self.field("sock", "__sk_common.skc_reuseport")?,
             sock_ipv6only: self.field("sock", "__sk_common.skc_ipv6only")?,
             sock_bound_dev_if: self.field("sock", "__sk_common.skc_bound_dev_if")?,
+            sock_num: self.field("sock", "__sk_common.skc_num")?,
+            inet_freebind: self.inet_flag("freebind", "INET_FLAGS_FREEBIND")?,
+            inet_transparent: self.inet_flag("transparent", "INET_FLAGS_TRANSPARENT")?,
+            inet_bind_address_no_port: self.inet_flag("bind_address_no_port", "INET_FLAGS_BIND_ADDRESS_NO_PORT")?,
         })
+    }
+
+    /// The value of an enumerator, searched among the kernel's (often anonymous) enums.
+    fn enumerator(&self, name: &str) -> Result<Option<u32>> {
+        let candidates = self.btf.resolve_types_by_name("").unwrap_or_default();
+        for ty in candidates {
+            if let Type::Enum(e) = ty {
+                for member in &e.members {
+                    if self.btf.resolve_name(member).is_ok_and(|n| n == name) {
+                        return Ok(Some(member.val()));
+                    }
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    /// An inet socket option flag: since 6.6 bit `enum_name` of `inet_sock.inet_flags`,
+    /// before that the bitfield `inet_sock.<bitfield>`.
+    fn inet_flag(&self, bitfield: &str, enum_name: &str) -> Result<FieldLoc> {
+        if let Ok(loc) = self.member("inet_sock", bitfield) {
+            return field_loc(loc).with_context(|| format!("kernel BTF: inet_sock.{bitfield}"));
+        }
+        let flags = self.member("inet_sock", "inet_flags")?;
+        let bit = self
+            .enumerator(enum_name)?
+            .ok_or_else(|| anyhow!("kernel BTF has neither inet_sock.{bitfield} nor {enum_name}"))?;
+        if bit >= flags.bits {
+            bail!("kernel BTF: {enum_name} = {bit} does not fit in inet_sock.inet_flags");
+        }
+        // inet_flags is a little-endian unsigned long: bit N lives in byte N / 8.
+        field_loc(MemberLoc { bit_offset: flags.bit_offset + bit, bits: 1 })
     }
 }
 
@@ -205,5 +241,10 @@ mod tests {
         assert_eq!(layout.sock_family.bit_width, 16);
         assert_eq!(layout.sock_type.bit_width, 16);
         assert_eq!(layout.sock_bound_dev_if.bit_width, 32);
+        assert_eq!(layout.sock_num.bit_width, 16);
+        for flag in [layout.inet_freebind, layout.inet_transparent, layout.inet_bind_address_no_port] {
+            assert_eq!(flag.bit_width, 1, "{flag:?}");
+        }
+        assert_ne!(layout.inet_freebind, layout.inet_transparent);
     }
 }

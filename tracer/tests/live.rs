@@ -111,7 +111,58 @@ fn reuse_flags_come_from_the_kernel_socket() {
     assert_eq!(event["reuseaddr"], true, "{event}");
     assert_eq!(event["reuseport"], true);
     assert_eq!(event["v6only"], true);
+    assert_eq!(event["freebind"], false);
     assert_eq!(event["proto"], "udp");
+
+    tracer.stop();
+}
+
+#[test]
+fn inet_flags_and_the_port_the_kernel_chose() {
+    if !can_load_probe("inet_flags_and_the_port_the_kernel_chose") {
+        return;
+    }
+    let pid = my_pid().to_string();
+    let mut tracer = Tracer::start(&["-o", "ndjson", "-p", &pid, "-P", "1-65535"]);
+    // The inet_sock flags: bits of inet_flags since 6.6, bitfields before; BTF says which.
+    let flagged = socket(Domain::IPV4, Type::STREAM);
+    for option in [libc::IP_FREEBIND, libc::IP_TRANSPARENT, libc::IP_BIND_ADDRESS_NO_PORT] {
+        let on: libc::c_int = 1;
+        let rc = unsafe {
+            libc::setsockopt(
+                raw_fd(&flagged) as i32,
+                libc::IPPROTO_IP,
+                option,
+                (&raw const on).cast(),
+                std::mem::size_of::<libc::c_int>() as u32,
+            )
+        };
+        assert_eq!(rc, 0, "setsockopt {option}");
+    }
+    let port = free_port();
+    // IP_FREEBIND lets a socket bind an address no interface has (TEST-NET-1 here).
+    flagged.bind(&addr(&format!("192.0.2.1:{port}"))).expect("freebind bind");
+    let event = tracer.wait_for("inet flags", |e| e["port"] == port);
+    assert_eq!(event["freebind"], true, "{event}");
+    assert_eq!(event["transparent"], true);
+    assert_eq!(event["bind_address_no_port"], true);
+    assert_eq!(event["reuseaddr"], false);
+    assert_eq!(event["bound_addr"], "192.0.2.1");
+    assert_eq!(event["bound_port"], port);
+
+    // Port 0: the event keeps the requested 0 and reports the port the kernel picked.
+    let ephemeral = socket(Domain::IPV4, Type::DGRAM);
+    ephemeral.bind(&addr("127.0.0.1:0")).expect("bind port 0");
+    let picked = ephemeral.local_addr().expect("local").as_socket().expect("inet").port();
+    let mut tracer_all = Tracer::start(&["-o", "ndjson", "-p", &pid]);
+    let again = socket(Domain::IPV4, Type::DGRAM);
+    again.bind(&addr("127.0.0.3:0")).expect("bind port 0");
+    let picked_again = again.local_addr().expect("local").as_socket().expect("inet").port();
+    let event = tracer_all.wait_for("port 0", |e| e["addr"] == "127.0.0.3" && e["port"] == 0);
+    assert_eq!(event["bound_port"], picked_again, "{event}");
+    assert_eq!(event["freebind"], false);
+    assert_ne!(picked, 0);
+    tracer_all.stop();
     tracer.stop();
 }
 
@@ -148,6 +199,8 @@ fn einval_for_a_second_bind_on_a_bound_socket() {
     let event = tracer.wait_for("EINVAL", |e| e["port"] == second);
     assert_eq!(event["errno_name"], "EINVAL");
     assert_eq!(event["fd"], raw_fd(&sock));
+    assert_eq!(event["bound_port"], first, "what the socket was already bound to: {event}");
+    assert_eq!(event["bound_addr"], "127.0.0.1");
     let ok = tracer.wait_for("first bind", |e| e["port"] == first);
     assert_eq!(ok["ok"], true);
     tracer.stop();
