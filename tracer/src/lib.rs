@@ -15,3 +15,4 @@ pub mod pipeline;
 pub mod probe;
 pub mod sink;
 pub mod summary;
+pub mod enrich;

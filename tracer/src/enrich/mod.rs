@@ -1,0 +1,6 @@
+//! The enrich stage: for each failed bind, who or what is in the way and what to do.
+
+pub mod history;
+pub mod netns;
+pub mod owners;
+pub mod sockdiag;

@@ -1,0 +1,134 @@
+//! Network namespaces by inode: find one (from the failing process, `ip netns` names, or
+//! any process inside it) and run work inside it.
+//!
+//! Sockets, sysctls under /proc/sys/net and interface addresses are all per network
+//! namespace, and the namespace that matters is the failing socket's, not bindtrace's. A
+//! thread can switch namespaces with setns(2) without affecting the others, so each foreign
+//! lookup runs on a short-lived thread that joins the namespace first.
+
+use std::{
+    fs::File,
+    os::unix::fs::MetadataExt as _,
+    path::{Path, PathBuf},
+    sync::OnceLock,
+};
+
+use anyhow::{anyhow, Context as _, Result};
+use nix::sched::{setns, CloneFlags};
+
+/// A network namespace bindtrace can enter.
+#[derive(Debug)]
+pub enum Netns {
+    /// bindtrace's own: work runs on the calling thread.
+    Own,
+    /// An open `/proc/PID/ns/net` or `/run/netns/NAME`.
+    Foreign { inode: u64, file: File, path: PathBuf },
+}
+
+fn inode_of(path: &Path) -> Option<u64> {
+    std::fs::metadata(path).ok().map(|m| m.ino())
+}
+
+/// Inode of bindtrace's own network namespace.
+pub fn own_inode() -> Option<u64> {
+    static OWN: OnceLock<Option<u64>> = OnceLock::new();
+    *OWN.get_or_init(|| inode_of(Path::new("/proc/self/ns/net")))
+}
+
+impl Netns {
+    pub fn inode(&self) -> Option<u64> {
+        match self {
+            Self::Own => own_inode(),
+            Self::Foreign { inode, .. } => Some(*inode),
+        }
+    }
+
+    /// Opens a namespace file given by the user (`who --netns PATH`).
+    pub fn open_path(path: &Path) -> Result<Self> {
+        let inode = inode_of(path).ok_or_else(|| anyhow!("cannot read network namespace {}", path.display()))?;
+        if Some(inode) == own_inode() {
+            return Ok(Self::Own);
+        }
+        let file = File::open(path).with_context(|| format!("cannot open network namespace {}", path.display()))?;
+        Ok(Self::Foreign { inode, file, path: path.to_owned() })
+    }
+
+    /// Finds the namespace with this inode: first through `pid` (the process that failed to
+    /// bind, if it still lives), then `ip netns` names, then any process inside it.
+    pub fn find(inode: u64, pid: Option<u32>) -> Result<Self> {
+        if Some(inode) == own_inode() || inode == 0 {
+            return Ok(Self::Own);
+        }
+        let hinted = pid.map(|pid| PathBuf::from(format!("/proc/{pid}/ns/net")));
+        let named = std::fs::read_dir("/run/netns").into_iter().flatten().flatten().map(|e| e.path());
+        let candidates = hinted.into_iter().chain(named);
+        for path in candidates {
+            if inode_of(&path) == Some(inode) {
+                if let Ok(found) = Self::open_path(&path) {
+                    return Ok(found);
+                }
+            }
+        }
+        for entry in std::fs::read_dir("/proc").context("cannot list /proc")?.flatten() {
+            let name = entry.file_name();
+            if !name.to_string_lossy().bytes().all(|b| b.is_ascii_digit()) {
+                continue;
+            }
+            let path = entry.path().join("ns/net");
+            if inode_of(&path) == Some(inode) {
+                if let Ok(found) = Self::open_path(&path) {
+                    return Ok(found);
+                }
+            }
+        }
+        Err(anyhow!("network namespace {inode} has no process left in it"))
+    }
+
+    /// Runs `work` inside this namespace.
+    pub fn run<T: Send>(&self, work: impl FnOnce() -> T + Send) -> Result<T> {
+        match self {
+            Self::Own => Ok(work()),
+            Self::Foreign { file, path, .. } => std::thread::scope(|scope| {
+                scope
+                    .spawn(|| {
+                        setns(file, CloneFlags::CLONE_NEWNET)
+                            .with_context(|| format!("cannot enter network namespace {}", path.display()))?;
+                        Ok(work())
+                    })
+                    .join()
+                    .map_err(|_| anyhow!("lookup thread panicked"))?
+            }),
+        }
+    }
+}
+
+/// Reads an integer sysctl (`net/ipv4/ip_unprivileged_port_start`) of the calling thread's
+/// network namespace: the kernel resolves /proc/sys/net against the reading task's namespace.
+pub fn read_sysctl(name: &str) -> Option<i64> {
+    std::fs::read_to_string(format!("/proc/sys/{name}")).ok().and_then(|text| text.trim().parse().ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn own_namespace_runs_inline_and_reads_sysctls() {
+        let own = own_inode().expect("/proc/self/ns/net");
+        let netns = Netns::find(own, None).expect("own namespace");
+        assert!(matches!(netns, Netns::Own));
+        let start = netns.run(|| read_sysctl("net/ipv4/ip_unprivileged_port_start")).expect("run");
+        let expected: i64 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_unprivileged_port_start")
+            .expect("sysctl")
+            .trim()
+            .parse()
+            .expect("number");
+        assert_eq!(start, Some(expected));
+    }
+
+    #[test]
+    fn unknown_namespace_is_an_error() {
+        let err = Netns::find(1, None).expect_err("no namespace has inode 1");
+        assert!(err.to_string().contains("no process left"), "{err}");
+    }
+}

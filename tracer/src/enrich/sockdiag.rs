@@ -1,0 +1,232 @@
+//! "Which sockets use port P?" through sock_diag netlink (inet_diag), in the calling thread's
+//! network namespace, for TCP or UDP over IPv4 and IPv6. This is the same source `ss` reads.
+
+use std::{io, net::SocketAddr};
+
+use netlink_packet_core::{NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_DUMP, NLM_F_REQUEST};
+use netlink_packet_sock_diag::{
+    constants::{AF_INET, AF_INET6, IPPROTO_TCP, IPPROTO_UDP},
+    inet::{nlas::Nla, ExtensionFlags, InetRequest, SocketId, StateFlags},
+    SockDiagMessage,
+};
+use netlink_sys::{protocols::NETLINK_SOCK_DIAG, Socket, SocketAddr as NetlinkAddr};
+use serde::Serialize;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Proto {
+    Tcp,
+    Udp,
+}
+
+impl Proto {
+    pub fn from_ipproto(protocol: u16) -> Option<Self> {
+        match protocol {
+            6 => Some(Self::Tcp),
+            17 => Some(Self::Udp),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Tcp => "tcp",
+            Self::Udp => "udp",
+        }
+    }
+}
+
+/// One socket as inet_diag reports it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct DiagSocket {
+    pub proto: Proto,
+    pub local: SocketAddr,
+    /// The remote end; unspecified for listening and unconnected sockets.
+    pub peer: SocketAddr,
+    /// TCP state number (TCP_LISTEN = 10, TCP_TIME_WAIT = 6, ...; TCP_CLOSE = 7 is an
+    /// unconnected UDP socket).
+    pub state: u8,
+    pub uid: u32,
+    /// Socket inode, 0 for TIME_WAIT sockets (no file behind them).
+    pub inode: u32,
+    /// Milliseconds until the socket's timer fires (the TIME_WAIT expiry), if it has one.
+    pub timer_ms: Option<u32>,
+    /// IPV6_V6ONLY, reported for IPv6 sockets only.
+    pub v6only: Option<bool>,
+}
+
+pub const TCP_ESTABLISHED: u8 = 1;
+pub const TCP_TIME_WAIT: u8 = 6;
+pub const TCP_CLOSE: u8 = 7;
+pub const TCP_LISTEN: u8 = 10;
+
+/// The state's name as `ss` prints it.
+pub fn state_name(proto: Proto, state: u8) -> &'static str {
+    match (proto, state) {
+        (Proto::Udp, TCP_CLOSE) => "UNCONN",
+        (_, 1) => "ESTABLISHED",
+        (_, 2) => "SYN_SENT",
+        (_, 3) => "SYN_RECV",
+        (_, 4) => "FIN_WAIT1",
+        (_, 5) => "FIN_WAIT2",
+        (_, TCP_TIME_WAIT) => "TIME_WAIT",
+        (_, TCP_CLOSE) => "CLOSE",
+        (_, 8) => "CLOSE_WAIT",
+        (_, 9) => "LAST_ACK",
+        (_, TCP_LISTEN) => "LISTEN",
+        (_, 11) => "CLOSING",
+        (_, 12) => "NEW_SYN_RECV",
+        (_, 13) => "BOUND",
+        _ => "UNKNOWN",
+    }
+}
+
+/// Offset of `idiag_expires` in `struct inet_diag_msg` (UAPI): the crate folds the
+/// TIME_WAIT timer into a variant without its duration, so it is read from the raw message.
+const EXPIRES_OFFSET: usize = 52;
+const NLMSG_HEADER_LEN: usize = 16;
+
+fn dump(proto: Proto, family: u8, port: Option<u16>, out: &mut Vec<DiagSocket>) -> io::Result<()> {
+    let mut socket = Socket::new(NETLINK_SOCK_DIAG)?;
+    socket.bind_auto()?;
+    socket.connect(&NetlinkAddr::new(0, 0))?;
+
+    let mut header = NetlinkHeader::default();
+    header.flags = NLM_F_REQUEST | NLM_F_DUMP;
+    let mut request = NetlinkMessage::new(
+        header,
+        SockDiagMessage::InetRequest(InetRequest {
+            family,
+            protocol: match proto {
+                Proto::Tcp => IPPROTO_TCP,
+                Proto::Udp => IPPROTO_UDP,
+            },
+            extensions: ExtensionFlags::empty(),
+            // Every state, including bit 13: sockets that are bound but neither listening nor
+            // connected (kernels from 6.8 report them; older ones ignore the bit).
+            states: StateFlags::from_bits_retain(u32::MAX),
+            socket_id: if family == AF_INET { SocketId::new_v4() } else { SocketId::new_v6() },
+        })
+        .into(),
+    );
+    request.finalize();
+    let mut buffer = vec![0; request.buffer_len()];
+    request.serialize(&mut buffer);
+    socket.send(&buffer, 0)?;
+
+    let mut receive = vec![0u8; 64 * 1024];
+    loop {
+        let size = socket.recv(&mut &mut receive[..], 0)?;
+        let mut offset = 0;
+        while offset < size {
+            let bytes = &receive[offset..size];
+            let message = NetlinkMessage::<SockDiagMessage>::deserialize(bytes)
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("sock_diag reply: {e}")))?;
+            let length = message.header.length as usize;
+            match message.payload {
+                NetlinkPayload::Done(_) => return Ok(()),
+                NetlinkPayload::Error(err) => {
+                    return Err(err.to_io());
+                }
+                NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(response)) => {
+                    let header = &response.header;
+                    let id = &header.socket_id;
+                    if port.is_none_or(|p| p == id.source_port) {
+                        let expires = bytes
+                            .get(NLMSG_HEADER_LEN + EXPIRES_OFFSET..NLMSG_HEADER_LEN + EXPIRES_OFFSET + 4)
+                            .and_then(|b| b.try_into().ok())
+                            .map(u32::from_ne_bytes);
+                        let v6only = response.nlas.iter().find_map(|nla| match nla {
+                            Nla::SkV6Only(v) => Some(*v),
+                            _ => None,
+                        });
+                        out.push(DiagSocket {
+                            proto,
+                            local: SocketAddr::new(id.source_address, id.source_port),
+                            peer: SocketAddr::new(id.destination_address, id.destination_port),
+                            state: header.state,
+                            uid: header.uid,
+                            inode: header.inode,
+                            timer_ms: header.timer.as_ref().and(expires),
+                            v6only,
+                        });
+                    }
+                }
+                _ => {}
+            }
+            if length == 0 {
+                break;
+            }
+            offset += length;
+        }
+    }
+}
+
+/// Every TCP or UDP socket, IPv4 and IPv6, whose local port is `port` (all ports with
+/// `None`), in the calling thread's network namespace.
+pub fn sockets_on_port(proto: Proto, port: Option<u16>) -> io::Result<Vec<DiagSocket>> {
+    let mut out = Vec::new();
+    dump(proto, AF_INET, port, &mut out)?;
+    dump(proto, AF_INET6, port, &mut out)?;
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        net::{TcpListener, TcpStream, UdpSocket},
+        os::unix::fs::MetadataExt as _,
+    };
+
+    use super::*;
+
+    fn inode_of_fd(fd: i32) -> u32 {
+        std::fs::metadata(format!("/proc/self/fd/{fd}")).map(|m| m.ino() as u32).expect("fd inode")
+    }
+
+    #[test]
+    fn finds_a_listener_by_port_with_its_inode() {
+        use std::os::fd::AsRawFd as _;
+        let listener = TcpListener::bind("127.0.0.1:0").expect("listen");
+        let port = listener.local_addr().expect("addr").port();
+        let found = sockets_on_port(Proto::Tcp, Some(port)).expect("sock_diag dump");
+        let mine: Vec<_> = found.iter().filter(|s| s.state == TCP_LISTEN).collect();
+        assert_eq!(mine.len(), 1, "{found:#?}");
+        assert_eq!(mine[0].local, listener.local_addr().expect("addr"));
+        assert_eq!(mine[0].inode, inode_of_fd(listener.as_raw_fd()));
+        assert_eq!(mine[0].uid, unsafe { libc::geteuid() });
+        assert_eq!(state_name(Proto::Tcp, mine[0].state), "LISTEN");
+    }
+
+    #[test]
+    fn finds_udp_and_ipv6_with_v6only() {
+        let udp = UdpSocket::bind("[::1]:0").expect("udp6");
+        let port = udp.local_addr().expect("addr").port();
+        let found = sockets_on_port(Proto::Udp, Some(port)).expect("dump");
+        assert_eq!(found.len(), 1, "{found:#?}");
+        assert_eq!(found[0].local, udp.local_addr().expect("addr"));
+        assert_eq!(state_name(Proto::Udp, found[0].state), "UNCONN");
+        assert!(found[0].v6only.is_some(), "IPv6 sockets report IPV6_V6ONLY");
+    }
+
+    #[test]
+    fn time_wait_has_a_timer_and_no_inode() {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("listen");
+        let port = listener.local_addr().expect("addr").port();
+        let client = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+        let (server_side, _) = listener.accept().expect("accept");
+        // The side that closes first goes to TIME_WAIT: here the server's.
+        drop(server_side);
+        drop(listener);
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        drop(client);
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        let found = sockets_on_port(Proto::Tcp, Some(port)).expect("dump");
+        let waiting: Vec<_> = found.iter().filter(|s| s.state == TCP_TIME_WAIT).collect();
+        assert_eq!(waiting.len(), 1, "{found:#?}");
+        assert_eq!(waiting[0].inode, 0);
+        let timer = waiting[0].timer_ms.expect("TIME_WAIT timer");
+        assert!(timer > 0 && timer <= 60_000, "{timer} ms");
+        assert!(!waiting[0].peer.ip().is_unspecified());
+    }
+}
