@@ -1,0 +1,807 @@
+//! Failed bind + facts → explanation. Pure: no I/O, so every case is unit-tested with
+//! constructed facts, and the live tests check that the facts are gathered right.
+
+use std::net::{IpAddr, SocketAddr};
+
+use bindtrace_common::{sock_flags, BindEvent, AF_INET, AF_INET6};
+use serde::Serialize;
+
+use super::{
+    history::{BindHistory, SeenBind},
+    lookup::{Facts, Holder, LookupKey, NetnsFacts},
+    owners::ProcessInfo,
+    sockdiag::{state_name, DiagSocket, Proto, TCP_LISTEN, TCP_TIME_WAIT},
+};
+use crate::{clock::local_time_of_day, decode::BindEventExt as _, errno, sink::requested_endpoint};
+
+const CAP_NET_BIND_SERVICE: u32 = 10;
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Diagnosis {
+    /// A stable label of the case: `in_use`, `in_use_dual_stack`, `in_use_reuseport`,
+    /// `time_wait`, `released`, `privileged_port`, `refused_by_policy`,
+    /// `address_not_available`, `already_bound`, `invalid_address`, `other`, `unknown`.
+    pub kind: &'static str,
+    /// One sentence for a person: who is in the way and what to do.
+    pub summary: String,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub holders: Vec<HolderReport>,
+    #[serde(skip_serializing_if = "DiagnosisFacts::is_empty")]
+    pub facts: DiagnosisFacts,
+    /// What could not be found out (a process that exited, a namespace that is gone, ...).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub unknown: Vec<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct HolderReport {
+    pub proto: Proto,
+    pub addr: IpAddr,
+    pub port: u16,
+    pub state: &'static str,
+    pub uid: u32,
+    pub inode: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peer: Option<SocketAddr>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub timer_ms: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub v6only: Option<bool>,
+    pub processes: Vec<ProcessInfo>,
+    /// The holder's own bind, when bindtrace saw it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub seen_bind: Option<SeenBindReport>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct SeenBindReport {
+    /// Local time of day, as in the table.
+    pub time: String,
+    pub pid: u32,
+    pub comm: String,
+    pub reuseaddr: bool,
+    pub reuseport: bool,
+}
+
+/// Facts behind the verdict, each present only where it was relevant and known.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct DiagnosisFacts {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ip_unprivileged_port_start: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cap_net_bind_service: Option<bool>,
+    /// CapEff of the failing process, hex as in /proc/PID/status.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cap_eff: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ip_nonlocal_bind: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub address_assigned: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub already_bound_to: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub time_wait_expires_ms: Option<u32>,
+    /// SO_REUSEADDR on the failing socket (TIME_WAIT case).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub new_socket_reuseaddr: Option<bool>,
+    /// SO_REUSEADDR on the socket that went into TIME_WAIT, when bindtrace saw its bind.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub old_socket_reuseaddr: Option<bool>,
+}
+
+impl DiagnosisFacts {
+    fn is_empty(&self) -> bool {
+        *self == Self::default()
+    }
+}
+
+/// The lookups a failed bind needs, if any.
+pub fn needed_lookups(event: &BindEvent) -> Vec<LookupKey> {
+    let netns = event.netns_ino;
+    match event.errno() {
+        Some(libc::EADDRINUSE) => match Proto::from_ipproto(event.protocol) {
+            Some(proto) => vec![LookupKey::Holders { netns, proto, port: event.port }],
+            None => Vec::new(),
+        },
+        Some(libc::EACCES) => vec![LookupKey::Netns { netns }, LookupKey::Process { pid: event.tgid }],
+        Some(libc::EADDRNOTAVAIL) => vec![LookupKey::Netns { netns }],
+        _ => Vec::new(),
+    }
+}
+
+/// Does a socket on the requested port stand in the way, by the kernel's address rules?
+/// Equal addresses and the wildcards 0.0.0.0 and :: conflict; an IPv6 socket without
+/// IPV6_V6ONLY also covers IPv4 (:: all of it, ::ffff:a.b.c.d that one address).
+pub fn conflicts(requested: Option<IpAddr>, requested_v6only: bool, holder: &DiagSocket) -> bool {
+    let Some(requested) = requested else {
+        return true; // the address is unknown: every socket on the port may be in the way
+    };
+    let held = holder.local.ip();
+    let overlap_v4 = |a: std::net::Ipv4Addr, b: std::net::Ipv4Addr| a == b || a.is_unspecified() || b.is_unspecified();
+    match (requested, held) {
+        (IpAddr::V4(r), IpAddr::V4(h)) => overlap_v4(r, h),
+        (IpAddr::V6(r), IpAddr::V6(h)) => r == h || r.is_unspecified() || h.is_unspecified(),
+        (IpAddr::V4(r), IpAddr::V6(h)) => {
+            !holder.v6only.unwrap_or(false)
+                && (h.is_unspecified() || h.to_ipv4_mapped().is_some_and(|mapped| overlap_v4(r, mapped)))
+        }
+        (IpAddr::V6(r), IpAddr::V4(h)) => {
+            !requested_v6only && (r.is_unspecified() || r.to_ipv4_mapped().is_some_and(|mapped| overlap_v4(mapped, h)))
+        }
+    }
+}
+
+/// Order in which holders are named: listeners first, TIME_WAIT last.
+fn holder_rank(socket: &DiagSocket) -> u8 {
+    match socket.state {
+        TCP_LISTEN => 0,
+        TCP_TIME_WAIT => 3,
+        s if s == super::sockdiag::TCP_CLOSE || s == 13 => 1,
+        _ => 2,
+    }
+}
+
+fn comm_text(comm: &[u8]) -> String {
+    let end = comm.iter().position(|&b| b == 0).unwrap_or(comm.len());
+    String::from_utf8_lossy(&comm[..end]).into_owned()
+}
+
+fn seen_report(seen: &SeenBind) -> SeenBindReport {
+    SeenBindReport {
+        time: local_time_of_day(seen.wall_ns),
+        pid: seen.pid,
+        comm: comm_text(&seen.comm),
+        reuseaddr: seen.reuseaddr,
+        reuseport: seen.reuseport,
+    }
+}
+
+fn holder_report(holder: &Holder, seen: Option<&SeenBind>) -> HolderReport {
+    let socket = &holder.socket;
+    HolderReport {
+        proto: socket.proto,
+        addr: socket.local.ip(),
+        port: socket.local.port(),
+        state: state_name(socket.proto, socket.state),
+        uid: socket.uid,
+        inode: socket.inode,
+        peer: (!socket.peer.ip().is_unspecified()).then_some(socket.peer),
+        timer_ms: socket.timer_ms,
+        v6only: socket.v6only,
+        processes: holder.processes.clone(),
+        seen_bind: seen.map(seen_report),
+    }
+}
+
+/// "pid 4242 (nginx: master process)", or what is known about a socket no process holds.
+fn who(holder: &Holder) -> String {
+    match holder.processes.as_slice() {
+        [] if holder.socket.inode == 0 => "no process".to_owned(),
+        [] => format!(
+            "a socket (inode {}, uid {}) that no visible process has open",
+            holder.socket.inode, holder.socket.uid
+        ),
+        [first, rest @ ..] => {
+            let name = if first.cmdline.is_empty() { &first.comm } else { &first.cmdline };
+            let mut text = format!("pid {} ({})", first.pid, name.chars().take(80).collect::<String>());
+            if !rest.is_empty() {
+                text.push_str(&format!(" and {} more process{}", rest.len(), if rest.len() == 1 { "" } else { "es" }));
+            }
+            text
+        }
+    }
+}
+
+fn endpoint(addr: SocketAddr) -> String {
+    match addr {
+        SocketAddr::V4(v4) => v4.to_string(),
+        SocketAddr::V6(v6) => format!("[{}]:{}", v6.ip(), v6.port()),
+    }
+}
+
+/// The sentence for sockets holding a port, shared with `bindtrace who`.
+pub fn holders_summary(proto: Proto, port: u16, holders: &[Holder], since: Option<&SeenBind>) -> String {
+    let Some(first) = holders.iter().min_by_key(|h| holder_rank(&h.socket)) else {
+        return format!("nothing holds port {port}/{} now", proto.name());
+    };
+    if holders.iter().all(|h| h.socket.state == TCP_TIME_WAIT) {
+        let expires = holders.iter().filter_map(|h| h.socket.timer_ms).max();
+        return format!(
+            "only TIME_WAIT sockets hold {port}/{} ({}{}), no process",
+            proto.name(),
+            holders.len(),
+            expires.map(|ms| format!(", expires in {} s", ms.div_ceil(1000))).unwrap_or_default()
+        );
+    }
+    let since = since.map(|s| format!(" since {}", local_time_of_day(s.wall_ns))).unwrap_or_default();
+    let others = holders.len() - 1;
+    format!(
+        "port {port}/{} is held by {}, {} on {}{since}{}",
+        proto.name(),
+        who(first),
+        state_name(proto, first.socket.state),
+        endpoint(first.socket.local),
+        if others > 0 {
+            format!(" (+{others} more socket{})", if others == 1 { "" } else { "s" })
+        } else {
+            String::new()
+        }
+    )
+}
+
+fn in_use(event: &BindEvent, holders: &[Holder], history: &BindHistory) -> Diagnosis {
+    let proto = Proto::from_ipproto(event.protocol).unwrap_or(Proto::Tcp);
+    let port = event.port;
+    let requested = event.requested_ip();
+    let key = (event.netns_ino, event.protocol, port);
+    let mut blocking: Vec<&Holder> =
+        holders.iter().filter(|h| conflicts(requested, event.has(sock_flags::V6ONLY), &h.socket)).collect();
+    blocking.sort_by_key(|h| holder_rank(&h.socket));
+    let reports = blocking
+        .iter()
+        .map(|h| {
+            let pid = h.processes.first().map(|p| p.pid);
+            holder_report(h, pid.and_then(|pid| history.latest(key, Some(pid))))
+        })
+        .collect();
+    let mut facts = DiagnosisFacts::default();
+    let Some(first) = blocking.first() else {
+        let summary = if holders.is_empty() {
+            format!(
+                "nothing holds port {port}/{} any more: it was released before bindtrace looked; retry the bind",
+                proto.name()
+            )
+        } else {
+            format!(
+                "no socket on port {port}/{} overlaps {} by address now ({} other socket(s) use the port); retry the bind",
+                proto.name(),
+                requested_endpoint(event),
+                holders.len()
+            )
+        };
+        return Diagnosis { kind: "released", summary, holders: reports, facts, unknown: Vec::new() };
+    };
+
+    if blocking.iter().all(|h| h.socket.state == TCP_TIME_WAIT) {
+        let expires = blocking.iter().filter_map(|h| h.socket.timer_ms).max();
+        let new_has = event.has(sock_flags::REUSEADDR);
+        // The socket that went into TIME_WAIT was accepted from a listener bindtrace may have
+        // seen binding this port.
+        let old_has = history.latest(key, None).map(|seen| seen.reuseaddr);
+        facts.time_wait_expires_ms = expires;
+        facts.new_socket_reuseaddr = Some(new_has);
+        facts.old_socket_reuseaddr = old_has;
+        let wait = expires.map(|ms| format!(", or wait {} s", ms.div_ceil(1000))).unwrap_or_default();
+        let advice = match (new_has, old_has) {
+            (false, Some(true)) => format!("set SO_REUSEADDR on the new socket (the old listener had it){wait}"),
+            (false, _) => {
+                format!("set SO_REUSEADDR on the new socket and on the listening socket that left them{wait}")
+            }
+            (true, Some(false)) => {
+                format!("the old listening socket did not set SO_REUSEADDR: it must be set on both sides{wait}")
+            }
+            (true, _) => {
+                format!("the new socket has SO_REUSEADDR; the listening socket that left them needs it too{wait}")
+            }
+        };
+        let expires_text = expires.map(|ms| format!(" (expires in {} s)", ms.div_ceil(1000))).unwrap_or_default();
+        return Diagnosis {
+            kind: "time_wait",
+            summary: format!("only TIME_WAIT sockets hold {port}/{}{expires_text}, no process: {advice}", proto.name()),
+            holders: reports,
+            facts,
+            unknown: Vec::new(),
+        };
+    }
+
+    let live: Vec<&&Holder> = blocking.iter().filter(|h| h.socket.state != TCP_TIME_WAIT).collect();
+    let first = live.first().copied().unwrap_or(first);
+    let holder_pid = first.processes.first().map(|p| p.pid);
+    let seen = history.latest(key, holder_pid);
+    let mut unknown = Vec::new();
+    if first.processes.is_empty() && first.socket.inode != 0 {
+        unknown.push(format!(
+            "no process with socket inode {} open was found (it may have exited or live in a hidden /proc)",
+            first.socket.inode
+        ));
+    }
+    let base = holders_summary(proto, port, &live.iter().map(|h| (**h).clone()).collect::<Vec<_>>(), seen);
+    let cross_family =
+        matches!((event.family, first.socket.local), (AF_INET, SocketAddr::V6(_)) | (AF_INET6, SocketAddr::V4(_)));
+    let (kind, advice) = if cross_family {
+        let held_v6 = first.socket.local.is_ipv6();
+        let side = if held_v6 { "the holder's [::] also covers IPv4" } else { "your [::] also covers IPv4" };
+        (
+            "in_use_dual_stack",
+            format!("{side} because IPV6_V6ONLY is off: set IPV6_V6ONLY on the IPv6 socket, or bind one family"),
+        )
+    } else if event.has(sock_flags::REUSEPORT) {
+        match seen {
+            Some(s) if !s.reuseport => {
+                ("in_use_reuseport", "the holder did not set SO_REUSEPORT: every socket sharing a port needs it".to_owned())
+            }
+            Some(s) if s.uid != event.uid => (
+                "in_use_reuseport",
+                format!(
+                    "both sockets set SO_REUSEPORT but belong to different users (uid {} vs {}): a SO_REUSEPORT group needs one effective uid",
+                    s.uid, event.uid
+                ),
+            ),
+            _ if first.socket.uid != event.uid => (
+                "in_use_reuseport",
+                format!(
+                    "SO_REUSEPORT sharing needs SO_REUSEPORT on the holder too and the same uid (holder {}, caller {})",
+                    first.socket.uid, event.uid
+                ),
+            ),
+            _ => ("in_use_reuseport", "SO_REUSEPORT sharing needs SO_REUSEPORT on the holder too".to_owned()),
+        }
+    } else {
+        ("in_use", "stop it or bind another port".to_owned())
+    };
+    Diagnosis { kind, summary: format!("{base}; {advice}"), holders: reports, facts, unknown }
+}
+
+fn has_cap(effective: u64, cap: u32) -> bool {
+    effective & (1u64 << cap) != 0
+}
+
+fn access(event: &BindEvent, netns: Option<&NetnsFacts>, caps: Option<Option<u64>>) -> Diagnosis {
+    let mut facts = DiagnosisFacts::default();
+    let mut unknown = Vec::new();
+    let port = event.port;
+    let start = netns.and_then(|n| n.unprivileged_port_start);
+    facts.ip_unprivileged_port_start = start;
+    let who = format!("pid {} ({})", event.tgid, comm_text(&event.comm));
+    match caps {
+        Some(Some(effective)) => {
+            facts.cap_eff = Some(format!("{effective:016x}"));
+            facts.cap_net_bind_service = Some(has_cap(effective, CAP_NET_BIND_SERVICE));
+        }
+        Some(None) => unknown.push(format!("{who} exited before its capabilities could be read")),
+        None => {}
+    }
+    let Some(start) = start else {
+        unknown.push("net.ipv4.ip_unprivileged_port_start of the namespace could not be read".to_owned());
+        return Diagnosis {
+            kind: "unknown",
+            summary: format!("EACCES for port {port}: a privileged port, a cgroup BPF program or an LSM refused it"),
+            holders: Vec::new(),
+            facts,
+            unknown,
+        };
+    };
+    let privileged = port != 0 && i64::from(port) < start;
+    let (kind, summary) = match (privileged, facts.cap_net_bind_service) {
+        (true, Some(false)) => (
+            "privileged_port",
+            format!(
+                "port {port} is below net.ipv4.ip_unprivileged_port_start ({start}) and {who} lacks CAP_NET_BIND_SERVICE: \
+                 grant it (setcap cap_net_bind_service=+ep, or AmbientCapabilities= in systemd), lower the sysctl, or use a port from {start} up"
+            ),
+        ),
+        (true, None) => (
+            "privileged_port",
+            format!("port {port} is below net.ipv4.ip_unprivileged_port_start ({start}): {who} needs CAP_NET_BIND_SERVICE"),
+        ),
+        (true, Some(true)) => (
+            "refused_by_policy",
+            format!(
+                "{who} has CAP_NET_BIND_SERVICE, so port {port} being privileged (below {start}) is not the reason: \
+                 a cgroup BPF program or an LSM (SELinux, AppArmor) refused it, or the capability belongs to a user namespace that does not own this network namespace"
+            ),
+        ),
+        (false, _) => (
+            "refused_by_policy",
+            format!(
+                "port {port} is not privileged here (net.ipv4.ip_unprivileged_port_start = {start}): a cgroup BPF program or an LSM (SELinux, AppArmor) refused the bind"
+            ),
+        ),
+    };
+    Diagnosis { kind, summary, holders: Vec::new(), facts, unknown }
+}
+
+/// Is `addr` local in a namespace with these interface addresses? 127.0.0.0/8 is local as a
+/// whole when loopback is up; multicast addresses may always be bound.
+pub fn is_local_address(addr: IpAddr, addresses: &[IpAddr]) -> bool {
+    addr.is_unspecified()
+        || addr.is_multicast()
+        || addresses.contains(&addr)
+        || (addr.is_loopback() && addr.is_ipv4() && addresses.iter().any(|a| a.is_loopback() && a.is_ipv4()))
+}
+
+fn not_available(event: &BindEvent, netns: Option<&NetnsFacts>) -> Diagnosis {
+    let mut facts = DiagnosisFacts::default();
+    let Some(addr) = event.requested_ip() else {
+        return Diagnosis {
+            kind: "unknown",
+            summary: "the requested address could not be read, so the cause is unknown".to_owned(),
+            holders: Vec::new(),
+            facts,
+            unknown: vec!["requested address".to_owned()],
+        };
+    };
+    let Some(netns) = netns else {
+        return Diagnosis {
+            kind: "unknown",
+            summary: format!("{addr} could not be checked: the network namespace was not found"),
+            holders: Vec::new(),
+            facts,
+            unknown: vec!["interface addresses of the namespace".to_owned()],
+        };
+    };
+    let assigned = is_local_address(addr, &netns.addresses);
+    let (sysctl, nonlocal) = if addr.is_ipv4() {
+        ("net.ipv4.ip_nonlocal_bind", netns.nonlocal_bind_v4)
+    } else {
+        ("net.ipv6.ip_nonlocal_bind", netns.nonlocal_bind_v6)
+    };
+    facts.address_assigned = Some(assigned);
+    facts.ip_nonlocal_bind = nonlocal;
+    let freebind = event.has(sock_flags::FREEBIND) || event.has(sock_flags::TRANSPARENT);
+    let summary = if assigned {
+        format!("{addr} is assigned here now: it was missing (or, for IPv6, still tentative) when bind() ran; retry")
+    } else {
+        format!(
+            "{addr} is not assigned to any interface in this network namespace, {sysctl} = {} and IP_FREEBIND is {}: \
+             bind an address the host has (ip -br addr), the wildcard, or set IP_FREEBIND",
+            nonlocal.map_or("?".to_owned(), |v| v.to_string()),
+            if freebind { "on" } else { "off" }
+        )
+    };
+    Diagnosis { kind: "address_not_available", summary, holders: Vec::new(), facts, unknown: Vec::new() }
+}
+
+fn invalid(event: &BindEvent) -> Diagnosis {
+    let mut facts = DiagnosisFacts::default();
+    let needed = match event.family {
+        AF_INET => Some(16),
+        AF_INET6 => Some(28),
+        _ => None,
+    };
+    let (kind, summary) = if event.has(sock_flags::ADDR_SHORT) {
+        let needs = needed.map(|n| format!(" (needs {n})")).unwrap_or_default();
+        ("invalid_address", format!("addrlen {} is too short for this address family{needs}", event.addrlen))
+    } else if event.bound_port != 0 {
+        let bound = match event.bound_ip() {
+            Some(ip) => format!("{ip}:{}", event.bound_port),
+            None => format!("port {}", event.bound_port),
+        };
+        facts.already_bound_to = Some(bound.clone());
+        (
+            "already_bound",
+            format!(
+                "the socket is already bound to {bound} (by an earlier bind, connect or listen): a socket binds once; use a new socket"
+            ),
+        )
+    } else if let Some(IpAddr::V6(v6)) = event.requested_ip() {
+        if v6.to_ipv4_mapped().is_some() && event.has(sock_flags::V6ONLY) {
+            ("invalid_address", "an IPV6_V6ONLY socket cannot bind an IPv4-mapped address".to_owned())
+        } else if v6.is_unicast_link_local() && event.scope_id == 0 {
+            ("invalid_address", format!("link-local {v6} needs a scope id (the interface, as in fe80::1%eth0)"))
+        } else {
+            ("invalid_address", "bind() rejected the address as invalid for this socket".to_owned())
+        }
+    } else {
+        ("invalid_address", "bind() rejected the address as invalid for this socket".to_owned())
+    };
+    Diagnosis { kind, summary, holders: Vec::new(), facts, unknown: Vec::new() }
+}
+
+/// The diagnosis of a failed bind from the facts its lookups produced (`facts` answers
+/// for each key of [`needed_lookups`]).
+pub fn diagnose<'a>(
+    event: &BindEvent,
+    facts: impl Fn(&LookupKey) -> Option<&'a Facts>,
+    history: &BindHistory,
+) -> Option<Diagnosis> {
+    let errno = event.errno()?;
+    let lookup_error = |key: &LookupKey| match facts(key) {
+        Some(Facts::Holders(Err(e))) | Some(Facts::Netns(Err(e))) => Some(e.clone()),
+        _ => None,
+    };
+    let diagnosis = match errno {
+        libc::EADDRINUSE => {
+            let keys = needed_lookups(event);
+            match keys.first().map(|k| (k, facts(k))) {
+                Some((_, Some(Facts::Holders(Ok(holders))))) => in_use(event, holders, history),
+                Some((key, _)) => Diagnosis {
+                    kind: "unknown",
+                    summary: format!("port {} is in use, but its holders could not be looked up", event.port),
+                    holders: Vec::new(),
+                    facts: DiagnosisFacts::default(),
+                    unknown: vec![lookup_error(key).unwrap_or_else(|| "holder lookup did not finish".to_owned())],
+                },
+                None => Diagnosis {
+                    kind: "unknown",
+                    summary: format!("port {} is in use; holders are looked up for TCP and UDP only", event.port),
+                    holders: Vec::new(),
+                    facts: DiagnosisFacts::default(),
+                    unknown: Vec::new(),
+                },
+            }
+        }
+        libc::EACCES | libc::EADDRNOTAVAIL => {
+            let netns_key = LookupKey::Netns { netns: event.netns_ino };
+            let netns = match facts(&netns_key) {
+                Some(Facts::Netns(Ok(n))) => Some(n),
+                _ => None,
+            };
+            let mut diagnosis = if errno == libc::EACCES {
+                let caps = match facts(&LookupKey::Process { pid: event.tgid }) {
+                    Some(Facts::Process(p)) => Some(p.as_ref().map(|c| c.effective)),
+                    _ => None,
+                };
+                access(event, netns, caps)
+            } else {
+                not_available(event, netns)
+            };
+            if let Some(err) = lookup_error(&netns_key) {
+                diagnosis.unknown.push(err);
+            }
+            diagnosis
+        }
+        libc::EINVAL => invalid(event),
+        _ => Diagnosis {
+            kind: "other",
+            summary: match (errno::name(errno), errno::message(errno)) {
+                (Some(name), Some(message)) => format!("{name}: {message}"),
+                _ => format!("errno {errno}"),
+            },
+            holders: Vec::new(),
+            facts: DiagnosisFacts::default(),
+            unknown: Vec::new(),
+        },
+    };
+    Some(diagnosis)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::{Ipv4Addr, Ipv6Addr};
+
+    use super::*;
+    use crate::{decode::tests::sample_event, enrich::lookup::ProcessCaps};
+
+    fn socket(local: &str, state: u8, v6only: Option<bool>) -> DiagSocket {
+        DiagSocket {
+            proto: Proto::Tcp,
+            local: local.parse().expect("addr"),
+            peer: "0.0.0.0:0".parse().expect("addr"),
+            state,
+            uid: 0,
+            inode: 99,
+            timer_ms: None,
+            v6only,
+        }
+    }
+
+    fn nginx() -> ProcessInfo {
+        ProcessInfo {
+            pid: 4242,
+            comm: "nginx".into(),
+            cmdline: "nginx: master process".into(),
+            cgroup: Some("/system.slice/nginx.service".into()),
+            uid: Some(0),
+        }
+    }
+
+    fn ip(text: &str) -> Option<IpAddr> {
+        Some(text.parse().expect("ip"))
+    }
+
+    #[test]
+    fn conflict_rules_follow_the_kernel() {
+        let v4_any = socket("0.0.0.0:80", TCP_LISTEN, None);
+        let v4_lo = socket("127.0.0.1:80", TCP_LISTEN, None);
+        let v6_any_dual = socket("[::]:80", TCP_LISTEN, Some(false));
+        let v6_any_only = socket("[::]:80", TCP_LISTEN, Some(true));
+        let v6_mapped = socket("[::ffff:127.0.0.1]:80", TCP_LISTEN, Some(false));
+        assert!(conflicts(ip("127.0.0.1"), false, &v4_any));
+        assert!(conflicts(ip("0.0.0.0"), false, &v4_lo));
+        assert!(conflicts(ip("127.0.0.1"), false, &v4_lo));
+        assert!(!conflicts(ip("127.0.0.2"), false, &v4_lo));
+        assert!(conflicts(ip("127.0.0.1"), false, &v6_any_dual), ":: without V6ONLY covers IPv4");
+        assert!(!conflicts(ip("127.0.0.1"), false, &v6_any_only), ":: with V6ONLY does not");
+        assert!(conflicts(ip("127.0.0.1"), false, &v6_mapped));
+        assert!(!conflicts(ip("127.0.0.2"), false, &v6_mapped));
+        assert!(conflicts(ip("::"), false, &v4_lo), "[::] without V6ONLY meets IPv4 holders");
+        assert!(!conflicts(ip("::"), true, &v4_lo));
+        assert!(conflicts(ip("::1"), false, &socket("[::]:80", TCP_LISTEN, Some(true))));
+        assert!(!conflicts(ip("::1"), false, &socket("[::2]:80", TCP_LISTEN, Some(true))));
+        assert!(conflicts(None, false, &v4_lo), "unknown request address");
+    }
+
+    fn holders_facts(holders: Vec<Holder>) -> Facts {
+        Facts::Holders(Ok(holders))
+    }
+
+    fn run(event: &BindEvent, facts: &[(LookupKey, Facts)], history: &BindHistory) -> Diagnosis {
+        diagnose(event, |key| facts.iter().find(|(k, _)| k == key).map(|(_, f)| f), history).expect("a failure")
+    }
+
+    #[test]
+    fn listener_holder_is_named_with_its_process_and_bind_time() {
+        let event = sample_event(); // 127.0.0.1:8080 tcp EADDRINUSE
+        let mut history = BindHistory::default();
+        let mut holder_bind = sample_event();
+        holder_bind.ret = 0;
+        holder_bind.tgid = 4242;
+        history.record(&holder_bind, 1_795_600_931_000_000_000);
+        let key = needed_lookups(&event).remove(0);
+        let facts = vec![(
+            key,
+            holders_facts(vec![Holder { socket: socket("0.0.0.0:8080", TCP_LISTEN, None), processes: vec![nginx()] }]),
+        )];
+        let d = run(&event, &facts, &history);
+        assert_eq!(d.kind, "in_use");
+        assert!(
+            d.summary.starts_with(
+                "port 8080/tcp is held by pid 4242 (nginx: master process), LISTEN on 0.0.0.0:8080 since "
+            ),
+            "{}",
+            d.summary
+        );
+        assert!(d.summary.ends_with("; stop it or bind another port"), "{}", d.summary);
+        assert_eq!(d.holders.len(), 1);
+        assert_eq!(d.holders[0].processes[0].pid, 4242);
+        assert!(d.holders[0].seen_bind.is_some());
+    }
+
+    #[test]
+    fn time_wait_only_explains_the_reuseaddr_rule() {
+        let mut event = sample_event();
+        event.sock_flags &= !sock_flags::REUSEADDR;
+        let mut tw = socket("127.0.0.1:8080", TCP_TIME_WAIT, None);
+        tw.inode = 0;
+        tw.timer_ms = Some(40_100);
+        tw.peer = "127.0.0.1:50000".parse().expect("peer");
+        let facts =
+            vec![(needed_lookups(&event).remove(0), holders_facts(vec![Holder { socket: tw, processes: vec![] }]))];
+        let d = run(&event, &facts, &BindHistory::default());
+        assert_eq!(d.kind, "time_wait");
+        assert!(
+            d.summary.starts_with("only TIME_WAIT sockets hold 8080/tcp (expires in 41 s), no process"),
+            "{}",
+            d.summary
+        );
+        assert!(d.summary.contains("set SO_REUSEADDR on the new socket and on the listening socket"), "{}", d.summary);
+        assert_eq!(d.facts.time_wait_expires_ms, Some(40_100));
+        assert_eq!(d.facts.new_socket_reuseaddr, Some(false));
+        assert_eq!(d.holders[0].peer, Some("127.0.0.1:50000".parse().expect("peer")));
+
+        // The new socket has it, the old listener (seen by bindtrace) did not.
+        event.sock_flags |= sock_flags::REUSEADDR;
+        let mut history = BindHistory::default();
+        let mut listener = sample_event();
+        listener.ret = 0;
+        listener.sock_flags &= !sock_flags::REUSEADDR;
+        history.record(&listener, 1);
+        let d = run(&event, &facts, &history);
+        assert!(d.summary.contains("the old listening socket did not set SO_REUSEADDR"), "{}", d.summary);
+        assert_eq!(d.facts.old_socket_reuseaddr, Some(false));
+    }
+
+    #[test]
+    fn dual_stack_and_reuseport_cases() {
+        let event = sample_event(); // IPv4 127.0.0.1:8080
+        let facts = vec![(
+            needed_lookups(&event).remove(0),
+            holders_facts(vec![Holder {
+                socket: socket("[::]:8080", TCP_LISTEN, Some(false)),
+                processes: vec![nginx()],
+            }]),
+        )];
+        let d = run(&event, &facts, &BindHistory::default());
+        assert_eq!(d.kind, "in_use_dual_stack");
+        assert!(d.summary.contains("IPV6_V6ONLY"), "{}", d.summary);
+
+        let mut event = sample_event();
+        event.sock_flags |= sock_flags::REUSEPORT;
+        event.uid = 1000;
+        let mut history = BindHistory::default();
+        let mut holder_bind = sample_event();
+        holder_bind.ret = 0;
+        holder_bind.tgid = 4242;
+        holder_bind.uid = 0;
+        holder_bind.sock_flags |= sock_flags::REUSEPORT;
+        history.record(&holder_bind, 1);
+        let facts = vec![(
+            needed_lookups(&event).remove(0),
+            holders_facts(vec![Holder {
+                socket: socket("127.0.0.1:8080", TCP_LISTEN, None),
+                processes: vec![nginx()],
+            }]),
+        )];
+        let d = run(&event, &facts, &history);
+        assert_eq!(d.kind, "in_use_reuseport");
+        assert!(d.summary.contains("different users (uid 0 vs 1000)"), "{}", d.summary);
+    }
+
+    #[test]
+    fn released_port_and_failed_lookup_say_so() {
+        let event = sample_event();
+        let key = needed_lookups(&event).remove(0);
+        let d = run(&event, &[(key.clone(), holders_facts(vec![]))], &BindHistory::default());
+        assert_eq!(d.kind, "released");
+        let d = run(&event, &[(key, Facts::Holders(Err("namespace gone".into())))], &BindHistory::default());
+        assert_eq!(d.kind, "unknown");
+        assert_eq!(d.unknown, vec!["namespace gone".to_owned()]);
+    }
+
+    #[test]
+    fn eacces_names_the_sysctl_and_the_capability() {
+        let mut event = sample_event();
+        event.ret = -libc::EACCES;
+        event.port = 80;
+        let netns = Facts::Netns(Ok(NetnsFacts { unprivileged_port_start: Some(1024), ..Default::default() }));
+        let facts = vec![
+            (LookupKey::Netns { netns: event.netns_ino }, netns.clone()),
+            (LookupKey::Process { pid: event.tgid }, Facts::Process(Some(ProcessCaps { effective: 0 }))),
+        ];
+        let d = run(&event, &facts, &BindHistory::default());
+        assert_eq!(d.kind, "privileged_port");
+        assert!(d.summary.contains("below net.ipv4.ip_unprivileged_port_start (1024)"), "{}", d.summary);
+        assert!(d.summary.contains("lacks CAP_NET_BIND_SERVICE"), "{}", d.summary);
+        assert_eq!(d.facts.cap_net_bind_service, Some(false));
+        assert_eq!(d.facts.cap_eff.as_deref(), Some("0000000000000000"));
+
+        let with_cap = vec![
+            (LookupKey::Netns { netns: event.netns_ino }, netns.clone()),
+            (LookupKey::Process { pid: event.tgid }, Facts::Process(Some(ProcessCaps { effective: 1 << 10 }))),
+        ];
+        assert_eq!(run(&event, &with_cap, &BindHistory::default()).kind, "refused_by_policy");
+        event.port = 8080;
+        assert_eq!(run(&event, &facts, &BindHistory::default()).kind, "refused_by_policy");
+        let exited = vec![
+            (LookupKey::Netns { netns: event.netns_ino }, netns),
+            (LookupKey::Process { pid: event.tgid }, Facts::Process(None)),
+        ];
+        event.port = 80;
+        let d = run(&event, &exited, &BindHistory::default());
+        assert!(d.unknown[0].contains("exited"), "{:?}", d.unknown);
+    }
+
+    #[test]
+    fn eaddrnotavail_checks_the_namespace_addresses() {
+        let mut event = sample_event();
+        event.ret = -libc::EADDRNOTAVAIL;
+        event.addr[..4].copy_from_slice(&[192, 0, 2, 1]);
+        let netns = NetnsFacts {
+            nonlocal_bind_v4: Some(0),
+            addresses: vec![IpAddr::V4(Ipv4Addr::LOCALHOST), IpAddr::V6(Ipv6Addr::LOCALHOST)],
+            ..Default::default()
+        };
+        let facts = vec![(LookupKey::Netns { netns: event.netns_ino }, Facts::Netns(Ok(netns)))];
+        let d = run(&event, &facts, &BindHistory::default());
+        assert_eq!(d.kind, "address_not_available");
+        assert!(d.summary.starts_with("192.0.2.1 is not assigned to any interface"), "{}", d.summary);
+        assert!(d.summary.contains("net.ipv4.ip_nonlocal_bind = 0 and IP_FREEBIND is off"), "{}", d.summary);
+        assert_eq!(d.facts.address_assigned, Some(false));
+        assert!(is_local_address("127.0.0.53".parse().expect("ip"), &[IpAddr::V4(Ipv4Addr::LOCALHOST)]));
+        assert!(!is_local_address("10.0.0.1".parse().expect("ip"), &[IpAddr::V4(Ipv4Addr::LOCALHOST)]));
+    }
+
+    #[test]
+    fn einval_and_other_errnos() {
+        let mut event = sample_event();
+        event.ret = -libc::EINVAL;
+        event.bound_port = 41000;
+        event.bound_addr4 = [127, 0, 0, 1];
+        let d = run(&event, &[], &BindHistory::default());
+        assert_eq!(d.kind, "already_bound");
+        assert!(d.summary.contains("already bound to 127.0.0.1:41000"), "{}", d.summary);
+        event.bound_port = 0;
+        event.sock_flags |= sock_flags::ADDR_SHORT;
+        event.addrlen = 8;
+        assert!(run(&event, &[], &BindHistory::default()).summary.contains("addrlen 8 is too short"));
+
+        event.ret = -libc::EPERM;
+        let d = run(&event, &[], &BindHistory::default());
+        assert_eq!(d.kind, "other");
+        assert_eq!(d.summary, "EPERM: Operation not permitted");
+        let mut ok = sample_event();
+        ok.ret = 0;
+        assert!(diagnose(&ok, |_| None, &BindHistory::default()).is_none());
+    }
+}
