@@ -14,6 +14,7 @@ use clap::{error::ErrorKind, Parser as _};
 use crate::{
     cli::{Cli, ColorChoice, OutputFormat},
     clock::{Rfc3339, WallClock},
+    enrich::Enricher,
     filter::EventFilter,
     layout,
     pipeline::{Ending, Limits, Pipeline, StopSignals},
@@ -133,6 +134,7 @@ async fn run(plan: Plan) -> Result<()> {
 
     let mut pipeline = Pipeline {
         filter: &filter,
+        enricher: Enricher::new(!cli.no_diagnosis),
         sink: sink.as_mut(),
         summary: Summary::default(),
         clock,

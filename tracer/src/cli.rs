@@ -73,6 +73,10 @@ pub struct Cli {
     #[arg(short = 'n', long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
     pub count: Option<u64>,
 
+    /// Do not look up who holds a port or why a bind failed (no `diagnosis`).
+    #[arg(long)]
+    pub no_diagnosis: bool,
+
     /// Do not print the summary at exit.
     #[arg(long)]
     pub no_summary: bool,

@@ -11,9 +11,12 @@ use tokio::{
     time::{interval, sleep_until, Instant, MissedTickBehavior},
 };
 
+use tokio::sync::mpsc::UnboundedReceiver;
+
 use crate::{
     clock::WallClock,
     decode::decode,
+    enrich::{Done, Enricher},
     filter::EventFilter,
     probe::{AttachedProbe, ProbeLogger},
     sink::Sink,
@@ -39,8 +42,12 @@ pub struct Limits {
 /// How often drops are checked and reported, and the wall clock re-synchronised.
 const TICK: Duration = Duration::from_secs(1);
 
+/// How long the end of a run waits for attribution lookups still under way.
+const FINISH_TIMEOUT: Duration = Duration::from_secs(3);
+
 pub struct Pipeline<'a> {
     pub filter: &'a EventFilter,
+    pub enricher: Enricher,
     pub sink: &'a mut dyn Sink,
     pub summary: Summary,
     pub clock: WallClock,
@@ -84,7 +91,7 @@ impl Pipeline<'_> {
                         continue;
                     }
                     self.summary.record(&event);
-                    self.sink.event(&event, self.clock.wall_ns(event.timestamp_ns))?;
+                    self.enricher.push(event, self.clock.wall_ns(event.timestamp_ns));
                     if self.limits.count.is_some_and(|limit| self.summary.events() >= limit) {
                         outcome = Drained::Stop(Ending::Count);
                         break;
@@ -98,8 +105,35 @@ impl Pipeline<'_> {
                 }
             }
         }
-        self.sink.flush()?;
+        self.emit_ready(false)?;
         Ok(outcome)
+    }
+
+    /// Passes every event whose diagnosis is complete (all of them with `force`) to the sink,
+    /// in order, and writes the batch out.
+    fn emit_ready(&mut self, force: bool) -> io::Result<()> {
+        while let Some(ready) = self.enricher.pop(force) {
+            self.sink.event(&ready.event, ready.wall_ns, ready.diagnosis.as_deref())?;
+        }
+        self.sink.flush()
+    }
+
+    /// Waits (a bounded time) for the lookups of events still queued, then prints them all.
+    async fn finish(&mut self, results: &mut Option<UnboundedReceiver<Done>>) -> io::Result<()> {
+        let deadline = Instant::now() + FINISH_TIMEOUT;
+        while self.enricher.has_pending() {
+            tokio::select! {
+                done = next_lookup(results) => match done {
+                    Some(done) => {
+                        self.enricher.complete(done);
+                        self.emit_ready(false)?;
+                    }
+                    None => break,
+                },
+                _ = sleep_until(deadline) => break,
+            }
+        }
+        self.emit_ready(true)
     }
 
     pub async fn run(&mut self, probe: &mut AttachedProbe, mut signals: StopSignals) -> Result<Ending> {
@@ -114,6 +148,7 @@ impl Pipeline<'_> {
         // The probe's counters start at zero when it is loaded: anything lost before this
         // loop runs is still reported at the first tick.
         let mut reported = KernelCounters::default();
+        let mut results = self.enricher.take_results();
 
         let ending = loop {
             tokio::select! {
@@ -131,6 +166,23 @@ impl Pipeline<'_> {
                         Err(err) => return Err(err).context("writing events"),
                     }
                 }
+                done = next_lookup(&mut results) => {
+                    let written = match done {
+                        Some(done) => {
+                            self.enricher.complete(done);
+                            self.emit_ready(false)
+                        }
+                        None => {
+                            results = None; // the worker is gone; queued events are forced out at the end
+                            Ok(())
+                        }
+                    };
+                    match written {
+                        Ok(()) => {}
+                        Err(err) if is_closed_output(&err) => break Ending::OutputClosed,
+                        Err(err) => return Err(err).context("writing events"),
+                    }
+                }
                 _ = forward_probe_log(&mut logger) => {}
                 _ = tick.tick() => {
                     self.clock.resync();
@@ -142,16 +194,32 @@ impl Pipeline<'_> {
             }
         };
 
+        if ending == Ending::OutputClosed {
+            return Ok(ending);
+        }
         // Records already in the ring when a signal or the deadline arrived are still printed,
         // so every bind that completed before the stop is in the output.
+        let mut finished = Ok(());
         if matches!(ending, Ending::Signal | Ending::Duration) {
-            match self.drain(ring.get_mut()) {
-                Ok(_) => {}
-                Err(err) if is_closed_output(&err) => return Ok(Ending::OutputClosed),
-                Err(err) => return Err(err).context("writing events"),
-            }
+            finished = self.drain(ring.get_mut()).map(|_| ());
         }
-        Ok(ending)
+        let finished = match finished {
+            Ok(()) => self.finish(&mut results).await,
+            Err(err) => Err(err),
+        };
+        match finished {
+            Ok(()) => Ok(ending),
+            Err(err) if is_closed_output(&err) => Ok(Ending::OutputClosed),
+            Err(err) => Err(err).context("writing events"),
+        }
+    }
+}
+
+/// The next finished lookup; pending forever when there is no worker.
+async fn next_lookup(results: &mut Option<UnboundedReceiver<Done>>) -> Option<Done> {
+    match results {
+        Some(results) => results.recv().await,
+        None => std::future::pending().await,
     }
 }
 

@@ -173,15 +173,23 @@ fn holder_report(holder: &Holder, seen: Option<&SeenBind>) -> HolderReport {
     }
 }
 
-/// "pid 4242 (nginx: master process)", or what is known about a socket no process holds.
-fn who(holder: &Holder) -> String {
-    match holder.processes.as_slice() {
-        [] if holder.socket.inode == 0 => "no process".to_owned(),
-        [] => format!(
+/// "pid 4242 (nginx: master process)", or what is known about a socket no process holds
+/// (bindtrace may have seen who bound it).
+fn who(holder: &Holder, seen: Option<&SeenBind>) -> String {
+    match (holder.processes.as_slice(), seen) {
+        ([], _) if holder.socket.inode == 0 => "no process".to_owned(),
+        ([], Some(seen)) => format!(
+            "a socket (inode {}) that pid {} ({}) bound at {}; no process has it open now",
+            holder.socket.inode,
+            seen.pid,
+            comm_text(&seen.comm),
+            local_time_of_day(seen.wall_ns)
+        ),
+        ([], None) => format!(
             "a socket (inode {}, uid {}) that no visible process has open",
             holder.socket.inode, holder.socket.uid
         ),
-        [first, rest @ ..] => {
+        ([first, rest @ ..], _) => {
             let name = if first.cmdline.is_empty() { &first.comm } else { &first.cmdline };
             let mut text = format!("pid {} ({})", first.pid, name.chars().take(80).collect::<String>());
             if !rest.is_empty() {
@@ -200,7 +208,7 @@ fn endpoint(addr: SocketAddr) -> String {
 }
 
 /// The sentence for sockets holding a port, shared with `bindtrace who`.
-pub fn holders_summary(proto: Proto, port: u16, holders: &[Holder], since: Option<&SeenBind>) -> String {
+pub fn holders_summary(proto: Proto, port: u16, holders: &[Holder], seen: Option<&SeenBind>) -> String {
     let Some(first) = holders.iter().min_by_key(|h| holder_rank(&h.socket)) else {
         return format!("nothing holds port {port}/{} now", proto.name());
     };
@@ -213,12 +221,15 @@ pub fn holders_summary(proto: Proto, port: u16, holders: &[Holder], since: Optio
             expires.map(|ms| format!(", expires in {} s", ms.div_ceil(1000))).unwrap_or_default()
         );
     }
-    let since = since.map(|s| format!(" since {}", local_time_of_day(s.wall_ns))).unwrap_or_default();
+    let since = seen
+        .filter(|_| !first.processes.is_empty())
+        .map(|s| format!(" since {}", local_time_of_day(s.wall_ns)))
+        .unwrap_or_default();
     let others = holders.len() - 1;
     format!(
         "port {port}/{} is held by {}, {} on {}{since}{}",
         proto.name(),
-        who(first),
+        who(first, seen),
         state_name(proto, first.socket.state),
         endpoint(first.socket.local),
         if others > 0 {

@@ -18,6 +18,7 @@ use bytes::BytesMut;
 
 use crate::{
     decode::{family_name, BindEventExt as _},
+    enrich::Diagnosis,
     summary::Report,
 };
 
@@ -26,8 +27,9 @@ pub trait Sink {
     fn start(&mut self) -> io::Result<()> {
         Ok(())
     }
-    /// Formats one event into the output buffer (written out by [`Sink::flush`]).
-    fn event(&mut self, event: &BindEvent, wall_ns: i128) -> io::Result<()>;
+    /// Formats one event, with the diagnosis of a failure, into the output buffer (written
+    /// out by [`Sink::flush`]).
+    fn event(&mut self, event: &BindEvent, wall_ns: i128, diagnosis: Option<&Diagnosis>) -> io::Result<()>;
     /// Writes out everything buffered.
     fn flush(&mut self) -> io::Result<()>;
     /// Prints the exit report.

@@ -11,6 +11,7 @@ use super::{Output, Sink};
 use crate::{
     clock::Rfc3339,
     decode::{family_name, BindEventExt as _},
+    enrich::Diagnosis,
     errno,
     summary::Report,
 };
@@ -53,6 +54,8 @@ struct EventRecord<'a> {
     netns: u32,
     cgroup_id: u64,
     backend: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    diagnosis: Option<&'a Diagnosis>,
 }
 
 #[derive(Serialize)]
@@ -83,7 +86,7 @@ fn write_line<T: Serialize>(output: &mut Output, value: &T) -> io::Result<()> {
 }
 
 impl Sink for NdjsonSink {
-    fn event(&mut self, event: &BindEvent, wall_ns: i128) -> io::Result<()> {
+    fn event(&mut self, event: &BindEvent, wall_ns: i128, diagnosis: Option<&Diagnosis>) -> io::Result<()> {
         self.scratch.clear();
         self.time.write(&mut self.scratch, wall_ns);
         let time = std::str::from_utf8(&self.scratch).unwrap_or("");
@@ -125,6 +128,7 @@ impl Sink for NdjsonSink {
             netns: event.netns_ino,
             cgroup_id: event.cgroup_id,
             backend: event.backend_name(),
+            diagnosis,
         };
         write_line(&mut self.output, &record)
     }
@@ -158,7 +162,7 @@ mod tests {
         let mut sink = NdjsonSink::new(Output::new(Box::new(shared.clone())));
         let mut event = sample_event();
         event.comm[..9].copy_from_slice(b"ev\x1bl\nname");
-        sink.event(&event, 1_795_600_931_000_000_001).expect("encode");
+        sink.event(&event, 1_795_600_931_000_000_001, None).expect("encode");
         assert!(lines(&shared).is_empty(), "nothing is written before flush");
         sink.flush().expect("flush");
         let out = lines(&shared);
@@ -191,7 +195,7 @@ mod tests {
         let mut event = sample_event();
         event.ret = 0;
         event.sock_flags = 0;
-        sink.event(&event, 0).expect("encode");
+        sink.event(&event, 0, None).expect("encode");
         sink.flush().expect("flush");
         let line = &lines(&shared)[0];
         assert_eq!(line["ok"], true);

@@ -7,7 +7,7 @@ use anstyle::{AnsiColor, Style};
 use bindtrace_common::BindEvent;
 
 use super::{push_escaped, requested_endpoint, Output, Sink};
-use crate::{clock::local_time_of_day, decode::BindEventExt as _, errno, summary::Report};
+use crate::{clock::local_time_of_day, decode::BindEventExt as _, enrich::Diagnosis, errno, summary::Report};
 
 const FAILURE: Style = AnsiColor::Red.on_default().bold();
 
@@ -60,7 +60,7 @@ impl Sink for TableSink {
         self.header()
     }
 
-    fn event(&mut self, event: &BindEvent, wall_ns: i128) -> io::Result<()> {
+    fn event(&mut self, event: &BindEvent, wall_ns: i128, diagnosis: Option<&Diagnosis>) -> io::Result<()> {
         self.header()?;
         let mut comm = String::with_capacity(16);
         push_escaped(&mut comm, event.comm_bytes());
@@ -79,7 +79,14 @@ impl Sink for TableSink {
         } else {
             self.line.push_str(&result);
         }
-        self.push_line()
+        self.push_line()?;
+        if let Some(diagnosis) = diagnosis {
+            // The summary quotes command lines, which processes choose: escaped like comm.
+            self.line.push_str("    └ ");
+            push_escaped(&mut self.line, diagnosis.summary.as_bytes());
+            self.push_line()?;
+        }
+        Ok(())
     }
 
     fn flush(&mut self) -> io::Result<()> {
@@ -146,7 +153,7 @@ mod tests {
     fn render(color: bool, event: &BindEvent) -> String {
         let shared = Shared::default();
         let mut sink = TableSink::new(Output::new(Box::new(shared.clone())), color);
-        sink.event(event, 1_795_600_931_000_000_000).expect("row");
+        sink.event(event, 1_795_600_931_000_000_000, None).expect("row");
         sink.flush().expect("flush");
         shared.text()
     }
