@@ -12,7 +12,7 @@ use bindtrace_common::ProbeConfig;
 use clap::{error::ErrorKind, Parser as _};
 
 use crate::{
-    cli::{Cli, ColorChoice, OutputFormat},
+    cli::{Cli, ColorChoice, Command, OutputFormat, WhoArgs},
     clock::{Rfc3339, WallClock},
     enrich::Enricher,
     filter::EventFilter,
@@ -21,6 +21,7 @@ use crate::{
     probe::{self, AttachedProbe},
     sink::{ndjson::NdjsonSink, table::TableSink, Output, Sink},
     summary::Summary,
+    who,
 };
 
 /// Exit status for bad input and missing privileges.
@@ -93,6 +94,10 @@ pub fn main() -> ExitCode {
         }
     };
 
+    if let Some(Command::Who(args)) = &cli.command {
+        return who_main(args);
+    }
+
     let plan = match plan(cli).and_then(|plan| probe::check_privileges().map(|()| plan)) {
         Ok(plan) => plan,
         Err(err) => {
@@ -110,6 +115,24 @@ pub fn main() -> ExitCode {
     };
     match runtime.block_on(run(plan)) {
         Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            print_error(&format!("{err:#}"));
+            ExitCode::from(EXIT_FAILURE)
+        }
+    }
+}
+
+fn who_main(args: &WhoArgs) -> ExitCode {
+    let netns = match who::prepare(args) {
+        Ok(netns) => netns,
+        Err(err) => {
+            print_error(&format!("{err:#}"));
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    match who::run(args, &netns) {
+        Ok(who::Verdict::Held) => ExitCode::SUCCESS,
+        Ok(who::Verdict::Free) => ExitCode::from(EXIT_FAILURE),
         Err(err) => {
             print_error(&format!("{err:#}"));
             ExitCode::from(EXIT_FAILURE)

@@ -16,7 +16,9 @@ Examples:
   sudo bindtrace -p 4242 --proto udp       UDP binds of process 4242
   sudo bindtrace -o ndjson > trace.ndjson  one JSON object per line (schema: docs/ndjson-schema.md)
   sudo bindtrace -d 30s --file trace.ndjson
-  sudo bindtrace -o ndjson | jq 'select(.ok == false)'";
+  sudo bindtrace -o ndjson | jq 'select(.ok == false)'
+  sudo bindtrace who 8080                  who holds port 8080 now (TCP and UDP)
+  sudo bindtrace who 53/udp --netns 4242   ... in the network namespace of process 4242";
 
 #[derive(Debug, Parser)]
 #[command(
@@ -25,9 +27,13 @@ Examples:
     about = "Trace every socket bind on this host, with its result, live.",
     long_about = "Trace every socket bind on this host, with its result, live.\n\n\
         Failed binds keep the address and port that were asked for. Runs as root (CAP_BPF).",
-    after_help = EXAMPLES
+    after_help = EXAMPLES,
+    args_conflicts_with_subcommands = true
 )]
 pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+
     /// Only these results: errno names in any case or numbers, comma-separated
     /// (EADDRINUSE,eacces,22).
     #[arg(long, value_name = "LIST", value_delimiter = ',', value_parser = errno::parse)]
@@ -93,6 +99,50 @@ pub struct Cli {
     /// Colour failures in the table.
     #[arg(long, value_enum, default_value_t = ColorChoice::Auto)]
     pub color: ColorChoice,
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum Command {
+    /// Who holds a port right now: sockets, states, processes, containers, and a hint.
+    Who(WhoArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct WhoArgs {
+    /// PORT, PORT/tcp or PORT/udp (both protocols without a suffix).
+    #[arg(value_name = "PORT[/tcp|/udp]", value_parser = parse_port_spec)]
+    pub target: PortSpec,
+
+    /// Look in this network namespace: a process id or a path such as /run/netns/NAME
+    /// [default: bindtrace's own].
+    #[arg(long, value_name = "PID|PATH")]
+    pub netns: Option<String>,
+
+    /// Output format [default: table on a terminal, ndjson otherwise].
+    #[arg(short = 'o', long, value_enum)]
+    pub output: Option<OutputFormat>,
+}
+
+/// A port and, optionally, one protocol.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PortSpec {
+    pub port: u16,
+    pub proto: Option<Proto>,
+}
+
+pub fn parse_port_spec(text: &str) -> Result<PortSpec, String> {
+    let (port, proto) = match text.split_once('/') {
+        Some((port, proto)) => {
+            let proto = match proto.to_ascii_lowercase().as_str() {
+                "tcp" => Proto::Tcp,
+                "udp" => Proto::Udp,
+                other => return Err(format!("unknown protocol '{other}': use PORT/tcp or PORT/udp")),
+            };
+            (port, Some(proto))
+        }
+        None => (text, None),
+    };
+    Ok(PortSpec { port: parse_port(port)?, proto })
 }
 
 /// An inclusive port range; a single port has `low == high`.
@@ -278,6 +328,18 @@ mod tests {
         assert!(parse(&["-d", "soon"]).is_err());
         assert!(parse(&["-d", "0s"]).is_err());
         assert!(parse(&["-n", "0"]).is_err());
+    }
+
+    #[test]
+    fn who_takes_a_port_and_optional_protocol() {
+        let cli = parse(&["who", "8080/udp", "--netns", "42"]).expect("valid");
+        let Some(Command::Who(who)) = cli.command else { panic!("who") };
+        assert_eq!(who.target, PortSpec { port: 8080, proto: Some(Proto::Udp) });
+        assert_eq!(who.netns.as_deref(), Some("42"));
+        assert_eq!(parse_port_spec("53"), Ok(PortSpec { port: 53, proto: None }));
+        assert!(parse_port_spec("53/sctp").is_err());
+        assert!(parse_port_spec("0/tcp").is_err());
+        assert!(parse(&["-x", "who", "80"]).is_err(), "trace flags do not mix with who");
     }
 
     #[test]

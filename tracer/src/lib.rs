@@ -2,7 +2,8 @@
 //! prints it live. The stages, in the order data flows (see docs/ARCHITECTURE.md):
 //!
 //! kernel probe → [`probe`] (load, attach, counters) → [`pipeline`] (ring buffer loop) →
-//! [`decode`] → [`filter`] → [`sink`] (table or NDJSON) → [`summary`] (exit report).
+//! [`decode`] → [`filter`] → [`enrich`] (holders, diagnosis) → [`sink`] (table or NDJSON) →
+//! [`summary`] (exit report). [`who`] answers "who holds this port" with the enrich code.
 
 pub mod app;
 pub mod cli;
@@ -16,3 +17,4 @@ pub mod pipeline;
 pub mod probe;
 pub mod sink;
 pub mod summary;
+pub mod who;

@@ -156,7 +156,7 @@ fn seen_report(seen: &SeenBind) -> SeenBindReport {
     }
 }
 
-fn holder_report(holder: &Holder, seen: Option<&SeenBind>) -> HolderReport {
+pub(crate) fn holder_report(holder: &Holder, seen: Option<&SeenBind>) -> HolderReport {
     let socket = &holder.socket;
     HolderReport {
         proto: socket.proto,
@@ -240,6 +240,12 @@ pub fn holders_summary(proto: Proto, port: u16, holders: &[Holder], seen: Option
     )
 }
 
+/// The bind bindtrace saw for a holder: by its own process if it bound the port itself, else
+/// the latest on the port (a socket handed to another process, as a supervisor does).
+fn seen_for<'a>(history: &'a BindHistory, key: (u32, u16, u16), holder: &Holder) -> Option<&'a SeenBind> {
+    holder.processes.iter().find_map(|p| history.latest(key, Some(p.pid))).or_else(|| history.latest(key, None))
+}
+
 fn in_use(event: &BindEvent, holders: &[Holder], history: &BindHistory) -> Diagnosis {
     let proto = Proto::from_ipproto(event.protocol).unwrap_or(Proto::Tcp);
     let port = event.port;
@@ -248,13 +254,7 @@ fn in_use(event: &BindEvent, holders: &[Holder], history: &BindHistory) -> Diagn
     let mut blocking: Vec<&Holder> =
         holders.iter().filter(|h| conflicts(requested, event.has(sock_flags::V6ONLY), &h.socket)).collect();
     blocking.sort_by_key(|h| holder_rank(&h.socket));
-    let reports = blocking
-        .iter()
-        .map(|h| {
-            let pid = h.processes.first().map(|p| p.pid);
-            holder_report(h, pid.and_then(|pid| history.latest(key, Some(pid))))
-        })
-        .collect();
+    let reports = blocking.iter().map(|h| holder_report(h, seen_for(history, key, h))).collect();
     let mut facts = DiagnosisFacts::default();
     let Some(first) = blocking.first() else {
         let summary = if holders.is_empty() {
@@ -307,8 +307,7 @@ fn in_use(event: &BindEvent, holders: &[Holder], history: &BindHistory) -> Diagn
 
     let live: Vec<&&Holder> = blocking.iter().filter(|h| h.socket.state != TCP_TIME_WAIT).collect();
     let first = live.first().copied().unwrap_or(first);
-    let holder_pid = first.processes.first().map(|p| p.pid);
-    let seen = history.latest(key, holder_pid);
+    let seen = seen_for(history, key, first);
     let mut unknown = Vec::new();
     if first.processes.is_empty() && first.socket.inode != 0 {
         unknown.push(format!(

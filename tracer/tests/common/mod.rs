@@ -196,45 +196,128 @@ pub fn my_comm() -> String {
     std::fs::read_to_string("/proc/thread-self/comm").expect("comm").trim_end().to_owned()
 }
 
-/// Forks a child that (optionally) drops to `uid`, binds a TCP socket to `addr` and exits
-/// with the bind's errno (0 on success). Returns (child pid, errno).
-///
-/// The child runs only raw syscalls between fork and _exit: this process has other
-/// threads, so nothing that allocates or locks may run there.
-pub fn bind_in_child(addr: SocketAddr, uid: Option<u32>) -> (u32, i32) {
-    let SocketAddr::V4(v4) = addr else { panic!("IPv4 only") };
+/// What a forked child does: optionally enter a new network namespace, optionally drop to
+/// `uid`, optionally bind and listen on `addr` first (a holder), then bind `addr` with a new
+/// socket, stay alive for `linger` (so its process and namespace can be looked up), and exit
+/// with that bind's errno (0 on success).
+pub struct ChildPlan {
+    pub addr: SocketAddr,
+    pub uid: Option<u32>,
+    pub new_netns: bool,
+    pub hold_first: bool,
+    pub linger: Duration,
+}
+
+impl ChildPlan {
+    pub fn bind(addr: SocketAddr) -> Self {
+        ChildPlan { addr, uid: None, new_netns: false, hold_first: false, linger: Duration::ZERO }
+    }
+}
+
+pub struct ForkedChild {
+    pub pid: u32,
+}
+
+impl ForkedChild {
+    /// Waits for the child and returns the errno of its bind.
+    pub fn wait(self) -> i32 {
+        let mut status = 0;
+        unsafe { libc::waitpid(self.pid as i32, &mut status, 0) };
+        assert!(libc::WIFEXITED(status), "child did not exit normally");
+        let code = libc::WEXITSTATUS(status);
+        assert!(code < 200, "child setup failed with {code}");
+        code
+    }
+}
+
+/// Forks the child of `plan`. It runs only raw syscalls between fork and _exit: this process
+/// has other threads, so nothing that allocates or locks may run there.
+pub fn spawn_child(plan: ChildPlan) -> ForkedChild {
+    let SocketAddr::V4(v4) = plan.addr else { panic!("IPv4 only") };
     let sockaddr = libc::sockaddr_in {
         sin_family: libc::AF_INET as u16,
         sin_port: v4.port().to_be(),
         sin_addr: libc::in_addr { s_addr: u32::from_ne_bytes(v4.ip().octets()) },
         sin_zero: [0; 8],
     };
+    let linger = libc::timespec { tv_sec: plan.linger.as_secs() as i64, tv_nsec: plan.linger.subsec_nanos() as i64 };
+    let len = std::mem::size_of::<libc::sockaddr_in>() as u32;
     let pid = unsafe { libc::fork() };
     assert!(pid >= 0, "fork failed");
     if pid == 0 {
         unsafe {
-            if let Some(uid) = uid {
+            if plan.new_netns && libc::unshare(libc::CLONE_NEWNET) != 0 {
+                libc::_exit(202);
+            }
+            if let Some(uid) = plan.uid {
                 if libc::syscall(libc::SYS_setresgid, uid, uid, uid) != 0
                     || libc::syscall(libc::SYS_setresuid, uid, uid, uid) != 0
                 {
                     libc::_exit(200);
                 }
             }
+            if plan.hold_first {
+                let holder = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
+                if holder < 0
+                    || libc::bind(holder, (&raw const sockaddr).cast(), len) != 0
+                    || libc::listen(holder, 1) != 0
+                {
+                    libc::_exit(203);
+                }
+            }
             let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
             if fd < 0 {
                 libc::_exit(201);
             }
-            let rc = libc::bind(fd, (&raw const sockaddr).cast(), std::mem::size_of::<libc::sockaddr_in>() as u32);
+            let rc = libc::bind(fd, (&raw const sockaddr).cast(), len);
             let errno = if rc == 0 { 0 } else { *libc::__errno_location() };
+            libc::nanosleep(&linger, std::ptr::null_mut());
             libc::_exit(errno);
         }
     }
-    let mut status = 0;
-    unsafe { libc::waitpid(pid, &mut status, 0) };
-    assert!(libc::WIFEXITED(status), "child did not exit normally");
-    let code = libc::WEXITSTATUS(status);
-    assert!(code < 200, "child setup failed with {code}");
-    (pid as u32, code)
+    ForkedChild { pid: pid as u32 }
+}
+
+/// Forks a child that (optionally) drops to `uid`, binds a TCP socket to `addr` and exits
+/// with the bind's errno. Returns (child pid, errno).
+pub fn bind_in_child(addr: SocketAddr, uid: Option<u32>) -> (u32, i32) {
+    let child = spawn_child(ChildPlan { uid, ..ChildPlan::bind(addr) });
+    let pid = child.pid;
+    (pid, child.wait())
+}
+
+/// Starts `sleep 60` holding `socket` as its fd 3 (a holder process with a known comm and
+/// command line); the test's own copy is closed.
+pub fn hand_to_sleep(socket: socket2::Socket) -> std::process::Child {
+    use std::os::unix::process::CommandExt as _;
+    let fd = socket.as_raw_fd();
+    let mut command = Command::new("sleep");
+    command.arg("60").stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
+    // SAFETY: dup2 is async-signal-safe; the duplicate has no CLOEXEC, so sleep inherits it.
+    unsafe {
+        command.pre_exec(move || {
+            if libc::dup2(fd, 3) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let child = command.spawn().expect("spawn sleep");
+    drop(socket);
+    child
+}
+
+/// Runs `bindtrace who ARGS -o ndjson` and returns (exit code, records).
+pub fn who(args: &[&str]) -> (Option<i32>, Vec<Value>) {
+    let mut all = vec!["who"];
+    all.extend_from_slice(args);
+    all.extend_from_slice(&["-o", "ndjson"]);
+    let (status, stdout, stderr) = run_to_end(&all);
+    let records = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("who printed non-JSON ({e}): {l}; stderr {stderr}")))
+        .collect();
+    (status.code(), records)
 }
 
 pub fn raw_fd(socket: &socket2::Socket) -> i64 {

@@ -1,0 +1,158 @@
+//! `bindtrace who PORT[/tcp|/udp]`: who holds a port right now, with the same lookups and
+//! wording as the live diagnosis, for someone who saw the error without bindtrace running.
+
+use std::{
+    io::{self, IsTerminal as _, Write as _},
+    path::Path,
+};
+
+use anyhow::{Context as _, Result};
+use serde::Serialize;
+
+use crate::{
+    cli::{self, OutputFormat, WhoArgs},
+    enrich::{
+        diagnose::{holder_report, holders_summary, HolderReport},
+        lookup::{Holder, Lookups},
+        netns::Netns,
+        sockdiag::{state_name, Proto},
+    },
+    sink::push_escaped,
+};
+
+#[derive(Serialize)]
+struct WhoRecord<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    port: u16,
+    proto: Proto,
+    netns: Option<u64>,
+    summary: &'a str,
+    holders: Vec<HolderReport>,
+}
+
+/// Whether anything holds the port (exit status 0) or not (1).
+pub enum Verdict {
+    Held,
+    Free,
+}
+
+fn open_netns(spec: Option<&str>) -> Result<Netns> {
+    match spec {
+        None => Ok(Netns::Own),
+        Some(pid) if pid.bytes().all(|b| b.is_ascii_digit()) => {
+            Netns::open_path(Path::new(&format!("/proc/{pid}/ns/net")))
+                .with_context(|| format!("--netns {pid}: no such process"))
+        }
+        Some(path) => Netns::open_path(Path::new(path)),
+    }
+}
+
+/// Resolves the namespace; an unknown one is bad input (exit 2), so this runs first.
+pub fn prepare(args: &WhoArgs) -> Result<Netns> {
+    open_netns(args.netns.as_deref())
+}
+
+pub fn run(args: &WhoArgs, netns: &Netns) -> Result<Verdict> {
+    let protos: &[Proto] = match args.target.proto {
+        Some(cli::Proto::Tcp) => &[Proto::Tcp],
+        Some(cli::Proto::Udp) => &[Proto::Udp],
+        None => &[Proto::Tcp, Proto::Udp],
+    };
+    let port = args.target.port;
+    let table =
+        args.output.unwrap_or(if io::stdout().is_terminal() { OutputFormat::Table } else { OutputFormat::Ndjson })
+            == OutputFormat::Table;
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("bindtrace: not root: processes of other users and other namespaces may be missing (use sudo)");
+    }
+    let mut lookups = Lookups::default();
+    let mut out = String::new();
+    let mut held = false;
+    for &proto in protos {
+        let holders = lookups.holders(netns, proto, port).map_err(anyhow::Error::msg)?;
+        if holders.is_empty() && args.target.proto.is_none() && table {
+            continue;
+        }
+        held |= !holders.is_empty();
+        let summary = holders_summary(proto, port, &holders, None);
+        if table {
+            render_table(&mut out, &holders, &summary);
+        } else {
+            let record = WhoRecord {
+                kind: "who",
+                port,
+                proto,
+                netns: netns.inode(),
+                summary: &summary,
+                holders: holders.iter().map(|h| holder_report(h, None)).collect(),
+            };
+            out.push_str(&serde_json::to_string(&record)?);
+            out.push('\n');
+        }
+    }
+    if !held && table {
+        out.push_str(&format!("nothing holds port {port} in this network namespace\n"));
+    }
+    let mut stdout = io::stdout().lock();
+    match stdout.write_all(out.as_bytes()).and_then(|()| stdout.flush()) {
+        Err(err) if err.kind() != io::ErrorKind::BrokenPipe => return Err(err).context("writing the answer"),
+        _ => {}
+    }
+    Ok(if held { Verdict::Held } else { Verdict::Free })
+}
+
+fn render_table(out: &mut String, holders: &[Holder], summary: &str) {
+    use std::fmt::Write as _;
+    if holders.is_empty() {
+        let _ = writeln!(out, "{summary}");
+        return;
+    }
+    let _ = writeln!(
+        out,
+        "{:<5} {:<11} {:<28} {:<28} {:>7} {:<16} {:>5} CGROUP",
+        "PROTO", "STATE", "LOCAL", "PEER", "PID", "COMM", "UID"
+    );
+    for holder in holders {
+        let socket = &holder.socket;
+        let peer = if socket.peer.ip().is_unspecified() { "-".to_owned() } else { socket.peer.to_string() };
+        let state = state_name(socket.proto, socket.state);
+        if holder.processes.is_empty() {
+            let note = match socket.timer_ms {
+                Some(ms) => format!("(no process; timer {} s)", ms.div_ceil(1000)),
+                None => "(no process)".to_owned(),
+            };
+            let _ = writeln!(
+                out,
+                "{:<5} {:<11} {:<28} {:<28} {:>7} {:<16} {:>5} -",
+                socket.proto.name(),
+                state,
+                socket.local.to_string(),
+                peer,
+                "-",
+                note,
+                socket.uid
+            );
+        }
+        for process in &holder.processes {
+            let mut comm = String::new();
+            push_escaped(&mut comm, process.comm.as_bytes());
+            let mut cgroup = String::new();
+            push_escaped(&mut cgroup, process.cgroup.as_deref().unwrap_or("-").as_bytes());
+            let _ = writeln!(
+                out,
+                "{:<5} {:<11} {:<28} {:<28} {:>7} {:<16} {:>5} {cgroup}",
+                socket.proto.name(),
+                state,
+                socket.local.to_string(),
+                peer,
+                process.pid,
+                comm,
+                socket.uid
+            );
+        }
+    }
+    out.push_str("  └ ");
+    push_escaped(out, summary.as_bytes());
+    out.push('\n');
+}

@@ -1,0 +1,304 @@
+//! Attribution and diagnosis of failed binds, and `bindtrace who`, against real sockets,
+//! real processes and real network namespaces.
+
+mod common;
+
+use std::{
+    net::{Ipv6Addr, SocketAddr, TcpStream},
+    time::Duration,
+};
+
+use common::*;
+use serde_json::Value;
+use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+
+fn tcp(domain: Domain) -> Socket {
+    Socket::new(domain, Type::STREAM, Some(Protocol::TCP)).expect("socket")
+}
+
+fn addr(text: &str) -> SockAddr {
+    SockAddr::from(text.parse::<SocketAddr>().expect("address"))
+}
+
+fn diagnosis(event: &Value) -> &Value {
+    let diagnosis = &event["diagnosis"];
+    assert!(diagnosis.is_object(), "a failed bind carries a diagnosis: {event}");
+    diagnosis
+}
+
+fn sysctl(name: &str) -> i64 {
+    std::fs::read_to_string(format!("/proc/sys/{name}")).expect("sysctl").trim().parse().expect("number")
+}
+
+#[test]
+fn listening_holder_is_named_with_its_process() {
+    if !can_load_probe("listening_holder_is_named_with_its_process") {
+        return;
+    }
+    let port = free_port();
+    let mut tracer = Tracer::start(&["-o", "ndjson", "-P", &port.to_string()]);
+    let listener = tcp(Domain::IPV4);
+    listener.bind(&addr(&format!("0.0.0.0:{port}"))).expect("bind");
+    listener.listen(8).expect("listen");
+    let mut sleep = hand_to_sleep(listener);
+    let holder_pid = sleep.id();
+
+    let err = tcp(Domain::IPV4).bind(&addr(&format!("127.0.0.1:{port}"))).expect_err("in use");
+    assert_eq!(err.raw_os_error(), Some(libc::EADDRINUSE));
+    let event = tracer.wait_for("EADDRINUSE", |e| e["errno"] == 98);
+    let d = diagnosis(&event);
+    assert_eq!(d["kind"], "in_use", "{d}");
+    let holder = &d["holders"][0];
+    assert_eq!(holder["state"], "LISTEN");
+    assert_eq!(holder["addr"], "0.0.0.0");
+    assert_eq!(holder["port"], port);
+    assert_eq!(holder["proto"], "tcp");
+    let process = &holder["processes"][0];
+    assert_eq!(process["pid"], holder_pid, "{d}");
+    assert_eq!(process["comm"], "sleep");
+    assert_eq!(process["cmdline"], "sleep 60");
+    assert!(process["cgroup"].is_string(), "{process}");
+    assert!(holder["seen_bind"]["time"].is_string(), "bindtrace saw the holder's bind: {holder}");
+    let summary = d["summary"].as_str().expect("summary");
+    let expected = format!("port {port}/tcp is held by pid {holder_pid} (sleep 60), LISTEN on 0.0.0.0:{port} since ");
+    assert!(summary.starts_with(&expected), "{summary}");
+    assert!(summary.ends_with("stop it or bind another port"), "{summary}");
+
+    let (code, records) = who(&[&format!("{port}/tcp")]);
+    assert_eq!(code, Some(0), "a held port exits 0");
+    assert_eq!(records[0]["holders"][0]["processes"][0]["pid"], holder_pid);
+    assert!(records[0]["summary"].as_str().is_some_and(|s| s.contains(&format!("pid {holder_pid} (sleep 60)"))));
+
+    let _ = sleep.kill();
+    let _ = sleep.wait();
+    tracer.stop();
+}
+
+#[test]
+fn time_wait_holder_explains_the_so_reuseaddr_rule() {
+    if !can_load_probe("time_wait_holder_explains_the_so_reuseaddr_rule") {
+        return;
+    }
+    let port = free_port();
+    let mut tracer = Tracer::start(&["-o", "ndjson", "-P", &port.to_string()]);
+    // A listener without SO_REUSEADDR; the server side of a connection closes first, so the
+    // server's socket (local port = the listener's) goes to TIME_WAIT.
+    // (std's TcpListener would set SO_REUSEADDR; socket2 leaves it off.)
+    let listener = tcp(Domain::IPV4);
+    listener.bind(&addr(&format!("127.0.0.1:{port}"))).expect("bind");
+    listener.listen(4).expect("listen");
+    let client = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    let (server, _) = listener.accept().expect("accept");
+    drop(server);
+    std::thread::sleep(Duration::from_millis(50));
+    drop(client);
+    drop(listener);
+    std::thread::sleep(Duration::from_millis(50));
+
+    let plain = tcp(Domain::IPV4);
+    let err = plain.bind(&addr(&format!("127.0.0.1:{port}"))).expect_err("TIME_WAIT holds the port");
+    assert_eq!(err.raw_os_error(), Some(libc::EADDRINUSE));
+    let event = tracer.wait_for("bind without SO_REUSEADDR", |e| e["errno"] == 98 && e["reuseaddr"] == false);
+    let d = diagnosis(&event);
+    assert_eq!(d["kind"], "time_wait", "{d}");
+    let holders = d["holders"].as_array().expect("holders");
+    assert!(!holders.is_empty());
+    for holder in holders {
+        assert_eq!(holder["state"], "TIME_WAIT");
+        assert_eq!(holder["processes"], Value::Array(vec![]), "TIME_WAIT sockets have no process");
+        assert!(holder["timer_ms"].as_u64().is_some_and(|t| t > 0 && t <= 60_000), "{holder}");
+        assert!(holder["peer"].is_string(), "{holder}");
+    }
+    assert_eq!(d["facts"]["new_socket_reuseaddr"], false);
+    assert_eq!(d["facts"]["old_socket_reuseaddr"], false, "bindtrace saw the listener bind without it");
+    let summary = d["summary"].as_str().expect("summary");
+    assert!(summary.starts_with(&format!("only TIME_WAIT sockets hold {port}/tcp (expires in ")), "{summary}");
+
+    // SO_REUSEADDR on the new socket alone is not enough: the old listener lacked it.
+    let reusing = tcp(Domain::IPV4);
+    reusing.set_reuse_address(true).expect("SO_REUSEADDR");
+    let err = reusing.bind(&addr(&format!("127.0.0.1:{port}"))).expect_err("still held");
+    assert_eq!(err.raw_os_error(), Some(libc::EADDRINUSE));
+    let event = tracer.wait_for("bind with SO_REUSEADDR", |e| e["errno"] == 98 && e["reuseaddr"] == true);
+    let d = diagnosis(&event);
+    assert_eq!(d["facts"]["new_socket_reuseaddr"], true);
+    assert!(
+        d["summary"].as_str().is_some_and(|s| s.contains("the old listening socket did not set SO_REUSEADDR")),
+        "{d}"
+    );
+
+    let (code, records) = who(&[&format!("{port}/tcp")]);
+    assert_eq!(code, Some(0));
+    assert_eq!(records[0]["holders"][0]["state"], "TIME_WAIT");
+    assert!(records[0]["summary"].as_str().is_some_and(|s| s.starts_with("only TIME_WAIT sockets hold")));
+    tracer.stop();
+}
+
+#[test]
+fn udp_holder() {
+    if !can_load_probe("udp_holder") {
+        return;
+    }
+    let port = free_port();
+    let mut tracer = Tracer::start(&["-o", "ndjson", "-P", &port.to_string(), "--proto", "udp"]);
+    let holder = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP)).expect("udp");
+    holder.bind(&addr(&format!("127.0.0.1:{port}"))).expect("bind");
+    let mut sleep = hand_to_sleep(holder);
+    let second = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP)).expect("udp");
+    assert!(second.bind(&addr(&format!("127.0.0.1:{port}"))).is_err());
+    let event = tracer.wait_for("UDP EADDRINUSE", |e| e["errno"] == 98);
+    let d = diagnosis(&event);
+    assert_eq!(d["kind"], "in_use", "{d}");
+    assert_eq!(d["holders"][0]["proto"], "udp");
+    assert_eq!(d["holders"][0]["state"], "UNCONN");
+    assert_eq!(d["holders"][0]["processes"][0]["pid"], sleep.id());
+    assert!(d["summary"].as_str().is_some_and(|s| s.starts_with(&format!("port {port}/udp is held by pid "))), "{d}");
+
+    let (code, records) = who(&[&format!("{port}/udp")]);
+    assert_eq!(code, Some(0));
+    assert_eq!(records[0]["proto"], "udp");
+    assert_eq!(records[0]["holders"][0]["processes"][0]["comm"], "sleep");
+    let _ = sleep.kill();
+    let _ = sleep.wait();
+    tracer.stop();
+}
+
+#[test]
+fn dual_stack_clash_between_ipv6_wildcard_and_ipv4() {
+    if !can_load_probe("dual_stack_clash_between_ipv6_wildcard_and_ipv4") {
+        return;
+    }
+    let port = free_port();
+    let mut tracer = Tracer::start(&["-o", "ndjson", "-P", &port.to_string()]);
+    let v6 = tcp(Domain::IPV6);
+    v6.set_only_v6(false).expect("dual stack");
+    v6.bind(&SockAddr::from(SocketAddr::from((Ipv6Addr::UNSPECIFIED, port)))).expect("bind [::]");
+    v6.listen(4).expect("listen");
+    let err = tcp(Domain::IPV4).bind(&addr(&format!("0.0.0.0:{port}"))).expect_err("[::] covers IPv4");
+    assert_eq!(err.raw_os_error(), Some(libc::EADDRINUSE));
+    let event = tracer.wait_for("IPv4 bind", |e| e["errno"] == 98 && e["family"] == "AF_INET");
+    let d = diagnosis(&event);
+    assert_eq!(d["kind"], "in_use_dual_stack", "{d}");
+    assert_eq!(d["holders"][0]["addr"], "::");
+    assert_eq!(d["holders"][0]["v6only"], false);
+    assert_eq!(d["holders"][0]["processes"][0]["pid"], my_pid());
+    assert!(d["summary"].as_str().is_some_and(|s| s.contains("IPV6_V6ONLY")), "{d}");
+    tracer.stop();
+}
+
+#[test]
+fn holder_in_another_network_namespace_is_found_there() {
+    if !can_load_probe("holder_in_another_network_namespace_is_found_there") {
+        return;
+    }
+    let port = free_port();
+    let mut tracer = Tracer::start(&["-o", "ndjson", "-P", &port.to_string()]);
+    // The child makes its own namespace, holds 0.0.0.0:port there and fails a second bind.
+    let child = spawn_child(ChildPlan {
+        new_netns: true,
+        hold_first: true,
+        linger: Duration::from_secs(4),
+        ..ChildPlan::bind(format!("0.0.0.0:{port}").parse().expect("addr"))
+    });
+    let child_pid = child.pid;
+    let failure = tracer.wait_for("failure inside the namespace", |e| e["pid"] == child_pid && e["errno"] == 98);
+    let d = diagnosis(&failure);
+    assert_eq!(d["kind"], "in_use", "{d}");
+    assert_eq!(d["holders"][0]["processes"][0]["pid"], child_pid, "found in the child's namespace: {d}");
+    let host_netns =
+        std::fs::metadata("/proc/self/ns/net").map(|m| std::os::unix::fs::MetadataExt::ino(&m)).expect("ns");
+    assert_ne!(failure["netns"], host_netns, "the child's namespace, not the host's");
+
+    // The same port on the host is free: the bind succeeds and gets no diagnosis.
+    let host = tcp(Domain::IPV4);
+    host.bind(&addr(&format!("0.0.0.0:{port}"))).expect("the host's port is free");
+    let ok = tracer.wait_for("host bind", |e| e["pid"] == my_pid() && e["ok"] == true);
+    assert!(ok.get("diagnosis").is_none(), "{ok}");
+    assert_eq!(ok["netns"], host_netns);
+
+    let (code, records) = who(&[&format!("{port}/tcp"), "--netns", &child_pid.to_string()]);
+    assert_eq!(code, Some(0));
+    assert_eq!(records[0]["holders"][0]["processes"][0]["pid"], child_pid);
+    assert_ne!(records[0]["netns"], host_netns);
+    let (_, host_records) = who(&[&format!("{port}/tcp")]);
+    assert!(
+        host_records[0]["holders"].as_array().is_some_and(|h| h.iter().all(|h| h["processes"][0]["pid"] != child_pid)),
+        "the host's answer does not mix in the child's namespace: {host_records:?}"
+    );
+    assert_eq!(child.wait(), libc::EADDRINUSE);
+    tracer.stop();
+}
+
+#[test]
+fn eacces_names_the_sysctl_and_the_missing_capability() {
+    if !can_load_probe("eacces_names_the_sysctl_and_the_missing_capability") {
+        return;
+    }
+    let mut tracer = Tracer::start(&["-o", "ndjson", "-P", "80", "--errno", "EACCES"]);
+    let child = spawn_child(ChildPlan {
+        uid: Some(65534),
+        linger: Duration::from_secs(2),
+        ..ChildPlan::bind("127.0.0.1:80".parse().expect("addr"))
+    });
+    let child_pid = child.pid;
+    let event = tracer.wait_for("EACCES", |e| e["pid"] == child_pid);
+    let d = diagnosis(&event);
+    assert_eq!(d["kind"], "privileged_port", "{d}");
+    let start = sysctl("net/ipv4/ip_unprivileged_port_start");
+    assert_eq!(d["facts"]["ip_unprivileged_port_start"], start);
+    assert_eq!(d["facts"]["cap_net_bind_service"], false);
+    let summary = d["summary"].as_str().expect("summary");
+    assert!(summary.contains(&format!("below net.ipv4.ip_unprivileged_port_start ({start})")), "{summary}");
+    assert!(summary.contains("lacks CAP_NET_BIND_SERVICE"), "{summary}");
+    assert_eq!(child.wait(), libc::EACCES);
+    tracer.stop();
+}
+
+#[test]
+fn eaddrnotavail_for_an_address_on_no_interface() {
+    if !can_load_probe("eaddrnotavail_for_an_address_on_no_interface") {
+        return;
+    }
+    let port = free_port();
+    let mut tracer = Tracer::start(&["-o", "ndjson", "-P", &port.to_string()]);
+    let err = tcp(Domain::IPV4).bind(&addr(&format!("192.0.2.55:{port}"))).expect_err("TEST-NET-1 is on no interface");
+    assert_eq!(err.raw_os_error(), Some(libc::EADDRNOTAVAIL));
+    let event = tracer.wait_for("EADDRNOTAVAIL", |e| e["errno"] == 99);
+    let d = diagnosis(&event);
+    assert_eq!(d["kind"], "address_not_available", "{d}");
+    assert_eq!(d["facts"]["address_assigned"], false);
+    assert_eq!(d["facts"]["ip_nonlocal_bind"], sysctl("net/ipv4/ip_nonlocal_bind"));
+    assert!(d["summary"].as_str().is_some_and(|s| s.starts_with("192.0.2.55 is not assigned to any interface")), "{d}");
+    tracer.stop();
+}
+
+#[test]
+fn einval_names_the_existing_binding() {
+    if !can_load_probe("einval_names_the_existing_binding") {
+        return;
+    }
+    let (first, second) = (free_port(), free_port());
+    let mut tracer = Tracer::start(&["-o", "ndjson", "-P", &format!("{first},{second}")]);
+    let sock = tcp(Domain::IPV4);
+    sock.bind(&addr(&format!("127.0.0.1:{first}"))).expect("bind");
+    assert!(sock.bind(&addr(&format!("127.0.0.1:{second}"))).is_err());
+    let event = tracer.wait_for("EINVAL", |e| e["errno"] == 22);
+    let d = diagnosis(&event);
+    assert_eq!(d["kind"], "already_bound", "{d}");
+    assert_eq!(d["facts"]["already_bound_to"], format!("127.0.0.1:{first}"));
+    tracer.stop();
+}
+
+#[test]
+fn who_on_a_free_port_exits_1_and_bad_input_2() {
+    let port = free_port();
+    let (code, records) = who(&[&format!("{port}/tcp")]);
+    assert_eq!(code, Some(1), "{records:?}");
+    assert_eq!(records[0]["holders"], Value::Array(vec![]));
+    assert_eq!(records[0]["summary"], format!("nothing holds port {port}/tcp now"));
+    let (status, _, stderr) = run_to_end(&["who", "70000"]);
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    let (status, _, stderr) = run_to_end(&["who", "80", "--netns", "/nonexistent/netns"]);
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+}
