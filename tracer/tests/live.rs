@@ -353,21 +353,19 @@ fn closed_pipe_ends_quietly() {
     holder.listen(1).expect("listen");
     tracer.wait_for("first event", |e| e["port"] == port);
     // Like `| head -n 1`: the reader goes away, the tracer must notice on its next write.
-    let Tracer { mut child, lines, stderr, .. } = tracer;
-    drop(lines);
-    drop(child.stdout.take());
+    tracer.close_stdout();
     // Keep binding: the first write after the reader left may still land in the pipe, the
     // next one fails with EPIPE.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     let status = loop {
-        if let Some(status) = child.try_wait().expect("wait") {
+        if let Some(status) = tracer.child.try_wait().expect("wait") {
             break status;
         }
         assert!(std::time::Instant::now() < deadline, "bindtrace kept running after its reader left");
         let _ = socket(Domain::IPV4, Type::STREAM).bind(&addr(&format!("127.0.0.1:{port}")));
         std::thread::sleep(std::time::Duration::from_millis(50));
     };
-    let messages: Vec<String> = stderr.iter().collect();
+    let messages: Vec<String> = tracer.stderr.iter().collect();
     assert!(status.success(), "{status:?} {messages:?}");
     assert!(!messages.iter().any(|m| m.contains("panicked") || m.contains("Broken pipe")), "{messages:?}");
 }

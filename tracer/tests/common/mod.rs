@@ -147,6 +147,13 @@ impl Tracer {
         self.wait()
     }
 
+    /// Drops the reader of stdout: like `| head` going away, the pipe closes after the next line.
+    pub fn close_stdout(&mut self) {
+        let (_, closed) = mpsc::channel();
+        self.lines = closed;
+        drop(self.child.stdout.take());
+    }
+
     /// Waits for the tracer to end on its own (--count, --duration).
     pub fn wait(mut self) -> Finished {
         let deadline = Instant::now() + EXIT_TIMEOUT;
@@ -160,10 +167,21 @@ impl Tracer {
             }
             thread::sleep(Duration::from_millis(20));
         };
-        let mut lines = self.seen;
+        let mut lines = std::mem::take(&mut self.seen);
         lines.extend(self.lines.iter());
         let stderr: Vec<String> = self.stderr.iter().collect();
         Finished { status, lines, stderr: stderr.join("\n") }
+    }
+}
+
+/// A test that fails mid-way must not leave its tracer attached (it would slow everything
+/// after it): the tracer is killed when the handle goes away unfinished.
+impl Drop for Tracer {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
     }
 }
 
