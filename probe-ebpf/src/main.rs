@@ -15,7 +15,7 @@ use aya_ebpf::{
         bpf_get_current_uid_gid, bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_user, bpf_probe_read_user_buf,
     },
     macros::{map, tracepoint},
-    maps::{HashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, PerCpuArray, RingBuf},
     programs::TracePointContext,
 };
 use aya_log_ebpf::debug;
@@ -32,12 +32,15 @@ static BINDTRACE_CONFIG: ProbeConfig = ProbeConfig::zeroed();
 #[map(name = "EVENTS")]
 static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 20, 0);
 
-/// A bind() between entry and exit: the event so far, and the kernel socket (0 if not found),
-/// kept here rather than in the event so that no kernel pointer reaches userspace.
+/// A bind() between entry and exit: only the syscall's arguments and the entry time. Everything
+/// else is read at exit, after the result filter, so a filtered-out call costs a map update and
+/// a lookup, nothing more. The sockaddr is still the caller's until bind() returns.
 #[repr(C)]
 struct InFlight {
-    event: BindEvent,
-    sock: u64,
+    entered_ns: u64,
+    user_addr: u64,
+    fd: i32,
+    addrlen: u32,
 }
 
 /// bind() calls between entry and exit, keyed by thread id.
@@ -47,6 +50,18 @@ static IN_FLIGHT: HashMap<u32, InFlight> = HashMap::with_max_entries(16384, 0);
 /// Per-CPU counters, indexed by `bindtrace_common::stat`.
 #[map(name = "STATS")]
 static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stat::COUNT, 0);
+
+/// When the probe last woke the reader (ns, CLOCK_MONOTONIC).
+#[map(name = "LAST_WAKEUP")]
+static LAST_WAKEUP: Array<u64> = Array::with_max_entries(1, 0);
+
+const BPF_RB_NO_WAKEUP: u64 = 1;
+const BPF_RB_FORCE_WAKEUP: u64 = 2;
+const BPF_RB_AVAIL_DATA: u64 = 0;
+/// Wake the reader at least this often while records flow (2 ms)...
+const WAKEUP_INTERVAL_NS: u64 = 2_000_000;
+/// ...and whenever this much is unread (the default ring holds 1 MiB).
+const WAKEUP_BYTES: u64 = 64 * 1024;
 
 /// tgids accepted by `--pid` (value unused).
 #[map(name = "FILTER_PIDS")]
@@ -116,42 +131,19 @@ pub fn bindtrace_sys_exit_bind(ctx: TracePointContext) -> u32 {
 fn on_enter(ctx: &TracePointContext) {
     let cfg = config();
     let pid_tgid = bpf_get_current_pid_tgid();
-    let tgid = (pid_tgid >> 32) as u32;
-    let tid = pid_tgid as u32;
-    let comm = current_comm();
-    if !task_passes(cfg, tgid, || comm) {
+    if !task_passes(cfg, (pid_tgid >> 32) as u32, current_comm) {
         return;
     }
-
-    let mut event = BindEvent::zeroed();
-    event.timestamp_ns = unsafe { bpf_ktime_get_ns() };
-    event.tgid = tgid;
-    event.tid = tid;
-    event.comm = comm;
-    let uid_gid = bpf_get_current_uid_gid();
-    event.uid = uid_gid as u32;
-    event.gid = (uid_gid >> 32) as u32;
-    event.cgroup_id = unsafe { bpf_get_current_cgroup_id() };
-    event.backend = Backend::Tracepoint as u8;
-
     // SAFETY: the offsets are inside the tracepoint record, whose layout is syscall ABI.
-    let (fd, user_addr, addrlen) = unsafe {
-        (
-            ctx.read_at::<u64>(ENTER_FD).unwrap_or(u64::MAX) as i32,
-            ctx.read_at::<u64>(ENTER_UMYADDR).unwrap_or(0) as *const u8,
-            ctx.read_at::<u64>(ENTER_ADDRLEN).unwrap_or(0) as u32,
-        )
+    let in_flight = unsafe {
+        InFlight {
+            entered_ns: bpf_ktime_get_ns(),
+            user_addr: ctx.read_at::<u64>(ENTER_UMYADDR).unwrap_or(0),
+            fd: ctx.read_at::<u64>(ENTER_FD).unwrap_or(u64::MAX) as i32,
+            addrlen: ctx.read_at::<u64>(ENTER_ADDRLEN).unwrap_or(0) as u32,
+        }
     };
-    event.fd = fd;
-    event.addrlen = addrlen;
-
-    if read_requested_address(&mut event, user_addr, addrlen).is_err() {
-        count(stat::ADDR_READ_FAILED);
-        debug!(ctx, "bindtrace: sockaddr of pid {} unreadable", tgid);
-    }
-    let sock = read_socket(&mut event, &cfg.layout, fd);
-
-    if IN_FLIGHT.insert(tid, InFlight { event, sock: sock.map_or(0, |sk| sk as u64) }, 0).is_err() {
+    if IN_FLIGHT.insert(pid_tgid as u32, in_flight, 0).is_err() {
         count(stat::IN_FLIGHT_FULL);
     }
 }
@@ -218,7 +210,7 @@ unsafe fn read_field(base: *const u8, loc: &FieldLoc) -> Option<u32> {
 
 /// Walks task → files → fdtable → file → socket → sock and fills the socket fields and the
 /// netns. Any failed read leaves `SOCK_INFO` clear; the event is still emitted. Returns the
-/// sock for the exit hook.
+/// sock, for reading where it is bound.
 #[inline(always)]
 fn read_socket(event: &mut BindEvent, layout: &KernelLayout, fd: i32) -> Option<*const u8> {
     // SAFETY: every dereference below goes through bpf_probe_read_kernel.
@@ -323,39 +315,80 @@ fn on_exit(ctx: &TracePointContext) {
         count(stat::FILTERED);
         return;
     }
-    let Some(in_flight) = IN_FLIGHT.get_ptr_mut(tid) else {
+    let Some(in_flight) = IN_FLIGHT.get_ptr(tid) else {
         count(stat::IN_FLIGHT_MISSING);
         return;
     };
-    // SAFETY: the map value stays valid until we remove it below; only this thread uses its key.
-    let in_flight = unsafe { &mut *in_flight };
-    let event = &mut in_flight.event;
+    // SAFETY: the value stays valid until removed below; only this thread uses its key.
+    let InFlight { entered_ns, user_addr, fd, addrlen } = unsafe { core::ptr::read(in_flight) };
+    let _ = IN_FLIGHT.remove(tid);
+
     // SAFETY: offset inside the tracepoint record.
     let ret = unsafe { ctx.read_at::<u64>(EXIT_RET) }.unwrap_or(0) as i64 as i32;
-    event.ret = ret;
-    event.duration_ns = unsafe { bpf_ktime_get_ns() }.saturating_sub(event.timestamp_ns);
-    if ret == -ENOTSOCK || ret == -EBADF {
-        // Whatever was read behind the fd was not this call's socket.
-        event.sock_flags &= !sock_flags::SOCKET_BITS;
-        event.sock_type = 0;
-        event.protocol = 0;
-    } else if in_flight.sock != 0 {
-        read_bound_address(event, &cfg.layout, in_flight.sock as *const u8);
+    let filter = &cfg.filter;
+    if !filter.accepts_result(ret) {
+        count(stat::FILTERED);
+        return;
     }
 
-    let filter = &cfg.filter;
-    let passes = filter.accepts_result(ret)
-        && filter.accepts_port(event.port)
-        && filter.accepts_family(event.family)
-        && filter.accepts_protocol(event.protocol);
-    if !passes {
+    let mut event = BindEvent::zeroed();
+    event.timestamp_ns = entered_ns;
+    event.duration_ns = unsafe { bpf_ktime_get_ns() }.saturating_sub(entered_ns);
+    event.ret = ret;
+    event.fd = fd;
+    event.addrlen = addrlen;
+    if read_requested_address(&mut event, user_addr as *const u8, addrlen).is_err() {
+        count(stat::ADDR_READ_FAILED);
+        debug!(ctx, "bindtrace: sockaddr of tid {} unreadable", tid);
+    }
+    if !filter.accepts_port(event.port) || !filter.accepts_family(event.family) {
         count(stat::FILTERED);
-    } else if EVENTS.output::<BindEvent>(&*event, 0).is_ok() {
+        return;
+    }
+    // After ENOTSOCK or EBADF the fd holds no socket of this call: do not look behind it.
+    let socket_fd = if ret == -ENOTSOCK || ret == -EBADF { -1 } else { fd };
+    if let Some(sk) = read_socket(&mut event, &cfg.layout, socket_fd) {
+        read_bound_address(&mut event, &cfg.layout, sk);
+    }
+    if !filter.accepts_protocol(event.protocol) {
+        count(stat::FILTERED);
+        return;
+    }
+    event.tgid = (pid_tgid >> 32) as u32;
+    event.tid = tid;
+    event.comm = current_comm();
+    let uid_gid = bpf_get_current_uid_gid();
+    event.uid = uid_gid as u32;
+    event.gid = (uid_gid >> 32) as u32;
+    event.cgroup_id = unsafe { bpf_get_current_cgroup_id() };
+    event.backend = Backend::Tracepoint as u8;
+
+    if EVENTS.output::<BindEvent>(&event, wakeup_flags()).is_ok() {
         count(stat::EMITTED);
     } else {
         count(stat::RINGBUF_FULL);
     }
-    let _ = IN_FLIGHT.remove(tid);
+}
+
+/// Wake the reader for this record only when it has not been woken for [`WAKEUP_INTERVAL_NS`]
+/// or the unread data passes [`WAKEUP_BYTES`]: one wake-up per record costs the traced
+/// program more than the record itself. Userspace drains again shortly after any batch, so a
+/// record that woke nobody waits at most that long (see the tracer's pipeline).
+#[inline(always)]
+fn wakeup_flags() -> u64 {
+    let now = unsafe { bpf_ktime_get_ns() };
+    let pending = EVENTS.query(BPF_RB_AVAIL_DATA);
+    let Some(last) = LAST_WAKEUP.get_ptr_mut(0) else {
+        return 0;
+    };
+    // SAFETY: an array slot; a racing CPU at worst causes one extra or one fewer wake-up.
+    let last = unsafe { &mut *last };
+    if pending >= WAKEUP_BYTES || now.saturating_sub(*last) >= WAKEUP_INTERVAL_NS {
+        *last = now;
+        BPF_RB_FORCE_WAKEUP
+    } else {
+        BPF_RB_NO_WAKEUP
+    }
 }
 
 #[cfg(not(test))]

@@ -21,6 +21,10 @@ struct MemberLoc {
 
 pub struct KernelTypes {
     btf: Btf,
+    /// Structs already found by name: each lookup by name scans the type table.
+    structs: std::cell::RefCell<std::collections::HashMap<String, Struct>>,
+    /// Every enumerator of the anonymous enums, read once on first use.
+    enumerators: std::cell::OnceCell<std::collections::HashMap<String, u32>>,
 }
 
 impl KernelTypes {
@@ -29,10 +33,19 @@ impl KernelTypes {
         let btf = Btf::from_file_with_backend(path, Backend::Mmap)
             .or_else(|_| Btf::from_file(path))
             .with_context(|| format!("cannot read kernel BTF from {}", path.display()))?;
-        Ok(Self { btf })
+        Ok(Self { btf, structs: Default::default(), enumerators: Default::default() })
     }
 
     fn find_struct(&self, name: &str) -> Result<Struct> {
+        if let Some(found) = self.structs.borrow().get(name) {
+            return Ok(found.clone());
+        }
+        let found = self.find_struct_uncached(name)?;
+        self.structs.borrow_mut().insert(name.to_owned(), found.clone());
+        Ok(found)
+    }
+
+    fn find_struct_uncached(&self, name: &str) -> Result<Struct> {
         self.btf
             .resolve_types_by_name(name)
             .ok()
@@ -159,19 +172,23 @@ impl KernelTypes {
         })
     }
 
-    /// The value of an enumerator, searched among the kernel's (often anonymous) enums.
+    /// The value of an enumerator of one of the kernel's anonymous enums (INET_FLAGS_* live
+    /// in one); they are indexed in one pass on first use.
     fn enumerator(&self, name: &str) -> Result<Option<u32>> {
-        let candidates = self.btf.resolve_types_by_name("").unwrap_or_default();
-        for ty in candidates {
-            if let Type::Enum(e) = ty {
-                for member in &e.members {
-                    if self.btf.resolve_name(member).is_ok_and(|n| n == name) {
-                        return Ok(Some(member.val()));
+        let index = self.enumerators.get_or_init(|| {
+            let mut index = std::collections::HashMap::new();
+            for ty in self.btf.resolve_types_by_name("").unwrap_or_default() {
+                if let Type::Enum(e) = ty {
+                    for member in &e.members {
+                        if let Ok(n) = self.btf.resolve_name(member) {
+                            index.insert(n, member.val());
+                        }
                     }
                 }
             }
-        }
-        Ok(None)
+            index
+        });
+        Ok(index.get(name).copied())
     }
 
     /// An inet socket option flag: since 6.6 bit `enum_name` of `inet_sock.inet_flags`,

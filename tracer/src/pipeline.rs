@@ -72,9 +72,15 @@ impl StopSignals {
 
 /// What a drain of the ring buffer decided.
 enum Drained {
-    Continue,
+    /// Keep going; how many records there were.
+    Continue(usize),
     Stop(Ending),
 }
+
+/// The probe wakes the reader at most every 2 ms while records flow (or when 64 KiB are
+/// unread), so after a drain that found records, the ring is drained again this much later:
+/// a record that woke nobody waits at most this long.
+const RECHECK: Duration = Duration::from_millis(5);
 
 fn is_closed_output(err: &io::Error) -> bool {
     err.kind() == io::ErrorKind::BrokenPipe
@@ -83,8 +89,10 @@ fn is_closed_output(err: &io::Error) -> bool {
 impl Pipeline<'_> {
     /// Handles every record in the ring buffer now, then writes the batch out.
     fn drain(&mut self, ring: &mut RingBuf<MapData>) -> io::Result<Drained> {
-        let mut outcome = Drained::Continue;
+        let mut records = 0;
+        let mut stop = None;
         while let Some(item) = ring.next() {
+            records += 1;
             match decode(&item) {
                 Ok(event) => {
                     if !self.filter.accepts(&event) {
@@ -93,7 +101,7 @@ impl Pipeline<'_> {
                     self.summary.record(&event);
                     self.enricher.push(event, self.clock.wall_ns(event.timestamp_ns));
                     if self.limits.count.is_some_and(|limit| self.summary.events() >= limit) {
-                        outcome = Drained::Stop(Ending::Count);
+                        stop = Some(Ending::Count);
                         break;
                     }
                 }
@@ -106,7 +114,10 @@ impl Pipeline<'_> {
             }
         }
         self.emit_ready(false)?;
-        Ok(outcome)
+        Ok(match stop {
+            Some(ending) => Drained::Stop(ending),
+            None => Drained::Continue(records),
+        })
     }
 
     /// Passes every event whose diagnosis is complete (all of them with `force`) to the sink,
@@ -149,6 +160,7 @@ impl Pipeline<'_> {
         // loop runs is still reported at the first tick.
         let mut reported = KernelCounters::default();
         let mut results = self.enricher.take_results();
+        let mut recheck: Option<Instant> = None;
 
         let ending = loop {
             tokio::select! {
@@ -160,7 +172,19 @@ impl Pipeline<'_> {
                     // Clear first, then drain: a record that lands after the drain re-arms the fd.
                     guard.clear_ready();
                     match self.drain(guard.get_inner_mut()) {
-                        Ok(Drained::Continue) => {}
+                        Ok(Drained::Continue(records)) => {
+                            recheck = (records > 0).then(|| Instant::now() + RECHECK).or(recheck);
+                        }
+                        Ok(Drained::Stop(ending)) => break ending,
+                        Err(err) if is_closed_output(&err) => break Ending::OutputClosed,
+                        Err(err) => return Err(err).context("writing events"),
+                    }
+                }
+                _ = async { sleep_until(recheck.unwrap_or_else(Instant::now)).await }, if recheck.is_some() => {
+                    match self.drain(ring.get_mut()) {
+                        Ok(Drained::Continue(records)) => {
+                            recheck = (records > 0).then(|| Instant::now() + RECHECK);
+                        }
                         Ok(Drained::Stop(ending)) => break ending,
                         Err(err) if is_closed_output(&err) => break Ending::OutputClosed,
                         Err(err) => return Err(err).context("writing events"),

@@ -68,11 +68,16 @@ impl AttachedProbe {
         let backend = match attach {
             Attach::Auto | Attach::Tracepoint => Backend::Tracepoint,
         };
+        let started = std::time::Instant::now();
         let mut ebpf = EbpfLoader::new()
+            // The probe takes its offsets from the config, not from CO-RE relocations, so aya
+            // need not parse the kernel's BTF (tens of milliseconds at start-up).
+            .btf(None)
             .override_global(names::CONFIG, config, true)
             .map_max_entries(names::EVENTS, ring_bytes)
             .load(PROBE_OBJECT)
             .context("loading the eBPF probe failed")?;
+        log::debug!("object loaded in {:?}", started.elapsed());
 
         // The probe only logs on rare error paths; without the logger those lines are lost,
         // not the events, so a failure here is a debug note.
@@ -105,6 +110,7 @@ impl AttachedProbe {
                 .with_context(|| format!("attaching to syscalls:{tracepoint} failed"))?;
         }
 
+        log::debug!("programs loaded and attached in {:?}", started.elapsed());
         let stats = PerCpuArray::try_from(
             ebpf.take_map(names::STATS).ok_or_else(|| anyhow!("probe has no {} map", names::STATS))?,
         )?;

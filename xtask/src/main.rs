@@ -3,6 +3,7 @@
 //! Every command starts with the same idempotent set-up, so a fresh Debian machine (as root)
 //! gets from clone to a green test run with one command.
 
+mod bench;
 mod setup;
 
 use std::{
@@ -41,6 +42,8 @@ enum Task {
     /// The whole test suite: formatting, clippy, unit tests and the integration tests that
     /// load the real probe (as root).
     Test,
+    /// Measure what tracing costs a bind storm (release build, as root); see docs/PERFORMANCE.md.
+    Bench(bench::BenchArgs),
 }
 
 fn workspace_root() -> PathBuf {
@@ -140,6 +143,11 @@ fn main() -> ExitCode {
             std::process::exit(status.code().unwrap_or(1));
         }),
         Task::Test => test(),
+        Task::Bench(args) => build(true).and_then(|bindtrace| {
+            run(cargo().args(["build", "--release", "--package", "xtask", "--bin", "bind-storm"]))?;
+            let storm = workspace_root().join("target/release/bind-storm");
+            bench::bench(&args, &bindtrace, &storm)
+        }),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -311,10 +311,12 @@ pub fn hand_to_sleep(socket: socket2::Socket) -> std::process::Child {
     let fd = socket.as_raw_fd();
     let mut command = Command::new("sleep");
     command.arg("60").stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
-    // SAFETY: dup2 is async-signal-safe; the duplicate has no CLOEXEC, so sleep inherits it.
+    // SAFETY: dup2 and fcntl are async-signal-safe. dup2's copy has no CLOEXEC, so sleep
+    // inherits it; when the socket already is fd 3, dup2 is a no-op and the flag is cleared.
     unsafe {
         command.pre_exec(move || {
-            if libc::dup2(fd, 3) < 0 {
+            let rc = if fd == 3 { libc::fcntl(3, libc::F_SETFD, 0) } else { libc::dup2(fd, 3) };
+            if rc < 0 {
                 return Err(std::io::Error::last_os_error());
             }
             Ok(())

@@ -127,7 +127,7 @@ fn main() -> Result<()> {
     }
     let seconds = begin.elapsed().as_secs_f64();
     println!(
-        "{{\"mode\":\"{}\",\"threads\":{},\"binds\":{made},\"failed\":{failed},\"seconds\":{seconds:.6},\"binds_per_second\":{:.0},\"held_port\":{held_port}}}",
+        "{{\"mode\":\"{}\",\"threads\":{},\"binds\":{made},\"failed\":{failed},\"seconds\":{seconds:.6},\"binds_per_second\":{:.0},\"held_port\":{held_port},\"extra_binds\":1}}",
         match args.mode {
             Mode::Ok => "ok",
             Mode::Inuse => "inuse",
