@@ -198,21 +198,10 @@ unsafe fn read_ptr(base: *const u8, offset: u32) -> Option<*const u8> {
     }
 }
 
-#[inline(always)]
-unsafe fn read_field(base: *const u8, loc: &FieldLoc) -> Option<u32> {
-    if !loc.is_present() {
-        return None;
-    }
-    // SAFETY: as above; reading 4 bytes at a narrower member's offset stays inside `struct sock`.
-    let raw = unsafe { bpf_probe_read_kernel(base.add(loc.offset as usize).cast::<u32>()) }.ok()?;
-    Some(loc.extract(raw))
-}
-
 /// Walks task → files → fdtable → file → socket → sock and fills the socket fields and the
-/// netns. Any failed read leaves `SOCK_INFO` clear; the event is still emitted. Returns the
-/// sock, for reading where it is bound.
+/// netns. Any failed read leaves `SOCK_INFO` clear; the event is still emitted.
 #[inline(always)]
-fn read_socket(event: &mut BindEvent, layout: &KernelLayout, fd: i32) -> Option<*const u8> {
+fn read_socket(event: &mut BindEvent, layout: &KernelLayout, fd: i32) {
     // SAFETY: every dereference below goes through bpf_probe_read_kernel.
     unsafe {
         let task = bpf_get_current_task() as *const u8;
@@ -229,7 +218,6 @@ fn read_socket(event: &mut BindEvent, layout: &KernelLayout, fd: i32) -> Option<
                 event.netns_ino = inum;
             }
         }
-        sock
     }
 }
 
@@ -259,49 +247,80 @@ unsafe fn socket_of_fd(task: *const u8, layout: &KernelLayout, fd: i32) -> Optio
 
 #[inline(always)]
 unsafe fn fill_sock_fields(event: &mut BindEvent, layout: &KernelLayout, sk: *const u8) {
-    unsafe {
-        let Some(sock_type) = read_field(sk, &layout.sock_type) else {
-            return;
-        };
-        event.sock_type = sock_type as u16;
-        event.protocol = read_field(sk, &layout.sock_protocol).unwrap_or(0) as u16;
-        event.bound_dev_if = read_field(sk, &layout.sock_bound_dev_if).unwrap_or(0);
-        let mut flags = sock_flags::SOCK_INFO;
-        if read_field(sk, &layout.sock_reuse).unwrap_or(0) != 0 {
-            flags |= sock_flags::REUSEADDR;
+    let mut sock = SockReader::new(sk);
+    let Some(sock_type) = sock.field(&layout.sock_type) else {
+        return;
+    };
+    event.sock_type = sock_type as u16;
+    event.protocol = sock.field(&layout.sock_protocol).unwrap_or(0) as u16;
+    event.bound_dev_if = sock.field(&layout.sock_bound_dev_if).unwrap_or(0);
+    let mut flags = sock_flags::SOCK_INFO;
+    let mut set = |loc: &FieldLoc, flag: u32| {
+        if sock.field(loc).unwrap_or(0) != 0 {
+            flags |= flag;
         }
-        if read_field(sk, &layout.sock_reuseport).unwrap_or(0) != 0 {
-            flags |= sock_flags::REUSEPORT;
+    };
+    set(&layout.sock_reuse, sock_flags::REUSEADDR);
+    set(&layout.sock_reuseport, sock_flags::REUSEPORT);
+    set(&layout.sock_ipv6only, sock_flags::V6ONLY);
+    // inet_sock begins with struct sock, so these offsets apply to the same pointer.
+    set(&layout.inet_freebind, sock_flags::FREEBIND);
+    set(&layout.inet_transparent, sock_flags::TRANSPARENT);
+    set(&layout.inet_bind_address_no_port, sock_flags::BIND_ADDRESS_NO_PORT);
+    event.sock_flags |= flags;
+    // Where the socket is bound now: the port the kernel picked for port 0, or, after
+    // EINVAL, what the socket was already bound to.
+    event.bound_port = sock.field(&layout.sock_num).unwrap_or(0) as u16;
+    if event.family == AF_INET {
+        if let Some(addr) = sock.word(layout.sock_rcv_saddr) {
+            event.bound_addr4 = addr.to_le_bytes();
         }
-        if read_field(sk, &layout.sock_ipv6only).unwrap_or(0) != 0 {
-            flags |= sock_flags::V6ONLY;
-        }
-        // inet_sock begins with struct sock, so these offsets apply to the same pointer.
-        if read_field(sk, &layout.inet_freebind).unwrap_or(0) != 0 {
-            flags |= sock_flags::FREEBIND;
-        }
-        if read_field(sk, &layout.inet_transparent).unwrap_or(0) != 0 {
-            flags |= sock_flags::TRANSPARENT;
-        }
-        if read_field(sk, &layout.inet_bind_address_no_port).unwrap_or(0) != 0 {
-            flags |= sock_flags::BIND_ADDRESS_NO_PORT;
-        }
-        event.sock_flags |= flags;
     }
 }
 
-/// Where the socket is bound now: the port the kernel picked for port 0, or, after EINVAL,
-/// what the socket was already bound to.
-#[inline(always)]
-fn read_bound_address(event: &mut BindEvent, layout: &KernelLayout, sk: *const u8) {
-    // SAFETY: reads go through bpf_probe_read_kernel.
-    unsafe {
-        event.bound_port = read_field(sk, &layout.sock_num).unwrap_or(0) as u16;
-        if event.family == AF_INET {
-            if let Ok(addr) = bpf_probe_read_kernel(sk.add(layout.sock_rcv_saddr as usize).cast::<[u8; 4]>()) {
-                event.bound_addr4 = addr;
+/// Reads fields of one `struct sock` with as few kernel reads as possible: the first
+/// [`SOCK_HEAD`] bytes (skc_rcv_saddr, skc_num, skc_family, the skc_reuse bitfields,
+/// skc_bound_dev_if) in one read, and each other 32-bit word once however many fields
+/// share it. Every probe read is a helper call on the traced program's time.
+struct SockReader {
+    sk: *const u8,
+    head: Option<[u8; SOCK_HEAD]>,
+    last: Option<(u32, u32)>,
+}
+
+const SOCK_HEAD: usize = 32;
+
+impl SockReader {
+    #[inline(always)]
+    fn new(sk: *const u8) -> Self {
+        // SAFETY: bpf_probe_read_kernel copes with any address.
+        let head = unsafe { bpf_probe_read_kernel(sk.cast::<[u8; SOCK_HEAD]>()) }.ok();
+        Self { sk, head, last: None }
+    }
+
+    #[inline(always)]
+    fn word(&mut self, offset: u32) -> Option<u32> {
+        let at = offset as usize;
+        if let Some(bytes) = self.head.as_ref().and_then(|h| h.get(at..at + 4)) {
+            return Some(u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]));
+        }
+        if let Some((cached_at, value)) = self.last {
+            if cached_at == offset {
+                return Some(value);
             }
         }
+        // SAFETY: as above.
+        let value = unsafe { bpf_probe_read_kernel(self.sk.add(at).cast::<u32>()) }.ok()?;
+        self.last = Some((offset, value));
+        Some(value)
+    }
+
+    #[inline(always)]
+    fn field(&mut self, loc: &FieldLoc) -> Option<u32> {
+        if !loc.is_present() {
+            return None;
+        }
+        self.word(loc.offset).map(|raw| loc.extract(raw))
     }
 }
 
@@ -347,9 +366,7 @@ fn on_exit(ctx: &TracePointContext) {
     }
     // After ENOTSOCK or EBADF the fd holds no socket of this call: do not look behind it.
     let socket_fd = if ret == -ENOTSOCK || ret == -EBADF { -1 } else { fd };
-    if let Some(sk) = read_socket(&mut event, &cfg.layout, socket_fd) {
-        read_bound_address(&mut event, &cfg.layout, sk);
-    }
+    read_socket(&mut event, &cfg.layout, socket_fd);
     if !filter.accepts_protocol(event.protocol) {
         count(stat::FILTERED);
         return;

@@ -209,10 +209,20 @@ impl KernelTypes {
     }
 }
 
+/// The probe reads 32 bits at `offset` and shifts. Offsets are aligned down to 4 bytes when
+/// the field still fits, so that fields sharing a word (the skc_reuse bitfields and
+/// skc_family, sk_type and sk_protocol, the inet_flags bits) share one kernel read.
 fn field_loc(loc: MemberLoc) -> Result<FieldLoc> {
-    let offset = loc.bit_offset / 8;
-    let shift = loc.bit_offset % 8;
-    if loc.bits == 0 || shift + loc.bits > 32 {
+    if loc.bits == 0 || loc.bits > 32 {
+        bail!("{} bits at bit {} do not fit in a 32-bit read", loc.bits, loc.bit_offset);
+    }
+    let word = loc.bit_offset / 32 * 4;
+    let (offset, shift) = if loc.bit_offset - word * 8 + loc.bits <= 32 {
+        (word, loc.bit_offset - word * 8)
+    } else {
+        (loc.bit_offset / 8, loc.bit_offset % 8)
+    };
+    if shift + loc.bits > 32 {
         bail!("{} bits at bit {} do not fit in a 32-bit read", loc.bits, loc.bit_offset);
     }
     Ok(FieldLoc { offset, bit_shift: shift as u8, bit_width: loc.bits as u8, _reserved: [0; 2] })
@@ -233,11 +243,15 @@ mod tests {
 
     #[test]
     fn bitfields_become_shift_and_width() {
-        let loc = field_loc(MemberLoc { bit_offset: 18 * 8 + 4, bits: 1 }).expect("fits");
-        assert_eq!((loc.offset, loc.bit_shift, loc.bit_width), (18, 4, 1));
-        assert_eq!(loc.extract(0b1_0000), 1);
+        // skc_reuseport: bit 4 of byte 19, i.e. bit 28 of the word at 16.
+        let loc = field_loc(MemberLoc { bit_offset: 19 * 8 + 4, bits: 1 }).expect("fits");
+        assert_eq!((loc.offset, loc.bit_shift, loc.bit_width), (16, 28, 1));
+        assert_eq!(loc.extract(1 << 28), 1);
         let word = field_loc(MemberLoc { bit_offset: 64, bits: 32 }).expect("fits");
         assert_eq!((word.offset, word.bit_shift, word.bit_width), (8, 0, 32));
+        // A u16 straddling a word boundary falls back to its own byte offset.
+        let straddling = field_loc(MemberLoc { bit_offset: 3 * 8, bits: 16 }).expect("fits");
+        assert_eq!((straddling.offset, straddling.bit_shift), (3, 0));
         assert!(field_loc(MemberLoc { bit_offset: 4, bits: 32 }).is_err());
         assert!(field_loc(MemberLoc { bit_offset: 0, bits: 64 }).is_err());
     }

@@ -101,8 +101,18 @@ fn storm(storm_bin: &Path, mode: &str, threads: usize, binds: u64, wrapper: &[&s
     serde_json::from_str(line).with_context(|| format!("bind-storm output: {line}"))
 }
 
-/// Peak RSS and CPU time of a child, from wait4(2).
-fn wait_with_usage(pid: u32) -> Result<(f64, u64)> {
+/// Peak RSS of a running process (VmHWM). Not wait4's ru_maxrss: that one also counts the
+/// forked copy of this (large) process from before exec.
+fn peak_rss_kb(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
+}
+
+/// CPU time of a child, from wait4(2).
+fn wait_with_usage(pid: u32) -> Result<f64> {
     let mut status = 0;
     // SAFETY: rusage is plain data filled by the kernel.
     let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
@@ -111,7 +121,7 @@ fn wait_with_usage(pid: u32) -> Result<(f64, u64)> {
         bail!("wait4: {}", std::io::Error::last_os_error());
     }
     let seconds = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
-    Ok((seconds(usage.ru_utime) + seconds(usage.ru_stime), usage.ru_maxrss as u64))
+    Ok(seconds(usage.ru_utime) + seconds(usage.ru_stime))
 }
 
 fn run_bindtrace(
@@ -145,20 +155,25 @@ fn run_bindtrace(
     // Keep draining stderr so a drop report can never block the tracer.
     let drain = std::thread::spawn(move || lines.map_while(Result::ok).collect::<Vec<_>>());
     let result = storm(storm_bin, mode, threads, binds, &[]);
+    // Let the tracer catch up before reading its peak and stopping it.
+    std::thread::sleep(Duration::from_millis(300));
+    let rss = peak_rss_kb(child.id()).unwrap_or(0);
     // SAFETY: signalling our own child.
     unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
-    let (cpu, rss) = wait_with_usage(child.id())?;
+    let cpu = wait_with_usage(child.id())?;
     let messages = drain.join().map_err(|_| anyhow!("stderr reader panicked"))?;
     let storm_result = result?;
 
-    let text = std::fs::read_to_string(&file).context("reading the events file")?;
+    // Streamed: the file holds ~450 bytes per event.
+    let reader = BufReader::new(std::fs::File::open(&file).context("reading the events file")?);
     let mut events = 0u64;
     let mut summary = Value::Null;
-    for line in text.lines() {
+    for line in reader.lines() {
+        let line = line?;
         if line.starts_with("{\"type\":\"bind\"") {
             events += 1;
         } else {
-            summary = serde_json::from_str(line).unwrap_or(Value::Null);
+            summary = serde_json::from_str(&line).unwrap_or(Value::Null);
         }
     }
     let _ = std::fs::remove_file(&file);
