@@ -41,6 +41,8 @@ enum Config {
     BindtraceFiltered,
     Bpftrace,
     Strace,
+    /// The same two tracepoints with programs that do nothing: the price of the hook itself.
+    HookFloor,
 }
 
 impl Config {
@@ -51,6 +53,7 @@ impl Config {
             Self::BindtraceFiltered => "(c) bindtrace --errno filter dropping all in kernel",
             Self::Bpftrace => "(d) bpftrace printing each bind",
             Self::Strace => "(e) strace -f -e trace=bind -o /dev/null",
+            Self::HookFloor => "(f) floor: bpftrace, empty programs on the same tracepoints",
         }
     }
 
@@ -61,6 +64,7 @@ impl Config {
             Self::BindtraceFiltered => "bindtrace_filtered",
             Self::Bpftrace => "bpftrace",
             Self::Strace => "strace",
+            Self::HookFloor => "hook_floor",
         }
     }
 }
@@ -78,6 +82,8 @@ struct Run {
     tracer_peak_rss_kb: Option<u64>,
     attach_ms: Option<f64>,
 }
+
+const BPFTRACE_EMPTY: &str = "tracepoint:syscalls:sys_enter_bind {} tracepoint:syscalls:sys_exit_bind {}";
 
 const BPFTRACE_SCRIPT: &str = "tracepoint:syscalls:sys_enter_bind { @addr[tid] = args->umyaddr; } \
      tracepoint:syscalls:sys_exit_bind /@addr[tid]/ { printf(\"%d %s %d\\n\", pid, comm, args->ret); delete(@addr[tid]); }";
@@ -192,9 +198,9 @@ fn run_bindtrace(
     })
 }
 
-fn run_bpftrace(storm_bin: &Path, mode: &str, threads: usize, binds: u64) -> Result<Run> {
+fn run_bpftrace(script: &str, storm_bin: &Path, mode: &str, threads: usize, binds: u64) -> Result<Run> {
     let mut child = Command::new("bpftrace")
-        .args(["-e", BPFTRACE_SCRIPT])
+        .args(["-e", script])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -245,12 +251,15 @@ pub fn bench(args: &BenchArgs, bindtrace: &Path, storm_bin: &Path) -> Result<()>
     if available("bpftrace") {
         configs.push(Config::Bpftrace);
     } else {
-        skipped.push("(d) bpftrace: not installed (apt-get install bpftrace)");
+        skipped.push("(d) and (f) bpftrace: not installed (apt-get install bpftrace)");
     }
     if available("strace") {
         configs.push(Config::Strace);
     } else {
         skipped.push("(e) strace: not installed (apt-get install strace)");
+    }
+    if available("bpftrace") {
+        configs.push(Config::HookFloor);
     }
     let mut results = serde_json::Map::new();
     let mut markdown = String::new();
@@ -272,7 +281,8 @@ pub fn bench(args: &BenchArgs, bindtrace: &Path, storm_bin: &Path) -> Result<()>
                     Config::BindtraceFiltered => {
                         run_bindtrace(bindtrace, storm_bin, mode, args.threads, args.binds, true)?
                     }
-                    Config::Bpftrace => run_bpftrace(storm_bin, mode, args.threads, args.slow_binds)?,
+                    Config::Bpftrace => run_bpftrace(BPFTRACE_SCRIPT, storm_bin, mode, args.threads, args.slow_binds)?,
+                    Config::HookFloor => run_bpftrace(BPFTRACE_EMPTY, storm_bin, mode, args.threads, args.binds)?,
                     Config::Strace => {
                         let r = storm(
                             storm_bin,
