@@ -143,10 +143,11 @@ fn who_main(args: &WhoArgs) -> ExitCode {
 async fn run(plan: Plan) -> Result<()> {
     let Plan { cli, filter, mut sink } = plan;
     let started = std::time::Instant::now();
+    let loader = probe::PendingLoader::start();
     let config = ProbeConfig { layout: layout::running_kernel_layout()?, filter: filter.kernel };
     log::debug!("kernel layout from BTF in {:?}", started.elapsed());
     let signals = StopSignals::install()?;
-    let mut probe = AttachedProbe::attach(cli.attach, &config, &filter.pids, cli.ring_buffer_size)?;
+    let mut probe = AttachedProbe::attach(loader, cli.attach, &config, &filter.pids, cli.ring_buffer_size)?;
     log::debug!("probe loaded and attached after {:?}", started.elapsed());
     let clock = WallClock::new();
     let mut time = Rfc3339::default();

@@ -61,17 +61,38 @@ fn ensure_tracefs() -> Result<()> {
     Ok(())
 }
 
+/// aya's loader, created on another thread: `EbpfLoader::new` parses the whole kernel BTF
+/// (about 20 ms), which can overlap with resolving the layout bindtrace itself needs.
+pub struct PendingLoader(std::thread::JoinHandle<EbpfLoader<'static>>);
+
+impl PendingLoader {
+    pub fn start() -> Self {
+        Self(std::thread::spawn(EbpfLoader::new))
+    }
+
+    fn finish(self) -> Result<EbpfLoader<'static>> {
+        self.0.join().map_err(|_| anyhow!("preparing the eBPF loader panicked"))
+    }
+}
+
 impl AttachedProbe {
     /// Loads and attaches. `attach` is the user's choice; this kernel offers only the syscall
     /// tracepoints today, so `auto` resolves to them.
-    pub fn attach(attach: Attach, config: &ProbeConfig, pids: &[u32], ring_bytes: u32) -> Result<Self> {
+    pub fn attach(
+        loader: PendingLoader,
+        attach: Attach,
+        config: &ProbeConfig,
+        pids: &[u32],
+        ring_bytes: u32,
+    ) -> Result<Self> {
         let backend = match attach {
             Attach::Auto | Attach::Tracepoint => Backend::Tracepoint,
         };
         let started = std::time::Instant::now();
-        let mut ebpf = EbpfLoader::new()
-            // The probe takes its offsets from the config, not from CO-RE relocations, so aya
-            // need not parse the kernel's BTF (tens of milliseconds at start-up).
+        let mut ebpf = loader
+            .finish()?
+            // The probe takes its offsets from the config, not from CO-RE relocations: no
+            // relocation pass against the kernel's BTF.
             .btf(None)
             .override_global(names::CONFIG, config, true)
             .map_max_entries(names::EVENTS, ring_bytes)
