@@ -5,6 +5,7 @@
 
 mod bench;
 mod setup;
+mod vm;
 
 use std::{
     path::{Path, PathBuf},
@@ -44,6 +45,9 @@ enum Task {
     Test,
     /// Measure what tracing costs a bind storm (release build, as root); see docs/PERFORMANCE.md.
     Bench(bench::BenchArgs),
+    /// Boot Debian's 6.1 and 6.12 cloud kernels under QEMU and check the bind scenarios
+    /// traced inside them (or, with --host, on this machine).
+    Vm(vm::VmArgs),
 }
 
 fn workspace_root() -> PathBuf {
@@ -143,6 +147,11 @@ fn main() -> ExitCode {
             std::process::exit(status.code().unwrap_or(1));
         }),
         Task::Test => test(),
+        Task::Vm(args) => build(true).and_then(|bindtrace| {
+            run(cargo().args(["build", "--release", "--package", "xtask", "--bin", "bind-scenarios"]))?;
+            let scenarios = workspace_root().join("target/release/bind-scenarios");
+            vm::vm(&args, &bindtrace, &scenarios)
+        }),
         Task::Bench(args) => build(true).and_then(|bindtrace| {
             run(cargo().args(["build", "--release", "--package", "xtask", "--bin", "bind-storm"]))?;
             let storm = workspace_root().join("target/release/bind-storm");

@@ -1,0 +1,158 @@
+//! bind-scenarios: a fixed list of binds (TCP/UDP, IPv4/IPv6, success, EADDRINUSE, EACCES,
+//! EINVAL, socket options set before bind) made for real, each printed as one JSON line
+//! with what was asked and what bind() returned. `cargo xtask vm` runs it under bindtrace in
+//! each test kernel and checks that every scenario has a matching event, field by field.
+//!
+//! Raw libc calls: the scenarios set options the standard library does not expose, and the
+//! binary must stay small and self-contained for the initramfs.
+
+use std::{
+    io::Write as _,
+    mem::size_of,
+    net::{Ipv4Addr, Ipv6Addr},
+};
+
+struct Scenario {
+    name: &'static str,
+    family: i32,
+    sock_type: i32,
+    addr: String,
+    port: u16,
+    /// (level, option) pairs set to 1 before bind.
+    options: &'static [(i32, i32)],
+    /// Bind this socket once before the measured bind (for EINVAL).
+    bind_twice: bool,
+    /// Hold the address with a listener first (for EADDRINUSE).
+    hold_first: bool,
+    /// Run in a child with this uid (for EACCES).
+    uid: Option<u32>,
+}
+
+fn bind_raw(fd: i32, family: i32, addr: &str, port: u16) -> i32 {
+    // SAFETY: the sockaddrs are plain data on the stack, with their true lengths.
+    unsafe {
+        let rc = if family == libc::AF_INET {
+            let ip: Ipv4Addr = addr.parse().unwrap_or(Ipv4Addr::LOCALHOST);
+            let sa = libc::sockaddr_in {
+                sin_family: libc::AF_INET as u16,
+                sin_port: port.to_be(),
+                sin_addr: libc::in_addr { s_addr: u32::from_ne_bytes(ip.octets()) },
+                sin_zero: [0; 8],
+            };
+            libc::bind(fd, (&raw const sa).cast(), size_of::<libc::sockaddr_in>() as u32)
+        } else {
+            let ip: Ipv6Addr = addr.parse().unwrap_or(Ipv6Addr::LOCALHOST);
+            let sa = libc::sockaddr_in6 {
+                sin6_family: libc::AF_INET6 as u16,
+                sin6_port: port.to_be(),
+                sin6_flowinfo: 0,
+                sin6_addr: libc::in6_addr { s6_addr: ip.octets() },
+                sin6_scope_id: 0,
+            };
+            libc::bind(fd, (&raw const sa).cast(), size_of::<libc::sockaddr_in6>() as u32)
+        };
+        if rc == 0 {
+            0
+        } else {
+            *libc::__errno_location()
+        }
+    }
+}
+
+/// Runs one scenario; returns the errno of the measured bind and the pid that made it.
+fn run(s: &Scenario) -> (i32, u32) {
+    // SAFETY: plain socket calls; the forked child runs only raw syscalls until _exit.
+    unsafe {
+        if s.hold_first {
+            let holder = libc::socket(s.family, s.sock_type, 0);
+            bind_raw(holder, s.family, &s.addr, s.port);
+            if s.sock_type == libc::SOCK_STREAM {
+                libc::listen(holder, 1);
+            }
+            // Leaked on purpose: it must hold the port until the process ends.
+        }
+        if let Some(uid) = s.uid {
+            let pid = libc::fork();
+            if pid == 0 {
+                if libc::syscall(libc::SYS_setresgid, uid, uid, uid) != 0
+                    || libc::syscall(libc::SYS_setresuid, uid, uid, uid) != 0
+                {
+                    libc::_exit(200);
+                }
+                let fd = libc::socket(s.family, s.sock_type, 0);
+                libc::_exit(bind_raw(fd, s.family, &s.addr, s.port));
+            }
+            let mut status = 0;
+            libc::waitpid(pid, &mut status, 0);
+            return (libc::WEXITSTATUS(status), pid as u32);
+        }
+        let fd = libc::socket(s.family, s.sock_type, 0);
+        for &(level, option) in s.options {
+            let on: libc::c_int = 1;
+            libc::setsockopt(fd, level, option, (&raw const on).cast(), size_of::<libc::c_int>() as u32);
+        }
+        if s.bind_twice {
+            bind_raw(fd, s.family, &s.addr, s.port - 1);
+        }
+        // Leaked on purpose: closing would let later scenarios reuse the ports.
+        (bind_raw(fd, s.family, &s.addr, s.port), std::process::id())
+    }
+}
+
+fn main() {
+    let (v4, v6) = (libc::AF_INET, libc::AF_INET6);
+    let (tcp, udp) = (libc::SOCK_STREAM, libc::SOCK_DGRAM);
+    let base = 41000;
+    let scenario = |name, family, sock_type, addr: &str, port| Scenario {
+        name,
+        family,
+        sock_type,
+        addr: addr.to_owned(),
+        port,
+        options: &[],
+        bind_twice: false,
+        hold_first: false,
+        uid: None,
+    };
+    let scenarios = vec![
+        scenario("tcp4_ok", v4, tcp, "127.0.0.1", base + 1),
+        scenario("udp4_ok", v4, udp, "127.0.0.1", base + 2),
+        scenario("tcp6_ok", v6, tcp, "::1", base + 3),
+        scenario("udp6_ok", v6, udp, "::1", base + 4),
+        Scenario { hold_first: true, ..scenario("tcp4_eaddrinuse", v4, tcp, "127.0.0.1", base + 5) },
+        Scenario { hold_first: true, ..scenario("udp6_eaddrinuse", v6, udp, "::1", base + 6) },
+        Scenario { uid: Some(65534), ..scenario("tcp4_eacces_uid65534", v4, tcp, "127.0.0.1", 80) },
+        Scenario { bind_twice: true, ..scenario("tcp4_einval_second_bind", v4, tcp, "127.0.0.1", base + 8) },
+        Scenario {
+            options: &[(libc::SOL_SOCKET, libc::SO_REUSEADDR), (libc::SOL_SOCKET, libc::SO_REUSEPORT)],
+            ..scenario("tcp4_reuseaddr_reuseport", v4, tcp, "127.0.0.1", base + 9)
+        },
+        Scenario {
+            options: &[(libc::IPPROTO_IPV6, libc::IPV6_V6ONLY)],
+            ..scenario("tcp6_v6only", v6, tcp, "::", base + 10)
+        },
+        Scenario {
+            options: &[
+                (libc::IPPROTO_IP, libc::IP_FREEBIND),
+                (libc::IPPROTO_IP, libc::IP_TRANSPARENT),
+                (libc::IPPROTO_IP, libc::IP_BIND_ADDRESS_NO_PORT),
+            ],
+            ..scenario("tcp4_freebind_transparent_noport", v4, tcp, "192.0.2.1", base + 11)
+        },
+    ];
+    let mut out = std::io::stdout().lock();
+    for s in &scenarios {
+        let (errno, pid) = run(s);
+        let options: Vec<String> = s.options.iter().map(|(l, o)| format!("\"{l}:{o}\"")).collect();
+        let _ = writeln!(
+            out,
+            "{{\"scenario\":\"{}\",\"pid\":{pid},\"family\":\"{}\",\"proto\":\"{}\",\"addr\":\"{}\",\"port\":{},\"errno\":{errno},\"options\":[{}]}}",
+            s.name,
+            if s.family == v4 { "AF_INET" } else { "AF_INET6" },
+            if s.sock_type == tcp { "tcp" } else { "udp" },
+            s.addr,
+            s.port,
+            options.join(",")
+        );
+    }
+}
