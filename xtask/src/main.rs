@@ -57,10 +57,10 @@ fn workspace_root() -> PathBuf {
 /// Runs a command in the workspace root, echoing it, and fails if it fails.
 pub fn run(command: &mut Command) -> Result<()> {
     eprintln!("xtask: $ {}", describe(command));
-    let status = command
-        .current_dir(workspace_root())
-        .status()
-        .with_context(|| format!("cannot start {}", describe(command)))?;
+    if command.get_current_dir().is_none() {
+        command.current_dir(workspace_root());
+    }
+    let status = command.status().with_context(|| format!("cannot start {}", describe(command)))?;
     if !status.success() {
         bail!("{} failed ({status})", describe(command));
     }
@@ -131,7 +131,22 @@ fn test() -> Result<()> {
     } else {
         eprintln!("xtask: not root: the tests that load the probe will be SKIPPED (run `sudo cargo xtask test`)");
     }
-    run(&mut tests)
+    run(&mut tests)?;
+    if is_root() {
+        vm_matrix(&vm::VmArgs::default())
+    } else {
+        eprintln!("xtask: not root: the VM matrix is SKIPPED (it installs QEMU and kernels with apt-get)");
+        Ok(())
+    }
+}
+
+/// Builds what the guests run (debug builds: the test run has built them already) and runs
+/// the VM matrix.
+fn vm_matrix(args: &vm::VmArgs) -> Result<()> {
+    let bindtrace = build(false)?;
+    run(cargo().args(["build", "--package", "xtask", "--bin", "bind-scenarios"]))?;
+    let scenarios = workspace_root().join("target/debug/bind-scenarios");
+    vm::vm(args, &bindtrace, &scenarios)
 }
 
 fn main() -> ExitCode {
@@ -147,11 +162,7 @@ fn main() -> ExitCode {
             std::process::exit(status.code().unwrap_or(1));
         }),
         Task::Test => test(),
-        Task::Vm(args) => build(true).and_then(|bindtrace| {
-            run(cargo().args(["build", "--release", "--package", "xtask", "--bin", "bind-scenarios"]))?;
-            let scenarios = workspace_root().join("target/release/bind-scenarios");
-            vm::vm(&args, &bindtrace, &scenarios)
-        }),
+        Task::Vm(args) => vm_matrix(&args),
         Task::Bench(args) => build(true).and_then(|bindtrace| {
             run(cargo().args(["build", "--release", "--package", "xtask", "--bin", "bind-storm"]))?;
             let storm = workspace_root().join("target/release/bind-storm");

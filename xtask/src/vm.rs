@@ -17,11 +17,19 @@ use crate::{describe, run, workspace_root};
 #[derive(clap::Args)]
 pub struct VmArgs {
     /// Kernel series to boot (Debian cloud kernels): 6.1, 6.12, or both.
-    #[arg(long, value_delimiter = ',', default_value = "6.1,6.12")]
+    #[arg(long, value_delimiter = ',', default_values = DEFAULT_KERNELS)]
     kernels: Vec<String>,
     /// Run the scenarios on this machine instead of in VMs.
     #[arg(long)]
     host: bool,
+}
+
+const DEFAULT_KERNELS: [&str; 2] = ["6.1", "6.12"];
+
+impl Default for VmArgs {
+    fn default() -> Self {
+        Self { kernels: DEFAULT_KERNELS.iter().map(|k| (*k).to_owned()).collect(), host: false }
+    }
 }
 
 const APT_PACKAGES: [&str; 3] = ["qemu-system-x86", "busybox-static", "cpio"];
@@ -330,10 +338,13 @@ pub fn vm(args: &VmArgs, bindtrace: &Path, scenarios: &Path) -> Result<()> {
         for series in &args.kernels {
             let kernel = kernel_image(series)?;
             let console = boot(&kernel, &initramfs)?;
+            let log = workspace_root().join(format!("target/vm/console-{series}.txt"));
+            std::fs::write(&log, &console)?;
+            eprintln!("xtask: vm {series}: console in {}", log.display());
             let release = console
                 .lines()
-                .find_map(|l| l.strip_prefix("@@BEGIN "))
-                .map(str::to_owned)
+                // The firmware's terminal escapes may precede the first line.
+                .find_map(|l| l.find("@@BEGIN ").map(|at| l[at + 8..].trim().to_owned()))
                 .unwrap_or_else(|| format!("{series} (did not boot)"));
             if !console.contains("@@END") {
                 let tail: Vec<&str> = console.lines().rev().take(30).collect();
