@@ -268,8 +268,8 @@ pub fn check(scenarios: &[Value], events: &[Value]) -> Vec<String> {
         let name = s["scenario"].as_str().unwrap_or("?");
         let Some(event) = events
             .iter()
-            .filter(|e| e["type"] == "bind" && e["pid"] == s["pid"] && e["port"] == s["port"] && e["addr"] == s["addr"])
-            .last()
+            .rev()
+            .find(|e| e["type"] == "bind" && e["pid"] == s["pid"] && e["port"] == s["port"] && e["addr"] == s["addr"])
         else {
             failures.push(format!("{name}: no event for pid {} {}:{}", s["pid"], s["addr"], s["port"]));
             continue;
