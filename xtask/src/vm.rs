@@ -305,13 +305,28 @@ pub fn check(scenarios: &[Value], events: &[Value]) -> Vec<String> {
     failures
 }
 
-fn report(label: &str, runs: &[GuestRun], backends: &[&str]) -> Vec<String> {
-    let mut failures = Vec::new();
+/// Scenario checks that passed, and what failed, in words.
+#[derive(Default)]
+struct Tally {
+    passed: usize,
+    failed: usize,
+    failures: Vec<String>,
+}
+
+fn report(label: &str, runs: &[GuestRun], backends: &[&str], tally: &mut Tally) {
+    let failures = &mut tally.failures;
     for backend in backends {
         match runs.iter().find(|r| r.backend == *backend) {
-            None => failures.push(format!("{label} {backend}: the guest printed no result")),
+            None => {
+                tally.failed += 1;
+                failures.push(format!("{label} {backend}: the guest printed no result"));
+            }
             Some(run) => {
                 let mut problems = check(&run.scenarios, &run.events);
+                let failing: std::collections::HashSet<&str> =
+                    problems.iter().filter_map(|p| p.split(':').next()).collect();
+                tally.failed += failing.len();
+                tally.passed += run.scenarios.len().saturating_sub(failing.len());
                 if run.exit != "exit=0" {
                     problems.push(format!("bindtrace ended with {}; stderr: {:?}", run.exit, run.stderr));
                 }
@@ -325,16 +340,15 @@ fn report(label: &str, runs: &[GuestRun], backends: &[&str]) -> Vec<String> {
             }
         }
     }
-    failures
 }
 
 pub fn vm(args: &VmArgs, bindtrace: &Path, scenarios: &Path) -> Result<()> {
-    let failures = if args.host {
-        run_on_host(bindtrace, scenarios)?
+    let mut tally = Tally::default();
+    if args.host {
+        run_on_host(bindtrace, scenarios, &mut tally)?;
     } else {
         ensure_packages()?;
         let initramfs = build_initramfs(bindtrace, scenarios)?;
-        let mut failures = Vec::new();
         for series in &args.kernels {
             let kernel = kernel_image(series)?;
             let console = boot(&kernel, &initramfs)?;
@@ -348,25 +362,26 @@ pub fn vm(args: &VmArgs, bindtrace: &Path, scenarios: &Path) -> Result<()> {
                 .unwrap_or_else(|| format!("{series} (did not boot)"));
             if !console.contains("@@END") {
                 let tail: Vec<&str> = console.lines().rev().take(30).collect();
-                failures.push(format!("{series}: the guest did not finish; console tail: {:?}", tail));
+                tally.failed += 1;
+                tally.failures.push(format!("{series}: the guest did not finish; console tail: {:?}", tail));
             }
-            failures.extend(report(&release, &parse_console(&console), &BACKENDS));
+            report(&release, &parse_console(&console), &BACKENDS, &mut tally);
         }
-        failures
-    };
-    if failures.is_empty() {
-        eprintln!("xtask: vm: all scenarios matched");
+    }
+    for failure in &tally.failures {
+        eprintln!("xtask: vm: {failure}");
+    }
+    // The closing line CI reads: scenario checks across kernels and backends.
+    println!("vm: {} passed, {} failed", tally.passed, tally.failed);
+    if tally.failed == 0 && tally.failures.is_empty() {
         Ok(())
     } else {
-        for failure in &failures {
-            eprintln!("xtask: vm: {failure}");
-        }
-        bail!("{} scenario check(s) failed", failures.len())
+        bail!("{} scenario check(s) failed", tally.failed.max(1))
     }
 }
 
 /// The same scenarios and checks on this machine (tracepoint backend).
-fn run_on_host(bindtrace: &Path, scenarios: &Path) -> Result<Vec<String>> {
+fn run_on_host(bindtrace: &Path, scenarios: &Path, tally: &mut Tally) -> Result<()> {
     let dir = workspace_root().join("target/vm");
     std::fs::create_dir_all(&dir)?;
     let events_file = dir.join("host-events.ndjson");
@@ -395,5 +410,45 @@ fn run_on_host(bindtrace: &Path, scenarios: &Path) -> Result<Vec<String>> {
         events,
         scenarios: scenario_lines,
     }];
-    Ok(report("host", &runs, &["tracepoint"]))
+    report("host", &runs, &["tracepoint"], tally);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn scenario() -> Value {
+        json!({"scenario":"tcp4_ok","pid":7,"family":"AF_INET","proto":"tcp","addr":"127.0.0.1","port":41001,"errno":0,
+               "options":[format!("{}:{}", libc::SOL_SOCKET, libc::SO_REUSEADDR)]})
+    }
+
+    fn event(reuseaddr: bool, errno: i32) -> Value {
+        json!({"type":"bind","pid":7,"family":"AF_INET","proto":"tcp","addr":"127.0.0.1","port":41001,"errno":errno,
+               "reuseaddr":reuseaddr,"reuseport":false,"freebind":false,"transparent":false,"bind_address_no_port":false})
+    }
+
+    #[test]
+    fn a_matching_event_passes_and_every_difference_is_named() {
+        assert!(check(&[scenario()], &[event(true, 0)]).is_empty());
+        let failures = check(&[scenario()], &[event(false, 98)]);
+        assert_eq!(failures.len(), 2, "{failures:?}");
+        assert!(failures.iter().any(|f| f.starts_with("tcp4_ok: errno is 98")));
+        assert!(failures.iter().any(|f| f.starts_with("tcp4_ok: reuseaddr is false")));
+        assert!(check(&[scenario()], &[])[0].contains("no event"));
+        assert!(!check(&[], &[]).is_empty(), "no scenarios is a failure");
+    }
+
+    #[test]
+    fn console_sections_are_cut_per_backend() {
+        let console = "\x1b[2J@@BEGIN 6.1.0\n@@BACKEND tracepoint exit=0\n@@STDERR\nattached\n@@EVENTS\n{\"type\":\"bind\"}\n@@SCENARIOS\n{\"scenario\":\"x\"}\n@@END\n";
+        let runs = parse_console(console);
+        assert_eq!(runs.len(), 1);
+        assert_eq!((runs[0].backend.as_str(), runs[0].exit.as_str()), ("tracepoint", "exit=0"));
+        assert_eq!((runs[0].events.len(), runs[0].scenarios.len(), runs[0].stderr.len()), (1, 1, 1));
+        assert_eq!(version_key("linux-image-6.12.117+deb12"), vec![6, 12, 117, 12]);
+        assert!(version_key("6.12.117") > version_key("6.12.99"));
+    }
 }
