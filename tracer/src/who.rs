@@ -117,28 +117,27 @@ fn render_table(out: &mut String, holders: &[Holder], summary: &str) {
         let socket = &holder.socket;
         let peer = if socket.peer.ip().is_unspecified() { "-".to_owned() } else { socket.peer.to_string() };
         let state = state_name(socket.proto, socket.state);
-        if holder.processes.is_empty() {
+        // One row per process holding the socket; one row saying so when none does.
+        let rows: Vec<(String, String, String)> = if holder.processes.is_empty() {
             let note = match socket.timer_ms {
                 Some(ms) => format!("(no process; timer {} s)", ms.div_ceil(1000)),
                 None => "(no process)".to_owned(),
             };
-            let _ = writeln!(
-                out,
-                "{:<5} {:<11} {:<28} {:<28} {:>7} {:<16} {:>5} -",
-                socket.proto.name(),
-                state,
-                socket.local.to_string(),
-                peer,
-                "-",
-                note,
-                socket.uid
-            );
-        }
-        for process in &holder.processes {
-            let mut comm = String::new();
-            push_escaped(&mut comm, process.comm.as_bytes());
-            let mut cgroup = String::new();
-            push_escaped(&mut cgroup, process.cgroup.as_deref().unwrap_or("-").as_bytes());
+            vec![("-".to_owned(), note, "-".to_owned())]
+        } else {
+            holder
+                .processes
+                .iter()
+                .map(|process| {
+                    let mut comm = String::new();
+                    push_escaped(&mut comm, process.comm.as_bytes());
+                    let mut cgroup = String::new();
+                    push_escaped(&mut cgroup, process.cgroup.as_deref().unwrap_or("-").as_bytes());
+                    (process.pid.to_string(), comm, cgroup)
+                })
+                .collect()
+        };
+        for (pid, comm, cgroup) in rows {
             let _ = writeln!(
                 out,
                 "{:<5} {:<11} {:<28} {:<28} {:>7} {:<16} {:>5} {cgroup}",
@@ -146,7 +145,7 @@ fn render_table(out: &mut String, holders: &[Holder], summary: &str) {
                 state,
                 socket.local.to_string(),
                 peer,
-                process.pid,
+                pid,
                 comm,
                 socket.uid
             );

@@ -12,7 +12,8 @@ use crate::{describe, run};
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const NIGHTLY: &str = "nightly";
 
-fn output(command: &mut Command) -> Result<String> {
+/// Runs a command and returns its stdout; fails with its stderr.
+pub fn output(command: &mut Command) -> Result<String> {
     let out = command.output().with_context(|| format!("cannot run {}", describe(command)))?;
     if !out.status.success() {
         bail!("{} failed: {}", describe(command), String::from_utf8_lossy(&out.stderr).trim());
@@ -65,7 +66,8 @@ fn bpf_linker_llvm_major() -> Option<Option<u32>> {
     Some(output(Command::new("ldd").arg(path)).ok().and_then(|ldd| llvm_major_of_linker(&ldd)))
 }
 
-fn apt_install(packages: &[String]) -> Result<()> {
+/// Installs the Debian packages that dpkg does not list as installed.
+pub fn apt_install(packages: &[String]) -> Result<()> {
     let missing: Vec<&String> = packages
         .iter()
         .filter(|p| {

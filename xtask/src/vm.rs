@@ -12,7 +12,11 @@ use std::{
 use anyhow::{anyhow, bail, Context as _, Result};
 use serde_json::Value;
 
-use crate::{describe, run, workspace_root};
+use crate::{
+    describe, run,
+    setup::{apt_install, output},
+    workspace_root,
+};
 
 #[derive(clap::Args)]
 pub struct VmArgs {
@@ -44,14 +48,6 @@ fn cache_dir() -> PathBuf {
     } else {
         workspace_root().join("target/vm/cache")
     }
-}
-
-fn output(command: &mut Command) -> Result<String> {
-    let out = command.output().with_context(|| format!("cannot run {}", describe(command)))?;
-    if !out.status.success() {
-        bail!("{} failed: {}", describe(command), String::from_utf8_lossy(&out.stderr).trim());
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// Numeric components of a package name, for "newest" comparisons (6.12.117 > 6.12.99).
@@ -111,24 +107,7 @@ fn kernel_image(series: &str) -> Result<PathBuf> {
 }
 
 fn ensure_packages() -> Result<()> {
-    let missing: Vec<&str> = APT_PACKAGES
-        .iter()
-        .copied()
-        .filter(|p| {
-            !Command::new("dpkg-query")
-                .args(["-W", "-f=${Status}", p])
-                .output()
-                .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
-        })
-        .collect();
-    if missing.is_empty() {
-        return Ok(());
-    }
-    run(Command::new("apt-get").args(["update", "-qq"]))?;
-    run(Command::new("apt-get")
-        .args(["install", "-y", "-qq", "--no-install-recommends"])
-        .args(&missing)
-        .env("DEBIAN_FRONTEND", "noninteractive"))
+    apt_install(&APT_PACKAGES.map(str::to_owned))
 }
 
 const INIT: &str = r#"#!/bin/sh
