@@ -27,6 +27,15 @@ pub mod names {
     pub const CONFIG: &str = "BINDTRACE_CONFIG";
     pub const PROG_ENTER: &str = "bindtrace_sys_enter_bind";
     pub const PROG_EXIT: &str = "bindtrace_sys_exit_bind";
+    pub const PROG_KPROBE: &str = "bindtrace_kprobe_inet_bind";
+    pub const PROG_KRETPROBE: &str = "bindtrace_kretprobe_inet_bind";
+    /// (fentry program, fexit program, kernel function)
+    pub const PROGS_FEXIT: [(&str, &str, &str); 2] = [
+        ("bindtrace_fentry_inet_bind", "bindtrace_fexit_inet_bind", "inet_bind"),
+        ("bindtrace_fentry_inet6_bind", "bindtrace_fexit_inet6_bind", "inet6_bind"),
+    ];
+    /// The kernel functions the inet_bind backends hook.
+    pub const INET_BIND_FUNCTIONS: [&str; 2] = ["inet_bind", "inet6_bind"];
 }
 
 /// Which kernel hook produced an event.
@@ -34,12 +43,16 @@ pub mod names {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Backend {
     Tracepoint = 1,
+    Kprobe = 2,
+    Fexit = 3,
 }
 
 impl Backend {
     pub fn from_raw(raw: u8) -> Option<Self> {
         match raw {
             1 => Some(Self::Tracepoint),
+            2 => Some(Self::Kprobe),
+            3 => Some(Self::Fexit),
             _ => None,
         }
     }
@@ -47,6 +60,8 @@ impl Backend {
     pub fn name(self) -> &'static str {
         match self {
             Self::Tracepoint => "tracepoint",
+            Self::Kprobe => "kprobe",
+            Self::Fexit => "fexit",
         }
     }
 }

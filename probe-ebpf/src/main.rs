@@ -12,11 +12,13 @@
 use aya_ebpf::{
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_task,
-        bpf_get_current_uid_gid, bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_user, bpf_probe_read_user_buf,
+        bpf_get_current_uid_gid, bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_kernel_buf,
+        bpf_probe_read_user_buf,
     },
-    macros::{map, tracepoint},
+    macros::{fentry, fexit, kprobe, kretprobe, map, tracepoint},
     maps::{Array, HashMap, PerCpuArray, RingBuf},
-    programs::TracePointContext,
+    programs::{FEntryContext, FExitContext, ProbeContext, RetProbeContext, TracePointContext},
+    EbpfContext,
 };
 use aya_log_ebpf::debug;
 use bindtrace_common::{
@@ -38,9 +40,24 @@ static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 20, 0);
 #[repr(C)]
 struct InFlight {
     entered_ns: u64,
-    user_addr: u64,
+    /// The sockaddr: in the caller's memory (tracepoint) or the kernel's copy (inet_bind).
+    addr: u64,
+    /// `struct socket *` for the inet_bind backends, 0 for the tracepoint (it has the fd).
+    socket: u64,
     fd: i32,
     addrlen: u32,
+}
+
+/// Everything a backend knows when bind() returns, handed to [`complete`].
+struct Returned {
+    entered_ns: u64,
+    addr: *const u8,
+    addr_in_kernel: bool,
+    socket: *const u8,
+    fd: i32,
+    addrlen: u32,
+    ret: i32,
+    backend: Backend,
 }
 
 /// bind() calls between entry and exit, keyed by thread id.
@@ -138,26 +155,143 @@ fn on_enter(ctx: &TracePointContext) {
     let in_flight = unsafe {
         InFlight {
             entered_ns: bpf_ktime_get_ns(),
-            user_addr: ctx.read_at::<u64>(ENTER_UMYADDR).unwrap_or(0),
+            addr: ctx.read_at::<u64>(ENTER_UMYADDR).unwrap_or(0),
+            socket: 0,
             fd: ctx.read_at::<u64>(ENTER_FD).unwrap_or(u64::MAX) as i32,
             addrlen: ctx.read_at::<u64>(ENTER_ADDRLEN).unwrap_or(0) as u32,
         }
     };
-    if IN_FLIGHT.insert(pid_tgid as u32, in_flight, 0).is_err() {
+    remember(pid_tgid as u32, in_flight);
+}
+
+#[inline(always)]
+fn remember(tid: u32, in_flight: InFlight) {
+    if IN_FLIGHT.insert(tid, in_flight, 0).is_err() {
         count(stat::IN_FLIGHT_FULL);
     }
+}
+
+/// Entry of `inet_bind(struct socket *, struct sockaddr *, int)` and `inet6_bind` for the
+/// kprobe and fentry backends: the arguments, stashed for the return hook.
+#[inline(always)]
+fn on_inet_bind_entry(socket: u64, addr: u64, addrlen: u64) {
+    let cfg = config();
+    let pid_tgid = bpf_get_current_pid_tgid();
+    if !task_passes(cfg, (pid_tgid >> 32) as u32, current_comm) {
+        return;
+    }
+    let entered_ns = unsafe { bpf_ktime_get_ns() };
+    remember(pid_tgid as u32, InFlight { entered_ns, addr, socket, fd: -1, addrlen: addrlen as u32 });
+}
+
+#[kprobe]
+pub fn bindtrace_kprobe_inet_bind(ctx: ProbeContext) -> u32 {
+    let arg = |n| ctx.arg::<u64>(n).unwrap_or(0);
+    on_inet_bind_entry(arg(0), arg(1), arg(2));
+    0
+}
+
+#[kretprobe]
+pub fn bindtrace_kretprobe_inet_bind(ctx: RetProbeContext) -> u32 {
+    let ret = ctx.ret::<u64>() as i64 as i32;
+    on_inet_bind_return(&ctx, ret, Backend::Kprobe, None);
+    0
+}
+
+#[fentry(function = "inet_bind")]
+pub fn bindtrace_fentry_inet_bind(ctx: FEntryContext) -> u32 {
+    on_inet_bind_entry(ctx.arg(0), ctx.arg(1), ctx.arg(2));
+    0
+}
+
+#[fentry(function = "inet6_bind")]
+pub fn bindtrace_fentry_inet6_bind(ctx: FEntryContext) -> u32 {
+    on_inet_bind_entry(ctx.arg(0), ctx.arg(1), ctx.arg(2));
+    0
+}
+
+#[fexit(function = "inet_bind")]
+pub fn bindtrace_fexit_inet_bind(ctx: FExitContext) -> u32 {
+    on_fexit(&ctx);
+    0
+}
+
+#[fexit(function = "inet6_bind")]
+pub fn bindtrace_fexit_inet6_bind(ctx: FExitContext) -> u32 {
+    on_fexit(&ctx);
+    0
+}
+
+/// fexit sees the arguments and the return value together; the entry time comes from the
+/// fentry program when it ran.
+#[inline(always)]
+fn on_fexit(ctx: &FExitContext) {
+    let ret: i64 = ctx.arg(3);
+    let args = (ctx.arg::<u64>(0), ctx.arg::<u64>(1), ctx.arg::<u64>(2));
+    on_inet_bind_return(ctx, ret as i32, Backend::Fexit, Some(args));
+}
+
+/// Return of inet_bind/inet6_bind (kretprobe, fexit).
+#[inline(always)]
+fn on_inet_bind_return<C: EbpfContext>(ctx: &C, ret: i32, backend: Backend, args: Option<(u64, u64, u64)>) {
+    count(stat::SEEN);
+    let cfg = config();
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let tid = pid_tgid as u32;
+    if !task_passes(cfg, (pid_tgid >> 32) as u32, current_comm) {
+        count(stat::FILTERED);
+        return;
+    }
+    let stashed = IN_FLIGHT.get_ptr(tid).map(|p| unsafe { core::ptr::read(p) });
+    if stashed.is_some() {
+        let _ = IN_FLIGHT.remove(tid);
+    }
+    let (entered_ns, socket, addr, addrlen) = match (stashed, args) {
+        (stashed, Some((socket, addr, addrlen))) => {
+            (stashed.map_or_else(|| unsafe { bpf_ktime_get_ns() }, |s| s.entered_ns), socket, addr, addrlen as u32)
+        }
+        (Some(s), None) => (s.entered_ns, s.socket, s.addr, s.addrlen),
+        (None, None) => {
+            count(stat::IN_FLIGHT_MISSING);
+            return;
+        }
+    };
+    complete(
+        ctx,
+        cfg,
+        pid_tgid,
+        Returned {
+            entered_ns,
+            addr: addr as *const u8,
+            addr_in_kernel: true,
+            socket: socket as *const u8,
+            fd: -1,
+            addrlen,
+            ret,
+            backend,
+        },
+    );
 }
 
 /// Copies the sockaddr the caller passed. Only the family is read when the length is too
 /// short for it (bind() then fails with EINVAL, and the event still says so).
 #[inline(always)]
-fn read_requested_address(event: &mut BindEvent, user_addr: *const u8, addrlen: u32) -> Result<(), i32> {
-    if user_addr.is_null() || addrlen < 2 {
+fn read_requested_address(event: &mut BindEvent, addr: *const u8, in_kernel: bool, addrlen: u32) -> Result<(), i32> {
+    if addr.is_null() || addrlen < 2 {
         event.sock_flags |= sock_flags::ADDR_SHORT;
         return Ok(());
     }
-    // SAFETY: bpf_probe_read_user copes with any user pointer.
-    let family: u16 = unsafe { bpf_probe_read_user(user_addr.cast::<u16>())? };
+    // SAFETY: both helpers cope with any pointer.
+    let read = |dst: &mut [u8]| unsafe {
+        if in_kernel {
+            bpf_probe_read_kernel_buf(addr, dst)
+        } else {
+            bpf_probe_read_user_buf(addr, dst)
+        }
+    };
+    let mut head = [0u8; 2];
+    read(&mut head)?;
+    let family = u16::from_ne_bytes(head);
     event.family = family;
     match family {
         AF_INET => {
@@ -166,7 +300,7 @@ fn read_requested_address(event: &mut BindEvent, user_addr: *const u8, addrlen: 
                 return Ok(());
             }
             let mut raw = [0u8; SOCKADDR_IN_LEN as usize];
-            unsafe { bpf_probe_read_user_buf(user_addr, &mut raw)? };
+            read(&mut raw)?;
             event.port = u16::from_be_bytes([raw[2], raw[3]]);
             event.addr[..4].copy_from_slice(&raw[4..8]);
         }
@@ -176,7 +310,7 @@ fn read_requested_address(event: &mut BindEvent, user_addr: *const u8, addrlen: 
                 return Ok(());
             }
             let mut raw = [0u8; SOCKADDR_IN6_LEN as usize];
-            unsafe { bpf_probe_read_user_buf(user_addr, &mut raw)? };
+            read(&mut raw)?;
             event.port = u16::from_be_bytes([raw[2], raw[3]]);
             event.addr.copy_from_slice(&raw[8..24]);
             event.scope_id = u32::from_ne_bytes([raw[24], raw[25], raw[26], raw[27]]);
@@ -202,16 +336,26 @@ unsafe fn read_ptr(base: *const u8, offset: u32) -> Option<*const u8> {
 /// netns. Any failed read leaves `SOCK_INFO` clear; the event is still emitted.
 #[inline(always)]
 fn read_socket(event: &mut BindEvent, layout: &KernelLayout, fd: i32) {
+    // SAFETY: every dereference goes through bpf_probe_read_kernel.
+    let sk = unsafe { socket_of_fd(bpf_get_current_task() as *const u8, layout, fd) };
+    read_sock(event, layout, sk);
+}
+
+/// Fills the socket fields from the `struct sock` (when there is one) and the netns, from
+/// the sock or else from the calling task.
+#[inline(always)]
+fn read_sock(event: &mut BindEvent, layout: &KernelLayout, sk: Option<*const u8>) {
     // SAFETY: every dereference below goes through bpf_probe_read_kernel.
     unsafe {
-        let task = bpf_get_current_task() as *const u8;
-        let sock = socket_of_fd(task, layout, fd);
-        let net = match sock {
+        let net = match sk {
             Some(sk) => {
                 fill_sock_fields(event, layout, sk);
                 read_ptr(sk, layout.sock_net)
             }
-            None => read_ptr(task, layout.task_nsproxy).and_then(|ns| read_ptr(ns, layout.nsproxy_net_ns)),
+            None => {
+                let task = bpf_get_current_task() as *const u8;
+                read_ptr(task, layout.task_nsproxy).and_then(|ns| read_ptr(ns, layout.nsproxy_net_ns))
+            }
         };
         if let Some(net) = net {
             if let Ok(inum) = bpf_probe_read_kernel(net.add(layout.net_inum as usize).cast::<u32>()) {
@@ -339,46 +483,70 @@ fn on_exit(ctx: &TracePointContext) {
         return;
     };
     // SAFETY: the value stays valid until removed below; only this thread uses its key.
-    let InFlight { entered_ns, user_addr, fd, addrlen } = unsafe { core::ptr::read(in_flight) };
+    let InFlight { entered_ns, addr, fd, addrlen, .. } = unsafe { core::ptr::read(in_flight) };
     let _ = IN_FLIGHT.remove(tid);
-
     // SAFETY: offset inside the tracepoint record.
     let ret = unsafe { ctx.read_at::<u64>(EXIT_RET) }.unwrap_or(0) as i64 as i32;
+    complete(
+        ctx,
+        cfg,
+        pid_tgid,
+        Returned {
+            entered_ns,
+            addr: addr as *const u8,
+            addr_in_kernel: false,
+            socket: core::ptr::null(),
+            fd,
+            addrlen,
+            ret,
+            backend: Backend::Tracepoint,
+        },
+    );
+}
+
+/// Builds, filters and emits the event of a returned bind(), whatever hook saw it.
+#[inline(always)]
+fn complete<C: EbpfContext>(ctx: &C, cfg: &ProbeConfig, pid_tgid: u64, r: Returned) {
     let filter = &cfg.filter;
-    if !filter.accepts_result(ret) {
+    if !filter.accepts_result(r.ret) {
         count(stat::FILTERED);
         return;
     }
-
     let mut event = BindEvent::zeroed();
-    event.timestamp_ns = entered_ns;
-    event.duration_ns = unsafe { bpf_ktime_get_ns() }.saturating_sub(entered_ns);
-    event.ret = ret;
-    event.fd = fd;
-    event.addrlen = addrlen;
-    if read_requested_address(&mut event, user_addr as *const u8, addrlen).is_err() {
+    event.timestamp_ns = r.entered_ns;
+    event.duration_ns = unsafe { bpf_ktime_get_ns() }.saturating_sub(r.entered_ns);
+    event.ret = r.ret;
+    event.fd = r.fd;
+    event.addrlen = r.addrlen;
+    if read_requested_address(&mut event, r.addr, r.addr_in_kernel, r.addrlen).is_err() {
         count(stat::ADDR_READ_FAILED);
-        debug!(ctx, "bindtrace: sockaddr of tid {} unreadable", tid);
+        debug!(ctx, "bindtrace: sockaddr of pid {} unreadable", (pid_tgid >> 32) as u32);
     }
     if !filter.accepts_port(event.port) || !filter.accepts_family(event.family) {
         count(stat::FILTERED);
         return;
     }
-    // After ENOTSOCK or EBADF the fd holds no socket of this call: do not look behind it.
-    let socket_fd = if ret == -ENOTSOCK || ret == -EBADF { -1 } else { fd };
-    read_socket(&mut event, &cfg.layout, socket_fd);
+    if r.socket.is_null() {
+        // After ENOTSOCK or EBADF the fd holds no socket of this call: do not look behind it.
+        let socket_fd = if r.ret == -ENOTSOCK || r.ret == -EBADF { -1 } else { r.fd };
+        read_socket(&mut event, &cfg.layout, socket_fd);
+    } else {
+        // SAFETY: reads go through bpf_probe_read_kernel.
+        let sk = unsafe { read_ptr(r.socket, cfg.layout.socket_sk) };
+        read_sock(&mut event, &cfg.layout, sk);
+    }
     if !filter.accepts_protocol(event.protocol) {
         count(stat::FILTERED);
         return;
     }
     event.tgid = (pid_tgid >> 32) as u32;
-    event.tid = tid;
+    event.tid = pid_tgid as u32;
     event.comm = current_comm();
     let uid_gid = bpf_get_current_uid_gid();
     event.uid = uid_gid as u32;
     event.gid = (uid_gid >> 32) as u32;
     event.cgroup_id = unsafe { bpf_get_current_cgroup_id() };
-    event.backend = Backend::Tracepoint as u8;
+    event.backend = r.backend as u8;
 
     if EVENTS.output::<BindEvent>(&event, wakeup_flags()).is_ok() {
         count(stat::EMITTED);
