@@ -428,8 +428,13 @@ unsafe fn fill_sock_fields(event: &mut BindEvent, layout: &KernelLayout, sk: *co
 /// share it. Every probe read is a helper call on the traced program's time.
 struct SockReader {
     sk: *const u8,
-    head: Option<[u8; SOCK_HEAD]>,
-    last: Option<(u32, u32)>,
+    // Plain, always-initialised fields rather than Options of arrays: LLVM may otherwise
+    // store undefined padding, which the verifier rejects ("R1 !read_ok").
+    head: [u8; SOCK_HEAD],
+    head_ok: bool,
+    last_offset: u32,
+    last_value: u32,
+    last_ok: bool,
 }
 
 const SOCK_HEAD: usize = 32;
@@ -437,25 +442,28 @@ const SOCK_HEAD: usize = 32;
 impl SockReader {
     #[inline(always)]
     fn new(sk: *const u8) -> Self {
-        // SAFETY: bpf_probe_read_kernel copes with any address.
-        let head = unsafe { bpf_probe_read_kernel(sk.cast::<[u8; SOCK_HEAD]>()) }.ok();
-        Self { sk, head, last: None }
+        let mut head = [0u8; SOCK_HEAD];
+        // SAFETY: bpf_probe_read_kernel_buf copes with any address.
+        let head_ok = unsafe { bpf_probe_read_kernel_buf(sk, &mut head) }.is_ok();
+        Self { sk, head, head_ok, last_offset: 0, last_value: 0, last_ok: false }
     }
 
     #[inline(always)]
     fn word(&mut self, offset: u32) -> Option<u32> {
         let at = offset as usize;
-        if let Some(bytes) = self.head.as_ref().and_then(|h| h.get(at..at + 4)) {
-            return Some(u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]));
-        }
-        if let Some((cached_at, value)) = self.last {
-            if cached_at == offset {
-                return Some(value);
+        if self.head_ok && at + 4 <= SOCK_HEAD {
+            if let Some(bytes) = self.head.get(at..at + 4) {
+                return Some(u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]));
             }
+        }
+        if self.last_ok && self.last_offset == offset {
+            return Some(self.last_value);
         }
         // SAFETY: as above.
         let value = unsafe { bpf_probe_read_kernel(self.sk.add(at).cast::<u32>()) }.ok()?;
-        self.last = Some((offset, value));
+        self.last_offset = offset;
+        self.last_value = value;
+        self.last_ok = true;
         Some(value)
     }
 

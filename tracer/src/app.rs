@@ -98,6 +98,10 @@ pub fn main() -> ExitCode {
         return who_main(args);
     }
 
+    if cli.check {
+        return check_main();
+    }
+
     let plan = match plan(cli).and_then(|plan| probe::check_privileges().map(|()| plan)) {
         Ok(plan) => plan,
         Err(err) => {
@@ -119,6 +123,46 @@ pub fn main() -> ExitCode {
             print_error(&format!("{err:#}"));
             ExitCode::from(EXIT_FAILURE)
         }
+    }
+}
+
+/// `bindtrace --check`: one line per requirement and per hook.
+fn check_main() -> ExitCode {
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    println!("kernel: {}", kernel.trim());
+    let privileges = probe::check_privileges();
+    println!(
+        "privileges (CAP_BPF and CAP_PERFMON, or CAP_SYS_ADMIN): {}",
+        privileges.as_ref().map_or_else(|e| format!("no: {e}"), |()| "yes".to_owned())
+    );
+    let layout = layout::running_kernel_layout();
+    println!(
+        "BTF ({}): {}",
+        layout::VMLINUX_BTF,
+        layout.as_ref().map_or_else(|e| format!("no: {e:#}"), |_| "yes, every struct member resolved".to_owned())
+    );
+    let (Ok(()), Ok(layout)) = (privileges, layout) else {
+        println!("hooks: not tried (see above)");
+        return ExitCode::from(EXIT_FAILURE);
+    };
+    let config = ProbeConfig { layout, filter: bindtrace_common::FilterConfig::accept_all() };
+    let checks = probe::check_backends(&config);
+    // The object holds the ring buffer: loading it at all proves BPF_MAP_TYPE_RINGBUF.
+    let ring = checks.iter().any(|c| match &c.result {
+        Ok(()) => true,
+        Err(err) => !err.to_string().starts_with("loading the eBPF object failed"),
+    });
+    println!("ring buffer: {}", if ring { "yes" } else { "no (the object did not load)" });
+    for check in &checks {
+        match &check.result {
+            Ok(()) => println!("hook {}: yes", check.backend.name()),
+            Err(err) => println!("hook {}: no: {err:#}", check.backend.name()),
+        }
+    }
+    if checks.iter().any(|c| c.result.is_ok()) {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(EXIT_FAILURE)
     }
 }
 

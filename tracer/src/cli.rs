@@ -91,6 +91,11 @@ pub struct Cli {
     #[arg(long, value_enum, default_value_t = Attach::Auto)]
     pub attach: Attach,
 
+    /// Print what this kernel supports (BTF, ring buffer, each hook, privileges) and exit:
+    /// 0 when at least one hook works, 1 otherwise.
+    #[arg(long)]
+    pub check: bool,
+
     /// Size of the kernel ring buffer: a power of two, at least 4K (4K, 256K, 1M, 16M).
     /// Raise it if bindtrace reports lost events.
     #[arg(long, value_name = "BYTES", default_value = "1M", value_parser = parse_ring_size)]
@@ -172,9 +177,13 @@ pub enum OutputFormat {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Attach {
-    /// The best hook this kernel offers.
+    /// The best hook this kernel offers: fexit, then kprobe, then tracepoint.
     Auto,
-    /// syscalls:sys_enter_bind / sys_exit_bind.
+    /// fentry/fexit on inet_bind and inet6_bind (every bind, whatever started it).
+    Fexit,
+    /// kprobe/kretprobe on inet_bind and inet6_bind, for kernels without BPF trampolines.
+    Kprobe,
+    /// syscalls:sys_enter_bind / sys_exit_bind (the bind(2) syscall only).
     Tracepoint,
 }
 

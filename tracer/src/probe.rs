@@ -6,8 +6,8 @@ use std::path::Path;
 use anyhow::{anyhow, bail, Context as _, Result};
 use aya::{
     maps::{HashMap, MapData, PerCpuArray, RingBuf},
-    programs::TracePoint,
-    Ebpf, EbpfLoader,
+    programs::{FEntry, FExit, KProbe, TracePoint},
+    Btf, Ebpf, EbpfLoader,
 };
 use aya_log::EbpfLogger;
 use bindtrace_common::{names, stat, Backend, ProbeConfig};
@@ -75,9 +75,137 @@ impl PendingLoader {
     }
 }
 
+/// The order `--attach auto` tries: the inet_bind hooks see every bind (io_uring's, the
+/// kernel's own) and cost the traced program least; the syscall tracepoints work everywhere.
+pub const AUTO_ORDER: [Backend; 3] = [Backend::Fexit, Backend::Kprobe, Backend::Tracepoint];
+
+fn program<'a, T: 'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut T>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    let program = ebpf.program_mut(name).ok_or_else(|| anyhow!("probe has no program {name}"))?;
+    Ok(program.try_into()?)
+}
+
+fn attach_tracepoint(ebpf: &mut Ebpf) -> Result<()> {
+    ensure_tracefs()?;
+    // Entry first: an exit without its entry is counted, an entry without its exit is
+    // overwritten by the thread's next bind.
+    for (name, tracepoint) in [(names::PROG_ENTER, "sys_enter_bind"), (names::PROG_EXIT, "sys_exit_bind")] {
+        let program: &mut TracePoint = program(ebpf, name)?;
+        program.load().with_context(|| format!("loading the {tracepoint} program failed"))?;
+        program.attach("syscalls", tracepoint).with_context(|| format!("attaching to syscalls:{tracepoint} failed"))?;
+    }
+    Ok(())
+}
+
+const KPROBE_PMU: &str = "/sys/bus/event_source/devices/kprobe/type";
+
+fn attach_kprobe(ebpf: &mut Ebpf) -> Result<()> {
+    // Without the kprobe PMU (CONFIG_KPROBES off) attaching cannot work: skip the verifier.
+    if !Path::new(KPROBE_PMU).exists() {
+        bail!("this kernel has no kprobes ({KPROBE_PMU} is missing)");
+    }
+    for name in [names::PROG_KPROBE, names::PROG_KRETPROBE] {
+        let probe: &mut KProbe = program(ebpf, name)?;
+        probe.load().with_context(|| format!("loading {name} failed"))?;
+        for function in names::INET_BIND_FUNCTIONS {
+            probe.attach(function, 0).with_context(|| format!("attaching a kprobe to {function} failed"))?;
+        }
+    }
+    Ok(())
+}
+
+fn attach_fexit(ebpf: &mut Ebpf) -> Result<()> {
+    let btf = Btf::from_sys_fs().context("fexit needs the kernel's BTF")?;
+    for (entry, exit, function) in names::PROGS_FEXIT {
+        let fentry: &mut FEntry = program(ebpf, entry)?;
+        fentry.load(function, &btf).with_context(|| format!("loading fentry on {function} failed"))?;
+        fentry.attach().with_context(|| format!("attaching fentry to {function} failed"))?;
+        let fexit: &mut FExit = program(ebpf, exit)?;
+        fexit.load(function, &btf).with_context(|| format!("loading fexit on {function} failed"))?;
+        fexit.attach().with_context(|| format!("attaching fexit to {function} failed"))?;
+    }
+    Ok(())
+}
+
+/// Unloads (and so detaches) whatever a failed backend managed to load.
+fn unload_backend(ebpf: &mut Ebpf, backend: Backend) {
+    fn unload<'a, T: 'a>(ebpf: &'a mut Ebpf, name: &str, unload: impl FnOnce(&'a mut T))
+    where
+        &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+    {
+        if let Ok(program) = program::<T>(ebpf, name) {
+            unload(program);
+        }
+    }
+    match backend {
+        Backend::Tracepoint => {
+            for name in [names::PROG_ENTER, names::PROG_EXIT] {
+                unload::<TracePoint>(ebpf, name, |p| drop(p.unload()));
+            }
+        }
+        Backend::Kprobe => {
+            for name in [names::PROG_KPROBE, names::PROG_KRETPROBE] {
+                unload::<KProbe>(ebpf, name, |p| drop(p.unload()));
+            }
+        }
+        Backend::Fexit => {
+            for (entry, exit, _) in names::PROGS_FEXIT {
+                unload::<FEntry>(ebpf, entry, |p| drop(p.unload()));
+                unload::<FExit>(ebpf, exit, |p| drop(p.unload()));
+            }
+        }
+    }
+}
+
+fn attach_backend(ebpf: &mut Ebpf, backend: Backend) -> Result<()> {
+    let attached = match backend {
+        Backend::Fexit => attach_fexit(ebpf),
+        Backend::Kprobe => attach_kprobe(ebpf),
+        Backend::Tracepoint => attach_tracepoint(ebpf),
+    };
+    if attached.is_err() {
+        unload_backend(ebpf, backend);
+    }
+    attached
+}
+
+/// What `bindtrace --check` found out about one backend.
+pub struct BackendCheck {
+    pub backend: Backend,
+    pub result: Result<()>,
+}
+
+/// Loads the object once per backend and tries to attach it, then lets it go.
+pub fn check_backends(config: &ProbeConfig) -> Vec<BackendCheck> {
+    AUTO_ORDER
+        .iter()
+        .map(|&backend| {
+            let result = EbpfLoader::new()
+                .btf(None)
+                .override_global(names::CONFIG, config, true)
+                .load(PROBE_OBJECT)
+                .context("loading the eBPF object failed")
+                .and_then(|mut ebpf| attach_backend(&mut ebpf, backend));
+            BackendCheck { backend, result }
+        })
+        .collect()
+}
+
+/// The backends `attach` tries, in order.
+pub fn candidates(attach: Attach) -> Vec<Backend> {
+    match attach {
+        Attach::Auto => AUTO_ORDER.to_vec(),
+        Attach::Fexit => vec![Backend::Fexit],
+        Attach::Kprobe => vec![Backend::Kprobe],
+        Attach::Tracepoint => vec![Backend::Tracepoint],
+    }
+}
+
 impl AttachedProbe {
-    /// Loads and attaches. `attach` is the user's choice; this kernel offers only the syscall
-    /// tracepoints today, so `auto` resolves to them.
+    /// Loads the object and attaches the first backend of `attach` that this kernel accepts
+    /// (`auto`: fexit, then kprobe, then the syscall tracepoints).
     pub fn attach(
         loader: PendingLoader,
         attach: Attach,
@@ -85,9 +213,6 @@ impl AttachedProbe {
         pids: &[u32],
         ring_bytes: u32,
     ) -> Result<Self> {
-        let backend = match attach {
-            Attach::Auto | Attach::Tracepoint => Backend::Tracepoint,
-        };
         let started = std::time::Instant::now();
         let mut ebpf = loader
             .finish()?
@@ -119,18 +244,26 @@ impl AttachedProbe {
             }
         }
 
-        ensure_tracefs()?;
-        // Entry first: an exit without its entry is counted, an entry without its exit is
-        // overwritten by the thread's next bind.
-        for (program, tracepoint) in [(names::PROG_ENTER, "sys_enter_bind"), (names::PROG_EXIT, "sys_exit_bind")] {
-            let program: &mut TracePoint =
-                ebpf.program_mut(program).ok_or_else(|| anyhow!("probe has no program {program}"))?.try_into()?;
-            program.load().with_context(|| format!("loading {tracepoint} program failed"))?;
-            program
-                .attach("syscalls", tracepoint)
-                .with_context(|| format!("attaching to syscalls:{tracepoint} failed"))?;
+        let mut refusals = Vec::new();
+        let mut chosen = None;
+        for backend in candidates(attach) {
+            match attach_backend(&mut ebpf, backend) {
+                Ok(()) => {
+                    chosen = Some(backend);
+                    break;
+                }
+                Err(err) => {
+                    log::debug!("backend {} unavailable: {err:#}", backend.name());
+                    refusals.push(format!("{}: {err:#}", backend.name()));
+                }
+            }
         }
-
+        let Some(backend) = chosen else {
+            if attach == Attach::Auto {
+                bail!("this kernel accepts none of bindtrace's hooks ({})", refusals.join("; "));
+            }
+            bail!("--attach {} ({})", refusals.join("; "), "bindtrace --check tells what this kernel supports");
+        };
         log::debug!("programs loaded and attached in {:?}", started.elapsed());
         let stats = PerCpuArray::try_from(
             ebpf.take_map(names::STATS).ok_or_else(|| anyhow!("probe has no {} map", names::STATS))?,

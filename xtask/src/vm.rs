@@ -37,8 +37,8 @@ impl Default for VmArgs {
 }
 
 const APT_PACKAGES: [&str; 3] = ["qemu-system-x86", "busybox-static", "cpio"];
-/// Every bindtrace backend to try in the guest (the inet_bind ones arrive with issue 3).
-const BACKENDS: [&str; 1] = ["tracepoint"];
+/// Every bindtrace backend, each forced with --attach in the guest.
+const BACKENDS: [&str; 3] = ["fexit", "kprobe", "tracepoint"];
 
 /// Where downloaded kernels are kept between runs, outside the repository.
 fn cache_dir() -> PathBuf {
@@ -238,7 +238,7 @@ fn parse_console(console: &str) -> Vec<GuestRun> {
 
 /// Checks every scenario against the last bind event of its pid, port and address.
 /// Returns the failures, in words.
-pub fn check(scenarios: &[Value], events: &[Value]) -> Vec<String> {
+pub fn check(scenarios: &[Value], events: &[Value], backend: &str) -> Vec<String> {
     let mut failures = Vec::new();
     if scenarios.is_empty() {
         failures.push("bind-scenarios printed nothing".to_owned());
@@ -257,6 +257,7 @@ pub fn check(scenarios: &[Value], events: &[Value]) -> Vec<String> {
             s["options"].as_array().map(|a| a.iter().filter_map(Value::as_str).collect()).unwrap_or_default();
         let has = |opt: (i32, i32)| options.contains(&format!("{}:{}", opt.0, opt.1).as_str());
         let mut expect: HashMap<&str, Value> = HashMap::from([
+            ("backend", Value::from(backend)),
             ("errno", s["errno"].clone()),
             ("family", s["family"].clone()),
             ("proto", s["proto"].clone()),
@@ -301,7 +302,7 @@ fn report(label: &str, runs: &[GuestRun], backends: &[&str], tally: &mut Tally) 
                 failures.push(format!("{label} {backend}: the guest printed no result"));
             }
             Some(run) => {
-                let mut problems = check(&run.scenarios, &run.events);
+                let mut problems = check(&run.scenarios, &run.events, backend);
                 let failing: std::collections::HashSet<&str> =
                     problems.iter().filter_map(|p| p.split(':').next()).collect();
                 tally.failed += failing.len();
@@ -405,19 +406,20 @@ mod tests {
     }
 
     fn event(reuseaddr: bool, errno: i32) -> Value {
-        json!({"type":"bind","pid":7,"family":"AF_INET","proto":"tcp","addr":"127.0.0.1","port":41001,"errno":errno,
+        json!({"type":"bind","backend":"tracepoint","pid":7,"family":"AF_INET","proto":"tcp","addr":"127.0.0.1","port":41001,"errno":errno,
                "reuseaddr":reuseaddr,"reuseport":false,"freebind":false,"transparent":false,"bind_address_no_port":false})
     }
 
     #[test]
     fn a_matching_event_passes_and_every_difference_is_named() {
-        assert!(check(&[scenario()], &[event(true, 0)]).is_empty());
-        let failures = check(&[scenario()], &[event(false, 98)]);
+        assert!(check(&[scenario()], &[event(true, 0)], "tracepoint").is_empty());
+        assert!(check(&[scenario()], &[event(true, 0)], "fexit")[0].contains("backend"));
+        let failures = check(&[scenario()], &[event(false, 98)], "tracepoint");
         assert_eq!(failures.len(), 2, "{failures:?}");
         assert!(failures.iter().any(|f| f.starts_with("tcp4_ok: errno is 98")));
         assert!(failures.iter().any(|f| f.starts_with("tcp4_ok: reuseaddr is false")));
-        assert!(check(&[scenario()], &[])[0].contains("no event"));
-        assert!(!check(&[], &[]).is_empty(), "no scenarios is a failure");
+        assert!(check(&[scenario()], &[], "tracepoint")[0].contains("no event"));
+        assert!(!check(&[], &[], "tracepoint").is_empty(), "no scenarios is a failure");
     }
 
     #[test]
