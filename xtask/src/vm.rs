@@ -128,6 +128,12 @@ for backend in $BACKENDS; do
     if [ $i -gt 600 ] || ! kill -0 $tracer 2>/dev/null; then break; fi
   done
   /bind-scenarios > /tmp/scenarios.ndjson
+  # The port of a running `nc -l`, asked for again: EADDRINUSE, seen with the requested port.
+  nc -l -p 41100 >/dev/null 2>&1 &
+  holder=$!
+  sleep 0.5
+  nc -l -p 41100 >/dev/null 2>&1
+  kill $holder 2>/dev/null
   sleep 1
   kill -INT $tracer 2>/dev/null
   wait $tracer
@@ -162,7 +168,7 @@ fn build_initramfs(bindtrace: &Path, scenarios: &Path) -> Result<PathBuf> {
         std::fs::create_dir_all(root.join(sub))?;
     }
     std::fs::copy("/bin/busybox", root.join("bin/busybox")).context("copying /bin/busybox (busybox-static)")?;
-    for applet in ["sh", "mount", "ip", "cat", "sleep", "kill", "grep", "rm", "poweroff", "echo", "uname"] {
+    for applet in ["sh", "mount", "ip", "cat", "sleep", "kill", "grep", "rm", "poweroff", "echo", "uname", "nc"] {
         std::os::unix::fs::symlink("busybox", root.join("bin").join(applet))?;
     }
     install_binary(bindtrace, &root, "bindtrace")?;
@@ -303,6 +309,18 @@ fn report(label: &str, runs: &[GuestRun], backends: &[&str], tally: &mut Tally) 
             }
             Some(run) => {
                 let mut problems = check(&run.scenarios, &run.events, backend);
+                // `nc -l -p 41100` twice: the second one's failure, with its requested port.
+                let nc_failure = run.events.iter().any(|e| {
+                    e["comm"] == "nc"
+                        && e["port"] == 41100
+                        && e["errno_name"] == "EADDRINUSE"
+                        && e["backend"] == *backend
+                });
+                if !nc_failure {
+                    problems.push("nc_eaddrinuse: no EADDRINUSE event from the second `nc -l -p 41100`".to_owned());
+                } else {
+                    tally.passed += 1;
+                }
                 let failing: std::collections::HashSet<&str> =
                     problems.iter().filter_map(|p| p.split(':').next()).collect();
                 tally.failed += failing.len();
