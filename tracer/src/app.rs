@@ -29,8 +29,18 @@ const EXIT_USAGE: u8 = 2;
 /// Exit status for a failure after the input was accepted (the kernel refused, I/O failed).
 const EXIT_FAILURE: u8 = 1;
 
+/// One line on stderr. A longer message (a kernel verifier log) is cut to its first line;
+/// the rest goes to the debug log (RUST_LOG=debug).
 fn print_error(message: &str) {
-    let _ = writeln!(io::stderr().lock(), "bindtrace: {message}");
+    let mut lines = message.lines();
+    let first = lines.next().unwrap_or("");
+    let rest: Vec<&str> = lines.collect();
+    if rest.is_empty() {
+        let _ = writeln!(io::stderr().lock(), "bindtrace: {first}");
+    } else {
+        log::debug!("{}", rest.join("\n"));
+        let _ = writeln!(io::stderr().lock(), "bindtrace: {first} [more with RUST_LOG=debug]");
+    }
 }
 
 /// Everything decided before anything touches the kernel.

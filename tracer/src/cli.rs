@@ -18,7 +18,11 @@ Examples:
   sudo bindtrace -d 30s --file trace.ndjson
   sudo bindtrace -o ndjson | jq 'select(.ok == false)'
   sudo bindtrace who 8080                  who holds port 8080 now (TCP and UDP)
-  sudo bindtrace who 53/udp --netns 4242   ... in the network namespace of process 4242";
+  sudo bindtrace who 53/udp --netns 4242   ... in the network namespace of process 4242
+  sudo bindtrace --check                   which hooks this kernel supports
+
+Table OPTS: a=SO_REUSEADDR p=SO_REUSEPORT 6=IPV6_V6ONLY f=IP_FREEBIND t=IP_TRANSPARENT
+            n=IP_BIND_ADDRESS_NO_PORT, - none, ? socket not read";
 
 #[derive(Debug, Parser)]
 #[command(

@@ -262,7 +262,7 @@ impl AttachedProbe {
             if attach == Attach::Auto {
                 bail!("this kernel accepts none of bindtrace's hooks ({})", refusals.join("; "));
             }
-            bail!("--attach {} ({})", refusals.join("; "), "bindtrace --check tells what this kernel supports");
+            bail!("--attach {} (bindtrace --check tells what this kernel supports)", refusals.join("; "));
         };
         log::debug!("programs loaded and attached in {:?}", started.elapsed());
         let stats = PerCpuArray::try_from(

@@ -503,3 +503,33 @@ fn sigterm_ends_cleanly_with_a_summary() {
     assert!(finished.status.success(), "{:?}", finished.status);
     assert_eq!(finished.summary()["events"], 0);
 }
+
+#[test]
+fn auto_picks_a_backend_this_kernel_accepts_and_check_agrees() {
+    if !can_load_probe("auto_picks_a_backend_this_kernel_accepts_and_check_agrees") {
+        return;
+    }
+    let (status, stdout, stderr) = run_to_end(&["--check"]);
+    assert!(status.success(), "--check exits 0 when a hook works: {stdout} {stderr}");
+    let works = |name: &str| stdout.lines().any(|l| l == format!("hook {name}: yes"));
+    for line in ["privileges (CAP_BPF and CAP_PERFMON, or CAP_SYS_ADMIN): yes", "ring buffer: yes"] {
+        assert!(stdout.lines().any(|l| l == line), "{line} in {stdout}");
+    }
+    assert!(stdout.contains("BTF (/sys/kernel/btf/vmlinux): yes"), "{stdout}");
+    // auto takes the first of fexit, kprobe, tracepoint that --check found working.
+    let expected = ["fexit", "kprobe", "tracepoint"].into_iter().find(|b| works(b)).expect("some hook works");
+    let tracer = Tracer::start(&["-o", "ndjson", "-P", &free_port().to_string(), "-d", "200ms"]);
+    let finished = tracer.wait();
+    assert_eq!(finished.summary()["backend"], expected, "{}", finished.stderr);
+
+    // A hook this kernel refuses, forced: one line naming it and --check, exit 1.
+    if let Some(refused) = ["fexit", "kprobe", "tracepoint"].into_iter().find(|b| !works(b)) {
+        let (status, _, stderr) = run_to_end(&["--attach", refused, "-d", "1s"]);
+        assert_eq!(status.code(), Some(1), "{stderr}");
+        assert_eq!(stderr.lines().count(), 1, "{stderr}");
+        assert!(stderr.starts_with(&format!("bindtrace: --attach {refused}")), "{stderr}");
+        assert!(stderr.contains("bindtrace --check"), "{stderr}");
+    } else {
+        eprintln!("every hook works on this kernel: the refusal path is covered by the VM matrix only");
+    }
+}

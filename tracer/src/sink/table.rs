@@ -4,7 +4,7 @@
 use std::{fmt::Write as _, io};
 
 use anstyle::{AnsiColor, Style};
-use bindtrace_common::BindEvent;
+use bindtrace_common::{sock_flags, BindEvent};
 
 use super::{push_escaped, requested_endpoint, Output, Sink};
 use crate::{clock::local_time_of_day, decode::BindEventExt as _, enrich::Diagnosis, errno, summary::Report};
@@ -34,14 +34,46 @@ impl TableSink {
     pub fn header(&mut self) -> io::Result<()> {
         if !self.header_written {
             self.header_written = true;
-            let _ =
-                write!(self.line, "{:<12} {:>7} {:<16} {:<5} {:<30} RESULT", "TIME", "PID", "COMM", "PROTO", "ADDRESS");
+            let _ = write!(
+                self.line,
+                "{:<12} {:>7} {:<16} {:<5} {:<6} {:<30} RESULT",
+                "TIME", "PID", "COMM", "PROTO", "OPTS", "ADDRESS"
+            );
             self.push_line()?;
             self.output.flush()?;
         }
         Ok(())
     }
 }
+
+/// Socket options as letters (the legend is in --help); "-" for none, "?" when the socket was
+/// not read.
+pub fn options(event: &BindEvent) -> String {
+    if !event.has(sock_flags::SOCK_INFO) {
+        return "?".to_owned();
+    }
+    let letters: String = [
+        (sock_flags::REUSEADDR, 'a'),
+        (sock_flags::REUSEPORT, 'p'),
+        (sock_flags::V6ONLY, '6'),
+        (sock_flags::FREEBIND, 'f'),
+        (sock_flags::TRANSPARENT, 't'),
+        (sock_flags::BIND_ADDRESS_NO_PORT, 'n'),
+    ]
+    .iter()
+    .filter(|(flag, _)| event.has(*flag))
+    .map(|(_, letter)| *letter)
+    .collect();
+    if letters.is_empty() {
+        "-".to_owned()
+    } else {
+        letters
+    }
+}
+
+/// What the OPTS letters mean (also in --help).
+pub const OPTIONS_LEGEND: &str =
+    "a=SO_REUSEADDR p=SO_REUSEPORT 6=IPV6_V6ONLY f=IP_FREEBIND t=IP_TRANSPARENT n=IP_BIND_ADDRESS_NO_PORT";
 
 /// "ok" or "EADDRINUSE (Address already in use)".
 pub fn result_text(ret: i32) -> String {
@@ -66,11 +98,12 @@ impl Sink for TableSink {
         push_escaped(&mut comm, event.comm_bytes());
         let _ = write!(
             self.line,
-            "{:<12} {:>7} {:<16} {:<5} {:<30} ",
+            "{:<12} {:>7} {:<16} {:<5} {:<6} {:<30} ",
             local_time_of_day(wall_ns),
             event.tgid,
             comm,
             event.proto_name().unwrap_or("-"),
+            options(event),
             requested_endpoint(event),
         );
         let result = result_text(event.ret);
@@ -167,8 +200,20 @@ mod tests {
         let result_col = lines[0].find("RESULT").expect("RESULT column");
         assert_eq!(&lines[1][result_col..], "EADDRINUSE (Address already in use)");
         assert!(lines[1].contains(" 4242 python3 "), "{}", lines[1]);
-        assert!(lines[1].contains(" tcp   127.0.0.1:8080 "), "{}", lines[1]);
+        assert!(lines[1].contains(" tcp   a      127.0.0.1:8080 "), "{}", lines[1]);
         assert!(!text.contains('\x1b'), "no colour when disabled");
+    }
+
+    #[test]
+    fn options_are_letters() {
+        let mut event = sample_event();
+        assert_eq!(options(&event), "a");
+        event.sock_flags |= sock_flags::REUSEPORT | sock_flags::V6ONLY | sock_flags::FREEBIND;
+        assert_eq!(options(&event), "ap6f");
+        event.sock_flags = sock_flags::SOCK_INFO;
+        assert_eq!(options(&event), "-");
+        event.sock_flags = 0;
+        assert_eq!(options(&event), "?");
     }
 
     #[test]
