@@ -340,6 +340,63 @@ fn report(label: &str, runs: &[GuestRun], backends: &[&str], tally: &mut Tally) 
     }
 }
 
+/// Fields every backend must fill the same way for the same scenario (pids, times and the
+/// fd differ between runs or backends by design).
+const COMPARED_FIELDS: [&str; 17] = [
+    "comm",
+    "uid",
+    "gid",
+    "family",
+    "addr",
+    "port",
+    "proto",
+    "ret",
+    "errno_name",
+    "reuseaddr",
+    "reuseport",
+    "v6only",
+    "freebind",
+    "transparent",
+    "bind_address_no_port",
+    "bound_port",
+    "netns",
+];
+
+/// The event each scenario produced, per backend, compared field by field across backends.
+fn compare_backends(label: &str, runs: &[GuestRun], tally: &mut Tally) {
+    let Some(reference) = runs.first() else { return };
+    let event_of = |run: &GuestRun, scenario: &Value| -> Option<Value> {
+        let name = &scenario["scenario"];
+        let mine = run.scenarios.iter().find(|s| s["scenario"] == *name)?;
+        run.events
+            .iter()
+            .rev()
+            .find(|e| e["pid"] == mine["pid"] && e["port"] == mine["port"] && e["addr"] == mine["addr"])
+            .cloned()
+    };
+    for scenario in &reference.scenarios {
+        let Some(expected) = event_of(reference, scenario) else { continue };
+        let mut agree = true;
+        for run in &runs[1..] {
+            let Some(other) = event_of(run, scenario) else { continue };
+            for field in COMPARED_FIELDS {
+                if other[field] != expected[field] {
+                    agree = false;
+                    tally.failures.push(format!(
+                        "{label}: {} differs between {} ({}) and {} ({}) on {field}",
+                        scenario["scenario"], reference.backend, expected[field], run.backend, other[field]
+                    ));
+                }
+            }
+        }
+        if agree {
+            tally.passed += 1;
+        } else {
+            tally.failed += 1;
+        }
+    }
+}
+
 pub fn vm(args: &VmArgs, bindtrace: &Path, scenarios: &Path) -> Result<()> {
     let mut tally = Tally::default();
     if args.host {
@@ -363,7 +420,9 @@ pub fn vm(args: &VmArgs, bindtrace: &Path, scenarios: &Path) -> Result<()> {
                 tally.failed += 1;
                 tally.failures.push(format!("{series}: the guest did not finish; console tail: {:?}", tail));
             }
-            report(&release, &parse_console(&console), &BACKENDS, &mut tally);
+            let runs = parse_console(&console);
+            report(&release, &runs, &BACKENDS, &mut tally);
+            compare_backends(&release, &runs, &mut tally);
         }
     }
     for failure in &tally.failures {
