@@ -63,16 +63,35 @@ fn ensure_tracefs() -> Result<()> {
 
 /// aya's loader, created on another thread: `EbpfLoader::new` parses the whole kernel BTF
 /// (about 20 ms), which can overlap with resolving the layout bindtrace itself needs.
-pub struct PendingLoader(std::thread::JoinHandle<EbpfLoader<'static>>);
+/// The kernel BTF that fexit programs load against is parsed the same way, in parallel, when
+/// fexit may be tried.
+pub struct PendingLoader {
+    loader: std::thread::JoinHandle<EbpfLoader<'static>>,
+    btf: Option<std::thread::JoinHandle<Result<Btf, aya::BtfError>>>,
+}
 
 impl PendingLoader {
-    pub fn start() -> Self {
-        Self(std::thread::spawn(EbpfLoader::new))
+    pub fn start(attach: Attach) -> Self {
+        let wants_btf = candidates(attach).contains(&Backend::Fexit);
+        Self {
+            loader: std::thread::spawn(EbpfLoader::new),
+            btf: wants_btf.then(|| std::thread::spawn(Btf::from_sys_fs)),
+        }
     }
 
-    fn finish(self) -> Result<EbpfLoader<'static>> {
-        self.0.join().map_err(|_| anyhow!("preparing the eBPF loader panicked"))
+    fn finish(self) -> Result<(EbpfLoader<'static>, Option<std::thread::JoinHandle<Result<Btf, aya::BtfError>>>)> {
+        let loader = self.loader.join().map_err(|_| anyhow!("preparing the eBPF loader panicked"))?;
+        Ok((loader, self.btf))
     }
+}
+
+/// The kernel BTF for fexit, from the background parse when there is one.
+fn kernel_btf(pending: Option<std::thread::JoinHandle<Result<Btf, aya::BtfError>>>) -> Result<Btf> {
+    let parsed = match pending {
+        Some(handle) => handle.join().map_err(|_| anyhow!("parsing the kernel BTF panicked"))?,
+        None => Btf::from_sys_fs(),
+    };
+    parsed.context("fexit needs the kernel's BTF")
 }
 
 /// The order `--attach auto` tries: the inet_bind hooks see every bind (io_uring's, the
@@ -116,14 +135,13 @@ fn attach_kprobe(ebpf: &mut Ebpf) -> Result<()> {
     Ok(())
 }
 
-fn attach_fexit(ebpf: &mut Ebpf) -> Result<()> {
-    let btf = Btf::from_sys_fs().context("fexit needs the kernel's BTF")?;
+fn attach_fexit(ebpf: &mut Ebpf, btf: &Btf) -> Result<()> {
     for (entry, exit, function) in names::PROGS_FEXIT {
         let fentry: &mut FEntry = program(ebpf, entry)?;
-        fentry.load(function, &btf).with_context(|| format!("loading fentry on {function} failed"))?;
+        fentry.load(function, btf).with_context(|| format!("loading fentry on {function} failed"))?;
         fentry.attach().with_context(|| format!("attaching fentry to {function} failed"))?;
         let fexit: &mut FExit = program(ebpf, exit)?;
-        fexit.load(function, &btf).with_context(|| format!("loading fexit on {function} failed"))?;
+        fexit.load(function, btf).with_context(|| format!("loading fexit on {function} failed"))?;
         fexit.attach().with_context(|| format!("attaching fexit to {function} failed"))?;
     }
     Ok(())
@@ -159,9 +177,9 @@ fn unload_backend(ebpf: &mut Ebpf, backend: Backend) {
     }
 }
 
-fn attach_backend(ebpf: &mut Ebpf, backend: Backend) -> Result<()> {
+fn attach_backend(ebpf: &mut Ebpf, backend: Backend, btf: &mut BtfSource) -> Result<()> {
     let attached = match backend {
-        Backend::Fexit => attach_fexit(ebpf),
+        Backend::Fexit => btf.get().and_then(|btf| attach_fexit(ebpf, btf)),
         Backend::Kprobe => attach_kprobe(ebpf),
         Backend::Tracepoint => attach_tracepoint(ebpf),
     };
@@ -169,6 +187,21 @@ fn attach_backend(ebpf: &mut Ebpf, backend: Backend) -> Result<()> {
         unload_backend(ebpf, backend);
     }
     attached
+}
+
+/// The kernel BTF, parsed on first use (or taken from the background parse).
+pub struct BtfSource {
+    pending: Option<std::thread::JoinHandle<Result<Btf, aya::BtfError>>>,
+    parsed: Option<Btf>,
+}
+
+impl BtfSource {
+    fn get(&mut self) -> Result<&Btf> {
+        if self.parsed.is_none() {
+            self.parsed = Some(kernel_btf(self.pending.take())?);
+        }
+        self.parsed.as_ref().ok_or_else(|| anyhow!("kernel BTF unavailable"))
+    }
 }
 
 /// What `bindtrace --check` found out about one backend.
@@ -179,6 +212,7 @@ pub struct BackendCheck {
 
 /// Loads the object once per backend and tries to attach it, then lets it go.
 pub fn check_backends(config: &ProbeConfig) -> Vec<BackendCheck> {
+    let mut btf = BtfSource { pending: None, parsed: None };
     AUTO_ORDER
         .iter()
         .map(|&backend| {
@@ -187,7 +221,7 @@ pub fn check_backends(config: &ProbeConfig) -> Vec<BackendCheck> {
                 .override_global(names::CONFIG, config, true)
                 .load(PROBE_OBJECT)
                 .context("loading the eBPF object failed")
-                .and_then(|mut ebpf| attach_backend(&mut ebpf, backend));
+                .and_then(|mut ebpf| attach_backend(&mut ebpf, backend, &mut btf));
             BackendCheck { backend, result }
         })
         .collect()
@@ -214,8 +248,9 @@ impl AttachedProbe {
         ring_bytes: u32,
     ) -> Result<Self> {
         let started = std::time::Instant::now();
+        let (mut loader, pending_btf) = loader.finish()?;
+        let mut btf = BtfSource { pending: pending_btf, parsed: None };
         let mut ebpf = loader
-            .finish()?
             // The probe takes its offsets from the config, not from CO-RE relocations: no
             // relocation pass against the kernel's BTF.
             .btf(None)
@@ -247,7 +282,7 @@ impl AttachedProbe {
         let mut refusals = Vec::new();
         let mut chosen = None;
         for backend in candidates(attach) {
-            match attach_backend(&mut ebpf, backend) {
+            match attach_backend(&mut ebpf, backend, &mut btf) {
                 Ok(()) => {
                     chosen = Some(backend);
                     break;
