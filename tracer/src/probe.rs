@@ -63,11 +63,14 @@ fn ensure_tracefs() -> Result<()> {
 
 /// aya's loader, created on another thread: `EbpfLoader::new` parses the whole kernel BTF
 /// (about 20 ms), which can overlap with resolving the layout bindtrace itself needs.
+/// A kernel BTF parse under way on another thread.
+type PendingBtf = std::thread::JoinHandle<Result<Btf, aya::BtfError>>;
+
 /// The kernel BTF that fexit programs load against is parsed the same way, in parallel, when
 /// fexit may be tried.
 pub struct PendingLoader {
     loader: std::thread::JoinHandle<EbpfLoader<'static>>,
-    btf: Option<std::thread::JoinHandle<Result<Btf, aya::BtfError>>>,
+    btf: Option<PendingBtf>,
 }
 
 impl PendingLoader {
@@ -79,14 +82,14 @@ impl PendingLoader {
         }
     }
 
-    fn finish(self) -> Result<(EbpfLoader<'static>, Option<std::thread::JoinHandle<Result<Btf, aya::BtfError>>>)> {
+    fn finish(self) -> Result<(EbpfLoader<'static>, Option<PendingBtf>)> {
         let loader = self.loader.join().map_err(|_| anyhow!("preparing the eBPF loader panicked"))?;
         Ok((loader, self.btf))
     }
 }
 
 /// The kernel BTF for fexit, from the background parse when there is one.
-fn kernel_btf(pending: Option<std::thread::JoinHandle<Result<Btf, aya::BtfError>>>) -> Result<Btf> {
+fn kernel_btf(pending: Option<PendingBtf>) -> Result<Btf> {
     let parsed = match pending {
         Some(handle) => handle.join().map_err(|_| anyhow!("parsing the kernel BTF panicked"))?,
         None => Btf::from_sys_fs(),
@@ -191,7 +194,7 @@ fn attach_backend(ebpf: &mut Ebpf, backend: Backend, btf: &mut BtfSource) -> Res
 
 /// The kernel BTF, parsed on first use (or taken from the background parse).
 pub struct BtfSource {
-    pending: Option<std::thread::JoinHandle<Result<Btf, aya::BtfError>>>,
+    pending: Option<PendingBtf>,
     parsed: Option<Btf>,
 }
 
