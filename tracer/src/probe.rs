@@ -61,12 +61,12 @@ fn ensure_tracefs() -> Result<()> {
     Ok(())
 }
 
-/// aya's loader, created on another thread: `EbpfLoader::new` parses the whole kernel BTF
-/// (about 20 ms), which can overlap with resolving the layout bindtrace itself needs.
 /// A kernel BTF parse under way on another thread.
 type PendingBtf = std::thread::JoinHandle<Result<Btf, aya::BtfError>>;
 
-/// The kernel BTF that fexit programs load against is parsed the same way, in parallel, when
+/// aya's loader, created on another thread: `EbpfLoader::new` parses the whole kernel BTF
+/// (about 20 ms), which can overlap with resolving the layout bindtrace itself needs. The
+/// kernel BTF that fexit programs load against is parsed the same way, in parallel, when
 /// fexit may be tried.
 pub struct PendingLoader {
     loader: std::thread::JoinHandle<EbpfLoader<'static>>,
