@@ -197,7 +197,7 @@ fn who_main(args: &WhoArgs) -> ExitCode {
 async fn run(plan: Plan) -> Result<()> {
     let Plan { cli, filter, mut sink } = plan;
     let started = std::time::Instant::now();
-    let loader = probe::PendingLoader::start(cli.attach);
+    let loader = probe::PendingLoader::start(cli.attach, false);
     let config = ProbeConfig { layout: layout::running_kernel_layout()?, filter: filter.kernel };
     log::debug!("kernel layout from BTF in {:?}", started.elapsed());
     let signals = StopSignals::install()?;

@@ -65,17 +65,19 @@ fn ensure_tracefs() -> Result<()> {
 type PendingBtf = std::thread::JoinHandle<Result<Btf, aya::BtfError>>;
 
 /// aya's loader, created on another thread: `EbpfLoader::new` parses the whole kernel BTF
-/// (about 20 ms), which can overlap with resolving the layout bindtrace itself needs. The
-/// kernel BTF that fexit programs load against is parsed the same way, in parallel, when
-/// fexit may be tried.
+/// (about 20 ms), which can overlap with resolving the layout bindtrace itself needs.
 pub struct PendingLoader {
     loader: std::thread::JoinHandle<EbpfLoader<'static>>,
     btf: Option<PendingBtf>,
 }
 
 impl PendingLoader {
-    pub fn start(attach: Attach) -> Self {
-        let wants_btf = candidates(attach).contains(&Backend::Fexit);
+    /// The fexit BTF is not parsed ahead: two whole-kernel BTF parses at once would take
+    /// peak RSS from ~23 MB to ~41 MB (measured with `cargo xtask bench`); parsed after the
+    /// loader's own copy is freed, the memory is reused. `parallel_btf` trades that memory for
+    /// ~15 ms of start-up.
+    pub fn start(attach: Attach, parallel_btf: bool) -> Self {
+        let wants_btf = parallel_btf && candidates(attach).contains(&Backend::Fexit);
         Self {
             loader: std::thread::spawn(EbpfLoader::new),
             btf: wants_btf.then(|| std::thread::spawn(Btf::from_sys_fs)),
