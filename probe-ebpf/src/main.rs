@@ -231,21 +231,32 @@ fn on_fexit(ctx: &FExitContext) {
     on_inet_bind_return(ctx, ret as i32, Backend::Fexit, Some(args));
 }
 
-/// Return of inet_bind/inet6_bind (kretprobe, fexit).
+/// The start of every return hook: count the call, apply the task filters (`None`: filtered)
+/// and take its in-flight entry, if the entry hook left one.
 #[inline(always)]
-fn on_inet_bind_return<C: EbpfContext>(ctx: &C, ret: i32, backend: Backend, args: Option<(u64, u64, u64)>) {
+fn returned_call() -> Option<(&'static ProbeConfig, u64, Option<InFlight>)> {
     count(stat::SEEN);
     let cfg = config();
     let pid_tgid = bpf_get_current_pid_tgid();
-    let tid = pid_tgid as u32;
     if !task_passes(cfg, (pid_tgid >> 32) as u32, current_comm) {
         count(stat::FILTERED);
-        return;
+        return None;
     }
+    let tid = pid_tgid as u32;
+    // SAFETY: the value stays valid until removed below; only this thread uses its key.
     let stashed = IN_FLIGHT.get_ptr(tid).map(|p| unsafe { core::ptr::read(p) });
     if stashed.is_some() {
         let _ = IN_FLIGHT.remove(tid);
     }
+    Some((cfg, pid_tgid, stashed))
+}
+
+/// Return of inet_bind/inet6_bind (kretprobe, fexit).
+#[inline(always)]
+fn on_inet_bind_return<C: EbpfContext>(ctx: &C, ret: i32, backend: Backend, args: Option<(u64, u64, u64)>) {
+    let Some((cfg, pid_tgid, stashed)) = returned_call() else {
+        return;
+    };
     let (entered_ns, socket, addr, addrlen) = match (stashed, args) {
         (stashed, Some((socket, addr, addrlen))) => {
             (stashed.map_or_else(|| unsafe { bpf_ktime_get_ns() }, |s| s.entered_ns), socket, addr, addrlen as u32)
@@ -478,21 +489,13 @@ impl SockReader {
 
 #[inline(always)]
 fn on_exit(ctx: &TracePointContext) {
-    count(stat::SEEN);
-    let cfg = config();
-    let pid_tgid = bpf_get_current_pid_tgid();
-    let tid = pid_tgid as u32;
-    if !task_passes(cfg, (pid_tgid >> 32) as u32, current_comm) {
-        count(stat::FILTERED);
+    let Some((cfg, pid_tgid, stashed)) = returned_call() else {
         return;
-    }
-    let Some(in_flight) = IN_FLIGHT.get_ptr(tid) else {
+    };
+    let Some(InFlight { entered_ns, addr, fd, addrlen, .. }) = stashed else {
         count(stat::IN_FLIGHT_MISSING);
         return;
     };
-    // SAFETY: the value stays valid until removed below; only this thread uses its key.
-    let InFlight { entered_ns, addr, fd, addrlen, .. } = unsafe { core::ptr::read(in_flight) };
-    let _ = IN_FLIGHT.remove(tid);
     // SAFETY: offset inside the tracepoint record.
     let ret = unsafe { ctx.read_at::<u64>(EXIT_RET) }.unwrap_or(0) as i64 as i32;
     complete(
