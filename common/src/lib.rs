@@ -22,6 +22,7 @@ pub const IPPROTO_UDP: u16 = 17;
 pub mod names {
     pub const EVENTS: &str = "EVENTS";
     pub const IN_FLIGHT: &str = "IN_FLIGHT";
+    pub const ENTRY_TIMES: &str = "ENTRY_TIMES";
     pub const STATS: &str = "STATS";
     pub const FILTER_PIDS: &str = "FILTER_PIDS";
     pub const CONFIG: &str = "BINDTRACE_CONFIG";
@@ -90,6 +91,9 @@ pub mod sock_flags {
     pub const ADDR_READ: u32 = 1 << 8;
     /// The sockaddr was shorter than its family needs (`addrlen` tells by how much).
     pub const ADDR_SHORT: u32 = 1 << 9;
+    /// The probe did not see this bind's entry: `timestamp_ns` is the return's time and
+    /// `duration_ns` is unknown (0).
+    pub const NO_ENTRY_TIME: u32 = 1 << 10;
 }
 
 /// One bind attempt, as the probe writes it into the ring buffer.
@@ -141,7 +145,7 @@ pub struct BindEvent {
     pub backend: u8,
     pub _pad: u8,
     /// The socket's IPv4 local address when bind() returned (`skc_rcv_saddr`), network order;
-    /// only for AF_INET requests with SOCK_INFO.
+    /// meaningful for AF_INET requests with SOCK_INFO only.
     pub bound_addr4: [u8; 4],
     pub _reserved: [u8; 4],
 }
@@ -192,14 +196,17 @@ pub mod stat {
     pub const EMITTED: u32 = 2;
     /// Events lost because the ring buffer was full.
     pub const RINGBUF_FULL: u32 = 3;
-    /// Events lost because the in-flight map was full at entry.
+    /// Events lost because the in-flight map was full at entry (kprobe backend).
     pub const IN_FLIGHT_FULL: u32 = 4;
-    /// Exits with no in-flight entry (the bind began before the probe attached, or the entry
-    /// was lost).
+    /// kretprobe exits with no in-flight entry (the bind began before the probe attached, or
+    /// the entry was lost): their arguments are unknown, so they are not emitted.
     pub const IN_FLIGHT_MISSING: u32 = 5;
     /// Events whose sockaddr could not be read from user memory (emitted without address).
     pub const ADDR_READ_FAILED: u32 = 6;
-    pub const COUNT: u32 = 7;
+    /// Events emitted without their entry time (the bind began before the probe attached, or
+    /// a thread sharing its entry slot entered at the same moment): duration unknown.
+    pub const NO_ENTRY_TIME: u32 = 7;
+    pub const COUNT: u32 = 8;
 }
 
 /// Where a struct member lives, resolved from the running kernel's BTF by the tracer.
@@ -262,6 +269,9 @@ pub struct KernelLayout {
     pub sock_net: u32,
     /// `net.ns.inum`
     pub net_inum: u32,
+    /// Offsets in `struct pt_regs` of the saved registers holding a syscall's first three
+    /// arguments (x86_64: di, si, dx).
+    pub syscall_args: [u32; 3],
     /// `sock.__sk_common.skc_rcv_saddr`
     pub sock_rcv_saddr: u32,
     pub sock_family: FieldLoc,
@@ -442,6 +452,7 @@ impl ProbeConfig {
                 nsproxy_net_ns: 0,
                 sock_net: 0,
                 net_inum: 0,
+                syscall_args: [0; 3],
                 sock_rcv_saddr: 0,
                 sock_family: FieldLoc::ABSENT,
                 sock_type: FieldLoc::ABSENT,

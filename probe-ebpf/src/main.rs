@@ -9,11 +9,12 @@
 #![no_std]
 #![no_main]
 
+use core::mem::{size_of, MaybeUninit};
+
 use aya_ebpf::{
     helpers::{
-        bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_task,
-        bpf_get_current_uid_gid, bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_kernel_buf,
-        bpf_probe_read_user_buf,
+        bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_get_current_task, bpf_get_current_uid_gid,
+        bpf_ktime_get_ns, generated,
     },
     macros::{fentry, fexit, kprobe, kretprobe, map, tracepoint},
     maps::{Array, HashMap, PerCpuArray, RingBuf},
@@ -34,23 +35,24 @@ static BINDTRACE_CONFIG: ProbeConfig = ProbeConfig::zeroed();
 #[map(name = "EVENTS")]
 static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 20, 0);
 
-/// A bind() between entry and exit: only the syscall's arguments and the entry time. Everything
-/// else is read at exit, after the result filter, so a filtered-out call costs a map update and
-/// a lookup, nothing more. The sockaddr is still the caller's until bind() returns.
+/// A kprobe-backend bind() between entry and exit: the kretprobe sees only the return value,
+/// so the entry stashes the arguments. Everything else is read at exit, after the result
+/// filter.
 #[repr(C)]
 struct InFlight {
     entered_ns: u64,
-    /// The sockaddr: in the caller's memory (tracepoint) or the kernel's copy (inet_bind).
+    /// The kernel's copy of the sockaddr.
     addr: u64,
-    /// `struct socket *` for the inet_bind backends, 0 for the tracepoint (it has the fd).
+    /// `struct socket *`.
     socket: u64,
-    fd: i32,
     addrlen: u32,
+    _pad: u32,
 }
 
 /// Everything a backend knows when bind() returns, handed to [`complete`].
 struct Returned {
-    entered_ns: u64,
+    /// `None` when this call's entry was not seen (see [`entry_time`]).
+    entered_ns: Option<u64>,
     addr: *const u8,
     addr_in_kernel: bool,
     socket: *const u8,
@@ -60,9 +62,26 @@ struct Returned {
     backend: Backend,
 }
 
-/// bind() calls between entry and exit, keyed by thread id.
+/// kprobe-backend binds between entry and exit, keyed by thread id.
 #[map(name = "IN_FLIGHT")]
 static IN_FLIGHT: HashMap<u32, InFlight> = HashMap::with_max_entries(16384, 0);
+
+/// When a thread entered bind(), in a slot picked by its tid (tracepoint and fentry/fexit
+/// backends, whose return hooks have the arguments themselves). A plain array store at entry
+/// and a load at exit: the hash-map insert and delete this replaced cost ~400 ns per bind
+/// (kernel.bpf_stats_enabled=1, bind-storm). Two threads whose tids share a slot and bind at
+/// the same moment lose the earlier one's duration, never its event.
+#[repr(C)]
+struct EntryStamp {
+    tid: u32,
+    _pad: u32,
+    entered_ns: u64,
+}
+
+const ENTRY_SLOTS: u32 = 1 << 14;
+
+#[map(name = "ENTRY_TIMES")]
+static ENTRY_TIMES: Array<EntryStamp> = Array::with_max_entries(ENTRY_SLOTS, 0);
 
 /// Per-CPU counters, indexed by `bindtrace_common::stat`.
 #[map(name = "STATS")]
@@ -86,9 +105,6 @@ static FILTER_PIDS: HashMap<u32, u8> = HashMap::with_max_entries(1024, 0);
 
 // Offsets into the syscalls:sys_{enter,exit}_bind records (after the 8-byte common header and
 // the 8-byte syscall number); see /sys/kernel/tracing/events/syscalls/sys_enter_bind/format.
-const ENTER_FD: usize = 16;
-const ENTER_UMYADDR: usize = 24;
-const ENTER_ADDRLEN: usize = 32;
 const EXIT_RET: usize = 16;
 
 const SOCKADDR_IN_LEN: u32 = 16;
@@ -127,14 +143,21 @@ fn task_passes(cfg: &ProbeConfig, tgid: u32, comm: impl FnOnce() -> [u8; COMM_LE
     !filter.is_active(filter_flags::COMM) || filter.accepts_comm(&comm())
 }
 
+/// The calling thread's name, NUL-padded; read into words so that nothing is zero-filled
+/// byte by byte first (the helper fills all 16 bytes, or zeroes them when it fails).
 #[inline(always)]
 fn current_comm() -> [u8; COMM_LEN] {
-    bpf_get_current_comm().unwrap_or([0; COMM_LEN])
+    let mut comm = MaybeUninit::<[u64; COMM_LEN / 8]>::uninit();
+    // SAFETY: the helper writes all COMM_LEN bytes; [u64; 2] and [u8; 16] have the same size.
+    unsafe {
+        generated::bpf_get_current_comm(comm.as_mut_ptr().cast(), COMM_LEN as u32);
+        core::mem::transmute(comm.assume_init())
+    }
 }
 
 #[tracepoint(category = "syscalls", name = "sys_enter_bind")]
-pub fn bindtrace_sys_enter_bind(ctx: TracePointContext) -> u32 {
-    on_enter(&ctx);
+pub fn bindtrace_sys_enter_bind(_ctx: TracePointContext) -> u32 {
+    stamp_entry();
     0
 }
 
@@ -144,24 +167,52 @@ pub fn bindtrace_sys_exit_bind(ctx: TracePointContext) -> u32 {
     0
 }
 
+/// A 64-bit field of the tracepoint record, loaded directly: the verifier allows plain loads
+/// from a tracepoint's context, which cost far less than a probe-read helper call.
 #[inline(always)]
-fn on_enter(ctx: &TracePointContext) {
-    let cfg = config();
-    let pid_tgid = bpf_get_current_pid_tgid();
-    if !task_passes(cfg, (pid_tgid >> 32) as u32, current_comm) {
-        return;
-    }
-    // SAFETY: the offsets are inside the tracepoint record, whose layout is syscall ABI.
-    let in_flight = unsafe {
-        InFlight {
-            entered_ns: bpf_ktime_get_ns(),
-            addr: ctx.read_at::<u64>(ENTER_UMYADDR).unwrap_or(0),
-            socket: 0,
-            fd: ctx.read_at::<u64>(ENTER_FD).unwrap_or(u64::MAX) as i32,
-            addrlen: ctx.read_at::<u64>(ENTER_ADDRLEN).unwrap_or(0) as u32,
+fn record_word(ctx: &TracePointContext, offset: usize) -> u64 {
+    // SAFETY: `offset` is a field of the syscalls:sys_{enter,exit}_bind record (syscall ABI).
+    unsafe { ctx.as_ptr().cast::<u8>().add(offset).cast::<u64>().read() }
+}
+
+/// The entry hooks of the tracepoint and fentry backends only stamp the time: the exit hook
+/// reads the arguments itself, and filters there.
+#[inline(always)]
+fn stamp_entry() {
+    let tid = bpf_get_current_pid_tgid() as u32;
+    if let Some(slot) = ENTRY_TIMES.get_ptr_mut(tid & (ENTRY_SLOTS - 1)) {
+        // SAFETY: an array slot; a racing thread of the same slot is detected by the tid.
+        unsafe {
+            (*slot).entered_ns = bpf_ktime_get_ns();
+            (*slot).tid = tid;
         }
-    };
-    remember(pid_tgid as u32, in_flight);
+    }
+}
+
+/// When this thread entered the bind() now returning, if its stamp is still there.
+#[inline(always)]
+fn entry_time(tid: u32) -> Option<u64> {
+    let slot = ENTRY_TIMES.get_ptr(tid & (ENTRY_SLOTS - 1))?;
+    // SAFETY: an array slot, read once.
+    let (owner, entered_ns) = unsafe { ((*slot).tid, (*slot).entered_ns) };
+    (owner == tid).then_some(entered_ns)
+}
+
+/// bind(fd, umyaddr, addrlen) from the syscall's saved user registers, which stay intact
+/// until the syscall returns: the exit hook needs no copy of them from the entry.
+#[inline(always)]
+fn syscall_args(layout: &KernelLayout) -> (i32, u64, u32) {
+    // SAFETY: both helpers take and return the current task's own structures. `regs` is a
+    // BTF-typed pointer and the offsets are verifier-known constants (read-only config), so
+    // the verifier turns these plain loads into fault-safe ones, far cheaper than helper
+    // calls.
+    unsafe {
+        let task = generated::bpf_get_current_task_btf();
+        let regs = generated::bpf_task_pt_regs(task) as usize as *const u8;
+        let [fd, addr, addrlen] =
+            layout.syscall_args.map(|offset| core::ptr::read_volatile(regs.add(offset as usize).cast::<u64>()));
+        (fd as i32, addr, addrlen as u32)
+    }
 }
 
 #[inline(always)]
@@ -172,41 +223,40 @@ fn remember(tid: u32, in_flight: InFlight) {
 }
 
 /// Entry of `inet_bind(struct socket *, struct sockaddr *, int)` and `inet6_bind` for the
-/// kprobe and fentry backends: the arguments, stashed for the return hook.
+/// kprobe backend: the arguments, stashed for the kretprobe.
 #[inline(always)]
-fn on_inet_bind_entry(socket: u64, addr: u64, addrlen: u64) {
+fn on_kprobe_entry(socket: u64, addr: u64, addrlen: u64) {
     let cfg = config();
     let pid_tgid = bpf_get_current_pid_tgid();
     if !task_passes(cfg, (pid_tgid >> 32) as u32, current_comm) {
         return;
     }
     let entered_ns = unsafe { bpf_ktime_get_ns() };
-    remember(pid_tgid as u32, InFlight { entered_ns, addr, socket, fd: -1, addrlen: addrlen as u32 });
+    remember(pid_tgid as u32, InFlight { entered_ns, addr, socket, addrlen: addrlen as u32, _pad: 0 });
 }
 
 #[kprobe]
 pub fn bindtrace_kprobe_inet_bind(ctx: ProbeContext) -> u32 {
     let arg = |n| ctx.arg::<u64>(n).unwrap_or(0);
-    on_inet_bind_entry(arg(0), arg(1), arg(2));
+    on_kprobe_entry(arg(0), arg(1), arg(2));
     0
 }
 
 #[kretprobe]
 pub fn bindtrace_kretprobe_inet_bind(ctx: RetProbeContext) -> u32 {
-    let ret = ctx.ret::<u64>() as i64 as i32;
-    on_inet_bind_return(&ctx, ret, Backend::Kprobe, None);
+    on_kretprobe(&ctx);
     0
 }
 
 #[fentry(function = "inet_bind")]
-pub fn bindtrace_fentry_inet_bind(ctx: FEntryContext) -> u32 {
-    on_inet_bind_entry(ctx.arg(0), ctx.arg(1), ctx.arg(2));
+pub fn bindtrace_fentry_inet_bind(_ctx: FEntryContext) -> u32 {
+    stamp_entry();
     0
 }
 
 #[fentry(function = "inet6_bind")]
-pub fn bindtrace_fentry_inet6_bind(ctx: FEntryContext) -> u32 {
-    on_inet_bind_entry(ctx.arg(0), ctx.arg(1), ctx.arg(2));
+pub fn bindtrace_fentry_inet6_bind(_ctx: FEntryContext) -> u32 {
+    stamp_entry();
     0
 }
 
@@ -223,229 +273,268 @@ pub fn bindtrace_fexit_inet6_bind(ctx: FExitContext) -> u32 {
 }
 
 /// fexit sees the arguments and the return value together; the entry time comes from the
-/// fentry program when it ran.
+/// fentry program.
 #[inline(always)]
 fn on_fexit(ctx: &FExitContext) {
     let ret: i64 = ctx.arg(3);
-    let args = (ctx.arg::<u64>(0), ctx.arg::<u64>(1), ctx.arg::<u64>(2));
-    on_inet_bind_return(ctx, ret as i32, Backend::Fexit, Some(args));
+    let Some((cfg, pid_tgid)) = returned_call(ret as i32) else {
+        return;
+    };
+    let returned = Returned {
+        entered_ns: entry_time(pid_tgid as u32),
+        addr: ctx.arg::<u64>(1) as *const u8,
+        addr_in_kernel: true,
+        socket: ctx.arg::<u64>(0) as *const u8,
+        fd: -1,
+        addrlen: ctx.arg::<u64>(2) as u32,
+        ret: ret as i32,
+        backend: Backend::Fexit,
+    };
+    complete(ctx, cfg, pid_tgid, returned);
 }
 
-/// The start of every return hook: count the call, apply the task filters (`None`: filtered)
-/// and take its in-flight entry, if the entry hook left one.
+/// The start of every return hook: count the call and apply the task and result filters
+/// (`None`: filtered, counted).
 #[inline(always)]
-fn returned_call() -> Option<(&'static ProbeConfig, u64, Option<InFlight>)> {
+fn returned_call(ret: i32) -> Option<(&'static ProbeConfig, u64)> {
     count(stat::SEEN);
     let cfg = config();
     let pid_tgid = bpf_get_current_pid_tgid();
-    if !task_passes(cfg, (pid_tgid >> 32) as u32, current_comm) {
+    if !cfg.filter.accepts_result(ret) || !task_passes(cfg, (pid_tgid >> 32) as u32, current_comm) {
         count(stat::FILTERED);
         return None;
     }
-    let tid = pid_tgid as u32;
+    Some((cfg, pid_tgid))
+}
+
+/// Return of inet_bind/inet6_bind under the kprobe backend: the arguments come from the
+/// entry's stash.
+#[inline(always)]
+fn on_kretprobe(ctx: &RetProbeContext) {
+    let ret = ctx.ret::<u64>() as i64 as i32;
+    let tid = bpf_get_current_pid_tgid() as u32;
     // SAFETY: the value stays valid until removed below; only this thread uses its key.
     let stashed = IN_FLIGHT.get_ptr(tid).map(|p| unsafe { core::ptr::read(p) });
     if stashed.is_some() {
         let _ = IN_FLIGHT.remove(tid);
     }
-    Some((cfg, pid_tgid, stashed))
-}
-
-/// Return of inet_bind/inet6_bind (kretprobe, fexit).
-#[inline(always)]
-fn on_inet_bind_return<C: EbpfContext>(ctx: &C, ret: i32, backend: Backend, args: Option<(u64, u64, u64)>) {
-    let Some((cfg, pid_tgid, stashed)) = returned_call() else {
+    let Some((cfg, pid_tgid)) = returned_call(ret) else {
         return;
     };
-    let (entered_ns, socket, addr, addrlen) = match (stashed, args) {
-        (stashed, Some((socket, addr, addrlen))) => {
-            (stashed.map_or_else(|| unsafe { bpf_ktime_get_ns() }, |s| s.entered_ns), socket, addr, addrlen as u32)
-        }
-        (Some(s), None) => (s.entered_ns, s.socket, s.addr, s.addrlen),
-        (None, None) => {
-            count(stat::IN_FLIGHT_MISSING);
-            return;
-        }
+    let Some(stashed) = stashed else {
+        count(stat::IN_FLIGHT_MISSING);
+        return;
     };
-    complete(
-        ctx,
-        cfg,
-        pid_tgid,
-        Returned {
-            entered_ns,
-            addr: addr as *const u8,
-            addr_in_kernel: true,
-            socket: socket as *const u8,
-            fd: -1,
-            addrlen,
-            ret,
-            backend,
-        },
-    );
+    let returned = Returned {
+        entered_ns: Some(stashed.entered_ns),
+        addr: stashed.addr as *const u8,
+        addr_in_kernel: true,
+        socket: stashed.socket as *const u8,
+        fd: -1,
+        addrlen: stashed.addrlen,
+        ret,
+        backend: Backend::Kprobe,
+    };
+    complete(ctx, cfg, pid_tgid, returned);
 }
 
-/// Copies the sockaddr the caller passed. Only the family is read when the length is too
-/// short for it (bind() then fails with EINVAL, and the event still says so).
+/// Reads kernel memory at `src` as a `T`, or zeros: the helper clears the destination itself
+/// when the read faults, so callers need no branch per read. Every branch on a read's result
+/// multiplies the paths the verifier walks (it dominated load time), and a zero is what the
+/// event wants for a field it could not read.
 #[inline(always)]
-fn read_requested_address(event: &mut BindEvent, addr: *const u8, in_kernel: bool, addrlen: u32) -> Result<(), i32> {
+unsafe fn kernel_read<T: Copy>(src: *const u8) -> T {
+    let mut value = MaybeUninit::<T>::uninit();
+    // SAFETY: the helper copes with any address and fills all of `value` either way.
+    unsafe {
+        generated::bpf_probe_read_kernel(value.as_mut_ptr().cast(), size_of::<T>() as u32, src.cast());
+        value.assume_init()
+    }
+}
+
+/// The requested sockaddr, decoded. The address is kept as two words so that no byte array
+/// is ever zero-filled: LLVM turns such fills into calls to a byte-at-a-time `memset`, which
+/// cost more than everything else the probe does (seen in `llvm-objdump -d`).
+struct Requested {
+    family: u16,
+    port: u16,
+    /// The address bytes in network order, as `BindEvent::addr`.
+    addr: [u64; 2],
+    scope_id: u32,
+    flags: u32,
+    /// The copy from the caller's memory faulted.
+    unreadable: bool,
+}
+
+/// Copies the sockaddr the caller passed, all of it in one read (`addrlen` bytes, at most
+/// 28): the family and the port sit at the same offsets in sockaddr_in and sockaddr_in6.
+/// Address and port stay 0 when the length is too short for the family (bind() then fails
+/// with EINVAL, and `ADDR_SHORT` says why).
+#[inline(always)]
+fn read_requested_address(addr: *const u8, in_kernel: bool, addrlen: u32) -> Requested {
+    let mut req = Requested { family: 0, port: 0, addr: [0; 2], scope_id: 0, flags: 0, unreadable: false };
     if addr.is_null() || addrlen < 2 {
-        event.sock_flags |= sock_flags::ADDR_SHORT;
-        return Ok(());
+        req.flags = sock_flags::ADDR_SHORT;
+        return req;
     }
-    // SAFETY: both helpers cope with any pointer.
-    let read = |dst: &mut [u8]| unsafe {
+    // Not zeroed: a zero-fill becomes a byte-at-a-time memset call. The helper writes `len`
+    // bytes (all zero when it faults), the verifier counts the buffer written up to `len`'s
+    // bound (28), and only bytes the family's minimum length guarantees are used below.
+    let mut buf = MaybeUninit::<[u64; 4]>::uninit();
+    let len = if addrlen > SOCKADDR_IN6_LEN { SOCKADDR_IN6_LEN } else { addrlen };
+    // SAFETY: both helpers cope with any pointer; `len` is at most 28 of the 32 bytes.
+    let ret = unsafe {
         if in_kernel {
-            bpf_probe_read_kernel_buf(addr, dst)
+            generated::bpf_probe_read_kernel(buf.as_mut_ptr().cast(), len, addr.cast())
         } else {
-            bpf_probe_read_user_buf(addr, dst)
+            generated::bpf_probe_read_user(buf.as_mut_ptr().cast(), len, addr.cast())
         }
     };
-    let mut head = [0u8; 2];
-    read(&mut head)?;
-    let family = u16::from_ne_bytes(head);
-    event.family = family;
-    match family {
-        AF_INET => {
-            if addrlen < SOCKADDR_IN_LEN {
-                event.sock_flags |= sock_flags::ADDR_SHORT;
-                return Ok(());
-            }
-            let mut raw = [0u8; SOCKADDR_IN_LEN as usize];
-            read(&mut raw)?;
-            event.port = u16::from_be_bytes([raw[2], raw[3]]);
-            event.addr[..4].copy_from_slice(&raw[4..8]);
-        }
-        AF_INET6 => {
-            if addrlen < SOCKADDR_IN6_LEN {
-                event.sock_flags |= sock_flags::ADDR_SHORT;
-                return Ok(());
-            }
-            let mut raw = [0u8; SOCKADDR_IN6_LEN as usize];
-            read(&mut raw)?;
-            event.port = u16::from_be_bytes([raw[2], raw[3]]);
-            event.addr.copy_from_slice(&raw[8..24]);
-            event.scope_id = u32::from_ne_bytes([raw[24], raw[25], raw[26], raw[27]]);
-        }
-        _ => {}
+    let word = |i: usize| -> u64 {
+        // SAFETY: callers read only words the length check below proves were written.
+        unsafe { buf.as_ptr().cast::<u64>().add(i).read() }
+    };
+    if ret != 0 {
+        req.unreadable = true;
+        return req;
     }
-    event.sock_flags |= sock_flags::ADDR_READ;
-    Ok(())
+    // Little-endian words: bytes 0-1 family, 2-3 port (network order), 4-7 sin_addr;
+    // sin6_addr is bytes 8-23 and sin6_scope_id bytes 24-27.
+    let head = word(0);
+    let family = head as u16;
+    req.family = family;
+    let needed = match family {
+        AF_INET => SOCKADDR_IN_LEN,
+        AF_INET6 => SOCKADDR_IN6_LEN,
+        _ => 2,
+    };
+    if addrlen < needed {
+        req.flags = sock_flags::ADDR_SHORT;
+        return req;
+    }
+    req.port = u16::from_be((head >> 16) as u16);
+    if family == AF_INET6 {
+        req.addr = [word(1), word(2)];
+        // SAFETY: sin6_scope_id, bytes 24..28, within the 28 bytes read.
+        req.scope_id = unsafe { buf.as_ptr().cast::<u8>().add(24).cast::<u32>().read() };
+    } else if family == AF_INET {
+        req.addr = [head >> 32, 0];
+    }
+    req.flags = sock_flags::ADDR_READ;
+    req
 }
 
-#[inline(always)]
-unsafe fn read_ptr(base: *const u8, offset: u32) -> Option<*const u8> {
-    // SAFETY: bpf_probe_read_kernel copes with any address.
-    let value = unsafe { bpf_probe_read_kernel(base.add(offset as usize).cast::<*const u8>()) }.ok()?;
-    if value.is_null() {
-        None
-    } else {
-        Some(value)
-    }
+/// What the probe read of the socket and its network namespace.
+#[derive(Default)]
+struct SockInfo {
+    sock_type: u16,
+    protocol: u16,
+    bound_port: u16,
+    bound_dev_if: u32,
+    bound_addr4: u32,
+    flags: u32,
+    netns_ino: u32,
 }
 
-/// Walks task → files → fdtable → file → socket → sock and fills the socket fields and the
-/// netns. Any failed read leaves `SOCK_INFO` clear; the event is still emitted.
+/// The `struct sock` behind the caller's `fd` (tracepoint backend), or null.
 #[inline(always)]
-fn read_socket(event: &mut BindEvent, layout: &KernelLayout, fd: i32) {
+fn sock_of_fd(layout: &KernelLayout, fd: i32) -> *const u8 {
     // SAFETY: every dereference goes through bpf_probe_read_kernel.
-    let sk = unsafe { socket_of_fd(bpf_get_current_task() as *const u8, layout, fd) };
-    read_sock(event, layout, sk);
+    unsafe { socket_of_fd(bpf_get_current_task() as *const u8, layout, fd) }
 }
 
-/// Fills the socket fields from the `struct sock` (when there is one) and the netns, from
-/// the sock or else from the calling task.
+/// Reads the socket fields from the `struct sock` (null: none) and the netns, from the sock
+/// or else from the calling task.
 #[inline(always)]
-fn read_sock(event: &mut BindEvent, layout: &KernelLayout, sk: Option<*const u8>) {
+fn read_sock(layout: &KernelLayout, sk: *const u8) -> SockInfo {
     // SAFETY: every dereference below goes through bpf_probe_read_kernel.
     unsafe {
-        let net = match sk {
-            Some(sk) => {
-                fill_sock_fields(event, layout, sk);
-                read_ptr(sk, layout.sock_net)
-            }
-            None => {
-                let task = bpf_get_current_task() as *const u8;
-                read_ptr(task, layout.task_nsproxy).and_then(|ns| read_ptr(ns, layout.nsproxy_net_ns))
-            }
+        let (mut info, net): (SockInfo, *const u8) = if sk.is_null() {
+            let nsproxy: *const u8 = kernel_read(task_field(layout.task_nsproxy));
+            (SockInfo::default(), kernel_read(nsproxy.wrapping_add(layout.nsproxy_net_ns as usize)))
+        } else {
+            (sock_fields(layout, sk), kernel_read(sk.wrapping_add(layout.sock_net as usize)))
         };
-        if let Some(net) = net {
-            if let Ok(inum) = bpf_probe_read_kernel(net.add(layout.net_inum as usize).cast::<u32>()) {
-                event.netns_ino = inum;
-            }
-        }
+        // A null `net` reads as 0: no netns.
+        info.netns_ino = kernel_read(net.wrapping_add(layout.net_inum as usize));
+        info
     }
 }
 
 #[inline(always)]
-unsafe fn socket_of_fd(task: *const u8, layout: &KernelLayout, fd: i32) -> Option<*const u8> {
+fn task_field(offset: u32) -> *const u8 {
+    // SAFETY: only an address computation; the caller reads through bpf_probe_read_kernel.
+    unsafe { bpf_get_current_task() as *const u8 }.wrapping_add(offset as usize)
+}
+
+/// The `struct sock` behind `fd` in the calling task, or null. A pointer that failed to read
+/// is null, and reading through null fails again (giving null), so the walk needs no branch
+/// per step; the socket's back-pointer to its file proves the fd really is a socket.
+#[inline(always)]
+unsafe fn socket_of_fd(task: *const u8, layout: &KernelLayout, fd: i32) -> *const u8 {
     if fd < 0 || layout.file_private_data == 0 {
-        return None;
+        return core::ptr::null();
     }
     unsafe {
-        let files = read_ptr(task, layout.task_files)?;
-        let fdt = read_ptr(files, layout.files_fdt)?;
-        let max_fds: u32 = bpf_probe_read_kernel(fdt.add(layout.fdtable_max_fds as usize).cast::<u32>()).ok()?;
+        let files: *const u8 = kernel_read(task.wrapping_add(layout.task_files as usize));
+        let fdt: *const u8 = kernel_read(files.wrapping_add(layout.files_fdt as usize));
+        let max_fds: u32 = kernel_read(fdt.wrapping_add(layout.fdtable_max_fds as usize));
         if fd as u32 >= max_fds {
-            return None;
+            return core::ptr::null();
         }
-        let fd_array = read_ptr(fdt, layout.fdtable_fd)?;
-        let file = read_ptr(fd_array, (fd as u32) * 8)?;
-        let socket = read_ptr(file, layout.file_private_data)?;
-        // A socket's `file` points back at its file; anything else behind private_data
-        // (the fd is not a socket) fails this check.
-        if read_ptr(socket, layout.socket_file)? != file {
-            return None;
+        let fd_array: *const u8 = kernel_read(fdt.wrapping_add(layout.fdtable_fd as usize));
+        let file: *const u8 = kernel_read(fd_array.wrapping_add(fd as usize * 8));
+        let socket: *const u8 = kernel_read(file.wrapping_add(layout.file_private_data as usize));
+        let socket_file: *const u8 = kernel_read(socket.wrapping_add(layout.socket_file as usize));
+        if file.is_null() || socket_file != file {
+            return core::ptr::null();
         }
-        read_ptr(socket, layout.socket_sk)
+        kernel_read(socket.wrapping_add(layout.socket_sk as usize))
     }
 }
 
 #[inline(always)]
-unsafe fn fill_sock_fields(event: &mut BindEvent, layout: &KernelLayout, sk: *const u8) {
+unsafe fn sock_fields(layout: &KernelLayout, sk: *const u8) -> SockInfo {
     let mut sock = SockReader::new(sk);
-    let Some(sock_type) = sock.field(&layout.sock_type) else {
-        return;
-    };
-    event.sock_type = sock_type as u16;
-    event.protocol = sock.field(&layout.sock_protocol).unwrap_or(0) as u16;
-    event.bound_dev_if = sock.field(&layout.sock_bound_dev_if).unwrap_or(0);
+    // 0 or 1 each, shifted into place without a branch.
     let mut flags = sock_flags::SOCK_INFO;
-    let mut set = |loc: &FieldLoc, flag: u32| {
-        if sock.field(loc).unwrap_or(0) != 0 {
-            flags |= flag;
-        }
-    };
-    set(&layout.sock_reuse, sock_flags::REUSEADDR);
-    set(&layout.sock_reuseport, sock_flags::REUSEPORT);
-    set(&layout.sock_ipv6only, sock_flags::V6ONLY);
+    flags |= nonzero(sock.field(&layout.sock_reuse)) * sock_flags::REUSEADDR;
+    flags |= nonzero(sock.field(&layout.sock_reuseport)) * sock_flags::REUSEPORT;
+    flags |= nonzero(sock.field(&layout.sock_ipv6only)) * sock_flags::V6ONLY;
     // inet_sock begins with struct sock, so these offsets apply to the same pointer.
-    set(&layout.inet_freebind, sock_flags::FREEBIND);
-    set(&layout.inet_transparent, sock_flags::TRANSPARENT);
-    set(&layout.inet_bind_address_no_port, sock_flags::BIND_ADDRESS_NO_PORT);
-    event.sock_flags |= flags;
-    // Where the socket is bound now: the port the kernel picked for port 0, or, after
-    // EINVAL, what the socket was already bound to.
-    event.bound_port = sock.field(&layout.sock_num).unwrap_or(0) as u16;
-    if event.family == AF_INET {
-        if let Some(addr) = sock.word(layout.sock_rcv_saddr) {
-            event.bound_addr4 = addr.to_le_bytes();
-        }
+    flags |= nonzero(sock.field(&layout.inet_freebind)) * sock_flags::FREEBIND;
+    flags |= nonzero(sock.field(&layout.inet_transparent)) * sock_flags::TRANSPARENT;
+    flags |= nonzero(sock.field(&layout.inet_bind_address_no_port)) * sock_flags::BIND_ADDRESS_NO_PORT;
+    SockInfo {
+        sock_type: sock.field(&layout.sock_type) as u16,
+        protocol: sock.field(&layout.sock_protocol) as u16,
+        bound_dev_if: sock.field(&layout.sock_bound_dev_if),
+        // Where the socket is bound now: the port the kernel picked for port 0, or, after
+        // EINVAL, what the socket was already bound to. The IPv4 address is read whatever
+        // the family; userspace uses it for AF_INET only.
+        bound_port: sock.field(&layout.sock_num) as u16,
+        bound_addr4: sock.word(layout.sock_rcv_saddr),
+        flags,
+        netns_ino: 0,
     }
+}
+
+/// 1 if `value` is non-zero, else 0.
+#[inline(always)]
+fn nonzero(value: u32) -> u32 {
+    u32::from(value != 0)
 }
 
 /// Reads fields of one `struct sock` with as few kernel reads as possible: the first
 /// [`SOCK_HEAD`] bytes (skc_rcv_saddr, skc_num, skc_family, the skc_reuse bitfields,
 /// skc_bound_dev_if) in one read, and each other 32-bit word once however many fields
-/// share it. Every probe read is a helper call on the traced program's time.
+/// share it. Offsets come from the read-only config, so the verifier knows them and settles
+/// every branch here itself.
 struct SockReader {
     sk: *const u8,
-    // Plain, always-initialised fields rather than Options of arrays: LLVM may otherwise
-    // store undefined padding, which the verifier rejects ("R1 !read_ok").
-    head: [u8; SOCK_HEAD],
-    head_ok: bool,
+    head: [u64; SOCK_HEAD / 8],
     last_offset: u32,
     last_value: u32,
-    last_ok: bool,
 }
 
 const SOCK_HEAD: usize = 32;
@@ -453,113 +542,126 @@ const SOCK_HEAD: usize = 32;
 impl SockReader {
     #[inline(always)]
     fn new(sk: *const u8) -> Self {
-        let mut head = [0u8; SOCK_HEAD];
-        // SAFETY: bpf_probe_read_kernel_buf copes with any address.
-        let head_ok = unsafe { bpf_probe_read_kernel_buf(sk, &mut head) }.is_ok();
-        Self { sk, head, head_ok, last_offset: 0, last_value: 0, last_ok: false }
+        // SAFETY: kernel_read copes with any address.
+        let head = unsafe { kernel_read(sk) };
+        Self { sk, head, last_offset: u32::MAX, last_value: 0 }
     }
 
     #[inline(always)]
-    fn word(&mut self, offset: u32) -> Option<u32> {
+    fn word(&mut self, offset: u32) -> u32 {
         let at = offset as usize;
-        if self.head_ok && at + 4 <= SOCK_HEAD {
-            if let Some(bytes) = self.head.get(at..at + 4) {
-                return Some(u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]));
+        if at + 4 <= SOCK_HEAD {
+            // SAFETY: same size, any bytes are valid u8s.
+            let head: &[u8; SOCK_HEAD] = unsafe { &*(&raw const self.head).cast() };
+            if let Some(bytes) = head.get(at..at + 4) {
+                return u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
             }
         }
-        if self.last_ok && self.last_offset == offset {
-            return Some(self.last_value);
+        if self.last_offset != offset {
+            // SAFETY: kernel_read copes with any address.
+            self.last_value = unsafe { kernel_read(self.sk.wrapping_add(at)) };
+            self.last_offset = offset;
         }
-        // SAFETY: as above.
-        let value = unsafe { bpf_probe_read_kernel(self.sk.add(at).cast::<u32>()) }.ok()?;
-        self.last_offset = offset;
-        self.last_value = value;
-        self.last_ok = true;
-        Some(value)
+        self.last_value
     }
 
+    /// The field, or 0 when this kernel has no such member.
     #[inline(always)]
-    fn field(&mut self, loc: &FieldLoc) -> Option<u32> {
+    fn field(&mut self, loc: &FieldLoc) -> u32 {
         if !loc.is_present() {
-            return None;
+            return 0;
         }
-        self.word(loc.offset).map(|raw| loc.extract(raw))
+        loc.extract(self.word(loc.offset))
     }
 }
 
 #[inline(always)]
 fn on_exit(ctx: &TracePointContext) {
-    let Some((cfg, pid_tgid, stashed)) = returned_call() else {
+    let ret = record_word(ctx, EXIT_RET) as i64 as i32;
+    let Some((cfg, pid_tgid)) = returned_call(ret) else {
         return;
     };
-    let Some(InFlight { entered_ns, addr, fd, addrlen, .. }) = stashed else {
-        count(stat::IN_FLIGHT_MISSING);
-        return;
+    let (fd, addr, addrlen) = syscall_args(&cfg.layout);
+    let returned = Returned {
+        entered_ns: entry_time(pid_tgid as u32),
+        addr: addr as *const u8,
+        addr_in_kernel: false,
+        socket: core::ptr::null(),
+        fd,
+        addrlen,
+        ret,
+        backend: Backend::Tracepoint,
     };
-    // SAFETY: offset inside the tracepoint record.
-    let ret = unsafe { ctx.read_at::<u64>(EXIT_RET) }.unwrap_or(0) as i64 as i32;
-    complete(
-        ctx,
-        cfg,
-        pid_tgid,
-        Returned {
-            entered_ns,
-            addr: addr as *const u8,
-            addr_in_kernel: false,
-            socket: core::ptr::null(),
-            fd,
-            addrlen,
-            ret,
-            backend: Backend::Tracepoint,
-        },
-    );
+    complete(ctx, cfg, pid_tgid, returned);
 }
 
-/// Builds, filters and emits the event of a returned bind(), whatever hook saw it.
+/// Builds, filters and emits the event of a returned bind(), whatever hook saw it. The
+/// record is assembled from locals in one struct literal: no zero-fill first (see
+/// [`Requested`]).
 #[inline(always)]
 fn complete<C: EbpfContext>(ctx: &C, cfg: &ProbeConfig, pid_tgid: u64, r: Returned) {
     let filter = &cfg.filter;
-    if !filter.accepts_result(r.ret) {
-        count(stat::FILTERED);
-        return;
-    }
-    let mut event = BindEvent::zeroed();
-    event.timestamp_ns = r.entered_ns;
-    event.duration_ns = unsafe { bpf_ktime_get_ns() }.saturating_sub(r.entered_ns);
-    event.ret = r.ret;
-    event.fd = r.fd;
-    event.addrlen = r.addrlen;
-    if read_requested_address(&mut event, r.addr, r.addr_in_kernel, r.addrlen).is_err() {
+    let req = read_requested_address(r.addr, r.addr_in_kernel, r.addrlen);
+    if req.unreadable {
         count(stat::ADDR_READ_FAILED);
         debug!(ctx, "bindtrace: sockaddr of pid {} unreadable", (pid_tgid >> 32) as u32);
     }
-    if !filter.accepts_port(event.port) || !filter.accepts_family(event.family) {
+    if !filter.accepts_port(req.port) || !filter.accepts_family(req.family) {
         count(stat::FILTERED);
         return;
     }
-    if r.socket.is_null() {
+    let sk = if r.socket.is_null() {
         // After ENOTSOCK or EBADF the fd holds no socket of this call: do not look behind it.
         let socket_fd = if r.ret == -ENOTSOCK || r.ret == -EBADF { -1 } else { r.fd };
-        read_socket(&mut event, &cfg.layout, socket_fd);
+        sock_of_fd(&cfg.layout, socket_fd)
     } else {
         // SAFETY: reads go through bpf_probe_read_kernel.
-        let sk = unsafe { read_ptr(r.socket, cfg.layout.socket_sk) };
-        read_sock(&mut event, &cfg.layout, sk);
-    }
-    if !filter.accepts_protocol(event.protocol) {
+        unsafe { kernel_read(r.socket.wrapping_add(cfg.layout.socket_sk as usize)) }
+    };
+    let sock = read_sock(&cfg.layout, sk);
+    if !filter.accepts_protocol(sock.protocol) {
         count(stat::FILTERED);
         return;
     }
-    event.tgid = (pid_tgid >> 32) as u32;
-    event.tid = pid_tgid as u32;
-    event.comm = current_comm();
+    let now = unsafe { bpf_ktime_get_ns() };
+    let (timestamp_ns, duration_ns, entry_flag) = match r.entered_ns {
+        Some(entered_ns) => (entered_ns, now.saturating_sub(entered_ns), 0),
+        None => {
+            count(stat::NO_ENTRY_TIME);
+            (now, 0, sock_flags::NO_ENTRY_TIME)
+        }
+    };
     let uid_gid = bpf_get_current_uid_gid();
-    event.uid = uid_gid as u32;
-    event.gid = (uid_gid >> 32) as u32;
-    event.cgroup_id = unsafe { bpf_get_current_cgroup_id() };
-    event.backend = r.backend as u8;
-
-    if EVENTS.output::<BindEvent>(&event, wakeup_flags()).is_ok() {
+    // SAFETY: same size; any bytes are valid u8s.
+    let addr: [u8; 16] = unsafe { core::mem::transmute(req.addr) };
+    let event = BindEvent {
+        timestamp_ns,
+        duration_ns,
+        cgroup_id: unsafe { bpf_get_current_cgroup_id() },
+        addr,
+        comm: current_comm(),
+        netns_ino: sock.netns_ino,
+        tgid: (pid_tgid >> 32) as u32,
+        tid: pid_tgid as u32,
+        uid: uid_gid as u32,
+        gid: (uid_gid >> 32) as u32,
+        ret: r.ret,
+        fd: r.fd,
+        addrlen: r.addrlen,
+        scope_id: req.scope_id,
+        bound_dev_if: sock.bound_dev_if,
+        sock_flags: req.flags | sock.flags | entry_flag,
+        family: req.family,
+        port: req.port,
+        sock_type: sock.sock_type,
+        protocol: sock.protocol,
+        bound_port: sock.bound_port,
+        backend: r.backend as u8,
+        _pad: 0,
+        bound_addr4: sock.bound_addr4.to_le_bytes(),
+        _reserved: [0; 4],
+    };
+    if EVENTS.output::<BindEvent>(&event, wakeup_flags(now)).is_ok() {
         count(stat::EMITTED);
     } else {
         count(stat::RINGBUF_FULL);
@@ -571,8 +673,7 @@ fn complete<C: EbpfContext>(ctx: &C, cfg: &ProbeConfig, pid_tgid: u64, r: Return
 /// program more than the record itself. Userspace drains again shortly after any batch, so a
 /// record that woke nobody waits at most that long (see the tracer's pipeline).
 #[inline(always)]
-fn wakeup_flags() -> u64 {
-    let now = unsafe { bpf_ktime_get_ns() };
+fn wakeup_flags(now: u64) -> u64 {
     let pending = EVENTS.query(BPF_RB_AVAIL_DATA);
     let Some(last) = LAST_WAKEUP.get_ptr_mut(0) else {
         return 0;

@@ -145,18 +145,18 @@ fn check_main() -> ExitCode {
         "privileges (CAP_BPF and CAP_PERFMON, or CAP_SYS_ADMIN): {}",
         privileges.as_ref().map_or_else(|e| format!("no: {e}"), |()| "yes".to_owned())
     );
-    let layout = layout::running_kernel_layout();
+    let kernel = layout::running_kernel_btf();
     println!(
         "BTF ({}): {}",
         layout::VMLINUX_BTF,
-        layout.as_ref().map_or_else(|e| format!("no: {e:#}"), |_| "yes, every struct member resolved".to_owned())
+        kernel.as_ref().map_or_else(|e| format!("no: {e:#}"), |_| "yes, every struct member resolved".to_owned())
     );
-    let (Ok(()), Ok(layout)) = (privileges, layout) else {
+    let (Ok(()), Ok(kernel)) = (privileges, kernel) else {
         println!("hooks: not tried (see above)");
         return ExitCode::from(EXIT_FAILURE);
     };
-    let config = ProbeConfig { layout, filter: bindtrace_common::FilterConfig::accept_all() };
-    let checks = probe::check_backends(&config);
+    let config = ProbeConfig { layout: kernel.layout, filter: bindtrace_common::FilterConfig::accept_all() };
+    let checks = probe::check_backends(&config, kernel.bind_function_ids);
     // The object holds the ring buffer: loading it at all proves BPF_MAP_TYPE_RINGBUF.
     let ring = checks.iter().any(|c| match &c.result {
         Ok(()) => true,
@@ -198,10 +198,11 @@ async fn run(plan: Plan) -> Result<()> {
     let Plan { cli, filter, mut sink } = plan;
     let started = std::time::Instant::now();
     let loader = probe::PendingLoader::start(cli.attach, false);
-    let config = ProbeConfig { layout: layout::running_kernel_layout()?, filter: filter.kernel };
+    let kernel = layout::running_kernel_btf()?;
+    let config = ProbeConfig { layout: kernel.layout, filter: filter.kernel };
     log::debug!("kernel layout from BTF in {:?}", started.elapsed());
     let signals = StopSignals::install()?;
-    let mut probe = AttachedProbe::attach(loader, cli.attach, &config, &filter.pids, cli.ring_buffer_size)?;
+    let mut probe = AttachedProbe::attach(loader, cli.attach, &kernel, &config, &filter.pids, cli.ring_buffer_size)?;
     log::debug!("probe loaded and attached after {:?}", started.elapsed());
     let clock = WallClock::new();
     let mut time = Rfc3339::default();

@@ -6,7 +6,7 @@
 use std::path::Path;
 
 use anyhow::{anyhow, bail, Context as _, Result};
-use bindtrace_common::{FieldLoc, KernelLayout};
+use bindtrace_common::{names, FieldLoc, KernelLayout};
 use btf_rs::{Backend, Btf, Struct, Type};
 
 pub const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
@@ -103,6 +103,12 @@ impl KernelTypes {
         Ok(None)
     }
 
+    /// The BTF id of the kernel function `name`, if the BTF describes it.
+    fn function_id(&self, name: &str) -> Option<u32> {
+        let ids = self.btf.resolve_ids_by_name(name).ok()?;
+        ids.into_iter().find(|&id| matches!(self.btf.resolve_type_by_id(id), Ok(Type::Func(_))))
+    }
+
     /// Resolves a dotted member path such as `__sk_common.skc_reuse` inside `struct_name`.
     fn member(&self, struct_name: &str, path: &str) -> Result<MemberLoc> {
         let mut current = self.find_struct(struct_name)?;
@@ -157,6 +163,7 @@ impl KernelTypes {
             nsproxy_net_ns: self.offset("nsproxy", "net_ns")?,
             sock_net: self.offset("sock", "__sk_common.skc_net.net")?,
             net_inum: self.offset("net", "ns.inum")?,
+            syscall_args: self.syscall_arg_registers()?,
             sock_rcv_saddr: self.offset("sock", "__sk_common.skc_rcv_saddr")?,
             sock_family: self.field("sock", "__sk_common.skc_family")?,
             sock_type: self.field("sock", "sk_type")?,
@@ -170,6 +177,20 @@ impl KernelTypes {
             inet_transparent: self.inet_flag("transparent", "INET_FLAGS_TRANSPARENT")?,
             inet_bind_address_no_port: self.inet_flag("bind_address_no_port", "INET_FLAGS_BIND_ADDRESS_NO_PORT")?,
         })
+    }
+
+    /// Where `struct pt_regs` keeps a syscall's first three arguments: di, si, dx on x86_64;
+    /// regs[0..3] on arm64 (whose pt_regs starts with the user registers).
+    fn syscall_arg_registers(&self) -> Result<[u32; 3]> {
+        if let (Ok(di), Ok(si), Ok(dx)) =
+            (self.offset("pt_regs", "di"), self.offset("pt_regs", "si"), self.offset("pt_regs", "dx"))
+        {
+            return Ok([di, si, dx]);
+        }
+        let regs = self
+            .offset("pt_regs", "regs")
+            .context("kernel BTF: struct pt_regs has neither di/si/dx (x86_64) nor regs (arm64)")?;
+        Ok([regs, regs + 8, regs + 16])
     }
 
     /// The value of an enumerator of one of the kernel's anonymous enums (INET_FLAGS_* live
@@ -228,13 +249,31 @@ fn field_loc(loc: MemberLoc) -> Result<FieldLoc> {
     Ok(FieldLoc { offset, bit_shift: shift as u8, bit_width: loc.bits as u8, _reserved: [0; 2] })
 }
 
-/// The running kernel's layout, from /sys/kernel/btf/vmlinux.
-pub fn running_kernel_layout() -> Result<KernelLayout> {
+/// What bindtrace needs from the running kernel's BTF.
+#[derive(Clone, Copy, Debug)]
+pub struct KernelBtf {
+    pub layout: KernelLayout,
+    /// The BTF ids of the functions the fexit backend hooks (`names::INET_BIND_FUNCTIONS`
+    /// order); `None` where the kernel's BTF lacks one.
+    pub bind_function_ids: [Option<u32>; 2],
+}
+
+/// The running kernel's layout and hook targets, from /sys/kernel/btf/vmlinux.
+pub fn running_kernel_btf() -> Result<KernelBtf> {
     let path = Path::new(VMLINUX_BTF);
     if !path.exists() {
         bail!("{VMLINUX_BTF} is missing: this kernel was built without CONFIG_DEBUG_INFO_BTF, which bindtrace needs");
     }
-    KernelTypes::open(path)?.layout()
+    let types = KernelTypes::open(path)?;
+    Ok(KernelBtf {
+        layout: types.layout()?,
+        bind_function_ids: names::INET_BIND_FUNCTIONS.map(|name| types.function_id(name)),
+    })
+}
+
+/// The running kernel's layout, from /sys/kernel/btf/vmlinux.
+pub fn running_kernel_layout() -> Result<KernelLayout> {
+    running_kernel_btf().map(|btf| btf.layout)
 }
 
 #[cfg(test)]
@@ -265,6 +304,8 @@ mod tests {
         }
         let layout = running_kernel_layout().expect("layout");
         assert!(layout.task_files > 0 && layout.task_nsproxy > 0);
+        #[cfg(target_arch = "x86_64")]
+        assert_eq!(layout.syscall_args, [112, 104, 96], "pt_regs di, si, dx (UAPI layout)");
         assert_eq!(layout.socket_sk % 8, 0);
         assert_eq!(layout.sock_reuse.bit_width, 4, "skc_reuse is a 4-bit field");
         assert_eq!(layout.sock_reuseport.bit_width, 1);
@@ -277,5 +318,8 @@ mod tests {
             assert_eq!(flag.bit_width, 1, "{flag:?}");
         }
         assert_ne!(layout.inet_freebind, layout.inet_transparent);
+        let btf = running_kernel_btf().expect("btf");
+        assert!(btf.bind_function_ids.iter().all(Option::is_some), "inet_bind and inet6_bind are in every BTF kernel");
+        assert_ne!(btf.bind_function_ids[0], btf.bind_function_ids[1]);
     }
 }

@@ -12,6 +12,7 @@ pub mod decode;
 pub mod enrich;
 pub mod errno;
 pub mod filter;
+pub mod hook_support;
 pub mod layout;
 pub mod pipeline;
 pub mod probe;

@@ -12,7 +12,7 @@ use aya::{
 use aya_log::EbpfLogger;
 use bindtrace_common::{names, stat, Backend, ProbeConfig};
 
-use crate::{cli::Attach, summary::KernelCounters};
+use crate::{cli::Attach, layout::KernelBtf, summary::KernelCounters};
 
 /// The probe, built by build.rs and embedded so that the binary is all a host needs.
 static PROBE_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/bindtrace-probe"));
@@ -140,6 +140,18 @@ fn attach_kprobe(ebpf: &mut Ebpf) -> Result<()> {
     Ok(())
 }
 
+/// Proves with a two-instruction program that this kernel loads fexit programs on the bind
+/// functions, before the expensive part (see [`crate::hook_support`]).
+fn fexit_supported(function_ids: &[Option<u32>; 2]) -> Result<()> {
+    for (function, id) in names::INET_BIND_FUNCTIONS.iter().zip(function_ids) {
+        let Some(id) = id else {
+            bail!("the kernel's BTF does not describe {function}");
+        };
+        crate::hook_support::fexit_loadable(function, *id)?;
+    }
+    Ok(())
+}
+
 fn attach_fexit(ebpf: &mut Ebpf, btf: &Btf) -> Result<()> {
     for (entry, exit, function) in names::PROGS_FEXIT {
         let fentry: &mut FEntry = program(ebpf, entry)?;
@@ -184,7 +196,9 @@ fn unload_backend(ebpf: &mut Ebpf, backend: Backend) {
 
 fn attach_backend(ebpf: &mut Ebpf, backend: Backend, btf: &mut BtfSource) -> Result<()> {
     let attached = match backend {
-        Backend::Fexit => btf.get().and_then(|btf| attach_fexit(ebpf, btf)),
+        Backend::Fexit => {
+            fexit_supported(&btf.function_ids).and_then(|()| btf.get()).and_then(|btf| attach_fexit(ebpf, btf))
+        }
         Backend::Kprobe => attach_kprobe(ebpf),
         Backend::Tracepoint => attach_tracepoint(ebpf),
     };
@@ -198,6 +212,8 @@ fn attach_backend(ebpf: &mut Ebpf, backend: Backend, btf: &mut BtfSource) -> Res
 pub struct BtfSource {
     pending: Option<PendingBtf>,
     parsed: Option<Btf>,
+    /// The bind functions' BTF ids, from bindtrace's own (cheap) BTF reading.
+    function_ids: [Option<u32>; 2],
 }
 
 impl BtfSource {
@@ -209,6 +225,19 @@ impl BtfSource {
     }
 }
 
+/// How much work the verifier did per loaded program: the load time grows with it.
+fn log_verifier_work(ebpf: &Ebpf) {
+    if !log::log_enabled!(log::Level::Debug) {
+        return;
+    }
+    for (name, program) in ebpf.programs() {
+        if let Ok(info) = program.info() {
+            let verified = info.verified_instruction_count().unwrap_or(0);
+            log::debug!("{name}: {verified} instructions verified");
+        }
+    }
+}
+
 /// What `bindtrace --check` found out about one backend.
 pub struct BackendCheck {
     pub backend: Backend,
@@ -216,8 +245,8 @@ pub struct BackendCheck {
 }
 
 /// Loads the object once per backend and tries to attach it, then lets it go.
-pub fn check_backends(config: &ProbeConfig) -> Vec<BackendCheck> {
-    let mut btf = BtfSource { pending: None, parsed: None };
+pub fn check_backends(config: &ProbeConfig, function_ids: [Option<u32>; 2]) -> Vec<BackendCheck> {
+    let mut btf = BtfSource { pending: None, parsed: None, function_ids };
     AUTO_ORDER
         .iter()
         .map(|&backend| {
@@ -248,13 +277,14 @@ impl AttachedProbe {
     pub fn attach(
         loader: PendingLoader,
         attach: Attach,
+        kernel: &KernelBtf,
         config: &ProbeConfig,
         pids: &[u32],
         ring_bytes: u32,
     ) -> Result<Self> {
         let started = std::time::Instant::now();
         let (mut loader, pending_btf) = loader.finish()?;
-        let mut btf = BtfSource { pending: pending_btf, parsed: None };
+        let mut btf = BtfSource { pending: pending_btf, parsed: None, function_ids: kernel.bind_function_ids };
         let mut ebpf = loader
             // The probe takes its offsets from the config, not from CO-RE relocations: no
             // relocation pass against the kernel's BTF.
@@ -305,6 +335,7 @@ impl AttachedProbe {
             bail!("--attach {} (bindtrace --check tells what this kernel supports)", refusals.join("; "));
         };
         log::debug!("programs loaded and attached in {:?}", started.elapsed());
+        log_verifier_work(&ebpf);
         let stats = PerCpuArray::try_from(
             ebpf.take_map(names::STATS).ok_or_else(|| anyhow!("probe has no {} map", names::STATS))?,
         )?;

@@ -24,10 +24,13 @@ pub struct KernelCounters {
     pub dropped_ring_buffer_full: u64,
     /// Lost: the in-flight map was full.
     pub dropped_in_flight_full: u64,
-    /// Exits without an entry record (binds already in progress when the probe attached).
+    /// kretprobe exits without an entry record (binds already in progress when the probe
+    /// attached): not emitted, their arguments being unknown.
     pub in_flight_missing: u64,
     /// Emitted without an address: the caller's sockaddr could not be read.
     pub address_unreadable: u64,
+    /// Emitted without a duration: the probe did not see the bind's entry.
+    pub no_entry_time: u64,
 }
 
 impl KernelCounters {
@@ -41,6 +44,7 @@ impl KernelCounters {
             dropped_in_flight_full: sums[stat::IN_FLIGHT_FULL as usize],
             in_flight_missing: sums[stat::IN_FLIGHT_MISSING as usize],
             address_unreadable: sums[stat::ADDR_READ_FAILED as usize],
+            no_entry_time: sums[stat::NO_ENTRY_TIME as usize],
         }
     }
 

@@ -50,7 +50,8 @@ struct EventRecord<'a> {
     bound_addr: Option<IpAddr>,
     fd: i32,
     addrlen: u32,
-    duration_ns: u64,
+    /// null when the probe did not see the bind's entry.
+    duration_ns: Option<u64>,
     netns: u32,
     cgroup_id: u64,
     backend: &'static str,
@@ -124,7 +125,7 @@ impl Sink for NdjsonSink {
             bound_addr: event.bound_ip(),
             fd: event.fd,
             addrlen: event.addrlen,
-            duration_ns: event.duration_ns,
+            duration_ns: (!event.has(sock_flags::NO_ENTRY_TIME)).then_some(event.duration_ns),
             netns: event.netns_ino,
             cgroup_id: event.cgroup_id,
             backend: event.backend_name(),
