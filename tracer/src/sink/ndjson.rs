@@ -206,6 +206,20 @@ mod tests {
         assert!(line["port"].is_null());
         assert!(line["proto"].is_null());
         assert!(line["reuseaddr"].is_null());
+        assert!(line["duration_ns"].is_number(), "the entry was seen");
+    }
+
+    #[test]
+    fn bind_without_a_seen_entry_has_a_null_duration() {
+        let shared = Shared::default();
+        let mut sink = NdjsonSink::new(Output::new(Box::new(shared.clone())));
+        let mut event = sample_event();
+        event.sock_flags |= sock_flags::NO_ENTRY_TIME;
+        sink.event(&event, 0, None).expect("encode");
+        sink.flush().expect("flush");
+        let line = &lines(&shared)[0];
+        assert!(line["duration_ns"].is_null());
+        assert_eq!(line["port"], event.port, "the event itself is complete");
     }
 
     #[test]
