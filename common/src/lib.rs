@@ -435,7 +435,21 @@ impl FilterConfig {
 pub struct ProbeConfig {
     pub layout: KernelLayout,
     pub filter: FilterConfig,
+    /// Unread bytes in the ring buffer at which the probe wakes the reader early (a quarter of
+    /// the ring); 0: never for this reason.
+    pub wakeup_bytes: u64,
 }
+
+/// The probe forces a wake-up of the reader only when it has not done so for this long, or
+/// when [`ProbeConfig::wakeup_bytes`] are unread (at most once per
+/// [`WAKEUP_BYTES_MIN_INTERVAL_NS`]). Each forced wake-up is an irq_work, a self-IPI on the
+/// traced CPU: in a VM an MSR write and a VM exit, several microseconds. The reader, once
+/// woken, polls the ring every [`READER_RECHECK_NS`] until it has seen nothing for longer than
+/// this interval, so a record that woke nobody still waits at most about one recheck.
+pub const WAKEUP_INTERVAL_NS: u64 = 50_000_000;
+pub const WAKEUP_BYTES_MIN_INTERVAL_NS: u64 = 1_000_000;
+/// How often the reader drains the ring while records flow.
+pub const READER_RECHECK_NS: u64 = 5_000_000;
 
 impl ProbeConfig {
     pub const fn zeroed() -> Self {
@@ -467,6 +481,7 @@ impl ProbeConfig {
                 inet_bind_address_no_port: FieldLoc::ABSENT,
             },
             filter: FilterConfig::accept_all(),
+            wakeup_bytes: 0,
         }
     }
 }

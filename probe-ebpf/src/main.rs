@@ -24,7 +24,7 @@ use aya_ebpf::{
 use aya_log_ebpf::debug;
 use bindtrace_common::{
     filter_flags, sock_flags, stat, Backend, BindEvent, FieldLoc, KernelLayout, ProbeConfig, AF_INET, AF_INET6,
-    COMM_LEN,
+    COMM_LEN, WAKEUP_BYTES_MIN_INTERVAL_NS, WAKEUP_INTERVAL_NS,
 };
 
 /// Written by the tracer before load (aya rewrites .rodata); read only through [`config`].
@@ -94,11 +94,6 @@ static LAST_WAKEUP: Array<u64> = Array::with_max_entries(1, 0);
 const BPF_RB_NO_WAKEUP: u64 = 1;
 const BPF_RB_FORCE_WAKEUP: u64 = 2;
 const BPF_RB_AVAIL_DATA: u64 = 0;
-/// Wake the reader at least this often while records flow (2 ms)...
-const WAKEUP_INTERVAL_NS: u64 = 2_000_000;
-/// ...and whenever this much is unread (the default ring holds 1 MiB).
-const WAKEUP_BYTES: u64 = 64 * 1024;
-
 /// tgids accepted by `--pid` (value unused).
 #[map(name = "FILTER_PIDS")]
 static FILTER_PIDS: HashMap<u32, u8> = HashMap::with_max_entries(1024, 0);
@@ -439,8 +434,8 @@ struct SockInfo {
 /// The `struct sock` behind the caller's `fd` (tracepoint backend), or null.
 #[inline(always)]
 fn sock_of_fd(layout: &KernelLayout, fd: i32) -> *const u8 {
-    // SAFETY: every dereference goes through bpf_probe_read_kernel.
-    unsafe { socket_of_fd(bpf_get_current_task() as *const u8, layout, fd) }
+    // SAFETY: a BTF-typed pointer to the current task, used as socket_of_fd documents.
+    unsafe { socket_of_fd(generated::bpf_get_current_task_btf() as *const u8, layout, fd) }
 }
 
 /// Reads the socket fields from the `struct sock` (null: none) and the netns, from the sock
@@ -467,23 +462,36 @@ fn task_field(offset: u32) -> *const u8 {
     unsafe { bpf_get_current_task() as *const u8 }.wrapping_add(offset as usize)
 }
 
-/// The `struct sock` behind `fd` in the calling task, or null. A pointer that failed to read
-/// is null, and reading through null fails again (giving null), so the walk needs no branch
-/// per step; the socket's back-pointer to its file proves the fd really is a socket.
+/// A pointer-sized (or smaller) member of a BTF-typed kernel object, loaded directly. With
+/// `base` typed by the verifier (it comes from `bpf_get_current_task_btf` or from another
+/// such load) and `offset` a verifier-known constant (the read-only config), the verifier
+/// checks the access against the kernel's BTF and makes it a fault-safe load: no helper call,
+/// and a null `base` reads as 0.
+#[inline(always)]
+unsafe fn btf_load<T: Copy>(base: *const u8, offset: u32) -> T {
+    // SAFETY: see above; the verifier rejects the program rather than let this fault.
+    unsafe { core::ptr::read_volatile(base.wrapping_add(offset as usize).cast::<T>()) }
+}
+
+/// The `struct sock` behind `fd` in `task`, or null. The first steps (task → files → fdtable)
+/// are typed loads; from the fd array on the kernel's BTF types end (`struct file **`, `void
+/// *private_data`), so the rest goes through `bpf_probe_read_kernel`. A pointer that failed to
+/// read is null, and reading through null fails again (giving null), so the walk needs no
+/// branch per step; the socket's back-pointer to its file proves the fd really is a socket.
 #[inline(always)]
 unsafe fn socket_of_fd(task: *const u8, layout: &KernelLayout, fd: i32) -> *const u8 {
     if fd < 0 || layout.file_private_data == 0 {
         return core::ptr::null();
     }
     unsafe {
-        let files: *const u8 = kernel_read(task.wrapping_add(layout.task_files as usize));
-        let fdt: *const u8 = kernel_read(files.wrapping_add(layout.files_fdt as usize));
-        let max_fds: u32 = kernel_read(fdt.wrapping_add(layout.fdtable_max_fds as usize));
+        let files: *const u8 = btf_load(task, layout.task_files);
+        let fdt: *const u8 = btf_load(files, layout.files_fdt);
+        let max_fds: u32 = btf_load(fdt, layout.fdtable_max_fds);
         if fd as u32 >= max_fds {
             return core::ptr::null();
         }
-        let fd_array: *const u8 = kernel_read(fdt.wrapping_add(layout.fdtable_fd as usize));
-        let file: *const u8 = kernel_read(fd_array.wrapping_add(fd as usize * 8));
+        let fd_array: u64 = btf_load(fdt, layout.fdtable_fd);
+        let file: *const u8 = kernel_read((fd_array as usize as *const u8).wrapping_add(fd as usize * 8));
         let socket: *const u8 = kernel_read(file.wrapping_add(layout.file_private_data as usize));
         let socket_file: *const u8 = kernel_read(socket.wrapping_add(layout.socket_file as usize));
         if file.is_null() || socket_file != file {
@@ -661,26 +669,30 @@ fn complete<C: EbpfContext>(ctx: &C, cfg: &ProbeConfig, pid_tgid: u64, r: Return
         bound_addr4: sock.bound_addr4.to_le_bytes(),
         _reserved: [0; 4],
     };
-    if EVENTS.output::<BindEvent>(&event, wakeup_flags(now)).is_ok() {
+    if EVENTS.output::<BindEvent>(&event, wakeup_flags(cfg, now)).is_ok() {
         count(stat::EMITTED);
     } else {
         count(stat::RINGBUF_FULL);
     }
 }
 
-/// Wake the reader for this record only when it has not been woken for [`WAKEUP_INTERVAL_NS`]
-/// or the unread data passes [`WAKEUP_BYTES`]: one wake-up per record costs the traced
-/// program more than the record itself. Userspace drains again shortly after any batch, so a
-/// record that woke nobody waits at most that long (see the tracer's pipeline).
+/// Wake the reader for this record only when it has not been woken for
+/// [`WAKEUP_INTERVAL_NS`], or when `wakeup_bytes` are unread: see `bindtrace_common`. A record
+/// that woke nobody is found by the reader's polling, which lasts longer than the interval.
 #[inline(always)]
-fn wakeup_flags(now: u64) -> u64 {
-    let pending = EVENTS.query(BPF_RB_AVAIL_DATA);
+fn wakeup_flags(cfg: &ProbeConfig, now: u64) -> u64 {
     let Some(last) = LAST_WAKEUP.get_ptr_mut(0) else {
         return 0;
     };
-    // SAFETY: an array slot; a racing CPU at worst causes one extra or one fewer wake-up.
+    // SAFETY: an array slot; a racing CPU at worst causes one extra or one fewer wake-up,
+    // and either way the reader was woken within the interval.
     let last = unsafe { &mut *last };
-    if pending >= WAKEUP_BYTES || now.saturating_sub(*last) >= WAKEUP_INTERVAL_NS {
+    let since = now.saturating_sub(*last);
+    let force = since >= WAKEUP_INTERVAL_NS
+        || (since >= WAKEUP_BYTES_MIN_INTERVAL_NS
+            && cfg.wakeup_bytes != 0
+            && EVENTS.query(BPF_RB_AVAIL_DATA) >= cfg.wakeup_bytes);
+    if force {
         *last = now;
         BPF_RB_FORCE_WAKEUP
     } else {

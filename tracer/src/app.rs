@@ -155,7 +155,8 @@ fn check_main() -> ExitCode {
         println!("hooks: not tried (see above)");
         return ExitCode::from(EXIT_FAILURE);
     };
-    let config = ProbeConfig { layout: kernel.layout, filter: bindtrace_common::FilterConfig::accept_all() };
+    let config =
+        ProbeConfig { layout: kernel.layout, filter: bindtrace_common::FilterConfig::accept_all(), wakeup_bytes: 0 };
     let checks = probe::check_backends(&config, kernel.bind_function_ids);
     // The object holds the ring buffer: loading it at all proves BPF_MAP_TYPE_RINGBUF.
     let ring = checks.iter().any(|c| match &c.result {
@@ -199,7 +200,8 @@ async fn run(plan: Plan) -> Result<()> {
     let started = std::time::Instant::now();
     let loader = probe::PendingLoader::start(cli.attach, false);
     let kernel = layout::running_kernel_btf()?;
-    let config = ProbeConfig { layout: kernel.layout, filter: filter.kernel };
+    let config =
+        ProbeConfig { layout: kernel.layout, filter: filter.kernel, wakeup_bytes: u64::from(cli.ring_buffer_size / 4) };
     log::debug!("kernel layout from BTF in {:?}", started.elapsed());
     let signals = StopSignals::install()?;
     let mut probe = AttachedProbe::attach(loader, cli.attach, &kernel, &config, &filter.pids, cli.ring_buffer_size)?;

@@ -77,10 +77,13 @@ enum Drained {
     Stop(Ending),
 }
 
-/// The probe wakes the reader at most every 2 ms while records flow (or when 64 KiB are
-/// unread), so after a drain that found records, the ring is drained again this much later:
-/// a record that woke nobody waits at most this long.
-const RECHECK: Duration = Duration::from_millis(5);
+/// The probe forces a wake-up at most every `WAKEUP_INTERVAL_NS` while records flow, so the
+/// reader, once it has seen records, drains the ring every `RECHECK` until it has seen none
+/// for `POLL_AFTER_LAST_RECORD`, longer than that interval: a record that woke nobody waits
+/// at most one recheck.
+const RECHECK: Duration = Duration::from_nanos(bindtrace_common::READER_RECHECK_NS);
+const POLL_AFTER_LAST_RECORD: Duration =
+    Duration::from_nanos(bindtrace_common::WAKEUP_INTERVAL_NS + 2 * bindtrace_common::READER_RECHECK_NS);
 
 fn is_closed_output(err: &io::Error) -> bool {
     err.kind() == io::ErrorKind::BrokenPipe
@@ -161,6 +164,7 @@ impl Pipeline<'_> {
         let mut reported = KernelCounters::default();
         let mut results = self.enricher.take_results();
         let mut recheck: Option<Instant> = None;
+        let mut last_records = Instant::now();
 
         let ending = loop {
             tokio::select! {
@@ -173,7 +177,10 @@ impl Pipeline<'_> {
                     guard.clear_ready();
                     match self.drain(guard.get_inner_mut()) {
                         Ok(Drained::Continue(records)) => {
-                            recheck = (records > 0).then(|| Instant::now() + RECHECK).or(recheck);
+                            if records > 0 {
+                                last_records = Instant::now();
+                                recheck = Some(last_records + RECHECK);
+                            }
                         }
                         Ok(Drained::Stop(ending)) => break ending,
                         Err(err) if is_closed_output(&err) => break Ending::OutputClosed,
@@ -183,7 +190,11 @@ impl Pipeline<'_> {
                 _ = async { sleep_until(recheck.unwrap_or_else(Instant::now)).await }, if recheck.is_some() => {
                     match self.drain(ring.get_mut()) {
                         Ok(Drained::Continue(records)) => {
-                            recheck = (records > 0).then(|| Instant::now() + RECHECK);
+                            let now = Instant::now();
+                            if records > 0 {
+                                last_records = now;
+                            }
+                            recheck = (now < last_records + POLL_AFTER_LAST_RECORD).then(|| now + RECHECK);
                         }
                         Ok(Drained::Stop(ending)) => break ending,
                         Err(err) if is_closed_output(&err) => break Ending::OutputClosed,
