@@ -64,24 +64,46 @@ fn ensure_tracefs() -> Result<()> {
 /// A kernel BTF parse under way on another thread.
 type PendingBtf = std::thread::JoinHandle<Result<Btf, aya::BtfError>>;
 
-/// aya's loader, created on another thread: `EbpfLoader::new` parses the whole kernel BTF
-/// (about 20 ms), which can overlap with resolving the layout bindtrace itself needs.
+/// aya's loader, created on another thread.
 pub struct PendingLoader {
     loader: std::thread::JoinHandle<EbpfLoader<'static>>,
     btf: Option<PendingBtf>,
 }
 
+/// Where the loader's thread moves its root: aya's fixed path to the kernel BTF
+/// (`/sys/kernel/btf/vmlinux`) does not exist below it.
+const LOADER_ROOT: &str = "/sys/kernel/btf";
+
+/// `EbpfLoader::new()`, the only constructor aya 0.14 has, parses the whole kernel BTF:
+/// about 20 ms of CPU and 19 MB of peak RSS (VmHWM with and without it), for a copy bindtrace
+/// never uses (the probe takes its offsets from the config, not from CO-RE relocations, and
+/// fexit parses its own copy only once the kernel has shown it loads fexit programs). So the
+/// loader is made on a thread that first takes a private filesystem context
+/// (`unshare(CLONE_FS)`, this thread only) and changes its root to [`LOADER_ROOT`], where
+/// aya's read fails at once. The thread ends right after; nothing else runs under that root.
+/// Without CAP_SYS_CHROOT the parse happens, and is freed at once.
+fn spawn_loader_without_kernel_btf() -> std::thread::JoinHandle<EbpfLoader<'static>> {
+    // Only ever on a thread of its own: it changes that thread's root.
+    std::thread::spawn(|| {
+        let isolated = nix::sched::unshare(nix::sched::CloneFlags::CLONE_FS)
+            .and_then(|()| nix::unistd::chroot(LOADER_ROOT))
+            .and_then(|()| nix::unistd::chdir("/"));
+        if let Err(err) = isolated {
+            log::debug!("eBPF loader made with aya's kernel BTF parse (no private root: {err})");
+        }
+        let mut loader = EbpfLoader::new();
+        loader.btf(None);
+        loader
+    })
+}
+
 impl PendingLoader {
-    /// The fexit BTF is not parsed ahead: two whole-kernel BTF parses at once would take
-    /// peak RSS from ~23 MB to ~41 MB (measured with `cargo xtask bench`); parsed after the
-    /// loader's own copy is freed, the memory is reused. `parallel_btf` trades that memory for
-    /// ~15 ms of start-up.
+    /// The fexit BTF is not parsed ahead: it is needed only where fexit loads, and two
+    /// whole-kernel BTF parses at once took peak RSS to ~41 MB (`cargo xtask bench`).
+    /// `parallel_btf` trades that memory for ~15 ms of start-up on such kernels.
     pub fn start(attach: Attach, parallel_btf: bool) -> Self {
         let wants_btf = parallel_btf && candidates(attach).contains(&Backend::Fexit);
-        Self {
-            loader: std::thread::spawn(EbpfLoader::new),
-            btf: wants_btf.then(|| std::thread::spawn(Btf::from_sys_fs)),
-        }
+        Self { loader: spawn_loader_without_kernel_btf(), btf: wants_btf.then(|| std::thread::spawn(Btf::from_sys_fs)) }
     }
 
     fn finish(self) -> Result<(EbpfLoader<'static>, Option<PendingBtf>)> {
@@ -250,11 +272,15 @@ pub fn check_backends(config: &ProbeConfig, function_ids: [Option<u32>; 2]) -> V
     AUTO_ORDER
         .iter()
         .map(|&backend| {
-            let result = EbpfLoader::new()
-                .btf(None)
-                .override_global(names::CONFIG, config, true)
-                .load(PROBE_OBJECT)
-                .context("loading the eBPF object failed")
+            let result = spawn_loader_without_kernel_btf()
+                .join()
+                .map_err(|_| anyhow!("preparing the eBPF loader panicked"))
+                .and_then(|mut loader| {
+                    loader
+                        .override_global(names::CONFIG, config, true)
+                        .load(PROBE_OBJECT)
+                        .context("loading the eBPF object failed")
+                })
                 .and_then(|mut ebpf| attach_backend(&mut ebpf, backend, &mut btf));
             BackendCheck { backend, result }
         })
@@ -286,9 +312,6 @@ impl AttachedProbe {
         let (mut loader, pending_btf) = loader.finish()?;
         let mut btf = BtfSource { pending: pending_btf, parsed: None, function_ids: kernel.bind_function_ids };
         let mut ebpf = loader
-            // The probe takes its offsets from the config, not from CO-RE relocations: no
-            // relocation pass against the kernel's BTF.
-            .btf(None)
             .override_global(names::CONFIG, config, true)
             .map_max_entries(names::EVENTS, ring_bytes)
             .load(PROBE_OBJECT)
