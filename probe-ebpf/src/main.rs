@@ -272,11 +272,11 @@ pub fn bindtrace_fexit_inet6_bind(ctx: FExitContext) -> u32 {
 #[inline(always)]
 fn on_fexit(ctx: &FExitContext) {
     let ret: i64 = ctx.arg(3);
-    let Some((cfg, pid_tgid)) = returned_call(ret as i32) else {
+    let Some(caller) = returned_call(ret as i32) else {
         return;
     };
     let returned = Returned {
-        entered_ns: entry_time(pid_tgid as u32),
+        entered_ns: entry_time(caller.pid_tgid as u32),
         addr: ctx.arg::<u64>(1) as *const u8,
         addr_in_kernel: true,
         socket: ctx.arg::<u64>(0) as *const u8,
@@ -285,21 +285,49 @@ fn on_fexit(ctx: &FExitContext) {
         ret: ret as i32,
         backend: Backend::Fexit,
     };
-    complete(ctx, cfg, pid_tgid, returned);
+    complete(ctx, caller, returned);
 }
 
-/// The start of every return hook: count the call and apply the task and result filters
+/// Who is returning from bind(), as the return hooks' prologue found out.
+struct Caller {
+    cfg: &'static ProbeConfig,
+    pid_tgid: u64,
+    /// The thread's name when the `--comm` filter already read it (`has_comm`). Plain,
+    /// always-initialised scalars: an Option here left padding the verifier rejects
+    /// ("R3 !read_ok"), and a zeroed byte array becomes a memset call (see [`Requested`]).
+    comm_words: (u64, u64),
+    has_comm: bool,
+}
+
+/// The start of every return hook: count the call and apply the result and task filters
 /// (`None`: filtered, counted).
 #[inline(always)]
-fn returned_call(ret: i32) -> Option<(&'static ProbeConfig, u64)> {
+fn returned_call(ret: i32) -> Option<Caller> {
     count(stat::SEEN);
     let cfg = config();
+    let filter = &cfg.filter;
     let pid_tgid = bpf_get_current_pid_tgid();
-    if !cfg.filter.accepts_result(ret) || !task_passes(cfg, (pid_tgid >> 32) as u32, current_comm) {
+    // SAFETY: the value is never dereferenced, only tested for presence.
+    let pid_rejected =
+        filter.is_active(filter_flags::PIDS) && unsafe { FILTER_PIDS.get((pid_tgid >> 32) as u32) }.is_none();
+    if !filter.accepts_result(ret) || pid_rejected {
         count(stat::FILTERED);
         return None;
     }
-    Some((cfg, pid_tgid))
+    let mut comm_words = (0, 0);
+    let mut has_comm = false;
+    if filter.is_active(filter_flags::COMM) {
+        let name = current_comm();
+        if !filter.accepts_comm(&name) {
+            count(stat::FILTERED);
+            return None;
+        }
+        // SAFETY: same size; the event wants the same name again.
+        let [low, high]: [u64; 2] = unsafe { core::mem::transmute(name) };
+        comm_words = (low, high);
+        has_comm = true;
+    }
+    Some(Caller { cfg, pid_tgid, comm_words, has_comm })
 }
 
 /// Return of inet_bind/inet6_bind under the kprobe backend: the arguments come from the
@@ -313,7 +341,7 @@ fn on_kretprobe(ctx: &RetProbeContext) {
     if stashed.is_some() {
         let _ = IN_FLIGHT.remove(tid);
     }
-    let Some((cfg, pid_tgid)) = returned_call(ret) else {
+    let Some(caller) = returned_call(ret) else {
         return;
     };
     let Some(stashed) = stashed else {
@@ -330,7 +358,7 @@ fn on_kretprobe(ctx: &RetProbeContext) {
         ret,
         backend: Backend::Kprobe,
     };
-    complete(ctx, cfg, pid_tgid, returned);
+    complete(ctx, caller, returned);
 }
 
 /// Reads kernel memory at `src` as a `T`, or zeros: the helper clears the destination itself
@@ -586,12 +614,12 @@ impl SockReader {
 #[inline(always)]
 fn on_exit(ctx: &TracePointContext) {
     let ret = record_word(ctx, EXIT_RET) as i64 as i32;
-    let Some((cfg, pid_tgid)) = returned_call(ret) else {
+    let Some(caller) = returned_call(ret) else {
         return;
     };
-    let (fd, addr, addrlen) = syscall_args(&cfg.layout);
+    let (fd, addr, addrlen) = syscall_args(&caller.cfg.layout);
     let returned = Returned {
-        entered_ns: entry_time(pid_tgid as u32),
+        entered_ns: entry_time(caller.pid_tgid as u32),
         addr: addr as *const u8,
         addr_in_kernel: false,
         socket: core::ptr::null(),
@@ -600,14 +628,15 @@ fn on_exit(ctx: &TracePointContext) {
         ret,
         backend: Backend::Tracepoint,
     };
-    complete(ctx, cfg, pid_tgid, returned);
+    complete(ctx, caller, returned);
 }
 
 /// Builds, filters and emits the event of a returned bind(), whatever hook saw it. The
 /// record is assembled from locals in one struct literal: no zero-fill first (see
 /// [`Requested`]).
 #[inline(always)]
-fn complete<C: EbpfContext>(ctx: &C, cfg: &ProbeConfig, pid_tgid: u64, r: Returned) {
+fn complete<C: EbpfContext>(ctx: &C, caller: Caller, r: Returned) {
+    let Caller { cfg, pid_tgid, comm_words, has_comm } = caller;
     let filter = &cfg.filter;
     let req = read_requested_address(r.addr, r.addr_in_kernel, r.addrlen);
     if req.unreadable {
@@ -639,15 +668,25 @@ fn complete<C: EbpfContext>(ctx: &C, cfg: &ProbeConfig, pid_tgid: u64, r: Return
             (now, 0, sock_flags::NO_ENTRY_TIME)
         }
     };
+    // Written straight into the ring: no copy of the record on the stack first.
+    let Some(mut entry) = EVENTS.reserve::<BindEvent>(0) else {
+        count(stat::RINGBUF_FULL);
+        return;
+    };
     let uid_gid = bpf_get_current_uid_gid();
     // SAFETY: same size; any bytes are valid u8s.
     let addr: [u8; 16] = unsafe { core::mem::transmute(req.addr) };
-    let event = BindEvent {
+    entry.write(BindEvent {
         timestamp_ns,
         duration_ns,
         cgroup_id: unsafe { bpf_get_current_cgroup_id() },
         addr,
-        comm: current_comm(),
+        comm: if has_comm {
+            // SAFETY: same size; these are the name's bytes.
+            unsafe { core::mem::transmute::<[u64; 2], [u8; COMM_LEN]>([comm_words.0, comm_words.1]) }
+        } else {
+            current_comm()
+        },
         netns_ino: sock.netns_ino,
         tgid: (pid_tgid >> 32) as u32,
         tid: pid_tgid as u32,
@@ -668,12 +707,9 @@ fn complete<C: EbpfContext>(ctx: &C, cfg: &ProbeConfig, pid_tgid: u64, r: Return
         _pad: 0,
         bound_addr4: sock.bound_addr4.to_le_bytes(),
         _reserved: [0; 4],
-    };
-    if EVENTS.output::<BindEvent>(&event, wakeup_flags(cfg, now)).is_ok() {
-        count(stat::EMITTED);
-    } else {
-        count(stat::RINGBUF_FULL);
-    }
+    });
+    entry.submit(wakeup_flags(cfg, now));
+    count(stat::EMITTED);
 }
 
 /// Wake the reader for this record only when it has not been woken for

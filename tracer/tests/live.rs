@@ -533,3 +533,45 @@ fn auto_picks_a_backend_this_kernel_accepts_and_check_agrees() {
         eprintln!("every hook works on this kernel: the refusal path is covered by the VM matrix only");
     }
 }
+
+/// The verifier sees the filter configuration (it is read-only data) and prunes the code of
+/// inactive filters, so every combination is a different program: one once failed to load
+/// ("R3 !read_ok") while the others passed. Each filter alone, each left out of all of them,
+/// and all together must load, and with all of them a bind that passes them all is printed.
+#[test]
+fn every_in_kernel_filter_combination_loads_and_passes_a_matching_bind() {
+    if !can_load_probe("every_in_kernel_filter_combination_loads_and_passes_a_matching_bind") {
+        return;
+    }
+    let port = free_port();
+    let (pid, comm, port_arg) = (my_pid().to_string(), my_comm(), port.to_string());
+    let filters: [[&str; 2]; 6] = [
+        ["--pid", &pid],
+        ["-P", &port_arg],
+        ["--comm", &comm],
+        ["--family", "4"],
+        ["--proto", "tcp"],
+        ["--errno", "EADDRINUSE"],
+    ];
+    let mut combinations: Vec<Vec<usize>> = (0..filters.len()).map(|i| vec![i]).collect();
+    combinations.extend((0..filters.len()).map(|left_out| (0..filters.len()).filter(|&i| i != left_out).collect()));
+    for combination in &combinations {
+        let mut args = vec!["-o", "ndjson"];
+        args.extend(combination.iter().flat_map(|&i| filters[i]));
+        // Tracer::start fails the test with bindtrace's stderr if the probe does not load.
+        Tracer::start(&args).stop();
+    }
+    let mut args = vec!["-o", "ndjson"];
+    args.extend(filters.iter().flatten());
+    let mut tracer = Tracer::start(&args);
+    let holder = socket(Domain::IPV4, Type::STREAM);
+    holder.bind(&addr(&format!("127.0.0.1:{port}"))).expect("bind the holder");
+    holder.listen(1).expect("listen");
+    let clash = socket(Domain::IPV4, Type::STREAM);
+    assert!(clash.bind(&addr(&format!("127.0.0.1:{port}"))).is_err(), "second bind must fail");
+    let event = tracer.wait_for("the EADDRINUSE bind that passes every filter", |e| e["port"] == port);
+    assert_eq!(event["errno_name"], "EADDRINUSE");
+    assert_eq!(event["comm"], comm.as_str());
+    let finished = tracer.stop();
+    assert_eq!(finished.binds().len(), 1, "the holder's successful bind is filtered: {:#?}", finished.binds());
+}
