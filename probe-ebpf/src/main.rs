@@ -98,8 +98,8 @@ const BPF_RB_AVAIL_DATA: u64 = 0;
 #[map(name = "FILTER_PIDS")]
 static FILTER_PIDS: HashMap<u32, u8> = HashMap::with_max_entries(1024, 0);
 
-// Offsets into the syscalls:sys_{enter,exit}_bind records (after the 8-byte common header and
-// the 8-byte syscall number); see /sys/kernel/tracing/events/syscalls/sys_enter_bind/format.
+// Offset of `ret` in the syscalls:sys_exit_bind record (after the 8-byte common header and the
+// 8-byte syscall number); see /sys/kernel/tracing/events/syscalls/sys_exit_bind/format.
 const EXIT_RET: usize = 16;
 
 const SOCKADDR_IN_LEN: u32 = 16;
@@ -125,17 +125,49 @@ fn count(index: u32) {
     }
 }
 
-/// Task-based filters (pid, comm), checked at entry and again at exit so that a filtered
-/// call never touches the in-flight map.
+/// The thread's name when the `--comm` filter read it (`read`), kept for the event. Plain,
+/// always-initialised scalars: an Option here left padding the verifier rejects
+/// ("R3 !read_ok"), and a zeroed byte array becomes a memset call (see [`Requested`]).
+struct TaskName {
+    words: (u64, u64),
+    read: bool,
+}
+
+impl TaskName {
+    #[inline(always)]
+    fn unread() -> Self {
+        Self { words: (0, 0), read: false }
+    }
+
+    /// The name for the event: the one already read, or a fresh read.
+    #[inline(always)]
+    fn bytes(&self) -> [u8; COMM_LEN] {
+        if self.read {
+            // SAFETY: same size; these are the name's bytes.
+            unsafe { core::mem::transmute::<[u64; 2], [u8; COMM_LEN]>([self.words.0, self.words.1]) }
+        } else {
+            current_comm()
+        }
+    }
+}
+
+/// Task-based filters (pid, comm). The name is fetched only when a --comm filter needs it
+/// (the verifier prunes this otherwise), and left in `name` for the event.
 #[inline(always)]
-fn task_passes(cfg: &ProbeConfig, tgid: u32, comm: impl FnOnce() -> [u8; COMM_LEN]) -> bool {
+fn task_passes(cfg: &ProbeConfig, tgid: u32, name: &mut TaskName) -> bool {
     let filter = &cfg.filter;
     // SAFETY: the value is never dereferenced, only tested for presence.
     if filter.is_active(filter_flags::PIDS) && unsafe { FILTER_PIDS.get(tgid) }.is_none() {
         return false;
     }
-    // Only fetch the name when a --comm filter needs it (the verifier prunes this otherwise).
-    !filter.is_active(filter_flags::COMM) || filter.accepts_comm(&comm())
+    if !filter.is_active(filter_flags::COMM) {
+        return true;
+    }
+    let comm = current_comm();
+    // SAFETY: same size; any bytes are valid u64s.
+    let [low, high]: [u64; 2] = unsafe { core::mem::transmute(comm) };
+    *name = TaskName { words: (low, high), read: true };
+    filter.accepts_comm(&comm)
 }
 
 /// The calling thread's name, NUL-padded; read into words so that nothing is zero-filled
@@ -223,7 +255,7 @@ fn remember(tid: u32, in_flight: InFlight) {
 fn on_kprobe_entry(socket: u64, addr: u64, addrlen: u64) {
     let cfg = config();
     let pid_tgid = bpf_get_current_pid_tgid();
-    if !task_passes(cfg, (pid_tgid >> 32) as u32, current_comm) {
+    if !task_passes(cfg, (pid_tgid >> 32) as u32, &mut TaskName::unread()) {
         return;
     }
     let entered_ns = unsafe { bpf_ktime_get_ns() };
@@ -292,11 +324,7 @@ fn on_fexit(ctx: &FExitContext) {
 struct Caller {
     cfg: &'static ProbeConfig,
     pid_tgid: u64,
-    /// The thread's name when the `--comm` filter already read it (`has_comm`). Plain,
-    /// always-initialised scalars: an Option here left padding the verifier rejects
-    /// ("R3 !read_ok"), and a zeroed byte array becomes a memset call (see [`Requested`]).
-    comm_words: (u64, u64),
-    has_comm: bool,
+    name: TaskName,
 }
 
 /// The start of every return hook: count the call and apply the result and task filters
@@ -305,29 +333,13 @@ struct Caller {
 fn returned_call(ret: i32) -> Option<Caller> {
     count(stat::SEEN);
     let cfg = config();
-    let filter = &cfg.filter;
     let pid_tgid = bpf_get_current_pid_tgid();
-    // SAFETY: the value is never dereferenced, only tested for presence.
-    let pid_rejected =
-        filter.is_active(filter_flags::PIDS) && unsafe { FILTER_PIDS.get((pid_tgid >> 32) as u32) }.is_none();
-    if !filter.accepts_result(ret) || pid_rejected {
+    let mut name = TaskName::unread();
+    if !cfg.filter.accepts_result(ret) || !task_passes(cfg, (pid_tgid >> 32) as u32, &mut name) {
         count(stat::FILTERED);
         return None;
     }
-    let mut comm_words = (0, 0);
-    let mut has_comm = false;
-    if filter.is_active(filter_flags::COMM) {
-        let name = current_comm();
-        if !filter.accepts_comm(&name) {
-            count(stat::FILTERED);
-            return None;
-        }
-        // SAFETY: same size; the event wants the same name again.
-        let [low, high]: [u64; 2] = unsafe { core::mem::transmute(name) };
-        comm_words = (low, high);
-        has_comm = true;
-    }
-    Some(Caller { cfg, pid_tgid, comm_words, has_comm })
+    Some(Caller { cfg, pid_tgid, name })
 }
 
 /// Return of inet_bind/inet6_bind under the kprobe backend: the arguments come from the
@@ -636,7 +648,7 @@ fn on_exit(ctx: &TracePointContext) {
 /// [`Requested`]).
 #[inline(always)]
 fn complete<C: EbpfContext>(ctx: &C, caller: Caller, r: Returned) {
-    let Caller { cfg, pid_tgid, comm_words, has_comm } = caller;
+    let Caller { cfg, pid_tgid, name } = caller;
     let filter = &cfg.filter;
     let req = read_requested_address(r.addr, r.addr_in_kernel, r.addrlen);
     if req.unreadable {
@@ -681,12 +693,7 @@ fn complete<C: EbpfContext>(ctx: &C, caller: Caller, r: Returned) {
         duration_ns,
         cgroup_id: unsafe { bpf_get_current_cgroup_id() },
         addr,
-        comm: if has_comm {
-            // SAFETY: same size; these are the name's bytes.
-            unsafe { core::mem::transmute::<[u64; 2], [u8; COMM_LEN]>([comm_words.0, comm_words.1]) }
-        } else {
-            current_comm()
-        },
+        comm: name.bytes(),
         netns_ino: sock.netns_ino,
         tgid: (pid_tgid >> 32) as u32,
         tid: pid_tgid as u32,

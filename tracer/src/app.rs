@@ -198,7 +198,7 @@ fn who_main(args: &WhoArgs) -> ExitCode {
 async fn run(plan: Plan) -> Result<()> {
     let Plan { cli, filter, mut sink } = plan;
     let started = std::time::Instant::now();
-    let loader = probe::PendingLoader::start(cli.attach, false);
+    let loader = probe::PendingLoader::start();
     let kernel = layout::running_kernel_btf()?;
     let config =
         ProbeConfig { layout: kernel.layout, filter: filter.kernel, wakeup_bytes: u64::from(cli.ring_buffer_size / 4) };

@@ -303,11 +303,6 @@ pub fn running_kernel_btf() -> Result<KernelBtf> {
     })
 }
 
-/// The running kernel's layout, from /sys/kernel/btf/vmlinux.
-pub fn running_kernel_layout() -> Result<KernelLayout> {
-    running_kernel_btf().map(|btf| btf.layout)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -334,7 +329,8 @@ mod tests {
             println!("SKIPPED: {VMLINUX_BTF} is missing on this kernel");
             return;
         }
-        let layout = running_kernel_layout().expect("layout");
+        let btf = running_kernel_btf().expect("layout");
+        let layout = btf.layout;
         assert!(layout.task_files > 0 && layout.task_nsproxy > 0);
         #[cfg(target_arch = "x86_64")]
         assert_eq!(layout.syscall_args, [112, 104, 96], "pt_regs di, si, dx (UAPI layout)");
@@ -350,7 +346,6 @@ mod tests {
             assert_eq!(flag.bit_width, 1, "{flag:?}");
         }
         assert_ne!(layout.inet_freebind, layout.inet_transparent);
-        let btf = running_kernel_btf().expect("btf");
         assert!(btf.bind_function_ids.iter().all(Option::is_some), "inet_bind and inet6_bind are in every BTF kernel");
         assert_ne!(btf.bind_function_ids[0], btf.bind_function_ids[1]);
     }

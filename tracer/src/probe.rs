@@ -61,13 +61,9 @@ fn ensure_tracefs() -> Result<()> {
     Ok(())
 }
 
-/// A kernel BTF parse under way on another thread.
-type PendingBtf = std::thread::JoinHandle<Result<Btf, aya::BtfError>>;
-
-/// aya's loader, created on another thread.
+/// aya's loader, created on another thread (see [`spawn_loader_without_kernel_btf`]).
 pub struct PendingLoader {
     loader: std::thread::JoinHandle<EbpfLoader<'static>>,
-    btf: Option<PendingBtf>,
 }
 
 /// Where the loader's thread moves its root: aya's fixed path to the kernel BTF
@@ -98,27 +94,13 @@ fn spawn_loader_without_kernel_btf() -> std::thread::JoinHandle<EbpfLoader<'stat
 }
 
 impl PendingLoader {
-    /// The fexit BTF is not parsed ahead: it is needed only where fexit loads, and two
-    /// whole-kernel BTF parses at once took peak RSS to ~41 MB (`cargo xtask bench`).
-    /// `parallel_btf` trades that memory for ~15 ms of start-up on such kernels.
-    pub fn start(attach: Attach, parallel_btf: bool) -> Self {
-        let wants_btf = parallel_btf && candidates(attach).contains(&Backend::Fexit);
-        Self { loader: spawn_loader_without_kernel_btf(), btf: wants_btf.then(|| std::thread::spawn(Btf::from_sys_fs)) }
+    pub fn start() -> Self {
+        Self { loader: spawn_loader_without_kernel_btf() }
     }
 
-    fn finish(self) -> Result<(EbpfLoader<'static>, Option<PendingBtf>)> {
-        let loader = self.loader.join().map_err(|_| anyhow!("preparing the eBPF loader panicked"))?;
-        Ok((loader, self.btf))
+    fn finish(self) -> Result<EbpfLoader<'static>> {
+        self.loader.join().map_err(|_| anyhow!("preparing the eBPF loader panicked"))
     }
-}
-
-/// The kernel BTF for fexit, from the background parse when there is one.
-fn kernel_btf(pending: Option<PendingBtf>) -> Result<Btf> {
-    let parsed = match pending {
-        Some(handle) => handle.join().map_err(|_| anyhow!("parsing the kernel BTF panicked"))?,
-        None => Btf::from_sys_fs(),
-    };
-    parsed.context("fexit needs the kernel's BTF")
 }
 
 /// The order `--attach auto` tries: the inet_bind hooks see every bind (io_uring's, the
@@ -230,9 +212,10 @@ fn attach_backend(ebpf: &mut Ebpf, backend: Backend, btf: &mut BtfSource) -> Res
     attached
 }
 
-/// The kernel BTF, parsed on first use (or taken from the background parse).
+/// The kernel BTF aya's fexit loading needs, parsed on first use: only on kernels that have
+/// shown they load fexit programs (two whole-kernel BTF parses at once took peak RSS to
+/// ~41 MB, `cargo xtask bench`).
 pub struct BtfSource {
-    pending: Option<PendingBtf>,
     parsed: Option<Btf>,
     /// The bind functions' BTF ids, from bindtrace's own (cheap) BTF reading.
     function_ids: [Option<u32>; 2],
@@ -241,7 +224,7 @@ pub struct BtfSource {
 impl BtfSource {
     fn get(&mut self) -> Result<&Btf> {
         if self.parsed.is_none() {
-            self.parsed = Some(kernel_btf(self.pending.take())?);
+            self.parsed = Some(Btf::from_sys_fs().context("fexit needs the kernel's BTF")?);
         }
         self.parsed.as_ref().ok_or_else(|| anyhow!("kernel BTF unavailable"))
     }
@@ -268,13 +251,12 @@ pub struct BackendCheck {
 
 /// Loads the object once per backend and tries to attach it, then lets it go.
 pub fn check_backends(config: &ProbeConfig, function_ids: [Option<u32>; 2]) -> Vec<BackendCheck> {
-    let mut btf = BtfSource { pending: None, parsed: None, function_ids };
+    let mut btf = BtfSource { parsed: None, function_ids };
     AUTO_ORDER
         .iter()
         .map(|&backend| {
-            let result = spawn_loader_without_kernel_btf()
-                .join()
-                .map_err(|_| anyhow!("preparing the eBPF loader panicked"))
+            let result = PendingLoader::start()
+                .finish()
                 .and_then(|mut loader| {
                     loader
                         .override_global(names::CONFIG, config, true)
@@ -309,8 +291,8 @@ impl AttachedProbe {
         ring_bytes: u32,
     ) -> Result<Self> {
         let started = std::time::Instant::now();
-        let (mut loader, pending_btf) = loader.finish()?;
-        let mut btf = BtfSource { pending: pending_btf, parsed: None, function_ids: kernel.bind_function_ids };
+        let mut loader = loader.finish()?;
+        let mut btf = BtfSource { parsed: None, function_ids: kernel.bind_function_ids };
         let mut ebpf = loader
             .override_global(names::CONFIG, config, true)
             .map_max_entries(names::EVENTS, ring_bytes)
