@@ -198,8 +198,9 @@ pub mod stat {
     pub const RINGBUF_FULL: u32 = 3;
     /// Events lost because the in-flight map was full at entry (kprobe backend).
     pub const IN_FLIGHT_FULL: u32 = 4;
-    /// kretprobe exits with no in-flight entry (the bind began before the probe attached, or
-    /// the entry was lost): their arguments are unknown, so they are not emitted.
+    /// Exits with no in-flight entry (the bind began before the probe attached, or the entry
+    /// was lost) where only the entry knows the arguments (kprobe backend; tracepoint backend
+    /// before 5.15): their arguments are unknown, so they are not emitted.
     pub const IN_FLIGHT_MISSING: u32 = 5;
     /// Events whose sockaddr could not be read from user memory (emitted without address).
     pub const ADDR_READ_FAILED: u32 = 6;
@@ -287,7 +288,38 @@ pub struct KernelLayout {
     pub inet_freebind: FieldLoc,
     pub inet_transparent: FieldLoc,
     pub inet_bind_address_no_port: FieldLoc,
+    /// [`kernel_helpers`] bits: which optional BPF helpers this kernel has. The probe takes
+    /// another path where one is missing; the verifier, which sees this read-only value,
+    /// never looks at the call it cannot make.
+    pub kernel_helpers: u32,
 }
+
+impl KernelLayout {
+    /// Does this kernel have the helper behind a [`kernel_helpers`] bit?
+    #[inline(always)]
+    pub const fn has_helper(&self, helper: u32) -> bool {
+        self.kernel_helpers & helper != 0
+    }
+}
+
+/// Bits of [`KernelLayout::kernel_helpers`].
+pub mod kernel_helpers {
+    /// `bpf_get_current_task_btf` (5.11): the task as a BTF-typed pointer, read with plain
+    /// loads instead of `bpf_probe_read_kernel` calls.
+    pub const TASK_BTF: u32 = 1 << 0;
+    /// `bpf_task_pt_regs` (5.15): the syscall's arguments read at `sys_exit` from the saved
+    /// user registers, instead of copied at `sys_enter`.
+    pub const TASK_PT_REGS: u32 = 1 << 1;
+}
+
+/// Every shared layout is checked here: a field added without its padding fails the build.
+const _: () = assert!(core::mem::size_of::<KernelLayout>() == 15 * 4 + 11 * 8 + 4);
+const _: () = assert!(core::mem::size_of::<FilterConfig>() == 32 + 64 + 16 + 16);
+const _: () = assert!(
+    core::mem::size_of::<ProbeConfig>()
+        == core::mem::size_of::<KernelLayout>() + core::mem::size_of::<FilterConfig>() + 8
+);
+const _: () = assert!(core::mem::offset_of!(ProbeConfig, filter) == core::mem::size_of::<KernelLayout>());
 
 /// Bits of [`FilterConfig::flags`]: which filters are active.
 pub mod filter_flags {
@@ -479,6 +511,7 @@ impl ProbeConfig {
                 inet_freebind: FieldLoc::ABSENT,
                 inet_transparent: FieldLoc::ABSENT,
                 inet_bind_address_no_port: FieldLoc::ABSENT,
+                kernel_helpers: 0,
             },
             filter: FilterConfig::accept_all(),
             wakeup_bytes: 0,

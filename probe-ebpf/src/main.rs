@@ -23,8 +23,8 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use bindtrace_common::{
-    filter_flags, sock_flags, stat, Backend, BindEvent, FieldLoc, KernelLayout, ProbeConfig, AF_INET, AF_INET6,
-    COMM_LEN, WAKEUP_BYTES_MIN_INTERVAL_NS, WAKEUP_INTERVAL_NS,
+    filter_flags, kernel_helpers, sock_flags, stat, Backend, BindEvent, FieldLoc, KernelLayout, ProbeConfig, AF_INET,
+    AF_INET6, COMM_LEN, WAKEUP_BYTES_MIN_INTERVAL_NS, WAKEUP_INTERVAL_NS,
 };
 
 /// Written by the tracer before load (aya rewrites .rodata); read only through [`config`].
@@ -49,13 +49,24 @@ struct InFlight {
     _pad: u32,
 }
 
+/// How a backend reaches the bound socket. A separate variant per backend, not a nullable
+/// pointer: each hook builds a constant variant, so the compiler drops the other arm, and the
+/// fexit and kprobe programs never contain the fd walk (whose helpers a 5.10 kernel lacks).
+#[derive(Clone, Copy)]
+enum SocketRef {
+    /// The syscall's fd, looked up in the calling task's file table.
+    Fd(i32),
+    /// The `struct socket *` the kernel function received.
+    Socket(*const u8),
+}
+
 /// Everything a backend knows when bind() returns, handed to [`complete`].
 struct Returned {
     /// `None` when this call's entry was not seen (see [`entry_time`]).
     entered_ns: Option<u64>,
     addr: *const u8,
     addr_in_kernel: bool,
-    socket: *const u8,
+    socket: SocketRef,
     fd: i32,
     addrlen: u32,
     ret: i32,
@@ -71,11 +82,26 @@ static IN_FLIGHT: HashMap<u32, InFlight> = HashMap::with_max_entries(16384, 0);
 /// and a load at exit: the hash-map insert and delete this replaced cost ~400 ns per bind
 /// (kernel.bpf_stats_enabled=1, bind-storm). Two threads whose tids share a slot and bind at
 /// the same moment lose the earlier one's duration, never its event.
+///
+/// On kernels before 5.15 (no `bpf_task_pt_regs`) the tracepoint's exit cannot read the
+/// syscall's arguments, so its entry saves them here too; there a lost slot loses the event,
+/// counted as `IN_FLIGHT_MISSING`.
 #[repr(C)]
 struct EntryStamp {
     tid: u32,
-    _pad: u32,
+    fd: i32,
     entered_ns: u64,
+    addr: u64,
+    addrlen: u32,
+    _pad: u32,
+}
+
+/// A bind()'s arguments, as the syscall received them.
+#[derive(Clone, Copy)]
+struct SyscallArgs {
+    fd: i32,
+    addr: u64,
+    addrlen: u32,
 }
 
 const ENTRY_SLOTS: u32 = 1 << 14;
@@ -101,6 +127,10 @@ static FILTER_PIDS: HashMap<u32, u8> = HashMap::with_max_entries(1024, 0);
 // Offset of `ret` in the syscalls:sys_exit_bind record (after the 8-byte common header and the
 // 8-byte syscall number); see /sys/kernel/tracing/events/syscalls/sys_exit_bind/format.
 const EXIT_RET: usize = 16;
+// The arguments in the syscalls:sys_enter_bind record, each a 64-bit slot (same file).
+const ENTER_FD: usize = 16;
+const ENTER_ADDR: usize = 24;
+const ENTER_ADDRLEN: usize = 32;
 
 const SOCKADDR_IN_LEN: u32 = 16;
 const SOCKADDR_IN6_LEN: u32 = 28;
@@ -183,8 +213,17 @@ fn current_comm() -> [u8; COMM_LEN] {
 }
 
 #[tracepoint(category = "syscalls", name = "sys_enter_bind")]
-pub fn bindtrace_sys_enter_bind(_ctx: TracePointContext) -> u32 {
-    stamp_entry();
+pub fn bindtrace_sys_enter_bind(ctx: TracePointContext) -> u32 {
+    if config().layout.has_helper(kernel_helpers::TASK_PT_REGS) {
+        stamp_entry();
+    } else {
+        // Before 5.15 the exit cannot reach the arguments: keep them (see EntryStamp).
+        stamp_entry_with_args(SyscallArgs {
+            fd: record_word(&ctx, ENTER_FD) as i32,
+            addr: record_word(&ctx, ENTER_ADDR),
+            addrlen: record_word(&ctx, ENTER_ADDRLEN) as u32,
+        });
+    }
     0
 }
 
@@ -216,19 +255,42 @@ fn stamp_entry() {
     }
 }
 
+/// [`stamp_entry`] plus the syscall's arguments, for kernels whose exit hook cannot read them.
+#[inline(always)]
+fn stamp_entry_with_args(args: SyscallArgs) {
+    let tid = bpf_get_current_pid_tgid() as u32;
+    if let Some(slot) = ENTRY_TIMES.get_ptr_mut(tid & (ENTRY_SLOTS - 1)) {
+        // SAFETY: as in stamp_entry; the tid is written last, after the fields it vouches for.
+        unsafe {
+            (*slot).entered_ns = bpf_ktime_get_ns();
+            (*slot).fd = args.fd;
+            (*slot).addr = args.addr;
+            (*slot).addrlen = args.addrlen;
+            (*slot).tid = tid;
+        }
+    }
+}
+
+/// This thread's entry slot, if the stamp in it is its own.
+#[inline(always)]
+fn own_entry(tid: u32) -> Option<&'static EntryStamp> {
+    let slot = ENTRY_TIMES.get_ptr(tid & (ENTRY_SLOTS - 1))?;
+    // SAFETY: an array slot, which lives as long as the map.
+    let slot = unsafe { &*slot };
+    (slot.tid == tid).then_some(slot)
+}
+
 /// When this thread entered the bind() now returning, if its stamp is still there.
 #[inline(always)]
 fn entry_time(tid: u32) -> Option<u64> {
-    let slot = ENTRY_TIMES.get_ptr(tid & (ENTRY_SLOTS - 1))?;
-    // SAFETY: an array slot, read once.
-    let (owner, entered_ns) = unsafe { ((*slot).tid, (*slot).entered_ns) };
-    (owner == tid).then_some(entered_ns)
+    own_entry(tid).map(|slot| slot.entered_ns)
 }
 
 /// bind(fd, umyaddr, addrlen) from the syscall's saved user registers, which stay intact
-/// until the syscall returns: the exit hook needs no copy of them from the entry.
+/// until the syscall returns: the exit hook needs no copy of them from the entry. Only on
+/// kernels with `bpf_task_pt_regs` (5.15, which also has `bpf_get_current_task_btf`).
 #[inline(always)]
-fn syscall_args(layout: &KernelLayout) -> (i32, u64, u32) {
+fn syscall_args(layout: &KernelLayout) -> SyscallArgs {
     // SAFETY: both helpers take and return the current task's own structures. `regs` is a
     // BTF-typed pointer and the offsets are verifier-known constants (read-only config), so
     // the verifier turns these plain loads into fault-safe ones, far cheaper than helper
@@ -238,7 +300,7 @@ fn syscall_args(layout: &KernelLayout) -> (i32, u64, u32) {
         let regs = generated::bpf_task_pt_regs(task) as usize as *const u8;
         let [fd, addr, addrlen] =
             layout.syscall_args.map(|offset| core::ptr::read_volatile(regs.add(offset as usize).cast::<u64>()));
-        (fd as i32, addr, addrlen as u32)
+        SyscallArgs { fd: fd as i32, addr, addrlen: addrlen as u32 }
     }
 }
 
@@ -311,7 +373,7 @@ fn on_fexit(ctx: &FExitContext) {
         entered_ns: entry_time(caller.pid_tgid as u32),
         addr: ctx.arg::<u64>(1) as *const u8,
         addr_in_kernel: true,
-        socket: ctx.arg::<u64>(0) as *const u8,
+        socket: SocketRef::Socket(ctx.arg::<u64>(0) as *const u8),
         fd: -1,
         addrlen: ctx.arg::<u64>(2) as u32,
         ret: ret as i32,
@@ -364,7 +426,7 @@ fn on_kretprobe(ctx: &RetProbeContext) {
         entered_ns: Some(stashed.entered_ns),
         addr: stashed.addr as *const u8,
         addr_in_kernel: true,
-        socket: stashed.socket as *const u8,
+        socket: SocketRef::Socket(stashed.socket as *const u8),
         fd: -1,
         addrlen: stashed.addrlen,
         ret,
@@ -412,10 +474,15 @@ fn read_requested_address(addr: *const u8, in_kernel: bool, addrlen: u32) -> Req
         req.flags = sock_flags::ADDR_SHORT;
         return req;
     }
-    // Not zeroed: a zero-fill becomes a byte-at-a-time memset call. The helper writes `len`
-    // bytes (all zero when it faults), the verifier counts the buffer written up to `len`'s
-    // bound (28), and only bytes the family's minimum length guarantees are used below.
+    // Zeroed with four word stores: the 5.11-5.15 verifiers refuse an uninitialised buffer
+    // handed to a probe-read helper with a variable length ("invalid indirect read from
+    // stack"), and a zero-filled array (`[0u8; 32]`, even `[0u64; 4]`) becomes a call to a
+    // byte-at-a-time `memset`. Volatile stores stay four instructions.
     let mut buf = MaybeUninit::<[u64; 4]>::uninit();
+    for i in 0..4 {
+        // SAFETY: within the 32-byte buffer.
+        unsafe { core::ptr::write_volatile(buf.as_mut_ptr().cast::<u64>().add(i), 0) };
+    }
     let len = if addrlen > SOCKADDR_IN6_LEN { SOCKADDR_IN6_LEN } else { addrlen };
     // SAFETY: both helpers cope with any pointer; `len` is at most 28 of the 32 bytes.
     let ret = unsafe {
@@ -474,8 +541,42 @@ struct SockInfo {
 /// The `struct sock` behind the caller's `fd` (tracepoint backend), or null.
 #[inline(always)]
 fn sock_of_fd(layout: &KernelLayout, fd: i32) -> *const u8 {
-    // SAFETY: a BTF-typed pointer to the current task, used as socket_of_fd documents.
-    unsafe { socket_of_fd(generated::bpf_get_current_task_btf() as *const u8, layout, fd) }
+    // SAFETY: the current task, used as socket_of_fd documents: BTF-typed where the kernel
+    // offers that (5.11), read through bpf_probe_read_kernel before.
+    unsafe {
+        if layout.has_helper(kernel_helpers::TASK_BTF) {
+            socket_of_fd::<TypedLoad>(generated::bpf_get_current_task_btf() as *const u8, layout, fd)
+        } else {
+            socket_of_fd::<ProbeRead>(bpf_get_current_task() as *const u8, layout, fd)
+        }
+    }
+}
+
+/// How a walk through kernel structures reads a member: [`TypedLoad`] where the base is a
+/// BTF-typed pointer, [`ProbeRead`] where it is not.
+trait MemberRead {
+    /// # Safety
+    /// As [`btf_load`] for `TypedLoad`; `ProbeRead` copes with any address.
+    unsafe fn member<T: Copy>(base: *const u8, offset: u32) -> T;
+}
+
+struct TypedLoad;
+struct ProbeRead;
+
+impl MemberRead for TypedLoad {
+    #[inline(always)]
+    unsafe fn member<T: Copy>(base: *const u8, offset: u32) -> T {
+        // SAFETY: the caller's contract.
+        unsafe { btf_load(base, offset) }
+    }
+}
+
+impl MemberRead for ProbeRead {
+    #[inline(always)]
+    unsafe fn member<T: Copy>(base: *const u8, offset: u32) -> T {
+        // SAFETY: kernel_read copes with any address.
+        unsafe { kernel_read(base.wrapping_add(offset as usize)) }
+    }
 }
 
 /// Reads the socket fields from the `struct sock` (null: none) and the netns, from the sock
@@ -514,23 +615,24 @@ unsafe fn btf_load<T: Copy>(base: *const u8, offset: u32) -> T {
 }
 
 /// The `struct sock` behind `fd` in `task`, or null. The first steps (task → files → fdtable)
-/// are typed loads; from the fd array on the kernel's BTF types end (`struct file **`, `void
-/// *private_data`), so the rest goes through `bpf_probe_read_kernel`. A pointer that failed to
-/// read is null, and reading through null fails again (giving null), so the walk needs no
-/// branch per step; the socket's back-pointer to its file proves the fd really is a socket.
+/// are typed loads where the kernel gives a typed task (`R`); from the fd array on the
+/// kernel's BTF types end (`struct file **`, `void *private_data`), so the rest goes through
+/// `bpf_probe_read_kernel`. A pointer that failed to read is null, and reading through null
+/// fails again (giving null), so the walk needs no branch per step; the socket's back-pointer
+/// to its file proves the fd really is a socket.
 #[inline(always)]
-unsafe fn socket_of_fd(task: *const u8, layout: &KernelLayout, fd: i32) -> *const u8 {
+unsafe fn socket_of_fd<R: MemberRead>(task: *const u8, layout: &KernelLayout, fd: i32) -> *const u8 {
     if fd < 0 || layout.file_private_data == 0 {
         return core::ptr::null();
     }
     unsafe {
-        let files: *const u8 = btf_load(task, layout.task_files);
-        let fdt: *const u8 = btf_load(files, layout.files_fdt);
-        let max_fds: u32 = btf_load(fdt, layout.fdtable_max_fds);
+        let files: *const u8 = R::member(task, layout.task_files);
+        let fdt: *const u8 = R::member(files, layout.files_fdt);
+        let max_fds: u32 = R::member(fdt, layout.fdtable_max_fds);
         if fd as u32 >= max_fds {
             return core::ptr::null();
         }
-        let fd_array: u64 = btf_load(fdt, layout.fdtable_fd);
+        let fd_array: u64 = R::member(fdt, layout.fdtable_fd);
         let file: *const u8 = kernel_read((fd_array as usize as *const u8).wrapping_add(fd as usize * 8));
         let socket: *const u8 = kernel_read(file.wrapping_add(layout.file_private_data as usize));
         let socket_file: *const u8 = kernel_read(socket.wrapping_add(layout.socket_file as usize));
@@ -629,14 +731,25 @@ fn on_exit(ctx: &TracePointContext) {
     let Some(caller) = returned_call(ret) else {
         return;
     };
-    let (fd, addr, addrlen) = syscall_args(&caller.cfg.layout);
+    let layout = &caller.cfg.layout;
+    let tid = caller.pid_tgid as u32;
+    let (entered_ns, args) = if layout.has_helper(kernel_helpers::TASK_PT_REGS) {
+        (entry_time(tid), syscall_args(layout))
+    } else {
+        // Before 5.15: the arguments the entry saved, or nothing to report.
+        let Some(slot) = own_entry(tid) else {
+            count(stat::IN_FLIGHT_MISSING);
+            return;
+        };
+        (Some(slot.entered_ns), SyscallArgs { fd: slot.fd, addr: slot.addr, addrlen: slot.addrlen })
+    };
     let returned = Returned {
-        entered_ns: entry_time(caller.pid_tgid as u32),
-        addr: addr as *const u8,
+        entered_ns,
+        addr: args.addr as *const u8,
         addr_in_kernel: false,
-        socket: core::ptr::null(),
-        fd,
-        addrlen,
+        socket: SocketRef::Fd(args.fd),
+        fd: args.fd,
+        addrlen: args.addrlen,
         ret,
         backend: Backend::Tracepoint,
     };
@@ -659,13 +772,14 @@ fn complete<C: EbpfContext>(ctx: &C, caller: Caller, r: Returned) {
         count(stat::FILTERED);
         return;
     }
-    let sk = if r.socket.is_null() {
-        // After ENOTSOCK or EBADF the fd holds no socket of this call: do not look behind it.
-        let socket_fd = if r.ret == -ENOTSOCK || r.ret == -EBADF { -1 } else { r.fd };
-        sock_of_fd(&cfg.layout, socket_fd)
-    } else {
+    let sk = match r.socket {
+        SocketRef::Fd(fd) => {
+            // After ENOTSOCK or EBADF the fd holds no socket of this call: do not look behind it.
+            let socket_fd = if r.ret == -ENOTSOCK || r.ret == -EBADF { -1 } else { fd };
+            sock_of_fd(&cfg.layout, socket_fd)
+        }
         // SAFETY: reads go through bpf_probe_read_kernel.
-        unsafe { kernel_read(r.socket.wrapping_add(cfg.layout.socket_sk as usize)) }
+        SocketRef::Socket(socket) => unsafe { kernel_read(socket.wrapping_add(cfg.layout.socket_sk as usize)) },
     };
     let sock = read_sock(&cfg.layout, sk);
     if !filter.accepts_protocol(sock.protocol) {

@@ -151,6 +151,17 @@ fn check_main() -> ExitCode {
         layout::VMLINUX_BTF,
         kernel.as_ref().map_or_else(|e| format!("no: {e:#}"), |_| "yes, every struct member resolved".to_owned())
     );
+    if let Ok(kernel) = &kernel {
+        for helper in &layout::OPTIONAL_HELPERS {
+            let has = kernel.layout.has_helper(helper.bit);
+            println!(
+                "BPF helper bpf_{} (Linux {}): {}",
+                helper.name,
+                helper.since,
+                if has { "yes" } else { "no (bindtrace takes the slower path older kernels need)" }
+            );
+        }
+    }
     let (Ok(()), Ok(kernel)) = (privileges, kernel) else {
         println!("hooks: not tried (see above)");
         return ExitCode::from(EXIT_FAILURE);

@@ -6,10 +6,24 @@
 use std::path::Path;
 
 use anyhow::{anyhow, bail, Context as _, Result};
-use bindtrace_common::{names, FieldLoc, KernelLayout};
+use bindtrace_common::{kernel_helpers, names, FieldLoc, KernelLayout};
 use btf_rs::{Backend, Btf, Struct, Type};
 
 pub const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
+
+/// A BPF helper the probe uses where the kernel has it, and works around where it does not.
+pub struct OptionalHelper {
+    /// Its name without the `bpf_` prefix, as in `enum bpf_func_id` (`BPF_FUNC_<name>`).
+    pub name: &'static str,
+    pub bit: u32,
+    /// The first kernel release that has it.
+    pub since: &'static str,
+}
+
+pub const OPTIONAL_HELPERS: [OptionalHelper; 2] = [
+    OptionalHelper { name: "get_current_task_btf", bit: kernel_helpers::TASK_BTF, since: "5.11" },
+    OptionalHelper { name: "task_pt_regs", bit: kernel_helpers::TASK_PT_REGS, since: "5.15" },
+];
 
 /// Where one member sits inside its outermost struct.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -78,6 +92,11 @@ impl KernelTypes {
             Type::Enum(e) => e.size(),
             Type::Enum64(e) => e.size(),
             Type::Struct(s) | Type::Union(s) => s.size(),
+            // arm64's `pt_regs.regs` is `u64[31]`.
+            Type::Array(a) => {
+                let element = self.size_in_bytes(self.btf.resolve_chained_type(&a)?)?;
+                return u32::try_from(a.len()).ok().and_then(|n| n.checked_mul(element)).context("array too large");
+            }
             other => bail!("unexpected member type {}", other.name()),
         };
         u32::try_from(size).context("member too large")
@@ -208,21 +227,44 @@ impl KernelTypes {
             inet_freebind: self.inet_flag("freebind", "INET_FLAGS_FREEBIND")?,
             inet_transparent: self.inet_flag("transparent", "INET_FLAGS_TRANSPARENT")?,
             inet_bind_address_no_port: self.inet_flag("bind_address_no_port", "INET_FLAGS_BIND_ADDRESS_NO_PORT")?,
+            kernel_helpers: self.kernel_helpers(),
         })
     }
 
-    /// Where `struct pt_regs` keeps a syscall's first three arguments: di, si, dx on x86_64;
-    /// regs[0..3] on arm64 (whose pt_regs starts with the user registers).
+    /// Where `struct pt_regs` keeps a syscall's first three arguments when `sys_exit` runs:
+    /// di, si, dx on x86_64. On arm64 the first argument's register, x0, already holds the
+    /// return value by then: the kernel keeps the argument in `orig_x0`; x1 and x2 are
+    /// `regs[1]` and `regs[2]`.
     fn syscall_arg_registers(&self) -> Result<[u32; 3]> {
         if let (Ok(di), Ok(si), Ok(dx)) =
             (self.offset("pt_regs", "di"), self.offset("pt_regs", "si"), self.offset("pt_regs", "dx"))
         {
             return Ok([di, si, dx]);
         }
-        let regs = self
-            .offset("pt_regs", "regs")
-            .context("kernel BTF: struct pt_regs has neither di/si/dx (x86_64) nor regs (arm64)")?;
-        Ok([regs, regs + 8, regs + 16])
+        let (Ok(orig_x0), Ok(regs)) = (self.offset("pt_regs", "orig_x0"), self.offset("pt_regs", "regs")) else {
+            bail!("kernel BTF: struct pt_regs has neither di/si/dx (x86_64) nor orig_x0 and regs (arm64)");
+        };
+        Ok([orig_x0, regs + 8, regs + 16])
+    }
+
+    /// The [`kernel_helpers`] bits of the optional helpers this kernel has: the enumerators of
+    /// its `enum bpf_func_id` name every helper it knows.
+    fn kernel_helpers(&self) -> u32 {
+        let Some(helpers) =
+            self.btf.resolve_types_by_name("bpf_func_id").ok().into_iter().flatten().find_map(|t| match t {
+                Type::Enum(e) => Some(e),
+                _ => None,
+            })
+        else {
+            log::debug!("kernel BTF has no enum bpf_func_id: assuming no optional helpers");
+            return 0;
+        };
+        let known: std::collections::HashSet<String> =
+            helpers.members.iter().filter_map(|m| self.btf.resolve_name(m).ok()).collect();
+        OPTIONAL_HELPERS
+            .iter()
+            .filter(|helper| known.contains(&format!("BPF_FUNC_{}", helper.name)))
+            .fold(0, |bits, helper| bits | helper.bit)
     }
 
     /// The value of an enumerator of one of the kernel's anonymous enums (INET_FLAGS_* live
@@ -297,15 +339,37 @@ pub fn running_kernel_btf() -> Result<KernelBtf> {
         bail!("{VMLINUX_BTF} is missing: this kernel was built without CONFIG_DEBUG_INFO_BTF, which bindtrace needs");
     }
     let types = KernelTypes::open(path)?;
-    Ok(KernelBtf {
-        layout: types.layout()?,
-        bind_function_ids: names::INET_BIND_FUNCTIONS.map(|name| types.function_id(name)),
-    })
+    let mut layout = types.layout()?;
+    layout.kernel_helpers &= !hidden_helpers(std::env::var(HIDE_HELPERS_ENV).ok().as_deref());
+    Ok(KernelBtf { layout, bind_function_ids: names::INET_BIND_FUNCTIONS.map(|name| types.function_id(name)) })
+}
+
+/// Names optional helpers (comma-separated, as in [`OPTIONAL_HELPERS`]) to treat as missing,
+/// so that a new kernel runs the paths an old one takes: the tests use it.
+pub const HIDE_HELPERS_ENV: &str = "BINDTRACE_HIDE_HELPERS";
+
+fn hidden_helpers(names: Option<&str>) -> u32 {
+    let Some(names) = names else { return 0 };
+    names
+        .split(',')
+        .map(|name| name.trim().trim_start_matches("bpf_"))
+        .filter_map(|name| OPTIONAL_HELPERS.iter().find(|helper| helper.name == name))
+        .fold(0, |bits, helper| bits | helper.bit)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hidden_helpers_are_named_with_or_without_the_prefix() {
+        assert_eq!(hidden_helpers(None), 0);
+        assert_eq!(hidden_helpers(Some("task_pt_regs")), kernel_helpers::TASK_PT_REGS);
+        assert_eq!(
+            hidden_helpers(Some("bpf_get_current_task_btf, task_pt_regs,unknown")),
+            kernel_helpers::TASK_BTF | kernel_helpers::TASK_PT_REGS
+        );
+    }
 
     #[test]
     fn bitfields_become_shift_and_width() {

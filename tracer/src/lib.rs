@@ -14,6 +14,7 @@ pub mod errno;
 pub mod filter;
 pub mod hook_support;
 pub mod layout;
+pub mod load_error;
 pub mod pipeline;
 pub mod probe;
 pub mod sink;

@@ -209,7 +209,7 @@ fn attach_backend(ebpf: &mut Ebpf, backend: Backend, btf: &mut BtfSource) -> Res
     if attached.is_err() {
         unload_backend(ebpf, backend);
     }
-    attached
+    attached.map_err(crate::load_error::explain)
 }
 
 /// The kernel BTF aya's fexit loading needs, parsed on first use: only on kernels that have
