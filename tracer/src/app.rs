@@ -12,7 +12,7 @@ use bindtrace_common::ProbeConfig;
 use clap::{error::ErrorKind, Parser as _};
 
 use crate::{
-    cli::{Cli, ColorChoice, Command, OutputFormat, WhoArgs},
+    cli::{self, Cli, ColorChoice, Command, OutputFormat, WhoArgs},
     clock::{Rfc3339, WallClock},
     enrich::Enricher,
     filter::EventFilter,
@@ -104,8 +104,11 @@ pub fn main() -> ExitCode {
         }
     };
 
-    if let Some(Command::Who(args)) = &cli.command {
-        return who_main(args);
+    match &cli.command {
+        Some(Command::Who(args)) => return who_main(args),
+        Some(Command::Completions { shell }) => return write_stdout(|out| cli::write_completions(*shell, out)),
+        Some(Command::Man) => return write_stdout(cli::write_man_page),
+        None => {}
     }
 
     if cli.check {
@@ -131,6 +134,18 @@ pub fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             print_error(&format!("{err:#}"));
+            ExitCode::from(EXIT_FAILURE)
+        }
+    }
+}
+
+/// Runs a generator that writes to stdout; a closed pipe is not an error.
+fn write_stdout(generate: impl FnOnce(&mut dyn io::Write) -> io::Result<()>) -> ExitCode {
+    match generate(&mut io::stdout().lock()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) if err.kind() == io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+        Err(err) => {
+            print_error(&format!("writing to stdout: {err}"));
             ExitCode::from(EXIT_FAILURE)
         }
     }

@@ -114,6 +114,27 @@ pub struct Cli {
 pub enum Command {
     /// Who holds a port right now: sockets, states, processes, containers, and a hint.
     Who(WhoArgs),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell) to stdout.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff) to stdout; packaging installs it as bindtrace(1).
+    #[command(hide = true)]
+    Man,
+}
+
+/// `bindtrace completions SHELL`: the script for `shell`, from the same definition that parses
+/// the command line, so it never falls behind a flag.
+pub fn write_completions(shell: clap_complete::Shell, out: &mut dyn std::io::Write) -> std::io::Result<()> {
+    let mut command = <Cli as clap::CommandFactory>::command();
+    clap_complete::generate(shell, &mut command, "bindtrace", out);
+    Ok(())
+}
+
+/// bindtrace(1), in roff, from the command-line definition.
+pub fn write_man_page(out: &mut dyn std::io::Write) -> std::io::Result<()> {
+    clap_mangen::Man::new(<Cli as clap::CommandFactory>::command()).render(out)
 }
 
 #[derive(Debug, clap::Args)]

@@ -17,13 +17,29 @@ fn addr(text: &str) -> SockAddr {
     SockAddr::from(text.parse::<SocketAddr>().expect("address"))
 }
 
+/// Under every backend this kernel offers, and under the tracepoint backend as kernels
+/// without `bpf_task_pt_regs` (5.11-5.14) and without `bpf_get_current_task_btf` (5.10) run
+/// it, with those helpers hidden from bindtrace.
 #[test]
 fn successes_tcp_udp_ipv4_ipv6_carry_every_field() {
     if !can_load_probe("successes_tcp_udp_ipv4_ipv6_carry_every_field") {
         return;
     }
-    let pid = my_pid().to_string();
-    let mut tracer = Tracer::start(&["-o", "ndjson", "-p", &pid]);
+    let mut runs: Vec<(&str, &str)> = offered_backends().into_iter().map(|backend| (backend, "")).collect();
+    runs.push(("tracepoint", "task_pt_regs"));
+    runs.push(("tracepoint", "task_pt_regs,get_current_task_btf"));
+    for (backend, hidden) in runs {
+        eprintln!("backend {backend}, helpers hidden: {hidden:?}");
+        let tracer = Tracer::start_with_env(
+            &["-o", "ndjson", "-p", &my_pid().to_string(), "--attach", backend],
+            &[("BINDTRACE_HIDE_HELPERS", hidden)],
+        );
+        assert_eq!(tracer.backend, backend);
+        successes_carry_every_field(tracer);
+    }
+}
+
+fn successes_carry_every_field(mut tracer: Tracer) {
     let cases = [
         (Domain::IPV4, Type::STREAM, "127.0.0.1", "tcp", "AF_INET"),
         (Domain::IPV4, Type::DGRAM, "127.0.0.1", "udp", "AF_INET"),
@@ -46,9 +62,9 @@ fn successes_tcp_udp_ipv4_ipv6_carry_every_field() {
         assert_eq!(event["tid"], my_tid());
         assert_eq!(event["comm"], my_comm());
         assert_eq!(event["uid"], 0);
-        assert_eq!(event["fd"], raw_fd(&sock));
+        assert_eq!(event["fd"], tracer.event_fd(raw_fd(&sock)));
         assert_eq!(event["reuseaddr"], false);
-        assert_eq!(event["backend"], "tracepoint");
+        assert_eq!(event["backend"], tracer.backend);
         assert!(event["duration_ns"].as_u64().is_some_and(|d| d > 0), "{event}");
         assert!(event["netns"].as_u64().is_some_and(|n| n > 0), "{event}");
         let own_netns = std::fs::read_link("/proc/self/ns/net").expect("netns link");
@@ -84,7 +100,7 @@ fn eaddrinuse_keeps_the_requested_port_pid_and_comm() {
     assert_eq!(event["port"], port, "the requested port, not 0");
     assert_eq!(event["pid"], my_pid());
     assert_eq!(event["comm"], my_comm());
-    assert_eq!(event["fd"], raw_fd(&second));
+    assert_eq!(event["fd"], tracer.event_fd(raw_fd(&second)));
     assert_eq!(event["reuseaddr"], false, "the failing socket did not set SO_REUSEADDR");
 
     let finished = tracer.stop();
@@ -198,7 +214,7 @@ fn einval_for_a_second_bind_on_a_bound_socket() {
     assert_eq!(err.raw_os_error(), Some(libc::EINVAL));
     let event = tracer.wait_for("EINVAL", |e| e["port"] == second);
     assert_eq!(event["errno_name"], "EINVAL");
-    assert_eq!(event["fd"], raw_fd(&sock));
+    assert_eq!(event["fd"], tracer.event_fd(raw_fd(&sock)));
     assert_eq!(event["bound_port"], first, "what the socket was already bound to: {event}");
     assert_eq!(event["bound_addr"], "127.0.0.1");
     let ok = tracer.wait_for("first bind", |e| e["port"] == first);
@@ -252,6 +268,7 @@ fn ndjson_lines_are_valid_and_sigint_ends_with_a_summary() {
         let _ = socket(Domain::IPV4, Type::STREAM).bind(&addr(&format!("127.0.0.1:{port}")));
     }
     tracer.wait_for("third failure", |e| e["errno"] == 98 && e["port"] == port);
+    let backend = tracer.backend.clone();
     let finished = tracer.stop();
     assert!(finished.status.success(), "SIGINT ends with status 0: {:?}", finished.status);
     assert!(!finished.stderr.contains("panicked"), "{}", finished.stderr);
@@ -268,7 +285,7 @@ fn ndjson_lines_are_valid_and_sigint_ends_with_a_summary() {
     let summary = finished.summary();
     assert_eq!(summary["events"], 4);
     assert_eq!(summary["dropped"], 0);
-    assert_eq!(summary["backend"], "tracepoint");
+    assert_eq!(summary["backend"], backend);
     let by_result: Vec<(String, u64)> = summary["by_result"]
         .as_array()
         .expect("by_result")

@@ -4,6 +4,7 @@
 //! gets from clone to a green test run with one command.
 
 mod bench;
+mod dist;
 mod setup;
 mod vm;
 
@@ -32,10 +33,11 @@ enum Task {
         #[arg(long)]
         release: bool,
     },
-    /// Build, then run bindtrace with the given arguments (needs root).
+    /// Build (release), then run bindtrace with the given arguments (needs root).
     Run {
+        /// A debug build instead: far slower under a storm of binds.
         #[arg(long)]
-        release: bool,
+        debug: bool,
         /// Arguments for bindtrace, after `--`.
         #[arg(last = true)]
         args: Vec<String>,
@@ -45,6 +47,13 @@ enum Task {
     Test,
     /// Measure what tracing costs a bind storm (release build, as root); see docs/PERFORMANCE.md.
     Bench(bench::BenchArgs),
+    /// Static (musl) binaries for x86_64 and aarch64, a .deb for each, the man page, shell
+    /// completions and SHA256SUMS, in target/dist/.
+    Dist {
+        /// Only these architectures (x86_64, aarch64).
+        #[arg(long, value_delimiter = ',', default_values = ["x86_64", "aarch64"])]
+        arch: Vec<String>,
+    },
     /// Boot Debian's 6.1 and 6.12 cloud kernels under QEMU and check the bind scenarios
     /// traced inside them (or, with --host, on this machine).
     Vm(vm::VmArgs),
@@ -75,7 +84,7 @@ pub fn describe(command: &Command) -> String {
         .join(" ")
 }
 
-fn cargo() -> Command {
+pub fn cargo() -> Command {
     Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
 }
 
@@ -140,13 +149,25 @@ fn test() -> Result<()> {
     }
 }
 
-/// Builds what the guests run (debug builds: the test run has built them already) and runs
-/// the VM matrix.
+/// Builds what the guests run, the release artifacts themselves (`cargo xtask dist`: static
+/// binaries per architecture), and runs the VM matrix; `--host` runs the same checks here.
 fn vm_matrix(args: &vm::VmArgs) -> Result<()> {
-    let bindtrace = build(false)?;
-    run(cargo().args(["build", "--package", "xtask", "--bin", "bind-scenarios"]))?;
-    let scenarios = workspace_root().join("target/debug/bind-scenarios");
-    vm::vm(args, &bindtrace, &scenarios)
+    if args.host() {
+        let bindtrace = build(false)?;
+        run(cargo().args(["build", "--package", "xtask", "--bin", "bind-scenarios"]))?;
+        return vm::vm_on_host(&bindtrace, &workspace_root().join("target/debug/bind-scenarios"));
+    }
+    let arches = args.arches()?;
+    let dist = dist::dist(&arches)?;
+    let mut binaries = Vec::new();
+    for arch in arches {
+        binaries.push(vm::GuestBinaries {
+            arch,
+            bindtrace: dist.binary(arch)?.to_path_buf(),
+            scenarios: arch.build_static("xtask", "bind-scenarios")?,
+        });
+    }
+    vm::vm(args, &binaries)
 }
 
 fn main() -> ExitCode {
@@ -154,7 +175,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Task::Setup => setup::ensure(),
         Task::Build { release } => build(release).map(|path| eprintln!("xtask: built {}", path.display())),
-        Task::Run { release, args } => build(release).and_then(|binary| {
+        Task::Run { debug, args } => build(!debug).and_then(|binary| {
             let status = Command::new(&binary)
                 .args(&args)
                 .status()
@@ -163,6 +184,12 @@ fn main() -> ExitCode {
         }),
         Task::Test => test(),
         Task::Vm(args) => vm_matrix(&args),
+        Task::Dist { arch } => arch
+            .iter()
+            .map(|name| dist::Arch::by_name(name))
+            .collect::<Result<Vec<_>>>()
+            .and_then(|arches| dist::dist(&arches))
+            .map(drop),
         Task::Bench(args) => build(true).and_then(|bindtrace| {
             run(cargo().args(["build", "--release", "--package", "xtask", "--bin", "bind-storm"]))?;
             let storm = workspace_root().join("target/release/bind-storm");

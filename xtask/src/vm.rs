@@ -13,30 +13,81 @@ use anyhow::{anyhow, bail, Context as _, Result};
 use serde_json::Value;
 
 use crate::{
-    describe, run,
+    describe,
+    dist::{Arch, AARCH64, X86_64},
+    run,
     setup::{apt_install, output},
     workspace_root,
 };
 
-#[derive(clap::Args)]
+#[derive(clap::Args, Default)]
 pub struct VmArgs {
-    /// Kernel series to boot (Debian cloud kernels): 6.1, 6.12, or both.
-    #[arg(long, value_delimiter = ',', default_values = DEFAULT_KERNELS)]
+    /// Kernel series to boot (Debian cloud kernels): 5.10, 6.1, 6.12 [default: every one in
+    /// the matrix].
+    #[arg(long, value_delimiter = ',')]
     kernels: Vec<String>,
+    /// Guest architectures: x86_64, aarch64 [default: both].
+    #[arg(long, value_delimiter = ',')]
+    arch: Vec<String>,
     /// Run the scenarios on this machine instead of in VMs.
     #[arg(long)]
     host: bool,
 }
 
-const DEFAULT_KERNELS: [&str; 2] = ["6.1", "6.12"];
+impl VmArgs {
+    /// The guests of [`MATRIX`] these arguments select.
+    fn guests(&self) -> Result<Vec<&'static GuestKernel>> {
+        for series in &self.kernels {
+            if !MATRIX.iter().any(|g| g.series == *series) {
+                bail!("unknown kernel series {series}: the matrix has 5.10, 6.1 and 6.12");
+            }
+        }
+        let arches = self.arch.iter().map(|a| Arch::by_name(a)).collect::<Result<Vec<_>>>()?;
+        Ok(MATRIX
+            .iter()
+            .filter(|g| self.kernels.is_empty() || self.kernels.iter().any(|k| *k == g.series))
+            .filter(|g| arches.is_empty() || arches.contains(&g.arch))
+            .collect())
+    }
 
-impl Default for VmArgs {
-    fn default() -> Self {
-        Self { kernels: DEFAULT_KERNELS.iter().map(|k| (*k).to_owned()).collect(), host: false }
+    /// The architectures whose static binaries the selected guests need.
+    pub fn arches(&self) -> Result<Vec<Arch>> {
+        let mut arches: Vec<Arch> = Vec::new();
+        for guest in self.guests()? {
+            if !arches.contains(&guest.arch) {
+                arches.push(guest.arch);
+            }
+        }
+        Ok(arches)
+    }
+
+    pub fn host(&self) -> bool {
+        self.host
     }
 }
 
-const APT_PACKAGES: [&str; 3] = ["qemu-system-x86", "busybox-static", "cpio"];
+/// One guest of the matrix: a Debian cloud kernel series on one architecture, and the
+/// backends that kernel is known not to offer, with the reason. The guest still tries those
+/// backends: each must be refused with a one-line error, and `--check` must say no.
+pub struct GuestKernel {
+    pub arch: Arch,
+    pub series: &'static str,
+    pub lacks: &'static [(&'static str, &'static str)],
+}
+
+/// The kernels × architectures the matrix boots: README's requirements table is this one.
+pub const MATRIX: [GuestKernel; 5] = [
+    GuestKernel { arch: X86_64, series: "5.10", lacks: &[] },
+    GuestKernel { arch: X86_64, series: "6.1", lacks: &[] },
+    GuestKernel { arch: X86_64, series: "6.12", lacks: &[] },
+    GuestKernel {
+        arch: AARCH64,
+        series: "6.1",
+        lacks: &[("fexit", "Debian's arm64 6.1 has no BPF trampolines (attaching fails with ENOTSUPP, 524)")],
+    },
+    GuestKernel { arch: AARCH64, series: "6.12", lacks: &[] },
+];
+
 /// Every bindtrace backend, each forced with --attach in the guest.
 const BACKENDS: [&str; 3] = ["fexit", "kprobe", "tracepoint"];
 
@@ -55,56 +106,197 @@ fn version_key(name: &str) -> Vec<u64> {
     name.split(|c: char| !c.is_ascii_digit()).filter(|s| !s.is_empty()).filter_map(|s| s.parse().ok()).collect()
 }
 
-/// The newest `linux-image-<series>...-cloud-amd64-unsigned` package apt knows.
-fn newest_kernel_package(series: &str) -> Result<String> {
-    let pattern = match series {
-        "6.1" => r"^linux-image-6\.1\.0-[0-9]+-cloud-amd64-unsigned$",
-        "6.12" => r"^linux-image-6\.12\.[0-9]+\+deb12-cloud-amd64-unsigned$",
-        other => bail!("unknown kernel series {other}: use 6.1 or 6.12"),
-    };
-    let search = || output(Command::new("apt-cache").args(["search", "--names-only", pattern]));
-    let mut listing = search()?;
-    if listing.trim().is_empty() {
-        run(Command::new("apt-get").args(["update", "-qq"]))?;
-        listing = search()?;
-    }
-    listing
-        .lines()
-        .filter_map(|l| l.split_whitespace().next())
-        .max_by_key(|name| version_key(name))
-        .map(str::to_owned)
-        .ok_or_else(|| anyhow!("apt knows no package matching {pattern}"))
+/// The package-name pattern of a Debian cloud kernel series for one architecture.
+fn kernel_package_pattern(series: &str, arch: Arch) -> Result<String> {
+    let deb = arch.deb;
+    Ok(match series {
+        "5.10" => format!(r"^linux-image-5\.10\.0-[0-9]+-cloud-{deb}-unsigned$"),
+        "6.1" => format!(r"^linux-image-6\.1\.0-[0-9]+-cloud-{deb}-unsigned$"),
+        "6.12" => format!(r"^linux-image-6\.12\.[0-9]+\+deb12-cloud-{deb}-unsigned$"),
+        other => bail!("unknown kernel series {other}: use 5.10, 6.1 or 6.12"),
+    })
 }
 
-/// Downloads (once) and unpacks a kernel package; returns its vmlinuz.
-fn kernel_image(series: &str) -> Result<PathBuf> {
-    let package = newest_kernel_package(series)?;
-    let cache = cache_dir();
-    let unpacked = cache.join(&package);
-    if !unpacked.join("boot").exists() {
-        let has_deb = |dir: &Path| {
-            std::fs::read_dir(dir)
-                .into_iter()
-                .flatten()
+/// An apt configuration of bindtrace's own, beside the host's and never touching it: its own
+/// state, cache, package list and architecture, with the suites the matrix needs (bookworm
+/// for 6.1 and 6.12, bullseye for 5.10) on the mirrors the host's sources already use.
+struct PrivateApt {
+    dir: PathBuf,
+    arch: Arch,
+}
+
+/// Debian's archive signing keys, as the debian-archive-keyring package installs them.
+const DEBIAN_KEYRING: &str = "/usr/share/keyrings/debian-archive-keyring.gpg";
+
+impl PrivateApt {
+    fn new(arch: Arch) -> Result<Self> {
+        let dir = cache_dir().join(format!("apt-{}", arch.deb));
+        for sub in ["state/lists/partial", "cache/archives/partial", "etc/sources.list.d", "etc/apt.conf.d"] {
+            std::fs::create_dir_all(dir.join(sub))?;
+        }
+        let status = dir.join("state/status");
+        if !status.exists() {
+            std::fs::write(&status, "")?;
+        }
+        let (main, security) = host_debian_mirrors()?;
+        let line = |uri: &str, suite: &str| format!("deb [signed-by={DEBIAN_KEYRING}] {uri} {suite} main\n");
+        let sources = [
+            line(&main, "bookworm"),
+            line(&main, "bookworm-updates"),
+            line(&security, "bookworm-security"),
+            line(&main, "bullseye"),
+            line(&security, "bullseye-security"),
+        ]
+        .concat();
+        std::fs::write(dir.join("etc/sources.list"), sources)?;
+        let apt = Self { dir, arch };
+        run(apt.command("apt-get").args(["update", "-qq"]))?;
+        Ok(apt)
+    }
+
+    fn command(&self, program: &str) -> Command {
+        let mut command = Command::new(program);
+        let dir = self.dir.display();
+        for option in [
+            format!("Dir::State={dir}/state"),
+            format!("Dir::State::status={dir}/state/status"),
+            format!("Dir::Cache={dir}/cache"),
+            format!("Dir::Etc::SourceList={dir}/etc/sources.list"),
+            format!("Dir::Etc::SourceParts={dir}/etc/sources.list.d"),
+            format!("Dir::Etc::Parts={dir}/etc/apt.conf.d"),
+            format!("APT::Architecture={}", self.arch.deb),
+            format!("APT::Architectures={}", self.arch.deb),
+        ] {
+            command.arg("-o").arg(option);
+        }
+        command
+    }
+
+    /// Packages matching `pattern`, newest first.
+    fn packages(&self, pattern: &str) -> Result<Vec<String>> {
+        let listing = output(self.command("apt-cache").args(["search", "--names-only", pattern]))?;
+        let mut names: Vec<String> =
+            listing.lines().filter_map(|l| l.split_whitespace().next()).map(str::to_owned).collect();
+        names.sort_by_key(|name| std::cmp::Reverse(version_key(name)));
+        if names.is_empty() {
+            bail!("apt knows no {} package matching {pattern}", self.arch.deb);
+        }
+        Ok(names)
+    }
+
+    /// Downloads (once) and unpacks the newest of `candidates` that the archive serves: the
+    /// index may list versions the archive no longer has.
+    fn unpack_newest(&self, candidates: &[String]) -> Result<PathBuf> {
+        let cache = cache_dir().join(self.arch.deb);
+        std::fs::create_dir_all(&cache)?;
+        let mut refusals = Vec::new();
+        for package in candidates {
+            let unpacked = cache.join(package);
+            if unpacked.join(".unpacked").exists() {
+                return Ok(unpacked);
+            }
+            let _ = std::fs::remove_dir_all(&unpacked);
+            if let Err(err) = run(self.command("apt-get").args(["download", "-qq", package]).current_dir(&cache)) {
+                eprintln!("xtask: vm: {package} is listed but did not download; trying the next");
+                refusals.push(format!("{package}: {err:#}"));
+                continue;
+            }
+            let deb = std::fs::read_dir(&cache)?
                 .flatten()
                 .map(|e| e.path())
-                .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with(&format!("{package}_"))))
-        };
-        let deb = match has_deb(&cache) {
-            Some(deb) => deb,
-            None => {
-                run(Command::new("apt-get").args(["download", &package]).current_dir(&cache))?;
-                has_deb(&cache).ok_or_else(|| anyhow!("apt-get download left no {package} .deb"))?
-            }
-        };
-        run(Command::new("dpkg").arg("-x").arg(&deb).arg(&unpacked))?;
+                .find(|p| {
+                    p.extension().is_some_and(|e| e == "deb")
+                        && p.file_name().is_some_and(|n| n.to_string_lossy().starts_with(&format!("{package}_")))
+                })
+                .ok_or_else(|| anyhow!("apt-get download left no {package} .deb"))?;
+            run(Command::new("dpkg").arg("-x").arg(&deb).arg(&unpacked))?;
+            std::fs::remove_file(&deb)?;
+            std::fs::write(unpacked.join(".unpacked"), "")?;
+            return Ok(unpacked);
+        }
+        bail!("none of the candidate packages downloaded: {}", refusals.join("; "))
     }
+}
+
+/// The URIs the host's apt sources use for Debian's main archive and its security archive:
+/// the matrix fetches from the same mirrors (and names none itself).
+fn host_debian_mirrors() -> Result<(String, String)> {
+    let mut pairs = Vec::new();
+    let mut files = vec![PathBuf::from("/etc/apt/sources.list")];
+    files.extend(std::fs::read_dir("/etc/apt/sources.list.d").into_iter().flatten().flatten().map(|e| e.path()));
+    for file in files {
+        let name = file.to_string_lossy().into_owned();
+        let Ok(text) = std::fs::read_to_string(&file) else { continue };
+        if name.ends_with(".sources") {
+            pairs.extend(deb822_uri_suites(&text));
+        } else if name.ends_with(".list") {
+            pairs.extend(one_line_uri_suites(&text));
+        }
+    }
+    mirrors_of(&pairs).ok_or_else(|| {
+        anyhow!("the host's apt sources name no Debian archive with a bookworm and a bookworm-security suite")
+    })
+}
+
+/// (URI, suite) pairs of a deb822 `.sources` file.
+fn deb822_uri_suites(text: &str) -> Vec<(String, String)> {
+    let mut pairs = Vec::new();
+    for stanza in text.split("\n\n") {
+        let field = |name: &str| {
+            stanza
+                .lines()
+                .find_map(|l| l.strip_prefix(name).and_then(|r| r.strip_prefix(':')))
+                .map(|v| v.split_whitespace().map(str::to_owned).collect::<Vec<_>>())
+                .unwrap_or_default()
+        };
+        let enabled = !stanza.lines().any(|l| l.trim().eq_ignore_ascii_case("enabled: no"));
+        if enabled && field("Types").iter().any(|t| t == "deb") {
+            for uri in field("URIs") {
+                pairs.extend(field("Suites").into_iter().map(|suite| (uri.clone(), suite)));
+            }
+        }
+    }
+    pairs
+}
+
+/// (URI, suite) pairs of a one-line-style `.list` file.
+fn one_line_uri_suites(text: &str) -> Vec<(String, String)> {
+    text.lines()
+        .filter_map(|line| {
+            let mut words = line.split_whitespace().filter(|w| !w.starts_with('[') && !w.ends_with(']'));
+            (words.next()? == "deb").then_some(())?;
+            Some((words.next()?.to_owned(), words.next()?.to_owned()))
+        })
+        .collect()
+}
+
+/// The main and security archive URIs among the host's (URI, suite) pairs.
+fn mirrors_of(pairs: &[(String, String)]) -> Option<(String, String)> {
+    let main = pairs.iter().find(|(_, suite)| suite == "bookworm")?.0.clone();
+    let security = pairs.iter().find(|(_, suite)| suite == "bookworm-security")?.0.clone();
+    Some((main, security))
+}
+
+/// What one guest boots: its kernel and its initramfs.
+fn guest_kernel(apt: &PrivateApt, guest: &GuestKernel) -> Result<PathBuf> {
+    let candidates = apt.packages(&kernel_package_pattern(guest.series, guest.arch)?)?;
+    let unpacked = apt.unpack_newest(&candidates)?;
     std::fs::read_dir(unpacked.join("boot"))?
         .flatten()
         .map(|e| e.path())
         .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("vmlinuz-")))
-        .ok_or_else(|| anyhow!("{package} has no boot/vmlinuz-*"))
+        .ok_or_else(|| anyhow!("{} has no boot/vmlinuz-*", unpacked.display()))
 }
+
+/// A static busybox for the guest's architecture, from Debian's busybox-static.
+fn guest_busybox(apt: &PrivateApt) -> Result<PathBuf> {
+    let unpacked = apt.unpack_newest(&["busybox-static".to_owned()])?;
+    let busybox = unpacked.join("bin/busybox");
+    busybox.exists().then_some(busybox).ok_or_else(|| anyhow!("busybox-static has no bin/busybox"))
+}
+
+/// The QEMU packages for the guests, and cpio for the initramfs.
+const APT_PACKAGES: [&str; 3] = ["qemu-system-x86", "qemu-system-arm", "cpio"];
 
 fn ensure_packages() -> Result<()> {
     apt_install(&APT_PACKAGES.map(str::to_owned))
@@ -117,7 +309,13 @@ mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
 mount -t tmpfs tmpfs /tmp
 ip link set lo up
-echo "@@BEGIN $(uname -r)"
+echo "@@BEGIN $(uname -r) $(uname -m)"
+echo "@@CHECK"
+/bindtrace --check
+echo "@@CHECK_EXIT $?"
+/bindtrace --attach auto --no-diagnosis -d 1s -o ndjson --file /tmp/auto.ndjson 2>/tmp/auto.txt
+echo "@@AUTO exit=$?"
+cat /tmp/auto.ndjson /tmp/auto.txt
 for backend in $BACKENDS; do
   rm -f /tmp/events.ndjson /tmp/stderr.txt
   /bindtrace --attach "$backend" -o ndjson --file /tmp/events.ndjson 2>/tmp/stderr.txt &
@@ -127,15 +325,19 @@ for backend in $BACKENDS; do
     sleep 0.2; i=$((i + 1))
     if [ $i -gt 600 ] || ! kill -0 $tracer 2>/dev/null; then break; fi
   done
-  /bind-scenarios > /tmp/scenarios.ndjson
-  # The port of a running `nc -l`, asked for again: EADDRINUSE, seen with the requested port.
-  nc -l -p 41100 >/dev/null 2>&1 &
-  holder=$!
-  sleep 0.5
-  nc -l -p 41100 >/dev/null 2>&1
-  kill $holder 2>/dev/null
-  sleep 1
-  kill -INT $tracer 2>/dev/null
+  if kill -0 $tracer 2>/dev/null; then
+    /bind-scenarios > /tmp/scenarios.ndjson
+    # The port of a running `nc -l`, asked for again: EADDRINUSE, seen with the requested port.
+    nc -l -p 41100 >/dev/null 2>&1 &
+    holder=$!
+    sleep 0.5
+    nc -l -p 41100 >/dev/null 2>&1
+    kill $holder 2>/dev/null
+    sleep 1
+    kill -INT $tracer 2>/dev/null
+  else
+    : > /tmp/scenarios.ndjson
+  fi
   wait $tracer
   echo "@@BACKEND $backend exit=$?"
   echo "@@STDERR"; cat /tmp/stderr.txt
@@ -146,37 +348,25 @@ echo "@@END"
 poweroff -f
 "#;
 
-/// Copies a dynamically linked binary and the libraries `ldd` names into `root`.
-fn install_binary(binary: &Path, root: &Path, name: &str) -> Result<()> {
-    std::fs::copy(binary, root.join(name)).with_context(|| format!("copying {}", binary.display()))?;
-    let ldd = output(Command::new("ldd").arg(binary)).unwrap_or_default();
-    for path in ldd.split_whitespace().filter(|w| w.starts_with('/')) {
-        let target = root.join(path.trim_start_matches('/'));
-        if let Some(parent) = target.parent() {
-            std::fs::create_dir_all(parent)?;
-        }
-        std::fs::copy(path, &target).with_context(|| format!("copying {path}"))?;
-    }
-    Ok(())
-}
-
-fn build_initramfs(bindtrace: &Path, scenarios: &Path) -> Result<PathBuf> {
+fn build_initramfs(arch: Arch, busybox: &Path, bindtrace: &Path, scenarios: &Path) -> Result<PathBuf> {
     let dir = workspace_root().join("target/vm");
-    let root = dir.join("initramfs");
+    let root = dir.join(format!("initramfs-{}", arch.name));
     let _ = std::fs::remove_dir_all(&root);
     for sub in ["bin", "proc", "sys", "dev", "tmp", "etc"] {
         std::fs::create_dir_all(root.join(sub))?;
     }
-    std::fs::copy("/bin/busybox", root.join("bin/busybox")).context("copying /bin/busybox (busybox-static)")?;
+    std::fs::copy(busybox, root.join("bin/busybox")).context("copying busybox")?;
     for applet in ["sh", "mount", "ip", "cat", "sleep", "kill", "grep", "rm", "poweroff", "echo", "uname", "nc"] {
         std::os::unix::fs::symlink("busybox", root.join("bin").join(applet))?;
     }
-    install_binary(bindtrace, &root, "bindtrace")?;
-    install_binary(scenarios, &root, "bind-scenarios")?;
+    // Static binaries: nothing else to copy.
+    std::fs::copy(bindtrace, root.join("bindtrace")).with_context(|| format!("copying {}", bindtrace.display()))?;
+    std::fs::copy(scenarios, root.join("bind-scenarios"))
+        .with_context(|| format!("copying {}", scenarios.display()))?;
     let init = INIT.replace("$BACKENDS", &BACKENDS.join(" "));
     std::fs::write(root.join("init"), init)?;
     std::fs::set_permissions(root.join("init"), std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
-    let image = dir.join("initramfs.cpio");
+    let image = dir.join(format!("initramfs-{}.cpio", arch.name));
     run(Command::new("sh").arg("-c").arg(format!(
         "cd '{}' && find . | cpio -o -H newc --quiet > '{}'",
         root.display(),
@@ -185,18 +375,24 @@ fn build_initramfs(bindtrace: &Path, scenarios: &Path) -> Result<PathBuf> {
     Ok(image)
 }
 
-fn boot(kernel: &Path, initramfs: &Path) -> Result<String> {
+fn boot(arch: Arch, kernel: &Path, initramfs: &Path) -> Result<String> {
     let mut command = Command::new("timeout");
+    command.arg("900");
+    if arch == AARCH64 {
+        command.args(["qemu-system-aarch64", "-M", "virt", "-cpu", "max", "-accel", "tcg"]);
+    } else {
+        command.args(["qemu-system-x86_64", "-accel", "tcg", "-cpu", "max"]);
+    }
+    let console = if arch == AARCH64 { "ttyAMA0" } else { "ttyS0" };
     command
-        .args(["600", "qemu-system-x86_64", "-accel", "tcg", "-cpu", "max", "-m", "1024", "-smp", "2"])
-        .args(["-nographic", "-no-reboot", "-kernel"])
+        .args(["-m", "1024", "-smp", "2", "-nographic", "-no-reboot", "-kernel"])
         .arg(kernel)
         .arg("-initrd")
         .arg(initramfs)
-        .args(["-append", "console=ttyS0 quiet panic=-1"])
+        .args(["-append", &format!("console={console} quiet panic=-1")])
         .stdin(Stdio::null());
     eprintln!("xtask: $ {}", describe(&command));
-    let out = command.output().context("starting qemu-system-x86_64")?;
+    let out = command.output().context("starting qemu")?;
     Ok(String::from_utf8_lossy(&out.stdout).replace('\r', ""))
 }
 
@@ -207,6 +403,56 @@ struct GuestRun {
     stderr: Vec<String>,
     events: Vec<Value>,
     scenarios: Vec<Value>,
+}
+
+/// What the guest's `bindtrace --check` and `--attach auto` runs said.
+#[derive(Default)]
+struct GuestChecks {
+    check_lines: Vec<String>,
+    check_exit: String,
+    auto_exit: String,
+    /// The backend the auto run's summary names.
+    auto_backend: Option<String>,
+    auto_output: Vec<String>,
+}
+
+impl GuestChecks {
+    /// What `--check` said of a backend: `Some(Ok)` yes, `Some(Err(reason))` no.
+    fn hook(&self, backend: &str) -> Option<std::result::Result<(), String>> {
+        let prefix = format!("hook {backend}: ");
+        let answer = self.check_lines.iter().find_map(|l| l.strip_prefix(&prefix))?;
+        Some(if answer == "yes" { Ok(()) } else { Err(answer.trim_start_matches("no: ").to_owned()) })
+    }
+}
+
+fn parse_checks(console: &str) -> GuestChecks {
+    let mut checks = GuestChecks::default();
+    let mut section = "";
+    for line in console.lines() {
+        if line == "@@CHECK" {
+            section = "check";
+        } else if let Some(exit) = line.strip_prefix("@@CHECK_EXIT ") {
+            checks.check_exit = exit.trim().to_owned();
+            section = "";
+        } else if let Some(exit) = line.strip_prefix("@@AUTO ") {
+            checks.auto_exit = exit.trim().to_owned();
+            section = "auto";
+        } else if line.starts_with("@@") {
+            if section == "auto" {
+                break;
+            }
+            section = "";
+        } else if section == "check" {
+            checks.check_lines.push(line.to_owned());
+        } else if section == "auto" {
+            let summary = serde_json::from_str::<Value>(line).ok().filter(|v| v["type"] == "summary");
+            if let Some(backend) = summary.as_ref().and_then(|v| v["backend"].as_str()) {
+                checks.auto_backend = Some(backend.to_owned());
+            }
+            checks.auto_output.push(line.to_owned());
+        }
+    }
+    checks
 }
 
 fn parse_console(console: &str) -> Vec<GuestRun> {
@@ -297,6 +543,63 @@ struct Tally {
     passed: usize,
     failed: usize,
     failures: Vec<String>,
+}
+
+/// A backend the kernel is known not to offer must be refused cleanly, and `--check` must
+/// say so: reported, never skipped.
+fn report_lacking(label: &str, run: Option<&GuestRun>, checks: &GuestChecks, why: &str, tally: &mut Tally) {
+    let Some(run) = run else {
+        tally.failed += 1;
+        tally.failures.push(format!("{label}: the guest printed no result"));
+        return;
+    };
+    let backend = &run.backend;
+    let refusal = run.stderr.iter().find(|l| l.starts_with("bindtrace: ")).cloned().unwrap_or_default();
+    let mut problems = Vec::new();
+    if run.exit == "exit=0" || run.stderr.iter().any(|l| l.contains("attached")) {
+        problems.push(format!(
+            "{backend} attached, but the matrix says this kernel lacks it ({why}): update vm::MATRIX and the README"
+        ));
+    }
+    if run.stderr.len() != 1 || refusal.is_empty() {
+        problems.push(format!("{backend}'s refusal is not one line: {:?}", run.stderr));
+    }
+    if !matches!(checks.hook(backend), Some(Err(_))) {
+        problems.push(format!("--check does not say `hook {backend}: no: ...`"));
+    }
+    if problems.is_empty() {
+        tally.passed += 1;
+        eprintln!("xtask: vm {label} {backend}: NOT OFFERED, as expected ({why}); bindtrace said: {refusal}");
+    } else {
+        tally.failed += 1;
+        tally.failures.extend(problems.into_iter().map(|p| format!("{label} {backend}: {p}")));
+    }
+}
+
+/// `--check` must pass (some hook works) and name every backend; `--attach auto` must take
+/// the first of fexit, kprobe, tracepoint that `--check` found working.
+fn report_checks(label: &str, checks: &GuestChecks, tally: &mut Tally) {
+    let mut problems = Vec::new();
+    if checks.check_exit != "0" {
+        problems.push(format!("bindtrace --check exited {}: {:?}", checks.check_exit, checks.check_lines));
+    }
+    let first_working = BACKENDS.iter().find(|b| matches!(checks.hook(b), Some(Ok(()))));
+    if BACKENDS.iter().any(|b| checks.hook(b).is_none()) {
+        problems.push(format!("bindtrace --check does not name every hook: {:?}", checks.check_lines));
+    }
+    if checks.auto_exit != "exit=0" || checks.auto_backend.as_deref() != first_working.copied() {
+        problems.push(format!(
+            "--attach auto took {:?} ({}), --check's first working hook is {first_working:?}: {:?}",
+            checks.auto_backend, checks.auto_exit, checks.auto_output
+        ));
+    }
+    if problems.is_empty() {
+        tally.passed += 1;
+        eprintln!("xtask: vm {label}: --check passes; auto attached {}", first_working.unwrap_or(&"?"));
+    } else {
+        tally.failed += 1;
+        tally.failures.extend(problems.into_iter().map(|p| format!("{label}: {p}")));
+    }
 }
 
 fn report(label: &str, runs: &[GuestRun], backends: &[&str], tally: &mut Tally) {
@@ -397,44 +700,78 @@ fn compare_backends(label: &str, runs: &[GuestRun], tally: &mut Tally) {
     }
 }
 
-pub fn vm(args: &VmArgs, bindtrace: &Path, scenarios: &Path) -> Result<()> {
+/// The static binaries the guests of one architecture run.
+pub struct GuestBinaries {
+    pub arch: Arch,
+    pub bindtrace: PathBuf,
+    pub scenarios: PathBuf,
+}
+
+/// Boots every selected guest and checks it; `binaries` has one entry per architecture.
+pub fn vm(args: &VmArgs, binaries: &[GuestBinaries]) -> Result<()> {
     let mut tally = Tally::default();
-    if args.host {
-        run_on_host(bindtrace, scenarios, &mut tally)?;
-    } else {
-        ensure_packages()?;
-        let initramfs = build_initramfs(bindtrace, scenarios)?;
-        for series in &args.kernels {
-            let kernel = kernel_image(series)?;
-            let console = boot(&kernel, &initramfs)?;
-            let log = workspace_root().join(format!("target/vm/console-{series}.txt"));
-            std::fs::write(&log, &console)?;
-            eprintln!("xtask: vm {series}: console in {}", log.display());
-            let release = console
-                .lines()
-                // The firmware's terminal escapes may precede the first line.
-                .find_map(|l| l.find("@@BEGIN ").map(|at| l[at + 8..].trim().to_owned()))
-                .unwrap_or_else(|| format!("{series} (did not boot)"));
-            if !console.contains("@@END") {
-                let tail: Vec<&str> = console.lines().rev().take(30).collect();
-                tally.failed += 1;
-                tally.failures.push(format!("{series}: the guest did not finish; console tail: {:?}", tail));
-            }
-            let runs = parse_console(&console);
-            report(&release, &runs, &BACKENDS, &mut tally);
-            compare_backends(&release, &runs, &mut tally);
+    ensure_packages()?;
+    let started = std::time::Instant::now();
+    for arch in args.arches()? {
+        let bin = binaries
+            .iter()
+            .find(|b| b.arch == arch)
+            .ok_or_else(|| anyhow!("no {} binaries for the guests", arch.name))?;
+        let apt = PrivateApt::new(arch)?;
+        let initramfs = build_initramfs(arch, &guest_busybox(&apt)?, &bin.bindtrace, &bin.scenarios)?;
+        for guest in args.guests()?.into_iter().filter(|g| g.arch == arch) {
+            run_guest(&apt, guest, &initramfs, &mut tally)?;
         }
     }
     for failure in &tally.failures {
         eprintln!("xtask: vm: {failure}");
     }
-    // The closing line CI reads: scenario checks across kernels and backends.
+    eprintln!("xtask: vm: the matrix took {:.0?}", started.elapsed());
+    finish(&tally)
+}
+
+/// The closing line CI reads: scenario checks across kernels, architectures and backends.
+fn finish(tally: &Tally) -> Result<()> {
     println!("vm: {} passed, {} failed", tally.passed, tally.failed);
     if tally.failed == 0 && tally.failures.is_empty() {
         Ok(())
     } else {
         bail!("{} scenario check(s) failed", tally.failed.max(1))
     }
+}
+
+fn run_guest(apt: &PrivateApt, guest: &GuestKernel, initramfs: &Path, tally: &mut Tally) -> Result<()> {
+    let name = format!("{}-{}", guest.arch.name, guest.series);
+    let kernel = guest_kernel(apt, guest)?;
+    let booted = std::time::Instant::now();
+    let console = boot(guest.arch, &kernel, initramfs)?;
+    let log = workspace_root().join(format!("target/vm/console-{name}.txt"));
+    std::fs::write(&log, &console)?;
+    eprintln!("xtask: vm {name}: {:.0?}, console in {}", booted.elapsed(), log.display());
+    let release = console
+        .lines()
+        // The firmware's terminal escapes may precede the first line.
+        .find_map(|l| l.find("@@BEGIN ").map(|at| l[at + 8..].trim().to_owned()))
+        .unwrap_or_else(|| format!("{name} (did not boot)"));
+    if !console.contains("@@END") {
+        let tail: Vec<&str> = console.lines().rev().take(30).collect();
+        tally.failed += 1;
+        tally.failures.push(format!("{name}: the guest did not finish; console tail: {:?}", tail));
+    }
+    let checks = parse_checks(&console);
+    report_checks(&release, &checks, tally);
+    let runs = parse_console(&console);
+    let lacking = |backend: &str| guest.lacks.iter().find(|(b, _)| *b == backend).map(|(_, why)| *why);
+    for backend in BACKENDS {
+        if let Some(why) = lacking(backend) {
+            report_lacking(&release, runs.iter().find(|r| r.backend == backend), &checks, why, tally);
+        }
+    }
+    let offered: Vec<&str> = BACKENDS.into_iter().filter(|b| lacking(b).is_none()).collect();
+    report(&release, &runs, &offered, tally);
+    let compared: Vec<GuestRun> = runs.into_iter().filter(|r| offered.contains(&r.backend.as_str())).collect();
+    compare_backends(&release, &compared, tally);
+    Ok(())
 }
 
 /// The same scenarios and checks on this machine (tracepoint backend).
@@ -471,6 +808,16 @@ fn run_on_host(bindtrace: &Path, scenarios: &Path, tally: &mut Tally) -> Result<
     Ok(())
 }
 
+/// `cargo xtask vm --host`: the scenarios traced on this machine (tracepoint backend).
+pub fn vm_on_host(bindtrace: &Path, scenarios: &Path) -> Result<()> {
+    let mut tally = Tally::default();
+    run_on_host(bindtrace, scenarios, &mut tally)?;
+    for failure in &tally.failures {
+        eprintln!("xtask: vm: {failure}");
+    }
+    finish(&tally)
+}
+
 #[cfg(test)]
 mod tests {
     use serde_json::json;
@@ -497,6 +844,47 @@ mod tests {
         assert!(failures.iter().any(|f| f.starts_with("tcp4_ok: reuseaddr is false")));
         assert!(check(&[scenario()], &[], "tracepoint")[0].contains("no event"));
         assert!(!check(&[], &[], "tracepoint").is_empty(), "no scenarios is a failure");
+    }
+
+    #[test]
+    fn the_hosts_debian_mirrors_are_read_from_either_sources_format() {
+        let deb822 = "Types: deb\nURIs: http://mirror.example/debian\nSuites: bookworm bookworm-updates\nComponents: main\n\n\
+                      Types: deb\nURIs: http://mirror.example/debian-security\nSuites: bookworm-security\nComponents: main\n";
+        let pairs = deb822_uri_suites(deb822);
+        assert_eq!(pairs.len(), 3);
+        assert_eq!(
+            mirrors_of(&pairs),
+            Some(("http://mirror.example/debian".to_owned(), "http://mirror.example/debian-security".to_owned()))
+        );
+        let list = "# comment\ndeb [arch=amd64] http://m.example/debian bookworm main\ndeb http://m.example/sec bookworm-security main\n";
+        let pairs = one_line_uri_suites(list);
+        assert_eq!(mirrors_of(&pairs), Some(("http://m.example/debian".to_owned(), "http://m.example/sec".to_owned())));
+        assert_eq!(mirrors_of(&pairs[..1]), None, "no security archive");
+        let disabled = "Types: deb\nURIs: http://x/debian\nSuites: bookworm\nEnabled: no\n";
+        assert!(deb822_uri_suites(disabled).is_empty());
+    }
+
+    #[test]
+    fn check_and_auto_sections_are_read() {
+        let console = "@@BEGIN 6.1.0-56-cloud-arm64 aarch64\n@@CHECK\nkernel: 6.1\nhook fexit: no: attaching fexit to inet_bind failed\nhook kprobe: yes\nhook tracepoint: yes\n@@CHECK_EXIT 0\n@@AUTO exit=0\n{\"type\":\"summary\",\"backend\":\"kprobe\"}\n@@BACKEND fexit exit=1\n";
+        let checks = parse_checks(console);
+        assert_eq!(checks.check_exit, "0");
+        assert_eq!(checks.hook("fexit"), Some(Err("attaching fexit to inet_bind failed".to_owned())));
+        assert_eq!(checks.hook("kprobe"), Some(Ok(())));
+        assert_eq!(checks.auto_backend.as_deref(), Some("kprobe"));
+        let mut tally = Tally::default();
+        report_checks("arm64 6.1", &checks, &mut tally);
+        assert_eq!((tally.passed, tally.failed), (1, 0), "{:?}", tally.failures);
+    }
+
+    #[test]
+    fn the_matrix_covers_both_arches_and_every_series() {
+        let args = VmArgs::default();
+        assert_eq!(args.guests().expect("guests").len(), MATRIX.len());
+        assert_eq!(args.arches().expect("arches"), vec![X86_64, AARCH64]);
+        let only = VmArgs { kernels: vec!["5.10".into()], ..Default::default() };
+        assert_eq!(only.arches().expect("arches"), vec![X86_64]);
+        assert!(VmArgs { kernels: vec!["4.19".into()], ..Default::default() }.guests().is_err());
     }
 
     #[test]

@@ -15,6 +15,18 @@ use std::{
 use serde_json::Value;
 
 pub const BINDTRACE: &str = env!("CARGO_BIN_EXE_bindtrace");
+/// Every backend, in the order `--attach auto` tries them.
+pub const BACKENDS: [&str; 3] = ["fexit", "kprobe", "tracepoint"];
+
+/// The backends `bindtrace --check` says this kernel accepts, in auto's order.
+pub fn offered_backends() -> Vec<&'static str> {
+    let out = Command::new(BINDTRACE).arg("--check").output().expect("run bindtrace --check");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let offered: Vec<&str> =
+        BACKENDS.into_iter().filter(|b| text.lines().any(|l| l == format!("hook {b}: yes"))).collect();
+    assert!(!offered.is_empty(), "--check found no working hook:\n{text}");
+    offered
+}
 const ATTACH_TIMEOUT: Duration = Duration::from_secs(30);
 const EVENT_TIMEOUT: Duration = Duration::from_secs(10);
 const EXIT_TIMEOUT: Duration = Duration::from_secs(15);
@@ -39,6 +51,8 @@ pub struct Tracer {
     pub lines: Receiver<String>,
     seen: Vec<String>,
     pub stderr: Receiver<String>,
+    /// The backend bindtrace said it attached ("attached (tracepoint); ...").
+    pub backend: String,
 }
 
 pub struct Finished {
@@ -69,9 +83,10 @@ impl Finished {
 }
 
 /// `bindtrace ARGS` with no stdin and both outputs piped to the test.
-fn spawn(args: &[&str]) -> Child {
+fn spawn(args: &[&str], env: &[(&str, &str)]) -> Child {
     Command::new(BINDTRACE)
         .args(args)
+        .envs(env.iter().copied())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -95,23 +110,42 @@ fn spawn_line_reader<R: std::io::Read + Send + 'static>(reader: R) -> Receiver<S
 impl Tracer {
     /// Starts `bindtrace ARGS` and returns once it says it is attached.
     pub fn start(args: &[&str]) -> Tracer {
-        let mut child = spawn(args);
+        Self::start_with_env(args, &[])
+    }
+
+    /// [`Tracer::start`] with extra environment variables.
+    pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Tracer {
+        let mut child = spawn(args, env);
         let lines = spawn_line_reader(child.stdout.take().expect("stdout"));
         let stderr = spawn_line_reader(child.stderr.take().expect("stderr"));
         let deadline = Instant::now() + ATTACH_TIMEOUT;
         let mut early = Vec::new();
-        loop {
+        let backend = loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match stderr.recv_timeout(left) {
-                Ok(line) if line.contains("attached") => break,
+                Ok(line) if line.contains("attached") => {
+                    let named = line.split_once("attached (").and_then(|(_, rest)| rest.split_once(')'));
+                    break named.map(|(backend, _)| backend.to_owned()).unwrap_or_default();
+                }
                 Ok(line) => early.push(line),
                 Err(_) => {
                     let _ = child.kill();
                     panic!("bindtrace did not attach within {ATTACH_TIMEOUT:?}; stderr: {early:?}");
                 }
             }
+        };
+        assert!(BACKENDS.contains(&backend.as_str()), "bindtrace named no known backend: {backend:?}");
+        Tracer { child, lines, seen: Vec::new(), stderr, backend }
+    }
+
+    /// The `fd` an event of a bind on `fd` carries under the backend that attached: the
+    /// syscall tracepoints see the fd, the inet_bind hooks (fexit, kprobe) only the socket.
+    pub fn event_fd(&self, fd: i32) -> i32 {
+        if self.backend == "tracepoint" {
+            fd
+        } else {
+            -1
         }
-        Tracer { child, lines, seen: Vec::new(), stderr }
     }
 
     pub fn pid(&self) -> u32 {
@@ -187,7 +221,7 @@ impl Drop for Tracer {
 
 /// Runs bindtrace to completion with no stdin, returning (status, stdout, stderr).
 pub fn run_to_end(args: &[&str]) -> (ExitStatus, String, String) {
-    let mut child = spawn(args);
+    let mut child = spawn(args, &[]);
     let mut stdout = String::new();
     let mut stderr = String::new();
     child.stdout.take().expect("stdout").read_to_string(&mut stdout).expect("read stdout");
