@@ -107,7 +107,15 @@ pub fn main() -> ExitCode {
     match &cli.command {
         Some(Command::Who(args)) => return who_main(args),
         Some(Command::Completions { shell }) => return write_stdout(|out| cli::write_completions(*shell, out)),
-        Some(Command::Man) => return write_stdout(cli::write_man_page),
+        Some(Command::Man { dir }) => {
+            return match cli::write_man_pages(dir) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(err) => {
+                    print_error(&format!("cannot write the man pages into {}: {err}", dir.display()));
+                    ExitCode::from(EXIT_USAGE)
+                }
+            }
+        }
         None => {}
     }
 

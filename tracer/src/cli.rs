@@ -119,9 +119,13 @@ pub enum Command {
         #[arg(value_enum)]
         shell: clap_complete::Shell,
     },
-    /// Print the man page (roff) to stdout; packaging installs it as bindtrace(1).
+    /// Write the man pages (bindtrace.1 and one per subcommand, roff) into DIR; packaging
+    /// installs them.
     #[command(hide = true)]
-    Man,
+    Man {
+        #[arg(value_name = "DIR")]
+        dir: PathBuf,
+    },
 }
 
 /// `bindtrace completions SHELL`: the script for `shell`, from the same definition that parses
@@ -132,9 +136,10 @@ pub fn write_completions(shell: clap_complete::Shell, out: &mut dyn std::io::Wri
     Ok(())
 }
 
-/// bindtrace(1), in roff, from the command-line definition.
-pub fn write_man_page(out: &mut dyn std::io::Write) -> std::io::Result<()> {
-    clap_mangen::Man::new(<Cli as clap::CommandFactory>::command()).render(out)
+/// bindtrace(1) and a page per subcommand (bindtrace-who(1), ...), in roff, from the
+/// command-line definition, written into `dir`.
+pub fn write_man_pages(dir: &std::path::Path) -> std::io::Result<()> {
+    clap_mangen::generate_to(<Cli as clap::CommandFactory>::command(), dir)
 }
 
 #[derive(Debug, clap::Args)]

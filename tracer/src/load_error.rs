@@ -60,9 +60,21 @@ fn is_statistic(line: &str) -> bool {
         .any(|prefix| line.starts_with(prefix))
 }
 
+/// ENOTSUPP, the kernel-internal errno a BPF trampoline attach returns where the
+/// architecture or the kernel's configuration has none (Debian's arm64 6.1); libc has no name
+/// for it, and strerror says "Unknown error 524".
+const ENOTSUPP: i32 = 524;
+
 /// Replaces a program-load error by one naming its cause, and logs the whole verifier log
-/// at debug level. Other errors pass unchanged.
+/// at debug level; names ENOTSUPP on attach. Other errors pass unchanged.
 pub fn explain(err: anyhow::Error) -> anyhow::Error {
+    let os_error = |e: &(dyn std::error::Error + 'static)| e.downcast_ref::<std::io::Error>()?.raw_os_error();
+    if err.chain().any(|e| os_error(e) == Some(ENOTSUPP)) {
+        return anyhow::anyhow!(
+            "{err}: this kernel cannot attach BPF trampolines here (ENOTSUPP, 524: no fentry/fexit support for \
+             this architecture or kernel configuration)"
+        );
+    }
     let Some(ProgramError::LoadError { io_error, verifier_log }) = err.chain().find_map(|e| e.downcast_ref()) else {
         return err;
     };
@@ -86,6 +98,17 @@ mod tests {
             Some("this kernel lacks the BPF helper bpf_get_current_task_btf (helper 158, in Linux 5.11 and later)")
         );
         assert_eq!(cause_of("invalid func unknown#9999").as_deref(), Some("this kernel lacks BPF helper 9999"));
+    }
+
+    #[test]
+    fn enotsupp_on_attach_is_named() {
+        let err =
+            anyhow::Error::new(std::io::Error::from_raw_os_error(524)).context("attaching fentry to inet_bind failed");
+        let explained = explain(err).to_string();
+        assert!(explained.starts_with("attaching fentry to inet_bind failed: "), "{explained}");
+        assert!(explained.contains("ENOTSUPP, 524"), "{explained}");
+        let other = explain(anyhow::anyhow!("something else")).to_string();
+        assert_eq!(other, "something else");
     }
 
     #[test]

@@ -161,16 +161,27 @@ pub fn dist(arches: &[Arch]) -> Result<Dist> {
     Ok(Dist { binaries })
 }
 
-/// The man page and the completion scripts, written by the binary itself.
+/// The man pages and the completion scripts, written by the binary itself.
 struct Docs {
-    man_page: PathBuf,
+    /// bindtrace.1 and one page per subcommand.
+    man_pages: Vec<PathBuf>,
     /// (path in the package, generated file)
     completions: Vec<(&'static str, PathBuf)>,
 }
 
 fn generate_docs(bindtrace: &Path, dir: &Path) -> Result<Docs> {
-    let man_page = dir.join("bindtrace.1");
-    std::fs::write(&man_page, output(Command::new(bindtrace).arg("man"))?)?;
+    let man_dir = dir.join("man");
+    std::fs::create_dir_all(&man_dir)?;
+    run(Command::new(bindtrace).arg("man").arg(&man_dir))?;
+    let mut man_pages: Vec<PathBuf> = std::fs::read_dir(&man_dir)?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "1"))
+        .collect();
+    man_pages.sort();
+    if !man_pages.iter().any(|p| p.ends_with("bindtrace.1")) {
+        bail!("bindtrace man wrote no bindtrace.1 into {}", man_dir.display());
+    }
     let completions_dir = dir.join("completions");
     std::fs::create_dir_all(&completions_dir)?;
     let mut completions = Vec::new();
@@ -183,7 +194,7 @@ fn generate_docs(bindtrace: &Path, dir: &Path) -> Result<Docs> {
         std::fs::write(&path, output(Command::new(bindtrace).args(["completions", shell]))?)?;
         completions.push((installed, path));
     }
-    Ok(Docs { man_page, completions })
+    Ok(Docs { man_pages, completions })
 }
 
 fn build_deb(arch: Arch, binary: &Path, docs: &Docs, dir: &Path) -> Result<PathBuf> {
@@ -203,12 +214,14 @@ fn build_deb(arch: Arch, binary: &Path, docs: &Docs, dir: &Path) -> Result<PathB
     }
     let man_dir = root.join("usr/share/man/man1");
     std::fs::create_dir_all(&man_dir)?;
-    let man_gz = man_dir.join("bindtrace.1.gz");
-    let gzipped = Command::new("gzip").args(["-9", "-n", "-c"]).arg(&docs.man_page).output().context("running gzip")?;
-    if !gzipped.status.success() {
-        bail!("gzip failed");
+    for page in &docs.man_pages {
+        let name = page.file_name().ok_or_else(|| anyhow!("man page without a name"))?.to_string_lossy();
+        let gzipped = Command::new("gzip").args(["-9", "-n", "-c"]).arg(page).output().context("running gzip")?;
+        if !gzipped.status.success() {
+            bail!("gzip {} failed", page.display());
+        }
+        std::fs::write(man_dir.join(format!("{name}.gz")), gzipped.stdout)?;
     }
-    std::fs::write(&man_gz, gzipped.stdout)?;
     let doc_dir = root.join("usr/share/doc/bindtrace");
     std::fs::create_dir_all(&doc_dir)?;
     std::fs::write(
@@ -237,6 +250,14 @@ fn build_deb(arch: Arch, binary: &Path, docs: &Docs, dir: &Path) -> Result<PathB
     let deb = dir.join(format!("bindtrace_{VERSION}_{}.deb", arch.deb));
     run(Command::new("dpkg-deb").args(["--root-owner-group", "-Zxz", "--build"]).arg(&root).arg(&deb))?;
     std::fs::remove_dir_all(&root)?;
+    let contents = output(Command::new("dpkg-deb").arg("--contents").arg(&deb))?;
+    for expected in
+        ["./usr/bin/bindtrace", "./usr/share/man/man1/bindtrace.1.gz", "bash-completion/completions/bindtrace"]
+    {
+        if !contents.lines().any(|l| l.contains(expected)) {
+            bail!("{} lacks {expected}:\n{contents}", deb.display());
+        }
+    }
     Ok(deb)
 }
 
