@@ -140,7 +140,7 @@ impl Tracer {
 
     /// The `fd` an event of a bind on `fd` carries under the backend that attached: the
     /// syscall tracepoints see the fd, the inet_bind hooks (fexit, kprobe) only the socket.
-    pub fn event_fd(&self, fd: i32) -> i32 {
+    pub fn event_fd(&self, fd: i64) -> i64 {
         if self.backend == "tracepoint" {
             fd
         } else {
