@@ -264,13 +264,14 @@ async fn run(plan: Plan) -> Result<()> {
     }
     let end_ns = clock.now_wall_ns();
     let counters = probe.counters().unwrap_or_default();
-    let report = pipeline.summary.report(
+    let mut report = pipeline.summary.report(
         probe.backend.name(),
         time.to_string(start_ns),
         time.to_string(end_ns),
         (end_ns - start_ns) as f64 / 1e9,
         counters,
     );
+    report.diagnoses = pipeline.enricher.counters();
     match pipeline.sink.report(&report) {
         Err(err) if err.kind() == io::ErrorKind::BrokenPipe => Ok(()),
         other => other.context("writing the summary"),

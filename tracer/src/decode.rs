@@ -120,6 +120,18 @@ pub fn family_name(family: u16) -> Option<&'static str> {
     })
 }
 
+/// The requested address as `127.0.0.1:8080` or `[::1]:8080` (`[fe80::1%2]:80` with a scope),
+/// or a description when there is none.
+pub fn requested_endpoint(event: &BindEvent) -> String {
+    match event.requested_ip() {
+        Some(IpAddr::V4(ip)) => format!("{ip}:{}", event.port),
+        Some(IpAddr::V6(ip)) if event.scope_id != 0 => format!("[{ip}%{}]:{}", event.scope_id, event.port),
+        Some(IpAddr::V6(ip)) => format!("[{ip}]:{}", event.port),
+        None if event.has(bindtrace_common::sock_flags::ADDR_SHORT) => "(address too short)".to_owned(),
+        None => family_name(event.family).map_or_else(|| format!("family {}", event.family), str::to_owned),
+    }
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
@@ -195,5 +207,20 @@ pub(crate) mod tests {
         assert_eq!(event.proto_name(), None, "no socket info, no protocol");
         assert_eq!(family_name(10), Some("AF_INET6"));
         assert_eq!(family_name(999), None);
+    }
+
+    #[test]
+    fn endpoints() {
+        let mut event = sample_event();
+        assert_eq!(requested_endpoint(&event), "127.0.0.1:8080");
+        event.family = bindtrace_common::AF_INET6;
+        event.addr = std::net::Ipv6Addr::LOCALHOST.octets();
+        assert_eq!(requested_endpoint(&event), "[::1]:8080");
+        event.scope_id = 2;
+        assert_eq!(requested_endpoint(&event), "[::1%2]:8080");
+        event.family = 1;
+        assert_eq!(requested_endpoint(&event), "AF_UNIX");
+        event.family = 99;
+        assert_eq!(requested_endpoint(&event), "family 99");
     }
 }

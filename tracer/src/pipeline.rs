@@ -16,7 +16,7 @@ use tokio::sync::mpsc::UnboundedReceiver;
 use crate::{
     clock::WallClock,
     decode::decode,
-    enrich::{Done, Enricher},
+    enrich::{Done, EnrichCounters, Enricher},
     filter::EventFilter,
     probe::{AttachedProbe, ProbeLogger},
     sink::Sink,
@@ -42,8 +42,9 @@ pub struct Limits {
 /// How often drops are checked and reported, and the wall clock re-synchronised.
 const TICK: Duration = Duration::from_secs(1);
 
-/// How long the end of a run waits for attribution lookups still under way.
-const FINISH_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long the end of a run waits for lookups still under way: Ctrl-C under a storm ends
+/// within about this long; a second Ctrl-C ends at once.
+const FINISH_TIMEOUT: Duration = Duration::from_millis(500);
 
 pub struct Pipeline<'a> {
     pub filter: &'a EventFilter,
@@ -94,6 +95,9 @@ impl Pipeline<'_> {
     fn drain(&mut self, ring: &mut RingBuf<MapData>) -> io::Result<Drained> {
         let mut records = 0;
         let mut stop = None;
+        // One arrival time for the batch: every record in it was in the ring by then, so a
+        // lookup started after it sees the state after each of their binds.
+        let arrived = std::time::Instant::now();
         while let Some(item) = ring.next() {
             records += 1;
             match decode(&item) {
@@ -102,7 +106,7 @@ impl Pipeline<'_> {
                         continue;
                     }
                     self.summary.record(&event);
-                    self.enricher.push(event, self.clock.wall_ns(event.timestamp_ns));
+                    self.enricher.push(event, self.clock.wall_ns(event.timestamp_ns), arrived);
                     if self.limits.count.is_some_and(|limit| self.summary.events() >= limit) {
                         stop = Some(Ending::Count);
                         break;
@@ -123,29 +127,52 @@ impl Pipeline<'_> {
         })
     }
 
-    /// Passes every event whose diagnosis is complete (all of them with `force`) to the sink,
-    /// in order, and writes the batch out.
+    /// Passes every event that is ready (diagnosed, or due) to the sink in order, then the
+    /// diagnoses that follow earlier events, and writes the batch out. With `force`,
+    /// everything still held goes out.
     fn emit_ready(&mut self, force: bool) -> io::Result<()> {
-        while let Some(ready) = self.enricher.pop(force) {
-            self.sink.event(&ready.event, ready.wall_ns, ready.diagnosis.as_deref())?;
+        let now = std::time::Instant::now();
+        self.enricher.poll(now);
+        while let Some(ready) = self.enricher.pop(now, force) {
+            self.sink.event(&ready)?;
+        }
+        for follow_up in self.enricher.follow_ups(now, force) {
+            self.sink.follow_up(&follow_up)?;
         }
         self.sink.flush()
     }
 
-    /// Waits (a bounded time) for the lookups of events still queued, then prints them all.
-    async fn finish(&mut self, results: &mut Option<UnboundedReceiver<Done>>) -> io::Result<()> {
+    /// When the enrich stage next has something to do (a deadline, a lookup to start).
+    fn enrich_wake(&self) -> Option<Instant> {
+        let at = Instant::from_std(self.enricher.next_wake()?);
+        // Never a busy loop on a time already past.
+        Some(at.max(Instant::now() + Duration::from_millis(1)))
+    }
+
+    /// Waits (a bounded time, or until a second signal) for the lookups of events still
+    /// queued, then prints them all.
+    async fn finish(
+        &mut self,
+        results: &mut Option<UnboundedReceiver<Done>>,
+        signals: &mut StopSignals,
+    ) -> io::Result<()> {
         let deadline = Instant::now() + FINISH_TIMEOUT;
         while self.enricher.has_pending() {
+            let wake = self.enrich_wake().unwrap_or(deadline).min(deadline);
             tokio::select! {
                 done = next_lookup(results) => match done {
-                    Some(done) => {
-                        self.enricher.complete(done);
-                        self.emit_ready(false)?;
-                    }
+                    Some(done) => self.enricher.complete(done),
                     None => break,
                 },
-                _ = sleep_until(deadline) => break,
+                _ = sleep_until(wake) => {
+                    if Instant::now() >= deadline {
+                        break;
+                    }
+                }
+                _ = signals.interrupt.recv() => break,
+                _ = signals.terminate.recv() => break,
             }
+            self.emit_ready(false)?;
         }
         self.emit_ready(true)
     }
@@ -165,8 +192,10 @@ impl Pipeline<'_> {
         let mut results = self.enricher.take_results();
         let mut recheck: Option<Instant> = None;
         let mut last_records = Instant::now();
+        let mut reported_enrich = self.enricher.counters();
 
         let ending = loop {
+            let enrich_wake = self.enrich_wake();
             tokio::select! {
                 _ = signals.interrupt.recv() => break Ending::Signal,
                 _ = signals.terminate.recv() => break Ending::Signal,
@@ -218,6 +247,13 @@ impl Pipeline<'_> {
                         Err(err) => return Err(err).context("writing events"),
                     }
                 }
+                _ = async { sleep_until(enrich_wake.unwrap_or_else(Instant::now)).await }, if enrich_wake.is_some() => {
+                    match self.emit_ready(false) {
+                        Ok(()) => {}
+                        Err(err) if is_closed_output(&err) => break Ending::OutputClosed,
+                        Err(err) => return Err(err).context("writing events"),
+                    }
+                }
                 _ = forward_probe_log(&mut logger) => {}
                 _ = tick.tick() => {
                     self.clock.resync();
@@ -225,6 +261,9 @@ impl Pipeline<'_> {
                         report_new_drops(&reported, &now);
                         reported = now;
                     }
+                    let now = self.enricher.counters();
+                    report_shed_diagnoses(&reported_enrich, &now);
+                    reported_enrich = now;
                 }
             }
         };
@@ -239,7 +278,7 @@ impl Pipeline<'_> {
             finished = self.drain(ring.get_mut()).map(|_| ());
         }
         let finished = match finished {
-            Ok(()) => self.finish(&mut results).await,
+            Ok(()) => self.finish(&mut results, &mut signals).await,
             Err(err) => Err(err),
         };
         match finished {
@@ -280,6 +319,18 @@ async fn forward_probe_log(logger: &mut Option<AsyncFd<ProbeLogger>>) {
             log::debug!("eBPF log unavailable: {err}");
             *logger = None;
         }
+    }
+}
+
+/// One stderr line whenever diagnoses were shed since the last tick (the events were not).
+fn report_shed_diagnoses(before: &EnrichCounters, now: &EnrichCounters) {
+    let shed = now.shed.saturating_sub(before.shed);
+    if shed > 0 {
+        eprintln!(
+            "bindtrace: {shed} failures in the last second got no diagnosis (lookups could not keep up); \
+             every event was still written ({} in total)",
+            now.shed
+        );
     }
 }
 

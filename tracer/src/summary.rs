@@ -1,6 +1,7 @@
 //! Counts what went by, for the report printed at exit: events by result, by port, the
 //! busiest processes, and the probe's own counters (drops among them).
 
+use crate::enrich::EnrichCounters;
 use std::collections::HashMap;
 
 use bindtrace_common::{stat, BindEvent, COMM_LEN};
@@ -100,6 +101,9 @@ pub struct Report {
     /// Ring-buffer records that could not be decoded.
     pub decode_errors: u64,
     pub kernel: KernelCounters,
+    /// What the enrich stage did: lookups, diagnoses that followed their event, diagnoses
+    /// shed under overload (the events were still written).
+    pub diagnoses: EnrichCounters,
 }
 
 /// Text label of a result: "ok", "EADDRINUSE", or "errno 300" for unnamed numbers.
@@ -175,6 +179,7 @@ impl Summary {
             dropped: kernel.dropped(),
             decode_errors: self.decode_errors,
             kernel,
+            diagnoses: EnrichCounters::default(),
         }
     }
 }

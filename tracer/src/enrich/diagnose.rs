@@ -12,7 +12,11 @@ use super::{
     owners::ProcessInfo,
     sockdiag::{state_name, DiagSocket, Proto, TCP_LISTEN, TCP_TIME_WAIT},
 };
-use crate::{clock::local_time_of_day, decode::BindEventExt as _, errno, sink::requested_endpoint};
+use crate::{
+    clock::local_time_of_day,
+    decode::{requested_endpoint, BindEventExt as _},
+    errno,
+};
 
 const CAP_NET_BIND_SERVICE: u32 = 10;
 
@@ -89,6 +93,18 @@ pub struct DiagnosisFacts {
     pub old_socket_reuseaddr: Option<bool>,
 }
 
+/// Said of a diagnosis made before every lookup it needed had answered.
+const UNFINISHED: &str = "a lookup did not finish in time; this diagnosis may be incomplete";
+
+impl Diagnosis {
+    /// Marks a diagnosis made without every answer it needed.
+    pub(crate) fn note_unfinished(&mut self) {
+        if !self.unknown.iter().any(|u| u.contains("did not finish")) {
+            self.unknown.push(UNFINISHED.to_owned());
+        }
+    }
+}
+
 impl DiagnosisFacts {
     fn is_empty(&self) -> bool {
         *self == Self::default()
@@ -100,7 +116,7 @@ pub fn needed_lookups(event: &BindEvent) -> Vec<LookupKey> {
     let netns = event.netns_ino;
     match event.errno() {
         Some(libc::EADDRINUSE) => match Proto::from_ipproto(event.protocol) {
-            Some(proto) => vec![LookupKey::Holders { netns, proto, port: event.port }],
+            Some(proto) => vec![LookupKey::Sockets { netns, proto }],
             None => Vec::new(),
         },
         Some(libc::EACCES) => vec![LookupKey::Netns { netns }, LookupKey::Process { pid: event.tgid }],
@@ -184,6 +200,10 @@ fn who(holder: &Holder, seen: Option<&SeenBind>) -> String {
             seen.pid,
             comm_text(&seen.comm),
             local_time_of_day(seen.wall_ns)
+        ),
+        ([], None) if !holder.owners_resolved => format!(
+            "a socket (inode {}, uid {}) whose process could not be resolved",
+            holder.socket.inode, holder.socket.uid
         ),
         ([], None) => format!(
             "a socket (inode {}, uid {}) that no visible process has open",
@@ -507,14 +527,14 @@ pub fn diagnose<'a>(
 ) -> Option<Diagnosis> {
     let errno = event.errno()?;
     let lookup_error = |key: &LookupKey| match facts(key) {
-        Some(Facts::Holders(Err(e))) | Some(Facts::Netns(Err(e))) => Some(e.clone()),
+        Some(Facts::Sockets(Err(e))) | Some(Facts::Netns(Err(e))) => Some(e.clone()),
         _ => None,
     };
     let diagnosis = match errno {
         libc::EADDRINUSE => {
             let keys = needed_lookups(event);
             match keys.first().map(|k| (k, facts(k))) {
-                Some((_, Some(Facts::Holders(Ok(holders))))) => in_use(event, holders, history),
+                Some((_, Some(Facts::Sockets(Ok(table))))) => in_use(event, &table.holders(event.port), history),
                 Some((key, _)) => Diagnosis {
                     kind: "unknown",
                     summary: format!("port {} is in use, but its holders could not be looked up", event.port),
@@ -571,7 +591,10 @@ mod tests {
     use std::net::{Ipv4Addr, Ipv6Addr};
 
     use super::*;
-    use crate::{decode::tests::sample_event, enrich::lookup::ProcessCaps};
+    use crate::{
+        decode::tests::sample_event,
+        enrich::lookup::{ProcessCaps, SocketTable},
+    };
 
     fn socket(local: &str, state: u8, v6only: Option<bool>) -> DiagSocket {
         DiagSocket {
@@ -623,7 +646,7 @@ mod tests {
     }
 
     fn holders_facts(holders: Vec<Holder>) -> Facts {
-        Facts::Holders(Ok(holders))
+        Facts::Sockets(Ok(SocketTable::from_holders(holders)))
     }
 
     fn run(event: &BindEvent, facts: &[(LookupKey, Facts)], history: &BindHistory) -> Diagnosis {
@@ -641,7 +664,11 @@ mod tests {
         let key = needed_lookups(&event).remove(0);
         let facts = vec![(
             key,
-            holders_facts(vec![Holder { socket: socket("0.0.0.0:8080", TCP_LISTEN, None), processes: vec![nginx()] }]),
+            holders_facts(vec![Holder {
+                socket: socket("0.0.0.0:8080", TCP_LISTEN, None),
+                processes: vec![nginx()],
+                owners_resolved: true,
+            }]),
         )];
         let d = run(&event, &facts, &history);
         assert_eq!(d.kind, "in_use");
@@ -666,8 +693,10 @@ mod tests {
         tw.inode = 0;
         tw.timer_ms = Some(40_100);
         tw.peer = "127.0.0.1:50000".parse().expect("peer");
-        let facts =
-            vec![(needed_lookups(&event).remove(0), holders_facts(vec![Holder { socket: tw, processes: vec![] }]))];
+        let facts = vec![(
+            needed_lookups(&event).remove(0),
+            holders_facts(vec![Holder { socket: tw, processes: vec![], owners_resolved: true }]),
+        )];
         let d = run(&event, &facts, &BindHistory::default());
         assert_eq!(d.kind, "time_wait");
         assert!(
@@ -700,6 +729,7 @@ mod tests {
             holders_facts(vec![Holder {
                 socket: socket("[::]:8080", TCP_LISTEN, Some(false)),
                 processes: vec![nginx()],
+                owners_resolved: true,
             }]),
         )];
         let d = run(&event, &facts, &BindHistory::default());
@@ -721,6 +751,7 @@ mod tests {
             holders_facts(vec![Holder {
                 socket: socket("127.0.0.1:8080", TCP_LISTEN, None),
                 processes: vec![nginx()],
+                owners_resolved: true,
             }]),
         )];
         let d = run(&event, &facts, &history);
@@ -732,9 +763,9 @@ mod tests {
     fn released_port_and_failed_lookup_say_so() {
         let event = sample_event();
         let key = needed_lookups(&event).remove(0);
-        let d = run(&event, &[(key.clone(), holders_facts(vec![]))], &BindHistory::default());
+        let d = run(&event, &[(key, holders_facts(vec![]))], &BindHistory::default());
         assert_eq!(d.kind, "released");
-        let d = run(&event, &[(key, Facts::Holders(Err("namespace gone".into())))], &BindHistory::default());
+        let d = run(&event, &[(key, Facts::Sockets(Err("namespace gone".into())))], &BindHistory::default());
         assert_eq!(d.kind, "unknown");
         assert_eq!(d.unknown, vec!["namespace gone".to_owned()]);
     }

@@ -1,7 +1,11 @@
 //! The facts a diagnosis needs, gathered from the kernel and /proc. Everything here may take
 //! milliseconds, so it runs on the attribution worker thread, never on the event path.
 
-use std::net::IpAddr;
+use std::{
+    collections::{HashMap, HashSet},
+    net::IpAddr,
+    time::Instant,
+};
 
 use nix::ifaddrs::getifaddrs;
 use serde::Serialize;
@@ -13,10 +17,11 @@ use super::{
 };
 
 /// What to look up. Equal keys share one lookup and one cache entry.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub enum LookupKey {
-    /// Sockets on a port in a namespace (EADDRINUSE).
-    Holders { netns: u32, proto: Proto, port: u16 },
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(crate) enum LookupKey {
+    /// Every socket of a protocol in a namespace (EADDRINUSE): one sock_diag dump serves the
+    /// failures on every port, so its cost does not grow with the number of failing ports.
+    Sockets { netns: u32, proto: Proto },
     /// A namespace's sysctls and addresses (EACCES, EADDRNOTAVAIL).
     Netns { netns: u32 },
     /// A process's capabilities (EACCES).
@@ -25,13 +30,76 @@ pub enum LookupKey {
 
 /// A socket on the port and the processes that have it open.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-pub struct Holder {
+pub(crate) struct Holder {
     pub socket: DiagSocket,
     pub processes: Vec<ProcessInfo>,
+    /// False when no /proc scan newer than the socket dump could be made: an empty
+    /// `processes` then means "not known", never "no process".
+    #[serde(skip)]
+    pub owners_resolved: bool,
+}
+
+/// One dump of a protocol's sockets in a namespace, by local port, with the owners of the
+/// sockets on the ports that were asked about.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(crate) struct SocketTable {
+    by_port: HashMap<u16, Vec<DiagSocket>>,
+    /// Socket inode → pids, for the sockets on the ports asked about.
+    owners: HashMap<u32, Vec<u32>>,
+    processes: HashMap<u32, ProcessInfo>,
+    /// The ports whose owners were resolved by a /proc scan made after the dump.
+    resolved_ports: HashSet<u16>,
+    sockets: usize,
+}
+
+impl SocketTable {
+    /// The sockets on `port`, each with its processes.
+    pub(crate) fn holders(&self, port: u16) -> Vec<Holder> {
+        let resolved = self.resolved_ports.contains(&port);
+        self.by_port
+            .get(&port)
+            .into_iter()
+            .flatten()
+            .map(|socket| Holder {
+                socket: socket.clone(),
+                processes: self
+                    .owners
+                    .get(&socket.inode)
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|pid| self.processes.get(pid).cloned())
+                    .collect(),
+                owners_resolved: resolved || socket.inode == 0,
+            })
+            .collect()
+    }
+
+    /// Sockets in the dump, on every port.
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
+        self.sockets
+    }
+
+    /// A table of these holders, their owners resolved (for tests of the wording).
+    #[cfg(test)]
+    pub(crate) fn from_holders(holders: Vec<Holder>) -> Self {
+        let mut table = Self { sockets: holders.len(), ..Self::default() };
+        for holder in holders {
+            let port = holder.socket.local.port();
+            let pids = holder.processes.iter().map(|p| p.pid).collect();
+            for process in holder.processes {
+                table.processes.insert(process.pid, process);
+            }
+            table.owners.insert(holder.socket.inode, pids);
+            table.resolved_ports.insert(port);
+            table.by_port.entry(port).or_default().push(holder.socket);
+        }
+        table
+    }
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct NetnsFacts {
+pub(crate) struct NetnsFacts {
     pub unprivileged_port_start: Option<i64>,
     pub nonlocal_bind_v4: Option<i64>,
     pub nonlocal_bind_v6: Option<i64>,
@@ -40,23 +108,34 @@ pub struct NetnsFacts {
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ProcessCaps {
+pub(crate) struct ProcessCaps {
     /// CapEff from /proc/PID/status.
     pub effective: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Facts {
-    Holders(Result<Vec<Holder>, String>),
+pub(crate) enum Facts {
+    Sockets(Result<SocketTable, String>),
     Netns(Result<NetnsFacts, String>),
     /// `None`: the process exited before it could be read.
     Process(Option<ProcessCaps>),
 }
 
+impl Facts {
+    /// The answer of a lookup that failed as a whole (it panicked, or it hung).
+    pub(crate) fn failed(key: &LookupKey, why: &str) -> Self {
+        match key {
+            LookupKey::Sockets { .. } => Self::Sockets(Err(why.to_owned())),
+            LookupKey::Netns { .. } => Self::Netns(Err(why.to_owned())),
+            LookupKey::Process { .. } => Self::Process(None),
+        }
+    }
+}
+
 /// The attribution worker's state: the /proc socket index lives across lookups.
 #[derive(Default)]
-pub struct Lookups {
-    pub owners: SocketOwners,
+pub(crate) struct Lookups {
+    owners: SocketOwners,
 }
 
 fn netns_facts() -> NetnsFacts {
@@ -83,29 +162,54 @@ fn netns_facts() -> NetnsFacts {
 }
 
 impl Lookups {
-    /// Sockets on `port` in the namespace (found through `pid` when it still lives), each
-    /// with the processes holding it.
-    pub fn holders(&mut self, netns: &Netns, proto: Proto, port: u16) -> Result<Vec<Holder>, String> {
+    /// Dumps every `proto` socket in the namespace, then names the processes holding the
+    /// sockets on `ports`. The /proc index is used only if it was built after the dump or
+    /// already knows every inode asked about; otherwise /proc is scanned again, so a socket
+    /// opened since the last scan is never reported as held by nobody.
+    pub(crate) fn socket_table(&mut self, netns: &Netns, proto: Proto, ports: &[u16]) -> Result<SocketTable, String> {
+        let dumped_at = Instant::now();
         let sockets = netns
-            .run(|| sockets_on_port(proto, Some(port)))
+            .run(|| sockets_on_port(proto, None))
             .map_err(|e| format!("{e:#}"))?
             .map_err(|e| format!("sock_diag query failed: {e}"))?;
-        Ok(sockets
-            .into_iter()
-            .map(|socket| {
-                let processes =
-                    self.owners.owners(u64::from(socket.inode)).into_iter().filter_map(ProcessInfo::read).collect();
-                Holder { socket, processes }
-            })
-            .collect())
+        let mut table = SocketTable { sockets: sockets.len(), ..SocketTable::default() };
+        for socket in sockets {
+            table.by_port.entry(socket.local.port()).or_default().push(socket);
+        }
+        let wanted: Vec<u32> = ports
+            .iter()
+            .filter_map(|port| table.by_port.get(port))
+            .flatten()
+            .map(|s| s.inode)
+            .filter(|&inode| inode != 0)
+            .collect();
+        self.owners.resolve(&wanted, dumped_at);
+        for inode in wanted {
+            let pids = self.owners.cached(inode);
+            for &pid in &pids {
+                if let std::collections::hash_map::Entry::Vacant(entry) = table.processes.entry(pid) {
+                    if let Some(info) = ProcessInfo::read(pid) {
+                        entry.insert(info);
+                    }
+                }
+            }
+            table.owners.insert(inode, pids);
+        }
+        table.resolved_ports.extend(ports.iter().copied());
+        Ok(table)
     }
 
-    pub fn run(&mut self, key: &LookupKey, pid_hint: Option<u32>) -> Facts {
+    /// The sockets on one port now (`bindtrace who`).
+    pub(crate) fn holders(&mut self, netns: &Netns, proto: Proto, port: u16) -> Result<Vec<Holder>, String> {
+        Ok(self.socket_table(netns, proto, &[port])?.holders(port))
+    }
+
+    pub(crate) fn run(&mut self, key: &LookupKey, pid_hint: Option<u32>, ports: &[u16]) -> Facts {
         match *key {
-            LookupKey::Holders { netns, proto, port } => Facts::Holders(
+            LookupKey::Sockets { netns, proto } => Facts::Sockets(
                 Netns::find(u64::from(netns), pid_hint)
                     .map_err(|e| format!("{e:#}"))
-                    .and_then(|ns| self.holders(&ns, proto, port)),
+                    .and_then(|ns| self.socket_table(&ns, proto, ports)),
             ),
             LookupKey::Netns { netns } => Facts::Netns(
                 Netns::find(u64::from(netns), pid_hint)
@@ -134,28 +238,56 @@ mod tests {
         let port = listener.local_addr().expect("addr").port();
         let netns = super::super::netns::own_inode().expect("own netns") as u32;
         let mut lookups = Lookups::default();
-        let Facts::Holders(Ok(holders)) = lookups.run(&LookupKey::Holders { netns, proto: Proto::Tcp, port }, None)
+        let Facts::Sockets(Ok(table)) = lookups.run(&LookupKey::Sockets { netns, proto: Proto::Tcp }, None, &[port])
         else {
             panic!("holder lookup failed");
         };
+        assert!(table.len() >= 1);
+        let holders = table.holders(port);
         assert_eq!(holders.len(), 1, "{holders:#?}");
         assert_eq!(holders[0].processes.len(), 1);
         assert_eq!(holders[0].processes[0].pid, std::process::id());
+        assert!(holders[0].owners_resolved);
+    }
+
+    /// The lookup that used to go wrong: a holder opened after the /proc index was built
+    /// must be named, not reported as held by nobody.
+    #[test]
+    fn a_holder_opened_after_the_last_scan_is_named() {
+        let netns = super::super::netns::own_inode().expect("own netns") as u32;
+        let mut lookups = Lookups::default();
+        let early = TcpListener::bind("127.0.0.1:0").expect("listen");
+        let early_port = early.local_addr().expect("addr").port();
+        let key = LookupKey::Sockets { netns, proto: Proto::Tcp };
+        let Facts::Sockets(Ok(_)) = lookups.run(&key, None, &[early_port]) else { panic!("first lookup") };
+        for delay_ms in [0, 20, 100] {
+            std::thread::sleep(std::time::Duration::from_millis(delay_ms));
+            let late = TcpListener::bind("127.0.0.1:0").expect("listen");
+            let port = late.local_addr().expect("addr").port();
+            let Facts::Sockets(Ok(table)) = lookups.run(&key, None, &[port]) else { panic!("lookup") };
+            let holders = table.holders(port);
+            assert_eq!(holders.len(), 1, "{holders:#?}");
+            assert_eq!(
+                holders[0].processes.iter().map(|p| p.pid).collect::<Vec<_>>(),
+                vec![std::process::id()],
+                "opened {delay_ms} ms after a lookup"
+            );
+        }
     }
 
     #[test]
     fn namespace_facts_and_capabilities() {
         let netns = super::super::netns::own_inode().expect("own netns") as u32;
         let mut lookups = Lookups::default();
-        let Facts::Netns(Ok(facts)) = lookups.run(&LookupKey::Netns { netns }, None) else {
+        let Facts::Netns(Ok(facts)) = lookups.run(&LookupKey::Netns { netns }, None, &[]) else {
             panic!("netns lookup failed");
         };
         assert!(facts.unprivileged_port_start.is_some());
         assert!(facts.nonlocal_bind_v4.is_some());
         assert!(facts.addresses.contains(&IpAddr::from([127, 0, 0, 1])), "{:?}", facts.addresses);
-        let Facts::Process(Some(_)) = lookups.run(&LookupKey::Process { pid: std::process::id() }, None) else {
+        let Facts::Process(Some(_)) = lookups.run(&LookupKey::Process { pid: std::process::id() }, None, &[]) else {
             panic!("this process has capabilities to read");
         };
-        assert_eq!(lookups.run(&LookupKey::Process { pid: u32::MAX / 2 }, None), Facts::Process(None));
+        assert_eq!(lookups.run(&LookupKey::Process { pid: u32::MAX / 2 }, None, &[]), Facts::Process(None));
     }
 }

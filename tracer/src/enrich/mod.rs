@@ -1,22 +1,34 @@
-//! The enrich stage: for each failed bind, who or what is in the way and what to do.
+//! The enrich stage: for each failed bind, who or what is in the way and what to do, without
+//! ever holding up the stream.
 //!
-//! Events enter in ring-buffer order and leave in the same order, each failure with its
-//! [`Diagnosis`]. Lookups (sock_diag, /proc, sysctls) run on one worker thread, keyed by
-//! [`LookupKey`] (namespace, protocol, port; namespace; pid) and cached for [`CACHE_TTL`]:
-//! a storm of identical failures costs one lookup per key and period, and the event loop
-//! never waits on the kernel or /proc. An event waits in the queue only until the lookups it
-//! needs (and those of the events before it) have answered.
+//! Events enter in ring-buffer order and leave in the same order, within [`EMIT_DEADLINE`] of
+//! their arrival whatever the lookups are doing. A failure whose facts are in by then leaves
+//! with its diagnosis; otherwise it leaves marked [`Explained::Follows`], and its diagnosis
+//! comes later as a [`FollowUp`] carrying the event's sequence number. Under overload the
+//! stage sheds diagnoses, never events, and counts them.
+//!
+//! Lookups (sock_diag, /proc, sysctls) run on a worker thread, one per [`LookupKey`] at a
+//! time. An answer serves the events that arrived before its lookup was requested: facts
+//! gathered before a bind happened cannot explain it (a holder may have appeared since). For
+//! EADDRINUSE the key is (namespace, protocol): one socket-table dump serves every failing
+//! port of a window. Every queue and cache has a cap (see the constants); a lookup that hangs
+//! times out and the worker is replaced; when that keeps happening, diagnoses stop with a
+//! reason and the events go on.
 
-pub mod diagnose;
-pub mod history;
-pub mod lookup;
-pub mod netns;
-pub mod owners;
-pub mod sockdiag;
+pub(crate) mod diagnose;
+pub(crate) mod history;
+pub(crate) mod lookup;
+pub(crate) mod netns;
+pub(crate) mod owners;
+pub(crate) mod sockdiag;
 
 use std::{
-    collections::{HashMap, VecDeque},
-    sync::{mpsc, Arc},
+    collections::{HashMap, HashSet, VecDeque},
+    panic::AssertUnwindSafe,
+    sync::{
+        mpsc::{self, SyncSender, TrySendError},
+        Arc,
+    },
     time::{Duration, Instant},
 };
 
@@ -31,40 +43,134 @@ use self::{
 };
 use crate::decode::BindEventExt as _;
 
-/// How long looked-up facts are reused.
-pub const CACHE_TTL: Duration = Duration::from_secs(1);
+/// The longest an event waits for its diagnosis before it is written without it.
+pub const EMIT_DEADLINE: Duration = Duration::from_millis(100);
+/// The longest a diagnosis may follow its event; after that it says what did not finish.
+const FOLLOW_UP_LIMIT: Duration = Duration::from_secs(5);
+/// A lookup that has not answered by then has hung: its events are told so, and the worker
+/// is replaced.
+const LOOKUP_TIMEOUT: Duration = Duration::from_secs(2);
+/// Lookups of one key start at most this often: the failures of a window share one.
+const MIN_REFRESH: Duration = Duration::from_millis(50);
+/// Replacing hung workers stops after this many; diagnoses then end with a reason.
+const WORKER_RESTARTS_MAX: u32 = 3;
+/// Caps: events waiting for their deadline, diagnoses to follow, lookup keys remembered,
+/// jobs queued for the worker, ports per socket-table job, remembered diagnoses.
+const QUEUE_MAX: usize = 65_536;
+const FOLLOWING_MAX: usize = 4_096;
+const KEYS_MAX: usize = 4_096;
+const JOBS_MAX: usize = 64;
+const PORTS_PER_JOB_MAX: usize = 4_096;
+const MEMO_MAX: usize = 4_096;
+/// A key nobody asked about for this long is forgotten.
+const KEY_IDLE: Duration = Duration::from_secs(10);
 
 struct Job {
     key: LookupKey,
     pid_hint: u32,
+    ports: Vec<u16>,
+    requested: Instant,
 }
 
 /// A finished lookup, from the worker.
 pub struct Done {
     key: LookupKey,
+    requested: Instant,
     facts: Arc<Facts>,
 }
 
-enum Cached {
-    Waiting,
-    Ready { facts: Arc<Facts>, at: Instant },
+/// What the stage knows and wants for one lookup key.
+struct KeyState {
+    /// The newest answer, and when its lookup was requested: it serves every event that
+    /// arrived before then.
+    answer: Option<(Arc<Facts>, Instant)>,
+    /// When the lookup under way was requested.
+    in_flight: Option<Instant>,
+    last_requested: Option<Instant>,
+    /// Events are waiting for an answer newer than the current one.
+    wanted: bool,
+    /// The ports those events failed on (socket-table keys).
+    ports: HashSet<u16>,
+    pid_hint: u32,
+    touched: Instant,
+}
+
+impl KeyState {
+    fn new(now: Instant) -> Self {
+        Self {
+            answer: None,
+            in_flight: None,
+            last_requested: None,
+            wanted: false,
+            ports: HashSet::new(),
+            pid_hint: 0,
+            touched: now,
+        }
+    }
+
+    /// The answer, if it was asked for after an event that arrived at `arrived`.
+    fn answer_for(&self, arrived: Instant) -> Option<(&Arc<Facts>, Instant)> {
+        self.answer.as_ref().filter(|(_, requested)| *requested >= arrived).map(|(facts, at)| (facts, *at))
+    }
 }
 
 struct Pending {
+    seq: u64,
     event: BindEvent,
     wall_ns: i128,
     keys: Vec<LookupKey>,
+    arrived: Instant,
+    /// Its lookups could not even be tracked (every key slot busy): no diagnosis.
+    shed: bool,
+}
+
+/// What an event carries about its diagnosis when it is written.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Explained {
+    /// A success, or diagnoses are off.
+    Nothing,
+    Now(Arc<Diagnosis>),
+    /// The lookups were not done in time: a [`FollowUp`] with the same `seq` comes later.
+    Follows,
+    /// No diagnosis will come, and why (counted in the summary).
+    Shed(&'static str),
 }
 
 /// An event ready for the sinks.
 pub struct Enriched {
+    /// 1 for the first event of the run, then one more for each.
+    pub seq: u64,
     pub event: BindEvent,
     pub wall_ns: i128,
-    pub diagnosis: Option<Arc<Diagnosis>>,
+    pub explained: Explained,
 }
 
-/// What makes two failures get the same diagnosis from the same facts.
-#[derive(Clone, PartialEq, Eq)]
+/// The diagnosis of an event written earlier with [`Explained::Follows`].
+pub struct FollowUp {
+    pub seq: u64,
+    pub event: BindEvent,
+    pub wall_ns: i128,
+    pub diagnosis: Arc<Diagnosis>,
+}
+
+/// Why diagnoses were shed.
+pub const SHED_OVERLOAD: &str = "overload: too many diagnoses waiting";
+pub const SHED_STOPPED: &str = "diagnoses stopped (see stderr)";
+
+/// Counters for the live report and the summary.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct EnrichCounters {
+    pub lookups: u64,
+    pub lookup_timeouts: u64,
+    pub worker_restarts: u64,
+    /// Diagnoses written after their event.
+    pub followed: u64,
+    /// Failures that got no diagnosis.
+    pub shed: u64,
+}
+
+/// What makes two failures get the same diagnosis from the same answers.
+#[derive(Clone, PartialEq, Eq, Hash)]
 struct MemoKey {
     ret: i32,
     netns: u32,
@@ -97,86 +203,187 @@ impl MemoKey {
 
 pub struct Enricher {
     enabled: bool,
+    /// Set when diagnoses stopped for good, with the reason.
+    stopped: Option<String>,
+    next_seq: u64,
     queue: VecDeque<Pending>,
-    cache: HashMap<LookupKey, Cached>,
+    following: VecDeque<Pending>,
+    keys: HashMap<LookupKey, KeyState>,
+    /// Keys with events waiting for a lookup that has not started.
+    wanting: HashSet<LookupKey>,
     history: BindHistory,
-    jobs: Option<mpsc::Sender<Job>>,
+    jobs: Option<SyncSender<Job>>,
+    results_tx: UnboundedSender<Done>,
     results: Option<UnboundedReceiver<Done>>,
-    /// The last diagnosis, reused while identical failures keep coming with the same facts.
-    memo: Option<(MemoKey, Vec<Arc<Facts>>, Arc<Diagnosis>)>,
-    lookups_started: u64,
+    /// Diagnoses by failure, with the answers (by request time) they came from.
+    memo: HashMap<MemoKey, (Vec<Instant>, Arc<Diagnosis>)>,
+    counters: EnrichCounters,
+    last_sweep: Instant,
 }
 
 fn worker(jobs: mpsc::Receiver<Job>, results: UnboundedSender<Done>) {
     let mut lookups = Lookups::default();
-    while let Ok(Job { key, pid_hint }) = jobs.recv() {
-        let facts = Arc::new(lookups.run(&key, Some(pid_hint)));
-        if results.send(Done { key, facts }).is_err() {
+    while let Ok(Job { key, pid_hint, ports, requested }) = jobs.recv() {
+        // A lookup that panics answers with an error; the worker goes on.
+        let facts = std::panic::catch_unwind(AssertUnwindSafe(|| lookups.run(&key, Some(pid_hint), &ports)))
+            .unwrap_or_else(|_| Facts::failed(&key, "the lookup panicked"));
+        if results.send(Done { key, requested, facts: Arc::new(facts) }).is_err() {
             break;
         }
     }
+}
+
+fn spawn_worker(results: UnboundedSender<Done>) -> std::io::Result<SyncSender<Job>> {
+    let (jobs, jobs_rx) = mpsc::sync_channel(JOBS_MAX);
+    std::thread::Builder::new().name("bindtrace-attrib".into()).spawn(move || worker(jobs_rx, results))?;
+    Ok(jobs)
 }
 
 impl Enricher {
     /// `enabled: false` (`--no-diagnosis`) passes events straight through.
     pub fn new(enabled: bool) -> Self {
         let (results_tx, results) = unbounded_channel();
-        let jobs = enabled.then(|| {
-            let (jobs_tx, jobs_rx) = mpsc::channel();
-            let spawned =
-                std::thread::Builder::new().name("bindtrace-attrib".into()).spawn(move || worker(jobs_rx, results_tx));
-            if let Err(err) = spawned {
-                log::warn!("attribution disabled: cannot start its thread: {err}");
-            }
-            jobs_tx
-        });
-        Self {
+        let now = Instant::now();
+        let mut enricher = Self {
             enabled,
+            stopped: None,
+            next_seq: 0,
             queue: VecDeque::new(),
-            cache: HashMap::new(),
+            following: VecDeque::new(),
+            keys: HashMap::new(),
+            wanting: HashSet::new(),
             history: BindHistory::default(),
-            jobs,
+            jobs: None,
+            results_tx,
             results: Some(results),
-            memo: None,
-            lookups_started: 0,
+            memo: HashMap::new(),
+            counters: EnrichCounters::default(),
+            last_sweep: now,
+        };
+        if enabled {
+            match spawn_worker(enricher.results_tx.clone()) {
+                Ok(jobs) => enricher.jobs = Some(jobs),
+                Err(err) => enricher.stop(format!("cannot start the lookup thread: {err}")),
+            }
         }
+        enricher
     }
 
-    fn is_fresh(&self, key: &LookupKey) -> bool {
-        match self.cache.get(key) {
-            Some(Cached::Waiting) => true,
-            Some(Cached::Ready { at, .. }) => at.elapsed() < CACHE_TTL,
-            None => false,
-        }
+    /// Diagnoses end for good; events go on.
+    fn stop(&mut self, reason: String) {
+        eprintln!("bindtrace: diagnoses stopped: {reason}; events are still written");
+        self.stopped = Some(reason);
+        self.jobs = None;
+        self.wanting.clear();
     }
 
-    /// Takes an event in arrival order and starts the lookups it needs.
-    pub fn push(&mut self, event: BindEvent, wall_ns: i128) {
+    /// Takes an event in arrival order and asks for the lookups it needs.
+    pub fn push(&mut self, event: BindEvent, wall_ns: i128, now: Instant) {
+        self.next_seq += 1;
         self.history.record(&event, wall_ns);
-        let keys = if self.enabled { needed_lookups(&event) } else { Vec::new() };
+        let mut keys =
+            if self.enabled && self.stopped.is_none() && event.ret < 0 { needed_lookups(&event) } else { Vec::new() };
+        let mut shed = false;
+        if keys.iter().any(|k| !self.keys.contains_key(k)) && self.keys.len() + keys.len() > KEYS_MAX {
+            // At most one sweep per period: when every slot is taken by keys events wait
+            // for, the new failure's diagnosis is shed instead.
+            if now >= self.last_sweep + MIN_REFRESH {
+                self.last_sweep = now;
+                self.forget_idle_keys(now, Duration::ZERO);
+            }
+            if self.keys.len() + keys.len() > KEYS_MAX {
+                keys.clear();
+                shed = true;
+            }
+        }
         for key in &keys {
-            if self.is_fresh(key) {
+            let state = self.keys.entry(*key).or_insert_with(|| KeyState::new(now));
+            state.touched = now;
+            state.pid_hint = event.tgid;
+            if matches!(key, LookupKey::Sockets { .. }) && state.ports.len() < PORTS_PER_JOB_MAX {
+                state.ports.insert(event.port);
+            }
+            // Unless the lookup under way (or done) was requested after this event arrived,
+            // the event needs a newer one.
+            let served = state.in_flight.is_some_and(|at| at >= now) || state.answer_for(now).is_some();
+            if !served {
+                state.wanted = true;
+                self.wanting.insert(*key);
+            }
+        }
+        self.queue.push_back(Pending { seq: self.next_seq, event, wall_ns, keys, arrived: now, shed });
+        self.dispatch(now);
+    }
+
+    /// Starts the lookups that events wait for, each key at most every [`MIN_REFRESH`].
+    fn dispatch(&mut self, now: Instant) {
+        let Some(jobs) = self.jobs.clone() else { return };
+        let mut started = Vec::new();
+        let mut worker_gone = false;
+        for key in &self.wanting {
+            let Some(state) = self.keys.get_mut(key) else {
+                started.push(*key);
+                continue;
+            };
+            if state.in_flight.is_some() || state.last_requested.is_some_and(|at| now < at + MIN_REFRESH) {
                 continue;
             }
-            let sent = self
-                .jobs
-                .as_ref()
-                .is_some_and(|jobs| jobs.send(Job { key: key.clone(), pid_hint: event.tgid }).is_ok());
-            if sent {
-                self.cache.insert(key.clone(), Cached::Waiting);
-                self.lookups_started += 1;
-            } else {
-                // No worker: answer at once, so the event is not held forever.
-                let facts = Arc::new(Facts::Holders(Err("attribution worker unavailable".into())));
-                self.cache.insert(key.clone(), Cached::Ready { facts, at: Instant::now() });
+            let job = Job {
+                key: *key,
+                pid_hint: state.pid_hint,
+                ports: state.ports.iter().copied().collect(),
+                requested: now,
+            };
+            match jobs.try_send(job) {
+                Ok(()) => {
+                    state.in_flight = Some(now);
+                    state.last_requested = Some(now);
+                    state.wanted = false;
+                    state.ports.clear();
+                    self.counters.lookups += 1;
+                    started.push(*key);
+                }
+                // The worker's queue is full: this key waits for a later dispatch.
+                Err(TrySendError::Full(_)) => break,
+                Err(TrySendError::Disconnected(_)) => {
+                    worker_gone = true;
+                    break;
+                }
             }
         }
-        self.queue.push_back(Pending { event, wall_ns, keys });
+        for key in started {
+            self.wanting.remove(&key);
+        }
+        if worker_gone {
+            self.replace_worker("the lookup thread ended");
+        }
+    }
+
+    fn replace_worker(&mut self, why: &str) {
+        self.counters.worker_restarts += 1;
+        if self.counters.worker_restarts > u64::from(WORKER_RESTARTS_MAX) {
+            self.stop(format!("{why}, {WORKER_RESTARTS_MAX} times"));
+            return;
+        }
+        log::warn!("{why}: starting a new lookup thread");
+        match spawn_worker(self.results_tx.clone()) {
+            Ok(jobs) => self.jobs = Some(jobs),
+            Err(err) => self.stop(format!("{why}, and a new lookup thread cannot start: {err}")),
+        }
     }
 
     /// Stores a finished lookup.
     pub fn complete(&mut self, done: Done) {
-        self.cache.insert(done.key, Cached::Ready { facts: done.facts, at: Instant::now() });
+        let Some(state) = self.keys.get_mut(&done.key) else { return };
+        if state.in_flight == Some(done.requested) {
+            state.in_flight = None;
+        }
+        if state.answer.as_ref().is_none_or(|(_, at)| *at <= done.requested) {
+            state.answer = Some((done.facts, done.requested));
+        }
+        if state.wanted {
+            self.wanting.insert(done.key);
+        }
     }
 
     /// The channel finished lookups arrive on, for the event loop to wait on; pass each to
@@ -185,48 +392,181 @@ impl Enricher {
         self.results.take()
     }
 
-    fn facts_for(&self, key: &LookupKey) -> Option<&Arc<Facts>> {
-        match self.cache.get(key) {
-            Some(Cached::Ready { facts, .. }) => Some(facts),
-            _ => None,
+    /// Time-driven work: lookups whose refresh interval has passed, lookups that hung, and
+    /// forgetting idle keys. Call it at [`Enricher::next_wake`] and after any change.
+    pub fn poll(&mut self, now: Instant) {
+        let hung: Vec<LookupKey> = self
+            .keys
+            .iter()
+            .filter(|(_, s)| s.in_flight.is_some_and(|at| now >= at + LOOKUP_TIMEOUT))
+            .map(|(k, _)| *k)
+            .collect();
+        if !hung.is_empty() {
+            for key in &hung {
+                if let Some(state) = self.keys.get_mut(key) {
+                    state.in_flight = None;
+                    // The timeout answers every event that arrived until now.
+                    let message = format!("the lookup did not answer within {} s", LOOKUP_TIMEOUT.as_secs());
+                    state.answer = Some((Arc::new(Facts::failed(key, &message)), now));
+                    state.wanted = false;
+                }
+                self.counters.lookup_timeouts += 1;
+            }
+            // The worker is stuck on one of them: its queued jobs go with it.
+            for state in self.keys.values_mut() {
+                if state.in_flight.take().is_some() {
+                    state.wanted = true;
+                }
+            }
+            self.wanting.extend(self.keys.iter().filter(|(_, s)| s.wanted).map(|(k, _)| *k));
+            self.replace_worker("a lookup hung");
+        }
+        if now >= self.last_sweep + Duration::from_secs(1) {
+            self.last_sweep = now;
+            self.forget_idle_keys(now, KEY_IDLE);
+        }
+        self.dispatch(now);
+    }
+
+    /// Forgets keys untouched for `idle` that nothing waits for, and keeps the memo bounded.
+    fn forget_idle_keys(&mut self, now: Instant, idle: Duration) {
+        let waiting: HashSet<LookupKey> =
+            self.queue.iter().chain(&self.following).flat_map(|p| p.keys.iter().copied()).collect();
+        self.keys.retain(|key, state| {
+            waiting.contains(key) || state.in_flight.is_some() || now.saturating_duration_since(state.touched) < idle
+        });
+        self.wanting.retain(|key| self.keys.contains_key(key));
+        if self.memo.len() > MEMO_MAX {
+            self.memo.clear();
         }
     }
 
-    /// The next event in order, once every lookup it needs has answered; with `force`,
-    /// without waiting (at exit), saying in the diagnosis what did not finish.
-    pub fn pop(&mut self, force: bool) -> Option<Enriched> {
+    /// When [`Enricher::poll`] or the pops next have something to do.
+    pub fn next_wake(&self) -> Option<Instant> {
+        let deadline = self.queue.front().filter(|p| !p.keys.is_empty()).map(|p| p.arrived + EMIT_DEADLINE);
+        let follow_up = self.following.front().map(|p| p.arrived + FOLLOW_UP_LIMIT);
+        let refresh = self
+            .wanting
+            .iter()
+            .filter_map(|k| self.keys.get(k))
+            .filter(|s| s.in_flight.is_none())
+            .map(|s| s.last_requested.map_or(self.last_sweep, |at| at + MIN_REFRESH))
+            .min();
+        let timeout = self.keys.values().filter_map(|s| s.in_flight).min().map(|at| at + LOOKUP_TIMEOUT);
+        [deadline, follow_up, refresh, timeout].into_iter().flatten().min()
+    }
+
+    /// Is every answer this event needs in?
+    fn answered(&self, pending: &Pending) -> bool {
+        pending.keys.iter().all(|k| self.keys.get(k).is_some_and(|s| s.answer_for(pending.arrived).is_some()))
+    }
+
+    /// The next event in order: once its answers are in, at its deadline without them, or
+    /// at once with `force` (at exit, saying what did not finish).
+    pub fn pop(&mut self, now: Instant, force: bool) -> Option<Enriched> {
         let front = self.queue.front()?;
-        if !force && !front.keys.iter().all(|k| self.facts_for(k).is_some()) {
+        let needs_diagnosis = front.event.ret < 0 && self.enabled;
+        let answered = self.answered(front);
+        let due = now >= front.arrived + EMIT_DEADLINE || self.queue.len() > QUEUE_MAX;
+        if needs_diagnosis && !answered && !due && !force {
             return None;
         }
         let pending = self.queue.pop_front()?;
-        let diagnosis = if self.enabled { self.diagnosis_of(&pending) } else { None };
-        Some(Enriched { event: pending.event, wall_ns: pending.wall_ns, diagnosis })
+        let explained = if !needs_diagnosis {
+            Explained::Nothing
+        } else if pending.shed {
+            self.counters.shed += 1;
+            Explained::Shed(SHED_OVERLOAD)
+        } else if self.stopped.is_some() {
+            self.counters.shed += 1;
+            Explained::Shed(SHED_STOPPED)
+        } else if answered || force || pending.keys.is_empty() {
+            match self.diagnosis_of(&pending, force && !answered) {
+                Some(diagnosis) => Explained::Now(diagnosis),
+                None => Explained::Nothing,
+            }
+        } else if self.following.len() < FOLLOWING_MAX {
+            self.following.push_back(pending);
+            return Some(self.follows_marker());
+        } else {
+            self.counters.shed += 1;
+            Explained::Shed(SHED_OVERLOAD)
+        };
+        Some(Enriched { seq: pending.seq, event: pending.event, wall_ns: pending.wall_ns, explained })
     }
 
-    fn diagnosis_of(&mut self, pending: &Pending) -> Option<Arc<Diagnosis>> {
+    /// The event just moved to `following`, as written now.
+    fn follows_marker(&self) -> Enriched {
+        let last = self.following.back().expect("just pushed");
+        Enriched { seq: last.seq, event: last.event, wall_ns: last.wall_ns, explained: Explained::Follows }
+    }
+
+    /// Diagnoses of events written earlier, whose answers are now in (or whose time ran
+    /// out, or all of them with `force`), in order.
+    pub fn follow_ups(&mut self, now: Instant, force: bool) -> Vec<FollowUp> {
+        let mut out = Vec::new();
+        let mut still = VecDeque::with_capacity(self.following.len());
+        while let Some(pending) = self.following.pop_front() {
+            if self.stopped.is_some() {
+                self.counters.shed += 1;
+                continue;
+            }
+            let answered = self.answered(&pending);
+            let expired = now >= pending.arrived + FOLLOW_UP_LIMIT;
+            if !(answered || expired || force) {
+                still.push_back(pending);
+                continue;
+            }
+            if let Some(diagnosis) = self.diagnosis_of(&pending, !answered) {
+                self.counters.followed += 1;
+                out.push(FollowUp { seq: pending.seq, event: pending.event, wall_ns: pending.wall_ns, diagnosis });
+            }
+        }
+        self.following = still;
+        out
+    }
+
+    fn diagnosis_of(&mut self, pending: &Pending, incomplete: bool) -> Option<Arc<Diagnosis>> {
         pending.event.errno()?;
-        let facts: Vec<Arc<Facts>> = pending.keys.iter().filter_map(|k| self.facts_for(k).cloned()).collect();
+        let answers: Vec<Option<(&Arc<Facts>, Instant)>> =
+            pending.keys.iter().map(|k| self.keys.get(k).and_then(|s| s.answer_for(pending.arrived))).collect();
+        let stamps: Option<Vec<Instant>> = answers.iter().map(|a| a.map(|(_, at)| at)).collect();
         let memo_key = MemoKey::of(&pending.event);
-        if let Some((key, used, diagnosis)) = &self.memo {
-            if *key == memo_key && used.len() == facts.len() && used.iter().zip(&facts).all(|(a, b)| Arc::ptr_eq(a, b))
-            {
+        if let (Some(stamps), Some((used, diagnosis))) = (&stamps, self.memo.get(&memo_key)) {
+            if used == stamps {
                 return Some(diagnosis.clone());
             }
         }
-        let diagnosis =
-            Arc::new(diagnose(&pending.event, |key| self.facts_for(key).map(|facts| &**facts), &self.history)?);
-        self.memo = Some((memo_key, facts, diagnosis.clone()));
+        let facts = |key: &LookupKey| {
+            let index = pending.keys.iter().position(|k| k == key)?;
+            answers.get(index).copied().flatten().map(|(facts, _)| &**facts)
+        };
+        let mut diagnosis = diagnose(&pending.event, facts, &self.history)?;
+        if incomplete {
+            diagnosis.note_unfinished();
+        }
+        let diagnosis = Arc::new(diagnosis);
+        if let Some(stamps) = stamps {
+            if self.memo.len() >= MEMO_MAX {
+                self.memo.clear();
+            }
+            self.memo.insert(memo_key, (stamps, diagnosis.clone()));
+        }
         Some(diagnosis)
     }
 
+    /// Events not written yet, or diagnoses not written yet.
     pub fn has_pending(&self) -> bool {
-        !self.queue.is_empty()
+        !self.queue.is_empty() || !self.following.is_empty()
     }
 
-    /// Lookups started so far (one per key and cache period).
-    pub fn lookups_started(&self) -> u64 {
-        self.lookups_started
+    pub fn counters(&self) -> EnrichCounters {
+        self.counters
+    }
+
+    /// Why diagnoses stopped, if they did.
+    pub fn stopped(&self) -> Option<&str> {
+        self.stopped.as_deref()
     }
 }
 
@@ -235,49 +575,123 @@ mod tests {
     use super::*;
     use crate::decode::tests::sample_event;
 
+    /// Pops everything ready now.
+    fn drain(enricher: &mut Enricher, now: Instant) -> Vec<Enriched> {
+        std::iter::from_fn(|| enricher.pop(now, false)).collect()
+    }
+
+    async fn next_done(results: &mut UnboundedReceiver<Done>) -> Done {
+        tokio::time::timeout(Duration::from_secs(10), results.recv()).await.expect("lookup answers").expect("worker")
+    }
+
     #[tokio::test]
     async fn a_storm_of_identical_failures_costs_one_lookup_and_keeps_order() {
         let mut enricher = Enricher::new(true);
+        let mut results = enricher.take_results().expect("results channel");
+        let start = Instant::now();
         let mut ok = sample_event();
         ok.ret = 0;
         ok.port = 1;
-        enricher.push(sample_event(), 1);
-        enricher.push(ok, 2);
+        enricher.push(sample_event(), 1, start);
+        enricher.push(ok, 2, start);
         for i in 0..10_000 {
-            enricher.push(sample_event(), 3 + i);
+            enricher.push(sample_event(), 3 + i, start);
         }
-        assert_eq!(enricher.lookups_started(), 1, "one lookup for 10,001 identical failures");
-        assert!(enricher.pop(false).is_none(), "the first failure waits for its lookup");
-        let mut results = enricher.take_results().expect("results channel");
-        let done = tokio::time::timeout(Duration::from_secs(10), results.recv()).await.expect("lookup answers");
-        enricher.complete(done.expect("worker alive"));
-        let mut out = Vec::new();
-        while let Some(enriched) = enricher.pop(false) {
-            out.push(enriched);
-        }
+        assert_eq!(enricher.counters().lookups, 1, "one lookup for 10,001 identical failures");
+        assert!(enricher.pop(start, false).is_none(), "the first failure waits for its lookup");
+        // The lookup was requested as the first event arrived: it serves the events that
+        // arrived with it, at the same instant.
+        enricher.complete(next_done(&mut results).await);
+        let out = drain(&mut enricher, start);
         assert_eq!(out.len(), 10_002);
-        assert!(out.windows(2).all(|w| w[0].wall_ns < w[1].wall_ns), "events leave in order");
-        assert!(out[0].diagnosis.is_some());
-        assert!(out[1].diagnosis.is_none(), "successes get no diagnosis");
-        assert!(Arc::ptr_eq(
-            out[2].diagnosis.as_ref().expect("diagnosis"),
-            out[3].diagnosis.as_ref().expect("diagnosis")
-        ));
+        assert!(out.windows(2).all(|w| w[0].seq + 1 == w[1].seq), "events leave in order");
+        let Explained::Now(first) = &out[0].explained else { panic!("diagnosed: {:?}", out[0].explained) };
+        assert_eq!(out[1].explained, Explained::Nothing, "successes get no diagnosis");
+        let (Explained::Now(a), Explained::Now(b)) = (&out[2].explained, &out[3].explained) else {
+            panic!("diagnosed")
+        };
+        assert!(Arc::ptr_eq(a, b) && Arc::ptr_eq(first, a), "identical failures share one diagnosis");
+    }
+
+    #[tokio::test]
+    async fn an_event_leaves_at_its_deadline_and_its_diagnosis_follows() {
+        let mut enricher = Enricher::new(true);
+        let mut results = enricher.take_results().expect("results channel");
+        let start = Instant::now();
+        enricher.push(sample_event(), 1, start);
+        let mut ok = sample_event();
+        ok.ret = 0;
+        enricher.push(ok, 2, start);
+        assert!(enricher.pop(start + EMIT_DEADLINE / 2, false).is_none(), "waits before its deadline");
+        assert_eq!(enricher.next_wake(), Some(start + EMIT_DEADLINE));
+        let late = start + EMIT_DEADLINE;
+        let out = drain(&mut enricher, late);
+        assert_eq!(out.len(), 2, "the failure and the success behind it both leave at the deadline");
+        assert_eq!((out[0].seq, &out[0].explained), (1, &Explained::Follows));
+        assert!(enricher.follow_ups(late, false).is_empty(), "nothing answered yet");
+        enricher.complete(next_done(&mut results).await);
+        let follow_ups = enricher.follow_ups(late, false);
+        assert_eq!(follow_ups.len(), 1);
+        assert_eq!(follow_ups[0].seq, 1, "linked to its event");
+        assert!(!enricher.has_pending());
+        assert_eq!(enricher.counters().followed, 1);
+    }
+
+    #[tokio::test]
+    async fn an_answer_from_before_an_event_does_not_explain_it() {
+        let mut enricher = Enricher::new(true);
+        let mut results = enricher.take_results().expect("results channel");
+        let start = Instant::now();
+        enricher.push(sample_event(), 1, start);
+        enricher.complete(next_done(&mut results).await);
+        assert!(matches!(enricher.pop(start, false).map(|e| e.explained), Some(Explained::Now(_))));
+        // The same failure again, later: the old answer predates it, and a new lookup starts
+        // once MIN_REFRESH has passed.
+        let later = start + Duration::from_millis(10);
+        enricher.push(sample_event(), 2, later);
+        assert!(enricher.pop(later, false).is_none());
+        assert_eq!(enricher.counters().lookups, 1, "not before MIN_REFRESH");
+        assert!(enricher.next_wake().is_some_and(|at| at <= start + MIN_REFRESH));
+        enricher.poll(start + MIN_REFRESH);
+        assert_eq!(enricher.counters().lookups, 2);
+        enricher.complete(next_done(&mut results).await);
+        assert!(matches!(enricher.pop(later, false).map(|e| e.explained), Some(Explained::Now(_))));
+    }
+
+    #[test]
+    fn overload_sheds_diagnoses_never_events() {
+        let mut enricher = Enricher::new(true);
+        let start = Instant::now();
+        let total = FOLLOWING_MAX + 10;
+        for i in 0..total {
+            let mut event = sample_event();
+            event.port = 1000 + (i % 50_000) as u16;
+            event.netns_ino = 1 + i as u32; // a key each: answers cannot come in time
+            enricher.push(event, i as i128, start);
+        }
+        let out = drain(&mut enricher, start + EMIT_DEADLINE);
+        assert_eq!(out.len(), total, "every event is written");
+        let follows = out.iter().filter(|e| e.explained == Explained::Follows).count();
+        let shed = out.iter().filter(|e| e.explained == Explained::Shed(SHED_OVERLOAD)).count();
+        assert_eq!((follows, shed), (FOLLOWING_MAX, 10));
+        assert_eq!(enricher.counters().shed, 10);
+        assert!(enricher.keys.len() <= KEYS_MAX);
     }
 
     #[test]
     fn disabled_passes_through_and_force_empties_the_queue() {
+        let start = Instant::now();
         let mut off = Enricher::new(false);
-        off.push(sample_event(), 1);
-        let out = off.pop(false).expect("no waiting when disabled");
-        assert!(out.diagnosis.is_none());
+        off.push(sample_event(), 1, start);
+        let out = off.pop(start, false).expect("no waiting when disabled");
+        assert_eq!(out.explained, Explained::Nothing);
 
         let mut on = Enricher::new(true);
-        on.push(sample_event(), 1);
-        let forced = on.pop(true).expect("forced");
-        let diagnosis = forced.diagnosis.expect("a diagnosis even without facts");
+        on.push(sample_event(), 1, start);
+        let forced = on.pop(start, true).expect("forced");
+        let Explained::Now(diagnosis) = forced.explained else { panic!("a diagnosis even without facts") };
         assert_eq!(diagnosis.kind, "unknown");
-        assert_eq!(diagnosis.unknown, vec!["holder lookup did not finish".to_owned()]);
+        assert!(diagnosis.unknown.iter().any(|u| u.contains("did not finish")), "{diagnosis:?}");
         assert!(!on.has_pending());
     }
 }

@@ -1,17 +1,21 @@
 //! Socket inode → the processes holding it, through /proc/*/fd (as `ss -p`, `lsof` and
-//! `fuser` do). The whole-/proc scan is cached and rebuilt only when an inode is missing and
-//! the last scan is older than [`MIN_RESCAN`], so a storm of failures costs one scan.
+//! `fuser` do). The whole-/proc scan is cached, and rebuilt only when a socket asked about
+//! is missing from it and the scan is older than the socket dump that named the socket: a
+//! storm of failures costs one scan, and a socket opened since the last scan is still found.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     time::{Duration, Instant},
 };
 
 use procfs::process::{all_processes, FDTarget, Process};
 use serde::Serialize;
 
-/// Rescans closer together than this reuse the last index (a miss then stays a miss).
-const MIN_RESCAN: Duration = Duration::from_millis(250);
+/// Two scans are at least this far apart: the worker waits for the rest.
+const MIN_RESCAN: Duration = Duration::from_millis(100);
+/// Inodes that no process had open in a scan made after they were seen (kernel sockets,
+/// sockets in flight between processes): asking about them again does not rescan. Bounded.
+const ORPHANS_MAX: usize = 65_536;
 /// Longest command line kept for display.
 const CMDLINE_MAX: usize = 512;
 
@@ -50,8 +54,9 @@ impl ProcessInfo {
 }
 
 #[derive(Default)]
-pub struct SocketOwners {
+pub(crate) struct SocketOwners {
     by_inode: HashMap<u64, Vec<u32>>,
+    orphans: HashSet<u32>,
     scanned_at: Option<Instant>,
     scans: u64,
 }
@@ -77,19 +82,36 @@ impl SocketOwners {
         self.scans += 1;
     }
 
-    /// The pids with `inode` open, rescanning /proc when it is not indexed yet.
-    pub fn owners(&mut self, inode: u64) -> Vec<u32> {
-        if inode == 0 {
-            return Vec::new();
+    /// Makes the index answer for `inodes`, sockets a dump taken at `dumped_at` listed.
+    /// Nothing is scanned when every inode is indexed (or known to have no process), or when
+    /// the last scan ran after the dump; otherwise /proc is scanned again, waiting first
+    /// until [`MIN_RESCAN`] has passed since the last scan. After this, an inode without
+    /// owners has no process that /proc shows.
+    pub(crate) fn resolve(&mut self, inodes: &[u32], dumped_at: Instant) {
+        let unknown = |owners: &Self, inode: &u32| {
+            !owners.by_inode.contains_key(&u64::from(*inode)) && !owners.orphans.contains(inode)
+        };
+        if !inodes.iter().any(|inode| unknown(self, inode)) || self.scanned_at.is_some_and(|at| at >= dumped_at) {
+            return;
         }
-        let stale = self.scanned_at.is_none_or(|at| at.elapsed() >= MIN_RESCAN);
-        if !self.by_inode.contains_key(&inode) && stale {
-            self.rescan();
+        if let Some(wait) = self.scanned_at.and_then(|at| (at + MIN_RESCAN).checked_duration_since(Instant::now())) {
+            std::thread::sleep(wait);
         }
-        self.by_inode.get(&inode).cloned().unwrap_or_default()
+        self.rescan();
+        if self.orphans.len() >= ORPHANS_MAX {
+            self.orphans.clear();
+        }
+        let missing: Vec<u32> = inodes.iter().copied().filter(|inode| unknown(self, inode)).collect();
+        self.orphans.extend(missing);
+    }
+
+    /// The pids the index has for `inode` (after [`Self::resolve`]).
+    pub(crate) fn cached(&self, inode: u32) -> Vec<u32> {
+        self.by_inode.get(&u64::from(inode)).cloned().unwrap_or_default()
     }
 
     /// How many times /proc was scanned (for tests and benchmarks).
+    #[cfg(test)]
     pub fn scans(&self) -> u64 {
         self.scans
     }
@@ -104,13 +126,18 @@ mod tests {
     #[test]
     fn finds_this_process_as_owner_and_caches_the_scan() {
         let listener = TcpListener::bind("127.0.0.1:0").expect("listen");
-        let inode = std::fs::metadata(format!("/proc/self/fd/{}", listener.as_raw_fd())).expect("fd").ino();
+        let inode = std::fs::metadata(format!("/proc/self/fd/{}", listener.as_raw_fd())).expect("fd").ino() as u32;
         let mut owners = SocketOwners::default();
-        assert_eq!(owners.owners(inode), vec![std::process::id()]);
-        assert_eq!(owners.owners(inode), vec![std::process::id()]);
-        assert_eq!(owners.scans(), 1, "a hit does not rescan");
-        assert!(owners.owners(u64::MAX).is_empty());
-        assert_eq!(owners.scans(), 1, "a miss right after a scan does not rescan");
+        owners.resolve(&[inode], Instant::now());
+        assert_eq!(owners.cached(inode), vec![std::process::id()]);
+        owners.resolve(&[inode], Instant::now());
+        assert_eq!(owners.scans(), 1, "an indexed inode does not rescan");
+        let before = Instant::now();
+        owners.resolve(&[u32::MAX], before);
+        assert_eq!(owners.scans(), 2, "an unknown inode from a newer dump rescans");
+        assert!(owners.cached(u32::MAX).is_empty());
+        owners.resolve(&[u32::MAX], Instant::now());
+        assert_eq!(owners.scans(), 2, "an inode no process had after a newer scan does not rescan again");
     }
 
     #[test]

@@ -55,7 +55,6 @@ pub struct DiagSocket {
     pub v6only: Option<bool>,
 }
 
-pub const TCP_ESTABLISHED: u8 = 1;
 pub const TCP_TIME_WAIT: u8 = 6;
 pub const TCP_CLOSE: u8 = 7;
 pub const TCP_LISTEN: u8 = 10;

@@ -10,15 +10,12 @@ pub mod table;
 use std::{
     fmt::Write as _,
     io::{self, Write},
-    net::IpAddr,
 };
 
-use bindtrace_common::BindEvent;
 use bytes::BytesMut;
 
 use crate::{
-    decode::{family_name, BindEventExt as _},
-    enrich::Diagnosis,
+    enrich::{Enriched, FollowUp},
     summary::Report,
 };
 
@@ -29,7 +26,9 @@ pub trait Sink {
     }
     /// Formats one event, with the diagnosis of a failure, into the output buffer (written
     /// out by [`Sink::flush`]).
-    fn event(&mut self, event: &BindEvent, wall_ns: i128, diagnosis: Option<&Diagnosis>) -> io::Result<()>;
+    fn event(&mut self, enriched: &Enriched) -> io::Result<()>;
+    /// Formats the diagnosis of an event written earlier without it.
+    fn follow_up(&mut self, follow_up: &FollowUp) -> io::Result<()>;
     /// Writes out everything buffered.
     fn flush(&mut self) -> io::Result<()>;
     /// Prints the exit report.
@@ -89,24 +88,11 @@ pub fn push_escaped(out: &mut String, bytes: &[u8]) {
     }
 }
 
-/// The requested address as `127.0.0.1:8080` or `[::1]:8080` (`[fe80::1%2]:80` with a scope),
-/// or a description when there is none.
-pub fn requested_endpoint(event: &BindEvent) -> String {
-    match event.requested_ip() {
-        Some(IpAddr::V4(ip)) => format!("{ip}:{}", event.port),
-        Some(IpAddr::V6(ip)) if event.scope_id != 0 => format!("[{ip}%{}]:{}", event.scope_id, event.port),
-        Some(IpAddr::V6(ip)) => format!("[{ip}]:{}", event.port),
-        None if event.has(bindtrace_common::sock_flags::ADDR_SHORT) => "(address too short)".to_owned(),
-        None => family_name(event.family).map_or_else(|| format!("family {}", event.family), str::to_owned),
-    }
-}
-
 #[cfg(test)]
 pub(crate) mod tests {
     use std::sync::{Arc, Mutex};
 
     use super::*;
-    use crate::decode::tests::sample_event;
 
     /// A writer the sink tests can read back.
     #[derive(Clone, Default)]
@@ -142,20 +128,5 @@ pub(crate) mod tests {
         assert_eq!(escaped("é\u{9b}".as_bytes()), "é\\u{9b}", "C1 controls too");
         assert_eq!(escaped(b"\xff\xfe"), "\\xff\\xfe");
         assert_eq!(escaped(b"back\\slash"), "back\\\\slash");
-    }
-
-    #[test]
-    fn endpoints() {
-        let mut event = sample_event();
-        assert_eq!(requested_endpoint(&event), "127.0.0.1:8080");
-        event.family = bindtrace_common::AF_INET6;
-        event.addr = std::net::Ipv6Addr::LOCALHOST.octets();
-        assert_eq!(requested_endpoint(&event), "[::1]:8080");
-        event.scope_id = 2;
-        assert_eq!(requested_endpoint(&event), "[::1%2]:8080");
-        event.family = 1;
-        assert_eq!(requested_endpoint(&event), "AF_UNIX");
-        event.family = 99;
-        assert_eq!(requested_endpoint(&event), "family 99");
     }
 }

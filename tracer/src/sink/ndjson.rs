@@ -3,7 +3,7 @@
 
 use std::{borrow::Cow, io, net::IpAddr};
 
-use bindtrace_common::{sock_flags, BindEvent};
+use bindtrace_common::sock_flags;
 use bytes::BufMut as _;
 use serde::Serialize;
 
@@ -11,7 +11,7 @@ use super::{Output, Sink};
 use crate::{
     clock::Rfc3339,
     decode::{family_name, BindEventExt as _},
-    enrich::Diagnosis,
+    enrich::{Diagnosis, Enriched, Explained, FollowUp},
     errno,
     summary::Report,
 };
@@ -20,6 +20,8 @@ use crate::{
 struct EventRecord<'a> {
     #[serde(rename = "type")]
     kind: &'static str,
+    /// 1 for the run's first event; a later `diagnosis` record names its event by it.
+    seq: u64,
     time: &'a str,
     pid: u32,
     tid: u32,
@@ -57,6 +59,30 @@ struct EventRecord<'a> {
     backend: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
     diagnosis: Option<&'a Diagnosis>,
+    /// The diagnosis comes later, in a `diagnosis` record with this event's `seq`.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    diagnosis_follows: bool,
+    /// Why this failure has no diagnosis (overload, diagnoses stopped).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    diagnosis_shed: Option<&'static str>,
+}
+
+/// The diagnosis of an event written earlier with `diagnosis_follows`, with enough of the
+/// event to read on its own.
+#[derive(Serialize)]
+struct DiagnosisRecord<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    seq: u64,
+    /// The event's time.
+    time: &'a str,
+    pid: u32,
+    comm: Cow<'a, str>,
+    addr: Option<IpAddr>,
+    port: Option<u16>,
+    proto: Option<&'static str>,
+    errno_name: Option<&'static str>,
+    diagnosis: &'a Diagnosis,
 }
 
 #[derive(Serialize)]
@@ -87,7 +113,8 @@ fn write_line<T: Serialize>(output: &mut Output, value: &T) -> io::Result<()> {
 }
 
 impl Sink for NdjsonSink {
-    fn event(&mut self, event: &BindEvent, wall_ns: i128, diagnosis: Option<&Diagnosis>) -> io::Result<()> {
+    fn event(&mut self, enriched: &Enriched) -> io::Result<()> {
+        let (event, wall_ns) = (&enriched.event, enriched.wall_ns);
         self.scratch.clear();
         self.time.write(&mut self.scratch, wall_ns);
         let time = std::str::from_utf8(&self.scratch).unwrap_or("");
@@ -97,6 +124,7 @@ impl Sink for NdjsonSink {
         let errno_number = event.errno().unwrap_or(0);
         let record = EventRecord {
             kind: "bind",
+            seq: enriched.seq,
             time,
             pid: event.tgid,
             tid: event.tid,
@@ -129,7 +157,36 @@ impl Sink for NdjsonSink {
             netns: event.netns_ino,
             cgroup_id: event.cgroup_id,
             backend: event.backend_name(),
-            diagnosis,
+            diagnosis: match &enriched.explained {
+                Explained::Now(diagnosis) => Some(diagnosis),
+                _ => None,
+            },
+            diagnosis_follows: enriched.explained == Explained::Follows,
+            diagnosis_shed: match enriched.explained {
+                Explained::Shed(reason) => Some(reason),
+                _ => None,
+            },
+        };
+        write_line(&mut self.output, &record)
+    }
+
+    fn follow_up(&mut self, follow_up: &FollowUp) -> io::Result<()> {
+        let event = &follow_up.event;
+        self.scratch.clear();
+        self.time.write(&mut self.scratch, follow_up.wall_ns);
+        let time = std::str::from_utf8(&self.scratch).unwrap_or("");
+        let addr = event.requested_ip();
+        let record = DiagnosisRecord {
+            kind: "diagnosis",
+            seq: follow_up.seq,
+            time,
+            pid: event.tgid,
+            comm: String::from_utf8_lossy(event.comm_bytes()),
+            addr,
+            port: addr.map(|_| event.port),
+            proto: event.proto_name(),
+            errno_name: event.errno().and_then(errno::name),
+            diagnosis: &follow_up.diagnosis,
         };
         write_line(&mut self.output, &record)
     }
@@ -163,7 +220,8 @@ mod tests {
         let mut sink = NdjsonSink::new(Output::new(Box::new(shared.clone())));
         let mut event = sample_event();
         event.comm[..9].copy_from_slice(b"ev\x1bl\nname");
-        sink.event(&event, 1_795_600_931_000_000_001, None).expect("encode");
+        sink.event(&Enriched { seq: 1, event, wall_ns: 1_795_600_931_000_000_001, explained: Explained::Nothing })
+            .expect("encode");
         assert!(lines(&shared).is_empty(), "nothing is written before flush");
         sink.flush().expect("flush");
         let out = lines(&shared);
@@ -196,7 +254,7 @@ mod tests {
         let mut event = sample_event();
         event.ret = 0;
         event.sock_flags = 0;
-        sink.event(&event, 0, None).expect("encode");
+        sink.event(&Enriched { seq: 1, event, wall_ns: 0, explained: Explained::Nothing }).expect("encode");
         sink.flush().expect("flush");
         let line = &lines(&shared)[0];
         assert_eq!(line["ok"], true);
@@ -215,7 +273,7 @@ mod tests {
         let mut sink = NdjsonSink::new(Output::new(Box::new(shared.clone())));
         let mut event = sample_event();
         event.sock_flags |= sock_flags::NO_ENTRY_TIME;
-        sink.event(&event, 0, None).expect("encode");
+        sink.event(&Enriched { seq: 1, event, wall_ns: 0, explained: Explained::Nothing }).expect("encode");
         sink.flush().expect("flush");
         let line = &lines(&shared)[0];
         assert!(line["duration_ns"].is_null());

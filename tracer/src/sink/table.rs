@@ -6,8 +6,14 @@ use std::{fmt::Write as _, io};
 use anstyle::{AnsiColor, Style};
 use bindtrace_common::{sock_flags, BindEvent};
 
-use super::{push_escaped, requested_endpoint, Output, Sink};
-use crate::{clock::local_time_of_day, decode::BindEventExt as _, enrich::Diagnosis, errno, summary::Report};
+use super::{push_escaped, Output, Sink};
+use crate::{
+    clock::local_time_of_day,
+    decode::{requested_endpoint, BindEventExt as _},
+    enrich::{Enriched, Explained, FollowUp},
+    errno,
+    summary::Report,
+};
 
 const FAILURE: Style = AnsiColor::Red.on_default().bold();
 
@@ -92,7 +98,8 @@ impl Sink for TableSink {
         self.header()
     }
 
-    fn event(&mut self, event: &BindEvent, wall_ns: i128, diagnosis: Option<&Diagnosis>) -> io::Result<()> {
+    fn event(&mut self, enriched: &Enriched) -> io::Result<()> {
+        let (event, wall_ns) = (&enriched.event, enriched.wall_ns);
         self.header()?;
         let mut comm = String::with_capacity(16);
         push_escaped(&mut comm, event.comm_bytes());
@@ -113,13 +120,29 @@ impl Sink for TableSink {
             self.line.push_str(&result);
         }
         self.push_line()?;
-        if let Some(diagnosis) = diagnosis {
+        // A diagnosis that follows or was shed prints nothing here: the follow-up comes as
+        // its own line, and shed diagnoses are counted on stderr and in the summary.
+        if let Explained::Now(diagnosis) = &enriched.explained {
             // The summary quotes command lines, which processes choose: escaped like comm.
             self.line.push_str("    └ ");
             push_escaped(&mut self.line, diagnosis.summary.as_bytes());
             self.push_line()?;
         }
         Ok(())
+    }
+
+    fn follow_up(&mut self, follow_up: &FollowUp) -> io::Result<()> {
+        let event = &follow_up.event;
+        self.header()?;
+        let _ = write!(
+            self.line,
+            "    └ (for {} pid {} {}) ",
+            local_time_of_day(follow_up.wall_ns),
+            event.tgid,
+            requested_endpoint(event)
+        );
+        push_escaped(&mut self.line, follow_up.diagnosis.summary.as_bytes());
+        self.push_line()
     }
 
     fn flush(&mut self) -> io::Result<()> {
@@ -170,6 +193,14 @@ impl Sink for TableSink {
                 report.decode_errors
             );
         }
+        let d = &report.diagnoses;
+        if d.followed + d.shed + d.lookup_timeouts > 0 {
+            let _ = writeln!(
+                text,
+                "  diagnoses:  {} lookups; {} followed their event; {} skipped (overload or stopped); {} lookups timed out",
+                d.lookups, d.followed, d.shed, d.lookup_timeouts
+            );
+        }
         // The report is for the operator: stderr, whatever stdout is.
         use io::Write as _;
         let mut stderr = io::stderr().lock();
@@ -186,7 +217,13 @@ mod tests {
     fn render(color: bool, event: &BindEvent) -> String {
         let shared = Shared::default();
         let mut sink = TableSink::new(Output::new(Box::new(shared.clone())), color);
-        sink.event(event, 1_795_600_931_000_000_000, None).expect("row");
+        sink.event(&Enriched {
+            seq: 1,
+            event: *event,
+            wall_ns: 1_795_600_931_000_000_000,
+            explained: Explained::Nothing,
+        })
+        .expect("row");
         sink.flush().expect("flush");
         shared.text()
     }
