@@ -266,8 +266,8 @@ async fn run(plan: Plan) -> Result<()> {
     let counters = probe.counters().unwrap_or_default();
     let mut report = pipeline.summary.report(
         probe.backend.name(),
-        time.to_string(start_ns),
-        time.to_string(end_ns),
+        time.format(start_ns),
+        time.format(end_ns),
         (end_ns - start_ns) as f64 / 1e9,
         counters,
     );

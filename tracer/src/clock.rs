@@ -84,7 +84,7 @@ impl Rfc3339 {
         out.push(b'Z');
     }
 
-    pub fn to_string(&mut self, epoch_ns: i128) -> String {
+    pub fn format(&mut self, epoch_ns: i128) -> String {
         let mut out = Vec::with_capacity(32);
         self.write(&mut out, epoch_ns);
         String::from_utf8(out).unwrap_or_default()
@@ -109,10 +109,10 @@ mod tests {
         let mut fmt = Rfc3339::default();
         // 2026-11-25T10:02:11Z
         let secs: i128 = 1_795_600_931;
-        assert_eq!(fmt.to_string(secs * 1_000_000_000 + 7), "2026-11-25T10:02:11.000000007Z");
-        assert_eq!(fmt.to_string(secs * 1_000_000_000 + 123_456_789), "2026-11-25T10:02:11.123456789Z");
-        assert_eq!(fmt.to_string((secs + 1) * 1_000_000_000), "2026-11-25T10:02:12.000000000Z");
-        let parsed = DateTime::parse_from_rfc3339(&fmt.to_string(secs * 1_000_000_000 + 5)).expect("valid RFC 3339");
+        assert_eq!(fmt.format(secs * 1_000_000_000 + 7), "2026-11-25T10:02:11.000000007Z");
+        assert_eq!(fmt.format(secs * 1_000_000_000 + 123_456_789), "2026-11-25T10:02:11.123456789Z");
+        assert_eq!(fmt.format((secs + 1) * 1_000_000_000), "2026-11-25T10:02:12.000000000Z");
+        let parsed = DateTime::parse_from_rfc3339(&fmt.format(secs * 1_000_000_000 + 5)).expect("valid RFC 3339");
         assert_eq!(parsed.timestamp(), secs as i64);
     }
 

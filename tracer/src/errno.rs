@@ -67,15 +67,6 @@ pub fn parse(text: &str) -> Result<i32, String> {
     })
 }
 
-/// Parses a comma-separated list of errnos.
-pub fn parse_list(text: &str) -> Result<Vec<i32>, String> {
-    let items: Vec<&str> = text.split(',').map(str::trim).filter(|s| !s.is_empty()).collect();
-    if items.is_empty() {
-        return Err("empty errno list (example: --errno EADDRINUSE,EACCES)".into());
-    }
-    items.into_iter().map(parse).collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -110,12 +101,5 @@ mod tests {
                 assert_eq!(parse(n), Ok(number), "{n}");
             }
         }
-    }
-
-    #[test]
-    fn lists_split_on_commas() {
-        assert_eq!(parse_list("EADDRINUSE,eacces, 22"), Ok(vec![98, 13, 22]));
-        assert!(parse_list(",").is_err());
-        assert!(parse_list("EADDRINUSE,nope").is_err());
     }
 }

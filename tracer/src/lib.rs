@@ -5,18 +5,20 @@
 //! [`decode`] → [`filter`] → [`enrich`] (holders, diagnosis) → [`sink`] (table or NDJSON) →
 //! [`summary`] (exit report). [`who`] answers "who holds this port" with the enrich code.
 
+// `pub`: what the binary and the userspace benchmark (benches/userspace.rs) use; the rest is
+// internal to the crate.
 pub mod app;
 pub mod cli;
-pub mod clock;
+pub(crate) mod clock;
 pub mod decode;
 pub mod enrich;
-pub mod errno;
+pub(crate) mod errno;
 pub mod filter;
-pub mod hook_support;
-pub mod layout;
-pub mod load_error;
-pub mod pipeline;
-pub mod probe;
+pub(crate) mod hook_support;
+pub(crate) mod layout;
+pub(crate) mod load_error;
+pub(crate) mod pipeline;
+pub(crate) mod probe;
 pub mod sink;
-pub mod summary;
-pub mod who;
+pub(crate) mod summary;
+pub(crate) mod who;

@@ -32,6 +32,10 @@ pub struct BenchArgs {
     /// Where the JSON results go.
     #[arg(long, default_value = "target/bench/results.json")]
     json: PathBuf,
+    /// Which parts to run: `rate` (what tracing costs a bind storm) and `storms` (failure
+    /// storms: output delay, memory and diagnosis coverage).
+    #[arg(long, value_delimiter = ',', default_value = "rate,storms")]
+    parts: Vec<String>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -245,7 +249,14 @@ fn available(program: &str) -> bool {
         .is_ok_and(|s| s.success())
 }
 
-pub fn bench(args: &BenchArgs, bindtrace: &Path, storm_bin: &Path) -> Result<()> {
+pub fn bench(args: &BenchArgs, bindtrace: &Path, storm_bin: &Path, fail_storm_bin: &Path) -> Result<()> {
+    for part in &args.parts {
+        if part != "rate" && part != "storms" {
+            bail!("unknown bench part {part}: use rate, storms or both");
+        }
+    }
+    let run_rate = args.parts.iter().any(|p| p == "rate");
+    let modes: &[String] = if run_rate { &args.modes } else { &[] };
     let mut configs = vec![Config::Untraced, Config::Bindtrace, Config::BindtraceFiltered];
     let mut skipped = Vec::new();
     if available("bpftrace") {
@@ -263,7 +274,7 @@ pub fn bench(args: &BenchArgs, bindtrace: &Path, storm_bin: &Path) -> Result<()>
     }
     let mut results = serde_json::Map::new();
     let mut markdown = String::new();
-    for mode in &args.modes {
+    for mode in modes {
         let mut runs: Vec<(Config, Run)> = Vec::new();
         for round in 0..args.rounds {
             for &config in &configs {
@@ -366,6 +377,12 @@ pub fn bench(args: &BenchArgs, bindtrace: &Path, storm_bin: &Path) -> Result<()>
     for line in &skipped {
         markdown.push_str(&format!("\nskipped {line}\n"));
     }
+    let mut storms = Value::Null;
+    if args.parts.iter().any(|p| p == "storms") {
+        let (table, json) = crate::storm_bench::failure_storms(bindtrace, fail_storm_bin)?;
+        markdown.push_str(&table);
+        storms = json;
+    }
     println!("{markdown}");
     if let Some(parent) = args.json.parent() {
         std::fs::create_dir_all(parent)?;
@@ -376,7 +393,9 @@ pub fn bench(args: &BenchArgs, bindtrace: &Path, storm_bin: &Path) -> Result<()>
     });
     std::fs::write(
         &args.json,
-        serde_json::to_string_pretty(&json!({ "machine": machine, "skipped": skipped, "modes": results }))?,
+        serde_json::to_string_pretty(
+            &json!({ "machine": machine, "skipped": skipped, "modes": results, "failure_storms": storms }),
+        )?,
     )?;
     eprintln!("xtask: results in {}", args.json.display());
     Ok(())

@@ -6,6 +6,7 @@
 mod bench;
 mod dist;
 mod setup;
+mod storm_bench;
 mod vm;
 
 use std::{
@@ -191,9 +192,18 @@ fn main() -> ExitCode {
             .and_then(|arches| dist::dist(&arches))
             .map(drop),
         Task::Bench(args) => build(true).and_then(|bindtrace| {
-            run(cargo().args(["build", "--release", "--package", "xtask", "--bin", "bind-storm"]))?;
-            let storm = workspace_root().join("target/release/bind-storm");
-            bench::bench(&args, &bindtrace, &storm)
+            run(cargo().args([
+                "build",
+                "--release",
+                "--package",
+                "xtask",
+                "--bin",
+                "bind-storm",
+                "--bin",
+                "fail-storm",
+            ]))?;
+            let release = workspace_root().join("target/release");
+            bench::bench(&args, &bindtrace, &release.join("bind-storm"), &release.join("fail-storm"))
         }),
     };
     match result {

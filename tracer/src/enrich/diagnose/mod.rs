@@ -1,115 +1,33 @@
 //! Failed bind + facts → explanation. Pure: no I/O, so every case is unit-tested with
 //! constructed facts, and the live tests check that the facts are gathered right.
+//!
+//! This module classifies (which case a failure is, by the kernel's rules); `report` holds
+//! the output types, `wording` the sentences shared with `bindtrace who`.
+
+mod report;
+mod wording;
 
 use std::net::{IpAddr, SocketAddr};
 
 use bindtrace_common::{sock_flags, BindEvent, AF_INET, AF_INET6};
-use serde::Serialize;
 
+use self::report::comm_text;
+pub use self::report::Diagnosis;
+pub(crate) use self::{
+    report::{holder_report, DiagnosisFacts, HolderReport},
+    wording::holders_summary,
+};
 use super::{
     history::{BindHistory, SeenBind},
     lookup::{Facts, Holder, LookupKey, NetnsFacts},
-    owners::ProcessInfo,
-    sockdiag::{state_name, DiagSocket, Proto, TCP_LISTEN, TCP_TIME_WAIT},
+    sockdiag::{DiagSocket, Proto, TCP_LISTEN, TCP_TIME_WAIT},
 };
 use crate::{
-    clock::local_time_of_day,
     decode::{requested_endpoint, BindEventExt as _},
     errno,
 };
 
 const CAP_NET_BIND_SERVICE: u32 = 10;
-
-#[derive(Clone, Debug, PartialEq, Serialize)]
-pub struct Diagnosis {
-    /// A stable label of the case: `in_use`, `in_use_dual_stack`, `in_use_reuseport`,
-    /// `time_wait`, `released`, `privileged_port`, `refused_by_policy`,
-    /// `address_not_available`, `already_bound`, `invalid_address`, `other`, `unknown`.
-    pub kind: &'static str,
-    /// One sentence for a person: who is in the way and what to do.
-    pub summary: String,
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub holders: Vec<HolderReport>,
-    #[serde(skip_serializing_if = "DiagnosisFacts::is_empty")]
-    pub facts: DiagnosisFacts,
-    /// What could not be found out (a process that exited, a namespace that is gone, ...).
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub unknown: Vec<String>,
-}
-
-#[derive(Clone, Debug, PartialEq, Serialize)]
-pub struct HolderReport {
-    pub proto: Proto,
-    pub addr: IpAddr,
-    pub port: u16,
-    pub state: &'static str,
-    pub uid: u32,
-    pub inode: u32,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub peer: Option<SocketAddr>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub timer_ms: Option<u32>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub v6only: Option<bool>,
-    pub processes: Vec<ProcessInfo>,
-    /// The holder's own bind, when bindtrace saw it.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub seen_bind: Option<SeenBindReport>,
-}
-
-#[derive(Clone, Debug, PartialEq, Serialize)]
-pub struct SeenBindReport {
-    /// Local time of day, as in the table.
-    pub time: String,
-    pub pid: u32,
-    pub comm: String,
-    pub reuseaddr: bool,
-    pub reuseport: bool,
-}
-
-/// Facts behind the verdict, each present only where it was relevant and known.
-#[derive(Clone, Debug, Default, PartialEq, Serialize)]
-pub struct DiagnosisFacts {
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub ip_unprivileged_port_start: Option<i64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub cap_net_bind_service: Option<bool>,
-    /// CapEff of the failing process, hex as in /proc/PID/status.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub cap_eff: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub ip_nonlocal_bind: Option<i64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub address_assigned: Option<bool>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub already_bound_to: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub time_wait_expires_ms: Option<u32>,
-    /// SO_REUSEADDR on the failing socket (TIME_WAIT case).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub new_socket_reuseaddr: Option<bool>,
-    /// SO_REUSEADDR on the socket that went into TIME_WAIT, when bindtrace saw its bind.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub old_socket_reuseaddr: Option<bool>,
-}
-
-/// Said of a diagnosis made before every lookup it needed had answered.
-const UNFINISHED: &str = "a lookup did not finish in time; this diagnosis may be incomplete";
-
-impl Diagnosis {
-    /// Marks a diagnosis made without every answer it needed.
-    pub(crate) fn note_unfinished(&mut self) {
-        if !self.unknown.iter().any(|u| u.contains("did not finish")) {
-            self.unknown.push(UNFINISHED.to_owned());
-        }
-    }
-}
-
-impl DiagnosisFacts {
-    fn is_empty(&self) -> bool {
-        *self == Self::default()
-    }
-}
 
 /// The lookups a failed bind needs, if any.
 pub fn needed_lookups(event: &BindEvent) -> Vec<LookupKey> {
@@ -148,116 +66,13 @@ pub fn conflicts(requested: Option<IpAddr>, requested_v6only: bool, holder: &Dia
 }
 
 /// Order in which holders are named: listeners first, TIME_WAIT last.
-fn holder_rank(socket: &DiagSocket) -> u8 {
+pub(crate) fn holder_rank(socket: &DiagSocket) -> u8 {
     match socket.state {
         TCP_LISTEN => 0,
         TCP_TIME_WAIT => 3,
         s if s == super::sockdiag::TCP_CLOSE || s == 13 => 1,
         _ => 2,
     }
-}
-
-fn comm_text(comm: &[u8]) -> String {
-    let end = comm.iter().position(|&b| b == 0).unwrap_or(comm.len());
-    String::from_utf8_lossy(&comm[..end]).into_owned()
-}
-
-fn seen_report(seen: &SeenBind) -> SeenBindReport {
-    SeenBindReport {
-        time: local_time_of_day(seen.wall_ns),
-        pid: seen.pid,
-        comm: comm_text(&seen.comm),
-        reuseaddr: seen.reuseaddr,
-        reuseport: seen.reuseport,
-    }
-}
-
-pub(crate) fn holder_report(holder: &Holder, seen: Option<&SeenBind>) -> HolderReport {
-    let socket = &holder.socket;
-    HolderReport {
-        proto: socket.proto,
-        addr: socket.local.ip(),
-        port: socket.local.port(),
-        state: state_name(socket.proto, socket.state),
-        uid: socket.uid,
-        inode: socket.inode,
-        peer: (!socket.peer.ip().is_unspecified()).then_some(socket.peer),
-        timer_ms: socket.timer_ms,
-        v6only: socket.v6only,
-        processes: holder.processes.clone(),
-        seen_bind: seen.map(seen_report),
-    }
-}
-
-/// "pid 4242 (nginx: master process)", or what is known about a socket no process holds
-/// (bindtrace may have seen who bound it).
-fn who(holder: &Holder, seen: Option<&SeenBind>) -> String {
-    match (holder.processes.as_slice(), seen) {
-        ([], _) if holder.socket.inode == 0 => "no process".to_owned(),
-        ([], Some(seen)) => format!(
-            "a socket (inode {}) that pid {} ({}) bound at {}; no process has it open now",
-            holder.socket.inode,
-            seen.pid,
-            comm_text(&seen.comm),
-            local_time_of_day(seen.wall_ns)
-        ),
-        ([], None) if !holder.owners_resolved => format!(
-            "a socket (inode {}, uid {}) whose process could not be resolved",
-            holder.socket.inode, holder.socket.uid
-        ),
-        ([], None) => format!(
-            "a socket (inode {}, uid {}) that no visible process has open",
-            holder.socket.inode, holder.socket.uid
-        ),
-        ([first, rest @ ..], _) => {
-            let name = if first.cmdline.is_empty() { &first.comm } else { &first.cmdline };
-            let mut text = format!("pid {} ({})", first.pid, name.chars().take(80).collect::<String>());
-            if !rest.is_empty() {
-                text.push_str(&format!(" and {} more process{}", rest.len(), if rest.len() == 1 { "" } else { "es" }));
-            }
-            text
-        }
-    }
-}
-
-fn endpoint(addr: SocketAddr) -> String {
-    match addr {
-        SocketAddr::V4(v4) => v4.to_string(),
-        SocketAddr::V6(v6) => format!("[{}]:{}", v6.ip(), v6.port()),
-    }
-}
-
-/// The sentence for sockets holding a port, shared with `bindtrace who`.
-pub fn holders_summary(proto: Proto, port: u16, holders: &[Holder], seen: Option<&SeenBind>) -> String {
-    let Some(first) = holders.iter().min_by_key(|h| holder_rank(&h.socket)) else {
-        return format!("nothing holds port {port}/{} now", proto.name());
-    };
-    if holders.iter().all(|h| h.socket.state == TCP_TIME_WAIT) {
-        let expires = holders.iter().filter_map(|h| h.socket.timer_ms).max();
-        return format!(
-            "only TIME_WAIT sockets hold {port}/{} ({}{}), no process",
-            proto.name(),
-            holders.len(),
-            expires.map(|ms| format!(", expires in {} s", ms.div_ceil(1000))).unwrap_or_default()
-        );
-    }
-    let since = seen
-        .filter(|_| !first.processes.is_empty())
-        .map(|s| format!(" since {}", local_time_of_day(s.wall_ns)))
-        .unwrap_or_default();
-    let others = holders.len() - 1;
-    format!(
-        "port {port}/{} is held by {}, {} on {}{since}{}",
-        proto.name(),
-        who(first, seen),
-        state_name(proto, first.socket.state),
-        endpoint(first.socket.local),
-        if others > 0 {
-            format!(" (+{others} more socket{})", if others == 1 { "" } else { "s" })
-        } else {
-            String::new()
-        }
-    )
 }
 
 /// The bind bindtrace saw for a holder: by its own process if it bound the port itself, else
@@ -593,7 +408,10 @@ mod tests {
     use super::*;
     use crate::{
         decode::tests::sample_event,
-        enrich::lookup::{ProcessCaps, SocketTable},
+        enrich::{
+            lookup::{ProcessCaps, SocketTable},
+            owners::ProcessInfo,
+        },
     };
 
     fn socket(local: &str, state: u8, v6only: Option<bool>) -> DiagSocket {

@@ -1,0 +1,137 @@
+//! What a diagnosis says, in the shape both sinks and `bindtrace who` print: the output
+//! types, and the holder entries built from the facts.
+
+use std::net::{IpAddr, SocketAddr};
+
+use serde::Serialize;
+
+use super::super::{
+    history::SeenBind,
+    lookup::Holder,
+    owners::ProcessInfo,
+    sockdiag::{state_name, Proto},
+};
+use crate::clock::local_time_of_day;
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Diagnosis {
+    /// A stable label of the case: `in_use`, `in_use_dual_stack`, `in_use_reuseport`,
+    /// `time_wait`, `released`, `privileged_port`, `refused_by_policy`,
+    /// `address_not_available`, `already_bound`, `invalid_address`, `other`, `unknown`.
+    pub kind: &'static str,
+    /// One sentence for a person: who is in the way and what to do.
+    pub summary: String,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub holders: Vec<HolderReport>,
+    #[serde(skip_serializing_if = "DiagnosisFacts::is_empty")]
+    pub facts: DiagnosisFacts,
+    /// What could not be found out (a process that exited, a namespace that is gone, ...).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub unknown: Vec<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct HolderReport {
+    pub proto: Proto,
+    pub addr: IpAddr,
+    pub port: u16,
+    pub state: &'static str,
+    pub uid: u32,
+    pub inode: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peer: Option<SocketAddr>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub timer_ms: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub v6only: Option<bool>,
+    pub processes: Vec<ProcessInfo>,
+    /// The holder's own bind, when bindtrace saw it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub seen_bind: Option<SeenBindReport>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct SeenBindReport {
+    /// Local time of day, as in the table.
+    pub time: String,
+    pub pid: u32,
+    pub comm: String,
+    pub reuseaddr: bool,
+    pub reuseport: bool,
+}
+
+/// Facts behind the verdict, each present only where it was relevant and known.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct DiagnosisFacts {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ip_unprivileged_port_start: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cap_net_bind_service: Option<bool>,
+    /// CapEff of the failing process, hex as in /proc/PID/status.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cap_eff: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ip_nonlocal_bind: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub address_assigned: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub already_bound_to: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub time_wait_expires_ms: Option<u32>,
+    /// SO_REUSEADDR on the failing socket (TIME_WAIT case).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub new_socket_reuseaddr: Option<bool>,
+    /// SO_REUSEADDR on the socket that went into TIME_WAIT, when bindtrace saw its bind.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub old_socket_reuseaddr: Option<bool>,
+}
+
+/// Said of a diagnosis made before every lookup it needed had answered.
+const UNFINISHED: &str = "a lookup did not finish in time; this diagnosis may be incomplete";
+
+impl Diagnosis {
+    /// Marks a diagnosis made without every answer it needed.
+    pub(crate) fn note_unfinished(&mut self) {
+        if !self.unknown.iter().any(|u| u.contains("did not finish")) {
+            self.unknown.push(UNFINISHED.to_owned());
+        }
+    }
+}
+
+impl DiagnosisFacts {
+    fn is_empty(&self) -> bool {
+        *self == Self::default()
+    }
+}
+
+pub(crate) fn comm_text(comm: &[u8]) -> String {
+    let end = comm.iter().position(|&b| b == 0).unwrap_or(comm.len());
+    String::from_utf8_lossy(&comm[..end]).into_owned()
+}
+
+pub(crate) fn seen_report(seen: &SeenBind) -> SeenBindReport {
+    SeenBindReport {
+        time: local_time_of_day(seen.wall_ns),
+        pid: seen.pid,
+        comm: comm_text(&seen.comm),
+        reuseaddr: seen.reuseaddr,
+        reuseport: seen.reuseport,
+    }
+}
+
+pub(crate) fn holder_report(holder: &Holder, seen: Option<&SeenBind>) -> HolderReport {
+    let socket = &holder.socket;
+    HolderReport {
+        proto: socket.proto,
+        addr: socket.local.ip(),
+        port: socket.local.port(),
+        state: state_name(socket.proto, socket.state),
+        uid: socket.uid,
+        inode: socket.inode,
+        peer: (!socket.peer.ip().is_unspecified()).then_some(socket.peer),
+        timer_ms: socket.timer_ms,
+        v6only: socket.v6only,
+        processes: holder.processes.clone(),
+        seen_bind: seen.map(seen_report),
+    }
+}

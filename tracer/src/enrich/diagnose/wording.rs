@@ -1,0 +1,86 @@
+//! The sentences: who holds a port, in words a person acts on. Shared by the live diagnosis
+//! and `bindtrace who`.
+
+use std::net::SocketAddr;
+
+use super::{
+    super::{
+        history::SeenBind,
+        lookup::Holder,
+        sockdiag::{state_name, Proto, TCP_TIME_WAIT},
+    },
+    holder_rank,
+    report::comm_text,
+};
+use crate::clock::local_time_of_day;
+
+/// "pid 4242 (nginx: master process)", or what is known about a socket no process holds
+/// (bindtrace may have seen who bound it).
+pub(crate) fn who(holder: &Holder, seen: Option<&SeenBind>) -> String {
+    match (holder.processes.as_slice(), seen) {
+        ([], _) if holder.socket.inode == 0 => "no process".to_owned(),
+        ([], Some(seen)) => format!(
+            "a socket (inode {}) that pid {} ({}) bound at {}; no process has it open now",
+            holder.socket.inode,
+            seen.pid,
+            comm_text(&seen.comm),
+            local_time_of_day(seen.wall_ns)
+        ),
+        ([], None) if !holder.owners_resolved => format!(
+            "a socket (inode {}, uid {}) whose process could not be resolved",
+            holder.socket.inode, holder.socket.uid
+        ),
+        ([], None) => format!(
+            "a socket (inode {}, uid {}) that no visible process has open",
+            holder.socket.inode, holder.socket.uid
+        ),
+        ([first, rest @ ..], _) => {
+            let name = if first.cmdline.is_empty() { &first.comm } else { &first.cmdline };
+            let mut text = format!("pid {} ({})", first.pid, name.chars().take(80).collect::<String>());
+            if !rest.is_empty() {
+                text.push_str(&format!(" and {} more process{}", rest.len(), if rest.len() == 1 { "" } else { "es" }));
+            }
+            text
+        }
+    }
+}
+
+pub(crate) fn endpoint(addr: SocketAddr) -> String {
+    match addr {
+        SocketAddr::V4(v4) => v4.to_string(),
+        SocketAddr::V6(v6) => format!("[{}]:{}", v6.ip(), v6.port()),
+    }
+}
+
+/// The sentence for sockets holding a port, shared with `bindtrace who`.
+pub(crate) fn holders_summary(proto: Proto, port: u16, holders: &[Holder], seen: Option<&SeenBind>) -> String {
+    let Some(first) = holders.iter().min_by_key(|h| holder_rank(&h.socket)) else {
+        return format!("nothing holds port {port}/{} now", proto.name());
+    };
+    if holders.iter().all(|h| h.socket.state == TCP_TIME_WAIT) {
+        let expires = holders.iter().filter_map(|h| h.socket.timer_ms).max();
+        return format!(
+            "only TIME_WAIT sockets hold {port}/{} ({}{}), no process",
+            proto.name(),
+            holders.len(),
+            expires.map(|ms| format!(", expires in {} s", ms.div_ceil(1000))).unwrap_or_default()
+        );
+    }
+    let since = seen
+        .filter(|_| !first.processes.is_empty())
+        .map(|s| format!(" since {}", local_time_of_day(s.wall_ns)))
+        .unwrap_or_default();
+    let others = holders.len() - 1;
+    format!(
+        "port {port}/{} is held by {}, {} on {}{since}{}",
+        proto.name(),
+        who(first, seen),
+        state_name(proto, first.socket.state),
+        endpoint(first.socket.local),
+        if others > 0 {
+            format!(" (+{others} more socket{})", if others == 1 { "" } else { "s" })
+        } else {
+            String::new()
+        }
+    )
+}
