@@ -46,6 +46,9 @@ const TICK: Duration = Duration::from_secs(1);
 /// within about this long; a second Ctrl-C ends at once.
 const FINISH_TIMEOUT: Duration = Duration::from_millis(500);
 
+/// Events written between two reads of the ring (see [`Pipeline::pump`]).
+const EMIT_SLICE: usize = 512;
+
 pub struct Pipeline<'a> {
     pub filter: &'a EventFilter,
     pub enricher: Enricher,
@@ -91,10 +94,9 @@ fn is_closed_output(err: &io::Error) -> bool {
 }
 
 impl Pipeline<'_> {
-    /// Handles every record in the ring buffer now, then writes the batch out.
-    fn drain(&mut self, ring: &mut RingBuf<MapData>) -> io::Result<Drained> {
+    /// Reads every record in the ring buffer now into the enrich stage.
+    fn read_ring(&mut self, ring: &mut RingBuf<MapData>) -> (usize, Option<Ending>) {
         let mut records = 0;
-        let mut stop = None;
         // One arrival time for the batch: every record in it was in the ring by then, so a
         // lookup started after it sees the state after each of their binds.
         let arrived = std::time::Instant::now();
@@ -108,8 +110,7 @@ impl Pipeline<'_> {
                     self.summary.record(&event);
                     self.enricher.push(event, self.clock.wall_ns(event.timestamp_ns), arrived);
                     if self.limits.count.is_some_and(|limit| self.summary.events() >= limit) {
-                        stop = Some(Ending::Count);
-                        break;
+                        return (records, Some(Ending::Count));
                     }
                 }
                 Err(err) => {
@@ -120,11 +121,41 @@ impl Pipeline<'_> {
                 }
             }
         }
+        (records, None)
+    }
+
+    /// Reads the ring and writes what is ready, [`EMIT_SLICE`] events at a time with a read
+    /// of the ring between slices: an answer that completes a whole window can make
+    /// thousands of events ready at once, and writing them all before reading again left the
+    /// ring unread for longer than it holds (events lost under `cargo xtask bench --parts
+    /// storms`).
+    fn pump(&mut self, ring: &mut RingBuf<MapData>) -> io::Result<Drained> {
+        let mut total = 0;
+        loop {
+            let (records, stop) = self.read_ring(ring);
+            total += records;
+            if let Some(ending) = stop {
+                self.emit_ready(false)?;
+                return Ok(Drained::Stop(ending));
+            }
+            let written = self.emit_slice(std::time::Instant::now(), false, EMIT_SLICE)?;
+            if records == 0 && written < EMIT_SLICE {
+                break;
+            }
+        }
         self.emit_ready(false)?;
-        Ok(match stop {
-            Some(ending) => Drained::Stop(ending),
-            None => Drained::Continue(records),
-        })
+        Ok(Drained::Continue(total))
+    }
+
+    /// Writes up to `max` ready events; returns how many.
+    fn emit_slice(&mut self, now: std::time::Instant, force: bool, max: usize) -> io::Result<usize> {
+        let mut written = 0;
+        while written < max {
+            let Some(ready) = self.enricher.pop(now, force) else { break };
+            self.sink.event(&ready)?;
+            written += 1;
+        }
+        Ok(written)
     }
 
     /// Passes every event that is ready (diagnosed, or due) to the sink in order, then the
@@ -133,9 +164,7 @@ impl Pipeline<'_> {
     fn emit_ready(&mut self, force: bool) -> io::Result<()> {
         let now = std::time::Instant::now();
         self.enricher.poll(now);
-        while let Some(ready) = self.enricher.pop(now, force) {
-            self.sink.event(&ready)?;
-        }
+        self.emit_slice(now, force, usize::MAX)?;
         for follow_up in self.enricher.follow_ups(now, force) {
             self.sink.follow_up(&follow_up)?;
         }
@@ -204,7 +233,7 @@ impl Pipeline<'_> {
                     let mut guard = guard.context("waiting for the ring buffer")?;
                     // Clear first, then drain: a record that lands after the drain re-arms the fd.
                     guard.clear_ready();
-                    match self.drain(guard.get_inner_mut()) {
+                    match self.pump(guard.get_inner_mut()) {
                         Ok(Drained::Continue(records)) => {
                             if records > 0 {
                                 last_records = Instant::now();
@@ -217,7 +246,7 @@ impl Pipeline<'_> {
                     }
                 }
                 _ = async { sleep_until(recheck.unwrap_or_else(Instant::now)).await }, if recheck.is_some() => {
-                    match self.drain(ring.get_mut()) {
+                    match self.pump(ring.get_mut()) {
                         Ok(Drained::Continue(records)) => {
                             let now = Instant::now();
                             if records > 0 {
@@ -234,22 +263,24 @@ impl Pipeline<'_> {
                     let written = match done {
                         Some(done) => {
                             self.enricher.complete(done);
-                            self.emit_ready(false)
+                            self.pump(ring.get_mut())
                         }
                         None => {
                             results = None; // the worker is gone; queued events are forced out at the end
-                            Ok(())
+                            Ok(Drained::Continue(0))
                         }
                     };
                     match written {
-                        Ok(()) => {}
+                        Ok(Drained::Continue(_)) => {}
+                        Ok(Drained::Stop(ending)) => break ending,
                         Err(err) if is_closed_output(&err) => break Ending::OutputClosed,
                         Err(err) => return Err(err).context("writing events"),
                     }
                 }
                 _ = async { sleep_until(enrich_wake.unwrap_or_else(Instant::now)).await }, if enrich_wake.is_some() => {
-                    match self.emit_ready(false) {
-                        Ok(()) => {}
+                    match self.pump(ring.get_mut()) {
+                        Ok(Drained::Continue(_)) => {}
+                        Ok(Drained::Stop(ending)) => break ending,
                         Err(err) if is_closed_output(&err) => break Ending::OutputClosed,
                         Err(err) => return Err(err).context("writing events"),
                     }
@@ -275,7 +306,7 @@ impl Pipeline<'_> {
         // so every bind that completed before the stop is in the output.
         let mut finished = Ok(());
         if matches!(ending, Ending::Signal | Ending::Duration) {
-            finished = self.drain(ring.get_mut()).map(|_| ());
+            finished = self.pump(ring.get_mut()).map(|_| ());
         }
         let finished = match finished {
             Ok(()) => self.finish(&mut results, &mut signals).await,

@@ -249,7 +249,7 @@ fn available(program: &str) -> bool {
         .is_ok_and(|s| s.success())
 }
 
-pub fn bench(args: &BenchArgs, bindtrace: &Path, storm_bin: &Path, fail_storm_bin: &Path) -> Result<()> {
+pub fn bench(args: &BenchArgs, bindtrace: &Path, storm_bin: &Path, release_dir: &Path) -> Result<()> {
     for part in &args.parts {
         if part != "rate" && part != "storms" {
             bail!("unknown bench part {part}: use rate, storms or both");
@@ -379,7 +379,11 @@ pub fn bench(args: &BenchArgs, bindtrace: &Path, storm_bin: &Path, fail_storm_bi
     }
     let mut storms = Value::Null;
     if args.parts.iter().any(|p| p == "storms") {
-        let (table, json) = crate::storm_bench::failure_storms(bindtrace, fail_storm_bin)?;
+        let (table, json) = crate::storm_bench::failure_storms(
+            bindtrace,
+            &release_dir.join("fail-storm"),
+            &release_dir.join("ndjson-meter"),
+        )?;
         markdown.push_str(&table);
         storms = json;
     }

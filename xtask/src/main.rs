@@ -201,9 +201,11 @@ fn main() -> ExitCode {
                 "bind-storm",
                 "--bin",
                 "fail-storm",
+                "--bin",
+                "ndjson-meter",
             ]))?;
             let release = workspace_root().join("target/release");
-            bench::bench(&args, &bindtrace, &release.join("bind-storm"), &release.join("fail-storm"))
+            bench::bench(&args, &bindtrace, &release.join("bind-storm"), &release)
         }),
     };
     match result {

@@ -43,7 +43,10 @@ pub(crate) struct Holder {
 /// sockets on the ports that were asked about.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub(crate) struct SocketTable {
-    by_port: HashMap<u16, Vec<DiagSocket>>,
+    /// Sorted by local port: one allocation per dump. A map of per-port vectors cost ~10,000
+    /// allocations per dump of 10,000 sockets, and malloc/free led the profile of a failure
+    /// storm (`perf record`, `cargo xtask bench --parts storms`).
+    by_port: Vec<DiagSocket>,
     /// Socket inode → pids, for the sockets on the ports asked about.
     owners: HashMap<u32, Vec<u32>>,
     processes: HashMap<u32, ProcessInfo>,
@@ -56,10 +59,8 @@ impl SocketTable {
     /// The sockets on `port`, each with its processes.
     pub(crate) fn holders(&self, port: u16) -> Vec<Holder> {
         let resolved = self.resolved_ports.contains(&port);
-        self.by_port
-            .get(&port)
-            .into_iter()
-            .flatten()
+        self.on_port(port)
+            .iter()
             .map(|socket| Holder {
                 socket: socket.clone(),
                 processes: self
@@ -72,6 +73,12 @@ impl SocketTable {
                 owners_resolved: resolved || socket.inode == 0,
             })
             .collect()
+    }
+
+    fn on_port(&self, port: u16) -> &[DiagSocket] {
+        let start = self.by_port.partition_point(|s| s.local.port() < port);
+        let end = self.by_port.partition_point(|s| s.local.port() <= port);
+        &self.by_port[start..end]
     }
 
     /// Sockets in the dump, on every port.
@@ -92,8 +99,9 @@ impl SocketTable {
             }
             table.owners.insert(holder.socket.inode, pids);
             table.resolved_ports.insert(port);
-            table.by_port.entry(port).or_default().push(holder.socket);
+            table.by_port.push(holder.socket);
         }
+        table.by_port.sort_by_key(|s| s.local.port());
         table
     }
 }
@@ -172,17 +180,11 @@ impl Lookups {
             .run(|| sockets_on_port(proto, None))
             .map_err(|e| format!("{e:#}"))?
             .map_err(|e| format!("sock_diag query failed: {e}"))?;
-        let mut table = SocketTable { sockets: sockets.len(), ..SocketTable::default() };
-        for socket in sockets {
-            table.by_port.entry(socket.local.port()).or_default().push(socket);
-        }
-        let wanted: Vec<u32> = ports
-            .iter()
-            .filter_map(|port| table.by_port.get(port))
-            .flatten()
-            .map(|s| s.inode)
-            .filter(|&inode| inode != 0)
-            .collect();
+        let mut sockets = sockets;
+        sockets.sort_unstable_by_key(|s| s.local.port());
+        let mut table = SocketTable { sockets: sockets.len(), by_port: sockets, ..SocketTable::default() };
+        let wanted: Vec<u32> =
+            ports.iter().flat_map(|&port| table.on_port(port)).map(|s| s.inode).filter(|&inode| inode != 0).collect();
         self.owners.resolve(&wanted, dumped_at);
         for inode in wanted {
             let pids = self.owners.cached(inode);

@@ -23,7 +23,7 @@ pub(crate) mod owners;
 pub(crate) mod sockdiag;
 
 use std::{
-    collections::{HashMap, HashSet, VecDeque},
+    collections::VecDeque,
     panic::AssertUnwindSafe,
     sync::{
         mpsc::{self, SyncSender, TrySendError},
@@ -33,6 +33,10 @@ use std::{
 };
 
 use bindtrace_common::BindEvent;
+// FxHash: these maps are hit once or twice per event, and SipHash was ~7% of the output
+// stage's CPU under a failure storm (`perf record`). Keys are kernel-made, not attacker-chosen
+// strings.
+use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
 pub use self::diagnose::Diagnosis;
@@ -102,7 +106,7 @@ impl KeyState {
             in_flight: None,
             last_requested: None,
             wanted: false,
-            ports: HashSet::new(),
+            ports: HashSet::default(),
             pid_hint: 0,
             touched: now,
         }
@@ -250,13 +254,13 @@ impl Enricher {
             next_seq: 0,
             queue: VecDeque::new(),
             following: VecDeque::new(),
-            keys: HashMap::new(),
-            wanting: HashSet::new(),
+            keys: HashMap::default(),
+            wanting: HashSet::default(),
             history: BindHistory::default(),
             jobs: None,
             results_tx,
             results: Some(results),
-            memo: HashMap::new(),
+            memo: HashMap::default(),
             counters: EnrichCounters::default(),
             last_sweep: now,
         };

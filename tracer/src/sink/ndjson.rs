@@ -1,11 +1,12 @@
 //! One JSON object per line. Field names are a stable interface, documented in
 //! docs/ndjson-schema.md: change both together.
 
-use std::{borrow::Cow, io, net::IpAddr};
+use std::{borrow::Cow, collections::HashMap, io, net::IpAddr, sync::Arc};
 
 use bindtrace_common::sock_flags;
 use bytes::BufMut as _;
 use serde::Serialize;
+use serde_json::value::RawValue;
 
 use super::{Output, Sink};
 use crate::{
@@ -58,7 +59,7 @@ struct EventRecord<'a> {
     cgroup_id: u64,
     backend: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
-    diagnosis: Option<&'a Diagnosis>,
+    diagnosis: Option<&'a RawValue>,
     /// The diagnosis comes later, in a `diagnosis` record with this event's `seq`.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     diagnosis_follows: bool,
@@ -82,7 +83,7 @@ struct DiagnosisRecord<'a> {
     port: Option<u16>,
     proto: Option<&'static str>,
     errno_name: Option<&'static str>,
-    diagnosis: &'a Diagnosis,
+    diagnosis: &'a RawValue,
 }
 
 #[derive(Serialize)]
@@ -97,12 +98,38 @@ pub struct NdjsonSink {
     output: Output,
     time: Rfc3339,
     scratch: Vec<u8>,
+    /// Diagnoses already encoded, by identity: identical failures share one `Arc<Diagnosis>`
+    /// (see enrich), and encoding a diagnosis with its holders was a third of the output
+    /// stage's CPU under a failure storm (`perf record`); each is encoded once.
+    encoded: HashMap<usize, (Arc<Diagnosis>, Box<RawValue>)>,
 }
+
+/// Encoded diagnoses kept; the cache starts over past this (a diagnosis is shared within a
+/// lookup window, so old entries are rarely worth keeping).
+const ENCODED_MAX: usize = 1024;
 
 impl NdjsonSink {
     pub fn new(output: Output) -> Self {
-        Self { output, time: Rfc3339::default(), scratch: Vec::with_capacity(40) }
+        Self { output, time: Rfc3339::default(), scratch: Vec::with_capacity(40), encoded: HashMap::new() }
     }
+}
+
+/// The JSON of `diagnosis`, encoded once per `Arc` (kept alive by the cache, so its address
+/// stays its identity).
+fn encoded<'c>(
+    cache: &'c mut HashMap<usize, (Arc<Diagnosis>, Box<RawValue>)>,
+    diagnosis: &Arc<Diagnosis>,
+) -> io::Result<&'c RawValue> {
+    let key = Arc::as_ptr(diagnosis) as usize;
+    if !cache.contains_key(&key) {
+        if cache.len() >= ENCODED_MAX {
+            cache.clear();
+        }
+        let json = serde_json::to_string(&**diagnosis).map_err(io::Error::other)?;
+        let raw = RawValue::from_string(json).map_err(io::Error::other)?;
+        cache.insert(key, (diagnosis.clone(), raw));
+    }
+    cache.get(&key).map(|(_, raw)| &**raw).ok_or_else(|| io::Error::other("encoded diagnosis missing"))
 }
 
 fn write_line<T: Serialize>(output: &mut Output, value: &T) -> io::Result<()> {
@@ -158,7 +185,7 @@ impl Sink for NdjsonSink {
             cgroup_id: event.cgroup_id,
             backend: event.backend_name(),
             diagnosis: match &enriched.explained {
-                Explained::Now(diagnosis) => Some(diagnosis),
+                Explained::Now(diagnosis) => Some(encoded(&mut self.encoded, diagnosis)?),
                 _ => None,
             },
             diagnosis_follows: enriched.explained == Explained::Follows,
@@ -186,7 +213,7 @@ impl Sink for NdjsonSink {
             port: addr.map(|_| event.port),
             proto: event.proto_name(),
             errno_name: event.errno().and_then(errno::name),
-            diagnosis: &follow_up.diagnosis,
+            diagnosis: encoded(&mut self.encoded, &follow_up.diagnosis)?,
         };
         write_line(&mut self.output, &record)
     }
