@@ -154,9 +154,28 @@ impl Tracer {
 
     /// Waits for a bind event matching `pred` (the events come live, while the tracer runs).
     pub fn wait_for(&mut self, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        self.wait_for_record(what, |v| v["type"] == "bind" && pred(v))
+    }
+
+    /// The diagnosis of a failed bind event: on the event, or, when it says
+    /// `diagnosis_follows`, in the `diagnosis` record with its `seq` (waited for). An event
+    /// with neither fails the test.
+    pub fn diagnosis_of(&mut self, event: &Value) -> Value {
+        if event["diagnosis"].is_object() {
+            return event["diagnosis"].clone();
+        }
+        assert_eq!(event["diagnosis_follows"], true, "a failed bind carries a diagnosis or its promise: {event}");
+        let seq = event["seq"].clone();
+        let record =
+            self.wait_for_record("the diagnosis that follows", |v| v["type"] == "diagnosis" && v["seq"] == seq);
+        assert!(record["diagnosis"].is_object(), "{record}");
+        record["diagnosis"].clone()
+    }
+
+    /// Waits for any NDJSON record matching `pred`.
+    pub fn wait_for_record(&mut self, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
         let deadline = Instant::now() + EVENT_TIMEOUT;
-        let matches =
-            |line: &String| serde_json::from_str::<Value>(line).ok().filter(|v| v["type"] == "bind" && pred(v));
+        let matches = |line: &String| serde_json::from_str::<Value>(line).ok().filter(&pred);
         if let Some(found) = self.seen.iter().find_map(matches) {
             return found;
         }
