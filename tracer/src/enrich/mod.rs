@@ -65,7 +65,7 @@ const FOLLOWING_MAX: usize = 4_096;
 const KEYS_MAX: usize = 4_096;
 const JOBS_MAX: usize = 64;
 const PORTS_PER_JOB_MAX: usize = 4_096;
-const MEMO_MAX: usize = 4_096;
+const MEMO_MAX: usize = 1_024;
 /// A key nobody asked about for this long is forgotten.
 const KEY_IDLE: Duration = Duration::from_secs(10);
 

@@ -106,7 +106,7 @@ pub struct NdjsonSink {
 
 /// Encoded diagnoses kept; the cache starts over past this (a diagnosis is shared within a
 /// lookup window, so old entries are rarely worth keeping).
-const ENCODED_MAX: usize = 1024;
+const ENCODED_MAX: usize = 256;
 
 impl NdjsonSink {
     pub fn new(output: Output) -> Self {
