@@ -66,6 +66,7 @@ const KEYS_MAX: usize = 4_096;
 const JOBS_MAX: usize = 64;
 const PORTS_PER_JOB_MAX: usize = 4_096;
 const MEMO_MAX: usize = 1_024;
+const RECENT_MAX: usize = 65_536;
 /// A key nobody asked about for this long is forgotten.
 const KEY_IDLE: Duration = Duration::from_secs(10);
 
@@ -223,6 +224,10 @@ pub struct Enricher {
     memo: HashMap<MemoKey, (Vec<Instant>, Arc<Diagnosis>)>,
     counters: EnrichCounters,
     last_sweep: Instant,
+    /// When a diagnosis was last written for a (netns, protocol, port): under pressure, a
+    /// failure on a port diagnosed within the last second is the one to shed, so that the
+    /// room left goes to ports that have none.
+    recently_diagnosed: HashMap<(u32, u16, u16), Instant>,
 }
 
 fn worker(jobs: mpsc::Receiver<Job>, results: UnboundedSender<Done>) {
@@ -263,6 +268,7 @@ impl Enricher {
             memo: HashMap::default(),
             counters: EnrichCounters::default(),
             last_sweep: now,
+            recently_diagnosed: HashMap::default(),
         };
         if enabled {
             match spawn_worker(enricher.results_tx.clone()) {
@@ -486,9 +492,16 @@ impl Enricher {
             Explained::Shed(SHED_STOPPED)
         } else if answered || force || pending.keys.is_empty() {
             match self.diagnosis_of(&pending, force && !answered) {
-                Some(diagnosis) => Explained::Now(diagnosis),
+                Some(diagnosis) => {
+                    self.note_diagnosed(&pending.event, now);
+                    Explained::Now(diagnosis)
+                }
                 None => Explained::Nothing,
             }
+        } else if self.following.len() >= FOLLOWING_MAX / 2 && self.diagnosed_within_a_second(&pending.event, now) {
+            // Under pressure: this port already has a recent diagnosis.
+            self.counters.shed += 1;
+            Explained::Shed(SHED_OVERLOAD)
         } else if self.following.len() < FOLLOWING_MAX {
             self.following.push_back(pending);
             return Some(self.follows_marker());
@@ -523,11 +536,29 @@ impl Enricher {
             }
             if let Some(diagnosis) = self.diagnosis_of(&pending, !answered) {
                 self.counters.followed += 1;
+                self.note_diagnosed(&pending.event, now);
                 out.push(FollowUp { seq: pending.seq, event: pending.event, wall_ns: pending.wall_ns, diagnosis });
             }
         }
         self.following = still;
         out
+    }
+
+    fn port_key(event: &BindEvent) -> (u32, u16, u16) {
+        (event.netns_ino, event.protocol, event.port)
+    }
+
+    fn note_diagnosed(&mut self, event: &BindEvent, now: Instant) {
+        if self.recently_diagnosed.len() >= RECENT_MAX {
+            self.recently_diagnosed.clear();
+        }
+        self.recently_diagnosed.insert(Self::port_key(event), now);
+    }
+
+    fn diagnosed_within_a_second(&self, event: &BindEvent, now: Instant) -> bool {
+        self.recently_diagnosed
+            .get(&Self::port_key(event))
+            .is_some_and(|at| now.saturating_duration_since(*at) < Duration::from_secs(1))
     }
 
     fn diagnosis_of(&mut self, pending: &Pending, incomplete: bool) -> Option<Arc<Diagnosis>> {
