@@ -134,6 +134,8 @@ const ENTER_ADDRLEN: usize = 32;
 
 const SOCKADDR_IN_LEN: u32 = 16;
 const SOCKADDR_IN6_LEN: u32 = 28;
+/// The shortest sockaddr_in6 the kernel takes (`SIN6_LEN_RFC2133`: without sin6_scope_id).
+const SOCKADDR_IN6_MIN_LEN: u32 = 24;
 const ENOTSOCK: i32 = 88;
 const EBADF: i32 = 9;
 
@@ -278,6 +280,28 @@ fn own_entry(tid: u32) -> Option<&'static EntryStamp> {
     // SAFETY: an array slot, which lives as long as the map.
     let slot = unsafe { &*slot };
     (slot.tid == tid).then_some(slot)
+}
+
+/// The entry time and arguments this thread's entry saved, copied out of its slot. The tid is
+/// checked again after the copy: a thread sharing the slot may have overwritten it meanwhile,
+/// and a mixed copy would pair this bind with another's fd and address.
+#[inline(always)]
+fn saved_entry(tid: u32) -> Option<(Option<u64>, SyscallArgs)> {
+    let slot = own_entry(tid)?;
+    // SAFETY: fields of an array slot; volatile, so that the copy happens between the checks.
+    let copy = unsafe {
+        (
+            core::ptr::read_volatile(&raw const slot.entered_ns),
+            SyscallArgs {
+                fd: core::ptr::read_volatile(&raw const slot.fd),
+                addr: core::ptr::read_volatile(&raw const slot.addr),
+                addrlen: core::ptr::read_volatile(&raw const slot.addrlen),
+            },
+        )
+    };
+    // SAFETY: as above.
+    let still_ours = unsafe { core::ptr::read_volatile(&raw const slot.tid) } == tid;
+    still_ours.then_some((Some(copy.0), copy.1))
 }
 
 /// When this thread entered the bind() now returning, if its stamp is still there.
@@ -507,7 +531,7 @@ fn read_requested_address(addr: *const u8, in_kernel: bool, addrlen: u32) -> Req
     req.family = family;
     let needed = match family {
         AF_INET => SOCKADDR_IN_LEN,
-        AF_INET6 => SOCKADDR_IN6_LEN,
+        AF_INET6 => SOCKADDR_IN6_MIN_LEN,
         _ => 2,
     };
     if addrlen < needed {
@@ -517,7 +541,8 @@ fn read_requested_address(addr: *const u8, in_kernel: bool, addrlen: u32) -> Req
     req.port = u16::from_be((head >> 16) as u16);
     if family == AF_INET6 {
         req.addr = [word(1), word(2)];
-        // SAFETY: sin6_scope_id, bytes 24..28, within the 28 bytes read.
+        // SAFETY: sin6_scope_id, bytes 24..28 of the zeroed 32-byte buffer: 0 when addrlen
+        // is 24 and the copy stopped before it.
         req.scope_id = unsafe { buf.as_ptr().cast::<u8>().add(24).cast::<u32>().read() };
     } else if family == AF_INET {
         req.addr = [head >> 32, 0];
@@ -737,11 +762,11 @@ fn on_exit(ctx: &TracePointContext) {
         (entry_time(tid), syscall_args(layout))
     } else {
         // Before 5.15: the arguments the entry saved, or nothing to report.
-        let Some(slot) = own_entry(tid) else {
+        let Some(saved) = saved_entry(tid) else {
             count(stat::IN_FLIGHT_MISSING);
             return;
         };
-        (Some(slot.entered_ns), SyscallArgs { fd: slot.fd, addr: slot.addr, addrlen: slot.addrlen })
+        saved
     };
     let returned = Returned {
         entered_ns,

@@ -48,6 +48,9 @@ const FINISH_TIMEOUT: Duration = Duration::from_millis(500);
 
 /// Events written between two reads of the ring (see [`Pipeline::pump`]).
 const EMIT_SLICE: usize = 512;
+/// Records one read of the ring takes at most, and read-and-write rounds per pump.
+const READ_MAX: usize = 16_384;
+const PUMP_ROUNDS: usize = 64;
 
 pub struct Pipeline<'a> {
     pub filter: &'a EventFilter,
@@ -100,7 +103,9 @@ impl Pipeline<'_> {
         // One arrival time for the batch: every record in it was in the ring by then, so a
         // lookup started after it sees the state after each of their binds.
         let arrived = std::time::Instant::now();
-        while let Some(item) = ring.next() {
+        // Bounded: under a storm the producer refills the ring while it is read.
+        while records < READ_MAX {
+            let Some(item) = ring.next() else { break };
             records += 1;
             match decode(&item) {
                 Ok(event) => {
@@ -131,14 +136,19 @@ impl Pipeline<'_> {
     /// storms`).
     fn pump(&mut self, ring: &mut RingBuf<MapData>) -> io::Result<Drained> {
         let mut total = 0;
-        loop {
+        // Bounded too, so that a stop (a signal) is seen between calls however long the
+        // storm lasts; the event loop calls again while records flow.
+        for _ in 0..PUMP_ROUNDS {
             let (records, stop) = self.read_ring(ring);
             total += records;
             if let Some(ending) = stop {
                 self.emit_ready(false)?;
                 return Ok(Drained::Stop(ending));
             }
-            let written = self.emit_slice(std::time::Instant::now(), false, EMIT_SLICE)?;
+            // The batch is in: start the lookups it needs (see Enricher::push).
+            let now = std::time::Instant::now();
+            self.enricher.poll(now);
+            let written = self.emit_slice(now, false, EMIT_SLICE)?;
             if records == 0 && written < EMIT_SLICE {
                 break;
             }
@@ -271,7 +281,14 @@ impl Pipeline<'_> {
                         }
                     };
                     match written {
-                        Ok(Drained::Continue(_)) => {}
+                        // Records this read took (and the wake-up they may have carried) keep
+                        // the reader polling, as in the readable branch.
+                        Ok(Drained::Continue(records)) => {
+                            if records > 0 {
+                                last_records = Instant::now();
+                                recheck = Some(last_records + RECHECK);
+                            }
+                        }
                         Ok(Drained::Stop(ending)) => break ending,
                         Err(err) if is_closed_output(&err) => break Ending::OutputClosed,
                         Err(err) => return Err(err).context("writing events"),
@@ -279,7 +296,12 @@ impl Pipeline<'_> {
                 }
                 _ = async { sleep_until(enrich_wake.unwrap_or_else(Instant::now)).await }, if enrich_wake.is_some() => {
                     match self.pump(ring.get_mut()) {
-                        Ok(Drained::Continue(_)) => {}
+                        Ok(Drained::Continue(records)) => {
+                            if records > 0 {
+                                last_records = Instant::now();
+                                recheck = Some(last_records + RECHECK);
+                            }
+                        }
                         Ok(Drained::Stop(ending)) => break ending,
                         Err(err) if is_closed_output(&err) => break Ending::OutputClosed,
                         Err(err) => return Err(err).context("writing events"),

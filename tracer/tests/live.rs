@@ -52,7 +52,8 @@ fn successes_carry_every_field(mut tracer: Tracer) {
         let sock = socket(domain, ty);
         let text = if domain == Domain::IPV6 { format!("[{ip}]:{port}") } else { format!("{ip}:{port}") };
         sock.bind(&addr(&text)).expect("bind succeeds");
-        let event = tracer.wait_for(&text, |e| e["port"] == port && e["proto"] == proto);
+        // This thread's bind: another test may have drawn the same ephemeral port number.
+        let event = tracer.wait_for(&text, |e| e["port"] == port && e["proto"] == proto && e["tid"] == my_tid());
         assert_eq!(event["ok"], true, "{event}");
         assert_eq!(event["ret"], 0);
         assert_eq!(event["errno"], 0);

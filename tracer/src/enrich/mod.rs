@@ -59,11 +59,13 @@ const MIN_REFRESH: Duration = Duration::from_millis(50);
 /// Replacing hung workers stops after this many; diagnoses then end with a reason.
 const WORKER_RESTARTS_MAX: u32 = 3;
 /// Caps: events waiting for their deadline, diagnoses to follow, lookup keys remembered,
-/// jobs queued for the worker, ports per socket-table job, remembered diagnoses.
+/// jobs queued for the worker (see there), ports per socket-table job, remembered diagnoses.
 const QUEUE_MAX: usize = 65_536;
 const FOLLOWING_MAX: usize = 4_096;
 const KEYS_MAX: usize = 4_096;
-const JOBS_MAX: usize = 64;
+/// Few: a job's timeout counts from when it was queued, so a long queue would make healthy
+/// lookups look hung.
+const JOBS_MAX: usize = 2;
 const PORTS_PER_JOB_MAX: usize = 4_096;
 const MEMO_MAX: usize = 1_024;
 const RECENT_MAX: usize = 65_536;
@@ -224,6 +226,9 @@ pub struct Enricher {
     memo: HashMap<MemoKey, (Vec<Instant>, Arc<Diagnosis>)>,
     counters: EnrichCounters,
     last_sweep: Instant,
+    /// The worker's queue was full at the last dispatch: the next finished lookup, not a
+    /// timer, starts the next one.
+    jobs_full: bool,
     /// When a diagnosis was last written for a (netns, protocol, port): under pressure, a
     /// failure on a port diagnosed within the last second is the one to shed, so that the
     /// room left goes to ports that have none.
@@ -268,6 +273,7 @@ impl Enricher {
             memo: HashMap::default(),
             counters: EnrichCounters::default(),
             last_sweep: now,
+            jobs_full: false,
             recently_diagnosed: HashMap::default(),
         };
         if enabled {
@@ -285,6 +291,9 @@ impl Enricher {
         self.stopped = Some(reason);
         self.jobs = None;
         self.wanting.clear();
+        for state in self.keys.values_mut() {
+            state.in_flight = None;
+        }
     }
 
     /// Takes an event in arrival order and asks for the lookups it needs.
@@ -321,8 +330,9 @@ impl Enricher {
                 self.wanting.insert(*key);
             }
         }
+        // Lookups start in `poll`, once the whole ring-buffer batch is in: a lookup started
+        // halfway through a batch would predate binds read after it.
         self.queue.push_back(Pending { seq: self.next_seq, event, wall_ns, keys, arrived: now, shed });
-        self.dispatch(now);
     }
 
     /// Starts the lookups that events wait for, each key at most every [`MIN_REFRESH`].
@@ -330,6 +340,7 @@ impl Enricher {
         let Some(jobs) = self.jobs.clone() else { return };
         let mut started = Vec::new();
         let mut worker_gone = false;
+        self.jobs_full = false;
         for key in &self.wanting {
             let Some(state) = self.keys.get_mut(key) else {
                 started.push(*key);
@@ -354,7 +365,10 @@ impl Enricher {
                     started.push(*key);
                 }
                 // The worker's queue is full: this key waits for a later dispatch.
-                Err(TrySendError::Full(_)) => break,
+                Err(TrySendError::Full(_)) => {
+                    self.jobs_full = true;
+                    break;
+                }
                 Err(TrySendError::Disconnected(_)) => {
                     worker_gone = true;
                     break;
@@ -455,13 +469,15 @@ impl Enricher {
     pub fn next_wake(&self) -> Option<Instant> {
         let deadline = self.queue.front().filter(|p| !p.keys.is_empty()).map(|p| p.arrived + EMIT_DEADLINE);
         let follow_up = self.following.front().map(|p| p.arrived + FOLLOW_UP_LIMIT);
-        let refresh = self
-            .wanting
-            .iter()
-            .filter_map(|k| self.keys.get(k))
-            .filter(|s| s.in_flight.is_none())
-            .map(|s| s.last_requested.map_or(self.last_sweep, |at| at + MIN_REFRESH))
-            .min();
+        let refresh = if self.jobs_full { None } else { Some(()) };
+        let refresh = refresh.and_then(|()| {
+            self.wanting
+                .iter()
+                .filter_map(|k| self.keys.get(k))
+                .filter(|s| s.in_flight.is_none())
+                .map(|s| s.last_requested.map_or(self.last_sweep, |at| at + MIN_REFRESH))
+                .min()
+        });
         let timeout = self.keys.values().filter_map(|s| s.in_flight).min().map(|at| at + LOOKUP_TIMEOUT);
         [deadline, follow_up, refresh, timeout].into_iter().flatten().min()
     }
@@ -524,8 +540,11 @@ impl Enricher {
         let mut out = Vec::new();
         let mut still = VecDeque::with_capacity(self.following.len());
         while let Some(pending) = self.following.pop_front() {
-            if self.stopped.is_some() {
+            if let Some(reason) = &self.stopped {
+                // Its event promised a diagnosis record: it says why there is none.
                 self.counters.shed += 1;
+                let diagnosis = Arc::new(Diagnosis::stopped(reason));
+                out.push(FollowUp { seq: pending.seq, event: pending.event, wall_ns: pending.wall_ns, diagnosis });
                 continue;
             }
             let answered = self.answered(&pending);
@@ -632,6 +651,8 @@ mod tests {
         for i in 0..10_000 {
             enricher.push(sample_event(), 3 + i, start);
         }
+        assert_eq!(enricher.counters().lookups, 0, "lookups start once the batch is in");
+        enricher.poll(start);
         assert_eq!(enricher.counters().lookups, 1, "one lookup for 10,001 identical failures");
         assert!(enricher.pop(start, false).is_none(), "the first failure waits for its lookup");
         // The lookup was requested as the first event arrived: it serves the events that
@@ -657,6 +678,7 @@ mod tests {
         let mut ok = sample_event();
         ok.ret = 0;
         enricher.push(ok, 2, start);
+        enricher.poll(start);
         assert!(enricher.pop(start + EMIT_DEADLINE / 2, false).is_none(), "waits before its deadline");
         assert_eq!(enricher.next_wake(), Some(start + EMIT_DEADLINE));
         let late = start + EMIT_DEADLINE;
@@ -678,12 +700,14 @@ mod tests {
         let mut results = enricher.take_results().expect("results channel");
         let start = Instant::now();
         enricher.push(sample_event(), 1, start);
+        enricher.poll(start);
         enricher.complete(next_done(&mut results).await);
         assert!(matches!(enricher.pop(start, false).map(|e| e.explained), Some(Explained::Now(_))));
         // The same failure again, later: the old answer predates it, and a new lookup starts
         // once MIN_REFRESH has passed.
         let later = start + Duration::from_millis(10);
         enricher.push(sample_event(), 2, later);
+        enricher.poll(later);
         assert!(enricher.pop(later, false).is_none());
         assert_eq!(enricher.counters().lookups, 1, "not before MIN_REFRESH");
         assert!(enricher.next_wake().is_some_and(|at| at <= start + MIN_REFRESH));

@@ -91,7 +91,18 @@ impl SocketOwners {
         let unknown = |owners: &Self, inode: &u32| {
             !owners.by_inode.contains_key(&u64::from(*inode)) && !owners.orphans.contains(inode)
         };
-        if !inodes.iter().any(|inode| unknown(self, inode)) || self.scanned_at.is_some_and(|at| at >= dumped_at) {
+        // An indexed owner that has exited makes its entry stale (a daemon that forked and
+        // left, a reused pid): rescan rather than name a dead or unrelated process.
+        let mut alive: HashMap<u32, bool> = HashMap::new();
+        let mut stale = |owners: &Self, inode: &u32| {
+            owners.by_inode.get(&u64::from(*inode)).is_some_and(|pids| {
+                pids.iter().any(|pid| {
+                    !*alive.entry(*pid).or_insert_with(|| std::path::Path::new(&format!("/proc/{pid}")).exists())
+                })
+            })
+        };
+        let needs_scan = inodes.iter().any(|inode| unknown(self, inode) || stale(self, inode));
+        if !needs_scan || self.scanned_at.is_some_and(|at| at >= dumped_at) {
             return;
         }
         if let Some(wait) = self.scanned_at.and_then(|at| (at + MIN_RESCAN).checked_duration_since(Instant::now())) {

@@ -90,6 +90,17 @@ pub struct DiagnosisFacts {
 const UNFINISHED: &str = "a lookup did not finish in time; this diagnosis may be incomplete";
 
 impl Diagnosis {
+    /// For a failure whose diagnosis was promised when diagnoses stopped for good.
+    pub(crate) fn stopped(reason: &str) -> Self {
+        Self {
+            kind: "unknown",
+            summary: format!("no diagnosis: diagnoses stopped ({reason})"),
+            holders: Vec::new(),
+            facts: DiagnosisFacts::default(),
+            unknown: vec![format!("diagnoses stopped: {reason}")],
+        }
+    }
+
     /// Marks a diagnosis made without every answer it needed.
     pub(crate) fn note_unfinished(&mut self) {
         if !self.unknown.iter().any(|u| u.contains("did not finish")) {
