@@ -674,7 +674,9 @@ fn compare_backends(label: &str, runs: &[GuestRun], tally: &mut Tally) {
         run.events
             .iter()
             .rev()
-            .find(|e| e["pid"] == mine["pid"] && e["port"] == mine["port"] && e["addr"] == mine["addr"])
+            .find(|e| {
+                e["type"] == "bind" && e["pid"] == mine["pid"] && e["port"] == mine["port"] && e["addr"] == mine["addr"]
+            })
             .cloned()
     };
     for scenario in &reference.scenarios {
