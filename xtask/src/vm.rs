@@ -880,6 +880,26 @@ mod tests {
     }
 
     #[test]
+    fn backends_are_compared_on_bind_events_not_on_diagnosis_records() {
+        let run = |backend: &str, with_follow_up: bool| {
+            let mut events = vec![event(true, 0)];
+            if with_follow_up {
+                events.push(json!({"type":"diagnosis","seq":1,"pid":7,"addr":"127.0.0.1","port":41001}));
+            }
+            GuestRun {
+                backend: backend.into(),
+                exit: "exit=0".into(),
+                stderr: Vec::new(),
+                events,
+                scenarios: vec![scenario()],
+            }
+        };
+        let mut tally = Tally::default();
+        compare_backends("test", &[run("fexit", false), run("kprobe", true)], &mut tally);
+        assert_eq!((tally.passed, tally.failed), (1, 0), "{:?}", tally.failures);
+    }
+
+    #[test]
     fn the_matrix_covers_both_arches_and_every_series() {
         let args = VmArgs::default();
         assert_eq!(args.guests().expect("guests").len(), MATRIX.len());
