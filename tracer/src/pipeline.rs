@@ -229,12 +229,12 @@ impl Pipeline<'_> {
         // loop runs is still reported at the first tick.
         let mut reported = KernelCounters::default();
         let mut results = self.enricher.take_results();
-        let mut recheck: Option<Instant> = None;
-        let mut last_records = Instant::now();
+        let mut polling = Polling { last_records: Instant::now(), recheck: None };
         let mut reported_enrich = self.enricher.counters();
 
         let ending = loop {
             let enrich_wake = self.enrich_wake();
+            let recheck = polling.recheck;
             tokio::select! {
                 _ = signals.interrupt.recv() => break Ending::Signal,
                 _ = signals.terminate.recv() => break Ending::Signal,
@@ -243,34 +243,19 @@ impl Pipeline<'_> {
                     let mut guard = guard.context("waiting for the ring buffer")?;
                     // Clear first, then drain: a record that lands after the drain re-arms the fd.
                     guard.clear_ready();
-                    match self.pump(guard.get_inner_mut()) {
-                        Ok(Drained::Continue(records)) => {
-                            if records > 0 {
-                                last_records = Instant::now();
-                                recheck = Some(last_records + RECHECK);
-                            }
-                        }
-                        Ok(Drained::Stop(ending)) => break ending,
-                        Err(err) if is_closed_output(&err) => break Ending::OutputClosed,
-                        Err(err) => return Err(err).context("writing events"),
+                    if let Some(ending) = settle(self.pump(guard.get_inner_mut()), &mut polling)? {
+                        break ending;
                     }
                 }
                 _ = async { sleep_until(recheck.unwrap_or_else(Instant::now)).await }, if recheck.is_some() => {
-                    match self.pump(ring.get_mut()) {
-                        Ok(Drained::Continue(records)) => {
-                            let now = Instant::now();
-                            if records > 0 {
-                                last_records = now;
-                            }
-                            recheck = (now < last_records + POLL_AFTER_LAST_RECORD).then(|| now + RECHECK);
-                        }
-                        Ok(Drained::Stop(ending)) => break ending,
-                        Err(err) if is_closed_output(&err) => break Ending::OutputClosed,
-                        Err(err) => return Err(err).context("writing events"),
+                    let ended = settle(self.pump(ring.get_mut()), &mut polling)?;
+                    polling.rechecked();
+                    if let Some(ending) = ended {
+                        break ending;
                     }
                 }
                 done = next_lookup(&mut results) => {
-                    let written = match done {
+                    let pumped = match done {
                         Some(done) => {
                             self.enricher.complete(done);
                             self.pump(ring.get_mut())
@@ -280,31 +265,13 @@ impl Pipeline<'_> {
                             Ok(Drained::Continue(0))
                         }
                     };
-                    match written {
-                        // Records this read took (and the wake-up they may have carried) keep
-                        // the reader polling, as in the readable branch.
-                        Ok(Drained::Continue(records)) => {
-                            if records > 0 {
-                                last_records = Instant::now();
-                                recheck = Some(last_records + RECHECK);
-                            }
-                        }
-                        Ok(Drained::Stop(ending)) => break ending,
-                        Err(err) if is_closed_output(&err) => break Ending::OutputClosed,
-                        Err(err) => return Err(err).context("writing events"),
+                    if let Some(ending) = settle(pumped, &mut polling)? {
+                        break ending;
                     }
                 }
                 _ = async { sleep_until(enrich_wake.unwrap_or_else(Instant::now)).await }, if enrich_wake.is_some() => {
-                    match self.pump(ring.get_mut()) {
-                        Ok(Drained::Continue(records)) => {
-                            if records > 0 {
-                                last_records = Instant::now();
-                                recheck = Some(last_records + RECHECK);
-                            }
-                        }
-                        Ok(Drained::Stop(ending)) => break ending,
-                        Err(err) if is_closed_output(&err) => break Ending::OutputClosed,
-                        Err(err) => return Err(err).context("writing events"),
+                    if let Some(ending) = settle(self.pump(ring.get_mut()), &mut polling)? {
+                        break ending;
                     }
                 }
                 _ = forward_probe_log(&mut logger) => {}
@@ -339,6 +306,43 @@ impl Pipeline<'_> {
             Err(err) if is_closed_output(&err) => Ok(Ending::OutputClosed),
             Err(err) => Err(err).context("writing events"),
         }
+    }
+}
+
+/// The reader's polling while records flow (see [`RECHECK`]).
+struct Polling {
+    last_records: Instant,
+    /// When to read the ring again without a wake-up; `None` once records stopped.
+    recheck: Option<Instant>,
+}
+
+impl Polling {
+    /// A read took `records`: any record (and the wake-up it may have carried) keeps the
+    /// reader polling, whichever branch read it.
+    fn saw(&mut self, records: usize) {
+        if records > 0 {
+            self.last_records = Instant::now();
+            self.recheck = Some(self.last_records + RECHECK);
+        }
+    }
+
+    /// After a timed re-read: poll on until no record came for `POLL_AFTER_LAST_RECORD`.
+    fn rechecked(&mut self) {
+        let now = Instant::now();
+        self.recheck = (now < self.last_records + POLL_AFTER_LAST_RECORD).then(|| now + RECHECK);
+    }
+}
+
+/// What the event loop does after reading and writing: go on (`None`) or end.
+fn settle(pumped: io::Result<Drained>, polling: &mut Polling) -> Result<Option<Ending>> {
+    match pumped {
+        Ok(Drained::Continue(records)) => {
+            polling.saw(records);
+            Ok(None)
+        }
+        Ok(Drained::Stop(ending)) => Ok(Some(ending)),
+        Err(err) if is_closed_output(&err) => Ok(Some(Ending::OutputClosed)),
+        Err(err) => Err(err).context("writing events"),
     }
 }
 

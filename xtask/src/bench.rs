@@ -113,7 +113,7 @@ fn storm(storm_bin: &Path, mode: &str, threads: usize, binds: u64, wrapper: &[&s
 
 /// Peak RSS of a running process (VmHWM). Not wait4's ru_maxrss: that one also counts the
 /// forked copy of this (large) process from before exec.
-fn peak_rss_kb(pid: u32) -> Option<u64> {
+pub(crate) fn peak_rss_kb(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     status
         .lines()

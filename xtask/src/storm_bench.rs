@@ -30,14 +30,6 @@ pub const SCENARIOS: [(&str, usize, usize); 2] = [
 const MAX_DELAY_MS: f64 = 250.0;
 const MAX_RSS_MB: f64 = 32.0;
 
-fn peak_rss_kb(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
-}
-
 /// One scenario, start to end: fail-storm holds the ports, bindtrace traces everything into
 /// a pipe that ndjson-meter reads.
 fn run_scenario(bindtrace: &Path, generator: &Path, meter: &Path, holders: usize, rounds: usize) -> Result<Value> {
@@ -94,7 +86,7 @@ fn run_scenario(bindtrace: &Path, generator: &Path, meter: &Path, holders: usize
     let result: Value = serde_json::from_str(&result_line).with_context(|| format!("fail-storm: {result_line}"))?;
     // Lookups still under way finish; then the peak is read and the tracer stopped.
     std::thread::sleep(Duration::from_secs(2));
-    let rss_kb = peak_rss_kb(tracer.id()).unwrap_or(0);
+    let rss_kb = crate::bench::peak_rss_kb(tracer.id()).unwrap_or(0);
     // SAFETY: signalling our own child.
     unsafe { libc::kill(tracer.id() as i32, libc::SIGINT) };
     let tracer_status = tracer.wait()?;

@@ -13,6 +13,9 @@ use std::{
 use anyhow::{bail, Context as _, Result};
 use clap::{Parser, ValueEnum};
 
+mod storm_common;
+use storm_common::{listener, sockaddr, SOCKADDR_LEN};
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum Mode {
     Ok,
@@ -32,42 +35,11 @@ struct Args {
     binds: u64,
 }
 
-fn sockaddr(port: u16) -> libc::sockaddr_in {
-    libc::sockaddr_in {
-        sin_family: libc::AF_INET as u16,
-        sin_port: port.to_be(),
-        sin_addr: libc::in_addr { s_addr: u32::from_ne_bytes([127, 0, 0, 1]) },
-        sin_zero: [0; 8],
-    }
-}
-
-/// Holds 127.0.0.1:P with a listener and returns P (the `inuse` target).
-fn hold_a_port() -> Result<(i32, u16)> {
-    // SAFETY: plain socket calls on memory we own.
-    unsafe {
-        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
-        if fd < 0 {
-            bail!("socket: {}", std::io::Error::last_os_error());
-        }
-        let addr = sockaddr(0);
-        let len = std::mem::size_of::<libc::sockaddr_in>() as u32;
-        if libc::bind(fd, (&raw const addr).cast(), len) != 0 || libc::listen(fd, 1) != 0 {
-            bail!("bind/listen: {}", std::io::Error::last_os_error());
-        }
-        let mut bound = sockaddr(0);
-        let mut bound_len = len;
-        if libc::getsockname(fd, (&raw mut bound).cast(), &mut bound_len) != 0 {
-            bail!("getsockname: {}", std::io::Error::last_os_error());
-        }
-        Ok((fd, u16::from_be(bound.sin_port)))
-    }
-}
-
 /// One thread's loop; returns (binds made, binds that failed).
 fn storm(mode: Mode, binds: u64, held_port: u16) -> (u64, u64) {
     let ephemeral = sockaddr(0);
     let taken = sockaddr(held_port);
-    let len = std::mem::size_of::<libc::sockaddr_in>() as u32;
+    let len = SOCKADDR_LEN;
     let mut failed = 0;
     for i in 0..binds {
         let target = match mode {
@@ -101,7 +73,7 @@ fn main() -> Result<()> {
     if args.threads == 0 {
         bail!("--threads must be at least 1");
     }
-    let (_holder, held_port) = hold_a_port().context("holding the EADDRINUSE target port")?;
+    let (_holder, held_port) = listener().context("holding the EADDRINUSE target port")?;
     let per_thread = args.binds / args.threads as u64;
     let remainder = args.binds % args.threads as u64;
     let start_line = Arc::new(Barrier::new(args.threads + 1));

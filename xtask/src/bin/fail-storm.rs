@@ -16,6 +16,9 @@ use std::{
 use anyhow::{bail, Context as _, Result};
 use clap::Parser;
 
+mod storm_common;
+use storm_common::{listener, sockaddr, SOCKADDR_LEN};
+
 #[derive(Parser)]
 #[command(name = "fail-storm", about = "Hold N ports, then fail to bind each of them R times")]
 struct Args {
@@ -23,38 +26,6 @@ struct Args {
     holders: usize,
     #[arg(long, default_value_t = 600)]
     rounds: usize,
-}
-
-fn sockaddr(port: u16) -> libc::sockaddr_in {
-    libc::sockaddr_in {
-        sin_family: libc::AF_INET as u16,
-        sin_port: port.to_be(),
-        sin_addr: libc::in_addr { s_addr: u32::from_ne_bytes([127, 0, 0, 1]) },
-        sin_zero: [0; 8],
-    }
-}
-
-const SOCKADDR_LEN: u32 = std::mem::size_of::<libc::sockaddr_in>() as u32;
-
-/// A listener on an ephemeral port of 127.0.0.1: (fd, port).
-fn listener() -> Result<(i32, u16)> {
-    // SAFETY: plain socket calls on memory we own.
-    unsafe {
-        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
-        if fd < 0 {
-            bail!("socket: {}", std::io::Error::last_os_error());
-        }
-        let addr = sockaddr(0);
-        if libc::bind(fd, (&raw const addr).cast(), SOCKADDR_LEN) != 0 || libc::listen(fd, 1) != 0 {
-            bail!("bind/listen: {}", std::io::Error::last_os_error());
-        }
-        let mut bound = sockaddr(0);
-        let mut len = SOCKADDR_LEN;
-        if libc::getsockname(fd, (&raw mut bound).cast(), &mut len) != 0 {
-            bail!("getsockname: {}", std::io::Error::last_os_error());
-        }
-        Ok((fd, u16::from_be(bound.sin_port)))
-    }
 }
 
 fn wall_ns() -> u128 {
