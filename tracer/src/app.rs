@@ -4,6 +4,7 @@
 use std::{
     fs::OpenOptions,
     io::{self, IsTerminal as _, Write as _},
+    path::{Path, PathBuf},
     process::ExitCode,
 };
 
@@ -47,7 +48,28 @@ fn print_error(message: &str) {
 struct Plan {
     cli: Cli,
     filter: EventFilter,
-    sink: Box<dyn Sink>,
+    format: OutputFormat,
+    /// Colour in the table.
+    color: bool,
+}
+
+/// Checks that `--file` can be written, without touching it: it is opened (and truncated)
+/// only once tracing has started, so a refused start leaves an existing file as it was.
+fn check_writable(path: &Path) -> Result<()> {
+    use nix::unistd::{access, AccessFlags};
+    let target = if path.exists() {
+        path.to_owned()
+    } else {
+        match path.parent() {
+            Some(parent) if !parent.as_os_str().is_empty() => parent.to_owned(),
+            _ => PathBuf::from("."),
+        }
+    };
+    let mode = if path.exists() { AccessFlags::W_OK } else { AccessFlags::W_OK | AccessFlags::X_OK };
+    if path.is_dir() {
+        anyhow::bail!("cannot write --file {}: it is a directory", path.display());
+    }
+    access(&target, mode).with_context(|| format!("cannot write --file {}", path.display()))
 }
 
 fn plan(cli: Cli) -> Result<Plan> {
@@ -58,32 +80,36 @@ fn plan(cli: Cli) -> Result<Plan> {
     } else {
         OutputFormat::Table
     });
-    let (writer, to_terminal): (Box<dyn io::Write + Send>, bool) = match &cli.file {
-        Some(path) => {
-            let file = OpenOptions::new()
+    if let Some(path) = &cli.file {
+        check_writable(path)?;
+    }
+    let no_color_env = std::env::var_os("NO_COLOR").is_some_and(|v| !v.is_empty());
+    let color = match cli.color {
+        ColorChoice::Always => true,
+        ColorChoice::Never => false,
+        ColorChoice::Auto => cli.file.is_none() && stdout_is_terminal && !no_color_env,
+    };
+    Ok(Plan { cli, filter, format, color })
+}
+
+/// The sink, on stdout or on `--file` (created or truncated now, with tracing started).
+fn open_sink(plan: &Plan) -> Result<Box<dyn Sink>> {
+    let writer: Box<dyn io::Write + Send> = match &plan.cli.file {
+        Some(path) => Box::new(
+            OpenOptions::new()
                 .write(true)
                 .create(true)
                 .truncate(true)
                 .open(path)
-                .with_context(|| format!("cannot write --file {}", path.display()))?;
-            (Box::new(file), false)
-        }
-        None => (Box::new(io::stdout()), stdout_is_terminal),
+                .with_context(|| format!("cannot write --file {}", path.display()))?,
+        ),
+        None => Box::new(io::stdout()),
     };
     let output = Output::new(writer);
-    let sink: Box<dyn Sink> = match format {
+    Ok(match plan.format {
         OutputFormat::Ndjson => Box::new(NdjsonSink::new(output)),
-        OutputFormat::Table => {
-            let no_color_env = std::env::var_os("NO_COLOR").is_some_and(|v| !v.is_empty());
-            let color = match cli.color {
-                ColorChoice::Always => true,
-                ColorChoice::Never => false,
-                ColorChoice::Auto => to_terminal && !no_color_env,
-            };
-            Box::new(TableSink::new(output, color))
-        }
-    };
-    Ok(Plan { cli, filter, sink })
+        OutputFormat::Table => Box::new(TableSink::new(output, plan.color)),
+    })
 }
 
 pub fn main() -> ExitCode {
@@ -230,7 +256,7 @@ fn who_main(args: &WhoArgs) -> ExitCode {
 }
 
 async fn run(plan: Plan) -> Result<()> {
-    let Plan { cli, filter, mut sink } = plan;
+    let Plan { cli, filter, .. } = &plan;
     let started = std::time::Instant::now();
     let loader = probe::PendingLoader::start();
     let kernel = layout::running_kernel_btf()?;
@@ -240,6 +266,8 @@ async fn run(plan: Plan) -> Result<()> {
     let signals = StopSignals::install()?;
     let mut probe = AttachedProbe::attach(loader, cli.attach, &kernel, &config, &filter.pids, cli.ring_buffer_size)?;
     log::debug!("probe loaded and attached after {:?}", started.elapsed());
+    // Only now, with tracing started, is `--file` created or truncated.
+    let mut sink = open_sink(&plan)?;
     let clock = WallClock::new();
     let mut time = Rfc3339::default();
     let start_ns = clock.now_wall_ns();
@@ -251,7 +279,7 @@ async fn run(plan: Plan) -> Result<()> {
     sink.start().context("writing to the output")?;
 
     let mut pipeline = Pipeline {
-        filter: &filter,
+        filter,
         enricher: Enricher::new(!cli.no_diagnosis),
         sink: sink.as_mut(),
         summary: Summary::default(),

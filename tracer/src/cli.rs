@@ -202,6 +202,8 @@ pub enum Proto {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum OutputFormat {
     Table,
+    /// One JSON object per line (`json` is accepted for it).
+    #[value(alias = "json")]
     Ndjson,
 }
 
@@ -303,8 +305,14 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
     if duration.is_zero() {
         return Err("the duration must be longer than 0".into());
     }
+    // A deadline must fit the monotonic clock; ten years is longer than any trace.
+    if duration > MAX_DURATION {
+        return Err(format!("'{text}' is too long: at most 10 years (use no --duration to trace until Ctrl-C)"));
+    }
     Ok(duration)
 }
+
+const MAX_DURATION: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 
 #[cfg(test)]
 mod tests {
@@ -360,6 +368,10 @@ mod tests {
         assert_eq!(cli.proto, Some(Proto::Udp));
         assert_eq!(cli.output, Some(OutputFormat::Ndjson));
         assert_eq!(cli.duration, Some(Duration::from_secs(90)));
+        // Used to attach and then panic adding it to the clock (issue 11).
+        assert!(parse(&["-d", "300000000000y"]).is_err());
+        assert!(parse(&["-d", "11y"]).is_err());
+        assert!(parse(&["-d", "9y"]).is_ok());
         assert_eq!(cli.count, Some(5));
         assert!(parse(&["-p", "0"]).is_err());
         assert!(parse(&["--family", "5"]).is_err());

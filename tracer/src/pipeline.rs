@@ -66,6 +66,8 @@ pub struct Pipeline<'a> {
 pub struct StopSignals {
     interrupt: Signal,
     terminate: Signal,
+    /// The terminal closed (an ssh drop): end as cleanly as on SIGTERM, losing nothing.
+    hangup: Signal,
 }
 
 impl StopSignals {
@@ -73,6 +75,7 @@ impl StopSignals {
         Ok(Self {
             interrupt: signal(SignalKind::interrupt()).context("installing the SIGINT handler")?,
             terminate: signal(SignalKind::terminate()).context("installing the SIGTERM handler")?,
+            hangup: signal(SignalKind::hangup()).context("installing the SIGHUP handler")?,
         })
     }
 }
@@ -210,6 +213,7 @@ impl Pipeline<'_> {
                 }
                 _ = signals.interrupt.recv() => break,
                 _ = signals.terminate.recv() => break,
+                _ = signals.hangup.recv() => break,
             }
             self.emit_ready(false)?;
         }
@@ -238,6 +242,7 @@ impl Pipeline<'_> {
             tokio::select! {
                 _ = signals.interrupt.recv() => break Ending::Signal,
                 _ = signals.terminate.recv() => break Ending::Signal,
+                _ = signals.hangup.recv() => break Ending::Signal,
                 _ = async { sleep_until(deadline.unwrap_or_else(Instant::now)).await }, if deadline.is_some() => break Ending::Duration,
                 guard = ring.readable_mut() => {
                     let mut guard = guard.context("waiting for the ring buffer")?;

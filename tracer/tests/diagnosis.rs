@@ -295,6 +295,10 @@ fn who_on_a_free_port_exits_1_and_bad_input_2() {
     let (status, _, stderr) = run_to_end(&["who", "80", "--netns", "/nonexistent/netns"]);
     assert_eq!(status.code(), Some(2), "{stderr}");
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    // A path that is not a network namespace is bad input too, not "port free" (issue 11).
+    let (status, _, stderr) = run_to_end(&["who", "80", "--netns", "/etc/passwd"]);
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("not a network namespace"), "{stderr}");
 }
 
 /// The wrong answer issue 10 found: a holder that opened its socket shortly after an earlier

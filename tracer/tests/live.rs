@@ -510,16 +510,47 @@ fn comm_family_and_proto_filters() {
     }
 }
 
+/// SIGTERM, and SIGHUP (the terminal closed; it used to kill bindtrace with no summary and
+/// lose queued events, issue 11), end cleanly with every event and the summary written.
 #[test]
-fn sigterm_ends_cleanly_with_a_summary() {
-    if !can_load_probe("sigterm_ends_cleanly_with_a_summary") {
+fn sigterm_and_sighup_end_cleanly_with_a_summary() {
+    if !can_load_probe("sigterm_and_sighup_end_cleanly_with_a_summary") {
         return;
     }
-    let tracer = Tracer::start(&["-o", "ndjson", "-P", &free_port().to_string()]);
-    unsafe { libc::kill(tracer.pid() as i32, libc::SIGTERM) };
-    let finished = tracer.wait();
-    assert!(finished.status.success(), "{:?}", finished.status);
-    assert_eq!(finished.summary()["events"], 0);
+    for signal in [libc::SIGTERM, libc::SIGHUP] {
+        let port = free_port();
+        let mut tracer = Tracer::start(&["-o", "ndjson", "-P", &port.to_string()]);
+        let holder = socket(Domain::IPV4, Type::STREAM);
+        holder.bind(&addr(&format!("127.0.0.1:{port}"))).expect("bind");
+        holder.listen(1).expect("listen");
+        let _ = socket(Domain::IPV4, Type::STREAM).bind(&addr(&format!("127.0.0.1:{port}"))).expect_err("in use");
+        tracer.wait_for("the failure", |e| e["errno"] == 98);
+        unsafe { libc::kill(tracer.pid() as i32, signal) };
+        let finished = tracer.wait();
+        assert!(finished.status.success(), "signal {signal}: {:?}", finished.status);
+        assert_eq!(finished.summary()["events"], 2, "signal {signal}");
+        assert_eq!(finished.binds().len(), 2, "signal {signal}");
+    }
+}
+
+/// A refused start (here: no privilege) must leave an existing `--file` untouched; it used to
+/// be emptied before the privilege check (issue 11).
+#[test]
+fn a_refused_start_leaves_the_output_file_untouched() {
+    let path = std::env::temp_dir().join(format!("bindtrace-keep-{}.ndjson", my_pid()));
+    std::fs::write(&path, "earlier trace\n").expect("write");
+    // Writable by anyone, so that only the missing privilege stops the unprivileged run.
+    std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o666)).expect("chmod");
+    let mut command = std::process::Command::new(BINDTRACE);
+    command.args(["-d", "1s", "--file"]).arg(&path);
+    if unsafe { libc::geteuid() } == 0 {
+        use std::os::unix::process::CommandExt as _;
+        command.uid(65534).gid(65534);
+    }
+    let output = command.output().expect("run bindtrace");
+    assert_eq!(output.status.code(), Some(2), "{}", String::from_utf8_lossy(&output.stderr));
+    assert_eq!(std::fs::read_to_string(&path).expect("read"), "earlier trace\n");
+    let _ = std::fs::remove_file(&path);
 }
 
 #[test]

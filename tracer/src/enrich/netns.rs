@@ -29,6 +29,17 @@ fn inode_of(path: &Path) -> Option<u64> {
     std::fs::metadata(path).ok().map(|m| m.ino())
 }
 
+/// Is this an nsfs file (`/proc/PID/ns/net`, a `/run/netns` bind mount)? Anything else
+/// would only fail later, at setns(2), and look like "nothing holds the port".
+fn is_namespace_file(file: &File) -> bool {
+    use std::os::fd::AsRawFd as _;
+    /// `NSFS_MAGIC` from linux/magic.h.
+    const NSFS_MAGIC: i64 = 0x6e73_6673;
+    // SAFETY: statfs is plain data that fstatfs fills; the fd is open.
+    let mut stat: libc::statfs = unsafe { std::mem::zeroed() };
+    (unsafe { libc::fstatfs(file.as_raw_fd(), &mut stat) } == 0) && stat.f_type as i64 == NSFS_MAGIC
+}
+
 /// Inode of bindtrace's own network namespace.
 pub fn own_inode() -> Option<u64> {
     static OWN: OnceLock<Option<u64>> = OnceLock::new();
@@ -50,6 +61,12 @@ impl Netns {
             return Ok(Self::Own);
         }
         let file = File::open(path).with_context(|| format!("cannot open network namespace {}", path.display()))?;
+        if !is_namespace_file(&file) {
+            anyhow::bail!(
+                "{} is not a network namespace (give a pid, /proc/PID/ns/net or /run/netns/NAME)",
+                path.display()
+            );
+        }
         Ok(Self::Foreign { inode, file, path: path.to_owned() })
     }
 

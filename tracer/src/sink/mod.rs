@@ -71,10 +71,17 @@ impl Output {
 
 /// Appends text a process chose (its name, later its command line) with every control
 /// character escaped, so that it can never drive the operator's terminal.
+/// Unicode's bidirectional formatting characters: not controls to `char::is_control`, but
+/// a process name holding U+202E (right-to-left override) reorders the rest of the line on
+/// the terminal, so they are escaped like controls.
+fn is_bidi_control(c: char) -> bool {
+    matches!(c, '\u{061c}' | '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+}
+
 pub fn push_escaped(out: &mut String, bytes: &[u8]) {
     for chunk in bytes.utf8_chunks() {
         for c in chunk.valid().chars() {
-            if c.is_control() {
+            if c.is_control() || is_bidi_control(c) {
                 let _ = write!(out, "\\u{{{:x}}}", c as u32);
             } else if c == '\\' {
                 out.push_str("\\\\");
@@ -128,5 +135,8 @@ pub(crate) mod tests {
         assert_eq!(escaped("é\u{9b}".as_bytes()), "é\\u{9b}", "C1 controls too");
         assert_eq!(escaped(b"\xff\xfe"), "\\xff\\xfe");
         assert_eq!(escaped(b"back\\slash"), "back\\\\slash");
+        // Bidi overrides would reorder the terminal line (issue 11).
+        assert_eq!(escaped("evil\u{202e}gnp.exe".as_bytes()), "evil\\u{202e}gnp.exe");
+        assert_eq!(escaped("a\u{2066}b\u{200f}".as_bytes()), "a\\u{2066}b\\u{200f}");
     }
 }
