@@ -83,6 +83,7 @@ fn plan(cli: Cli) -> Result<Plan> {
     if let Some(path) = &cli.file {
         check_writable(path)?;
     }
+    warn_about_pids(&cli.pids);
     let no_color_env = std::env::var_os("NO_COLOR").is_some_and(|v| !v.is_empty());
     let color = match cli.color {
         ColorChoice::Always => true,
@@ -90,6 +91,26 @@ fn plan(cli: Cli) -> Result<Plan> {
         ColorChoice::Auto => cli.file.is_none() && stdout_is_terminal && !no_color_env,
     };
     Ok(Plan { cli, filter, format, color })
+}
+
+/// `--pid` takes process ids that exist: one warning line for each that does not (it matches
+/// nothing unless a new process gets that id) or that names a thread (whose binds carry its
+/// process's id).
+fn warn_about_pids(pids: &[u32]) {
+    for &pid in pids {
+        let tgid = std::fs::read_to_string(format!("/proc/{pid}/status")).ok().and_then(|status| {
+            status.lines().find_map(|l| l.strip_prefix("Tgid:")).and_then(|v| v.trim().parse::<u32>().ok())
+        });
+        match tgid {
+            None => eprintln!(
+                "bindtrace: warning: --pid {pid}: no such process now; it matches only a process that gets this id"
+            ),
+            Some(tgid) if tgid != pid => {
+                eprintln!("bindtrace: warning: --pid {pid} is a thread of process {tgid}; --pid matches process ids: use {tgid}")
+            }
+            Some(_) => {}
+        }
+    }
 }
 
 /// The sink, on stdout or on `--file` (created or truncated now, with tracing started).
@@ -112,6 +133,25 @@ fn open_sink(plan: &Plan) -> Result<Box<dyn Sink>> {
     })
 }
 
+/// clap's message as one line: its first paragraph, which names what is missing or wrong
+/// and the valid values ("the following required arguments were not provided: <PORT>";
+/// "invalid value 'xml' for '--output' [possible values: table, ndjson]").
+fn clap_error_line(rendered: &str) -> String {
+    let paragraph: Vec<&str> = rendered
+        .lines()
+        .map(str::trim)
+        .take_while(|line| !line.is_empty())
+        .filter(|l| !l.starts_with("tip:"))
+        .collect();
+    let line = paragraph.join(" ");
+    let line = line.trim_start_matches("error: ");
+    if line.is_empty() {
+        "invalid arguments".to_owned()
+    } else {
+        line.to_owned()
+    }
+}
+
 pub fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).format_timestamp(None).init();
 
@@ -122,10 +162,7 @@ pub fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
         Err(err) => {
-            // clap's message, reduced to its first line: "error: invalid value ...".
-            let rendered = err.render().to_string();
-            let first = rendered.lines().next().unwrap_or("invalid arguments").trim_start_matches("error: ");
-            print_error(&format!("{first} (see bindtrace --help)"));
+            print_error(&format!("{} (see bindtrace --help)", clap_error_line(&err.render().to_string())));
             return ExitCode::from(EXIT_USAGE);
         }
     };

@@ -44,7 +44,7 @@ pub fn check_privileges() -> Result<()> {
     if has(CAP_SYS_ADMIN) || (has(CAP_BPF) && has(CAP_PERFMON)) {
         Ok(())
     } else {
-        bail!("bindtrace needs root (CAP_BPF and CAP_PERFMON) to load its probe: run it with sudo")
+        bail!("loading the probe needs root (CAP_BPF and CAP_PERFMON): run it with sudo")
     }
 }
 

@@ -411,6 +411,23 @@ fn bad_input_is_one_line_and_exit_2() {
         "cannot write --file /nonexistent-dir/trace.ndjson",
     );
     assert_one_line_usage_error(&["--bogus-flag"], "--bogus-flag");
+    // The whole first paragraph of clap's message: what is missing, and the valid values.
+    assert_one_line_usage_error(&["who"], "<PORT[/tcp|/udp]>");
+    assert_one_line_usage_error(&["-o", "xml"], "possible values: table, ndjson");
+}
+
+/// A `--pid` that names no process used to match nothing, silently (issue 11).
+#[test]
+fn a_pid_that_does_not_exist_is_warned_about() {
+    if !can_load_probe("a_pid_that_does_not_exist_is_warned_about") {
+        return;
+    }
+    // Above the default pid_max, so no process has it.
+    let (status, _, stderr) = run_to_end(&["-p", "4194305", "-d", "1s", "-o", "ndjson"]);
+    assert!(status.success(), "{stderr}");
+    assert!(stderr.contains("--pid 4194305: no such process now"), "{stderr}");
+    let (_, _, stderr) = run_to_end(&["-p", &my_pid().to_string(), "-d", "1s", "-o", "ndjson"]);
+    assert!(!stderr.contains("warning"), "a live process id is not warned about: {stderr}");
 }
 
 #[test]
