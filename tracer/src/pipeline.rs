@@ -113,6 +113,12 @@ impl Pipeline<'_> {
             match decode(&item) {
                 Ok(event) => {
                     if !self.filter.accepts(&event) {
+                        // The kernel applied the same filters: a disagreement is a bug, counted
+                        // and reported, never silent.
+                        if self.summary.filter_mismatches() == 0 {
+                            log::warn!("an event passed the kernel's filters but not the same filters here (counted in the summary as filter_mismatches)");
+                        }
+                        self.summary.record_filter_mismatch();
                         continue;
                     }
                     self.summary.record(&event);

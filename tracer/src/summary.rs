@@ -59,6 +59,7 @@ impl KernelCounters {
 pub struct Summary {
     events: u64,
     decode_errors: u64,
+    filter_mismatches: u64,
     by_result: HashMap<i32, u64>,
     by_port: HashMap<(u16, &'static str), u64>,
     by_process: HashMap<u32, ([u8; COMM_LEN], u64)>,
@@ -100,6 +101,9 @@ pub struct Report {
     pub dropped: u64,
     /// Ring-buffer records that could not be decoded.
     pub decode_errors: u64,
+    /// Events the kernel's filters passed and the same predicates in user space rejected:
+    /// a probe/tracer mismatch, expected 0 (the events are not printed).
+    pub filter_mismatches: u64,
     pub kernel: KernelCounters,
     /// What the enrich stage did: lookups, diagnoses that followed their event, diagnoses
     /// shed under overload (the events were still written).
@@ -130,6 +134,14 @@ impl Summary {
 
     pub fn events(&self) -> u64 {
         self.events
+    }
+
+    pub fn record_filter_mismatch(&mut self) {
+        self.filter_mismatches += 1;
+    }
+
+    pub fn filter_mismatches(&self) -> u64 {
+        self.filter_mismatches
     }
 
     pub fn decode_errors(&self) -> u64 {
@@ -178,6 +190,7 @@ impl Summary {
             top_processes,
             dropped: kernel.dropped(),
             decode_errors: self.decode_errors,
+            filter_mismatches: self.filter_mismatches,
             kernel,
             diagnoses: EnrichCounters::default(),
         }

@@ -248,6 +248,7 @@ fn port_and_pid_filters_drop_events_in_the_kernel() {
     let count = |name: &str| kernel[name].as_u64().unwrap_or_else(|| panic!("kernel.{name} in {kernel}"));
     assert!(count("filtered") >= 2, "both foreign binds were rejected in the kernel: {kernel}");
     assert_eq!(count("emitted"), binds.len() as u64, "every emitted event was printed: {kernel}");
+    assert_eq!(finished.summary()["filter_mismatches"], 0, "the kernel and user space filter alike");
     assert_eq!(
         count("seen"),
         count("filtered") + count("emitted") + count("dropped_ring_buffer_full") + count("in_flight_missing"),
