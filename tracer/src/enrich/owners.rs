@@ -36,7 +36,10 @@ impl ProcessInfo {
     pub fn read(pid: u32) -> Option<Self> {
         let process = Process::new(pid as i32).ok()?;
         let stat = process.stat().ok()?;
-        let mut cmdline = process.cmdline().map(|args| args.join(" ")).unwrap_or_default();
+        // Read raw: procfs's cmdline() fails on arguments that are not UTF-8, which left the
+        // command line empty; invalid bytes are shown as \xNN instead.
+        let raw = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        let mut cmdline = cmdline_text(&raw);
         if cmdline.len() > CMDLINE_MAX {
             let mut cut = CMDLINE_MAX;
             while !cmdline.is_char_boundary(cut) {
@@ -51,6 +54,24 @@ impl ProcessInfo {
         });
         Some(Self { pid, comm: stat.comm, cmdline, cgroup, uid: process.uid().ok() })
     }
+}
+
+/// `/proc/PID/cmdline` (NUL-separated arguments) as `ps` shows it, with bytes that are not
+/// UTF-8 written as `\xNN`.
+fn cmdline_text(raw: &[u8]) -> String {
+    let mut text = String::with_capacity(raw.len());
+    for (i, arg) in raw.strip_suffix(b"\0").unwrap_or(raw).split(|&b| b == 0).enumerate() {
+        if i > 0 {
+            text.push(' ');
+        }
+        for chunk in arg.utf8_chunks() {
+            text.push_str(chunk.valid());
+            for byte in chunk.invalid() {
+                text.push_str(&format!("\\x{byte:02x}"));
+            }
+        }
+    }
+    text
 }
 
 #[derive(Default)]
@@ -149,6 +170,25 @@ mod tests {
         assert!(owners.cached(u32::MAX).is_empty());
         owners.resolve(&[u32::MAX], Instant::now());
         assert_eq!(owners.scans(), 2, "an inode no process had after a newer scan does not rescan again");
+    }
+
+    #[test]
+    fn command_lines_that_are_not_utf8_are_shown_escaped() {
+        assert_eq!(cmdline_text(b"sleep\x0060\x00"), "sleep 60");
+        assert_eq!(cmdline_text(b"srv\x00--name=\xff\xfeok\x00"), "srv --name=\\xff\\xfeok");
+        assert_eq!(cmdline_text(b""), "");
+        // A live process whose argv is not UTF-8 (issue 11: its command line came out empty).
+        use std::os::unix::ffi::OsStrExt as _;
+        let mut child = std::process::Command::new("sh")
+            .args(["-c", "sleep 30"])
+            .arg(std::ffi::OsStr::from_bytes(b"name-\xff"))
+            .spawn()
+            .expect("spawn sh");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        let info = ProcessInfo::read(child.id()).expect("running");
+        let _ = child.kill();
+        let _ = child.wait();
+        assert!(info.cmdline.contains("name-\\xff"), "{info:?}");
     }
 
     #[test]

@@ -93,6 +93,17 @@ pub fn result_text(ret: i32) -> String {
     }
 }
 
+/// The requested address; for a successful port-0 bind, with the port the kernel picked
+/// (`127.0.0.1:0→41234`), which is what the process will use.
+fn address_column(event: &BindEvent) -> String {
+    let requested = requested_endpoint(event);
+    if event.ret == 0 && event.port == 0 && event.bound_port != 0 && event.requested_ip().is_some() {
+        format!("{requested}→{}", event.bound_port)
+    } else {
+        requested
+    }
+}
+
 impl Sink for TableSink {
     fn start(&mut self) -> io::Result<()> {
         self.header()
@@ -111,7 +122,7 @@ impl Sink for TableSink {
             comm,
             event.proto_name().unwrap_or("-"),
             options(event),
-            requested_endpoint(event),
+            address_column(event),
         );
         let result = result_text(event.ret);
         if event.ret < 0 && self.color {
@@ -239,6 +250,17 @@ mod tests {
         assert!(lines[1].contains(" 4242 python3 "), "{}", lines[1]);
         assert!(lines[1].contains(" tcp   a      127.0.0.1:8080 "), "{}", lines[1]);
         assert!(!text.contains('\x1b'), "no colour when disabled");
+    }
+
+    #[test]
+    fn a_port_zero_bind_shows_the_port_the_kernel_picked() {
+        let mut event = sample_event();
+        event.ret = 0;
+        event.port = 0;
+        event.bound_port = 41234;
+        assert!(render(false, &event).contains(" 127.0.0.1:0→41234 "), "{}", render(false, &event));
+        event.ret = -98;
+        assert!(render(false, &event).contains(" 127.0.0.1:0 "), "a failed bind picked nothing");
     }
 
     #[test]
