@@ -186,7 +186,7 @@ pub fn main() -> ExitCode {
         return check_main();
     }
 
-    let plan = match plan(cli).and_then(|plan| probe::check_privileges().map(|()| plan)) {
+    let plan = match plan(cli).and_then(|plan| crate::privileges::check_can_load().map(|()| plan)) {
         Ok(plan) => plan,
         Err(err) => {
             print_error(&format!("{err:#}"));
@@ -226,11 +226,18 @@ fn write_stdout(generate: impl FnOnce(&mut dyn io::Write) -> io::Result<()>) -> 
 fn check_main() -> ExitCode {
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     println!("kernel: {}", kernel.trim());
-    let privileges = probe::check_privileges();
+    let privileges = crate::privileges::check_can_load();
     println!(
         "privileges (CAP_BPF and CAP_PERFMON, or CAP_SYS_ADMIN): {}",
         privileges.as_ref().map_or_else(|e| format!("no: {e}"), |()| "yes".to_owned())
     );
+    let blind_spots = crate::enrich::blind_spots();
+    if blind_spots.is_empty() {
+        println!("diagnoses: every process and network namespace can be looked up");
+    }
+    for blind_spot in blind_spots {
+        println!("diagnoses: limited: {blind_spot}");
+    }
     let kernel = layout::running_kernel_btf();
     println!(
         "BTF ({}): {}",
@@ -313,6 +320,11 @@ async fn run(plan: Plan) -> Result<()> {
         probe.backend.name(),
         if filter.kernel.flags != 0 || !filter.pids.is_empty() { " matching the filters" } else { "" }
     );
+    if !cli.no_diagnosis {
+        for limit in crate::enrich::blind_spots() {
+            eprintln!("bindtrace: warning: {limit}");
+        }
+    }
     sink.start().context("writing to the output")?;
 
     let mut pipeline = Pipeline {

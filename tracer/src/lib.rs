@@ -18,6 +18,7 @@ pub(crate) mod hook_support;
 pub(crate) mod layout;
 pub(crate) mod load_error;
 pub(crate) mod pipeline;
+pub(crate) mod privileges;
 pub(crate) mod probe;
 pub mod sink;
 pub(crate) mod summary;

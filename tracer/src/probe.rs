@@ -31,34 +31,61 @@ pub struct AttachedProbe {
     pub backend: Backend,
 }
 
-/// CAP_BPF plus CAP_PERFMON (or CAP_SYS_ADMIN) in the effective set: what loading a
-/// tracepoint program needs.
-pub fn check_privileges() -> Result<()> {
-    const CAP_SYS_ADMIN: u64 = 21;
-    const CAP_PERFMON: u64 = 38;
-    const CAP_BPF: u64 = 39;
-    let status =
-        procfs::process::Process::myself().and_then(|p| p.status()).context("cannot read /proc/self/status")?;
-    let effective = status.capeff;
-    let has = |cap: u64| effective & (1 << cap) != 0;
-    if has(CAP_SYS_ADMIN) || (has(CAP_BPF) && has(CAP_PERFMON)) {
-        Ok(())
-    } else {
-        bail!("loading the probe needs root (CAP_BPF and CAP_PERFMON): run it with sudo")
+/// Where tracefs is, as aya looks for it.
+enum Tracefs {
+    /// Mounted and readable: aya finds it.
+    Readable,
+    /// Mounted, but its mode (0700) keeps bindtrace out.
+    Unreadable,
+    /// Not mounted anywhere aya looks.
+    Missing,
+}
+
+fn tracefs_state() -> Tracefs {
+    let populated = |path: &str| Path::new(path).read_dir().map(|mut d| d.next().is_some());
+    match populated(TRACEFS) {
+        Ok(true) => Tracefs::Readable,
+        _ if Path::new("/sys/kernel/debug/tracing/events").exists() => Tracefs::Readable,
+        Err(err) if err.kind() == std::io::ErrorKind::PermissionDenied => Tracefs::Unreadable,
+        _ => Tracefs::Missing,
     }
 }
 
-/// aya finds tracepoint ids through tracefs, which many hosts do not mount by default.
-fn ensure_tracefs() -> Result<()> {
-    let path = Path::new(TRACEFS);
-    let populated = path.read_dir().map(|mut d| d.next().is_some()).unwrap_or(false);
-    if populated || Path::new("/sys/kernel/debug/tracing/events").exists() {
-        return Ok(());
+/// Runs `attach` where aya can read tracepoint ids from tracefs. When the host has not
+/// mounted it, the work runs on a thread of its own that takes a private mount namespace
+/// (`unshare(CLONE_NEWNS)`, this thread only), stops propagation to the host and mounts
+/// tracefs there: no other process ever sees the mount, and it is gone when the thread ends,
+/// so bindtrace leaves no mount behind and parallel runs cannot unmount each other's.
+fn with_tracefs<T: Send>(attach: impl FnOnce() -> Result<T> + Send) -> Result<T> {
+    use nix::mount::{mount, MsFlags};
+    match tracefs_state() {
+        Tracefs::Readable => return attach(),
+        Tracefs::Unreadable => bail!(
+            "tracefs on {TRACEFS} is not readable (mode 0700): the tracepoint backend needs CAP_DAC_READ_SEARCH \
+             besides CAP_BPF and CAP_PERFMON (or run it as root)"
+        ),
+        Tracefs::Missing => {}
     }
-    nix::mount::mount(Some("nodev"), path, Some("tracefs"), nix::mount::MsFlags::empty(), None::<&str>)
-        .with_context(|| format!("tracefs is not mounted and mounting it on {TRACEFS} failed"))?;
-    log::info!("mounted tracefs on {TRACEFS}");
-    Ok(())
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS)
+                    .and_then(|()| {
+                        mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None::<&str>)
+                    })
+                    .and_then(|()| mount(Some("nodev"), TRACEFS, Some("tracefs"), MsFlags::empty(), None::<&str>))
+                    .with_context(|| {
+                        format!(
+                            "tracefs is not mounted and bindtrace cannot mount it (that needs CAP_SYS_ADMIN): \
+                             mount it with `mount -t tracefs nodev {TRACEFS}`"
+                        )
+                    })?;
+                log::debug!("tracefs mounted on {TRACEFS} in a mount namespace private to the attaching thread");
+                attach()
+            })
+            .join()
+            .map_err(|_| anyhow!("the thread attaching the tracepoints panicked"))?
+    })
 }
 
 /// aya's loader, created on another thread (see [`spawn_loader_without_kernel_btf`]).
@@ -116,15 +143,18 @@ where
 }
 
 fn attach_tracepoint(ebpf: &mut Ebpf) -> Result<()> {
-    ensure_tracefs()?;
-    // Entry first: an exit without its entry is counted, an entry without its exit is
-    // overwritten by the thread's next bind.
-    for (name, tracepoint) in [(names::PROG_ENTER, "sys_enter_bind"), (names::PROG_EXIT, "sys_exit_bind")] {
-        let program: &mut TracePoint = program(ebpf, name)?;
-        program.load().with_context(|| format!("loading the {tracepoint} program failed"))?;
-        program.attach("syscalls", tracepoint).with_context(|| format!("attaching to syscalls:{tracepoint} failed"))?;
-    }
-    Ok(())
+    with_tracefs(|| {
+        // Entry first: an exit without its entry is counted, an entry without its exit is
+        // overwritten by the thread's next bind.
+        for (name, tracepoint) in [(names::PROG_ENTER, "sys_enter_bind"), (names::PROG_EXIT, "sys_exit_bind")] {
+            let program: &mut TracePoint = program(ebpf, name)?;
+            program.load().with_context(|| format!("loading the {tracepoint} program failed"))?;
+            program
+                .attach("syscalls", tracepoint)
+                .with_context(|| format!("attaching to syscalls:{tracepoint} failed"))?;
+        }
+        Ok(())
+    })
 }
 
 const KPROBE_PMU: &str = "/sys/bus/event_source/devices/kprobe/type";

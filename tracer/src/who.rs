@@ -63,18 +63,22 @@ pub fn run(args: &WhoArgs, netns: &Netns) -> Result<Verdict> {
     let table =
         args.output.unwrap_or(if io::stdout().is_terminal() { OutputFormat::Table } else { OutputFormat::Ndjson })
             == OutputFormat::Table;
-    if unsafe { libc::geteuid() } != 0 {
-        eprintln!("bindtrace: not root: processes of other users and other namespaces may be missing (use sudo)");
-    }
     let mut lookups = Lookups::default();
     let mut out = String::new();
     let mut held = false;
+    let mut blind_said = false;
     for &proto in protos {
         let holders = lookups.holders(netns, proto, port).map_err(anyhow::Error::msg)?;
         if holders.is_empty() && args.target.proto.is_none() && table {
             continue;
         }
         held |= !holders.is_empty();
+        if let Some(why) = holders.iter().filter(|h| h.processes.is_empty()).find_map(|h| h.blind_reason()) {
+            if !blind_said {
+                eprintln!("bindtrace: {why}: a socket shown without a process may still have one");
+                blind_said = true;
+            }
+        }
         let summary = holders_summary(proto, port, &holders, None);
         if table {
             render_table(&mut out, &holders, &summary);
@@ -119,9 +123,10 @@ fn render_table(out: &mut String, holders: &[Holder], summary: &str) {
         let state = state_name(socket.proto, socket.state);
         // One row per process holding the socket; one row saying so when none does.
         let rows: Vec<(String, String, String)> = if holder.processes.is_empty() {
-            let note = match socket.timer_ms {
-                Some(ms) => format!("(no process; timer {} s)", ms.div_ceil(1000)),
-                None => "(no process)".to_owned(),
+            let note = match (socket.timer_ms, holder.blind_reason()) {
+                (_, Some(_)) => "(not visible)".to_owned(),
+                (Some(ms), None) => format!("(no process; timer {} s)", ms.div_ceil(1000)),
+                (None, None) => "(no process)".to_owned(),
             };
             vec![("-".to_owned(), note, "-".to_owned())]
         } else {

@@ -12,7 +12,7 @@ use serde::Serialize;
 
 use super::{
     netns::{read_sysctl, Netns},
-    owners::{ProcessInfo, SocketOwners},
+    owners::{in_own_pid_namespace, Blind, ProcessInfo, SocketOwners},
     sockdiag::{sockets_on_port, DiagSocket, Proto},
 };
 
@@ -33,10 +33,31 @@ pub(crate) enum LookupKey {
 pub(crate) struct Holder {
     pub socket: DiagSocket,
     pub processes: Vec<ProcessInfo>,
-    /// False when no /proc scan newer than the socket dump could be made: an empty
-    /// `processes` then means "not known", never "no process".
+    /// What an empty `processes` means.
     #[serde(skip)]
-    pub owners_resolved: bool,
+    pub owners: OwnersSeen,
+}
+
+/// How far a holder's list of processes can be trusted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum OwnersSeen {
+    /// No /proc scan newer than the socket dump could be made: an empty list means "not
+    /// known", never "no process".
+    NotResolved,
+    /// A scan that saw every process: an empty list means no process has the socket open.
+    Complete,
+    /// A scan that could not see every process: an empty list means "not visible".
+    Partial(Blind),
+}
+
+impl Holder {
+    /// Why the holder's process may be missing, when the lookup could not see every process.
+    pub(crate) fn blind_reason(&self) -> Option<String> {
+        match self.owners {
+            OwnersSeen::Partial(blind) => blind.reason(),
+            OwnersSeen::NotResolved | OwnersSeen::Complete => None,
+        }
+    }
 }
 
 /// One dump of a protocol's sockets in a namespace, by local port, with the owners of the
@@ -52,6 +73,8 @@ pub(crate) struct SocketTable {
     processes: HashMap<u32, ProcessInfo>,
     /// The ports whose owners were resolved by a /proc scan made after the dump.
     resolved_ports: HashSet<u16>,
+    /// What that scan could not see.
+    blind: Blind,
     sockets: usize,
 }
 
@@ -59,6 +82,11 @@ impl SocketTable {
     /// The sockets on `port`, each with its processes.
     pub(crate) fn holders(&self, port: u16) -> Vec<Holder> {
         let resolved = self.resolved_ports.contains(&port);
+        let seen = match self.blind.reason() {
+            _ if !resolved => OwnersSeen::NotResolved,
+            Some(_) => OwnersSeen::Partial(self.blind),
+            None => OwnersSeen::Complete,
+        };
         self.on_port(port)
             .iter()
             .map(|socket| Holder {
@@ -70,7 +98,8 @@ impl SocketTable {
                     .flatten()
                     .filter_map(|pid| self.processes.get(pid).cloned())
                     .collect(),
-                owners_resolved: resolved || socket.inode == 0,
+                // Sockets without an inode (TIME_WAIT) have no process to find.
+                owners: if socket.inode == 0 { OwnersSeen::Complete } else { seen },
             })
             .collect()
     }
@@ -99,6 +128,9 @@ impl SocketTable {
             }
             table.owners.insert(holder.socket.inode, pids);
             table.resolved_ports.insert(port);
+            if let OwnersSeen::Partial(blind) = holder.owners {
+                table.blind = blind;
+            }
             table.by_port.push(holder.socket);
         }
         table.by_port.sort_by_key(|s| s.local.port());
@@ -121,12 +153,20 @@ pub(crate) struct ProcessCaps {
     pub effective: u64,
 }
 
+/// Why a process's details could not be read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum ProcessUnread {
+    /// It exited first.
+    Exited,
+    /// The probe's pid is the host's, and bindtrace's /proc shows another PID namespace.
+    OutsidePidNamespace,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) enum Facts {
     Sockets(Result<SocketTable, String>),
     Netns(Result<NetnsFacts, String>),
-    /// `None`: the process exited before it could be read.
-    Process(Option<ProcessCaps>),
+    Process(Result<ProcessCaps, ProcessUnread>),
 }
 
 impl Facts {
@@ -135,7 +175,7 @@ impl Facts {
         match key {
             LookupKey::Sockets { .. } => Self::Sockets(Err(why.to_owned())),
             LookupKey::Netns { .. } => Self::Netns(Err(why.to_owned())),
-            LookupKey::Process { .. } => Self::Process(None),
+            LookupKey::Process { .. } => Self::Process(Err(ProcessUnread::Exited)),
         }
     }
 }
@@ -198,6 +238,7 @@ impl Lookups {
             table.owners.insert(inode, pids);
         }
         table.resolved_ports.extend(ports.iter().copied());
+        table.blind = self.owners.blind();
         Ok(table)
     }
 
@@ -218,11 +259,15 @@ impl Lookups {
                     .and_then(|ns| ns.run(netns_facts))
                     .map_err(|e| format!("{e:#}")),
             ),
+            // In a PID namespace of its own, /proc/PID is another process or none at all.
+            LookupKey::Process { .. } if in_own_pid_namespace() => {
+                Facts::Process(Err(ProcessUnread::OutsidePidNamespace))
+            }
             LookupKey::Process { pid } => Facts::Process(
                 procfs::process::Process::new(pid as i32)
                     .and_then(|p| p.status())
-                    .ok()
-                    .map(|status| ProcessCaps { effective: status.capeff }),
+                    .map(|status| ProcessCaps { effective: status.capeff })
+                    .map_err(|_| ProcessUnread::Exited),
             ),
         }
     }
@@ -249,7 +294,13 @@ mod tests {
         assert_eq!(holders.len(), 1, "{holders:#?}");
         assert_eq!(holders[0].processes.len(), 1);
         assert_eq!(holders[0].processes[0].pid, std::process::id());
-        assert!(holders[0].owners_resolved);
+        // Resolved; on hosts where some process is off limits even to root (a supervisor
+        // with capabilities bindtrace's bounding set lacks), with that said.
+        match holders[0].owners {
+            OwnersSeen::Complete => {}
+            OwnersSeen::Partial(blind) => assert!(blind.reason().is_some() && !blind.own_pid_namespace),
+            OwnersSeen::NotResolved => panic!("a scan after the dump resolves the owners"),
+        }
     }
 
     /// The lookup that used to go wrong: a holder opened after the /proc index was built
@@ -287,9 +338,12 @@ mod tests {
         assert!(facts.unprivileged_port_start.is_some());
         assert!(facts.nonlocal_bind_v4.is_some());
         assert!(facts.addresses.contains(&IpAddr::from([127, 0, 0, 1])), "{:?}", facts.addresses);
-        let Facts::Process(Some(_)) = lookups.run(&LookupKey::Process { pid: std::process::id() }, None, &[]) else {
+        let Facts::Process(Ok(_)) = lookups.run(&LookupKey::Process { pid: std::process::id() }, None, &[]) else {
             panic!("this process has capabilities to read");
         };
-        assert_eq!(lookups.run(&LookupKey::Process { pid: u32::MAX / 2 }, None, &[]), Facts::Process(None));
+        assert_eq!(
+            lookups.run(&LookupKey::Process { pid: u32::MAX / 2 }, None, &[]),
+            Facts::Process(Err(ProcessUnread::Exited))
+        );
     }
 }

@@ -47,6 +47,21 @@ use self::{
 };
 use crate::decode::BindEventExt as _;
 
+/// What the lookups cannot see from where bindtrace runs, one line each, to say once at
+/// start: bindtrace in its own PID namespace, capabilities it lacks.
+pub(crate) fn blind_spots() -> Vec<String> {
+    let mut lines = Vec::new();
+    if owners::in_own_pid_namespace() {
+        lines.push(
+            "bindtrace runs in its own PID namespace: pids shown are the host's, and holders outside this namespace \
+             are reported as not visible (run it in the host's: docker run --pid=host, hostPID: true)"
+                .to_owned(),
+        );
+    }
+    lines.extend(crate::privileges::lookup_limits());
+    lines
+}
+
 /// The longest an event waits for its diagnosis before it is written without it.
 pub const EMIT_DEADLINE: Duration = Duration::from_millis(100);
 /// The longest a diagnosis may follow its event; after that it says what did not finish.

@@ -16,6 +16,8 @@ use std::{
 use anyhow::{anyhow, Context as _, Result};
 use nix::sched::{setns, CloneFlags};
 
+use super::owners::{in_own_pid_namespace, Blind};
+
 /// A network namespace bindtrace can enter.
 #[derive(Debug)]
 pub enum Netns {
@@ -86,19 +88,29 @@ impl Netns {
                 }
             }
         }
+        let mut unreadable = 0;
         for entry in std::fs::read_dir("/proc").context("cannot list /proc")?.flatten() {
             let name = entry.file_name();
             if !name.to_string_lossy().bytes().all(|b| b.is_ascii_digit()) {
                 continue;
             }
             let path = entry.path().join("ns/net");
-            if inode_of(&path) == Some(inode) {
-                if let Ok(found) = Self::open_path(&path) {
-                    return Ok(found);
+            match std::fs::metadata(&path) {
+                Ok(meta) if meta.ino() == inode => {
+                    if let Ok(found) = Self::open_path(&path) {
+                        return Ok(found);
+                    }
                 }
+                Err(err) if err.kind() == std::io::ErrorKind::PermissionDenied => unreadable += 1,
+                _ => {}
             }
         }
-        Err(anyhow!("network namespace {inode} has no process left in it"))
+        // Never "no process is in it" when some processes could not be seen.
+        let blind = Blind { own_pid_namespace: in_own_pid_namespace(), unreadable_processes: unreadable };
+        Err(match blind.reason() {
+            None => anyhow!("network namespace {inode} has no process left in it"),
+            Some(why) => anyhow!("no process visible to bindtrace is in network namespace {inode} ({why})"),
+        })
     }
 
     /// Runs `work` inside this namespace.
@@ -146,6 +158,12 @@ mod tests {
     #[test]
     fn unknown_namespace_is_an_error() {
         let err = Netns::find(1, None).expect_err("no namespace has inode 1");
-        assert!(err.to_string().contains("no process left"), "{err}");
+        let err = err.to_string();
+        // Absent only when every process could be looked at; otherwise "not visible", with why.
+        assert!(
+            err.contains("has no process left in it")
+                || err.contains("no process visible to bindtrace is in network namespace 1 ("),
+            "{err}"
+        );
     }
 }

@@ -8,7 +8,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use procfs::process::{all_processes, FDTarget, Process};
+use procfs::process::Process;
 use serde::Serialize;
 
 /// Two scans are at least this far apart: the worker waits for the rest.
@@ -74,33 +74,146 @@ fn cmdline_text(raw: &[u8]) -> String {
     text
 }
 
+/// The inode number of the initial PID namespace, fixed by the kernel (`PROC_PID_INIT_INO`
+/// in include/linux/proc_ns.h, unchanged since Linux 3.8).
+const INITIAL_PID_NAMESPACE_INODE: u64 = 0xEFFF_FFFC;
+
+/// Does bindtrace run in a PID namespace of its own (a container without `--pid=host`,
+/// `unshare --pid`)? The probe reports the host's pids, and /proc shows only the processes
+/// of this namespace: holders outside it are invisible, never absent. Read once.
+pub(crate) fn in_own_pid_namespace() -> bool {
+    static OWN: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *OWN.get_or_init(|| {
+        use std::os::unix::fs::MetadataExt as _;
+        // Unreadable: the /proc mount itself belongs to another namespace, so the same holds.
+        std::fs::metadata("/proc/self/ns/pid").map_or(true, |ns| ns.ino() != INITIAL_PID_NAMESPACE_INODE)
+    })
+}
+
+/// What a /proc scan could not see. A socket whose process was not found is then "not
+/// visible", never "held by no process".
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Blind {
+    /// bindtrace runs in its own PID namespace.
+    pub own_pid_namespace: bool,
+    /// Processes whose /proc entries (open files, namespaces) could not be read (EACCES:
+    /// another user's process, without CAP_SYS_PTRACE and CAP_DAC_READ_SEARCH).
+    pub unreadable_processes: u32,
+}
+
+impl Blind {
+    /// Why a process holding a socket may be missing from the scan; `None` when the scan
+    /// saw every process on the host.
+    pub(crate) fn reason(&self) -> Option<String> {
+        match (self.own_pid_namespace, self.unreadable_processes) {
+            (false, 0) => None,
+            (true, _) => Some("bindtrace runs in its own PID namespace and cannot see processes outside it".to_owned()),
+            (false, n) => {
+                use crate::privileges::{has, Capability};
+                let plural = if n == 1 { "" } else { "es" };
+                let missing: Vec<&str> = [Capability::SysPtrace, Capability::DacReadSearch]
+                    .into_iter()
+                    .filter(|&cap| has(cap) != Some(true))
+                    .map(Capability::name)
+                    .collect();
+                Some(if missing.is_empty() {
+                    format!("the kernel refused bindtrace access to the open files of {n} process{plural}")
+                } else {
+                    format!(
+                        "bindtrace could not inspect {n} process{plural} of other users (it needs {})",
+                        missing.join(" and ")
+                    )
+                })
+            }
+        }
+    }
+}
+
+/// How reading one process's open files went.
+enum FdScan {
+    Read,
+    /// Some or all of them could not be read (EACCES): another user's process.
+    Denied,
+    /// It exited during the scan.
+    Gone,
+}
+
+/// Calls `found` with the inode of each socket `pid` has open. Written with std::fs rather
+/// than procfs's fd iterator, which skips the entries it cannot read: a scan must tell "no
+/// socket here" from "not allowed to look" (and one readlink per fd is all it needs).
+fn socket_inodes(pid: u32, mut found: impl FnMut(u64)) -> FdScan {
+    let dir = format!("/proc/{pid}/fd");
+    let entries = match std::fs::read_dir(&dir) {
+        Ok(entries) => entries,
+        Err(err) if err.kind() == std::io::ErrorKind::PermissionDenied => return FdScan::Denied,
+        Err(_) => return FdScan::Gone,
+    };
+    let mut denied = false;
+    for entry in entries.flatten() {
+        match std::fs::read_link(entry.path()) {
+            Ok(target) => {
+                let inode = target
+                    .to_str()
+                    .and_then(|t| t.strip_prefix("socket:["))
+                    .and_then(|t| t.strip_suffix(']'))
+                    .and_then(|t| t.parse().ok());
+                if let Some(inode) = inode {
+                    found(inode);
+                }
+            }
+            // The directory was listed (CAP_DAC_READ_SEARCH) but its links are not readable
+            // (no CAP_SYS_PTRACE).
+            Err(err) if err.kind() == std::io::ErrorKind::PermissionDenied => denied = true,
+            // That fd was closed since the listing.
+            Err(_) => {}
+        }
+    }
+    if denied {
+        FdScan::Denied
+    } else {
+        FdScan::Read
+    }
+}
+
 #[derive(Default)]
 pub(crate) struct SocketOwners {
     by_inode: HashMap<u64, Vec<u32>>,
     orphans: HashSet<u32>,
     scanned_at: Option<Instant>,
+    /// What the last scan could not see.
+    blind: Blind,
     scans: u64,
 }
 
 impl SocketOwners {
     fn rescan(&mut self) {
         self.by_inode.clear();
-        if let Ok(processes) = all_processes() {
-            for process in processes.flatten() {
-                let Ok(fds) = process.fd() else { continue };
-                for fd in fds.flatten() {
-                    if let FDTarget::Socket(inode) = fd.target {
-                        let owners = self.by_inode.entry(inode).or_default();
-                        let pid = process.pid as u32;
-                        if !owners.contains(&pid) {
-                            owners.push(pid);
-                        }
+        let mut unreadable = 0;
+        if let Ok(processes) = std::fs::read_dir("/proc") {
+            for entry in processes.flatten() {
+                let Some(pid) = entry.file_name().to_str().and_then(|name| name.parse::<u32>().ok()) else {
+                    continue;
+                };
+                match socket_inodes(pid, |inode| {
+                    let owners = self.by_inode.entry(inode).or_default();
+                    if !owners.contains(&pid) {
+                        owners.push(pid);
                     }
+                }) {
+                    FdScan::Read => {}
+                    FdScan::Denied => unreadable += 1,
+                    FdScan::Gone => {}
                 }
             }
         }
+        self.blind = Blind { own_pid_namespace: in_own_pid_namespace(), unreadable_processes: unreadable };
         self.scanned_at = Some(Instant::now());
         self.scans += 1;
+    }
+
+    /// What the last scan could not see.
+    pub(crate) fn blind(&self) -> Blind {
+        self.blind
     }
 
     /// Makes the index answer for `inodes`, sockets a dump taken at `dumped_at` listed.
@@ -138,6 +251,7 @@ impl SocketOwners {
     }
 
     /// The pids the index has for `inode` (after [`Self::resolve`]).
+    /// Empty means "no process that the scan could see" (see [`Self::blind`]).
     pub(crate) fn cached(&self, inode: u32) -> Vec<u32> {
         self.by_inode.get(&u64::from(inode)).cloned().unwrap_or_default()
     }

@@ -84,7 +84,21 @@ impl Finished {
 
 /// `bindtrace ARGS` with no stdin and both outputs piped to the test.
 fn spawn(args: &[&str], env: &[(&str, &str)]) -> Child {
-    Command::new(BINDTRACE)
+    spawn_under(&[], args, env)
+}
+
+/// `WRAPPER... bindtrace ARGS` (`setpriv ...`, `unshare ...`): bindtrace is the wrapper's
+/// last argument before its own.
+fn spawn_under(wrapper: &[&str], args: &[&str], env: &[(&str, &str)]) -> Child {
+    let mut command = match wrapper.split_first() {
+        Some((program, rest)) => {
+            let mut command = Command::new(program);
+            command.args(rest).arg(BINDTRACE);
+            command
+        }
+        None => Command::new(BINDTRACE),
+    };
+    command
         .args(args)
         .envs(env.iter().copied())
         .stdin(Stdio::null())
@@ -115,7 +129,12 @@ impl Tracer {
 
     /// [`Tracer::start`] with extra environment variables.
     pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Tracer {
-        let mut child = spawn(args, env);
+        Self::start_under(&[], args, env)
+    }
+
+    /// [`Tracer::start`] run by a wrapper (see [`spawn_under`]).
+    pub fn start_under(wrapper: &[&str], args: &[&str], env: &[(&str, &str)]) -> Tracer {
+        let mut child = spawn_under(wrapper, args, env);
         let lines = spawn_line_reader(child.stdout.take().expect("stdout"));
         let stderr = spawn_line_reader(child.stderr.take().expect("stderr"));
         let deadline = Instant::now() + ATTACH_TIMEOUT;

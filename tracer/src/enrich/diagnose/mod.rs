@@ -19,7 +19,7 @@ pub(crate) use self::{
 };
 use super::{
     history::{BindHistory, SeenBind},
-    lookup::{Facts, Holder, LookupKey, NetnsFacts},
+    lookup::{Facts, Holder, LookupKey, NetnsFacts, ProcessUnread},
     sockdiag::{DiagSocket, Proto, TCP_LISTEN, TCP_TIME_WAIT},
 };
 use crate::{
@@ -145,10 +145,13 @@ fn in_use(event: &BindEvent, holders: &[Holder], history: &BindHistory) -> Diagn
     let seen = seen_for(history, key, first);
     let mut unknown = Vec::new();
     if first.processes.is_empty() && first.socket.inode != 0 {
-        unknown.push(format!(
-            "no process with socket inode {} open was found (it may have exited or live in a hidden /proc)",
-            first.socket.inode
-        ));
+        unknown.push(match first.blind_reason() {
+            Some(why) => format!("the process holding socket inode {} is not visible: {why}", first.socket.inode),
+            None => format!(
+                "no process with socket inode {} open was found (a socket the kernel holds, or its process exited just now)",
+                first.socket.inode
+            ),
+        });
     }
     let base = holders_summary(proto, port, &live.iter().map(|h| (**h).clone()).collect::<Vec<_>>(), seen);
     let cross_family =
@@ -191,7 +194,7 @@ fn has_cap(effective: u64, cap: u32) -> bool {
     effective & (1u64 << cap) != 0
 }
 
-fn access(event: &BindEvent, netns: Option<&NetnsFacts>, caps: Option<Option<u64>>) -> Diagnosis {
+fn access(event: &BindEvent, netns: Option<&NetnsFacts>, caps: Option<Result<u64, ProcessUnread>>) -> Diagnosis {
     let mut facts = DiagnosisFacts::default();
     let mut unknown = Vec::new();
     let port = event.port;
@@ -199,11 +202,14 @@ fn access(event: &BindEvent, netns: Option<&NetnsFacts>, caps: Option<Option<u64
     facts.ip_unprivileged_port_start = start;
     let who = format!("pid {} ({})", event.tgid, comm_text(&event.comm));
     match caps {
-        Some(Some(effective)) => {
+        Some(Ok(effective)) => {
             facts.cap_eff = Some(format!("{effective:016x}"));
             facts.cap_net_bind_service = Some(has_cap(effective, CAP_NET_BIND_SERVICE));
         }
-        Some(None) => unknown.push(format!("{who} exited before its capabilities could be read")),
+        Some(Err(ProcessUnread::Exited)) => unknown.push(format!("{who} exited before its capabilities could be read")),
+        Some(Err(ProcessUnread::OutsidePidNamespace)) => unknown.push(format!(
+            "the capabilities of {who} cannot be read: bindtrace runs in its own PID namespace, and the pid is the host's"
+        )),
         None => {}
     }
     let Some(start) = start else {
@@ -374,7 +380,7 @@ pub fn diagnose<'a>(
             };
             let mut diagnosis = if errno == libc::EACCES {
                 let caps = match facts(&LookupKey::Process { pid: event.tgid }) {
-                    Some(Facts::Process(p)) => Some(p.as_ref().map(|c| c.effective)),
+                    Some(Facts::Process(p)) => Some(p.as_ref().map(|c| c.effective).map_err(|why| *why)),
                     _ => None,
                 };
                 access(event, netns, caps)
@@ -409,7 +415,7 @@ mod tests {
     use crate::{
         decode::tests::sample_event,
         enrich::{
-            lookup::{ProcessCaps, SocketTable},
+            lookup::{OwnersSeen, ProcessCaps, SocketTable},
             owners::ProcessInfo,
         },
     };
@@ -485,7 +491,7 @@ mod tests {
             holders_facts(vec![Holder {
                 socket: socket("0.0.0.0:8080", TCP_LISTEN, None),
                 processes: vec![nginx()],
-                owners_resolved: true,
+                owners: OwnersSeen::Complete,
             }]),
         )];
         let d = run(&event, &facts, &history);
@@ -513,7 +519,7 @@ mod tests {
         tw.peer = "127.0.0.1:50000".parse().expect("peer");
         let facts = vec![(
             needed_lookups(&event).remove(0),
-            holders_facts(vec![Holder { socket: tw, processes: vec![], owners_resolved: true }]),
+            holders_facts(vec![Holder { socket: tw, processes: vec![], owners: OwnersSeen::Complete }]),
         )];
         let d = run(&event, &facts, &BindHistory::default());
         assert_eq!(d.kind, "time_wait");
@@ -547,7 +553,7 @@ mod tests {
             holders_facts(vec![Holder {
                 socket: socket("[::]:8080", TCP_LISTEN, Some(false)),
                 processes: vec![nginx()],
-                owners_resolved: true,
+                owners: OwnersSeen::Complete,
             }]),
         )];
         let d = run(&event, &facts, &BindHistory::default());
@@ -569,7 +575,7 @@ mod tests {
             holders_facts(vec![Holder {
                 socket: socket("127.0.0.1:8080", TCP_LISTEN, None),
                 processes: vec![nginx()],
-                owners_resolved: true,
+                owners: OwnersSeen::Complete,
             }]),
         )];
         let d = run(&event, &facts, &history);
@@ -596,7 +602,7 @@ mod tests {
         let netns = Facts::Netns(Ok(NetnsFacts { unprivileged_port_start: Some(1024), ..Default::default() }));
         let facts = vec![
             (LookupKey::Netns { netns: event.netns_ino }, netns.clone()),
-            (LookupKey::Process { pid: event.tgid }, Facts::Process(Some(ProcessCaps { effective: 0 }))),
+            (LookupKey::Process { pid: event.tgid }, Facts::Process(Ok(ProcessCaps { effective: 0 }))),
         ];
         let d = run(&event, &facts, &BindHistory::default());
         assert_eq!(d.kind, "privileged_port");
@@ -607,14 +613,14 @@ mod tests {
 
         let with_cap = vec![
             (LookupKey::Netns { netns: event.netns_ino }, netns.clone()),
-            (LookupKey::Process { pid: event.tgid }, Facts::Process(Some(ProcessCaps { effective: 1 << 10 }))),
+            (LookupKey::Process { pid: event.tgid }, Facts::Process(Ok(ProcessCaps { effective: 1 << 10 }))),
         ];
         assert_eq!(run(&event, &with_cap, &BindHistory::default()).kind, "refused_by_policy");
         event.port = 8080;
         assert_eq!(run(&event, &facts, &BindHistory::default()).kind, "refused_by_policy");
         let exited = vec![
             (LookupKey::Netns { netns: event.netns_ino }, netns),
-            (LookupKey::Process { pid: event.tgid }, Facts::Process(None)),
+            (LookupKey::Process { pid: event.tgid }, Facts::Process(Err(ProcessUnread::Exited))),
         ];
         event.port = 80;
         let d = run(&event, &exited, &BindHistory::default());

@@ -45,6 +45,10 @@ pub struct HolderReport {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub v6only: Option<bool>,
     pub processes: Vec<ProcessInfo>,
+    /// Why `processes` may miss some (bindtrace in its own PID namespace, other users'
+    /// processes it may not inspect): an empty list is then "not visible", not "none".
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub processes_hidden: Option<String>,
     /// The holder's own bind, when bindtrace saw it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub seen_bind: Option<SeenBindReport>,
@@ -143,6 +147,7 @@ pub(crate) fn holder_report(holder: &Holder, seen: Option<&SeenBind>) -> HolderR
         timer_ms: socket.timer_ms,
         v6only: socket.v6only,
         processes: holder.processes.clone(),
+        processes_hidden: holder.blind_reason(),
         seen_bind: seen.map(seen_report),
     }
 }

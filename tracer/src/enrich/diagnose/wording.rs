@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use super::{
     super::{
         history::SeenBind,
-        lookup::Holder,
+        lookup::{Holder, OwnersSeen},
         sockdiag::{state_name, Proto, TCP_TIME_WAIT},
     },
     holder_rank,
@@ -17,23 +17,31 @@ use crate::clock::local_time_of_day;
 /// "pid 4242 (nginx: master process)", or what is known about a socket no process holds
 /// (bindtrace may have seen who bound it).
 pub(crate) fn who(holder: &Holder, seen: Option<&SeenBind>) -> String {
+    let inode = holder.socket.inode;
     match (holder.processes.as_slice(), seen) {
-        ([], _) if holder.socket.inode == 0 => "no process".to_owned(),
+        ([], _) if inode == 0 => "no process".to_owned(),
         ([], Some(seen)) => format!(
-            "a socket (inode {}) that pid {} ({}) bound at {}; no process has it open now",
-            holder.socket.inode,
+            "a socket (inode {inode}) that pid {} ({}) bound at {}; {}",
             seen.pid,
             comm_text(&seen.comm),
-            local_time_of_day(seen.wall_ns)
+            local_time_of_day(seen.wall_ns),
+            match holder.owners {
+                OwnersSeen::Complete => "no process has it open now",
+                OwnersSeen::Partial(_) => "no process bindtrace can see has it open",
+                OwnersSeen::NotResolved => "its process now could not be resolved",
+            }
         ),
-        ([], None) if !holder.owners_resolved => format!(
-            "a socket (inode {}, uid {}) whose process could not be resolved",
-            holder.socket.inode, holder.socket.uid
-        ),
-        ([], None) => format!(
-            "a socket (inode {}, uid {}) that no visible process has open",
-            holder.socket.inode, holder.socket.uid
-        ),
+        ([], None) => match holder.owners {
+            OwnersSeen::NotResolved => {
+                format!("a socket (inode {inode}, uid {}) whose process could not be resolved", holder.socket.uid)
+            }
+            OwnersSeen::Partial(_) => {
+                format!("a socket (inode {inode}, uid {}) whose process bindtrace cannot see", holder.socket.uid)
+            }
+            OwnersSeen::Complete => {
+                format!("a socket (inode {inode}, uid {}) that no process has open", holder.socket.uid)
+            }
+        },
         ([first, rest @ ..], _) => {
             let name = if first.cmdline.is_empty() { &first.comm } else { &first.cmdline };
             let mut text = format!("pid {} ({})", first.pid, name.chars().take(80).collect::<String>());
