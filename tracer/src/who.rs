@@ -12,12 +12,15 @@ use serde::Serialize;
 use crate::{
     cli::{self, OutputFormat, WhoArgs},
     enrich::{
-        diagnose::{holder_report, holders_summary, HolderReport},
+        diagnose::{endpoint, holder_report, holders_summary, HolderReport},
         lookup::{Holder, Lookups},
         netns::Netns,
         sockdiag::{state_name, Proto},
     },
-    sink::push_escaped,
+    sink::{
+        columns::{Align, Columns},
+        push_escaped,
+    },
 };
 
 #[derive(Serialize)]
@@ -112,14 +115,18 @@ fn render_table(out: &mut String, holders: &[Holder], summary: &str) {
         let _ = writeln!(out, "{summary}");
         return;
     }
-    let _ = writeln!(
-        out,
-        "{:<5} {:<11} {:<28} {:<28} {:>7} {:<16} {:>5} CGROUP",
-        "PROTO", "STATE", "LOCAL", "PEER", "PID", "COMM", "UID"
+    let escaped = |text: &str| {
+        let mut escaped = String::new();
+        push_escaped(&mut escaped, text.as_bytes());
+        escaped
+    };
+    let mut table = Columns::new(
+        ["PROTO", "STATE", "LOCAL", "PEER", "PID", "COMM", "UID", "CGROUP"],
+        [Align::Left, Align::Left, Align::Left, Align::Left, Align::Right, Align::Left, Align::Right, Align::Left],
     );
     for holder in holders {
         let socket = &holder.socket;
-        let peer = if socket.peer.ip().is_unspecified() { "-".to_owned() } else { socket.peer.to_string() };
+        let peer = if socket.peer.ip().is_unspecified() { "-".to_owned() } else { endpoint(socket.peer) };
         let state = state_name(socket.proto, socket.state);
         // One row per process holding the socket; one row saying so when none does.
         let rows: Vec<(String, String, String)> = if holder.processes.is_empty() {
@@ -134,29 +141,73 @@ fn render_table(out: &mut String, holders: &[Holder], summary: &str) {
                 .processes
                 .iter()
                 .map(|process| {
-                    let mut comm = String::new();
-                    push_escaped(&mut comm, process.comm.as_bytes());
-                    let mut cgroup = String::new();
-                    push_escaped(&mut cgroup, process.cgroup.as_deref().unwrap_or("-").as_bytes());
-                    (process.pid.to_string(), comm, cgroup)
+                    (process.pid.to_string(), escaped(&process.comm), escaped(process.cgroup.as_deref().unwrap_or("-")))
                 })
                 .collect()
         };
         for (pid, comm, cgroup) in rows {
-            let _ = writeln!(
-                out,
-                "{:<5} {:<11} {:<28} {:<28} {:>7} {:<16} {:>5} {cgroup}",
-                socket.proto.name(),
-                state,
-                socket.local.to_string(),
-                peer,
+            table.row([
+                socket.proto.name().to_owned(),
+                state.to_owned(),
+                endpoint(socket.local),
+                peer.clone(),
                 pid,
                 comm,
-                socket.uid
-            );
+                socket.uid.to_string(),
+                cgroup,
+            ]);
         }
     }
+    table.render(out);
     out.push_str("  └ ");
     push_escaped(out, summary.as_bytes());
     out.push('\n');
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::enrich::{lookup::OwnersSeen, owners::ProcessInfo, sockdiag::DiagSocket};
+
+    fn holder(local: &str, state: u8, timer_ms: Option<u32>, processes: Vec<ProcessInfo>) -> Holder {
+        Holder {
+            socket: DiagSocket {
+                proto: Proto::Tcp,
+                local: local.parse().expect("addr"),
+                peer: "[2001:db8:85a3:1234:8a2e:370:7334:abcd]:65535".parse().expect("addr"),
+                state,
+                uid: 0,
+                inode: if timer_ms.is_some() { 0 } else { 7 },
+                timer_ms,
+                v6only: None,
+            },
+            processes,
+            owners: OwnersSeen::Complete,
+        }
+    }
+
+    /// Issue 11: `(no process; timer 60 s)`, wide names and long IPv6 addresses shifted the
+    /// columns after them.
+    #[test]
+    fn every_row_starts_its_cgroup_at_the_same_column() {
+        let process = |comm: &str| ProcessInfo {
+            pid: 4242,
+            comm: comm.into(),
+            cmdline: String::new(),
+            cgroup: Some("/system.slice/x.service".into()),
+            uid: Some(0),
+        };
+        let holders = vec![
+            holder("[::]:8080", 10, None, vec![process("名前付きプロセス"), process("a\u{1b}b")]),
+            holder("127.0.0.1:8080", 6, Some(59_500), vec![]),
+        ];
+        let mut out = String::new();
+        render_table(&mut out, &holders, "summary");
+        let rows: Vec<&str> = out.lines().filter(|l| !l.starts_with("  └")).collect();
+        assert_eq!(rows.len(), 4, "{out}");
+        let last_column = |row: &str| crate::sink::columns::width(&row[..row.rfind(' ').expect("space") + 1]);
+        let at = last_column(rows[0]);
+        assert!(rows.iter().all(|row| last_column(row) == at), "{out}");
+        assert!(out.contains("(no process; timer 60 s)") && out.contains("a\\u{1b}b"), "{out}");
+    }
 }

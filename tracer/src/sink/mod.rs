@@ -4,6 +4,7 @@
 //! (or when it grows past [`Output::HIGH_WATER`]): one write per batch under load, one per
 //! event at low rates, so `bindtrace -o ndjson | jq` shows events as they happen.
 
+pub(crate) mod columns;
 pub mod ndjson;
 pub mod table;
 

@@ -6,7 +6,10 @@ use std::{fmt::Write as _, io};
 use anstyle::{AnsiColor, Style};
 use bindtrace_common::{sock_flags, BindEvent};
 
-use super::{push_escaped, Output, Sink};
+use super::{
+    columns::{push_cell, Align, Cut},
+    push_escaped, Output, Sink,
+};
 use crate::{
     clock::local_time_of_day,
     decode::{requested_endpoint, BindEventExt as _},
@@ -16,6 +19,25 @@ use crate::{
 };
 
 const FAILURE: Style = AnsiColor::Red.on_default().bold();
+
+/// The live table's columns before RESULT: title, width, alignment, and where a value too
+/// wide is cut. PROTO fits `udplite`; ADDRESS most IPv6 addresses with their port (a longer one loses its middle).
+const COLUMNS: [(&str, usize, Align, Cut); 6] = [
+    ("TIME", 12, Align::Left, Cut::End),
+    ("PID", 7, Align::Right, Cut::End),
+    ("COMM", 16, Align::Left, Cut::End),
+    ("PROTO", 7, Align::Left, Cut::End),
+    ("OPTS", 6, Align::Left, Cut::End),
+    ("ADDRESS", 40, Align::Left, Cut::Middle),
+];
+
+/// Appends the cells of one row (the titles, or an event's values), each followed by a space.
+fn push_cells(line: &mut String, values: [&str; 6]) {
+    for ((_, columns, align, cut), value) in COLUMNS.iter().zip(values) {
+        push_cell(line, value, *columns, *align, *cut);
+        line.push(' ');
+    }
+}
 
 pub struct TableSink {
     output: Output,
@@ -40,11 +62,8 @@ impl TableSink {
     pub fn header(&mut self) -> io::Result<()> {
         if !self.header_written {
             self.header_written = true;
-            let _ = write!(
-                self.line,
-                "{:<12} {:>7} {:<16} {:<5} {:<6} {:<30} RESULT",
-                "TIME", "PID", "COMM", "PROTO", "OPTS", "ADDRESS"
-            );
+            push_cells(&mut self.line, COLUMNS.map(|(title, ..)| title));
+            self.line.push_str("RESULT");
             self.push_line()?;
             self.output.flush()?;
         }
@@ -114,15 +133,19 @@ impl Sink for TableSink {
         self.header()?;
         let mut comm = String::with_capacity(16);
         push_escaped(&mut comm, event.comm_bytes());
-        let _ = write!(
-            self.line,
-            "{:<12} {:>7} {:<16} {:<5} {:<6} {:<30} ",
-            local_time_of_day(wall_ns),
-            event.tgid,
-            comm,
-            event.proto_name().unwrap_or("-"),
-            options(event),
-            address_column(event),
+        // Escaped like comm: an AF_UNIX path (later) is a name a process chose.
+        let mut address = String::with_capacity(48);
+        push_escaped(&mut address, address_column(event).as_bytes());
+        push_cells(
+            &mut self.line,
+            [
+                &local_time_of_day(wall_ns),
+                &event.tgid.to_string(),
+                &comm,
+                event.proto_name().unwrap_or("-"),
+                &options(event),
+                &address,
+            ],
         );
         let result = result_text(event.ret);
         if event.ret < 0 && self.color {
@@ -248,8 +271,41 @@ mod tests {
         let result_col = lines[0].find("RESULT").expect("RESULT column");
         assert_eq!(&lines[1][result_col..], "EADDRINUSE (Address already in use)");
         assert!(lines[1].contains(" 4242 python3 "), "{}", lines[1]);
-        assert!(lines[1].contains(" tcp   a      127.0.0.1:8080 "), "{}", lines[1]);
+        assert!(lines[1].contains(" tcp     a      127.0.0.1:8080 "), "{}", lines[1]);
         assert!(!text.contains('\x1b'), "no colour when disabled");
+    }
+
+    /// Issue 11: escaped and wide names, `stream`/`udplite` and long IPv6 addresses shifted
+    /// the columns after them.
+    #[test]
+    fn no_value_moves_the_result_column() {
+        let header = render(false, &sample_event());
+        let result_at = super::super::columns::width(&header[..header.find("RESULT").expect("RESULT")]);
+        let mut events = Vec::new();
+        for comm in [&b"\x1b[2J\x07\x01\x02\x03\x04\x05"[..], "名前付きプロセ".as_bytes(), b"\xff\xfe\xfd\xfc", b"a\\b"]
+        {
+            let mut event = sample_event();
+            event.comm = [0; 16];
+            event.comm[..comm.len().min(15)].copy_from_slice(&comm[..comm.len().min(15)]);
+            events.push(event);
+        }
+        for (sock_type, protocol) in [(1, 0), (2, 136), (1, 262)] {
+            let mut event = sample_event();
+            event.sock_type = sock_type;
+            event.protocol = protocol;
+            events.push(event);
+        }
+        let mut v6 = sample_event();
+        v6.family = bindtrace_common::AF_INET6;
+        v6.addr = [0x20, 0x01, 0x0d, 0xb8, 0x85, 0xa3, 0x12, 0x34, 0x8a, 0x2e, 0x03, 0x70, 0x73, 0x34, 0xab, 0xcd];
+        v6.port = 65535;
+        events.push(v6);
+        for event in events {
+            let text = render(false, &event);
+            let row = text.lines().nth(1).expect("row");
+            let at = row.find("EADDRINUSE").expect("result");
+            assert_eq!(super::super::columns::width(&row[..at]), result_at, "{row}");
+        }
     }
 
     #[test]

@@ -15,7 +15,7 @@ use self::report::comm_text;
 pub use self::report::Diagnosis;
 pub(crate) use self::{
     report::{holder_report, DiagnosisFacts, HolderReport},
-    wording::holders_summary,
+    wording::{endpoint, holders_summary},
 };
 use super::{
     history::{BindHistory, SeenBind},
