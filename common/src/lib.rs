@@ -101,7 +101,7 @@ pub mod sock_flags {
 /// The address and port are the ones the caller *asked for*, copied from the syscall's
 /// arguments, so they survive a failed bind (the kernel resets the socket's own address).
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
 pub struct BindEvent {
     /// CLOCK_MONOTONIC (`bpf_ktime_get_ns`) when bind() was entered.
     pub timestamp_ns: u64,
@@ -215,7 +215,7 @@ pub mod stat {
 /// The probe reads `(u32 at base + offset) >> bit_shift`, masked to `bit_width` bits;
 /// a plain u8/u16/u32 member has `bit_shift` 0 and `bit_width` 8/16/32.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
 pub struct FieldLoc {
     pub offset: u32,
     pub bit_shift: u8,
@@ -246,7 +246,7 @@ impl FieldLoc {
 /// Offsets the probe needs to walk from the current task to the socket behind an fd.
 /// Pointer members are byte offsets; value members are [`FieldLoc`]s.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
 pub struct KernelLayout {
     /// `task_struct.files`
     pub task_files: u32,
@@ -312,7 +312,8 @@ pub mod kernel_helpers {
     pub const TASK_PT_REGS: u32 = 1 << 1;
 }
 
-/// Every shared layout is checked here: a field added without its padding fails the build.
+/// Every shared layout is checked here and by the `bytemuck::Pod` derives (which refuse any
+/// implicit padding): a field added without its padding fails the build.
 const _: () = assert!(core::mem::size_of::<KernelLayout>() == 15 * 4 + 11 * 8 + 4);
 const _: () = assert!(core::mem::size_of::<FilterConfig>() == 32 + 64 + 16 + 16);
 const _: () = assert!(
@@ -334,7 +335,7 @@ pub mod filter_flags {
 /// Filters applied in the kernel, so that a rejected event costs no ring-buffer space.
 /// The pid set lives in the `FILTER_PIDS` hash map; everything else is here.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
 pub struct FilterConfig {
     /// Accepted results: bit 0 is success, bit N is errno N (N >= 255 all map to bit 255).
     pub results: [u64; ERRNO_BITS / 64],
@@ -463,7 +464,7 @@ impl FilterConfig {
 
 /// Everything the tracer writes into the probe's read-only data before load.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
 pub struct ProbeConfig {
     pub layout: KernelLayout,
     pub filter: FilterConfig,
@@ -519,7 +520,8 @@ impl ProbeConfig {
     }
 }
 
-// SAFETY: plain-old-data: repr(C), no pointers, every bit pattern valid; padding is explicit.
+// SAFETY: both derive `bytemuck::Pod`, whose derive proves at compile time what aya's Pod
+// asks for: repr(C), no padding, every bit pattern valid.
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for ProbeConfig {}
 // SAFETY: as above.

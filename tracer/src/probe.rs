@@ -398,3 +398,74 @@ impl AttachedProbe {
         Ok(KernelCounters::from_sums(&sums))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The embedded object against `common`: a probe built from other sources, for another
+    //! arch or with other features than the tracer fails here, not at load time on a user's
+    //! machine.
+
+    use bindtrace_common::{FilterConfig, KernelLayout};
+    use object::{Object as _, ObjectSection as _, ObjectSymbol as _};
+
+    use super::*;
+
+    const BPF_MAP_TYPE_HASH: u32 = 1;
+    const BPF_MAP_TYPE_ARRAY: u32 = 2;
+    const BPF_MAP_TYPE_PERCPU_ARRAY: u32 = 6;
+    const BPF_MAP_TYPE_RINGBUF: u32 = 27;
+
+    #[test]
+    fn maps_and_programs_are_the_ones_the_tracer_uses() {
+        let object = aya_obj::Object::parse(PROBE_OBJECT).expect("the embedded probe parses");
+        let map = |name: &str| object.maps.get(name).unwrap_or_else(|| panic!("the probe has no map {name}"));
+        let events = map(names::EVENTS);
+        assert_eq!(events.map_type(), BPF_MAP_TYPE_RINGBUF);
+        assert!(events.max_entries().is_power_of_two(), "a ring buffer's size is a power of two");
+        let pids = map(names::FILTER_PIDS);
+        assert_eq!((pids.map_type(), pids.key_size(), pids.value_size()), (BPF_MAP_TYPE_HASH, 4, 1), "tgid -> u8");
+        let stats = map(names::STATS);
+        assert_eq!(
+            (stats.map_type(), stats.key_size(), stats.value_size(), stats.max_entries()),
+            (BPF_MAP_TYPE_PERCPU_ARRAY, 4, 8, stat::COUNT),
+            "one u64 counter per bindtrace_common::stat"
+        );
+        assert_eq!(map(names::IN_FLIGHT).map_type(), BPF_MAP_TYPE_HASH);
+        assert_eq!(map(names::ENTRY_TIMES).map_type(), BPF_MAP_TYPE_ARRAY);
+        let mut programs = vec![names::PROG_ENTER, names::PROG_EXIT, names::PROG_KPROBE, names::PROG_KRETPROBE];
+        programs.extend(names::PROGS_FEXIT.iter().flat_map(|(entry, exit, _)| [*entry, *exit]));
+        for program in programs {
+            assert!(object.programs.contains_key(program), "the probe has no program {program}");
+        }
+    }
+
+    /// The config global is what `override_global` writes: in .rodata, exactly a
+    /// `ProbeConfig`; and the probe's BTF gives every shared struct the size the tracer has.
+    #[test]
+    fn the_config_global_and_shared_structs_match_common() {
+        let elf = object::File::parse(PROBE_OBJECT).expect("the embedded probe is an ELF object");
+        let config = elf.symbols().find(|s| s.name() == Ok(names::CONFIG)).expect("the config global");
+        assert_eq!(config.size() as usize, std::mem::size_of::<ProbeConfig>());
+        let section = elf.section_by_index(config.section_index().expect("in a section")).expect("section");
+        assert_eq!(section.name(), Ok(".rodata"), "read-only, so the verifier sees its values");
+
+        let btf = elf.section_by_name(".BTF").expect("the probe carries BTF").data().expect("BTF bytes");
+        let btf = btf_rs::Btf::from_bytes(btf).expect("the probe's BTF parses");
+        let size_of = |name: &str| -> usize {
+            let types = btf.resolve_types_by_name(name).unwrap_or_else(|e| panic!("{name} is not in the BTF: {e}"));
+            types
+                .iter()
+                .find_map(|t| match t {
+                    btf_rs::Type::Struct(s) => Some(s.size()),
+                    _ => None,
+                })
+                .unwrap_or_else(|| panic!("{name} is not a struct in the BTF"))
+        };
+        assert_eq!(size_of("ProbeConfig"), std::mem::size_of::<ProbeConfig>());
+        assert_eq!(size_of("KernelLayout"), std::mem::size_of::<KernelLayout>());
+        assert_eq!(size_of("FilterConfig"), std::mem::size_of::<FilterConfig>());
+        // BindEvent is written through a raw ring-buffer pointer, so the probe's BTF does not
+        // describe it: common's compile-time offset asserts (built into the probe too) and
+        // the decoder's size check hold its layout.
+    }
+}
