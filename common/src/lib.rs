@@ -13,10 +13,13 @@ pub const MAX_PORT_RANGES: usize = 16;
 /// Errnos 1..=254 have their own bit in [`FilterConfig::results`]; larger ones share bit 255.
 pub const ERRNO_BITS: usize = 256;
 
+pub const AF_UNIX: u16 = 1;
 pub const AF_INET: u16 = 2;
 pub const AF_INET6: u16 = 10;
 pub const IPPROTO_TCP: u16 = 6;
 pub const IPPROTO_UDP: u16 = 17;
+
+pub mod sockaddr;
 
 /// Names of the maps and globals in the probe object, used by the loader to find them.
 pub mod names {
@@ -94,6 +97,10 @@ pub mod sock_flags {
     /// The probe did not see this bind's entry: `timestamp_ns` is the return's time and
     /// `duration_ns` is unknown (0).
     pub const NO_ENTRY_TIME: u32 = 1 << 10;
+    /// The sockaddr pointer was NULL (bind() fails with EFAULT or EINVAL).
+    pub const ADDR_NULL: u32 = 1 << 11;
+    /// Copying the sockaddr from the caller's memory faulted (an unmapped pointer: EFAULT).
+    pub const ADDR_FAULT: u32 = 1 << 12;
 }
 
 /// One bind attempt, as the probe writes it into the ring buffer.
@@ -147,12 +154,37 @@ pub struct BindEvent {
     /// The socket's IPv4 local address when bind() returned (`skc_rcv_saddr`), network order;
     /// meaningful for AF_INET requests with SOCK_INFO only.
     pub bound_addr4: [u8; 4],
-    pub _reserved: [u8; 4],
+    /// The socket's own family (`skc_family`, with SOCK_INFO): the domain it was created in,
+    /// which a wrong sockaddr may contradict.
+    pub sock_family: u16,
+    pub _reserved: [u8; 2],
 }
 
-/// Size of one ring-buffer record; the decoder rejects anything else.
+/// Size of one ring-buffer record of an inet (or any non-AF_UNIX) bind.
 pub const BIND_EVENT_SIZE: usize = core::mem::size_of::<BindEvent>();
 const _: () = assert!(BIND_EVENT_SIZE == 120);
+
+/// `sizeof(((struct sockaddr_un *)0)->sun_path)`.
+pub const UNIX_PATH_MAX: usize = 108;
+
+/// The record of an AF_UNIX bind: the event, then the path that was asked for. A record of
+/// its own so that inet binds, nearly all of them, do not carry 112 unused bytes through the
+/// ring buffer; the decoder tells the two apart by size.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct UnixBindEvent {
+    pub event: BindEvent,
+    /// Bytes of `path` that are the caller's (`addrlen` - 2, at most 108); the rest is
+    /// undefined. A path-named socket's path ends at its first NUL; an abstract name starts
+    /// with NUL and is all `path_len` bytes.
+    pub path_len: u32,
+    pub _reserved: u32,
+    pub path: [u8; UNIX_PATH_MAX],
+    pub _tail: [u8; 4],
+}
+
+pub const UNIX_BIND_EVENT_SIZE: usize = core::mem::size_of::<UnixBindEvent>();
+const _: () = assert!(UNIX_BIND_EVENT_SIZE == BIND_EVENT_SIZE + 8 + UNIX_PATH_MAX + 4);
 
 impl BindEvent {
     pub const fn zeroed() -> Self {
@@ -181,7 +213,8 @@ impl BindEvent {
             backend: 0,
             _pad: 0,
             bound_addr4: [0; 4],
-            _reserved: [0; 4],
+            sock_family: 0,
+            _reserved: [0; 2],
         }
     }
 }
@@ -423,6 +456,16 @@ impl FilterConfig {
         false
     }
 
+    /// Does the requested address pass `--port`? Only inet families have ports: an AF_UNIX
+    /// bind (whose path would read as a "port") never matches a port filter.
+    #[inline(always)]
+    pub fn accepts_address(&self, family: u16, port: u16) -> bool {
+        if !self.is_active(filter_flags::PORTS) {
+            return true;
+        }
+        (family == AF_INET || family == AF_INET6) && self.accepts_port(port)
+    }
+
     #[inline(always)]
     pub fn accepts_family(&self, family: u16) -> bool {
         !self.is_active(filter_flags::FAMILY) || self.family == family
@@ -455,7 +498,7 @@ impl FilterConfig {
     /// own pid list): the userspace mirror of what the probe decides in the kernel.
     pub fn accepts_event(&self, event: &BindEvent) -> bool {
         self.accepts_result(event.ret)
-            && self.accepts_port(event.port)
+            && self.accepts_address(event.family, event.port)
             && self.accepts_family(event.family)
             && self.accepts_protocol(event.protocol)
             && self.accepts_comm(&event.comm)
@@ -527,6 +570,9 @@ unsafe impl aya::Pod for ProbeConfig {}
 // SAFETY: as above.
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for BindEvent {}
+// SAFETY: as above.
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for UnixBindEvent {}
 
 #[cfg(test)]
 mod tests {

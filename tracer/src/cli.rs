@@ -60,7 +60,7 @@ pub struct Cli {
     pub comm: Option<String>,
 
     /// Only this address family.
-    #[arg(long, value_name = "4|6", value_parser = parse_family)]
+    #[arg(long, value_name = "4|6|unix", value_parser = parse_family)]
     pub family: Option<Family>,
 
     /// Only this protocol.
@@ -191,6 +191,7 @@ pub struct PortRange {
 pub enum Family {
     Inet,
     Inet6,
+    Unix,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -261,7 +262,8 @@ fn parse_family(text: &str) -> Result<Family, String> {
     match text.trim().to_ascii_lowercase().as_str() {
         "4" | "ipv4" | "inet" => Ok(Family::Inet),
         "6" | "ipv6" | "inet6" => Ok(Family::Inet6),
-        _ => Err(format!("unknown family '{text}': use 4 or 6")),
+        "unix" | "local" => Ok(Family::Unix),
+        _ => Err(format!("unknown family '{text}': use 4, 6 or unix")),
     }
 }
 

@@ -1,13 +1,20 @@
-//! Ring-buffer record → [`BindEvent`], checked: a record of the wrong size or with an
-//! unknown backend is an error, never a panic.
+//! Ring-buffer record → [`Bind`], checked: a record of the wrong size or with an unknown
+//! backend is an error, never a panic.
 //!
 //! Hand-written rather than through a serialization crate: this runs once per event on the
-//! hot path, and the record is a fixed `#[repr(C)]` struct, so one bounds check and one
-//! unaligned 120-byte copy is all it takes.
+//! hot path, and the records are fixed `#[repr(C)]` structs (`bytemuck::Pod`), so one size
+//! check and one unaligned copy is all it takes.
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    ops::Deref,
+    path::PathBuf,
+};
 
-use bindtrace_common::{sock_flags, Backend, BindEvent, AF_INET, AF_INET6, BIND_EVENT_SIZE};
+use bindtrace_common::{
+    sock_flags, Backend, BindEvent, UnixBindEvent, AF_INET, AF_INET6, AF_UNIX, BIND_EVENT_SIZE, UNIX_BIND_EVENT_SIZE,
+    UNIX_PATH_MAX,
+};
 
 #[derive(Debug, PartialEq, Eq)]
 pub enum DecodeError {
@@ -18,7 +25,10 @@ pub enum DecodeError {
 impl std::fmt::Display for DecodeError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Self::WrongSize { got } => write!(f, "ring-buffer record of {got} bytes, expected {BIND_EVENT_SIZE}"),
+            Self::WrongSize { got } => write!(
+                f,
+                "ring-buffer record of {got} bytes, expected {BIND_EVENT_SIZE} (or {UNIX_BIND_EVENT_SIZE} for AF_UNIX)"
+            ),
             Self::UnknownBackend(raw) => write!(f, "ring-buffer record from unknown backend {raw}"),
         }
     }
@@ -26,17 +36,112 @@ impl std::fmt::Display for DecodeError {
 
 impl std::error::Error for DecodeError {}
 
-pub fn decode(bytes: &[u8]) -> Result<BindEvent, DecodeError> {
-    if bytes.len() != BIND_EVENT_SIZE {
-        return Err(DecodeError::WrongSize { got: bytes.len() });
+/// The `sun_path` an AF_UNIX bind asked for, as the caller passed it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UnixPath(Box<[u8]>);
+
+impl UnixPath {
+    pub fn new(sun_path: &[u8]) -> Self {
+        Self(sun_path.into())
     }
-    // SAFETY: the length is checked above, BindEvent is repr(C) plain data for which every
-    // bit pattern is valid, and read_unaligned does not require alignment.
-    let event = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<BindEvent>()) };
-    if Backend::from_raw(event.backend).is_none() {
-        return Err(DecodeError::UnknownBackend(event.backend));
+
+    /// An abstract name (Linux): `sun_path` starts with NUL; no file is involved.
+    pub fn is_abstract(&self) -> bool {
+        self.0.first() == Some(&0)
     }
-    Ok(event)
+
+    /// No path at all (`addrlen` of 2): the kernel picks an abstract name (autobind).
+    pub fn is_autobind(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The bytes as `ss` shows them: a path up to its first NUL; an abstract name as `@`
+    /// followed by the name, its NULs shown as `@`. Not escaped: the sinks escape it.
+    pub fn display_bytes(&self) -> Vec<u8> {
+        if self.is_abstract() {
+            std::iter::once(b'@').chain(self.0[1..].iter().map(|&b| if b == 0 { b'@' } else { b })).collect()
+        } else {
+            self.0.split(|&b| b == 0).next().unwrap_or_default().to_vec()
+        }
+    }
+
+    /// [`Self::display_bytes`] as text, bytes that are not UTF-8 written as `\xNN` (NDJSON,
+    /// and the table before its own escaping).
+    pub fn display_text(&self) -> String {
+        let mut text = String::new();
+        for chunk in self.display_bytes().utf8_chunks() {
+            text.push_str(chunk.valid());
+            for byte in chunk.invalid() {
+                text.push_str(&format!("\\x{byte:02x}"));
+            }
+        }
+        if self.is_autobind() {
+            text.push_str("(autobind)");
+        }
+        text
+    }
+
+    /// The file a path-named socket is bound at (relative paths are the caller's: resolve
+    /// them against its cwd); `None` for abstract names and autobind.
+    pub fn filesystem_path(&self) -> Option<PathBuf> {
+        use std::os::unix::ffi::OsStrExt as _;
+        if self.is_abstract() || self.is_autobind() {
+            return None;
+        }
+        Some(PathBuf::from(std::ffi::OsStr::from_bytes(&self.display_bytes())))
+    }
+}
+
+/// A decoded bind: the fixed record, and the path of an AF_UNIX bind. Derefs to the record,
+/// which is what nearly every stage reads.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Bind {
+    pub event: BindEvent,
+    /// The path asked for, for an AF_UNIX bind whose sockaddr could be read.
+    pub unix_path: Option<UnixPath>,
+}
+
+impl Deref for Bind {
+    type Target = BindEvent;
+
+    fn deref(&self) -> &BindEvent {
+        &self.event
+    }
+}
+
+impl From<BindEvent> for Bind {
+    fn from(event: BindEvent) -> Self {
+        Self { event, unix_path: None }
+    }
+}
+
+impl Bind {
+    /// The address asked for, as the table and the diagnoses show it: `127.0.0.1:8080`,
+    /// `[::1]:8080`, a unix path or `@name`.
+    pub fn endpoint(&self) -> String {
+        match &self.unix_path {
+            Some(path) => path.display_text(),
+            None => requested_endpoint(&self.event),
+        }
+    }
+}
+
+pub fn decode(bytes: &[u8]) -> Result<Bind, DecodeError> {
+    let bind = match bytes.len() {
+        BIND_EVENT_SIZE => Bind::from(bytemuck::pod_read_unaligned::<BindEvent>(bytes)),
+        UNIX_BIND_EVENT_SIZE => {
+            let record = bytemuck::pod_read_unaligned::<UnixBindEvent>(bytes);
+            let len = (record.path_len as usize).min(UNIX_PATH_MAX);
+            let unix_path = (record.event.family == AF_UNIX && record.event.has(sock_flags::ADDR_READ))
+                .then(|| UnixPath::new(&record.path[..len]));
+            Bind { event: record.event, unix_path }
+        }
+        got => return Err(DecodeError::WrongSize { got }),
+    };
+    if Backend::from_raw(bind.event.backend).is_none() {
+        return Err(DecodeError::UnknownBackend(bind.event.backend));
+    }
+    Ok(bind)
 }
 
 /// Typed views of the raw fields, shared by the filter, the sinks and the summary.
@@ -97,6 +202,7 @@ impl BindEventExt for BindEvent {
             (_, 262) => "mptcp",
             (1, _) => "stream",
             (2, _) => "dgram",
+            (5, _) => "seqpacket",
             _ => "other",
         })
     }
@@ -128,6 +234,8 @@ pub fn requested_endpoint(event: &BindEvent) -> String {
         Some(IpAddr::V6(ip)) if event.scope_id != 0 => format!("[{ip}%{}]:{}", event.scope_id, event.port),
         Some(IpAddr::V6(ip)) => format!("[{ip}]:{}", event.port),
         None if event.has(bindtrace_common::sock_flags::ADDR_SHORT) => "(address too short)".to_owned(),
+        None if event.has(bindtrace_common::sock_flags::ADDR_NULL) => "(NULL address)".to_owned(),
+        None if event.has(bindtrace_common::sock_flags::ADDR_FAULT) => "(address unreadable)".to_owned(),
         None => family_name(event.family).map_or_else(|| format!("family {}", event.family), str::to_owned),
     }
 }
@@ -161,7 +269,7 @@ pub(crate) mod tests {
     fn decodes_a_record_from_raw_bytes() {
         let event = sample_event();
         let decoded = decode(&bytes_of(&event)).expect("valid record");
-        assert_eq!(decoded, event);
+        assert_eq!(decoded, event.into());
         assert_eq!(decoded.requested_ip(), Some(IpAddr::V4(Ipv4Addr::LOCALHOST)));
         assert_eq!(decoded.errno(), Some(98));
         assert_eq!(decoded.comm_bytes(), b"python3");
@@ -172,7 +280,7 @@ pub(crate) mod tests {
     fn decodes_from_an_unaligned_slice() {
         let mut buffer = [0u8; BIND_EVENT_SIZE + 1];
         buffer[1..].copy_from_slice(&bytes_of(&sample_event()));
-        assert_eq!(decode(&buffer[1..]).expect("valid"), sample_event());
+        assert_eq!(decode(&buffer[1..]).expect("valid"), sample_event().into());
     }
 
     #[test]

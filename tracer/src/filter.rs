@@ -6,7 +6,8 @@ use std::collections::HashSet;
 
 use anyhow::{bail, Result};
 use bindtrace_common::{
-    filter_flags, BindEvent, FilterConfig, AF_INET, AF_INET6, COMM_LEN, IPPROTO_TCP, IPPROTO_UDP, MAX_PORT_RANGES,
+    filter_flags, BindEvent, FilterConfig, AF_INET, AF_INET6, AF_UNIX, COMM_LEN, IPPROTO_TCP, IPPROTO_UDP,
+    MAX_PORT_RANGES,
 };
 
 use crate::cli::{Cli, Family, Proto};
@@ -50,6 +51,7 @@ impl EventFilter {
             kernel.family = match family {
                 Family::Inet => AF_INET,
                 Family::Inet6 => AF_INET6,
+                Family::Unix => AF_UNIX,
             };
             kernel.flags |= filter_flags::FAMILY;
         }

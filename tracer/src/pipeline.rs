@@ -122,7 +122,8 @@ impl Pipeline<'_> {
                         continue;
                     }
                     self.summary.record(&event);
-                    self.enricher.push(event, self.clock.wall_ns(event.timestamp_ns), arrived);
+                    let wall_ns = self.clock.wall_ns(event.timestamp_ns);
+                    self.enricher.push(event, wall_ns, arrived);
                     if self.limits.count.is_some_and(|limit| self.summary.events() >= limit) {
                         return (records, Some(Ending::Count));
                     }

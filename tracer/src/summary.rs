@@ -123,8 +123,11 @@ impl Summary {
     pub fn record(&mut self, event: &BindEvent) {
         self.events += 1;
         *self.by_result.entry(event.ret.min(0)).or_default() += 1;
-        let proto = event.proto_name().unwrap_or("?");
-        *self.by_port.entry((event.port, proto)).or_default() += 1;
+        // Ports are inet's: an AF_UNIX path is not counted as one.
+        if event.requested_ip().is_some() {
+            let proto = event.proto_name().unwrap_or("?");
+            *self.by_port.entry((event.port, proto)).or_default() += 1;
+        }
         self.by_process.entry(event.tgid).or_insert((event.comm, 0)).1 += 1;
     }
 

@@ -12,7 +12,7 @@ use bindtrace::{
     enrich::{Enriched, Explained},
     sink::{ndjson::NdjsonSink, table::TableSink, Output, Sink},
 };
-use bindtrace_common::{BindEvent, BIND_EVENT_SIZE};
+use bindtrace_common::{BindEvent, AF_UNIX, BIND_EVENT_SIZE, UNIX_BIND_EVENT_SIZE};
 use proptest::prelude::*;
 
 #[derive(Clone, Default)]
@@ -51,10 +51,20 @@ fn records() -> impl Strategy<Value = Vec<u8>> {
             bytes[backend_at] = backend;
             bytes
         });
+    let family_at = std::mem::offset_of!(BindEvent, family);
+    // AF_UNIX records: any path bytes and any path length.
+    let unix = (proptest::collection::vec(any::<u8>(), UNIX_BIND_EVENT_SIZE), 1u8..=3).prop_map(
+        move |(mut bytes, backend)| {
+            bytes[backend_at] = backend;
+            bytes[family_at..family_at + 2].copy_from_slice(&AF_UNIX.to_ne_bytes());
+            bytes
+        },
+    );
     prop_oneof![
         6 => decodable,
+        3 => unix,
         2 => proptest::collection::vec(any::<u8>(), BIND_EVENT_SIZE),
-        1 => proptest::collection::vec(any::<u8>(), 0..256),
+        1 => proptest::collection::vec(any::<u8>(), 0..300),
     ]
 }
 

@@ -41,7 +41,7 @@ fn effective_port(event: &BindEvent) -> u16 {
 
 impl BindHistory {
     pub fn record(&mut self, event: &BindEvent, wall_ns: i128) {
-        if event.ret != 0 || !event.has(sock_flags::SOCK_INFO) {
+        if event.ret != 0 || !event.has(sock_flags::SOCK_INFO) || event.requested_ip().is_none() {
             return;
         }
         let port = effective_port(event);

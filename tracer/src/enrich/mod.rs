@@ -45,7 +45,7 @@ use self::{
     history::BindHistory,
     lookup::{Facts, LookupKey, Lookups},
 };
-use crate::decode::BindEventExt as _;
+use crate::decode::{Bind, BindEventExt as _};
 
 /// What the lookups cannot see from where bindtrace runs, one line each, to say once at
 /// start: bindtrace in its own PID namespace, capabilities it lacks.
@@ -138,7 +138,7 @@ impl KeyState {
 
 struct Pending {
     seq: u64,
-    event: BindEvent,
+    event: Bind,
     wall_ns: i128,
     keys: Vec<LookupKey>,
     arrived: Instant,
@@ -162,7 +162,7 @@ pub enum Explained {
 pub struct Enriched {
     /// 1 for the first event of the run, then one more for each.
     pub seq: u64,
-    pub event: BindEvent,
+    pub event: Bind,
     pub wall_ns: i128,
     pub explained: Explained,
 }
@@ -170,7 +170,7 @@ pub struct Enriched {
 /// The diagnosis of an event written earlier with [`Explained::Follows`].
 pub struct FollowUp {
     pub seq: u64,
-    pub event: BindEvent,
+    pub event: Bind,
     pub wall_ns: i128,
     pub diagnosis: Arc<Diagnosis>,
 }
@@ -312,7 +312,7 @@ impl Enricher {
     }
 
     /// Takes an event in arrival order and asks for the lookups it needs.
-    pub fn push(&mut self, event: BindEvent, wall_ns: i128, now: Instant) {
+    pub fn push(&mut self, event: Bind, wall_ns: i128, now: Instant) {
         self.next_seq += 1;
         self.history.record(&event, wall_ns);
         let mut keys =
@@ -546,7 +546,7 @@ impl Enricher {
     /// The event just moved to `following`, as written now.
     fn follows_marker(&self) -> Enriched {
         let last = self.following.back().expect("just pushed");
-        Enriched { seq: last.seq, event: last.event, wall_ns: last.wall_ns, explained: Explained::Follows }
+        Enriched { seq: last.seq, event: last.event.clone(), wall_ns: last.wall_ns, explained: Explained::Follows }
     }
 
     /// Diagnoses of events written earlier, whose answers are now in (or whose time ran
@@ -661,10 +661,10 @@ mod tests {
         let mut ok = sample_event();
         ok.ret = 0;
         ok.port = 1;
-        enricher.push(sample_event(), 1, start);
-        enricher.push(ok, 2, start);
+        enricher.push(sample_event().into(), 1, start);
+        enricher.push(ok.into(), 2, start);
         for i in 0..10_000 {
-            enricher.push(sample_event(), 3 + i, start);
+            enricher.push(sample_event().into(), 3 + i, start);
         }
         assert_eq!(enricher.counters().lookups, 0, "lookups start once the batch is in");
         enricher.poll(start);
@@ -689,10 +689,10 @@ mod tests {
         let mut enricher = Enricher::new(true);
         let mut results = enricher.take_results().expect("results channel");
         let start = Instant::now();
-        enricher.push(sample_event(), 1, start);
+        enricher.push(sample_event().into(), 1, start);
         let mut ok = sample_event();
         ok.ret = 0;
-        enricher.push(ok, 2, start);
+        enricher.push(ok.into(), 2, start);
         enricher.poll(start);
         assert!(enricher.pop(start + EMIT_DEADLINE / 2, false).is_none(), "waits before its deadline");
         assert_eq!(enricher.next_wake(), Some(start + EMIT_DEADLINE));
@@ -714,14 +714,14 @@ mod tests {
         let mut enricher = Enricher::new(true);
         let mut results = enricher.take_results().expect("results channel");
         let start = Instant::now();
-        enricher.push(sample_event(), 1, start);
+        enricher.push(sample_event().into(), 1, start);
         enricher.poll(start);
         enricher.complete(next_done(&mut results).await);
         assert!(matches!(enricher.pop(start, false).map(|e| e.explained), Some(Explained::Now(_))));
         // The same failure again, later: the old answer predates it, and a new lookup starts
         // once MIN_REFRESH has passed.
         let later = start + Duration::from_millis(10);
-        enricher.push(sample_event(), 2, later);
+        enricher.push(sample_event().into(), 2, later);
         enricher.poll(later);
         assert!(enricher.pop(later, false).is_none());
         assert_eq!(enricher.counters().lookups, 1, "not before MIN_REFRESH");
@@ -741,7 +741,7 @@ mod tests {
             let mut event = sample_event();
             event.port = 1000 + (i % 50_000) as u16;
             event.netns_ino = 1 + i as u32; // a key each: answers cannot come in time
-            enricher.push(event, i as i128, start);
+            enricher.push(event.into(), i as i128, start);
         }
         let out = drain(&mut enricher, start + EMIT_DEADLINE);
         assert_eq!(out.len(), total, "every event is written");
@@ -756,12 +756,12 @@ mod tests {
     fn disabled_passes_through_and_force_empties_the_queue() {
         let start = Instant::now();
         let mut off = Enricher::new(false);
-        off.push(sample_event(), 1, start);
+        off.push(sample_event().into(), 1, start);
         let out = off.pop(start, false).expect("no waiting when disabled");
         assert_eq!(out.explained, Explained::Nothing);
 
         let mut on = Enricher::new(true);
-        on.push(sample_event(), 1, start);
+        on.push(sample_event().into(), 1, start);
         let forced = on.pop(start, true).expect("forced");
         let Explained::Now(diagnosis) = forced.explained else { panic!("a diagnosis even without facts") };
         assert_eq!(diagnosis.kind, "unknown");

@@ -35,6 +35,13 @@ struct EventRecord<'a> {
     port: Option<u16>,
     #[serde(skip_serializing_if = "Option::is_none")]
     scope_id: Option<u32>,
+    /// AF_UNIX: the path asked for, or `@name` for an abstract name.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    unix_path: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    unix_abstract: Option<bool>,
+    /// The socket's own family, when the socket was read (it may differ from `family`).
+    socket_family: Option<&'static str>,
     proto: Option<&'static str>,
     ok: bool,
     ret: i32,
@@ -163,6 +170,9 @@ impl Sink for NdjsonSink {
             addr,
             port: addr.map(|_| event.port),
             scope_id: matches!(addr, Some(IpAddr::V6(_))).then_some(event.scope_id).filter(|&s| s != 0),
+            unix_path: event.unix_path.as_ref().map(|path| path.display_text()),
+            unix_abstract: event.unix_path.as_ref().map(|path| path.is_abstract()),
+            socket_family: if has_sock { family_name(event.sock_family) } else { None },
             proto: event.proto_name(),
             ok: event.ret >= 0,
             ret: event.ret,
@@ -247,8 +257,13 @@ mod tests {
         let mut sink = NdjsonSink::new(Output::new(Box::new(shared.clone())));
         let mut event = sample_event();
         event.comm[..9].copy_from_slice(b"ev\x1bl\nname");
-        sink.event(&Enriched { seq: 1, event, wall_ns: 1_795_600_931_000_000_001, explained: Explained::Nothing })
-            .expect("encode");
+        sink.event(&Enriched {
+            seq: 1,
+            event: event.into(),
+            wall_ns: 1_795_600_931_000_000_001,
+            explained: Explained::Nothing,
+        })
+        .expect("encode");
         assert!(lines(&shared).is_empty(), "nothing is written before flush");
         sink.flush().expect("flush");
         let out = lines(&shared);
@@ -281,7 +296,8 @@ mod tests {
         let mut event = sample_event();
         event.ret = 0;
         event.sock_flags = 0;
-        sink.event(&Enriched { seq: 1, event, wall_ns: 0, explained: Explained::Nothing }).expect("encode");
+        sink.event(&Enriched { seq: 1, event: event.into(), wall_ns: 0, explained: Explained::Nothing })
+            .expect("encode");
         sink.flush().expect("flush");
         let line = &lines(&shared)[0];
         assert_eq!(line["ok"], true);
@@ -300,7 +316,8 @@ mod tests {
         let mut sink = NdjsonSink::new(Output::new(Box::new(shared.clone())));
         let mut event = sample_event();
         event.sock_flags |= sock_flags::NO_ENTRY_TIME;
-        sink.event(&Enriched { seq: 1, event, wall_ns: 0, explained: Explained::Nothing }).expect("encode");
+        sink.event(&Enriched { seq: 1, event: event.into(), wall_ns: 0, explained: Explained::Nothing })
+            .expect("encode");
         sink.flush().expect("flush");
         let line = &lines(&shared)[0];
         assert!(line["duration_ns"].is_null());

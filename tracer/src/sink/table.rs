@@ -12,7 +12,7 @@ use super::{
 };
 use crate::{
     clock::local_time_of_day,
-    decode::{requested_endpoint, BindEventExt as _},
+    decode::{requested_endpoint, Bind, BindEventExt as _},
     enrich::{Enriched, Explained, FollowUp},
     errno,
     summary::Report,
@@ -113,9 +113,9 @@ pub fn result_text(ret: i32) -> String {
 }
 
 /// The requested address; for a successful port-0 bind, with the port the kernel picked
-/// (`127.0.0.1:0→41234`), which is what the process will use.
-fn address_column(event: &BindEvent) -> String {
-    let requested = requested_endpoint(event);
+/// (`127.0.0.1:0→41234`), which is what the process will use; an AF_UNIX path or `@name`.
+fn address_column(event: &Bind) -> String {
+    let requested = event.endpoint();
     if event.ret == 0 && event.port == 0 && event.bound_port != 0 && event.requested_ip().is_some() {
         format!("{requested}→{}", event.bound_port)
     } else {
@@ -253,7 +253,7 @@ mod tests {
         let mut sink = TableSink::new(Output::new(Box::new(shared.clone())), color);
         sink.event(&Enriched {
             seq: 1,
-            event: *event,
+            event: (*event).into(),
             wall_ns: 1_795_600_931_000_000_000,
             explained: Explained::Nothing,
         })

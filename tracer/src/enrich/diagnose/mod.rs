@@ -303,6 +303,17 @@ fn not_available(event: &BindEvent, netns: Option<&NetnsFacts>) -> Diagnosis {
     Diagnosis { kind: "address_not_available", summary, holders: Vec::new(), facts, unknown: Vec::new() }
 }
 
+/// A bind the caller got wrong, where nothing on the host is in the way.
+fn caller_error(kind: &'static str, summary: &str) -> Diagnosis {
+    Diagnosis {
+        kind,
+        summary: summary.to_owned(),
+        holders: Vec::new(),
+        facts: DiagnosisFacts::default(),
+        unknown: Vec::new(),
+    }
+}
+
 fn invalid(event: &BindEvent) -> Diagnosis {
     let mut facts = DiagnosisFacts::default();
     let needed = match event.family {
@@ -392,7 +403,26 @@ pub fn diagnose<'a>(
             }
             diagnosis
         }
+        libc::EINVAL if event.has(sock_flags::ADDR_NULL) => {
+            caller_error("invalid_address", "the address passed to bind() is NULL")
+        }
         libc::EINVAL => invalid(event),
+        libc::EFAULT => caller_error(
+            "bad_address",
+            &if event.has(sock_flags::ADDR_NULL) {
+                "the address passed to bind() is NULL".to_owned()
+            } else {
+                format!(
+                    "the address passed to bind() ({} bytes) is not memory the process can read: a dangling or wrong pointer",
+                    event.addrlen
+                )
+            },
+        ),
+        libc::EBADF => caller_error(
+            "bad_fd",
+            &format!("fd {} is not an open file descriptor of the process (closed already, or never opened)", event.fd),
+        ),
+        libc::ENOTSOCK => caller_error("not_a_socket", &format!("fd {} is open but is not a socket", event.fd)),
         _ => Diagnosis {
             kind: "other",
             summary: match (errno::name(errno), errno::message(errno)) {

@@ -17,7 +17,8 @@ use crate::clock::local_time_of_day;
 pub struct Diagnosis {
     /// A stable label of the case: `in_use`, `in_use_dual_stack`, `in_use_reuseport`,
     /// `time_wait`, `released`, `privileged_port`, `refused_by_policy`,
-    /// `address_not_available`, `already_bound`, `invalid_address`, `other`, `unknown`.
+    /// `address_not_available`, `already_bound`, `invalid_address`, `bad_address` (EFAULT),
+    /// `bad_fd` (EBADF), `not_a_socket` (ENOTSOCK), `other`, `unknown`.
     pub kind: &'static str,
     /// One sentence for a person: who is in the way and what to do.
     pub summary: String,

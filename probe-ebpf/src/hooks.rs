@@ -1,0 +1,189 @@
+//! The programs the tracer attaches, one backend each: the syscall tracepoints, kprobes on
+//! inet_bind/inet6_bind, and fentry/fexit on the same functions. Each turns what its hook
+//! sees into a `Returned` for `emit::complete`.
+
+use aya_ebpf::{
+    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns},
+    macros::{fentry, fexit, kprobe, kretprobe, tracepoint},
+    programs::{FEntryContext, FExitContext, ProbeContext, RetProbeContext, TracePointContext},
+    EbpfContext,
+};
+use bindtrace_common::{kernel_helpers, stat, Backend};
+
+use crate::{
+    emit::{complete, returned_call, task_passes, Returned, SocketRef, TaskName},
+    entry::{
+        entry_time, remember, saved_entry, stamp_entry, stamp_entry_with_args, syscall_args, InFlight, SyscallArgs,
+    },
+    maps::{config, count, IN_FLIGHT},
+};
+
+// Offset of `ret` in the syscalls:sys_exit_bind record (after the 8-byte common header and the
+// 8-byte syscall number); see /sys/kernel/tracing/events/syscalls/sys_exit_bind/format.
+pub(crate) const EXIT_RET: usize = 16;
+// The arguments in the syscalls:sys_enter_bind record, each a 64-bit slot (same file).
+pub(crate) const ENTER_FD: usize = 16;
+pub(crate) const ENTER_ADDR: usize = 24;
+pub(crate) const ENTER_ADDRLEN: usize = 32;
+
+#[tracepoint(category = "syscalls", name = "sys_enter_bind")]
+pub fn bindtrace_sys_enter_bind(ctx: TracePointContext) -> u32 {
+    if config().layout.has_helper(kernel_helpers::TASK_PT_REGS) {
+        stamp_entry();
+    } else {
+        // Before 5.15 the exit cannot reach the arguments: keep them (see EntryStamp).
+        stamp_entry_with_args(SyscallArgs {
+            fd: record_word(&ctx, ENTER_FD) as i32,
+            addr: record_word(&ctx, ENTER_ADDR),
+            addrlen: record_word(&ctx, ENTER_ADDRLEN) as u32,
+        });
+    }
+    0
+}
+
+#[tracepoint(category = "syscalls", name = "sys_exit_bind")]
+pub fn bindtrace_sys_exit_bind(ctx: TracePointContext) -> u32 {
+    on_exit(&ctx);
+    0
+}
+
+/// A 64-bit field of the tracepoint record, loaded directly: the verifier allows plain loads
+/// from a tracepoint's context, which cost far less than a probe-read helper call.
+#[inline(always)]
+pub(crate) fn record_word(ctx: &TracePointContext, offset: usize) -> u64 {
+    // SAFETY: `offset` is a field of the syscalls:sys_{enter,exit}_bind record (syscall ABI).
+    unsafe { ctx.as_ptr().cast::<u8>().add(offset).cast::<u64>().read() }
+}
+
+/// Entry of `inet_bind(struct socket *, struct sockaddr *, int)` and `inet6_bind` for the
+/// kprobe backend: the arguments, stashed for the kretprobe.
+#[inline(always)]
+pub(crate) fn on_kprobe_entry(socket: u64, addr: u64, addrlen: u64) {
+    let cfg = config();
+    let pid_tgid = bpf_get_current_pid_tgid();
+    if !task_passes(cfg, (pid_tgid >> 32) as u32, &mut TaskName::unread()) {
+        return;
+    }
+    let entered_ns = unsafe { bpf_ktime_get_ns() };
+    remember(pid_tgid as u32, InFlight { entered_ns, addr, socket, addrlen: addrlen as u32, _pad: 0 });
+}
+
+#[kprobe]
+pub fn bindtrace_kprobe_inet_bind(ctx: ProbeContext) -> u32 {
+    let arg = |n| ctx.arg::<u64>(n).unwrap_or(0);
+    on_kprobe_entry(arg(0), arg(1), arg(2));
+    0
+}
+
+#[kretprobe]
+pub fn bindtrace_kretprobe_inet_bind(ctx: RetProbeContext) -> u32 {
+    on_kretprobe(&ctx);
+    0
+}
+
+#[fentry(function = "inet_bind")]
+pub fn bindtrace_fentry_inet_bind(_ctx: FEntryContext) -> u32 {
+    stamp_entry();
+    0
+}
+
+#[fentry(function = "inet6_bind")]
+pub fn bindtrace_fentry_inet6_bind(_ctx: FEntryContext) -> u32 {
+    stamp_entry();
+    0
+}
+
+#[fexit(function = "inet_bind")]
+pub fn bindtrace_fexit_inet_bind(ctx: FExitContext) -> u32 {
+    on_fexit(&ctx);
+    0
+}
+
+#[fexit(function = "inet6_bind")]
+pub fn bindtrace_fexit_inet6_bind(ctx: FExitContext) -> u32 {
+    on_fexit(&ctx);
+    0
+}
+
+/// fexit sees the arguments and the return value together; the entry time comes from the
+/// fentry program.
+#[inline(always)]
+pub(crate) fn on_fexit(ctx: &FExitContext) {
+    let ret: i64 = ctx.arg(3);
+    let Some(caller) = returned_call(ret as i32) else {
+        return;
+    };
+    let returned = Returned {
+        entered_ns: entry_time(caller.pid_tgid as u32),
+        addr: ctx.arg::<u64>(1) as *const u8,
+        addr_in_kernel: true,
+        socket: SocketRef::Socket(ctx.arg::<u64>(0) as *const u8),
+        fd: -1,
+        addrlen: ctx.arg::<u64>(2) as u32,
+        ret: ret as i32,
+        backend: Backend::Fexit,
+    };
+    complete(ctx, caller, returned);
+}
+
+/// Return of inet_bind/inet6_bind under the kprobe backend: the arguments come from the
+/// entry's stash.
+#[inline(always)]
+pub(crate) fn on_kretprobe(ctx: &RetProbeContext) {
+    let ret = ctx.ret::<u64>() as i64 as i32;
+    let tid = bpf_get_current_pid_tgid() as u32;
+    // SAFETY: the value stays valid until removed below; only this thread uses its key.
+    let stashed = IN_FLIGHT.get_ptr(tid).map(|p| unsafe { core::ptr::read(p) });
+    if stashed.is_some() {
+        let _ = IN_FLIGHT.remove(tid);
+    }
+    let Some(caller) = returned_call(ret) else {
+        return;
+    };
+    let Some(stashed) = stashed else {
+        count(stat::IN_FLIGHT_MISSING);
+        return;
+    };
+    let returned = Returned {
+        entered_ns: Some(stashed.entered_ns),
+        addr: stashed.addr as *const u8,
+        addr_in_kernel: true,
+        socket: SocketRef::Socket(stashed.socket as *const u8),
+        fd: -1,
+        addrlen: stashed.addrlen,
+        ret,
+        backend: Backend::Kprobe,
+    };
+    complete(ctx, caller, returned);
+}
+
+#[inline(always)]
+pub(crate) fn on_exit(ctx: &TracePointContext) {
+    let ret = record_word(ctx, EXIT_RET) as i64 as i32;
+    let Some(caller) = returned_call(ret) else {
+        return;
+    };
+    let layout = &caller.cfg.layout;
+    let tid = caller.pid_tgid as u32;
+    let (entered_ns, args) = if layout.has_helper(kernel_helpers::TASK_PT_REGS) {
+        (entry_time(tid), syscall_args(layout))
+    } else {
+        // Before 5.15: the arguments the entry saved, or nothing to report.
+        let Some(saved) = saved_entry(tid) else {
+            count(stat::IN_FLIGHT_MISSING);
+            return;
+        };
+        saved
+    };
+    let returned = Returned {
+        entered_ns,
+        addr: args.addr as *const u8,
+        addr_in_kernel: false,
+        socket: SocketRef::Fd(args.fd),
+        fd: args.fd,
+        addrlen: args.addrlen,
+        ret,
+        backend: Backend::Tracepoint,
+    };
+    complete(ctx, caller, returned);
+}
