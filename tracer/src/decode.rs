@@ -37,12 +37,22 @@ impl std::fmt::Display for DecodeError {
 impl std::error::Error for DecodeError {}
 
 /// The `sun_path` an AF_UNIX bind asked for, as the caller passed it.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct UnixPath(Box<[u8]>);
 
 impl UnixPath {
     pub fn new(sun_path: &[u8]) -> Self {
         Self(sun_path.into())
+    }
+
+    /// The name as the kernel keeps it: a path without its trailing NULs, an abstract
+    /// name with all its bytes.
+    pub fn as_bytes(&self) -> &[u8] {
+        if self.is_abstract() {
+            &self.0
+        } else {
+            self.0.split(|&b| b == 0).next().unwrap_or_default()
+        }
     }
 
     /// An abstract name (Linux): `sun_path` starts with NUL; no file is involved.

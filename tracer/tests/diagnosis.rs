@@ -341,3 +341,125 @@ fn a_holder_opened_just_after_a_lookup_is_named() {
     }
     assert_eq!(finished.summary()["diagnoses"]["shed"], 0);
 }
+
+/// A unique directory for a test's socket files, removed when dropped.
+struct TempDir(std::path::PathBuf);
+
+impl TempDir {
+    fn new(name: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("bindtrace-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        Self(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn unix_stream() -> Socket {
+    Socket::new(Domain::UNIX, Type::STREAM, None).expect("unix socket")
+}
+
+/// Issue 12: a unix path was decoded as a port ("port 12148"), matched -P, and was never shown.
+#[test]
+fn unix_paths_abstract_names_and_autobind_are_recorded_without_a_port() {
+    if !can_load_probe("unix_paths_abstract_names_and_autobind_are_recorded_without_a_port") {
+        return;
+    }
+    let dir = TempDir::new("unix-record");
+    let path = dir.0.join("app.sock");
+    let pid = my_pid().to_string();
+    let mut tracer = Tracer::start(&["-o", "ndjson", "--family", "unix", "-p", &pid]);
+    // A port filter whose range holds the bytes "/t" read as a port: it must not match.
+    let mut by_port = Tracer::start(&["-o", "ndjson", "-P", "12000-13000", "-p", &pid]);
+    let named = unix_stream();
+    named.bind(&SockAddr::unix(&path).expect("path")).expect("bind path");
+    let abstract_name = format!("bindtrace-test-{}", std::process::id());
+    let _abstract_socket = {
+        use std::os::linux::net::SocketAddrExt as _;
+        let addr = std::os::unix::net::SocketAddr::from_abstract_name(abstract_name.as_bytes()).expect("addr");
+        std::os::unix::net::UnixDatagram::bind_addr(&addr).expect("abstract bind")
+    };
+
+    let event = tracer.wait_for("the path bind", |e| e["unix_path"] == path.display().to_string());
+    assert_eq!(event["family"], "AF_UNIX");
+    assert_eq!(event["socket_family"], "AF_UNIX");
+    assert_eq!(event["unix_abstract"], false);
+    assert_eq!(event["proto"], "stream");
+    assert!(event["port"].is_null() && event["addr"].is_null(), "no port for a unix bind: {event}");
+    assert_eq!(event["freebind"], false, "inet options are not read from a unix socket: {event}");
+    let abstract_event = tracer.wait_for("the abstract bind", |e| e["unix_abstract"] == true);
+    assert_eq!(abstract_event["unix_path"], format!("@{abstract_name}"));
+    assert_eq!(abstract_event["proto"], "dgram");
+
+    let finished = tracer.stop();
+    let summary = finished.summary();
+    assert_eq!(summary["by_port"], serde_json::json!([]), "a path is not counted as a port: {summary}");
+    let unrelated = by_port.stop();
+    assert!(
+        unrelated.binds().iter().all(|e| e["family"] != "AF_UNIX"),
+        "a port filter never matches a unix bind: {:?}",
+        unrelated.lines
+    );
+}
+
+#[test]
+fn unix_path_in_use_names_its_holder_and_a_stale_file_is_called_stale() {
+    if !can_load_probe("unix_path_in_use_names_its_holder_and_a_stale_file_is_called_stale") {
+        return;
+    }
+    let dir = TempDir::new("unix-diagnosis");
+    let held = dir.0.join("held.sock");
+    let stale = dir.0.join("stale.sock");
+    let not_a_socket = dir.0.join("plain-file");
+    std::fs::write(&not_a_socket, b"").expect("file");
+    let pid = my_pid().to_string();
+    let mut tracer = Tracer::start(&["-o", "ndjson", "--family", "unix", "-x", "-p", &pid]);
+
+    let listener = unix_stream();
+    listener.bind(&SockAddr::unix(&held).expect("path")).expect("bind");
+    listener.listen(4).expect("listen");
+    let mut sleep = hand_to_sleep(listener);
+    let holder_pid = sleep.id();
+    let err = unix_stream().bind(&SockAddr::unix(&held).expect("path")).expect_err("held");
+    assert_eq!(err.raw_os_error(), Some(libc::EADDRINUSE));
+
+    let gone = unix_stream();
+    gone.bind(&SockAddr::unix(&stale).expect("path")).expect("bind");
+    drop(gone); // the file stays: what a crashed server leaves behind
+    let err = unix_stream().bind(&SockAddr::unix(&stale).expect("path")).expect_err("stale");
+    assert_eq!(err.raw_os_error(), Some(libc::EADDRINUSE));
+    let err = unix_stream().bind(&SockAddr::unix(&not_a_socket).expect("path")).expect_err("a file");
+    assert_eq!(err.raw_os_error(), Some(libc::EADDRINUSE));
+
+    let event = tracer.wait_for("the held path", |e| e["unix_path"] == held.display().to_string());
+    let d = tracer.diagnosis_of(&event);
+    assert_eq!(d["kind"], "in_use", "{d}");
+    assert_eq!(d["holders"][0]["type"], "stream");
+    assert_eq!(d["holders"][0]["state"], "LISTEN");
+    assert_eq!(d["holders"][0]["processes"][0]["pid"], holder_pid, "{d}");
+    let summary = d["summary"].as_str().expect("summary");
+    assert!(summary.starts_with(&format!("{} is held by pid {holder_pid} (sleep 60)", held.display())), "{summary}");
+
+    let event = tracer.wait_for("the stale path", |e| e["unix_path"] == stale.display().to_string());
+    let d = tracer.diagnosis_of(&event);
+    assert_eq!(d["kind"], "stale_socket_file", "{d}");
+    assert_eq!(d["facts"]["unix_file"]["kind"], "socket");
+    assert_eq!(d["facts"]["unix_file"]["owner_uid"], unsafe { libc::geteuid() });
+    let summary = d["summary"].as_str().expect("summary");
+    assert!(summary.contains("removing it before binding is") && summary.contains("safe"), "{summary}");
+    assert!(!summary.contains("held by"), "{summary}");
+
+    let event = tracer.wait_for("the plain file", |e| e["unix_path"] == not_a_socket.display().to_string());
+    let d = tracer.diagnosis_of(&event);
+    assert_eq!(d["kind"], "path_exists", "{d}");
+    assert!(d["summary"].as_str().is_some_and(|s| s.contains("is a regular file, not a socket")), "{d}");
+
+    let _ = sleep.kill();
+    let _ = sleep.wait();
+    tracer.stop();
+}

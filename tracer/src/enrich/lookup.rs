@@ -14,7 +14,9 @@ use super::{
     netns::{read_sysctl, Netns},
     owners::{in_own_pid_namespace, Blind, ProcessInfo, SocketOwners},
     sockdiag::{sockets_on_port, DiagSocket, Proto},
+    unixdiag::{bound_sockets, bound_sockets_from_proc, kernel_dev_to_user, UnixSocket},
 };
+use crate::decode::UnixPath;
 
 /// What to look up. Equal keys share one lookup and one cache entry.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -26,6 +28,53 @@ pub(crate) enum LookupKey {
     Netns { netns: u32 },
     /// A process's capabilities (EACCES).
     Process { pid: u32 },
+    /// An AF_UNIX name (EADDRINUSE): the file at the path as the failing process sees it, and
+    /// the sockets bound to it. `name` is a hash of the `sun_path` asked for (the path itself
+    /// travels with the job); `pid` resolves a relative path and the process's mount view.
+    UnixName { netns: u32, pid: u32, name: u64 },
+}
+
+/// The hash that names a unix path in a [`LookupKey::UnixName`].
+pub(crate) fn unix_name_key(path: &UnixPath) -> u64 {
+    use std::hash::BuildHasher as _;
+    rustc_hash::FxBuildHasher.hash_one(path)
+}
+
+/// What is at a unix socket's path, as the failing process would see it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum UnixFile {
+    /// An abstract name or autobind: no file is involved.
+    NoFile,
+    /// Nothing is there now.
+    Missing,
+    /// Something that is not a socket (`kind`: "regular file", "directory", ...).
+    NotSocket { kind: &'static str },
+    /// A socket file.
+    Socket { ino: u64, dev: u64, uid: u32, mtime_s: i64 },
+    /// It could not be looked at (why).
+    Unreadable(String),
+}
+
+/// A bound AF_UNIX socket and the processes that have it open.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct UnixHolder {
+    pub socket: UnixSocket,
+    pub processes: Vec<ProcessInfo>,
+    pub owners: OwnersSeen,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct UnixFacts {
+    /// The path the lookup was for (the key holds only its hash).
+    pub path: UnixPath,
+    /// Where the file was looked for (`/proc/PID/root/...`, `/proc/PID/cwd/...`).
+    pub looked_at: Option<String>,
+    pub file: UnixFile,
+    /// Sockets bound to that file (or abstract name).
+    pub holders: Vec<UnixHolder>,
+    /// Network namespaces whose sockets were searched, and those that could not be.
+    pub namespaces_searched: usize,
+    pub namespaces_unsearchable: usize,
 }
 
 /// A socket on the port and the processes that have it open.
@@ -167,6 +216,7 @@ pub(crate) enum Facts {
     Sockets(Result<SocketTable, String>),
     Netns(Result<NetnsFacts, String>),
     Process(Result<ProcessCaps, ProcessUnread>),
+    Unix(Result<UnixFacts, String>),
 }
 
 impl Facts {
@@ -176,6 +226,7 @@ impl Facts {
             LookupKey::Sockets { .. } => Self::Sockets(Err(why.to_owned())),
             LookupKey::Netns { .. } => Self::Netns(Err(why.to_owned())),
             LookupKey::Process { .. } => Self::Process(Err(ProcessUnread::Exited)),
+            LookupKey::UnixName { .. } => Self::Unix(Err(why.to_owned())),
         }
     }
 }
@@ -242,13 +293,86 @@ impl Lookups {
         Ok(table)
     }
 
+    /// The file at a unix socket's path and the sockets bound to it: first in the failing
+    /// socket's network namespace; when none is there and the file is a socket, in every
+    /// other namespace bindtrace can enter (a socket file on a shared filesystem can be
+    /// bound from any of them), before calling the file stale.
+    fn unix_facts(&mut self, netns: u32, pid: u32, path: &UnixPath) -> Result<UnixFacts, String> {
+        let dumped_at = Instant::now();
+        let (file, looked_at) = unix_file(pid, path);
+        let dump = |ns: &Netns| -> Result<Vec<UnixSocket>, String> {
+            ns.run(|| bound_sockets().or_else(|_| bound_sockets_from_proc()))
+                .map_err(|e| format!("{e:#}"))?
+                .map_err(|e| format!("unix socket dump failed: {e}"))
+        };
+        let wanted = |socket: &UnixSocket| match (&file, socket.file) {
+            (UnixFile::Socket { ino, dev, .. }, Some((socket_ino, socket_dev))) => {
+                u64::from(socket_ino) == *ino && kernel_dev_to_user(socket_dev) == *dev
+            }
+            // An abstract name, or a dump without socket files (/proc/net/unix): by name.
+            _ => socket.name == path.as_bytes(),
+        };
+        let home = Netns::find(u64::from(netns), Some(pid)).map_err(|e| format!("{e:#}"))?;
+        let mut found: Vec<UnixSocket> = dump(&home)?.into_iter().filter(wanted).collect();
+        let (mut searched, mut unsearchable) = (1, 0);
+        if found.is_empty() && matches!(file, UnixFile::Socket { .. }) {
+            let (others, unreadable) = super::netns::other_namespaces(u64::from(netns));
+            unsearchable += unreadable;
+            for path in others {
+                match Netns::open_path(&path).map_err(|e| format!("{e:#}")).and_then(|ns| dump(&ns)) {
+                    Ok(sockets) => {
+                        searched += 1;
+                        found.extend(sockets.into_iter().filter(wanted));
+                    }
+                    Err(_) => unsearchable += 1,
+                }
+                if !found.is_empty() {
+                    break;
+                }
+            }
+        }
+        let inodes: Vec<u32> = found.iter().map(|s| s.inode).collect();
+        self.owners.resolve(&inodes, dumped_at);
+        let blind = self.owners.blind();
+        let holders = found
+            .into_iter()
+            .map(|socket| {
+                let processes: Vec<ProcessInfo> =
+                    self.owners.cached(socket.inode).into_iter().filter_map(ProcessInfo::read).collect();
+                let owners = match blind.reason() {
+                    Some(_) => OwnersSeen::Partial(blind),
+                    None => OwnersSeen::Complete,
+                };
+                UnixHolder { socket, processes, owners }
+            })
+            .collect();
+        Ok(UnixFacts {
+            path: path.clone(),
+            looked_at,
+            file,
+            holders,
+            namespaces_searched: searched,
+            namespaces_unsearchable: unsearchable,
+        })
+    }
+
     /// The sockets on one port now (`bindtrace who`).
     pub(crate) fn holders(&mut self, netns: &Netns, proto: Proto, port: u16) -> Result<Vec<Holder>, String> {
         Ok(self.socket_table(netns, proto, &[port])?.holders(port))
     }
 
-    pub(crate) fn run(&mut self, key: &LookupKey, pid_hint: Option<u32>, ports: &[u16]) -> Facts {
+    pub(crate) fn run(
+        &mut self,
+        key: &LookupKey,
+        pid_hint: Option<u32>,
+        ports: &[u16],
+        unix_path: Option<&UnixPath>,
+    ) -> Facts {
         match *key {
+            LookupKey::UnixName { netns, pid, .. } => Facts::Unix(match unix_path {
+                Some(path) => self.unix_facts(netns, pid, path),
+                None => Err("the unix path was not passed to the lookup".to_owned()),
+            }),
             LookupKey::Sockets { netns, proto } => Facts::Sockets(
                 Netns::find(u64::from(netns), pid_hint)
                     .map_err(|e| format!("{e:#}"))
@@ -273,6 +397,44 @@ impl Lookups {
     }
 }
 
+/// The file at `path` as process `pid` sees it: through `/proc/PID/root` (its mount
+/// namespace and root) for an absolute path, `/proc/PID/cwd` for a relative one; from
+/// bindtrace's own view when the process is gone. Not followed if it is a symlink: bind()
+/// refuses a symlink as it refuses any existing file.
+fn unix_file(pid: u32, path: &UnixPath) -> (UnixFile, Option<String>) {
+    use std::os::unix::fs::{FileTypeExt as _, MetadataExt as _};
+    let Some(file) = path.filesystem_path() else {
+        return (UnixFile::NoFile, None);
+    };
+    let relative = file.strip_prefix("/").unwrap_or(&file);
+    let base = if file.is_absolute() { format!("/proc/{pid}/root") } else { format!("/proc/{pid}/cwd") };
+    let through_process = std::path::Path::new(&base).join(relative);
+    let (at, metadata) = match std::fs::symlink_metadata(&through_process) {
+        Err(err) if !std::path::Path::new(&format!("/proc/{pid}")).exists() && file.is_absolute() => {
+            log::debug!("{}: {err}; pid {pid} is gone, looking from bindtrace's view", through_process.display());
+            (file.display().to_string(), std::fs::symlink_metadata(&file))
+        }
+        other => (through_process.display().to_string(), other),
+    };
+    let state = match metadata {
+        Ok(meta) if meta.file_type().is_socket() => {
+            UnixFile::Socket { ino: meta.ino(), dev: meta.dev(), uid: meta.uid(), mtime_s: meta.mtime() }
+        }
+        Ok(meta) => UnixFile::NotSocket {
+            kind: match meta.file_type() {
+                t if t.is_dir() => "directory",
+                t if t.is_symlink() => "symbolic link",
+                t if t.is_fifo() => "FIFO",
+                t if t.is_block_device() || t.is_char_device() => "device",
+                _ => "regular file",
+            },
+        },
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => UnixFile::Missing,
+        Err(err) => UnixFile::Unreadable(format!("{at}: {err}")),
+    };
+    (state, Some(at))
+}
+
 #[cfg(test)]
 mod tests {
     use std::net::TcpListener;
@@ -285,7 +447,8 @@ mod tests {
         let port = listener.local_addr().expect("addr").port();
         let netns = super::super::netns::own_inode().expect("own netns") as u32;
         let mut lookups = Lookups::default();
-        let Facts::Sockets(Ok(table)) = lookups.run(&LookupKey::Sockets { netns, proto: Proto::Tcp }, None, &[port])
+        let Facts::Sockets(Ok(table)) =
+            lookups.run(&LookupKey::Sockets { netns, proto: Proto::Tcp }, None, &[port], None)
         else {
             panic!("holder lookup failed");
         };
@@ -312,12 +475,12 @@ mod tests {
         let early = TcpListener::bind("127.0.0.1:0").expect("listen");
         let early_port = early.local_addr().expect("addr").port();
         let key = LookupKey::Sockets { netns, proto: Proto::Tcp };
-        let Facts::Sockets(Ok(_)) = lookups.run(&key, None, &[early_port]) else { panic!("first lookup") };
+        let Facts::Sockets(Ok(_)) = lookups.run(&key, None, &[early_port], None) else { panic!("first lookup") };
         for delay_ms in [0, 20, 100] {
             std::thread::sleep(std::time::Duration::from_millis(delay_ms));
             let late = TcpListener::bind("127.0.0.1:0").expect("listen");
             let port = late.local_addr().expect("addr").port();
-            let Facts::Sockets(Ok(table)) = lookups.run(&key, None, &[port]) else { panic!("lookup") };
+            let Facts::Sockets(Ok(table)) = lookups.run(&key, None, &[port], None) else { panic!("lookup") };
             let holders = table.holders(port);
             assert_eq!(holders.len(), 1, "{holders:#?}");
             assert_eq!(
@@ -332,17 +495,18 @@ mod tests {
     fn namespace_facts_and_capabilities() {
         let netns = super::super::netns::own_inode().expect("own netns") as u32;
         let mut lookups = Lookups::default();
-        let Facts::Netns(Ok(facts)) = lookups.run(&LookupKey::Netns { netns }, None, &[]) else {
+        let Facts::Netns(Ok(facts)) = lookups.run(&LookupKey::Netns { netns }, None, &[], None) else {
             panic!("netns lookup failed");
         };
         assert!(facts.unprivileged_port_start.is_some());
         assert!(facts.nonlocal_bind_v4.is_some());
         assert!(facts.addresses.contains(&IpAddr::from([127, 0, 0, 1])), "{:?}", facts.addresses);
-        let Facts::Process(Ok(_)) = lookups.run(&LookupKey::Process { pid: std::process::id() }, None, &[]) else {
+        let Facts::Process(Ok(_)) = lookups.run(&LookupKey::Process { pid: std::process::id() }, None, &[], None)
+        else {
             panic!("this process has capabilities to read");
         };
         assert_eq!(
-            lookups.run(&LookupKey::Process { pid: u32::MAX / 2 }, None, &[]),
+            lookups.run(&LookupKey::Process { pid: u32::MAX / 2 }, None, &[], None),
             Facts::Process(Err(ProcessUnread::Exited))
         );
     }

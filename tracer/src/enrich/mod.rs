@@ -21,6 +21,7 @@ pub(crate) mod lookup;
 pub(crate) mod netns;
 pub(crate) mod owners;
 pub(crate) mod sockdiag;
+pub(crate) mod unixdiag;
 
 use std::{
     collections::VecDeque,
@@ -45,7 +46,7 @@ use self::{
     history::BindHistory,
     lookup::{Facts, LookupKey, Lookups},
 };
-use crate::decode::{Bind, BindEventExt as _};
+use crate::decode::{Bind, BindEventExt as _, UnixPath};
 
 /// What the lookups cannot see from where bindtrace runs, one line each, to say once at
 /// start: bindtrace in its own PID namespace, capabilities it lacks.
@@ -91,6 +92,8 @@ struct Job {
     key: LookupKey,
     pid_hint: u32,
     ports: Vec<u16>,
+    /// The path of a unix-name key.
+    unix_path: Option<UnixPath>,
     requested: Instant,
 }
 
@@ -113,6 +116,8 @@ struct KeyState {
     wanted: bool,
     /// The ports those events failed on (socket-table keys).
     ports: HashSet<u16>,
+    /// The path a unix-name key stands for.
+    unix_path: Option<UnixPath>,
     pid_hint: u32,
     touched: Instant,
 }
@@ -125,6 +130,7 @@ impl KeyState {
             last_requested: None,
             wanted: false,
             ports: HashSet::default(),
+            unix_path: None,
             pid_hint: 0,
             touched: now,
         }
@@ -204,10 +210,12 @@ struct MemoKey {
     addr: [u8; 16],
     sock_flags: u32,
     bound_port: u16,
+    /// Failures on different unix paths are different failures.
+    unix_name: Option<u64>,
 }
 
 impl MemoKey {
-    fn of(event: &BindEvent) -> Self {
+    fn of(event: &Bind) -> Self {
         Self {
             ret: event.ret,
             netns: event.netns_ino,
@@ -219,6 +227,7 @@ impl MemoKey {
             addr: event.addr,
             sock_flags: event.sock_flags,
             bound_port: event.bound_port,
+            unix_name: event.unix_path.as_ref().map(lookup::unix_name_key),
         }
     }
 }
@@ -252,10 +261,12 @@ pub struct Enricher {
 
 fn worker(jobs: mpsc::Receiver<Job>, results: UnboundedSender<Done>) {
     let mut lookups = Lookups::default();
-    while let Ok(Job { key, pid_hint, ports, requested }) = jobs.recv() {
+    while let Ok(Job { key, pid_hint, ports, unix_path, requested }) = jobs.recv() {
         // A lookup that panics answers with an error; the worker goes on.
-        let facts = std::panic::catch_unwind(AssertUnwindSafe(|| lookups.run(&key, Some(pid_hint), &ports)))
-            .unwrap_or_else(|_| Facts::failed(&key, "the lookup panicked"));
+        let facts = std::panic::catch_unwind(AssertUnwindSafe(|| {
+            lookups.run(&key, Some(pid_hint), &ports, unix_path.as_ref())
+        }))
+        .unwrap_or_else(|_| Facts::failed(&key, "the lookup panicked"));
         if results.send(Done { key, requested, facts: Arc::new(facts) }).is_err() {
             break;
         }
@@ -337,6 +348,9 @@ impl Enricher {
             if matches!(key, LookupKey::Sockets { .. }) && state.ports.len() < PORTS_PER_JOB_MAX {
                 state.ports.insert(event.port);
             }
+            if matches!(key, LookupKey::UnixName { .. }) && state.unix_path.is_none() {
+                state.unix_path.clone_from(&event.unix_path);
+            }
             // Unless the lookup under way (or done) was requested after this event arrived,
             // the event needs a newer one.
             let served = state.in_flight.is_some_and(|at| at >= now) || state.answer_for(now).is_some();
@@ -368,6 +382,7 @@ impl Enricher {
                 key: *key,
                 pid_hint: state.pid_hint,
                 ports: state.ports.iter().copied().collect(),
+                unix_path: state.unix_path.clone(),
                 requested: now,
             };
             match jobs.try_send(job) {

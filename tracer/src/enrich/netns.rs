@@ -131,6 +131,29 @@ impl Netns {
     }
 }
 
+/// Every network namespace other than `except` that a visible process is in, one path
+/// each (`/proc/PID/ns/net`), at most 256; and how many processes' namespaces could not be
+/// read (their namespaces may be missing from the list).
+pub fn other_namespaces(except: u64) -> (Vec<PathBuf>, usize) {
+    const MAX: usize = 256;
+    let mut seen = std::collections::HashMap::new();
+    let mut unreadable = 0;
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        if !entry.file_name().to_string_lossy().bytes().all(|b| b.is_ascii_digit()) {
+            continue;
+        }
+        let path = entry.path().join("ns/net");
+        match std::fs::metadata(&path) {
+            Ok(meta) if meta.ino() != except && seen.len() < MAX => {
+                seen.entry(meta.ino()).or_insert(path);
+            }
+            Err(err) if err.kind() == std::io::ErrorKind::PermissionDenied => unreadable += 1,
+            _ => {}
+        }
+    }
+    (seen.into_values().collect(), unreadable)
+}
+
 /// Reads an integer sysctl (`net/ipv4/ip_unprivileged_port_start`) of the calling thread's
 /// network namespace: the kernel resolves /proc/sys/net against the reading task's namespace.
 pub fn read_sysctl(name: &str) -> Option<i64> {

@@ -5,11 +5,12 @@
 //! the output types, `wording` the sentences shared with `bindtrace who`.
 
 mod report;
+mod unix;
 mod wording;
 
 use std::net::{IpAddr, SocketAddr};
 
-use bindtrace_common::{sock_flags, BindEvent, AF_INET, AF_INET6};
+use bindtrace_common::{sock_flags, BindEvent, AF_INET, AF_INET6, AF_UNIX};
 
 use self::report::comm_text;
 pub use self::report::Diagnosis;
@@ -19,20 +20,27 @@ pub(crate) use self::{
 };
 use super::{
     history::{BindHistory, SeenBind},
-    lookup::{Facts, Holder, LookupKey, NetnsFacts, ProcessUnread},
+    lookup::{unix_name_key, Facts, Holder, LookupKey, NetnsFacts, ProcessUnread},
     sockdiag::{DiagSocket, Proto, TCP_LISTEN, TCP_TIME_WAIT},
 };
 use crate::{
-    decode::{requested_endpoint, BindEventExt as _},
+    decode::{requested_endpoint, Bind, BindEventExt as _},
     errno,
 };
 
 const CAP_NET_BIND_SERVICE: u32 = 10;
 
 /// The lookups a failed bind needs, if any.
-pub fn needed_lookups(event: &BindEvent) -> Vec<LookupKey> {
+pub fn needed_lookups(event: &Bind) -> Vec<LookupKey> {
     let netns = event.netns_ino;
     match event.errno() {
+        Some(libc::EADDRINUSE) if event.family == AF_UNIX => match &event.unix_path {
+            // Autobind picks a free abstract name: EADDRINUSE there has no holder to name.
+            Some(path) if !path.is_autobind() => {
+                vec![LookupKey::UnixName { netns, pid: event.tgid, name: unix_name_key(path) }]
+            }
+            _ => Vec::new(),
+        },
         Some(libc::EADDRINUSE) => match Proto::from_ipproto(event.protocol) {
             Some(proto) => vec![LookupKey::Sockets { netns, proto }],
             None => Vec::new(),
@@ -105,7 +113,14 @@ fn in_use(event: &BindEvent, holders: &[Holder], history: &BindHistory) -> Diagn
                 holders.len()
             )
         };
-        return Diagnosis { kind: "released", summary, holders: reports, facts, unknown: Vec::new() };
+        return Diagnosis {
+            kind: "released",
+            summary,
+            holders: reports,
+            facts,
+            unknown: Vec::new(),
+            unix_holders: Vec::new(),
+        };
     };
 
     if blocking.iter().all(|h| h.socket.state == TCP_TIME_WAIT) {
@@ -137,6 +152,7 @@ fn in_use(event: &BindEvent, holders: &[Holder], history: &BindHistory) -> Diagn
             holders: reports,
             facts,
             unknown: Vec::new(),
+            unix_holders: Vec::new(),
         };
     }
 
@@ -187,7 +203,7 @@ fn in_use(event: &BindEvent, holders: &[Holder], history: &BindHistory) -> Diagn
     } else {
         ("in_use", "stop it or bind another port".to_owned())
     };
-    Diagnosis { kind, summary: format!("{base}; {advice}"), holders: reports, facts, unknown }
+    Diagnosis { kind, summary: format!("{base}; {advice}"), holders: reports, facts, unknown, unix_holders: Vec::new() }
 }
 
 fn has_cap(effective: u64, cap: u32) -> bool {
@@ -220,6 +236,7 @@ fn access(event: &BindEvent, netns: Option<&NetnsFacts>, caps: Option<Result<u64
             holders: Vec::new(),
             facts,
             unknown,
+            unix_holders: Vec::new(),
         };
     };
     let privileged = port != 0 && i64::from(port) < start;
@@ -249,7 +266,7 @@ fn access(event: &BindEvent, netns: Option<&NetnsFacts>, caps: Option<Result<u64
             ),
         ),
     };
-    Diagnosis { kind, summary, holders: Vec::new(), facts, unknown }
+    Diagnosis { kind, summary, holders: Vec::new(), facts, unknown, unix_holders: Vec::new() }
 }
 
 /// Is `addr` local in a namespace with these interface addresses? 127.0.0.0/8 is local as a
@@ -270,6 +287,7 @@ fn not_available(event: &BindEvent, netns: Option<&NetnsFacts>) -> Diagnosis {
             holders: Vec::new(),
             facts,
             unknown: vec!["requested address".to_owned()],
+            unix_holders: Vec::new(),
         };
     };
     let Some(netns) = netns else {
@@ -279,6 +297,7 @@ fn not_available(event: &BindEvent, netns: Option<&NetnsFacts>) -> Diagnosis {
             holders: Vec::new(),
             facts,
             unknown: vec!["interface addresses of the namespace".to_owned()],
+            unix_holders: Vec::new(),
         };
     };
     let assigned = is_local_address(addr, &netns.addresses);
@@ -300,7 +319,14 @@ fn not_available(event: &BindEvent, netns: Option<&NetnsFacts>) -> Diagnosis {
             if freebind { "on" } else { "off" }
         )
     };
-    Diagnosis { kind: "address_not_available", summary, holders: Vec::new(), facts, unknown: Vec::new() }
+    Diagnosis {
+        kind: "address_not_available",
+        summary,
+        holders: Vec::new(),
+        facts,
+        unknown: Vec::new(),
+        unix_holders: Vec::new(),
+    }
 }
 
 /// A bind the caller got wrong, where nothing on the host is in the way.
@@ -311,6 +337,7 @@ fn caller_error(kind: &'static str, summary: &str) -> Diagnosis {
         holders: Vec::new(),
         facts: DiagnosisFacts::default(),
         unknown: Vec::new(),
+        unix_holders: Vec::new(),
     }
 }
 
@@ -347,13 +374,13 @@ fn invalid(event: &BindEvent) -> Diagnosis {
     } else {
         ("invalid_address", "bind() rejected the address as invalid for this socket".to_owned())
     };
-    Diagnosis { kind, summary, holders: Vec::new(), facts, unknown: Vec::new() }
+    Diagnosis { kind, summary, holders: Vec::new(), facts, unknown: Vec::new(), unix_holders: Vec::new() }
 }
 
 /// The diagnosis of a failed bind from the facts its lookups produced (`facts` answers
 /// for each key of [`needed_lookups`]).
 pub fn diagnose<'a>(
-    event: &BindEvent,
+    event: &Bind,
     facts: impl Fn(&LookupKey) -> Option<&'a Facts>,
     history: &BindHistory,
 ) -> Option<Diagnosis> {
@@ -363,6 +390,10 @@ pub fn diagnose<'a>(
         _ => None,
     };
     let diagnosis = match errno {
+        libc::EADDRINUSE if event.family == AF_UNIX => {
+            let key = needed_lookups(event).into_iter().next();
+            unix::unix_in_use(event, key.as_ref().and_then(&facts))
+        }
         libc::EADDRINUSE => {
             let keys = needed_lookups(event);
             match keys.first().map(|k| (k, facts(k))) {
@@ -373,6 +404,7 @@ pub fn diagnose<'a>(
                     holders: Vec::new(),
                     facts: DiagnosisFacts::default(),
                     unknown: vec![lookup_error(key).unwrap_or_else(|| "holder lookup did not finish".to_owned())],
+                    unix_holders: Vec::new(),
                 },
                 None => Diagnosis {
                     kind: "unknown",
@@ -380,6 +412,7 @@ pub fn diagnose<'a>(
                     holders: Vec::new(),
                     facts: DiagnosisFacts::default(),
                     unknown: Vec::new(),
+                    unix_holders: Vec::new(),
                 },
             }
         }
@@ -432,6 +465,7 @@ pub fn diagnose<'a>(
             holders: Vec::new(),
             facts: DiagnosisFacts::default(),
             unknown: Vec::new(),
+            unix_holders: Vec::new(),
         },
     };
     Some(diagnosis)
@@ -504,7 +538,8 @@ mod tests {
     }
 
     fn run(event: &BindEvent, facts: &[(LookupKey, Facts)], history: &BindHistory) -> Diagnosis {
-        diagnose(event, |key| facts.iter().find(|(k, _)| k == key).map(|(_, f)| f), history).expect("a failure")
+        diagnose(&(*event).into(), |key| facts.iter().find(|(k, _)| k == key).map(|(_, f)| f), history)
+            .expect("a failure")
     }
 
     #[test]
@@ -515,7 +550,7 @@ mod tests {
         holder_bind.ret = 0;
         holder_bind.tgid = 4242;
         history.record(&holder_bind, 1_795_600_931_000_000_000);
-        let key = needed_lookups(&event).remove(0);
+        let key = needed_lookups(&event.into()).remove(0);
         let facts = vec![(
             key,
             holders_facts(vec![Holder {
@@ -548,7 +583,7 @@ mod tests {
         tw.timer_ms = Some(40_100);
         tw.peer = "127.0.0.1:50000".parse().expect("peer");
         let facts = vec![(
-            needed_lookups(&event).remove(0),
+            needed_lookups(&event.into()).remove(0),
             holders_facts(vec![Holder { socket: tw, processes: vec![], owners: OwnersSeen::Complete }]),
         )];
         let d = run(&event, &facts, &BindHistory::default());
@@ -579,7 +614,7 @@ mod tests {
     fn dual_stack_and_reuseport_cases() {
         let event = sample_event(); // IPv4 127.0.0.1:8080
         let facts = vec![(
-            needed_lookups(&event).remove(0),
+            needed_lookups(&event.into()).remove(0),
             holders_facts(vec![Holder {
                 socket: socket("[::]:8080", TCP_LISTEN, Some(false)),
                 processes: vec![nginx()],
@@ -601,7 +636,7 @@ mod tests {
         holder_bind.sock_flags |= sock_flags::REUSEPORT;
         history.record(&holder_bind, 1);
         let facts = vec![(
-            needed_lookups(&event).remove(0),
+            needed_lookups(&event.into()).remove(0),
             holders_facts(vec![Holder {
                 socket: socket("127.0.0.1:8080", TCP_LISTEN, None),
                 processes: vec![nginx()],
@@ -616,7 +651,7 @@ mod tests {
     #[test]
     fn released_port_and_failed_lookup_say_so() {
         let event = sample_event();
-        let key = needed_lookups(&event).remove(0);
+        let key = needed_lookups(&event.into()).remove(0);
         let d = run(&event, &[(key, holders_facts(vec![]))], &BindHistory::default());
         assert_eq!(d.kind, "released");
         let d = run(&event, &[(key, Facts::Sockets(Err("namespace gone".into())))], &BindHistory::default());
@@ -697,6 +732,6 @@ mod tests {
         assert_eq!(d.summary, "EPERM: Operation not permitted");
         let mut ok = sample_event();
         ok.ret = 0;
-        assert!(diagnose(&ok, |_| None, &BindHistory::default()).is_none());
+        assert!(diagnose(&ok.into(), |_| None, &BindHistory::default()).is_none());
     }
 }

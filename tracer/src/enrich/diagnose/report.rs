@@ -24,6 +24,10 @@ pub struct Diagnosis {
     pub summary: String,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub holders: Vec<HolderReport>,
+    /// The AF_UNIX sockets bound to the path or name asked for; written as `holders` too (a
+    /// diagnosis has one kind of holder or the other, never both).
+    #[serde(rename = "holders", skip_serializing_if = "Vec::is_empty")]
+    pub unix_holders: Vec<UnixHolderReport>,
     #[serde(skip_serializing_if = "DiagnosisFacts::is_empty")]
     pub facts: DiagnosisFacts,
     /// What could not be found out (a process that exited, a namespace that is gone, ...).
@@ -53,6 +57,36 @@ pub struct HolderReport {
     /// The holder's own bind, when bindtrace saw it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub seen_bind: Option<SeenBindReport>,
+}
+
+/// An AF_UNIX socket bound to the path or abstract name a failed bind asked for.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct UnixHolderReport {
+    /// `stream`, `dgram`, `seqpacket`.
+    #[serde(rename = "type")]
+    pub sock_type: &'static str,
+    pub state: &'static str,
+    pub inode: u32,
+    /// The name it was bound with (a path as the binder gave it, or `@name`).
+    pub name: String,
+    pub processes: Vec<ProcessInfo>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub processes_hidden: Option<String>,
+}
+
+/// The file at an AF_UNIX path, for EADDRINUSE.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct UnixFileReport {
+    /// `socket`, `missing`, `regular file`, `directory`, ...
+    pub kind: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub owner_uid: Option<u32>,
+    /// Last modification, RFC 3339 (UTC).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub modified: Option<String>,
+    /// Where bindtrace looked (the failing process's view: /proc/PID/root/... or cwd/...).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub looked_at: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -89,6 +123,9 @@ pub struct DiagnosisFacts {
     /// SO_REUSEADDR on the socket that went into TIME_WAIT, when bindtrace saw its bind.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub old_socket_reuseaddr: Option<bool>,
+    /// AF_UNIX EADDRINUSE: what is at the path.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub unix_file: Option<UnixFileReport>,
 }
 
 /// Said of a diagnosis made before every lookup it needed had answered.
@@ -101,6 +138,7 @@ impl Diagnosis {
             kind: "unknown",
             summary: format!("no diagnosis: diagnoses stopped ({reason})"),
             holders: Vec::new(),
+            unix_holders: Vec::new(),
             facts: DiagnosisFacts::default(),
             unknown: vec![format!("diagnoses stopped: {reason}")],
         }
