@@ -375,7 +375,7 @@ fn unix_paths_abstract_names_and_autobind_are_recorded_without_a_port() {
     let pid = my_pid().to_string();
     let mut tracer = Tracer::start(&["-o", "ndjson", "--family", "unix", "-p", &pid]);
     // A port filter whose range holds the bytes "/t" read as a port: it must not match.
-    let mut by_port = Tracer::start(&["-o", "ndjson", "-P", "12000-13000", "-p", &pid]);
+    let by_port = Tracer::start(&["-o", "ndjson", "-P", "12000-13000", "-p", &pid]);
     let named = unix_stream();
     named.bind(&SockAddr::unix(&path).expect("path")).expect("bind path");
     let abstract_name = format!("bindtrace-test-{}", std::process::id());
