@@ -197,7 +197,7 @@ fn holder_in_another_network_namespace_is_found_there() {
     let child_pid = child.pid;
     let failure = tracer.wait_for("failure inside the namespace", |e| e["pid"] == child_pid && e["errno"] == 98);
     let d = tracer.diagnosis_of(&failure);
-    assert_eq!(d["kind"], "in_use", "{d}");
+    assert_eq!(d["kind"], "in_use_self", "the child holds the port it fails on: {d}");
     assert_eq!(d["holders"][0]["processes"][0]["pid"], child_pid, "found in the child's namespace: {d}");
     let host_netns =
         std::fs::metadata("/proc/self/ns/net").map(|m| std::os::unix::fs::MetadataExt::ino(&m)).expect("ns");
@@ -327,7 +327,7 @@ fn a_holder_opened_just_after_a_lookup_is_named() {
         let _ = tcp(Domain::IPV4).bind(&addr(&format!("127.0.0.1:{port}"))).expect_err("in use");
         let event = tracer.wait_for("EADDRINUSE on the new holder", |e| e["port"] == port);
         let d = tracer.diagnosis_of(&event);
-        assert_eq!(d["kind"], "in_use", "holder opened {delay_ms} ms after a lookup: {d}");
+        assert_eq!(d["kind"], "in_use_self", "holder opened {delay_ms} ms after a lookup: {d}");
         assert_eq!(d["holders"][0]["processes"][0]["pid"], my_pid(), "holder opened {delay_ms} ms after a lookup: {d}");
     }
     let finished = tracer.stop();
@@ -461,5 +461,117 @@ fn unix_path_in_use_names_its_holder_and_a_stale_file_is_called_stale() {
 
     let _ = sleep.kill();
     let _ = sleep.wait();
+    tracer.stop();
+}
+
+/// Issue 12: a process that holds the port itself was named like a stranger.
+#[test]
+fn a_port_the_failing_process_holds_itself_says_so() {
+    if !can_load_probe("a_port_the_failing_process_holds_itself_says_so") {
+        return;
+    }
+    let port = free_port();
+    let mut tracer = Tracer::start(&["-o", "ndjson", "-P", &port.to_string(), "-x"]);
+    let first = tcp(Domain::IPV4);
+    first.bind(&addr(&format!("127.0.0.1:{port}"))).expect("bind");
+    first.listen(4).expect("listen");
+    let err = tcp(Domain::IPV4).bind(&addr(&format!("127.0.0.1:{port}"))).expect_err("in use");
+    assert_eq!(err.raw_os_error(), Some(libc::EADDRINUSE));
+    let event = tracer.wait_for("EADDRINUSE", |e| e["errno"] == 98);
+    let d = tracer.diagnosis_of(&event);
+    assert_eq!(d["kind"], "in_use_self", "{d}");
+    assert!(d["summary"].as_str().is_some_and(|s| s.contains("holds it itself")), "{d}");
+    tracer.stop();
+}
+
+/// Issue 12: a fixed port inside ip_local_port_range, taken by an outbound connection's
+/// source port.
+#[test]
+fn a_port_taken_as_an_outbound_source_port_names_the_range_and_the_remedy() {
+    if !can_load_probe("a_port_taken_as_an_outbound_source_port_names_the_range_and_the_remedy") {
+        return;
+    }
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("listen");
+    let server = listener.local_addr().expect("addr");
+    let client = tcp(Domain::IPV4);
+    client.connect(&SockAddr::from(server)).expect("connect");
+    let source = client.local_addr().expect("local").as_socket().expect("inet").port();
+    let (lo, hi) = {
+        let text = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").expect("range");
+        let mut ports = text.split_whitespace().map(|p| p.parse::<u16>().expect("port"));
+        (ports.next().expect("low"), ports.next().expect("high"))
+    };
+    assert!((lo..=hi).contains(&source), "connect() takes its source port from the range");
+    let mut tracer = Tracer::start(&["-o", "ndjson", "-P", &source.to_string(), "-x"]);
+    let mut holder = hand_to_sleep(client);
+    let err = tcp(Domain::IPV4).bind(&addr(&format!("127.0.0.1:{source}"))).expect_err("taken");
+    assert_eq!(err.raw_os_error(), Some(libc::EADDRINUSE));
+    let event = tracer.wait_for("EADDRINUSE", |e| e["errno"] == 98);
+    let d = tracer.diagnosis_of(&event);
+    assert_eq!(d["kind"], "in_use_ephemeral", "{d}");
+    assert_eq!(d["facts"]["local_port_range"], format!("{lo}-{hi}"));
+    let summary = d["summary"].as_str().expect("summary");
+    assert!(summary.contains(&format!("net.ipv4.ip_local_reserved_ports={source}")), "{summary}");
+    assert!(summary.contains(&server.to_string()), "names the connection's peer: {summary}");
+    let _ = holder.kill();
+    let _ = holder.wait();
+    tracer.stop();
+}
+
+/// Issue 12: bind(port 0) with the ephemeral range used up was called "nothing holds port 0".
+/// A child in a network namespace of its own narrows the range to two ports and takes both.
+#[test]
+fn port_zero_with_the_ephemeral_range_used_up_counts_the_taken_ports() {
+    if !can_load_probe("port_zero_with_the_ephemeral_range_used_up_counts_the_taken_ports") {
+        return;
+    }
+    let mut tracer = Tracer::start(&["-o", "ndjson", "--errno", "EADDRINUSE"]);
+    // SAFETY: the child only makes async-signal-safe calls (unshare, open/write, socket,
+    // bind, nanosleep) and leaves with _exit.
+    let child = unsafe {
+        let pid = libc::fork();
+        assert!(pid >= 0, "fork");
+        if pid == 0 {
+            if libc::unshare(libc::CLONE_NEWNET) != 0 {
+                libc::_exit(100);
+            }
+            let fd = libc::open(c"/proc/sys/net/ipv4/ip_local_port_range".as_ptr(), libc::O_WRONLY);
+            let range = b"40000 40001\n";
+            if fd < 0 || libc::write(fd, range.as_ptr().cast(), range.len()) != range.len() as isize {
+                libc::_exit(101);
+            }
+            libc::close(fd);
+            let any = libc::sockaddr_in {
+                sin_family: libc::AF_INET as u16,
+                sin_port: 0,
+                sin_addr: libc::in_addr { s_addr: 0 },
+                sin_zero: [0; 8],
+            };
+            let len = std::mem::size_of::<libc::sockaddr_in>() as u32;
+            let mut errno = 0;
+            for _ in 0..3 {
+                let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
+                if libc::bind(fd, (&raw const any).cast(), len) != 0 {
+                    errno = *libc::__errno_location();
+                }
+            }
+            // Stay (with the two ports) while bindtrace looks.
+            let linger = libc::timespec { tv_sec: 4, tv_nsec: 0 };
+            libc::nanosleep(&linger, std::ptr::null_mut());
+            libc::_exit(errno);
+        }
+        pid
+    };
+    let event = tracer.wait_for("the third bind", |e| e["pid"] == child && e["port"] == 0);
+    let d = tracer.diagnosis_of(&event);
+    assert_eq!(d["kind"], "ephemeral_exhausted", "{d}");
+    assert_eq!(d["facts"]["local_port_range"], "40000-40001");
+    assert_eq!(d["facts"]["ports_taken"], 2, "both ports of the range: {d}");
+    let summary = d["summary"].as_str().expect("summary");
+    assert!(summary.contains("2 of the 2 ports") && summary.contains("IP_BIND_ADDRESS_NO_PORT"), "{summary}");
+    let mut status = 0;
+    // SAFETY: waiting for our own child.
+    unsafe { libc::waitpid(child, &mut status, 0) };
+    assert_eq!(libc::WEXITSTATUS(status), libc::EADDRINUSE, "the third bind failed with EADDRINUSE");
     tracer.stop();
 }

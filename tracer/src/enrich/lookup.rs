@@ -11,9 +11,9 @@ use nix::ifaddrs::getifaddrs;
 use serde::Serialize;
 
 use super::{
-    netns::{read_sysctl, Netns},
+    netns::{read_port_range, read_sysctl, Netns},
     owners::{in_own_pid_namespace, Blind, ProcessInfo, SocketOwners},
-    sockdiag::{sockets_on_port, DiagSocket, Proto},
+    sockdiag::{sockets_on_port, DiagSocket, Proto, TCP_TIME_WAIT},
     unixdiag::{bound_sockets, bound_sockets_from_proc, kernel_dev_to_user, UnixSocket},
 };
 use crate::decode::UnixPath;
@@ -159,6 +159,27 @@ impl SocketTable {
         &self.by_port[start..end]
     }
 
+    /// The distinct ports in `lo..=hi` that a socket `blocks` is on, and of those, how many
+    /// only TIME_WAIT sockets block (for an exhausted ephemeral range).
+    pub(crate) fn ports_taken(&self, lo: u16, hi: u16, blocks: impl Fn(&DiagSocket) -> bool) -> (usize, usize) {
+        let start = self.by_port.partition_point(|s| s.local.port() < lo);
+        let end = self.by_port.partition_point(|s| s.local.port() <= hi);
+        let (mut taken, mut time_wait_only) = (0, 0);
+        let mut sockets = self.by_port[start..end].iter().peekable();
+        while let Some(first) = sockets.next() {
+            let port = first.local.port();
+            let (mut blocked, mut live) = (blocks(first), blocks(first) && first.state != TCP_TIME_WAIT);
+            while let Some(next) = sockets.next_if(|s| s.local.port() == port) {
+                let b = blocks(next);
+                blocked |= b;
+                live |= b && next.state != TCP_TIME_WAIT;
+            }
+            taken += usize::from(blocked);
+            time_wait_only += usize::from(blocked && !live);
+        }
+        (taken, time_wait_only)
+    }
+
     /// Sockets in the dump, on every port.
     #[cfg(test)]
     pub(crate) fn len(&self) -> usize {
@@ -190,6 +211,9 @@ impl SocketTable {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub(crate) struct NetnsFacts {
     pub unprivileged_port_start: Option<i64>,
+    /// net.ipv4.ip_local_port_range: where bind(port 0) and connect() take ports from (it
+    /// applies to IPv6 too).
+    pub local_port_range: Option<(u16, u16)>,
     pub nonlocal_bind_v4: Option<i64>,
     pub nonlocal_bind_v6: Option<i64>,
     /// Addresses on the namespace's interfaces.
@@ -254,6 +278,7 @@ fn netns_facts() -> NetnsFacts {
         .unwrap_or_default();
     NetnsFacts {
         unprivileged_port_start: read_sysctl("net/ipv4/ip_unprivileged_port_start"),
+        local_port_range: read_port_range("net/ipv4/ip_local_port_range"),
         nonlocal_bind_v4: read_sysctl("net/ipv4/ip_nonlocal_bind"),
         nonlocal_bind_v6: read_sysctl("net/ipv6/ip_nonlocal_bind"),
         addresses,

@@ -160,6 +160,13 @@ pub fn read_sysctl(name: &str) -> Option<i64> {
     std::fs::read_to_string(format!("/proc/sys/{name}")).ok().and_then(|text| text.trim().parse().ok())
 }
 
+/// A sysctl holding two ports (`net/ipv4/ip_local_port_range`: "32768\t60999").
+pub fn read_port_range(name: &str) -> Option<(u16, u16)> {
+    let text = std::fs::read_to_string(format!("/proc/sys/{name}")).ok()?;
+    let mut ports = text.split_whitespace().map(|p| p.parse::<u16>().ok());
+    Some((ports.next()??, ports.next()??))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

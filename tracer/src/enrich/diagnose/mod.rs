@@ -20,7 +20,7 @@ pub(crate) use self::{
 };
 use super::{
     history::{BindHistory, SeenBind},
-    lookup::{unix_name_key, Facts, Holder, LookupKey, NetnsFacts, ProcessUnread},
+    lookup::{unix_name_key, Facts, Holder, LookupKey, NetnsFacts, ProcessUnread, SocketTable},
     sockdiag::{DiagSocket, Proto, TCP_LISTEN, TCP_TIME_WAIT},
 };
 use crate::{
@@ -41,8 +41,9 @@ pub fn needed_lookups(event: &Bind) -> Vec<LookupKey> {
             }
             _ => Vec::new(),
         },
+        // The namespace's facts too: ip_local_port_range explains port 0 and source ports.
         Some(libc::EADDRINUSE) => match Proto::from_ipproto(event.protocol) {
-            Some(proto) => vec![LookupKey::Sockets { netns, proto }],
+            Some(proto) => vec![LookupKey::Sockets { netns, proto }, LookupKey::Netns { netns }],
             None => Vec::new(),
         },
         Some(libc::EACCES) => vec![LookupKey::Netns { netns }, LookupKey::Process { pid: event.tgid }],
@@ -89,7 +90,49 @@ fn seen_for<'a>(history: &'a BindHistory, key: (u32, u16, u16), holder: &Holder)
     holder.processes.iter().find_map(|p| history.latest(key, Some(p.pid))).or_else(|| history.latest(key, None))
 }
 
-fn in_use(event: &BindEvent, holders: &[Holder], history: &BindHistory) -> Diagnosis {
+/// bind(port 0) failed: no port of the ephemeral range is free for this address. How many
+/// are taken, by what, and what to change.
+fn ephemeral_exhausted(event: &BindEvent, table: &SocketTable, netns: Option<&NetnsFacts>) -> Diagnosis {
+    let proto = Proto::from_ipproto(event.protocol).unwrap_or(Proto::Tcp);
+    let requested = event.requested_ip();
+    let v6only = event.has(sock_flags::V6ONLY);
+    let mut facts = DiagnosisFacts::default();
+    let remedies = "set IP_BIND_ADDRESS_NO_PORT before a bind that precedes connect(), widen \
+                    net.ipv4.ip_local_port_range, or use fewer sockets at once";
+    let summary = match netns.and_then(|n| n.local_port_range) {
+        Some((lo, hi)) => {
+            let (taken, time_wait) = table.ports_taken(lo, hi, |s| conflicts(requested, v6only, s));
+            let size = usize::from(hi.saturating_sub(lo)) + 1;
+            facts.local_port_range = Some(format!("{lo}-{hi}"));
+            facts.ports_taken = Some(taken);
+            let mut waiting =
+                if time_wait > 0 { format!(", {time_wait} of them only by TIME_WAIT sockets") } else { String::new() };
+            if taken < size && proto == Proto::Tcp {
+                // Before 6.8, sock_diag does not list TCP sockets that are bound but neither
+                // listening nor connected: the rest of the range may be theirs.
+                waiting.push_str(
+                    " (sock_diag lists TCP sockets that are only bound from Linux 6.8 on: on older kernels they hold the rest)",
+                );
+            }
+            format!(
+                "no free port for {} on {}: {taken} of the {size} ports of net.ipv4.ip_local_port_range ({lo}-{hi}) are taken{waiting}; {remedies}",
+                proto.name(),
+                requested.map_or_else(|| "this address".to_owned(), |ip| ip.to_string()),
+            )
+        }
+        None => format!("bind to port 0 found no free port in the ephemeral range for {}; {remedies}", proto.name()),
+    };
+    Diagnosis {
+        kind: "ephemeral_exhausted",
+        summary,
+        holders: Vec::new(),
+        facts,
+        unknown: Vec::new(),
+        unix_holders: Vec::new(),
+    }
+}
+
+fn in_use(event: &BindEvent, holders: &[Holder], history: &BindHistory, netns: Option<&NetnsFacts>) -> Diagnosis {
     let proto = Proto::from_ipproto(event.protocol).unwrap_or(Proto::Tcp);
     let port = event.port;
     let requested = event.requested_ip();
@@ -172,12 +215,38 @@ fn in_use(event: &BindEvent, holders: &[Holder], history: &BindHistory) -> Diagn
     let base = holders_summary(proto, port, &live.iter().map(|h| (**h).clone()).collect::<Vec<_>>(), seen);
     let cross_family =
         matches!((event.family, first.socket.local), (AF_INET, SocketAddr::V6(_)) | (AF_INET6, SocketAddr::V4(_)));
+    let itself = first.processes.iter().any(|p| p.pid == event.tgid);
+    let connected = !first.socket.peer.ip().is_unspecified() && first.socket.state != TCP_LISTEN;
+    let in_ephemeral_range = netns.and_then(|n| n.local_port_range).filter(|(lo, hi)| (*lo..=*hi).contains(&port));
+    if let Some((lo, hi)) = in_ephemeral_range {
+        facts.local_port_range = Some(format!("{lo}-{hi}"));
+    }
     let (kind, advice) = if cross_family {
         let held_v6 = first.socket.local.is_ipv6();
-        let side = if held_v6 { "the holder's [::] also covers IPv4" } else { "your [::] also covers IPv4" };
+        let side = match (itself, held_v6) {
+            (true, true) => "the process's own [::] socket also covers IPv4",
+            (true, false) => "the process's own IPv4 socket is covered by this [::] bind",
+            (false, true) => "the holder's [::] also covers IPv4",
+            (false, false) => "your [::] also covers IPv4",
+        };
         (
             "in_use_dual_stack",
             format!("{side} because IPV6_V6ONLY is off: set IPV6_V6ONLY on the IPv6 socket, or bind one family"),
+        )
+    } else if itself {
+        (
+            "in_use_self",
+            "the failing process holds it itself, on another socket: bind each address once (or set SO_REUSEPORT on both)"
+                .to_owned(),
+        )
+    } else if let (true, Some((lo, hi))) = (connected, in_ephemeral_range) {
+        (
+            "in_use_ephemeral",
+            format!(
+                "port {port} is inside net.ipv4.ip_local_port_range ({lo}-{hi}), so an outbound connection (to {}) took it as its \
+                 source port; keep listening ports out of that range, or reserve it: sysctl net.ipv4.ip_local_reserved_ports={port}",
+                endpoint(first.socket.peer)
+            ),
         )
     } else if event.has(sock_flags::REUSEPORT) {
         match seen {
@@ -396,8 +465,15 @@ pub fn diagnose<'a>(
         }
         libc::EADDRINUSE => {
             let keys = needed_lookups(event);
+            let netns = match facts(&LookupKey::Netns { netns: event.netns_ino }) {
+                Some(Facts::Netns(Ok(n))) => Some(n),
+                _ => None,
+            };
             match keys.first().map(|k| (k, facts(k))) {
-                Some((_, Some(Facts::Sockets(Ok(table))))) => in_use(event, &table.holders(event.port), history),
+                Some((_, Some(Facts::Sockets(Ok(table))))) if event.port == 0 && event.requested_ip().is_some() => {
+                    ephemeral_exhausted(event, table, netns)
+                }
+                Some((_, Some(Facts::Sockets(Ok(table))))) => in_use(event, &table.holders(event.port), history, netns),
                 Some((key, _)) => Diagnosis {
                     kind: "unknown",
                     summary: format!("port {} is in use, but its holders could not be looked up", event.port),

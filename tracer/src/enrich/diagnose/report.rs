@@ -16,7 +16,8 @@ use crate::clock::local_time_of_day;
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Diagnosis {
     /// A stable label of the case: `in_use`, `in_use_dual_stack`, `in_use_reuseport`,
-    /// `time_wait`, `released`, `privileged_port`, `refused_by_policy`,
+    /// `in_use_self`, `in_use_ephemeral`, `ephemeral_exhausted`, `stale_socket_file`,
+    /// `path_exists`, `time_wait`, `released`, `privileged_port`, `refused_by_policy`,
     /// `address_not_available`, `already_bound`, `invalid_address`, `bad_address` (EFAULT),
     /// `bad_fd` (EBADF), `not_a_socket` (ENOTSOCK), `other`, `unknown`.
     pub kind: &'static str,
@@ -123,6 +124,12 @@ pub struct DiagnosisFacts {
     /// SO_REUSEADDR on the socket that went into TIME_WAIT, when bindtrace saw its bind.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub old_socket_reuseaddr: Option<bool>,
+    /// net.ipv4.ip_local_port_range ("32768-60999"), when it explains the failure.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub local_port_range: Option<String>,
+    /// Ports of that range taken for the requested address (bind to port 0).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ports_taken: Option<usize>,
     /// AF_UNIX EADDRINUSE: what is at the path.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub unix_file: Option<UnixFileReport>,
