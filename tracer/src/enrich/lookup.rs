@@ -125,6 +125,9 @@ pub(crate) struct SocketTable {
     /// What that scan could not see.
     blind: Blind,
     sockets: usize,
+    /// net.ipv4.ip_local_port_range of the namespace, read with the dump: where bind(port 0)
+    /// and connect() take ports from (it applies to IPv6 too).
+    pub local_port_range: Option<(u16, u16)>,
 }
 
 impl SocketTable {
@@ -211,9 +214,6 @@ impl SocketTable {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub(crate) struct NetnsFacts {
     pub unprivileged_port_start: Option<i64>,
-    /// net.ipv4.ip_local_port_range: where bind(port 0) and connect() take ports from (it
-    /// applies to IPv6 too).
-    pub local_port_range: Option<(u16, u16)>,
     pub nonlocal_bind_v4: Option<i64>,
     pub nonlocal_bind_v6: Option<i64>,
     /// Addresses on the namespace's interfaces.
@@ -278,7 +278,6 @@ fn netns_facts() -> NetnsFacts {
         .unwrap_or_default();
     NetnsFacts {
         unprivileged_port_start: read_sysctl("net/ipv4/ip_unprivileged_port_start"),
-        local_port_range: read_port_range("net/ipv4/ip_local_port_range"),
         nonlocal_bind_v4: read_sysctl("net/ipv4/ip_nonlocal_bind"),
         nonlocal_bind_v6: read_sysctl("net/ipv6/ip_nonlocal_bind"),
         addresses,
@@ -292,13 +291,13 @@ impl Lookups {
     /// opened since the last scan is never reported as held by nobody.
     pub(crate) fn socket_table(&mut self, netns: &Netns, proto: Proto, ports: &[u16]) -> Result<SocketTable, String> {
         let dumped_at = Instant::now();
-        let sockets = netns
-            .run(|| sockets_on_port(proto, None))
-            .map_err(|e| format!("{e:#}"))?
-            .map_err(|e| format!("sock_diag query failed: {e}"))?;
-        let mut sockets = sockets;
+        let (sockets, local_port_range) = netns
+            .run(|| (sockets_on_port(proto, None), read_port_range("net/ipv4/ip_local_port_range")))
+            .map_err(|e| format!("{e:#}"))?;
+        let mut sockets = sockets.map_err(|e| format!("sock_diag query failed: {e}"))?;
         sockets.sort_unstable_by_key(|s| s.local.port());
-        let mut table = SocketTable { sockets: sockets.len(), by_port: sockets, ..SocketTable::default() };
+        let mut table =
+            SocketTable { sockets: sockets.len(), by_port: sockets, local_port_range, ..SocketTable::default() };
         let wanted: Vec<u32> =
             ports.iter().flat_map(|&port| table.on_port(port)).map(|s| s.inode).filter(|&inode| inode != 0).collect();
         self.owners.resolve(&wanted, dumped_at);

@@ -41,9 +41,8 @@ pub fn needed_lookups(event: &Bind) -> Vec<LookupKey> {
             }
             _ => Vec::new(),
         },
-        // The namespace's facts too: ip_local_port_range explains port 0 and source ports.
         Some(libc::EADDRINUSE) => match Proto::from_ipproto(event.protocol) {
-            Some(proto) => vec![LookupKey::Sockets { netns, proto }, LookupKey::Netns { netns }],
+            Some(proto) => vec![LookupKey::Sockets { netns, proto }],
             None => Vec::new(),
         },
         Some(libc::EACCES) => vec![LookupKey::Netns { netns }, LookupKey::Process { pid: event.tgid }],
@@ -92,14 +91,14 @@ fn seen_for<'a>(history: &'a BindHistory, key: (u32, u16, u16), holder: &Holder)
 
 /// bind(port 0) failed: no port of the ephemeral range is free for this address. How many
 /// are taken, by what, and what to change.
-fn ephemeral_exhausted(event: &BindEvent, table: &SocketTable, netns: Option<&NetnsFacts>) -> Diagnosis {
+fn ephemeral_exhausted(event: &BindEvent, table: &SocketTable) -> Diagnosis {
     let proto = Proto::from_ipproto(event.protocol).unwrap_or(Proto::Tcp);
     let requested = event.requested_ip();
     let v6only = event.has(sock_flags::V6ONLY);
     let mut facts = DiagnosisFacts::default();
     let remedies = "set IP_BIND_ADDRESS_NO_PORT before a bind that precedes connect(), widen \
                     net.ipv4.ip_local_port_range, or use fewer sockets at once";
-    let summary = match netns.and_then(|n| n.local_port_range) {
+    let summary = match table.local_port_range {
         Some((lo, hi)) => {
             let (taken, time_wait) = table.ports_taken(lo, hi, |s| conflicts(requested, v6only, s));
             let size = usize::from(hi.saturating_sub(lo)) + 1;
@@ -132,7 +131,12 @@ fn ephemeral_exhausted(event: &BindEvent, table: &SocketTable, netns: Option<&Ne
     }
 }
 
-fn in_use(event: &BindEvent, holders: &[Holder], history: &BindHistory, netns: Option<&NetnsFacts>) -> Diagnosis {
+fn in_use(
+    event: &BindEvent,
+    holders: &[Holder],
+    history: &BindHistory,
+    local_port_range: Option<(u16, u16)>,
+) -> Diagnosis {
     let proto = Proto::from_ipproto(event.protocol).unwrap_or(Proto::Tcp);
     let port = event.port;
     let requested = event.requested_ip();
@@ -217,7 +221,7 @@ fn in_use(event: &BindEvent, holders: &[Holder], history: &BindHistory, netns: O
         matches!((event.family, first.socket.local), (AF_INET, SocketAddr::V6(_)) | (AF_INET6, SocketAddr::V4(_)));
     let itself = first.processes.iter().any(|p| p.pid == event.tgid);
     let connected = !first.socket.peer.ip().is_unspecified() && first.socket.state != TCP_LISTEN;
-    let in_ephemeral_range = netns.and_then(|n| n.local_port_range).filter(|(lo, hi)| (*lo..=*hi).contains(&port));
+    let in_ephemeral_range = local_port_range.filter(|(lo, hi)| (*lo..=*hi).contains(&port));
     if let Some((lo, hi)) = in_ephemeral_range {
         facts.local_port_range = Some(format!("{lo}-{hi}"));
     }
@@ -465,15 +469,13 @@ pub fn diagnose<'a>(
         }
         libc::EADDRINUSE => {
             let keys = needed_lookups(event);
-            let netns = match facts(&LookupKey::Netns { netns: event.netns_ino }) {
-                Some(Facts::Netns(Ok(n))) => Some(n),
-                _ => None,
-            };
             match keys.first().map(|k| (k, facts(k))) {
                 Some((_, Some(Facts::Sockets(Ok(table))))) if event.port == 0 && event.requested_ip().is_some() => {
-                    ephemeral_exhausted(event, table, netns)
+                    ephemeral_exhausted(event, table)
                 }
-                Some((_, Some(Facts::Sockets(Ok(table))))) => in_use(event, &table.holders(event.port), history, netns),
+                Some((_, Some(Facts::Sockets(Ok(table))))) => {
+                    in_use(event, &table.holders(event.port), history, table.local_port_range)
+                }
                 Some((key, _)) => Diagnosis {
                     kind: "unknown",
                     summary: format!("port {} is in use, but its holders could not be looked up", event.port),
@@ -575,7 +577,7 @@ mod tests {
 
     fn nginx() -> ProcessInfo {
         ProcessInfo {
-            pid: 4242,
+            pid: 977,
             comm: "nginx".into(),
             cmdline: "nginx: master process".into(),
             cgroup: Some("/system.slice/nginx.service".into()),
@@ -624,7 +626,7 @@ mod tests {
         let mut history = BindHistory::default();
         let mut holder_bind = sample_event();
         holder_bind.ret = 0;
-        holder_bind.tgid = 4242;
+        holder_bind.tgid = 977;
         history.record(&holder_bind, 1_795_600_931_000_000_000);
         let key = needed_lookups(&event.into()).remove(0);
         let facts = vec![(
@@ -638,15 +640,14 @@ mod tests {
         let d = run(&event, &facts, &history);
         assert_eq!(d.kind, "in_use");
         assert!(
-            d.summary.starts_with(
-                "port 8080/tcp is held by pid 4242 (nginx: master process), LISTEN on 0.0.0.0:8080 since "
-            ),
+            d.summary
+                .starts_with("port 8080/tcp is held by pid 977 (nginx: master process), LISTEN on 0.0.0.0:8080 since "),
             "{}",
             d.summary
         );
         assert!(d.summary.ends_with("; stop it or bind another port"), "{}", d.summary);
         assert_eq!(d.holders.len(), 1);
-        assert_eq!(d.holders[0].processes[0].pid, 4242);
+        assert_eq!(d.holders[0].processes[0].pid, 977);
         assert!(d.holders[0].seen_bind.is_some());
     }
 
@@ -707,7 +708,7 @@ mod tests {
         let mut history = BindHistory::default();
         let mut holder_bind = sample_event();
         holder_bind.ret = 0;
-        holder_bind.tgid = 4242;
+        holder_bind.tgid = 977;
         holder_bind.uid = 0;
         holder_bind.sock_flags |= sock_flags::REUSEPORT;
         history.record(&holder_bind, 1);
