@@ -40,6 +40,15 @@ pub mod names {
     ];
     /// The kernel functions the inet_bind backends hook.
     pub const INET_BIND_FUNCTIONS: [&str; 2] = ["inet_bind", "inet6_bind"];
+    /// What every bind(2) goes through, whatever the family and the outcome (compat and
+    /// socketcall callers too): the fexit and kprobe backends hook it as well, and the
+    /// inet_bind hooks then report only binds that do not come through it (io_uring's, the
+    /// kernel's own).
+    pub const SYSCALL_BIND_FUNCTION: &str = "__sys_bind";
+    pub const PROG_FENTRY_SYS_BIND: &str = "bindtrace_fentry_sys_bind";
+    pub const PROG_FEXIT_SYS_BIND: &str = "bindtrace_fexit_sys_bind";
+    pub const PROG_KPROBE_SYS_BIND: &str = "bindtrace_kprobe_sys_bind";
+    pub const PROG_KRETPROBE_SYS_BIND: &str = "bindtrace_kretprobe_sys_bind";
 }
 
 /// Which kernel hook produced an event.

@@ -36,7 +36,9 @@ pub(crate) struct EntryStamp {
     pub(crate) entered_ns: u64,
     pub(crate) addr: u64,
     pub(crate) addrlen: u32,
-    pub(crate) _pad: u32,
+    /// 1 while this thread is inside `__sys_bind` under a hook on it: the inet_bind hooks of
+    /// the same backend then stand aside, so that no bind is reported twice.
+    pub(crate) in_syscall: u32,
 }
 
 /// A bind()'s arguments, as the syscall received them.
@@ -56,6 +58,7 @@ pub(crate) fn stamp_entry() {
         // SAFETY: an array slot; a racing thread of the same slot is detected by the tid.
         unsafe {
             (*slot).entered_ns = bpf_ktime_get_ns();
+            (*slot).in_syscall = 0;
             (*slot).tid = tid;
         }
     }
@@ -72,7 +75,47 @@ pub(crate) fn stamp_entry_with_args(args: SyscallArgs) {
             (*slot).fd = args.fd;
             (*slot).addr = args.addr;
             (*slot).addrlen = args.addrlen;
+            (*slot).in_syscall = 0;
             (*slot).tid = tid;
+        }
+    }
+}
+
+/// Entry of `__sys_bind` (fentry: `args` None, the fexit has them; kprobe: saved for the
+/// kretprobe): the time, and the mark that makes the inet_bind hooks stand aside.
+#[inline(always)]
+pub(crate) fn stamp_syscall_entry(args: Option<SyscallArgs>) {
+    let tid = bpf_get_current_pid_tgid() as u32;
+    if let Some(slot) = ENTRY_TIMES.get_ptr_mut(tid & (ENTRY_SLOTS - 1)) {
+        // SAFETY: as in stamp_entry; the tid is written last, after the fields it vouches for.
+        unsafe {
+            (*slot).entered_ns = bpf_ktime_get_ns();
+            if let Some(args) = args {
+                (*slot).fd = args.fd;
+                (*slot).addr = args.addr;
+                (*slot).addrlen = args.addrlen;
+            }
+            (*slot).in_syscall = 1;
+            (*slot).tid = tid;
+        }
+    }
+}
+
+/// Is this thread inside a hooked `__sys_bind` (so an inet_bind hook must stand aside)?
+#[inline(always)]
+pub(crate) fn inside_syscall(tid: u32) -> bool {
+    own_entry(tid).is_some_and(|slot| slot.in_syscall != 0)
+}
+
+/// The hooked `__sys_bind` returned.
+#[inline(always)]
+pub(crate) fn end_syscall(tid: u32) {
+    if let Some(slot) = ENTRY_TIMES.get_ptr_mut(tid & (ENTRY_SLOTS - 1)) {
+        // SAFETY: an array slot; only its own thread clears its mark.
+        unsafe {
+            if (*slot).tid == tid {
+                (*slot).in_syscall = 0;
+            }
         }
     }
 }

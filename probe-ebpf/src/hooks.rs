@@ -1,6 +1,11 @@
-//! The programs the tracer attaches, one backend each: the syscall tracepoints, kprobes on
-//! inet_bind/inet6_bind, and fentry/fexit on the same functions. Each turns what its hook
-//! sees into a `Returned` for `emit::complete`.
+//! The programs the tracer attaches, one backend each: the syscall tracepoints; kprobes on
+//! `__sys_bind` and on inet_bind/inet6_bind; fentry/fexit on the same functions. Each turns
+//! what its hook sees into a `Returned` for `emit::complete`.
+//!
+//! With `__sys_bind` hooked, every bind(2) is seen there (any family, any outcome: LSM and
+//! cgroup denials, EBADF, ENOTSOCK, EFAULT); the inet_bind hooks of the same backend then
+//! stand aside inside it (`entry::inside_syscall`) and report only the binds that do not
+//! come through bind(2), so no bind is reported twice.
 
 use aya_ebpf::{
     helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns},
@@ -13,7 +18,8 @@ use bindtrace_common::{kernel_helpers, stat, Backend};
 use crate::{
     emit::{complete, returned_call, task_passes, Returned, SocketRef, TaskName},
     entry::{
-        entry_time, remember, saved_entry, stamp_entry, stamp_entry_with_args, syscall_args, InFlight, SyscallArgs,
+        end_syscall, entry_time, inside_syscall, remember, saved_entry, stamp_entry, stamp_entry_with_args,
+        stamp_syscall_entry, syscall_args, InFlight, SyscallArgs,
     },
     maps::{config, count, IN_FLIGHT},
 };
@@ -61,6 +67,9 @@ pub(crate) fn record_word(ctx: &TracePointContext, offset: usize) -> u64 {
 pub(crate) fn on_kprobe_entry(socket: u64, addr: u64, addrlen: u64) {
     let cfg = config();
     let pid_tgid = bpf_get_current_pid_tgid();
+    if inside_syscall(pid_tgid as u32) {
+        return;
+    }
     if !task_passes(cfg, (pid_tgid >> 32) as u32, &mut TaskName::unread()) {
         return;
     }
@@ -81,15 +90,92 @@ pub fn bindtrace_kretprobe_inet_bind(ctx: RetProbeContext) -> u32 {
     0
 }
 
+/// `__sys_bind(int fd, struct sockaddr __user *umyaddr, int addrlen)`: the arguments,
+/// saved for the kretprobe.
+#[kprobe]
+pub fn bindtrace_kprobe_sys_bind(ctx: ProbeContext) -> u32 {
+    let arg = |n| ctx.arg::<u64>(n).unwrap_or(0);
+    stamp_syscall_entry(Some(SyscallArgs { fd: arg(0) as i32, addr: arg(1), addrlen: arg(2) as u32 }));
+    0
+}
+
+#[kretprobe]
+pub fn bindtrace_kretprobe_sys_bind(ctx: RetProbeContext) -> u32 {
+    let ret = ctx.ret::<u64>() as i64 as i32;
+    let tid = bpf_get_current_pid_tgid() as u32;
+    let saved = saved_entry(tid);
+    end_syscall(tid);
+    let Some(caller) = returned_call(ret) else {
+        return 0;
+    };
+    let Some((entered_ns, args)) = saved else {
+        count(stat::IN_FLIGHT_MISSING);
+        return 0;
+    };
+    let returned = Returned {
+        entered_ns,
+        addr: args.addr as *const u8,
+        addr_in_kernel: false,
+        socket: SocketRef::Fd(args.fd),
+        fd: args.fd,
+        addrlen: args.addrlen,
+        ret,
+        backend: Backend::Kprobe,
+    };
+    complete(&ctx, caller, returned);
+    0
+}
+
+#[fentry(function = "__sys_bind")]
+pub fn bindtrace_fentry_sys_bind(_ctx: FEntryContext) -> u32 {
+    stamp_syscall_entry(None);
+    0
+}
+
+/// fexit of `__sys_bind`: the arguments and the result together; the socket is found from
+/// the fd, as the tracepoint backend does.
+#[fexit(function = "__sys_bind")]
+pub fn bindtrace_fexit_sys_bind(ctx: FExitContext) -> u32 {
+    let tid = bpf_get_current_pid_tgid() as u32;
+    let entered_ns = entry_time(tid);
+    end_syscall(tid);
+    let ret: i64 = ctx.arg(3);
+    let Some(caller) = returned_call(ret as i32) else {
+        return 0;
+    };
+    let fd = ctx.arg::<u64>(0) as i32;
+    let returned = Returned {
+        entered_ns,
+        addr: ctx.arg::<u64>(1) as *const u8,
+        addr_in_kernel: false,
+        socket: SocketRef::Fd(fd),
+        fd,
+        addrlen: ctx.arg::<u64>(2) as u32,
+        ret: ret as i32,
+        backend: Backend::Fexit,
+    };
+    complete(&ctx, caller, returned);
+    0
+}
+
+/// fentry of inet_bind/inet6_bind: the entry time, unless the bind came through a hooked
+/// `__sys_bind` (whose stamp it must not overwrite).
+#[inline(always)]
+fn on_inet_fentry() {
+    if !inside_syscall(bpf_get_current_pid_tgid() as u32) {
+        stamp_entry();
+    }
+}
+
 #[fentry(function = "inet_bind")]
 pub fn bindtrace_fentry_inet_bind(_ctx: FEntryContext) -> u32 {
-    stamp_entry();
+    on_inet_fentry();
     0
 }
 
 #[fentry(function = "inet6_bind")]
 pub fn bindtrace_fentry_inet6_bind(_ctx: FEntryContext) -> u32 {
-    stamp_entry();
+    on_inet_fentry();
     0
 }
 
@@ -109,6 +195,9 @@ pub fn bindtrace_fexit_inet6_bind(ctx: FExitContext) -> u32 {
 /// fentry program.
 #[inline(always)]
 pub(crate) fn on_fexit(ctx: &FExitContext) {
+    if inside_syscall(bpf_get_current_pid_tgid() as u32) {
+        return;
+    }
     let ret: i64 = ctx.arg(3);
     let Some(caller) = returned_call(ret as i32) else {
         return;
@@ -132,6 +221,9 @@ pub(crate) fn on_fexit(ctx: &FExitContext) {
 pub(crate) fn on_kretprobe(ctx: &RetProbeContext) {
     let ret = ctx.ret::<u64>() as i64 as i32;
     let tid = bpf_get_current_pid_tgid() as u32;
+    if inside_syscall(tid) {
+        return;
+    }
     // SAFETY: the value stays valid until removed below; only this thread uses its key.
     let stashed = IN_FLIGHT.get_ptr(tid).map(|p| unsafe { core::ptr::read(p) });
     if stashed.is_some() {

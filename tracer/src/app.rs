@@ -264,13 +264,26 @@ fn check_main() -> ExitCode {
     let checks = probe::check_backends(&config, kernel.bind_function_ids);
     // The object holds the ring buffer: loading it at all proves BPF_MAP_TYPE_RINGBUF.
     let ring = checks.iter().any(|c| match &c.result {
-        Ok(()) => true,
+        Ok(_) => true,
         Err(err) => !err.to_string().starts_with("loading the eBPF object failed"),
     });
     println!("ring buffer: {}", if ring { "yes" } else { "no (the object did not load)" });
     for check in &checks {
         match &check.result {
-            Ok(()) => println!("hook {}: yes", check.backend.name()),
+            Ok(every_syscall) => {
+                println!("hook {}: yes", check.backend.name());
+                println!(
+                    "hook {} sees: {}",
+                    check.backend.name(),
+                    match (check.backend, every_syscall) {
+                        (bindtrace_common::Backend::Tracepoint, _) => {
+                            "every bind(2) of 64-bit processes (not 32-bit compat callers, not io_uring)"
+                        }
+                        (_, true) => "every bind(2) (__sys_bind), and io_uring and in-kernel binds (inet_bind)",
+                        (_, false) => "inet binds only (inet_bind: no __sys_bind on this kernel)",
+                    }
+                );
+            }
             Err(err) => println!("hook {}: no: {err:#}", check.backend.name()),
         }
     }
@@ -320,6 +333,13 @@ async fn run(plan: Plan) -> Result<()> {
         probe.backend.name(),
         if filter.kernel.flags != 0 || !filter.pids.is_empty() { " matching the filters" } else { "" }
     );
+    if !probe.sees_every_bind_syscall {
+        eprintln!(
+            "bindtrace: warning: {} sees inet binds only on this kernel (no hook on __sys_bind): unix binds, EBADF, \
+             ENOTSOCK, EFAULT and LSM denials are missed; --attach tracepoint sees them",
+            probe.backend.name()
+        );
+    }
     if !cli.no_diagnosis {
         for limit in crate::enrich::blind_spots() {
             eprintln!("bindtrace: warning: {limit}");

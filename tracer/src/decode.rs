@@ -262,6 +262,7 @@ pub(crate) mod tests {
         event.port = 8080;
         event.ret = -98;
         event.tgid = 4242;
+        event.sock_family = AF_INET;
         event.tid = 4243;
         event.comm[..7].copy_from_slice(b"python3");
         event.protocol = 6;

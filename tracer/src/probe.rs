@@ -29,6 +29,9 @@ pub struct AttachedProbe {
     stats: PerCpuArray<MapData, u64>,
     ebpf: Ebpf,
     pub backend: Backend,
+    /// The backend sees every bind(2), whatever the family and outcome (the tracepoints, or
+    /// a hook on `__sys_bind`); otherwise only inet binds, through inet_bind.
+    pub sees_every_bind_syscall: bool,
 }
 
 /// Where tracefs is, as aya looks for it.
@@ -159,19 +162,49 @@ fn attach_tracepoint(ebpf: &mut Ebpf) -> Result<()> {
 
 const KPROBE_PMU: &str = "/sys/bus/event_source/devices/kprobe/type";
 
-fn attach_kprobe(ebpf: &mut Ebpf) -> Result<()> {
+fn attach_kprobe(ebpf: &mut Ebpf) -> Result<bool> {
     // Without the kprobe PMU (CONFIG_KPROBES off) attaching cannot work: skip the verifier.
     if !Path::new(KPROBE_PMU).exists() {
         bail!("this kernel has no kprobes ({KPROBE_PMU} is missing)");
     }
-    for name in [names::PROG_KPROBE, names::PROG_KRETPROBE] {
+    // __sys_bind first (return, then entry), the inet_bind hooks after: while they attach,
+    // every bind(2) is already seen once.
+    let syscall = attach_optional(ebpf, Backend::Kprobe, |ebpf| {
+        for name in [names::PROG_KRETPROBE_SYS_BIND, names::PROG_KPROBE_SYS_BIND] {
+            let probe: &mut KProbe = program(ebpf, name)?;
+            probe.load().with_context(|| format!("loading {name} failed"))?;
+            probe
+                .attach(names::SYSCALL_BIND_FUNCTION, 0)
+                .with_context(|| format!("attaching a kprobe to {} failed", names::SYSCALL_BIND_FUNCTION))?;
+        }
+        Ok(())
+    });
+    for name in [names::PROG_KRETPROBE, names::PROG_KPROBE] {
         let probe: &mut KProbe = program(ebpf, name)?;
         probe.load().with_context(|| format!("loading {name} failed"))?;
         for function in names::INET_BIND_FUNCTIONS {
             probe.attach(function, 0).with_context(|| format!("attaching a kprobe to {function} failed"))?;
         }
     }
-    Ok(())
+    Ok(syscall)
+}
+
+/// Attaches a backend's optional `__sys_bind` pair. Without it (a kernel whose BTF or
+/// symbols lack the function) the backend still works on inet_bind alone, seeing inet binds
+/// only: `Ok(false)`, logged, and said by `--check`.
+fn attach_optional(ebpf: &mut Ebpf, backend: Backend, attach: impl FnOnce(&mut Ebpf) -> Result<()>) -> bool {
+    match attach(ebpf) {
+        Ok(()) => true,
+        Err(err) => {
+            log::info!(
+                "{}: no hook on {} ({err:#}): only inet binds are seen, through inet_bind",
+                backend.name(),
+                names::SYSCALL_BIND_FUNCTION
+            );
+            unload_syscall_hooks(ebpf, backend);
+            false
+        }
+    }
 }
 
 /// Proves with a two-instruction program that this kernel loads fexit programs on the bind
@@ -186,7 +219,18 @@ fn fexit_supported(function_ids: &[Option<u32>; 2]) -> Result<()> {
     Ok(())
 }
 
-fn attach_fexit(ebpf: &mut Ebpf, btf: &Btf) -> Result<()> {
+fn attach_fexit(ebpf: &mut Ebpf, btf: &Btf) -> Result<bool> {
+    // __sys_bind first (fexit, then fentry), then the inet_bind hooks: see attach_kprobe.
+    let syscall = attach_optional(ebpf, Backend::Fexit, |ebpf| {
+        let function = names::SYSCALL_BIND_FUNCTION;
+        let fexit: &mut FExit = program(ebpf, names::PROG_FEXIT_SYS_BIND)?;
+        fexit.load(function, btf).with_context(|| format!("loading fexit on {function} failed"))?;
+        fexit.attach().with_context(|| format!("attaching fexit to {function} failed"))?;
+        let fentry: &mut FEntry = program(ebpf, names::PROG_FENTRY_SYS_BIND)?;
+        fentry.load(function, btf).with_context(|| format!("loading fentry on {function} failed"))?;
+        fentry.attach().with_context(|| format!("attaching fentry to {function} failed"))?;
+        Ok(())
+    });
     for (entry, exit, function) in names::PROGS_FEXIT {
         let fentry: &mut FEntry = program(ebpf, entry)?;
         fentry.load(function, btf).with_context(|| format!("loading fentry on {function} failed"))?;
@@ -195,7 +239,29 @@ fn attach_fexit(ebpf: &mut Ebpf, btf: &Btf) -> Result<()> {
         fexit.load(function, btf).with_context(|| format!("loading fexit on {function} failed"))?;
         fexit.attach().with_context(|| format!("attaching fexit to {function} failed"))?;
     }
-    Ok(())
+    Ok(syscall)
+}
+
+/// Unloads a backend's `__sys_bind` programs.
+fn unload_syscall_hooks(ebpf: &mut Ebpf, backend: Backend) {
+    match backend {
+        Backend::Kprobe => {
+            for name in [names::PROG_KPROBE_SYS_BIND, names::PROG_KRETPROBE_SYS_BIND] {
+                if let Ok(p) = program::<KProbe>(ebpf, name) {
+                    let _ = p.unload();
+                }
+            }
+        }
+        Backend::Fexit => {
+            if let Ok(p) = program::<FEntry>(ebpf, names::PROG_FENTRY_SYS_BIND) {
+                let _ = p.unload();
+            }
+            if let Ok(p) = program::<FExit>(ebpf, names::PROG_FEXIT_SYS_BIND) {
+                let _ = p.unload();
+            }
+        }
+        Backend::Tracepoint => {}
+    }
 }
 
 /// Unloads (and so detaches) whatever a failed backend managed to load.
@@ -226,15 +292,18 @@ fn unload_backend(ebpf: &mut Ebpf, backend: Backend) {
             }
         }
     }
+    unload_syscall_hooks(ebpf, backend);
 }
 
-fn attach_backend(ebpf: &mut Ebpf, backend: Backend, btf: &mut BtfSource) -> Result<()> {
+/// Attaches a backend; `Ok(true)` when it sees every bind(2) (the syscall tracepoints, or
+/// a hook on `__sys_bind`), `Ok(false)` when it sees inet binds through inet_bind only.
+fn attach_backend(ebpf: &mut Ebpf, backend: Backend, btf: &mut BtfSource) -> Result<bool> {
     let attached = match backend {
         Backend::Fexit => {
             fexit_supported(&btf.function_ids).and_then(|()| btf.get()).and_then(|btf| attach_fexit(ebpf, btf))
         }
         Backend::Kprobe => attach_kprobe(ebpf),
-        Backend::Tracepoint => attach_tracepoint(ebpf),
+        Backend::Tracepoint => attach_tracepoint(ebpf).map(|()| true),
     };
     if attached.is_err() {
         unload_backend(ebpf, backend);
@@ -276,7 +345,8 @@ fn log_verifier_work(ebpf: &Ebpf) {
 /// What `bindtrace --check` found out about one backend.
 pub struct BackendCheck {
     pub backend: Backend,
-    pub result: Result<()>,
+    /// Whether it attached, and then whether it sees every bind(2).
+    pub result: Result<bool>,
 }
 
 /// Loads the object once per backend and tries to attach it, then lets it go.
@@ -353,8 +423,8 @@ impl AttachedProbe {
         let mut chosen = None;
         for backend in candidates(attach) {
             match attach_backend(&mut ebpf, backend, &mut btf) {
-                Ok(()) => {
-                    chosen = Some(backend);
+                Ok(every_syscall) => {
+                    chosen = Some((backend, every_syscall));
                     break;
                 }
                 Err(err) => {
@@ -363,7 +433,7 @@ impl AttachedProbe {
                 }
             }
         }
-        let Some(backend) = chosen else {
+        let Some((backend, sees_every_bind_syscall)) = chosen else {
             if attach == Attach::Auto {
                 bail!("this kernel accepts none of bindtrace's hooks ({})", refusals.join("; "));
             }
@@ -374,7 +444,7 @@ impl AttachedProbe {
         let stats = PerCpuArray::try_from(
             ebpf.take_map(names::STATS).ok_or_else(|| anyhow!("probe has no {} map", names::STATS))?,
         )?;
-        Ok(Self { logger, stats, ebpf, backend })
+        Ok(Self { logger, stats, ebpf, backend, sees_every_bind_syscall })
     }
 
     pub fn take_ring_buffer(&mut self) -> Result<RingBuf<MapData>> {

@@ -488,8 +488,20 @@ fn parse_console(console: &str) -> Vec<GuestRun> {
     runs
 }
 
-/// Checks every scenario against the last bind event of its pid, port and address.
-/// Returns the failures, in words.
+/// Is `event` the one scenario `s` made? Its pid, and the fields of its `match` object (unix
+/// names, the caller's errors), or else its port and address.
+fn is_event_of(event: &Value, s: &Value) -> bool {
+    if event["type"] != "bind" || event["pid"] != s["pid"] {
+        return false;
+    }
+    match s["match"].as_object() {
+        Some(fields) => fields.iter().all(|(field, wanted)| event[field] == *wanted),
+        None => event["port"] == s["port"] && event["addr"] == s["addr"],
+    }
+}
+
+/// Checks every scenario against the last bind event of its pid, port and address (or its
+/// `match` fields). Returns the failures, in words.
 pub fn check(scenarios: &[Value], events: &[Value], backend: &str) -> Vec<String> {
     let mut failures = Vec::new();
     if scenarios.is_empty() {
@@ -497,14 +509,19 @@ pub fn check(scenarios: &[Value], events: &[Value], backend: &str) -> Vec<String
     }
     for s in scenarios {
         let name = s["scenario"].as_str().unwrap_or("?");
-        let Some(event) = events
-            .iter()
-            .rev()
-            .find(|e| e["type"] == "bind" && e["pid"] == s["pid"] && e["port"] == s["port"] && e["addr"] == s["addr"])
-        else {
-            failures.push(format!("{name}: no event for pid {} {}:{}", s["pid"], s["addr"], s["port"]));
+        let Some(event) = events.iter().rev().find(|e| is_event_of(e, s)) else {
+            failures.push(format!("{name}: no event for pid {} {}", s["pid"], s.get("match").unwrap_or(&s["port"])));
             continue;
         };
+        if let Some(expect) = s["expect"].as_object() {
+            let backend_field = ("backend".to_owned(), Value::from(backend));
+            for (field, wanted) in expect.iter().chain([(&backend_field.0, &backend_field.1)]) {
+                if event[field] != *wanted {
+                    failures.push(format!("{name}: {field} is {} in the event, expected {wanted}", event[field]));
+                }
+            }
+            continue;
+        }
         let options: Vec<&str> =
             s["options"].as_array().map(|a| a.iter().filter_map(Value::as_str).collect()).unwrap_or_default();
         let has = |opt: (i32, i32)| options.contains(&format!("{}:{}", opt.0, opt.1).as_str());
@@ -671,13 +688,7 @@ fn compare_backends(label: &str, runs: &[GuestRun], tally: &mut Tally) {
     let event_of = |run: &GuestRun, scenario: &Value| -> Option<Value> {
         let name = &scenario["scenario"];
         let mine = run.scenarios.iter().find(|s| s["scenario"] == *name)?;
-        run.events
-            .iter()
-            .rev()
-            .find(|e| {
-                e["type"] == "bind" && e["pid"] == mine["pid"] && e["port"] == mine["port"] && e["addr"] == mine["addr"]
-            })
-            .cloned()
+        run.events.iter().rev().find(|e| is_event_of(e, mine)).cloned()
     };
     for scenario in &reference.scenarios {
         let Some(expected) = event_of(reference, scenario) else { continue };

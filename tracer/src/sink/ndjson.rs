@@ -3,7 +3,7 @@
 
 use std::{borrow::Cow, collections::HashMap, io, net::IpAddr, sync::Arc};
 
-use bindtrace_common::sock_flags;
+use bindtrace_common::{sock_flags, AF_INET, AF_INET6};
 use bytes::BufMut as _;
 use serde::Serialize;
 use serde_json::value::RawValue;
@@ -154,6 +154,11 @@ impl Sink for NdjsonSink {
         let time = std::str::from_utf8(&self.scratch).unwrap_or("");
         let has_sock = event.has(sock_flags::SOCK_INFO);
         let sock_flag = |flag| has_sock.then(|| event.has(flag));
+        // IP options exist on inet sockets only: null for a unix socket.
+        let inet_socket = has_sock && matches!(event.sock_family, AF_INET | AF_INET6);
+        let inet_flag = |flag| inet_socket.then(|| event.has(flag));
+        // Nothing was read of a NULL or unreadable sockaddr: its family is unknown, not AF_UNSPEC.
+        let family_known = !event.has(sock_flags::ADDR_NULL) && !event.has(sock_flags::ADDR_FAULT);
         let addr = event.requested_ip();
         let errno_number = event.errno().unwrap_or(0);
         let record = EventRecord {
@@ -165,7 +170,7 @@ impl Sink for NdjsonSink {
             comm: String::from_utf8_lossy(event.comm_bytes()),
             uid: event.uid,
             gid: event.gid,
-            family: family_name(event.family),
+            family: if family_known { family_name(event.family) } else { None },
             family_num: event.family,
             addr,
             port: addr.map(|_| event.port),
@@ -181,12 +186,12 @@ impl Sink for NdjsonSink {
             message: errno::message(errno_number),
             reuseaddr: sock_flag(sock_flags::REUSEADDR),
             reuseport: sock_flag(sock_flags::REUSEPORT),
-            v6only: sock_flag(sock_flags::V6ONLY),
-            freebind: sock_flag(sock_flags::FREEBIND),
-            transparent: sock_flag(sock_flags::TRANSPARENT),
-            bind_address_no_port: sock_flag(sock_flags::BIND_ADDRESS_NO_PORT),
+            v6only: inet_flag(sock_flags::V6ONLY),
+            freebind: inet_flag(sock_flags::FREEBIND),
+            transparent: inet_flag(sock_flags::TRANSPARENT),
+            bind_address_no_port: inet_flag(sock_flags::BIND_ADDRESS_NO_PORT),
             bound_dev_if: has_sock.then_some(event.bound_dev_if),
-            bound_port: has_sock.then_some(event.bound_port),
+            bound_port: inet_socket.then_some(event.bound_port),
             bound_addr: event.bound_ip(),
             fd: event.fd,
             addrlen: event.addrlen,

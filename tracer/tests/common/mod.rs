@@ -157,14 +157,11 @@ impl Tracer {
         Tracer { child, lines, seen: Vec::new(), stderr, backend }
     }
 
-    /// The `fd` an event of a bind on `fd` carries under the backend that attached: the
-    /// syscall tracepoints see the fd, the inet_bind hooks (fexit, kprobe) only the socket.
+    /// The `fd` an event of a bind(2) on `fd` carries: every backend sees bind(2) with its fd
+    /// (the tracepoints, or fexit/kprobe on `__sys_bind`, which every supported kernel has; a
+    /// backend without that hook warns "inet binds only", and then these checks fail).
     pub fn event_fd(&self, fd: i64) -> i64 {
-        if self.backend == "tracepoint" {
-            fd
-        } else {
-            -1
-        }
+        fd
     }
 
     pub fn pid(&self) -> u32 {

@@ -1,6 +1,7 @@
 //! bind-scenarios: a fixed list of binds (TCP/UDP, IPv4/IPv6, success, EADDRINUSE, EACCES,
-//! EINVAL, socket options set before bind) made for real, each printed as one JSON line
-//! with what was asked and what bind() returned. `cargo xtask vm` runs it under bindtrace in
+//! EINVAL, socket options set before bind; AF_UNIX paths and abstract names; the caller's
+//! errors EBADF, ENOTSOCK, EFAULT) made for real, each printed as one JSON line with what
+//! was asked and what bind() returned. `cargo xtask vm` runs it under bindtrace in
 //! each test kernel and checks that every scenario has a matching event, field by field.
 //!
 //! Raw libc calls: the scenarios set options the standard library does not expose, and the
@@ -99,6 +100,114 @@ fn run(s: &Scenario) -> (i32, u32) {
     }
 }
 
+/// bind() on a raw fd with a raw sockaddr pointer and length: the errno (0 on success).
+fn bind_ptr(fd: i32, addr: *const libc::sockaddr, len: u32) -> i32 {
+    // SAFETY: the kernel validates every argument; bad ones are what some scenarios test.
+    unsafe {
+        if libc::bind(fd, addr, len) == 0 {
+            0
+        } else {
+            *libc::__errno_location()
+        }
+    }
+}
+
+/// A `sockaddr_un` for `name` (a leading NUL makes it abstract) and its length.
+fn sockaddr_un(name: &[u8]) -> (libc::sockaddr_un, u32) {
+    // SAFETY: sockaddr_un is plain data; all zeros is valid.
+    let mut sa: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    sa.sun_family = libc::AF_UNIX as u16;
+    for (slot, byte) in sa.sun_path.iter_mut().zip(name) {
+        *slot = *byte as libc::c_char;
+    }
+    (sa, (2 + name.len()) as u32)
+}
+
+/// The scenarios no inet address identifies: unix names and the caller's own errors. Each
+/// line carries `match` (the event fields that find its event) and `expect` (the fields
+/// every backend that sees bind(2) must report).
+fn special_scenarios(out: &mut impl std::io::Write) {
+    let pid = std::process::id();
+    let line = |out: &mut dyn std::io::Write, name: &str, matching: String, expect: String| {
+        let _ =
+            writeln!(out, "{{\"scenario\":\"{name}\",\"pid\":{pid},\"match\":{{{matching}}},\"expect\":{{{expect}}}}}");
+    };
+    // SAFETY: plain socket calls on fds this process owns; leaked on purpose (holders).
+    unsafe {
+        let path = b"/tmp/bind-scenarios.sock";
+        let _ = std::fs::remove_file(std::str::from_utf8(path).unwrap_or_default());
+        let (sa, len) = sockaddr_un(path);
+        let first = libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0);
+        let ok = bind_ptr(first, (&raw const sa).cast(), len);
+        libc::listen(first, 1);
+        let second = libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0);
+        let taken = bind_ptr(second, (&raw const sa).cast(), len);
+        let shown = "/tmp/bind-scenarios.sock";
+        line(
+            out,
+            "unix_path_ok",
+            format!("\"unix_path\":\"{shown}\",\"fd\":{first}"),
+            format!("\"errno\":{ok},\"family\":\"AF_UNIX\",\"proto\":\"stream\",\"port\":null,\"freebind\":null"),
+        );
+        line(
+            out,
+            "unix_path_eaddrinuse",
+            format!("\"unix_path\":\"{shown}\",\"fd\":{second}"),
+            format!("\"errno\":{taken},\"errno_name\":\"EADDRINUSE\",\"family\":\"AF_UNIX\",\"port\":null"),
+        );
+        let (abstract_sa, abstract_len) = sockaddr_un(b"\0bind-scenarios");
+        let datagram = libc::socket(libc::AF_UNIX, libc::SOCK_DGRAM, 0);
+        let ok = bind_ptr(datagram, (&raw const abstract_sa).cast(), abstract_len);
+        line(
+            out,
+            "unix_abstract_ok",
+            format!("\"unix_path\":\"@bind-scenarios\",\"fd\":{datagram}"),
+            format!("\"errno\":{ok},\"unix_abstract\":true,\"proto\":\"dgram\""),
+        );
+
+        let v4 = libc::sockaddr_in {
+            sin_family: libc::AF_INET as u16,
+            sin_port: 41_200u16.to_be(),
+            sin_addr: libc::in_addr { s_addr: u32::from_ne_bytes([127, 0, 0, 1]) },
+            sin_zero: [0; 8],
+        };
+        let v4_len = size_of::<libc::sockaddr_in>() as u32;
+        let closed_fd = 987;
+        let err = bind_ptr(closed_fd, (&raw const v4).cast(), v4_len);
+        line(
+            out,
+            "ebadf",
+            format!("\"fd\":{closed_fd}"),
+            format!("\"errno\":{err},\"errno_name\":\"EBADF\",\"proto\":null"),
+        );
+        let mut pipe = [0; 2];
+        libc::pipe(pipe.as_mut_ptr());
+        let err = bind_ptr(pipe[0], (&raw const v4).cast(), v4_len);
+        line(
+            out,
+            "enotsock",
+            format!("\"fd\":{}", pipe[0]),
+            format!("\"errno\":{err},\"errno_name\":\"ENOTSOCK\",\"proto\":null"),
+        );
+        let sock = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
+        let err = bind_ptr(sock, 8 as *const libc::sockaddr, v4_len);
+        line(
+            out,
+            "efault_unmapped",
+            format!("\"fd\":{sock}"),
+            format!("\"errno\":{err},\"errno_name\":\"EFAULT\",\"family\":null,\"proto\":\"tcp\""),
+        );
+        let sock = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
+        let err = bind_ptr(sock, std::ptr::null(), v4_len);
+        line(
+            out,
+            "efault_null",
+            format!("\"fd\":{sock}"),
+            format!("\"errno\":{err},\"errno_name\":\"EFAULT\",\"family\":null"),
+        );
+    }
+}
+
 fn main() {
     let (v4, v6) = (libc::AF_INET, libc::AF_INET6);
     let (tcp, udp) = (libc::SOCK_STREAM, libc::SOCK_DGRAM);
@@ -155,4 +264,5 @@ fn main() {
             options.join(",")
         );
     }
+    special_scenarios(&mut out);
 }
