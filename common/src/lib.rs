@@ -49,6 +49,14 @@ pub mod names {
     pub const PROG_FEXIT_SYS_BIND: &str = "bindtrace_fexit_sys_bind";
     pub const PROG_KPROBE_SYS_BIND: &str = "bindtrace_kprobe_sys_bind";
     pub const PROG_KRETPROBE_SYS_BIND: &str = "bindtrace_kretprobe_sys_bind";
+    /// listen(2): the failures are traced too (`op::LISTEN`).
+    pub const SYSCALL_LISTEN_FUNCTION: &str = "__sys_listen";
+    pub const PROG_ENTER_LISTEN: &str = "bindtrace_sys_enter_listen";
+    pub const PROG_EXIT_LISTEN: &str = "bindtrace_sys_exit_listen";
+    pub const PROG_FENTRY_SYS_LISTEN: &str = "bindtrace_fentry_sys_listen";
+    pub const PROG_FEXIT_SYS_LISTEN: &str = "bindtrace_fexit_sys_listen";
+    pub const PROG_KPROBE_SYS_LISTEN: &str = "bindtrace_kprobe_sys_listen";
+    pub const PROG_KRETPROBE_SYS_LISTEN: &str = "bindtrace_kretprobe_sys_listen";
 }
 
 /// Which kernel hook produced an event.
@@ -77,6 +85,16 @@ impl Backend {
             Self::Fexit => "fexit",
         }
     }
+}
+
+/// [`BindEvent::op`]: which call the event is about.
+pub mod op {
+    /// bind(2) (or an in-kernel bind): `family`/`addr`/`port` are what was asked for.
+    pub const BIND: u8 = 0;
+    /// A listen(2) that failed (EADDRINUSE when another socket already listens on the
+    /// address, or no ephemeral port was free for an unbound socket): `family`/`addr`/`port`
+    /// are where the socket is bound.
+    pub const LISTEN: u8 = 1;
 }
 
 /// Bits of [`BindEvent::sock_flags`].
@@ -159,7 +177,8 @@ pub struct BindEvent {
     pub bound_port: u16,
     /// [`Backend`] as u8.
     pub backend: u8,
-    pub _pad: u8,
+    /// [`op`]: a bind, or a listen() that failed (its address is the socket's own).
+    pub op: u8,
     /// The socket's IPv4 local address when bind() returned (`skc_rcv_saddr`), network order;
     /// meaningful for AF_INET requests with SOCK_INFO only.
     pub bound_addr4: [u8; 4],
@@ -220,7 +239,7 @@ impl BindEvent {
             protocol: 0,
             bound_port: 0,
             backend: 0,
-            _pad: 0,
+            op: 0,
             bound_addr4: [0; 4],
             sock_family: 0,
             _reserved: [0; 2],
@@ -317,6 +336,9 @@ pub struct KernelLayout {
     pub syscall_args: [u32; 3],
     /// `sock.__sk_common.skc_rcv_saddr`
     pub sock_rcv_saddr: u32,
+    /// `sock.__sk_common.skc_v6_rcv_saddr` (0: the kernel has no IPv6).
+    pub sock_v6_rcv_saddr: u32,
+    pub _reserved: u32,
     pub sock_family: FieldLoc,
     pub sock_type: FieldLoc,
     pub sock_protocol: FieldLoc,
@@ -356,7 +378,7 @@ pub mod kernel_helpers {
 
 /// Every shared layout is checked here and by the `bytemuck::Pod` derives (which refuse any
 /// implicit padding): a field added without its padding fails the build.
-const _: () = assert!(core::mem::size_of::<KernelLayout>() == 15 * 4 + 11 * 8 + 4);
+const _: () = assert!(core::mem::size_of::<KernelLayout>() == 17 * 4 + 11 * 8 + 4);
 const _: () = assert!(core::mem::size_of::<FilterConfig>() == 32 + 64 + 16 + 16);
 const _: () = assert!(
     core::mem::size_of::<ProbeConfig>()
@@ -553,6 +575,8 @@ impl ProbeConfig {
                 net_inum: 0,
                 syscall_args: [0; 3],
                 sock_rcv_saddr: 0,
+                sock_v6_rcv_saddr: 0,
+                _reserved: 0,
                 sock_family: FieldLoc::ABSENT,
                 sock_type: FieldLoc::ABSENT,
                 sock_protocol: FieldLoc::ABSENT,

@@ -10,13 +10,14 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use bindtrace_common::{
-    filter_flags, sock_flags, stat, Backend, BindEvent, ProbeConfig, UnixBindEvent, AF_UNIX, COMM_LEN, UNIX_PATH_MAX,
-    WAKEUP_BYTES_MIN_INTERVAL_NS, WAKEUP_INTERVAL_NS,
+    filter_flags, op, sock_flags, sockaddr::Requested, stat, Backend, BindEvent, KernelLayout, ProbeConfig,
+    UnixBindEvent, AF_INET, AF_INET6, AF_UNIX, COMM_LEN, UNIX_PATH_MAX, WAKEUP_BYTES_MIN_INTERVAL_NS,
+    WAKEUP_INTERVAL_NS,
 };
 
 use crate::{
     maps::{config, count, EVENTS, FILTER_PIDS, LAST_WAKEUP},
-    sock::{kernel_read, read_sock, sock_of_fd},
+    sock::{bound_v6, kernel_read, read_sock, sock_of_fd, SockInfo},
     sockaddr::read_requested_address,
 };
 
@@ -42,6 +43,8 @@ pub(crate) struct Returned {
     pub(crate) addrlen: u32,
     pub(crate) ret: i32,
     pub(crate) backend: Backend,
+    /// `bindtrace_common::op`: a bind, or a failed listen() (whose address is the socket's).
+    pub(crate) op: u8,
 }
 
 pub(crate) const BPF_RB_NO_WAKEUP: u64 = 1;
@@ -136,15 +139,23 @@ pub(crate) fn returned_call(ret: i32) -> Option<Caller> {
 pub(crate) fn complete<C: EbpfContext>(ctx: &C, caller: Caller, r: Returned) {
     let Caller { cfg, pid_tgid, name } = caller;
     let filter = &cfg.filter;
-    let req = read_requested_address(r.addr, r.addr_in_kernel, r.addrlen);
-    if req.flags & sock_flags::ADDR_FAULT != 0 {
-        count(stat::ADDR_READ_FAILED);
-        debug!(ctx, "bindtrace: sockaddr of pid {} unreadable", (pid_tgid >> 32) as u32);
-    }
-    if !filter.accepts_address(req.family, req.port) || !filter.accepts_family(req.family) {
-        count(stat::FILTERED);
-        return;
-    }
+    let listen = r.op == op::LISTEN;
+    // A bind's address is what the caller asked for, filtered before the socket is read; a
+    // listen()'s is where the socket is bound, known only once it is read.
+    let asked = if listen {
+        Requested::none(0)
+    } else {
+        let req = read_requested_address(r.addr, r.addr_in_kernel, r.addrlen);
+        if req.flags & sock_flags::ADDR_FAULT != 0 {
+            count(stat::ADDR_READ_FAILED);
+            debug!(ctx, "bindtrace: sockaddr of pid {} unreadable", (pid_tgid >> 32) as u32);
+        }
+        if !filter.accepts_address(req.family, req.port) || !filter.accepts_family(req.family) {
+            count(stat::FILTERED);
+            return;
+        }
+        req
+    };
     let sk = match r.socket {
         SocketRef::Fd(fd) => {
             // After ENOTSOCK or EBADF the fd holds no socket of this call: do not look behind it.
@@ -155,6 +166,16 @@ pub(crate) fn complete<C: EbpfContext>(ctx: &C, caller: Caller, r: Returned) {
         SocketRef::Socket(socket) => unsafe { kernel_read(socket.wrapping_add(cfg.layout.socket_sk as usize)) },
     };
     let sock = read_sock(&cfg.layout, sk);
+    let req = if listen {
+        let bound = bound_address(&cfg.layout, sk, &sock);
+        if !filter.accepts_address(bound.family, bound.port) || !filter.accepts_family(bound.family) {
+            count(stat::FILTERED);
+            return;
+        }
+        bound
+    } else {
+        asked
+    };
     if !filter.accepts_protocol(sock.protocol) {
         count(stat::FILTERED);
         return;
@@ -198,7 +219,7 @@ pub(crate) fn complete<C: EbpfContext>(ctx: &C, caller: Caller, r: Returned) {
                 protocol: sock.protocol,
                 bound_port: sock.bound_port,
                 backend: r.backend as u8,
-                _pad: 0,
+                op: r.op,
                 bound_addr4: sock.bound_addr4.to_le_bytes(),
                 sock_family: sock.family,
                 _reserved: [0; 2],
@@ -249,6 +270,24 @@ pub(crate) fn complete<C: EbpfContext>(ctx: &C, caller: Caller, r: Returned) {
     entry.write(event!());
     entry.submit(wakeup_flags(cfg, now));
     count(stat::EMITTED);
+}
+
+/// Where a socket is bound, as the address of a failed listen(): its family, local port and
+/// address (`skc_rcv_saddr`, or `skc_v6_rcv_saddr` for IPv6).
+#[inline(always)]
+fn bound_address(layout: &KernelLayout, sk: *const u8, sock: &SockInfo) -> Requested {
+    let mut bound = Requested::none(0);
+    bound.family = sock.family;
+    if sock.family == AF_INET {
+        bound.addr = [u64::from(sock.bound_addr4), 0];
+    } else if sock.family == AF_INET6 {
+        bound.addr = bound_v6(layout, sk);
+    } else {
+        return bound;
+    }
+    bound.port = sock.bound_port;
+    bound.flags = sock_flags::ADDR_READ;
+    bound
 }
 
 /// Bytes of `sun_path` in a sockaddr_un of `addrlen` bytes, at most [`UNIX_PATH_MAX`]: the

@@ -13,7 +13,7 @@ use aya_ebpf::{
     programs::{FEntryContext, FExitContext, ProbeContext, RetProbeContext, TracePointContext},
     EbpfContext,
 };
-use bindtrace_common::{kernel_helpers, stat, Backend};
+use bindtrace_common::{kernel_helpers, op, stat, Backend};
 
 use crate::{
     emit::{complete, returned_call, task_passes, Returned, SocketRef, TaskName},
@@ -121,6 +121,7 @@ pub fn bindtrace_kretprobe_sys_bind(ctx: RetProbeContext) -> u32 {
         addrlen: args.addrlen,
         ret,
         backend: Backend::Kprobe,
+        op: op::BIND,
     };
     complete(&ctx, caller, returned);
     0
@@ -153,6 +154,7 @@ pub fn bindtrace_fexit_sys_bind(ctx: FExitContext) -> u32 {
         addrlen: ctx.arg::<u64>(2) as u32,
         ret: ret as i32,
         backend: Backend::Fexit,
+        op: op::BIND,
     };
     complete(&ctx, caller, returned);
     0
@@ -211,6 +213,7 @@ pub(crate) fn on_fexit(ctx: &FExitContext) {
         addrlen: ctx.arg::<u64>(2) as u32,
         ret: ret as i32,
         backend: Backend::Fexit,
+        op: op::BIND,
     };
     complete(ctx, caller, returned);
 }
@@ -245,6 +248,7 @@ pub(crate) fn on_kretprobe(ctx: &RetProbeContext) {
         addrlen: stashed.addrlen,
         ret,
         backend: Backend::Kprobe,
+        op: op::BIND,
     };
     complete(ctx, caller, returned);
 }
@@ -276,6 +280,107 @@ pub(crate) fn on_exit(ctx: &TracePointContext) {
         addrlen: args.addrlen,
         ret,
         backend: Backend::Tracepoint,
+        op: op::BIND,
     };
     complete(ctx, caller, returned);
+}
+
+// listen(): only its failures are events (`op::LISTEN`), with the address the socket is
+// bound to: EADDRINUSE when another socket already listens there (two SO_REUSEADDR binds
+// succeed, the second listen() does not).
+
+#[tracepoint(category = "syscalls", name = "sys_enter_listen")]
+pub fn bindtrace_sys_enter_listen(ctx: TracePointContext) -> u32 {
+    if config().layout.has_helper(kernel_helpers::TASK_PT_REGS) {
+        stamp_entry();
+    } else {
+        stamp_entry_with_args(SyscallArgs { fd: record_word(&ctx, ENTER_FD) as i32, addr: 0, addrlen: 0 });
+    }
+    0
+}
+
+#[tracepoint(category = "syscalls", name = "sys_exit_listen")]
+pub fn bindtrace_sys_exit_listen(ctx: TracePointContext) -> u32 {
+    let ret = record_word(&ctx, EXIT_RET) as i64 as i32;
+    if ret >= 0 {
+        return 0;
+    }
+    let Some(caller) = returned_call(ret) else {
+        return 0;
+    };
+    let layout = &caller.cfg.layout;
+    let tid = caller.pid_tgid as u32;
+    let (entered_ns, fd) = if layout.has_helper(kernel_helpers::TASK_PT_REGS) {
+        (entry_time(tid), syscall_args(layout).fd)
+    } else {
+        let Some((entered_ns, args)) = saved_entry(tid) else {
+            count(stat::IN_FLIGHT_MISSING);
+            return 0;
+        };
+        (entered_ns, args.fd)
+    };
+    complete(&ctx, caller, listen_failure(entered_ns, fd, ret, Backend::Tracepoint));
+    0
+}
+
+/// A failed listen() on `fd`, for `emit::complete`.
+#[inline(always)]
+fn listen_failure(entered_ns: Option<u64>, fd: i32, ret: i32, backend: Backend) -> Returned {
+    Returned {
+        entered_ns,
+        addr: core::ptr::null(),
+        addr_in_kernel: false,
+        socket: SocketRef::Fd(fd),
+        fd,
+        addrlen: 0,
+        ret,
+        backend,
+        op: op::LISTEN,
+    }
+}
+
+#[fentry(function = "__sys_listen")]
+pub fn bindtrace_fentry_sys_listen(_ctx: FEntryContext) -> u32 {
+    stamp_entry();
+    0
+}
+
+/// fexit of `__sys_listen(int fd, int backlog)`.
+#[fexit(function = "__sys_listen")]
+pub fn bindtrace_fexit_sys_listen(ctx: FExitContext) -> u32 {
+    let ret: i64 = ctx.arg(2);
+    if ret >= 0 {
+        return 0;
+    }
+    let Some(caller) = returned_call(ret as i32) else {
+        return 0;
+    };
+    let entered_ns = entry_time(caller.pid_tgid as u32);
+    let fd = ctx.arg::<u64>(0) as i32;
+    complete(&ctx, caller, listen_failure(entered_ns, fd, ret as i32, Backend::Fexit));
+    0
+}
+
+#[kprobe]
+pub fn bindtrace_kprobe_sys_listen(ctx: ProbeContext) -> u32 {
+    stamp_entry_with_args(SyscallArgs { fd: ctx.arg::<u64>(0).unwrap_or(0) as i32, addr: 0, addrlen: 0 });
+    0
+}
+
+#[kretprobe]
+pub fn bindtrace_kretprobe_sys_listen(ctx: RetProbeContext) -> u32 {
+    let ret = ctx.ret::<u64>() as i64 as i32;
+    if ret >= 0 {
+        return 0;
+    }
+    let saved = saved_entry(bpf_get_current_pid_tgid() as u32);
+    let Some(caller) = returned_call(ret) else {
+        return 0;
+    };
+    let Some((entered_ns, args)) = saved else {
+        count(stat::IN_FLIGHT_MISSING);
+        return 0;
+    };
+    complete(&ctx, caller, listen_failure(entered_ns, args.fd, ret, Backend::Kprobe));
+    0
 }

@@ -170,6 +170,17 @@ pub(crate) unsafe fn sock_fields(layout: &KernelLayout, sk: *const u8) -> SockIn
     }
 }
 
+/// The socket's bound IPv6 address (`skc_v6_rcv_saddr`) as two little-endian words of its
+/// network-order bytes, for a failed listen(); zeros where the kernel has no IPv6.
+#[inline(always)]
+pub(crate) fn bound_v6(layout: &KernelLayout, sk: *const u8) -> [u64; 2] {
+    if layout.sock_v6_rcv_saddr == 0 {
+        return [0; 2];
+    }
+    // SAFETY: kernel_read copes with any address (a null `sk` reads zeros).
+    unsafe { kernel_read(sk.wrapping_add(layout.sock_v6_rcv_saddr as usize)) }
+}
+
 /// 1 if `value` is non-zero, else 0.
 #[inline(always)]
 pub(crate) fn nonzero(value: u32) -> u32 {

@@ -163,9 +163,24 @@ pub trait BindEventExt {
     fn has(&self, flag: u32) -> bool;
     fn proto_name(&self) -> Option<&'static str>;
     fn backend_name(&self) -> &'static str;
+    /// `bind`, or `listen` for a failed listen() (its address is where the socket is bound).
+    fn op_name(&self) -> &'static str;
+    fn is_listen(&self) -> bool;
 }
 
 impl BindEventExt for BindEvent {
+    fn op_name(&self) -> &'static str {
+        if self.is_listen() {
+            "listen"
+        } else {
+            "bind"
+        }
+    }
+
+    fn is_listen(&self) -> bool {
+        self.op == bindtrace_common::op::LISTEN
+    }
+
     /// The address asked for; `None` for other families or when it could not be read.
     fn requested_ip(&self) -> Option<IpAddr> {
         if !self.has(sock_flags::ADDR_READ) {

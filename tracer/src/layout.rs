@@ -216,6 +216,9 @@ impl KernelTypes {
             net_inum: self.offset("net", "ns.inum")?,
             syscall_args: self.syscall_arg_registers()?,
             sock_rcv_saddr: self.offset("sock", "__sk_common.skc_rcv_saddr")?,
+            // Absent on kernels built without IPv6: the probe then reads no IPv6 address.
+            sock_v6_rcv_saddr: self.offset("sock", "__sk_common.skc_v6_rcv_saddr").unwrap_or(0),
+            _reserved: 0,
             sock_family: self.field("sock", "__sk_common.skc_family")?,
             sock_type: self.field("sock", "sk_type")?,
             sock_protocol: self.field("sock", "sk_protocol")?,

@@ -147,14 +147,28 @@ where
 
 fn attach_tracepoint(ebpf: &mut Ebpf) -> Result<()> {
     with_tracefs(|| {
-        // Entry first: an exit without its entry is counted, an entry without its exit is
-        // overwritten by the thread's next bind.
-        for (name, tracepoint) in [(names::PROG_ENTER, "sys_enter_bind"), (names::PROG_EXIT, "sys_exit_bind")] {
-            let program: &mut TracePoint = program(ebpf, name)?;
-            program.load().with_context(|| format!("loading the {tracepoint} program failed"))?;
-            program
-                .attach("syscalls", tracepoint)
-                .with_context(|| format!("attaching to syscalls:{tracepoint} failed"))?;
+        let attach = |ebpf: &mut Ebpf, pairs: [(&str, &str); 2]| -> Result<()> {
+            // Entry first: an exit without its entry is counted, an entry without its exit is
+            // overwritten by the thread's next call.
+            for (name, tracepoint) in pairs {
+                let program: &mut TracePoint = program(ebpf, name)?;
+                program.load().with_context(|| format!("loading the {tracepoint} program failed"))?;
+                program
+                    .attach("syscalls", tracepoint)
+                    .with_context(|| format!("attaching to syscalls:{tracepoint} failed"))?;
+            }
+            Ok(())
+        };
+        attach(ebpf, [(names::PROG_ENTER, "sys_enter_bind"), (names::PROG_EXIT, "sys_exit_bind")])?;
+        if let Err(err) =
+            attach(ebpf, [(names::PROG_ENTER_LISTEN, "sys_enter_listen"), (names::PROG_EXIT_LISTEN, "sys_exit_listen")])
+        {
+            log::info!("tracepoint: failed listen() calls are not traced: {err:#}");
+            for name in [names::PROG_ENTER_LISTEN, names::PROG_EXIT_LISTEN] {
+                if let Ok(p) = program::<TracePoint>(ebpf, name) {
+                    let _ = p.unload();
+                }
+            }
         }
         Ok(())
     })
@@ -184,6 +198,21 @@ fn attach_kprobe(ebpf: &mut Ebpf) -> Result<bool> {
         probe.load().with_context(|| format!("loading {name} failed"))?;
         for function in names::INET_BIND_FUNCTIONS {
             probe.attach(function, 0).with_context(|| format!("attaching a kprobe to {function} failed"))?;
+        }
+    }
+    let listen = [names::PROG_KRETPROBE_SYS_LISTEN, names::PROG_KPROBE_SYS_LISTEN];
+    let attached = listen.iter().try_for_each(|name| -> Result<()> {
+        let probe: &mut KProbe = program(ebpf, name)?;
+        probe.load().with_context(|| format!("loading {name} failed"))?;
+        probe.attach(names::SYSCALL_LISTEN_FUNCTION, 0)?;
+        Ok(())
+    });
+    if let Err(err) = attached {
+        log::info!("kprobe: failed listen() calls are not traced: {err:#}");
+        for name in listen {
+            if let Ok(p) = program::<KProbe>(ebpf, name) {
+                let _ = p.unload();
+            }
         }
     }
     Ok(syscall)
@@ -239,7 +268,49 @@ fn attach_fexit(ebpf: &mut Ebpf, btf: &Btf) -> Result<bool> {
         fexit.load(function, btf).with_context(|| format!("loading fexit on {function} failed"))?;
         fexit.attach().with_context(|| format!("attaching fexit to {function} failed"))?;
     }
+    let function = names::SYSCALL_LISTEN_FUNCTION;
+    let attached = (|| -> Result<()> {
+        let fexit: &mut FExit = program(ebpf, names::PROG_FEXIT_SYS_LISTEN)?;
+        fexit.load(function, btf)?;
+        fexit.attach()?;
+        let fentry: &mut FEntry = program(ebpf, names::PROG_FENTRY_SYS_LISTEN)?;
+        fentry.load(function, btf)?;
+        fentry.attach()?;
+        Ok(())
+    })();
+    if let Err(err) = attached {
+        log::info!("fexit: failed listen() calls are not traced: {err:#}");
+        unload_listen_hooks(ebpf, Backend::Fexit);
+    }
     Ok(syscall)
+}
+
+/// Unloads a backend's listen() programs.
+fn unload_listen_hooks(ebpf: &mut Ebpf, backend: Backend) {
+    match backend {
+        Backend::Kprobe => {
+            for name in [names::PROG_KPROBE_SYS_LISTEN, names::PROG_KRETPROBE_SYS_LISTEN] {
+                if let Ok(p) = program::<KProbe>(ebpf, name) {
+                    let _ = p.unload();
+                }
+            }
+        }
+        Backend::Fexit => {
+            if let Ok(p) = program::<FEntry>(ebpf, names::PROG_FENTRY_SYS_LISTEN) {
+                let _ = p.unload();
+            }
+            if let Ok(p) = program::<FExit>(ebpf, names::PROG_FEXIT_SYS_LISTEN) {
+                let _ = p.unload();
+            }
+        }
+        Backend::Tracepoint => {
+            for name in [names::PROG_ENTER_LISTEN, names::PROG_EXIT_LISTEN] {
+                if let Ok(p) = program::<TracePoint>(ebpf, name) {
+                    let _ = p.unload();
+                }
+            }
+        }
+    }
 }
 
 /// Unloads a backend's `__sys_bind` programs.

@@ -391,7 +391,7 @@ fn unix_paths_abstract_names_and_autobind_are_recorded_without_a_port() {
     assert_eq!(event["unix_abstract"], false);
     assert_eq!(event["proto"], "stream");
     assert!(event["port"].is_null() && event["addr"].is_null(), "no port for a unix bind: {event}");
-    assert_eq!(event["freebind"], false, "inet options are not read from a unix socket: {event}");
+    assert!(event["freebind"].is_null() && event["v6only"].is_null(), "a unix socket has no IP options: {event}");
     let abstract_event = tracer.wait_for("the abstract bind", |e| e["unix_abstract"] == true);
     assert_eq!(abstract_event["unix_path"], format!("@{abstract_name}"));
     assert_eq!(abstract_event["proto"], "dgram");
@@ -574,4 +574,46 @@ fn port_zero_with_the_ephemeral_range_used_up_counts_the_taken_ports() {
     unsafe { libc::waitpid(child, &mut status, 0) };
     assert_eq!(libc::WEXITSTATUS(status), libc::EADDRINUSE, "the third bind failed with EADDRINUSE");
     tracer.stop();
+}
+
+/// Issue 12: listen() failing with EADDRINUSE after two successful SO_REUSEADDR binds was
+/// invisible. It is an event of its own (`op: listen`), with the address the socket is
+/// bound to, and its diagnosis names the listener.
+#[test]
+fn a_failed_listen_is_traced_with_its_bound_address_and_the_listener_named() {
+    if !can_load_probe("a_failed_listen_is_traced_with_its_bound_address_and_the_listener_named") {
+        return;
+    }
+    for (domain, ip) in [(Domain::IPV4, "127.0.0.1"), (Domain::IPV6, "::1")] {
+        let port = free_port();
+        let mut tracer = Tracer::start(&["-o", "ndjson", "-P", &port.to_string()]);
+        let endpoint = SocketAddr::new(ip.parse().expect("ip"), port);
+        let reusing = || {
+            let socket = tcp(domain);
+            socket.set_reuse_address(true).expect("SO_REUSEADDR");
+            socket.bind(&SockAddr::from(endpoint)).expect("both binds succeed with SO_REUSEADDR");
+            socket
+        };
+        let (first, second) = (reusing(), reusing());
+        first.listen(4).expect("the first listen");
+        let mut holder = hand_to_sleep(first);
+        let err = second.listen(4).expect_err("only one may listen");
+        assert_eq!(err.raw_os_error(), Some(libc::EADDRINUSE));
+        let event = tracer.wait_for("the failed listen", |e| e["op"] == "listen");
+        assert_eq!(event["errno_name"], "EADDRINUSE");
+        assert_eq!(event["addr"], ip, "the address the socket is bound to: {event}");
+        assert_eq!(event["port"], port);
+        assert_eq!(event["fd"], tracer.event_fd(raw_fd(&second)));
+        assert_eq!(event["reuseaddr"], true);
+        let d = tracer.diagnosis_of(&event);
+        assert_eq!(d["kind"], "listen_in_use", "{d}");
+        assert_eq!(d["holders"][0]["state"], "LISTEN");
+        assert_eq!(d["holders"][0]["processes"][0]["pid"], holder.id(), "{d}");
+        assert!(d["summary"].as_str().is_some_and(|s| s.contains("only one may listen")), "{d}");
+        let finished = tracer.stop();
+        let binds: Vec<_> = finished.binds().into_iter().filter(|e| e["op"] == "bind").collect();
+        assert_eq!(binds.len(), 2, "the two binds are there too, as binds: {:?}", finished.lines);
+        let _ = holder.kill();
+        let _ = holder.wait();
+    }
 }

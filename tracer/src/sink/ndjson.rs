@@ -24,6 +24,8 @@ struct EventRecord<'a> {
     /// 1 for the run's first event; a later `diagnosis` record names its event by it.
     seq: u64,
     time: &'a str,
+    /// `bind`, or `listen` for a listen() that failed.
+    op: &'static str,
     pid: u32,
     tid: u32,
     comm: Cow<'a, str>,
@@ -165,6 +167,7 @@ impl Sink for NdjsonSink {
             kind: "bind",
             seq: enriched.seq,
             time,
+            op: event.op_name(),
             pid: event.tgid,
             tid: event.tid,
             comm: String::from_utf8_lossy(event.comm_bytes()),

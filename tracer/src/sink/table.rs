@@ -115,6 +115,9 @@ pub fn result_text(ret: i32) -> String {
 /// The requested address; for a successful port-0 bind, with the port the kernel picked
 /// (`127.0.0.1:0→41234`), which is what the process will use; an AF_UNIX path or `@name`.
 fn address_column(event: &Bind) -> String {
+    if event.is_listen() {
+        return format!("listen {}", event.endpoint());
+    }
     let requested = event.endpoint();
     if event.ret == 0 && event.port == 0 && event.bound_port != 0 && event.requested_ip().is_some() {
         format!("{requested}→{}", event.bound_port)

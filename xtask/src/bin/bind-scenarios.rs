@@ -197,6 +197,34 @@ fn special_scenarios(out: &mut impl std::io::Write) {
             format!("\"fd\":{sock}"),
             format!("\"errno\":{err},\"errno_name\":\"EFAULT\",\"family\":null,\"proto\":\"tcp\""),
         );
+        // listen() after two SO_REUSEADDR binds of one address: the second listen fails.
+        for (family, addr, port) in [(libc::AF_INET, "127.0.0.1", 41_201), (libc::AF_INET6, "::1", 41_202)] {
+            let mut listen_errno = 0;
+            for _ in 0..2 {
+                let fd = libc::socket(family, libc::SOCK_STREAM, 0);
+                let on: libc::c_int = 1;
+                libc::setsockopt(
+                    fd,
+                    libc::SOL_SOCKET,
+                    libc::SO_REUSEADDR,
+                    (&raw const on).cast(),
+                    size_of::<libc::c_int>() as u32,
+                );
+                bind_raw(fd, family, addr, port);
+                if libc::listen(fd, 1) != 0 {
+                    listen_errno = *libc::__errno_location();
+                }
+            }
+            line(
+                out,
+                if family == libc::AF_INET { "tcp4_listen_eaddrinuse" } else { "tcp6_listen_eaddrinuse" },
+                format!("\"op\":\"listen\",\"port\":{port}"),
+                format!(
+                    "\"errno\":{listen_errno},\"errno_name\":\"EADDRINUSE\",\"addr\":\"{addr}\",\"family\":\"{}\",\"proto\":\"tcp\",\"reuseaddr\":true",
+                    if family == libc::AF_INET { "AF_INET" } else { "AF_INET6" }
+                ),
+            );
+        }
         let sock = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
         let err = bind_ptr(sock, std::ptr::null(), v4_len);
         line(

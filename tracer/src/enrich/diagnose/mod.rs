@@ -141,8 +141,14 @@ fn in_use(
     let port = event.port;
     let requested = event.requested_ip();
     let key = (event.netns_ino, event.protocol, port);
-    let mut blocking: Vec<&Holder> =
-        holders.iter().filter(|h| conflicts(requested, event.has(sock_flags::V6ONLY), &h.socket)).collect();
+    // A failed listen() conflicts with listeners only: the failing socket is itself bound
+    // there, as may be others with SO_REUSEADDR.
+    let listen = event.is_listen();
+    let mut blocking: Vec<&Holder> = holders
+        .iter()
+        .filter(|h| conflicts(requested, event.has(sock_flags::V6ONLY), &h.socket))
+        .filter(|h| !listen || h.socket.state == TCP_LISTEN)
+        .collect();
     blocking.sort_by_key(|h| holder_rank(&h.socket));
     let reports = blocking.iter().map(|h| holder_report(h, seen_for(history, key, h))).collect();
     let mut facts = DiagnosisFacts::default();
@@ -225,7 +231,16 @@ fn in_use(
     if let Some((lo, hi)) = in_ephemeral_range {
         facts.local_port_range = Some(format!("{lo}-{hi}"));
     }
-    let (kind, advice) = if cross_family {
+    let (kind, advice) = if listen {
+        (
+            "listen_in_use",
+            format!(
+                "SO_REUSEADDR lets sockets bind the same address, but only one may listen on it: {}, or set SO_REUSEPORT \
+                 on both sockets to share it",
+                if itself { "close the process's other listener" } else { "stop the other listener" }
+            ),
+        )
+    } else if cross_family {
         let held_v6 = first.socket.local.is_ipv6();
         let side = match (itself, held_v6) {
             (true, true) => "the process's own [::] socket also covers IPv4",
