@@ -617,3 +617,81 @@ fn a_failed_listen_is_traced_with_its_bound_address_and_the_listener_named() {
         let _ = holder.wait();
     }
 }
+
+/// A named network namespace for a test, removed when dropped.
+struct NamedNetns(String);
+
+impl NamedNetns {
+    fn new(prefix: &str) -> Self {
+        let name = format!("{prefix}-{}", std::process::id());
+        let _ = std::process::Command::new("ip").args(["netns", "del", &name]).status();
+        run_ip(&["netns", "add", &name]);
+        Self(name)
+    }
+
+    fn ip(&self, args: &[&str]) {
+        let mut all = vec!["-n", self.0.as_str()];
+        all.extend_from_slice(args);
+        run_ip(&all);
+    }
+}
+
+impl Drop for NamedNetns {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+fn run_ip(args: &[&str]) {
+    let status = std::process::Command::new("ip").args(args).status().expect("run ip (iproute2)");
+    assert!(status.success(), "ip {args:?} failed");
+}
+
+/// Issue 12: a tentative IPv6 address (duplicate address detection not finished: here it
+/// waits for a carrier that never comes) is said to be tentative, on its interface.
+#[test]
+fn a_tentative_ipv6_address_is_named_as_such() {
+    if !can_load_probe("a_tentative_ipv6_address_is_named_as_such") {
+        return;
+    }
+    let netns = NamedNetns::new("bindtrace-dad");
+    netns.ip(&["link", "add", "veth0", "type", "veth", "peer", "name", "veth1"]);
+    netns.ip(&["link", "set", "veth0", "up"]);
+    netns.ip(&["-6", "addr", "add", "2001:db8::1/64", "dev", "veth0"]);
+    let port = free_port();
+    let mut tracer = Tracer::start(&["-o", "ndjson", "-P", &port.to_string()]);
+    let path = std::ffi::CString::new(format!("/run/netns/{}", netns.0)).expect("path");
+    // SAFETY: the child makes raw syscalls only (open, setns, socket, bind) and _exits.
+    let child = unsafe {
+        let pid = libc::fork();
+        assert!(pid >= 0, "fork");
+        if pid == 0 {
+            let fd = libc::open(path.as_ptr(), libc::O_RDONLY);
+            if fd < 0 || libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                libc::_exit(100);
+            }
+            let mut sa: libc::sockaddr_in6 = std::mem::zeroed();
+            sa.sin6_family = libc::AF_INET6 as u16;
+            sa.sin6_port = port.to_be();
+            sa.sin6_addr.s6_addr = "2001:db8::1".parse::<Ipv6Addr>().unwrap_or(Ipv6Addr::UNSPECIFIED).octets();
+            let sock = libc::socket(libc::AF_INET6, libc::SOCK_STREAM, 0);
+            let rc = libc::bind(sock, (&raw const sa).cast(), std::mem::size_of::<libc::sockaddr_in6>() as u32);
+            let errno = if rc == 0 { 0 } else { *libc::__errno_location() };
+            // Stay in the namespace while bindtrace looks into it through this pid.
+            let linger = libc::timespec { tv_sec: 3, tv_nsec: 0 };
+            libc::nanosleep(&linger, std::ptr::null_mut());
+            libc::_exit(errno);
+        }
+        pid
+    };
+    let event = tracer.wait_for("EADDRNOTAVAIL", |e| e["pid"] == child);
+    assert_eq!(event["errno_name"], "EADDRNOTAVAIL", "{event}");
+    let d = tracer.diagnosis_of(&event);
+    assert_eq!(d["kind"], "address_tentative", "{d}");
+    assert!(d["summary"].as_str().is_some_and(|s| s.starts_with("2001:db8::1 on veth0 is still tentative")), "{d}");
+    let mut status = 0;
+    // SAFETY: our own child.
+    unsafe { libc::waitpid(child, &mut status, 0) };
+    assert_eq!(libc::WEXITSTATUS(status), libc::EADDRNOTAVAIL);
+    tracer.stop();
+}

@@ -20,7 +20,10 @@ pub(crate) use self::{
 };
 use super::{
     history::{BindHistory, SeenBind},
-    lookup::{unix_name_key, Facts, Holder, LookupKey, NetnsFacts, ProcessUnread, SocketTable},
+    lookup::{
+        unix_name_key, Facts, Holder, LookupKey, NetnsFacts, ProcessUnread, SocketTable, IFA_F_DADFAILED,
+        IFA_F_OPTIMISTIC, IFA_F_TENTATIVE,
+    },
     sockdiag::{DiagSocket, Proto, TCP_LISTEN, TCP_TIME_WAIT},
 };
 use crate::{
@@ -397,8 +400,49 @@ fn not_available(event: &BindEvent, netns: Option<&NetnsFacts>) -> Diagnosis {
     facts.address_assigned = Some(assigned);
     facts.ip_nonlocal_bind = nonlocal;
     let freebind = event.has(sock_flags::FREEBIND) || event.has(sock_flags::TRANSPARENT);
+    // An IPv6 address can be there and still not bindable: duplicate address detection has
+    // not finished (tentative), or found the address in use on the link (dadfailed).
+    let v6_state = match addr {
+        IpAddr::V6(v6) => netns.ipv6_states.iter().find(|s| s.addr == v6),
+        IpAddr::V4(_) => None,
+    };
+    if let Some(state) = v6_state {
+        facts.ipv6_flags = Some(format!("{:#04x}", state.flags));
+        let interface = &state.interface;
+        let found = if state.flags & IFA_F_DADFAILED != 0 {
+            Some((
+                "address_dad_failed",
+                format!(
+                    "{addr} on {interface} failed duplicate address detection: another host on the link uses it; \
+                     use another address (the kernel will not let it be bound)"
+                ),
+            ))
+        } else if state.flags & IFA_F_TENTATIVE != 0 && state.flags & IFA_F_OPTIMISTIC == 0 {
+            Some((
+                "address_tentative",
+                format!(
+                    "{addr} on {interface} is still tentative: duplicate address detection has not finished (it waits \
+                     for the link to come up, then takes about a second); retry then, set IP_FREEBIND, or turn DAD off \
+                     for the interface (net.ipv6.conf.{interface}.accept_dad=0) or make it optimistic"
+                ),
+            ))
+        } else {
+            None
+        };
+        if let Some((kind, summary)) = found {
+            facts.address_assigned = Some(true);
+            return Diagnosis {
+                kind,
+                summary,
+                holders: Vec::new(),
+                facts,
+                unknown: Vec::new(),
+                unix_holders: Vec::new(),
+            };
+        }
+    }
     let summary = if assigned {
-        format!("{addr} is assigned here now: it was missing (or, for IPv6, still tentative) when bind() ran; retry")
+        format!("{addr} is assigned here now and usable: it was missing when bind() ran (added since); retry")
     } else {
         format!(
             "{addr} is not assigned to any interface in this network namespace, {sysctl} = {} and IP_FREEBIND is {}: \
@@ -802,6 +846,31 @@ mod tests {
         assert_eq!(d.facts.address_assigned, Some(false));
         assert!(is_local_address("127.0.0.53".parse().expect("ip"), &[IpAddr::V4(Ipv4Addr::LOCALHOST)]));
         assert!(!is_local_address("10.0.0.1".parse().expect("ip"), &[IpAddr::V4(Ipv4Addr::LOCALHOST)]));
+    }
+
+    /// Issue 12: a tentative IPv6 address got "missing (or, for IPv6, still tentative)".
+    #[test]
+    fn ipv6_addresses_still_in_or_failed_by_duplicate_address_detection() {
+        let mut event = sample_event();
+        event.ret = -libc::EADDRNOTAVAIL;
+        event.family = AF_INET6;
+        let v6: Ipv6Addr = "2001:db8::1".parse().expect("ip");
+        event.addr = v6.octets();
+        for (flags, kind, words) in [
+            (0xc0, "address_tentative", "is still tentative"),
+            (0x88, "address_dad_failed", "failed duplicate address detection"),
+        ] {
+            let netns = NetnsFacts {
+                addresses: vec![IpAddr::V6(v6)],
+                ipv6_states: vec![crate::enrich::lookup::Ipv6State { addr: v6, flags, interface: "eth0".into() }],
+                ..Default::default()
+            };
+            let facts = vec![(LookupKey::Netns { netns: event.netns_ino }, Facts::Netns(Ok(netns)))];
+            let d = run(&event, &facts, &BindHistory::default());
+            assert_eq!(d.kind, kind);
+            assert!(d.summary.starts_with(&format!("2001:db8::1 on eth0 {words}")), "{}", d.summary);
+            assert_eq!(d.facts.ipv6_flags.as_deref(), Some(format!("{flags:#04x}").as_str()));
+        }
     }
 
     #[test]

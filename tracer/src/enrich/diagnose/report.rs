@@ -17,7 +17,8 @@ use crate::clock::local_time_of_day;
 pub struct Diagnosis {
     /// A stable label of the case: `in_use`, `in_use_dual_stack`, `in_use_reuseport`,
     /// `in_use_self`, `in_use_ephemeral`, `ephemeral_exhausted`, `stale_socket_file`,
-    /// `path_exists`, `time_wait`, `released`, `privileged_port`, `refused_by_policy`,
+    /// `path_exists`, `listen_in_use`, `address_tentative`, `address_dad_failed`, `time_wait`,
+    /// `released`, `privileged_port`, `refused_by_policy`,
     /// `address_not_available`, `already_bound`, `invalid_address`, `bad_address` (EFAULT),
     /// `bad_fd` (EBADF), `not_a_socket` (ENOTSOCK), `other`, `unknown`.
     pub kind: &'static str,
@@ -124,6 +125,9 @@ pub struct DiagnosisFacts {
     /// SO_REUSEADDR on the socket that went into TIME_WAIT, when bindtrace saw its bind.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub old_socket_reuseaddr: Option<bool>,
+    /// The requested IPv6 address's IFA_F_* flags (0x40 tentative, 0x08 dadfailed), hex.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ipv6_flags: Option<String>,
     /// net.ipv4.ip_local_port_range ("32768-60999"), when it explains the failure.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub local_port_range: Option<String>,
