@@ -412,7 +412,8 @@ pub struct FilterConfig {
     pub flags: u32,
     pub family: u16,
     pub protocol: u16,
-    pub _reserved: u32,
+    /// bindtrace's own process (its lookups bind netlink sockets), never reported; 0: none.
+    pub exclude_tgid: u32,
 }
 
 impl FilterConfig {
@@ -425,8 +426,14 @@ impl FilterConfig {
             flags: 0,
             family: 0,
             protocol: 0,
-            _reserved: 0,
+            exclude_tgid: 0,
         }
+    }
+
+    /// Is this process excluded (bindtrace itself)?
+    #[inline(always)]
+    pub const fn excludes_tgid(&self, tgid: u32) -> bool {
+        self.exclude_tgid != 0 && self.exclude_tgid == tgid
     }
 
     #[inline(always)]
@@ -528,7 +535,8 @@ impl FilterConfig {
     /// Every predicate on an event except the pid set (which the caller checks against its
     /// own pid list): the userspace mirror of what the probe decides in the kernel.
     pub fn accepts_event(&self, event: &BindEvent) -> bool {
-        self.accepts_result(event.ret)
+        !self.excludes_tgid(event.tgid)
+            && self.accepts_result(event.ret)
             && self.accepts_address(event.family, event.port)
             && self.accepts_family(event.family)
             && self.accepts_protocol(event.protocol)

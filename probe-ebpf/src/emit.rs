@@ -84,6 +84,9 @@ impl TaskName {
 #[inline(always)]
 pub(crate) fn task_passes(cfg: &ProbeConfig, tgid: u32, name: &mut TaskName) -> bool {
     let filter = &cfg.filter;
+    if filter.excludes_tgid(tgid) {
+        return false;
+    }
     // SAFETY: the value is never dereferenced, only tested for presence.
     if filter.is_active(filter_flags::PIDS) && unsafe { FILTER_PIDS.get(tgid) }.is_none() {
         return false;

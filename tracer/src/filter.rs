@@ -25,6 +25,11 @@ pub struct EventFilter {
 impl EventFilter {
     pub fn from_cli(cli: &Cli) -> Result<Self> {
         let mut kernel = FilterConfig::accept_all();
+        // bindtrace's own binds (the netlink sockets of its lookups) are not the host's. In a
+        // PID namespace of its own its pid is not the one the kernel reports: nothing to exclude.
+        if !crate::enrich::owners::in_own_pid_namespace() {
+            kernel.exclude_tgid = std::process::id();
+        }
 
         if !cli.errno.is_empty() {
             for &errno in &cli.errno {

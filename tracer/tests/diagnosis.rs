@@ -695,3 +695,26 @@ fn a_tentative_ipv6_address_is_named_as_such() {
     assert_eq!(libc::WEXITSTATUS(status), libc::EADDRNOTAVAIL);
     tracer.stop();
 }
+
+/// bindtrace's own binds (the netlink sockets its lookups open) are not the host's: with no
+/// filter at all, none of them is reported.
+#[test]
+fn bindtraces_own_lookups_are_not_reported() {
+    if !can_load_probe("bindtraces_own_lookups_are_not_reported") {
+        return;
+    }
+    let mut tracer = Tracer::start(&["-o", "ndjson"]);
+    let port = free_port();
+    let holder = tcp(Domain::IPV4);
+    holder.bind(&addr(&format!("127.0.0.1:{port}"))).expect("bind");
+    holder.listen(1).expect("listen");
+    let _ = tcp(Domain::IPV4).bind(&addr(&format!("127.0.0.1:{port}"))).expect_err("in use");
+    let event = tracer.wait_for("EADDRINUSE", |e| e["port"] == port && e["errno"] == 98);
+    let diagnosis = tracer.diagnosis_of(&event);
+    assert!(diagnosis["holders"].is_array(), "a lookup ran (and bound its netlink socket): {diagnosis}");
+    let own = tracer.pid();
+    let finished = tracer.stop();
+    let mine: Vec<_> = finished.binds().into_iter().filter(|e| e["pid"] == own).collect();
+    assert!(mine.is_empty(), "bindtrace reported its own binds: {mine:?}");
+    assert_eq!(finished.summary()["filter_mismatches"], 0);
+}

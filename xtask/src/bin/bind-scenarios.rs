@@ -199,8 +199,8 @@ fn special_scenarios(out: &mut impl std::io::Write) {
         );
         // listen() after two SO_REUSEADDR binds of one address: the second listen fails.
         for (family, addr, port) in [(libc::AF_INET, "127.0.0.1", 41_201), (libc::AF_INET6, "::1", 41_202)] {
-            let mut listen_errno = 0;
-            for _ in 0..2 {
+            // Both bound before either listens: the second bind succeeds, the second listen not.
+            let fds = [0, 1].map(|_| {
                 let fd = libc::socket(family, libc::SOCK_STREAM, 0);
                 let on: libc::c_int = 1;
                 libc::setsockopt(
@@ -211,6 +211,10 @@ fn special_scenarios(out: &mut impl std::io::Write) {
                     size_of::<libc::c_int>() as u32,
                 );
                 bind_raw(fd, family, addr, port);
+                fd
+            });
+            let mut listen_errno = 0;
+            for fd in fds {
                 if libc::listen(fd, 1) != 0 {
                     listen_errno = *libc::__errno_location();
                 }
