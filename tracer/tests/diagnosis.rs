@@ -718,3 +718,158 @@ fn bindtraces_own_lookups_are_not_reported() {
     assert!(mine.is_empty(), "bindtrace reported its own binds: {mine:?}");
     assert_eq!(finished.summary()["filter_mismatches"], 0);
 }
+
+/// A cgroup v2 directory with a cgroup BPF program that refuses every IPv4 bind, for a test.
+/// Mounts the unified hierarchy in a temporary directory when the host has not (a v1-only
+/// host like this project's); removes everything when dropped.
+struct DenyingCgroup {
+    dir: std::path::PathBuf,
+    mounted: Option<std::path::PathBuf>,
+    _program: std::os::fd::OwnedFd,
+}
+
+fn bpf(cmd: aya_obj::generated::bpf_cmd, attr: &mut aya_obj::generated::bpf_attr) -> std::io::Result<i64> {
+    // SAFETY: the attr is plain data that lives for the call; the kernel validates it.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd as libc::c_long,
+            std::ptr::from_mut(attr),
+            std::mem::size_of::<aya_obj::generated::bpf_attr>() as libc::c_uint,
+        )
+    };
+    if rc < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(rc)
+    }
+}
+
+impl DenyingCgroup {
+    fn new() -> Self {
+        use aya_obj::generated::{bpf_attach_type, bpf_attr, bpf_cmd, bpf_prog_type};
+        use std::os::fd::{AsRawFd as _, FromRawFd as _};
+        let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
+        let existing = mountinfo.lines().find_map(|line| {
+            let (left, right) = line.split_once(" - ")?;
+            (right.split_whitespace().next()? == "cgroup2")
+                .then(|| left.split_whitespace().nth(4).map(std::path::PathBuf::from))?
+        });
+        let (root, mounted) = match existing {
+            Some(root) => (root, None),
+            None => {
+                let root = std::env::temp_dir().join(format!("bindtrace-cgroup2-{}", std::process::id()));
+                std::fs::create_dir_all(&root).expect("mount point");
+                let status = std::process::Command::new("mount")
+                    .args(["-t", "cgroup2", "none"])
+                    .arg(&root)
+                    .status()
+                    .expect("mount");
+                assert!(status.success(), "mounting cgroup2 failed");
+                (root.clone(), Some(root))
+            }
+        };
+        let dir = root.join(format!("bindtrace-deny-{}", std::process::id()));
+        let _ = std::fs::remove_dir(&dir);
+        std::fs::create_dir(&dir).expect("cgroup");
+        // r0 = 0; exit: refuse (the bind fails with EPERM).
+        let insns: [u64; 2] = [0xb7, 0x95];
+        let license = b"GPL\0";
+        // SAFETY: all-zero is bpf_attr's unset state; the load member is written.
+        let mut attr: bpf_attr = unsafe { std::mem::zeroed() };
+        unsafe {
+            let load = &mut attr.__bindgen_anon_3;
+            load.prog_type = bpf_prog_type::BPF_PROG_TYPE_CGROUP_SOCK_ADDR as u32;
+            load.expected_attach_type = bpf_attach_type::BPF_CGROUP_INET4_BIND as u32;
+            load.insn_cnt = insns.len() as u32;
+            load.insns = insns.as_ptr() as u64;
+            load.license = license.as_ptr() as u64;
+        }
+        let fd = bpf(bpf_cmd::BPF_PROG_LOAD, &mut attr).expect("load a cgroup bind4 program");
+        // SAFETY: a new fd from the kernel, owned here.
+        let program = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) };
+        let cgroup = std::fs::File::open(&dir).expect("open cgroup");
+        let mut attr: bpf_attr = unsafe { std::mem::zeroed() };
+        unsafe {
+            let attach = &mut attr.__bindgen_anon_5;
+            attach.__bindgen_anon_1.target_fd = cgroup.as_raw_fd() as u32;
+            attach.attach_bpf_fd = program.as_raw_fd() as u32;
+            attach.attach_type = bpf_attach_type::BPF_CGROUP_INET4_BIND as u32;
+        }
+        bpf(bpf_cmd::BPF_PROG_ATTACH, &mut attr).expect("attach it to the cgroup");
+        Self { dir, mounted, _program: program }
+    }
+}
+
+impl Drop for DenyingCgroup {
+    fn drop(&mut self) {
+        // The cgroup's removal detaches its program; then the hierarchy mounted for the test.
+        let _ = std::fs::remove_dir(&self.dir);
+        if let Some(root) = &self.mounted {
+            let _ = std::process::Command::new("umount").arg(root).status();
+            let _ = std::fs::remove_dir(root);
+        }
+    }
+}
+
+/// Issue 12: EACCES/EPERM that capabilities do not explain names the cgroup BPF program in
+/// force on the caller's cgroup.
+#[test]
+fn a_bind_refused_by_a_cgroup_bpf_program_names_the_program() {
+    if !can_load_probe("a_bind_refused_by_a_cgroup_bpf_program_names_the_program") {
+        return;
+    }
+    let cgroup = DenyingCgroup::new();
+    let port = free_port();
+    let mut tracer = Tracer::start(&["-o", "ndjson", "-P", &port.to_string()]);
+    let procs =
+        std::ffi::CString::new(cgroup.dir.join("cgroup.procs").into_os_string().into_encoded_bytes()).expect("path");
+    // SAFETY: the child makes raw syscalls only (getpid, open, write, socket, bind) and _exits.
+    let child = unsafe {
+        let pid = libc::fork();
+        assert!(pid >= 0, "fork");
+        if pid == 0 {
+            let fd = libc::open(procs.as_ptr(), libc::O_WRONLY);
+            let mut digits = [0u8; 12];
+            let mut n = libc::getpid() as u32;
+            let mut at = digits.len();
+            loop {
+                at -= 1;
+                digits[at] = b'0' + (n % 10) as u8;
+                n /= 10;
+                if n == 0 {
+                    break;
+                }
+            }
+            let len = digits.len() - at;
+            if fd < 0 || libc::write(fd, digits[at..].as_ptr().cast(), len) != len as isize {
+                libc::_exit(100);
+            }
+            let sa = libc::sockaddr_in {
+                sin_family: libc::AF_INET as u16,
+                sin_port: port.to_be(),
+                sin_addr: libc::in_addr { s_addr: u32::from_ne_bytes([127, 0, 0, 1]) },
+                sin_zero: [0; 8],
+            };
+            let sock = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
+            let rc = libc::bind(sock, (&raw const sa).cast(), std::mem::size_of::<libc::sockaddr_in>() as u32);
+            let errno = if rc == 0 { 0 } else { *libc::__errno_location() };
+            let linger = libc::timespec { tv_sec: 3, tv_nsec: 0 };
+            libc::nanosleep(&linger, std::ptr::null_mut());
+            libc::_exit(errno);
+        }
+        pid
+    };
+    let event = tracer.wait_for("the refused bind", |e| e["pid"] == child);
+    assert_eq!(event["errno_name"], "EPERM", "{event}");
+    let d = tracer.diagnosis_of(&event);
+    assert_eq!(d["kind"], "refused_by_cgroup_bpf", "{d}");
+    assert!(d["facts"]["cgroup_bind_programs"].as_array().is_some_and(|ids| !ids.is_empty()), "{d}");
+    let summary = d["summary"].as_str().expect("summary");
+    assert!(summary.contains(&cgroup.dir.display().to_string()) && summary.contains("bpftool"), "{summary}");
+    let mut status = 0;
+    // SAFETY: our own child.
+    unsafe { libc::waitpid(child, &mut status, 0) };
+    assert_eq!(libc::WEXITSTATUS(status), libc::EPERM, "the program refused the bind");
+    tracer.stop();
+}

@@ -13,6 +13,7 @@ use serde::Serialize;
 use super::{
     netns::{read_port_range, read_sysctl, Netns},
     owners::{in_own_pid_namespace, Blind, ProcessInfo, SocketOwners},
+    policy::{bind_policy, BindPolicy},
     sockdiag::{sockets_on_port, DiagSocket, Proto, TCP_TIME_WAIT},
     unixdiag::{bound_sockets, bound_sockets_from_proc, kernel_dev_to_user, UnixSocket},
 };
@@ -257,6 +258,8 @@ fn ipv6_states() -> Vec<Ipv6State> {
 pub(crate) struct ProcessCaps {
     /// CapEff from /proc/PID/status.
     pub effective: u64,
+    /// What else may refuse its binds: cgroup BPF programs, LSMs.
+    pub policy: BindPolicy,
 }
 
 /// Why a process's details could not be read.
@@ -448,7 +451,7 @@ impl Lookups {
             LookupKey::Process { pid } => Facts::Process(
                 procfs::process::Process::new(pid as i32)
                     .and_then(|p| p.status())
-                    .map(|status| ProcessCaps { effective: status.capeff })
+                    .map(|status| ProcessCaps { effective: status.capeff, policy: bind_policy(pid) })
                     .map_err(|_| ProcessUnread::Exited),
             ),
         }

@@ -20,6 +20,7 @@ pub(crate) mod history;
 pub(crate) mod lookup;
 pub(crate) mod netns;
 pub(crate) mod owners;
+pub(crate) mod policy;
 pub(crate) mod sockdiag;
 pub(crate) mod unixdiag;
 

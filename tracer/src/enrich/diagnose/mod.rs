@@ -21,9 +21,10 @@ pub(crate) use self::{
 use super::{
     history::{BindHistory, SeenBind},
     lookup::{
-        unix_name_key, Facts, Holder, LookupKey, NetnsFacts, ProcessUnread, SocketTable, IFA_F_DADFAILED,
+        unix_name_key, Facts, Holder, LookupKey, NetnsFacts, ProcessCaps, ProcessUnread, SocketTable, IFA_F_DADFAILED,
         IFA_F_OPTIMISTIC, IFA_F_TENTATIVE,
     },
+    policy::BindPolicy,
     sockdiag::{DiagSocket, Proto, TCP_LISTEN, TCP_TIME_WAIT},
 };
 use crate::{
@@ -48,7 +49,7 @@ pub fn needed_lookups(event: &Bind) -> Vec<LookupKey> {
             Some(proto) => vec![LookupKey::Sockets { netns, proto }],
             None => Vec::new(),
         },
-        Some(libc::EACCES) => vec![LookupKey::Netns { netns }, LookupKey::Process { pid: event.tgid }],
+        Some(libc::EACCES | libc::EPERM) => vec![LookupKey::Netns { netns }, LookupKey::Process { pid: event.tgid }],
         Some(libc::EADDRNOTAVAIL) => vec![LookupKey::Netns { netns }],
         _ => Vec::new(),
     }
@@ -301,7 +302,12 @@ fn has_cap(effective: u64, cap: u32) -> bool {
     effective & (1u64 << cap) != 0
 }
 
-fn access(event: &BindEvent, netns: Option<&NetnsFacts>, caps: Option<Result<u64, ProcessUnread>>) -> Diagnosis {
+fn access(
+    event: &BindEvent,
+    netns: Option<&NetnsFacts>,
+    process: Option<Result<&ProcessCaps, ProcessUnread>>,
+) -> Diagnosis {
+    let caps = process.map(|p| p.map(|c| c.effective));
     let mut facts = DiagnosisFacts::default();
     let mut unknown = Vec::new();
     let port = event.port;
@@ -330,7 +336,23 @@ fn access(event: &BindEvent, netns: Option<&NetnsFacts>, caps: Option<Result<u64
             unix_holders: Vec::new(),
         };
     };
-    let privileged = port != 0 && i64::from(port) < start;
+    // EPERM never comes from the privileged-port rule (that is EACCES).
+    let privileged = port != 0 && i64::from(port) < start && event.errno() == Some(libc::EACCES);
+    let explained_by_caps = privileged && facts.cap_net_bind_service != Some(true);
+    if !explained_by_caps {
+        if let Some(Ok(process)) = process {
+            if let Some(policy) = policy_refusal(event, &process.policy, &mut facts, &mut unknown) {
+                return Diagnosis {
+                    kind: policy.0,
+                    summary: policy.1,
+                    holders: Vec::new(),
+                    facts,
+                    unknown,
+                    unix_holders: Vec::new(),
+                };
+            }
+        }
+    }
     let (kind, summary) = match (privileged, facts.cap_net_bind_service) {
         (true, Some(false)) => (
             "privileged_port",
@@ -358,6 +380,59 @@ fn access(event: &BindEvent, netns: Option<&NetnsFacts>, caps: Option<Result<u64
         ),
     };
     Diagnosis { kind, summary, holders: Vec::new(), facts, unknown, unix_holders: Vec::new() }
+}
+
+/// A refusal that capabilities do not explain, named from what is in force: a cgroup BPF bind
+/// program on the caller's cgroup, else an active LSM. `None` when neither can be named.
+fn policy_refusal(
+    event: &BindEvent,
+    policy: &BindPolicy,
+    facts: &mut DiagnosisFacts,
+    unknown: &mut Vec<String>,
+) -> Option<(&'static str, String)> {
+    let programs = match event.family {
+        AF_INET => &policy.bind4_programs,
+        AF_INET6 => &policy.bind6_programs,
+        _ => return None,
+    };
+    let cgroup = policy.cgroup_dir.as_ref().map_or_else(|| "its cgroup".to_owned(), |d| d.display().to_string());
+    match programs {
+        Ok(ids) if !ids.is_empty() => {
+            facts.cgroup_bind_programs = Some(ids.clone());
+            let list = ids.iter().map(u32::to_string).collect::<Vec<_>>().join(", ");
+            return Some((
+                "refused_by_cgroup_bpf",
+                format!(
+                    "a cgroup BPF bind program is in force on {cgroup} (program id {list}) and refused the bind: \
+                     see bpftool cgroup show {cgroup} --effective, and bpftool prog show id {}",
+                    ids[0]
+                ),
+            ));
+        }
+        Ok(_) => facts.cgroup_bind_programs = Some(Vec::new()),
+        Err(why) => unknown.push(format!("cgroup BPF programs could not be listed: {why}")),
+    }
+    const ENFORCING: [&str; 5] = ["selinux", "apparmor", "smack", "tomoyo", "landlock"];
+    let active: Vec<&str> =
+        policy.lsms.iter().flatten().map(String::as_str).filter(|lsm| ENFORCING.contains(lsm)).collect();
+    facts.lsms = policy.lsms.clone();
+    if active.is_empty() {
+        if policy.lsms.is_none() {
+            unknown.push("the active LSMs could not be read (/sys/kernel/security is not mounted)".to_owned());
+        }
+        return None;
+    }
+    let no_cgroup =
+        if programs.as_ref().is_ok_and(Vec::is_empty) { ", no cgroup BPF bind program is in force" } else { "" };
+    Some((
+        "refused_by_lsm",
+        format!(
+            "no capability rule explains it{no_cgroup}, and {} {} active: it refused the bind (look for the denial: \
+             journalctl -k | grep -i denied, or ausearch -m avc)",
+            active.join(" and "),
+            if active.len() == 1 { "is" } else { "are" }
+        ),
+    ))
 }
 
 /// Is `addr` local in a namespace with these interface addresses? 127.0.0.0/8 is local as a
@@ -553,18 +628,18 @@ pub fn diagnose<'a>(
                 },
             }
         }
-        libc::EACCES | libc::EADDRNOTAVAIL => {
+        libc::EACCES | libc::EPERM | libc::EADDRNOTAVAIL => {
             let netns_key = LookupKey::Netns { netns: event.netns_ino };
             let netns = match facts(&netns_key) {
                 Some(Facts::Netns(Ok(n))) => Some(n),
                 _ => None,
             };
-            let mut diagnosis = if errno == libc::EACCES {
-                let caps = match facts(&LookupKey::Process { pid: event.tgid }) {
-                    Some(Facts::Process(p)) => Some(p.as_ref().map(|c| c.effective).map_err(|why| *why)),
+            let mut diagnosis = if errno == libc::EACCES || errno == libc::EPERM {
+                let process = match facts(&LookupKey::Process { pid: event.tgid }) {
+                    Some(Facts::Process(p)) => Some(p.as_ref().map_err(|why| *why)),
                     _ => None,
                 };
-                access(event, netns, caps)
+                access(event, netns, process)
             } else {
                 not_available(event, netns)
             };
@@ -616,7 +691,7 @@ mod tests {
     use crate::{
         decode::tests::sample_event,
         enrich::{
-            lookup::{OwnersSeen, ProcessCaps, SocketTable},
+            lookup::{OwnersSeen, SocketTable},
             owners::ProcessInfo,
         },
     };
@@ -803,7 +878,10 @@ mod tests {
         let netns = Facts::Netns(Ok(NetnsFacts { unprivileged_port_start: Some(1024), ..Default::default() }));
         let facts = vec![
             (LookupKey::Netns { netns: event.netns_ino }, netns.clone()),
-            (LookupKey::Process { pid: event.tgid }, Facts::Process(Ok(ProcessCaps { effective: 0 }))),
+            (
+                LookupKey::Process { pid: event.tgid },
+                Facts::Process(Ok(ProcessCaps { effective: 0, policy: BindPolicy::default() })),
+            ),
         ];
         let d = run(&event, &facts, &BindHistory::default());
         assert_eq!(d.kind, "privileged_port");
@@ -814,7 +892,10 @@ mod tests {
 
         let with_cap = vec![
             (LookupKey::Netns { netns: event.netns_ino }, netns.clone()),
-            (LookupKey::Process { pid: event.tgid }, Facts::Process(Ok(ProcessCaps { effective: 1 << 10 }))),
+            (
+                LookupKey::Process { pid: event.tgid },
+                Facts::Process(Ok(ProcessCaps { effective: 1 << 10, policy: BindPolicy::default() })),
+            ),
         ];
         assert_eq!(run(&event, &with_cap, &BindHistory::default()).kind, "refused_by_policy");
         event.port = 8080;

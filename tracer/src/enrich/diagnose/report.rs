@@ -17,7 +17,7 @@ use crate::clock::local_time_of_day;
 pub struct Diagnosis {
     /// A stable label of the case: `in_use`, `in_use_dual_stack`, `in_use_reuseport`,
     /// `in_use_self`, `in_use_ephemeral`, `ephemeral_exhausted`, `stale_socket_file`,
-    /// `path_exists`, `listen_in_use`, `address_tentative`, `address_dad_failed`, `time_wait`,
+    /// `path_exists`, `listen_in_use`, `refused_by_cgroup_bpf`, `refused_by_lsm`, `address_tentative`, `address_dad_failed`, `time_wait`,
     /// `released`, `privileged_port`, `refused_by_policy`,
     /// `address_not_available`, `already_bound`, `invalid_address`, `bad_address` (EFAULT),
     /// `bad_fd` (EBADF), `not_a_socket` (ENOTSOCK), `other`, `unknown`.
@@ -125,6 +125,12 @@ pub struct DiagnosisFacts {
     /// SO_REUSEADDR on the socket that went into TIME_WAIT, when bindtrace saw its bind.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub old_socket_reuseaddr: Option<bool>,
+    /// Ids of the cgroup BPF bind programs in force on the caller's cgroup (EACCES, EPERM).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cgroup_bind_programs: Option<Vec<u32>>,
+    /// The kernel's active LSMs, when they could be read.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lsms: Option<Vec<String>>,
     /// The requested IPv6 address's IFA_F_* flags (0x40 tentative, 0x08 dadfailed), hex.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ipv6_flags: Option<String>,
