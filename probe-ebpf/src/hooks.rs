@@ -348,16 +348,17 @@ pub fn bindtrace_fentry_sys_listen(_ctx: FEntryContext) -> u32 {
 /// fexit of `__sys_listen(int fd, int backlog)`.
 #[fexit(function = "__sys_listen")]
 pub fn bindtrace_fexit_sys_listen(ctx: FExitContext) -> u32 {
-    let ret: i64 = ctx.arg(2);
+    // An `int`: only its low 32 bits are the value (the slot's upper half is not a sign).
+    let ret = ctx.arg::<u64>(2) as i32;
     if ret >= 0 {
         return 0;
     }
-    let Some(caller) = returned_call(ret as i32) else {
+    let Some(caller) = returned_call(ret) else {
         return 0;
     };
     let entered_ns = entry_time(caller.pid_tgid as u32);
     let fd = ctx.arg::<u64>(0) as i32;
-    complete(&ctx, caller, listen_failure(entered_ns, fd, ret as i32, Backend::Fexit));
+    complete(&ctx, caller, listen_failure(entered_ns, fd, ret, Backend::Fexit));
     0
 }
 

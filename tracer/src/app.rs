@@ -270,18 +270,23 @@ fn check_main() -> ExitCode {
     println!("ring buffer: {}", if ring { "yes" } else { "no (the object did not load)" });
     for check in &checks {
         match &check.result {
-            Ok(every_syscall) => {
+            Ok(coverage) => {
                 println!("hook {}: yes", check.backend.name());
                 println!(
                     "hook {} sees: {}",
                     check.backend.name(),
-                    match (check.backend, every_syscall) {
+                    match (check.backend, coverage.every_bind_syscall) {
                         (bindtrace_common::Backend::Tracepoint, _) => {
                             "every bind(2) of 64-bit processes (not 32-bit compat callers, not io_uring)"
                         }
                         (_, true) => "every bind(2) (__sys_bind), and io_uring and in-kernel binds (inet_bind)",
                         (_, false) => "inet binds only (inet_bind: no __sys_bind on this kernel)",
                     }
+                );
+                println!(
+                    "hook {} traces failed listen(): {}",
+                    check.backend.name(),
+                    coverage.failed_listen.as_ref().map_or_else(|why| format!("no: {why}"), |()| "yes".to_owned())
                 );
             }
             Err(err) => println!("hook {}: no: {err:#}", check.backend.name()),
@@ -333,7 +338,7 @@ async fn run(plan: Plan) -> Result<()> {
         probe.backend.name(),
         if filter.kernel.flags != 0 || !filter.pids.is_empty() { " matching the filters" } else { "" }
     );
-    if !probe.sees_every_bind_syscall {
+    if !probe.coverage.every_bind_syscall {
         eprintln!(
             "bindtrace: warning: {} sees inet binds only on this kernel (no hook on __sys_bind): unix binds, EBADF, \
              ENOTSOCK, EFAULT and LSM denials are missed; --attach tracepoint sees them",

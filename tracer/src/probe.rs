@@ -29,9 +29,18 @@ pub struct AttachedProbe {
     stats: PerCpuArray<MapData, u64>,
     ebpf: Ebpf,
     pub backend: Backend,
-    /// The backend sees every bind(2), whatever the family and outcome (the tracepoints, or
-    /// a hook on `__sys_bind`); otherwise only inet binds, through inet_bind.
-    pub sees_every_bind_syscall: bool,
+    /// What the attached backend sees.
+    pub coverage: Coverage,
+}
+
+/// What an attached backend sees beyond inet binds.
+#[derive(Debug)]
+pub struct Coverage {
+    /// Every bind(2), whatever the family and outcome (the tracepoints, or a hook on
+    /// `__sys_bind`); otherwise only inet binds, through inet_bind.
+    pub every_bind_syscall: bool,
+    /// Failed listen() calls, or why not.
+    pub failed_listen: std::result::Result<(), String>,
 }
 
 /// Where tracefs is, as aya looks for it.
@@ -145,7 +154,7 @@ where
     Ok(program.try_into()?)
 }
 
-fn attach_tracepoint(ebpf: &mut Ebpf) -> Result<()> {
+fn attach_tracepoint(ebpf: &mut Ebpf) -> Result<Coverage> {
     with_tracefs(|| {
         let attach = |ebpf: &mut Ebpf, pairs: [(&str, &str); 2]| -> Result<()> {
             // Entry first: an exit without its entry is counted, an entry without its exit is
@@ -160,9 +169,11 @@ fn attach_tracepoint(ebpf: &mut Ebpf) -> Result<()> {
             Ok(())
         };
         attach(ebpf, [(names::PROG_ENTER, "sys_enter_bind"), (names::PROG_EXIT, "sys_exit_bind")])?;
-        if let Err(err) =
-            attach(ebpf, [(names::PROG_ENTER_LISTEN, "sys_enter_listen"), (names::PROG_EXIT_LISTEN, "sys_exit_listen")])
-        {
+        let listen = attach(
+            ebpf,
+            [(names::PROG_ENTER_LISTEN, "sys_enter_listen"), (names::PROG_EXIT_LISTEN, "sys_exit_listen")],
+        );
+        if let Err(err) = &listen {
             log::info!("tracepoint: failed listen() calls are not traced: {err:#}");
             for name in [names::PROG_ENTER_LISTEN, names::PROG_EXIT_LISTEN] {
                 if let Ok(p) = program::<TracePoint>(ebpf, name) {
@@ -170,13 +181,13 @@ fn attach_tracepoint(ebpf: &mut Ebpf) -> Result<()> {
                 }
             }
         }
-        Ok(())
+        Ok(Coverage { every_bind_syscall: true, failed_listen: listen.map_err(|e| format!("{e:#}")) })
     })
 }
 
 const KPROBE_PMU: &str = "/sys/bus/event_source/devices/kprobe/type";
 
-fn attach_kprobe(ebpf: &mut Ebpf) -> Result<bool> {
+fn attach_kprobe(ebpf: &mut Ebpf) -> Result<Coverage> {
     // Without the kprobe PMU (CONFIG_KPROBES off) attaching cannot work: skip the verifier.
     if !Path::new(KPROBE_PMU).exists() {
         bail!("this kernel has no kprobes ({KPROBE_PMU} is missing)");
@@ -207,7 +218,7 @@ fn attach_kprobe(ebpf: &mut Ebpf) -> Result<bool> {
         probe.attach(names::SYSCALL_LISTEN_FUNCTION, 0)?;
         Ok(())
     });
-    if let Err(err) = attached {
+    if let Err(err) = &attached {
         log::info!("kprobe: failed listen() calls are not traced: {err:#}");
         for name in listen {
             if let Ok(p) = program::<KProbe>(ebpf, name) {
@@ -215,7 +226,7 @@ fn attach_kprobe(ebpf: &mut Ebpf) -> Result<bool> {
             }
         }
     }
-    Ok(syscall)
+    Ok(Coverage { every_bind_syscall: syscall, failed_listen: attached.map_err(|e| format!("{e:#}")) })
 }
 
 /// Attaches a backend's optional `__sys_bind` pair. Without it (a kernel whose BTF or
@@ -248,7 +259,7 @@ fn fexit_supported(function_ids: &[Option<u32>; 2]) -> Result<()> {
     Ok(())
 }
 
-fn attach_fexit(ebpf: &mut Ebpf, btf: &Btf) -> Result<bool> {
+fn attach_fexit(ebpf: &mut Ebpf, btf: &Btf) -> Result<Coverage> {
     // __sys_bind first (fexit, then fentry), then the inet_bind hooks: see attach_kprobe.
     let syscall = attach_optional(ebpf, Backend::Fexit, |ebpf| {
         let function = names::SYSCALL_BIND_FUNCTION;
@@ -278,11 +289,11 @@ fn attach_fexit(ebpf: &mut Ebpf, btf: &Btf) -> Result<bool> {
         fentry.attach()?;
         Ok(())
     })();
-    if let Err(err) = attached {
+    if let Err(err) = &attached {
         log::info!("fexit: failed listen() calls are not traced: {err:#}");
         unload_listen_hooks(ebpf, Backend::Fexit);
     }
-    Ok(syscall)
+    Ok(Coverage { every_bind_syscall: syscall, failed_listen: attached.map_err(|e| format!("{e:#}")) })
 }
 
 /// Unloads a backend's listen() programs.
@@ -366,15 +377,14 @@ fn unload_backend(ebpf: &mut Ebpf, backend: Backend) {
     unload_syscall_hooks(ebpf, backend);
 }
 
-/// Attaches a backend; `Ok(true)` when it sees every bind(2) (the syscall tracepoints, or
-/// a hook on `__sys_bind`), `Ok(false)` when it sees inet binds through inet_bind only.
-fn attach_backend(ebpf: &mut Ebpf, backend: Backend, btf: &mut BtfSource) -> Result<bool> {
+/// Attaches a backend, and says what it sees.
+fn attach_backend(ebpf: &mut Ebpf, backend: Backend, btf: &mut BtfSource) -> Result<Coverage> {
     let attached = match backend {
         Backend::Fexit => {
             fexit_supported(&btf.function_ids).and_then(|()| btf.get()).and_then(|btf| attach_fexit(ebpf, btf))
         }
         Backend::Kprobe => attach_kprobe(ebpf),
-        Backend::Tracepoint => attach_tracepoint(ebpf).map(|()| true),
+        Backend::Tracepoint => attach_tracepoint(ebpf),
     };
     if attached.is_err() {
         unload_backend(ebpf, backend);
@@ -416,8 +426,8 @@ fn log_verifier_work(ebpf: &Ebpf) {
 /// What `bindtrace --check` found out about one backend.
 pub struct BackendCheck {
     pub backend: Backend,
-    /// Whether it attached, and then whether it sees every bind(2).
-    pub result: Result<bool>,
+    /// Whether it attached, and then what it sees.
+    pub result: Result<Coverage>,
 }
 
 /// Loads the object once per backend and tries to attach it, then lets it go.
@@ -494,8 +504,8 @@ impl AttachedProbe {
         let mut chosen = None;
         for backend in candidates(attach) {
             match attach_backend(&mut ebpf, backend, &mut btf) {
-                Ok(every_syscall) => {
-                    chosen = Some((backend, every_syscall));
+                Ok(coverage) => {
+                    chosen = Some((backend, coverage));
                     break;
                 }
                 Err(err) => {
@@ -504,7 +514,7 @@ impl AttachedProbe {
                 }
             }
         }
-        let Some((backend, sees_every_bind_syscall)) = chosen else {
+        let Some((backend, coverage)) = chosen else {
             if attach == Attach::Auto {
                 bail!("this kernel accepts none of bindtrace's hooks ({})", refusals.join("; "));
             }
@@ -515,7 +525,7 @@ impl AttachedProbe {
         let stats = PerCpuArray::try_from(
             ebpf.take_map(names::STATS).ok_or_else(|| anyhow!("probe has no {} map", names::STATS))?,
         )?;
-        Ok(Self { logger, stats, ebpf, backend, sees_every_bind_syscall })
+        Ok(Self { logger, stats, ebpf, backend, coverage })
     }
 
     pub fn take_ring_buffer(&mut self) -> Result<RingBuf<MapData>> {

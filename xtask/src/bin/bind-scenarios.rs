@@ -229,6 +229,24 @@ fn special_scenarios(out: &mut impl std::io::Write) {
                 ),
             );
         }
+        // io_uring's bind: no bind(2), so the syscall tracepoints cannot see it; the inet_bind
+        // hooks (fexit, kprobe) do. Only where the kernel has IORING_OP_BIND (6.11).
+        let uring_sock = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
+        let uring_addr = libc::sockaddr_in {
+            sin_family: libc::AF_INET as u16,
+            sin_port: 41_210u16.to_be(),
+            sin_addr: libc::in_addr { s_addr: u32::from_ne_bytes([127, 0, 0, 1]) },
+            sin_zero: [0; 8],
+        };
+        // -EINVAL: this kernel has no IORING_OP_BIND; None: no io_uring at all.
+        if io_uring_bind(uring_sock, (&raw const uring_addr).cast(), v4_len) == Some(0) {
+            let _ = writeln!(
+                out,
+                "{{\"scenario\":\"io_uring_bind\",\"pid\":{pid},\"seen_by\":[\"fexit\",\"kprobe\"],\
+                 \"match\":{{\"port\":41210,\"addr\":\"127.0.0.1\"}},\
+                 \"expect\":{{\"errno\":0,\"fd\":-1,\"family\":\"AF_INET\",\"proto\":\"tcp\"}}}}"
+            );
+        }
         let sock = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
         let err = bind_ptr(sock, std::ptr::null(), v4_len);
         line(
@@ -237,6 +255,73 @@ fn special_scenarios(out: &mut impl std::io::Write) {
             format!("\"fd\":{sock}"),
             format!("\"errno\":{err},\"errno_name\":\"EFAULT\",\"family\":null"),
         );
+    }
+}
+
+/// Binds `fd` to `addr` through io_uring's IORING_OP_BIND (Linux 6.11): the kernel calls the
+/// bind itself, with no bind(2). Returns the completion's result (0 or -errno); `None` when
+/// io_uring is unavailable here.
+fn io_uring_bind(fd: i32, addr: *const libc::sockaddr, len: u32) -> Option<i32> {
+    const IORING_OP_BIND: u8 = 56;
+    const IORING_ENTER_GETEVENTS: u32 = 1;
+    const IORING_OFF_SQ_RING: i64 = 0;
+    const IORING_OFF_CQ_RING: i64 = 0x800_0000;
+    const IORING_OFF_SQES: i64 = 0x1000_0000;
+    /// `struct io_uring_params` (UAPI): 10 u32s, then the SQ and CQ ring offsets (10 u32s and
+    /// a u64 each, as 40 bytes).
+    #[repr(C)]
+    struct Params {
+        sq_entries: u32,
+        cq_entries: u32,
+        rest: [u32; 8],
+        sq_off: [u32; 10],
+        cq_off: [u32; 10],
+    }
+    // SAFETY: raw io_uring setup on memory the kernel maps for this process; every offset
+    // comes from the kernel's params.
+    unsafe {
+        let mut params: Params = std::mem::zeroed();
+        let ring = libc::syscall(libc::SYS_io_uring_setup, 1u32, &raw mut params) as i32;
+        if ring < 0 {
+            return None;
+        }
+        let map = |size: usize, offset: i64| {
+            let at = libc::mmap(
+                std::ptr::null_mut(),
+                size,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED | libc::MAP_POPULATE,
+                ring,
+                offset,
+            );
+            (at != libc::MAP_FAILED).then_some(at.cast::<u8>())
+        };
+        let (sq_off, cq_off) = (params.sq_off, params.cq_off);
+        let sq = map(sq_off[6] as usize + params.sq_entries as usize * 4, IORING_OFF_SQ_RING)?;
+        let cq = map(cq_off[5] as usize + params.cq_entries as usize * 16, IORING_OFF_CQ_RING)?;
+        let sqes = map(params.sq_entries as usize * 64, IORING_OFF_SQES)?;
+        // One SQE: opcode, fd, the sockaddr in `addr`, its length in `addr2` (the `off` slot).
+        let sqe = sqes;
+        std::ptr::write_bytes(sqe, 0, 64);
+        *sqe = IORING_OP_BIND;
+        sqe.add(4).cast::<i32>().write(fd);
+        sqe.add(8).cast::<u64>().write(u64::from(len));
+        sqe.add(16).cast::<u64>().write(addr as u64);
+        let mask = sq.add(sq_off[2] as usize).cast::<u32>().read();
+        let tail = sq.add(sq_off[1] as usize).cast::<u32>();
+        let index = tail.read() & mask;
+        sq.add(sq_off[6] as usize).cast::<u32>().add(index as usize).write(0);
+        std::sync::atomic::fence(std::sync::atomic::Ordering::Release);
+        tail.write(tail.read() + 1);
+        let entered = libc::syscall(libc::SYS_io_uring_enter, ring, 1u32, 1u32, IORING_ENTER_GETEVENTS, 0usize, 0usize);
+        if entered < 0 {
+            return None;
+        }
+        std::sync::atomic::fence(std::sync::atomic::Ordering::Acquire);
+        let head = cq.add(cq_off[0] as usize).cast::<u32>().read();
+        let cq_mask = cq.add(cq_off[2] as usize).cast::<u32>().read();
+        let cqe = cq.add(cq_off[5] as usize + (head & cq_mask) as usize * 16);
+        Some(cqe.add(8).cast::<i32>().read())
     }
 }
 
