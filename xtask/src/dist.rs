@@ -41,6 +41,17 @@ pub const X86_64: Arch = Arch {
     strip: "strip",
 };
 
+/// 32-bit x86 (ia32 compat on an x86_64 kernel): only for the VM matrix's compat scenario,
+/// not a release architecture.
+pub const I686_COMPAT: Arch = Arch {
+    name: "i686",
+    musl_target: "i686-unknown-linux-musl",
+    deb: "i386",
+    cross_packages: &[],
+    linker: None,
+    strip: "strip",
+};
+
 pub const AARCH64: Arch = Arch {
     name: "aarch64",
     musl_target: "aarch64-unknown-linux-musl",
@@ -91,18 +102,20 @@ impl Arch {
     }
 }
 
-/// Does this ELF64 file name a dynamic loader (PT_INTERP)? A static binary does not.
+/// Does this ELF file (64- or 32-bit, little-endian) name a dynamic loader (PT_INTERP)? A
+/// static binary does not.
 fn has_interpreter(path: &Path) -> Result<bool> {
     const PT_INTERP: u32 = 3;
     let elf = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
     let field = |at: usize, len: usize| -> Result<u64> {
-        let bytes = elf.get(at..at + len).ok_or_else(|| anyhow!("{} is not an ELF64 file", path.display()))?;
+        let bytes = elf.get(at..at + len).ok_or_else(|| anyhow!("{} is not an ELF file", path.display()))?;
         Ok(bytes.iter().rev().fold(0u64, |v, b| (v << 8) | u64::from(*b)))
     };
-    if elf.get(..5) != Some(b"\x7fELF\x02".as_slice()) {
-        bail!("{} is not an ELF64 file", path.display());
-    }
-    let (phoff, phentsize, phnum) = (field(0x20, 8)?, field(0x36, 2)?, field(0x38, 2)?);
+    let (phoff, phentsize, phnum) = match elf.get(..5) {
+        Some(b"\x7fELF\x02") => (field(0x20, 8)?, field(0x36, 2)?, field(0x38, 2)?),
+        Some(b"\x7fELF\x01") => (field(0x1c, 4)?, field(0x2a, 2)?, field(0x2c, 2)?),
+        _ => bail!("{} is not an ELF file", path.display()),
+    };
     for index in 0..phnum {
         let header = usize::try_from(phoff + index * phentsize)?;
         if field(header, 4)? == u64::from(PT_INTERP) {

@@ -162,10 +162,19 @@ fn vm_matrix(args: &vm::VmArgs) -> Result<()> {
     let dist = dist::dist(&arches)?;
     let mut binaries = Vec::new();
     for arch in arches {
+        // x86_64 guests also run a 32-bit build of the scenarios: binds through the ia32
+        // compat syscalls, which the syscall tracepoints do not see.
+        let compat_scenarios = if arch == dist::X86_64 {
+            dist::I686_COMPAT.ensure_toolchain()?;
+            Some(dist::I686_COMPAT.build_static("xtask", "bind-scenarios")?)
+        } else {
+            None
+        };
         binaries.push(vm::GuestBinaries {
             arch,
             bindtrace: dist.binary(arch)?.to_path_buf(),
             scenarios: arch.build_static("xtask", "bind-scenarios")?,
+            compat_scenarios,
         });
     }
     vm::vm(args, &binaries)

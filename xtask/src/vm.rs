@@ -327,6 +327,7 @@ for backend in $BACKENDS; do
   done
   if kill -0 $tracer 2>/dev/null; then
     /bind-scenarios > /tmp/scenarios.ndjson
+    if [ -x /bind-scenarios-i386 ]; then /bind-scenarios-i386 --compat >> /tmp/scenarios.ndjson; fi
     # The port of a running `nc -l`, asked for again: EADDRINUSE, seen with the requested port.
     nc -l -p 41100 >/dev/null 2>&1 &
     holder=$!
@@ -348,7 +349,13 @@ echo "@@END"
 poweroff -f
 "#;
 
-fn build_initramfs(arch: Arch, busybox: &Path, bindtrace: &Path, scenarios: &Path) -> Result<PathBuf> {
+fn build_initramfs(
+    arch: Arch,
+    busybox: &Path,
+    bindtrace: &Path,
+    scenarios: &Path,
+    compat: Option<&Path>,
+) -> Result<PathBuf> {
     let dir = workspace_root().join("target/vm");
     let root = dir.join(format!("initramfs-{}", arch.name));
     let _ = std::fs::remove_dir_all(&root);
@@ -363,6 +370,10 @@ fn build_initramfs(arch: Arch, busybox: &Path, bindtrace: &Path, scenarios: &Pat
     std::fs::copy(bindtrace, root.join("bindtrace")).with_context(|| format!("copying {}", bindtrace.display()))?;
     std::fs::copy(scenarios, root.join("bind-scenarios"))
         .with_context(|| format!("copying {}", scenarios.display()))?;
+    if let Some(compat) = compat {
+        std::fs::copy(compat, root.join("bind-scenarios-i386"))
+            .with_context(|| format!("copying {}", compat.display()))?;
+    }
     let init = INIT.replace("$BACKENDS", &BACKENDS.join(" "));
     std::fs::write(root.join("init"), init)?;
     std::fs::set_permissions(root.join("init"), std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
@@ -728,6 +739,8 @@ pub struct GuestBinaries {
     pub arch: Arch,
     pub bindtrace: PathBuf,
     pub scenarios: PathBuf,
+    /// A 32-bit build of the scenarios (x86_64 guests), run with `--compat`.
+    pub compat_scenarios: Option<PathBuf>,
 }
 
 /// Boots every selected guest and checks it; `binaries` has one entry per architecture.
@@ -741,7 +754,13 @@ pub fn vm(args: &VmArgs, binaries: &[GuestBinaries]) -> Result<()> {
             .find(|b| b.arch == arch)
             .ok_or_else(|| anyhow!("no {} binaries for the guests", arch.name))?;
         let apt = PrivateApt::new(arch)?;
-        let initramfs = build_initramfs(arch, &guest_busybox(&apt)?, &bin.bindtrace, &bin.scenarios)?;
+        let initramfs = build_initramfs(
+            arch,
+            &guest_busybox(&apt)?,
+            &bin.bindtrace,
+            &bin.scenarios,
+            bin.compat_scenarios.as_deref(),
+        )?;
         for guest in args.guests()?.into_iter().filter(|g| g.arch == arch) {
             run_guest(&apt, guest, &initramfs, &mut tally)?;
         }

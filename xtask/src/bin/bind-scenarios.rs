@@ -325,7 +325,27 @@ fn io_uring_bind(fd: i32, addr: *const libc::sockaddr, len: u32) -> Option<i32> 
     }
 }
 
+/// `--compat`: the one scenario of a 32-bit build, a bind through the ia32 compat syscalls,
+/// which the syscall tracepoints do not see and `__sys_bind` hooks do.
+fn compat_scenario() {
+    // SAFETY: plain socket calls; the socket is leaked on purpose (it holds the port).
+    let (errno, fd) = unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
+        (bind_raw(fd, libc::AF_INET, "127.0.0.1", 41_310), fd)
+    };
+    println!(
+        "{{\"scenario\":\"compat_i386_bind\",\"pid\":{},\"seen_by\":[\"fexit\",\"kprobe\"],\
+         \"match\":{{\"port\":41310,\"addr\":\"127.0.0.1\"}},\
+         \"expect\":{{\"errno\":{errno},\"fd\":{fd},\"family\":\"AF_INET\",\"proto\":\"tcp\"}}}}",
+        std::process::id()
+    );
+}
+
 fn main() {
+    if std::env::args().any(|a| a == "--compat") {
+        compat_scenario();
+        return;
+    }
     let (v4, v6) = (libc::AF_INET, libc::AF_INET6);
     let (tcp, udp) = (libc::SOCK_STREAM, libc::SOCK_DGRAM);
     let base = 41000;
