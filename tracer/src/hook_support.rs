@@ -15,6 +15,28 @@ use aya_obj::generated::{bpf_attach_type, bpf_attr, bpf_cmd, bpf_prog_type};
 /// `r0 = 0; exit`: the smallest program the verifier accepts for fexit.
 const RETURN_ZERO: [u64; 2] = [0xb7, 0x95];
 
+/// The bpf(2) syscall with the whole `bpf_attr` (an older kernel checks that the fields it
+/// does not know are zero). Raw, for the two commands aya 0.14 does not expose this way.
+///
+/// # Safety
+/// The pointers in `attr` must be valid for what `cmd` reads and writes through them.
+pub(crate) unsafe fn bpf_syscall(cmd: bpf_cmd, attr: &mut bpf_attr) -> io::Result<i64> {
+    // SAFETY: `attr` lives for the call; the caller vouches for the pointers inside it.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd as libc::c_long,
+            std::ptr::from_mut(attr),
+            std::mem::size_of::<bpf_attr>() as libc::c_uint,
+        )
+    };
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(rc)
+    }
+}
+
 /// Loads (and at once closes) a do-nothing fexit program on the kernel function whose BTF id
 /// is `function_btf_id`. Errors say what the kernel answered.
 pub fn fexit_loadable(function: &str, function_btf_id: u32) -> Result<()> {
@@ -30,18 +52,10 @@ pub fn fexit_loadable(function: &str, function_btf_id: u32) -> Result<()> {
     load.insns = RETURN_ZERO.as_ptr() as u64;
     load.license = LICENSE.as_ptr() as u64;
     // SAFETY: BPF_PROG_LOAD reads `attr` (and what it points to, alive for the call) only.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            bpf_cmd::BPF_PROG_LOAD as libc::c_long,
-            &raw const attr,
-            std::mem::size_of::<bpf_attr>() as libc::c_uint,
-        )
+    let fd = match unsafe { bpf_syscall(bpf_cmd::BPF_PROG_LOAD, &mut attr) } {
+        Ok(fd) => fd,
+        Err(err) => bail!("the kernel refuses fexit programs (a minimal one on {function}: BPF_PROG_LOAD: {err})"),
     };
-    if fd < 0 {
-        let err = io::Error::last_os_error();
-        bail!("the kernel refuses fexit programs (a minimal one on {function}: BPF_PROG_LOAD: {err})");
-    }
     // SAFETY: the syscall returned a new file descriptor that nothing else owns.
     drop(unsafe { OwnedFd::from_raw_fd(fd as i32) });
     Ok(())

@@ -175,11 +175,7 @@ fn attach_tracepoint(ebpf: &mut Ebpf) -> Result<Coverage> {
         );
         if let Err(err) = &listen {
             log::info!("tracepoint: failed listen() calls are not traced: {err:#}");
-            for name in [names::PROG_ENTER_LISTEN, names::PROG_EXIT_LISTEN] {
-                if let Ok(p) = program::<TracePoint>(ebpf, name) {
-                    let _ = p.unload();
-                }
-            }
+            unload_listen_hooks(ebpf, Backend::Tracepoint);
         }
         Ok(Coverage { every_bind_syscall: true, failed_listen: listen.map_err(|e| format!("{e:#}")) })
     })
@@ -220,11 +216,7 @@ fn attach_kprobe(ebpf: &mut Ebpf) -> Result<Coverage> {
     });
     if let Err(err) = &attached {
         log::info!("kprobe: failed listen() calls are not traced: {err:#}");
-        for name in listen {
-            if let Ok(p) = program::<KProbe>(ebpf, name) {
-                let _ = p.unload();
-            }
-        }
+        unload_listen_hooks(ebpf, Backend::Kprobe);
     }
     Ok(Coverage { every_bind_syscall: syscall, failed_listen: attached.map_err(|e| format!("{e:#}")) })
 }
@@ -296,58 +288,8 @@ fn attach_fexit(ebpf: &mut Ebpf, btf: &Btf) -> Result<Coverage> {
     Ok(Coverage { every_bind_syscall: syscall, failed_listen: attached.map_err(|e| format!("{e:#}")) })
 }
 
-/// Unloads a backend's listen() programs.
-fn unload_listen_hooks(ebpf: &mut Ebpf, backend: Backend) {
-    match backend {
-        Backend::Kprobe => {
-            for name in [names::PROG_KPROBE_SYS_LISTEN, names::PROG_KRETPROBE_SYS_LISTEN] {
-                if let Ok(p) = program::<KProbe>(ebpf, name) {
-                    let _ = p.unload();
-                }
-            }
-        }
-        Backend::Fexit => {
-            if let Ok(p) = program::<FEntry>(ebpf, names::PROG_FENTRY_SYS_LISTEN) {
-                let _ = p.unload();
-            }
-            if let Ok(p) = program::<FExit>(ebpf, names::PROG_FEXIT_SYS_LISTEN) {
-                let _ = p.unload();
-            }
-        }
-        Backend::Tracepoint => {
-            for name in [names::PROG_ENTER_LISTEN, names::PROG_EXIT_LISTEN] {
-                if let Ok(p) = program::<TracePoint>(ebpf, name) {
-                    let _ = p.unload();
-                }
-            }
-        }
-    }
-}
-
-/// Unloads a backend's `__sys_bind` programs.
-fn unload_syscall_hooks(ebpf: &mut Ebpf, backend: Backend) {
-    match backend {
-        Backend::Kprobe => {
-            for name in [names::PROG_KPROBE_SYS_BIND, names::PROG_KRETPROBE_SYS_BIND] {
-                if let Ok(p) = program::<KProbe>(ebpf, name) {
-                    let _ = p.unload();
-                }
-            }
-        }
-        Backend::Fexit => {
-            if let Ok(p) = program::<FEntry>(ebpf, names::PROG_FENTRY_SYS_BIND) {
-                let _ = p.unload();
-            }
-            if let Ok(p) = program::<FExit>(ebpf, names::PROG_FEXIT_SYS_BIND) {
-                let _ = p.unload();
-            }
-        }
-        Backend::Tracepoint => {}
-    }
-}
-
-/// Unloads (and so detaches) whatever a failed backend managed to load.
-fn unload_backend(ebpf: &mut Ebpf, backend: Backend) {
+/// Unloads (and so detaches) the named programs of each kind, those that are loaded.
+fn unload_named(ebpf: &mut Ebpf, kprobes: &[&str], fentries: &[&str], fexits: &[&str], tracepoints: &[&str]) {
     fn unload<'a, T: 'a>(ebpf: &'a mut Ebpf, name: &str, unload: impl FnOnce(&'a mut T))
     where
         &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
@@ -356,28 +298,63 @@ fn unload_backend(ebpf: &mut Ebpf, backend: Backend) {
             unload(program);
         }
     }
+    for name in kprobes {
+        unload::<KProbe>(ebpf, name, |p| drop(p.unload()));
+    }
+    for name in fentries {
+        unload::<FEntry>(ebpf, name, |p| drop(p.unload()));
+    }
+    for name in fexits {
+        unload::<FExit>(ebpf, name, |p| drop(p.unload()));
+    }
+    for name in tracepoints {
+        unload::<TracePoint>(ebpf, name, |p| drop(p.unload()));
+    }
+}
+
+/// Unloads a backend's listen() programs.
+fn unload_listen_hooks(ebpf: &mut Ebpf, backend: Backend) {
     match backend {
-        Backend::Tracepoint => {
-            for name in [names::PROG_ENTER, names::PROG_EXIT] {
-                unload::<TracePoint>(ebpf, name, |p| drop(p.unload()));
-            }
-        }
         Backend::Kprobe => {
-            for name in [names::PROG_KPROBE, names::PROG_KRETPROBE] {
-                unload::<KProbe>(ebpf, name, |p| drop(p.unload()));
-            }
+            unload_named(ebpf, &[names::PROG_KPROBE_SYS_LISTEN, names::PROG_KRETPROBE_SYS_LISTEN], &[], &[], &[]);
         }
         Backend::Fexit => {
-            for (entry, exit, _) in names::PROGS_FEXIT {
-                unload::<FEntry>(ebpf, entry, |p| drop(p.unload()));
-                unload::<FExit>(ebpf, exit, |p| drop(p.unload()));
-            }
+            unload_named(ebpf, &[], &[names::PROG_FENTRY_SYS_LISTEN], &[names::PROG_FEXIT_SYS_LISTEN], &[]);
+        }
+        Backend::Tracepoint => {
+            unload_named(ebpf, &[], &[], &[], &[names::PROG_ENTER_LISTEN, names::PROG_EXIT_LISTEN]);
+        }
+    }
+}
+
+/// Unloads a backend's `__sys_bind` programs.
+fn unload_syscall_hooks(ebpf: &mut Ebpf, backend: Backend) {
+    match backend {
+        Backend::Kprobe => {
+            unload_named(ebpf, &[names::PROG_KPROBE_SYS_BIND, names::PROG_KRETPROBE_SYS_BIND], &[], &[], &[]);
+        }
+        Backend::Fexit => {
+            unload_named(ebpf, &[], &[names::PROG_FENTRY_SYS_BIND], &[names::PROG_FEXIT_SYS_BIND], &[]);
+        }
+        Backend::Tracepoint => {}
+    }
+}
+
+/// Unloads (and so detaches) whatever a failed backend managed to load.
+fn unload_backend(ebpf: &mut Ebpf, backend: Backend) {
+    match backend {
+        Backend::Tracepoint => unload_named(ebpf, &[], &[], &[], &[names::PROG_ENTER, names::PROG_EXIT]),
+        Backend::Kprobe => unload_named(ebpf, &[names::PROG_KPROBE, names::PROG_KRETPROBE], &[], &[], &[]),
+        Backend::Fexit => {
+            let (entries, exits): (Vec<&str>, Vec<&str>) =
+                names::PROGS_FEXIT.iter().map(|(entry, exit, _)| (*entry, *exit)).unzip();
+            unload_named(ebpf, &[], &entries, &exits, &[]);
         }
     }
     unload_syscall_hooks(ebpf, backend);
+    unload_listen_hooks(ebpf, backend);
 }
 
-/// Attaches a backend, and says what it sees.
 fn attach_backend(ebpf: &mut Ebpf, backend: Backend, btf: &mut BtfSource) -> Result<Coverage> {
     let attached = match backend {
         Backend::Fexit => {

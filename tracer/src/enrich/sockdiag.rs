@@ -85,33 +85,35 @@ pub fn state_name(proto: Proto, state: u8) -> &'static str {
 const EXPIRES_OFFSET: usize = 52;
 const NLMSG_HEADER_LEN: usize = 16;
 
-fn dump(proto: Proto, family: u8, port: Option<u16>, out: &mut Vec<DiagSocket>) -> io::Result<()> {
+/// Opens a sock_diag netlink socket in the calling thread's namespace and sends `request`
+/// as a dump; the replies are read from the returned socket.
+pub(crate) fn send_dump(request: SockDiagMessage) -> io::Result<Socket> {
     let mut socket = Socket::new(NETLINK_SOCK_DIAG)?;
     socket.bind_auto()?;
     socket.connect(&NetlinkAddr::new(0, 0))?;
-
     let mut header = NetlinkHeader::default();
     header.flags = NLM_F_REQUEST | NLM_F_DUMP;
-    let mut request = NetlinkMessage::new(
-        header,
-        SockDiagMessage::InetRequest(InetRequest {
-            family,
-            protocol: match proto {
-                Proto::Tcp => IPPROTO_TCP,
-                Proto::Udp => IPPROTO_UDP,
-            },
-            extensions: ExtensionFlags::empty(),
-            // Every state, including bit 13: sockets that are bound but neither listening nor
-            // connected (kernels from 6.8 report them; older ones ignore the bit).
-            states: StateFlags::from_bits_retain(u32::MAX),
-            socket_id: if family == AF_INET { SocketId::new_v4() } else { SocketId::new_v6() },
-        })
-        .into(),
-    );
-    request.finalize();
-    let mut buffer = vec![0; request.buffer_len()];
-    request.serialize(&mut buffer);
+    let mut message = NetlinkMessage::new(header, request.into());
+    message.finalize();
+    let mut buffer = vec![0; message.buffer_len()];
+    message.serialize(&mut buffer);
     socket.send(&buffer, 0)?;
+    Ok(socket)
+}
+
+fn dump(proto: Proto, family: u8, port: Option<u16>, out: &mut Vec<DiagSocket>) -> io::Result<()> {
+    let socket = send_dump(SockDiagMessage::InetRequest(InetRequest {
+        family,
+        protocol: match proto {
+            Proto::Tcp => IPPROTO_TCP,
+            Proto::Udp => IPPROTO_UDP,
+        },
+        extensions: ExtensionFlags::empty(),
+        // Every state, including bit 13: sockets that are bound but neither listening nor
+        // connected (kernels from 6.8 report them; older ones ignore the bit).
+        states: StateFlags::from_bits_retain(u32::MAX),
+        socket_id: if family == AF_INET { SocketId::new_v4() } else { SocketId::new_v6() },
+    }))?;
 
     let mut receive = vec![0u8; 64 * 1024];
     loop {

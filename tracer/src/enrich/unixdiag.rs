@@ -9,12 +9,12 @@
 
 use std::io;
 
-use netlink_packet_core::{NetlinkHeader, NetlinkMessage, NLM_F_DUMP, NLM_F_REQUEST};
 use netlink_packet_sock_diag::{
     unix::{ShowFlags, StateFlags, UnixRequest},
     SockDiagMessage,
 };
-use netlink_sys::{protocols::NETLINK_SOCK_DIAG, Socket, SocketAddr as NetlinkAddr};
+
+use super::sockdiag::send_dump;
 
 /// One bound AF_UNIX socket.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -99,26 +99,13 @@ fn parse_message(body: &[u8]) -> Option<UnixSocket> {
 
 /// Every AF_UNIX socket with a name (bound), in the calling thread's network namespace.
 pub(crate) fn bound_sockets() -> io::Result<Vec<UnixSocket>> {
-    let mut socket = Socket::new(NETLINK_SOCK_DIAG)?;
-    socket.bind_auto()?;
-    socket.connect(&NetlinkAddr::new(0, 0))?;
-    let mut header = NetlinkHeader::default();
-    header.flags = NLM_F_REQUEST | NLM_F_DUMP;
-    let mut request = NetlinkMessage::new(
-        header,
-        SockDiagMessage::UnixRequest(UnixRequest {
-            // Every state: listening, connected and unconnected (datagram) sockets.
-            state_flags: StateFlags::from_bits_retain(u32::MAX),
-            inode: 0,
-            show_flags: ShowFlags::NAME | ShowFlags::VFS,
-            cookie: [0; 8],
-        })
-        .into(),
-    );
-    request.finalize();
-    let mut buffer = vec![0; request.buffer_len()];
-    request.serialize(&mut buffer);
-    socket.send(&buffer, 0)?;
+    let socket = send_dump(SockDiagMessage::UnixRequest(UnixRequest {
+        // Every state: listening, connected and unconnected (datagram) sockets.
+        state_flags: StateFlags::from_bits_retain(u32::MAX),
+        inode: 0,
+        show_flags: ShowFlags::NAME | ShowFlags::VFS,
+        cookie: [0; 8],
+    }))?;
 
     let mut out = Vec::new();
     let mut receive = vec![0u8; 64 * 1024];

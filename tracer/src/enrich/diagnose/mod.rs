@@ -968,10 +968,10 @@ mod tests {
         event.addrlen = 8;
         assert!(run(&event, &[], &BindHistory::default()).summary.contains("addrlen 8 is too short"));
 
-        event.ret = -libc::EPERM;
+        event.ret = -libc::ENOMEM;
         let d = run(&event, &[], &BindHistory::default());
         assert_eq!(d.kind, "other");
-        assert_eq!(d.summary, "EPERM: Operation not permitted");
+        assert_eq!(d.summary, "ENOMEM: Out of memory");
         let mut ok = sample_event();
         ok.ret = 0;
         assert!(diagnose(&ok.into(), |_| None, &BindHistory::default()).is_none());
