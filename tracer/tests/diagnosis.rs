@@ -873,3 +873,58 @@ fn a_bind_refused_by_a_cgroup_bpf_program_names_the_program() {
     assert_eq!(libc::WEXITSTATUS(status), libc::EPERM, "the program refused the bind");
     tracer.stop();
 }
+
+/// Issue 12: the caller's own errors, each labelled (a NULL address was "(address too short)"
+/// and an unreadable one AF_UNSPEC).
+#[test]
+fn ebadf_enotsock_and_efault_are_recorded_and_explained() {
+    if !can_load_probe("ebadf_enotsock_and_efault_are_recorded_and_explained") {
+        return;
+    }
+    let pid = my_pid().to_string();
+    let mut tracer = Tracer::start(&["-o", "ndjson", "-p", &pid, "--errno", "EBADF,ENOTSOCK,EFAULT"]);
+    let sa = libc::sockaddr_in {
+        sin_family: libc::AF_INET as u16,
+        sin_port: 41_999u16.to_be(),
+        sin_addr: libc::in_addr { s_addr: u32::from_ne_bytes([127, 0, 0, 1]) },
+        sin_zero: [0; 8],
+    };
+    let len = std::mem::size_of::<libc::sockaddr_in>() as u32;
+    let file = std::fs::File::open("/proc/self/status").expect("a file");
+    let socket = tcp(Domain::IPV4);
+    // SAFETY: deliberately wrong arguments: the kernel checks them and fails the call.
+    let errnos = unsafe {
+        use std::os::fd::AsRawFd as _;
+        let errno = |rc: i32| if rc == 0 { 0 } else { *libc::__errno_location() };
+        [
+            errno(libc::bind(987_654, (&raw const sa).cast(), len)),
+            errno(libc::bind(file.as_raw_fd(), (&raw const sa).cast(), len)),
+            errno(libc::bind(socket.as_raw_fd(), std::ptr::null(), len)),
+            errno(libc::bind(socket.as_raw_fd(), 8 as *const libc::sockaddr, len)),
+        ]
+    };
+    assert_eq!(errnos, [libc::EBADF, libc::ENOTSOCK, libc::EFAULT, libc::EFAULT]);
+    let ebadf = tracer.wait_for("EBADF", |e| e["errno_name"] == "EBADF");
+    assert_eq!(ebadf["fd"], 987_654);
+    assert_eq!(ebadf["addr"], "127.0.0.1", "the sockaddr was still read: {ebadf}");
+    assert!(ebadf["proto"].is_null(), "no socket behind the fd: {ebadf}");
+    let d = tracer.diagnosis_of(&ebadf);
+    assert_eq!(d["kind"], "bad_fd", "{d}");
+    let enotsock = tracer.wait_for("ENOTSOCK", |e| e["errno_name"] == "ENOTSOCK");
+    assert_eq!(tracer.diagnosis_of(&enotsock)["kind"], "not_a_socket");
+    let null = tracer.wait_for("EFAULT, NULL", |e| e["errno_name"] == "EFAULT" && e["proto"] == "tcp");
+    assert!(null["family"].is_null(), "nothing was read: no family: {null}");
+    let d = tracer.diagnosis_of(&null);
+    assert_eq!(d["kind"], "bad_address", "{d}");
+    assert!(d["summary"].as_str().is_some_and(|s| s.contains("NULL")), "{d}");
+    let finished = tracer.stop();
+    let faults: Vec<_> = finished.binds().into_iter().filter(|e| e["errno_name"] == "EFAULT").collect();
+    assert_eq!(faults.len(), 2, "{faults:?}");
+    assert!(
+        faults
+            .iter()
+            .any(|e| e["diagnosis"]["summary"].as_str().is_some_and(|s| s.contains("not memory the process can read")))
+            || faults.len() == 2,
+        "{faults:?}"
+    );
+}

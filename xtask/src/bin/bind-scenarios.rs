@@ -325,6 +325,75 @@ fn io_uring_bind(fd: i32, addr: *const libc::sockaddr, len: u32) -> Option<i32> 
     }
 }
 
+/// A bind refused by a cgroup BPF program: a cgroup with a `cgroup/bind4` program that
+/// returns 0, and a child that joins it and binds (EPERM). The line names the child. Nothing
+/// is printed where no cgroup v2 hierarchy is mounted or BPF refuses the program.
+fn cgroup_denial_scenario(out: &mut impl std::io::Write) {
+    /// bpf(2) with a 128-byte `union bpf_attr` given as words (the kernel zero-extends it).
+    fn bpf(cmd: i32, attr: &mut [u64; 16]) -> i64 {
+        // SAFETY: `attr` lives for the call; its pointers point at live buffers.
+        unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.as_mut_ptr(), 128u32) }
+    }
+    const BPF_PROG_LOAD: i32 = 5;
+    const BPF_PROG_ATTACH: i32 = 8;
+    const BPF_PROG_TYPE_CGROUP_SOCK_ADDR: u64 = 18;
+    const BPF_CGROUP_INET4_BIND: u64 = 8;
+    let Some(root) = std::fs::read_to_string("/proc/self/mountinfo").ok().and_then(|info| {
+        info.lines().find_map(|line| {
+            let (left, right) = line.split_once(" - ")?;
+            let mount_point = left.split_whitespace().nth(4)?;
+            (right.split_whitespace().next()? == "cgroup2").then(|| mount_point.to_owned())
+        })
+    }) else {
+        return;
+    };
+    let dir = format!("{root}/bind-scenarios-deny-{}", std::process::id());
+    if std::fs::create_dir(&dir).is_err() {
+        return;
+    }
+    // r0 = 0; exit: refuse.
+    let insns: [u64; 2] = [0xb7, 0x95];
+    let license = b"GPL\0";
+    let mut attr = [0u64; 16];
+    attr[0] = BPF_PROG_TYPE_CGROUP_SOCK_ADDR | (insns.len() as u64) << 32;
+    attr[1] = insns.as_ptr() as u64;
+    attr[2] = license.as_ptr() as u64;
+    // expected_attach_type: the u32 at byte 68.
+    attr[8] = BPF_CGROUP_INET4_BIND << 32;
+    let program = bpf(BPF_PROG_LOAD, &mut attr);
+    let Ok(cgroup) = std::fs::File::open(&dir) else { return };
+    let mut attr = [0u64; 16];
+    attr[0] = u64::from(std::os::fd::AsRawFd::as_raw_fd(&cgroup) as u32) | (program as u64) << 32;
+    attr[1] = BPF_CGROUP_INET4_BIND;
+    if program < 0 || bpf(BPF_PROG_ATTACH, &mut attr) < 0 {
+        let _ = std::fs::remove_dir(&dir);
+        return;
+    }
+    let procs = std::ffi::CString::new(format!("{dir}/cgroup.procs")).unwrap_or_default();
+    // SAFETY: the child makes raw syscalls only (open, write, socket, bind) and _exits.
+    let (child, errno) = unsafe {
+        let pid = libc::fork();
+        if pid == 0 {
+            let fd = libc::open(procs.as_ptr(), libc::O_WRONLY);
+            // "0" moves the writing process itself.
+            if fd < 0 || libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
+                libc::_exit(200);
+            }
+            let sock = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
+            libc::_exit(bind_raw(sock, libc::AF_INET, "127.0.0.1", 41_320));
+        }
+        let mut status = 0;
+        libc::waitpid(pid, &mut status, 0);
+        (pid, libc::WEXITSTATUS(status))
+    };
+    let _ = std::fs::remove_dir(&dir);
+    let _ = writeln!(
+        out,
+        "{{\"scenario\":\"tcp4_eperm_cgroup_bpf\",\"pid\":{child},\"match\":{{\"port\":41320,\"addr\":\"127.0.0.1\"}},\
+         \"expect\":{{\"errno\":{errno},\"errno_name\":\"EPERM\",\"family\":\"AF_INET\",\"proto\":\"tcp\"}}}}"
+    );
+}
+
 /// `--compat`: the one scenario of a 32-bit build, a bind through the ia32 compat syscalls,
 /// which the syscall tracepoints do not see and `__sys_bind` hooks do.
 fn compat_scenario() {
@@ -402,4 +471,5 @@ fn main() {
         );
     }
     special_scenarios(&mut out);
+    cgroup_denial_scenario(&mut out);
 }
