@@ -540,6 +540,21 @@ pub fn check(scenarios: &[Value], events: &[Value], backend: &str) -> Vec<String
         if let Some(expect) = s["expect"].as_object() {
             let backend_field = ("backend".to_owned(), Value::from(backend));
             for (field, wanted) in expect.iter().chain([(&backend_field.0, &backend_field.1)]) {
+                if field == "diagnosis_kind" {
+                    // On the event, or in the `diagnosis` record that follows it with its seq.
+                    let diagnosis = if event["diagnosis"].is_object() {
+                        &event["diagnosis"]
+                    } else {
+                        events
+                            .iter()
+                            .find(|e| e["type"] == "diagnosis" && e["seq"] == event["seq"])
+                            .map_or(&Value::Null, |record| &record["diagnosis"])
+                    };
+                    if diagnosis["kind"] != *wanted {
+                        failures.push(format!("{name}: the diagnosis is {diagnosis}, expected kind {wanted}"));
+                    }
+                    continue;
+                }
                 if event[field] != *wanted {
                     failures.push(format!("{name}: {field} is {} in the event, expected {wanted}", event[field]));
                 }

@@ -153,7 +153,10 @@ fn special_scenarios(out: &mut impl std::io::Write) {
             out,
             "unix_path_eaddrinuse",
             format!("\"unix_path\":\"{shown}\",\"fd\":{second}"),
-            format!("\"errno\":{taken},\"errno_name\":\"EADDRINUSE\",\"family\":\"AF_UNIX\",\"port\":null"),
+            format!(
+                "\"errno\":{taken},\"errno_name\":\"EADDRINUSE\",\"family\":\"AF_UNIX\",\"port\":null,\
+                 \"diagnosis_kind\":\"in_use_self\""
+            ),
         );
         let (abstract_sa, abstract_len) = sockaddr_un(b"\0bind-scenarios");
         let datagram = libc::socket(libc::AF_UNIX, libc::SOCK_DGRAM, 0);
@@ -178,7 +181,7 @@ fn special_scenarios(out: &mut impl std::io::Write) {
             out,
             "ebadf",
             format!("\"fd\":{closed_fd}"),
-            format!("\"errno\":{err},\"errno_name\":\"EBADF\",\"proto\":null"),
+            format!("\"errno\":{err},\"errno_name\":\"EBADF\",\"proto\":null,\"diagnosis_kind\":\"bad_fd\""),
         );
         let mut pipe = [0; 2];
         libc::pipe(pipe.as_mut_ptr());
@@ -187,7 +190,7 @@ fn special_scenarios(out: &mut impl std::io::Write) {
             out,
             "enotsock",
             format!("\"fd\":{}", pipe[0]),
-            format!("\"errno\":{err},\"errno_name\":\"ENOTSOCK\",\"proto\":null"),
+            format!("\"errno\":{err},\"errno_name\":\"ENOTSOCK\",\"proto\":null,\"diagnosis_kind\":\"not_a_socket\""),
         );
         let sock = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
         let err = bind_ptr(sock, 8 as *const libc::sockaddr, v4_len);
@@ -195,7 +198,9 @@ fn special_scenarios(out: &mut impl std::io::Write) {
             out,
             "efault_unmapped",
             format!("\"fd\":{sock}"),
-            format!("\"errno\":{err},\"errno_name\":\"EFAULT\",\"family\":null,\"proto\":\"tcp\""),
+            format!(
+                "\"errno\":{err},\"errno_name\":\"EFAULT\",\"family\":null,\"proto\":\"tcp\",\"diagnosis_kind\":\"bad_address\""
+            ),
         );
         // listen() after two SO_REUSEADDR binds of one address: the second listen fails.
         for (family, addr, port) in [(libc::AF_INET, "127.0.0.1", 41_201), (libc::AF_INET6, "::1", 41_202)] {
@@ -224,7 +229,7 @@ fn special_scenarios(out: &mut impl std::io::Write) {
                 if family == libc::AF_INET { "tcp4_listen_eaddrinuse" } else { "tcp6_listen_eaddrinuse" },
                 format!("\"op\":\"listen\",\"port\":{port}"),
                 format!(
-                    "\"errno\":{listen_errno},\"errno_name\":\"EADDRINUSE\",\"addr\":\"{addr}\",\"family\":\"{}\",\"proto\":\"tcp\",\"reuseaddr\":true",
+                    "\"errno\":{listen_errno},\"errno_name\":\"EADDRINUSE\",\"addr\":\"{addr}\",\"family\":\"{}\",\"proto\":\"tcp\",\"reuseaddr\":true,\"diagnosis_kind\":\"listen_in_use\"",
                     if family == libc::AF_INET { "AF_INET" } else { "AF_INET6" }
                 ),
             );
@@ -472,4 +477,8 @@ fn main() {
     }
     special_scenarios(&mut out);
     cgroup_denial_scenario(&mut out);
+    // The holders are this process's sockets: it stays a moment, so that the diagnoses find
+    // them in place rather than released.
+    let _ = out.flush();
+    std::thread::sleep(std::time::Duration::from_millis(1500));
 }
