@@ -269,9 +269,9 @@ fn special_scenarios(out: &mut impl std::io::Write) {
 fn io_uring_bind(fd: i32, addr: *const libc::sockaddr, len: u32) -> Option<i32> {
     const IORING_OP_BIND: u8 = 56;
     const IORING_ENTER_GETEVENTS: u32 = 1;
-    const IORING_OFF_SQ_RING: i64 = 0;
-    const IORING_OFF_CQ_RING: i64 = 0x800_0000;
-    const IORING_OFF_SQES: i64 = 0x1000_0000;
+    const IORING_OFF_SQ_RING: libc::off_t = 0;
+    const IORING_OFF_CQ_RING: libc::off_t = 0x800_0000;
+    const IORING_OFF_SQES: libc::off_t = 0x1000_0000;
     /// `struct io_uring_params` (UAPI): 10 u32s, then the SQ and CQ ring offsets (10 u32s and
     /// a u64 each, as 40 bytes).
     #[repr(C)]
@@ -290,7 +290,7 @@ fn io_uring_bind(fd: i32, addr: *const libc::sockaddr, len: u32) -> Option<i32> 
         if ring < 0 {
             return None;
         }
-        let map = |size: usize, offset: i64| {
+        let map = |size: usize, offset: libc::off_t| {
             let at = libc::mmap(
                 std::ptr::null_mut(),
                 size,
@@ -335,7 +335,7 @@ fn io_uring_bind(fd: i32, addr: *const libc::sockaddr, len: u32) -> Option<i32> 
 /// is printed where no cgroup v2 hierarchy is mounted or BPF refuses the program.
 fn cgroup_denial_scenario(out: &mut impl std::io::Write) {
     /// bpf(2) with a 128-byte `union bpf_attr` given as words (the kernel zero-extends it).
-    fn bpf(cmd: i32, attr: &mut [u64; 16]) -> i64 {
+    fn bpf(cmd: i32, attr: &mut [u64; 16]) -> libc::c_long {
         // SAFETY: `attr` lives for the call; its pointers point at live buffers.
         unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.as_mut_ptr(), 128u32) }
     }
