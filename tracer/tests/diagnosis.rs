@@ -928,3 +928,59 @@ fn ebadf_enotsock_and_efault_are_recorded_and_explained() {
         "{faults:?}"
     );
 }
+
+/// Issue 12: a holder with no process (a VXLAN device's UDP socket, which the kernel holds)
+/// is said to be the kernel's, not a process that "exited"; where some processes cannot be
+/// looked at, it is "not visible" instead, never absent.
+#[test]
+fn a_port_held_by_a_kernel_socket_is_said_to_be_the_kernels() {
+    if !can_load_probe("a_port_held_by_a_kernel_socket_is_said_to_be_the_kernels") {
+        return;
+    }
+    let netns = NamedNetns::new("bindtrace-vxlan");
+    netns.ip(&["link", "set", "lo", "up"]);
+    netns.ip(&["link", "add", "vxlan0", "type", "vxlan", "id", "42", "dstport", "4789", "dev", "lo"]);
+    netns.ip(&["link", "set", "vxlan0", "up"]);
+    let mut tracer = Tracer::start(&["-o", "ndjson", "-P", "4789", "--errno", "EADDRINUSE"]);
+    let path = std::ffi::CString::new(format!("/run/netns/{}", netns.0)).expect("path");
+    // SAFETY: the child makes raw syscalls only (open, setns, socket, bind) and _exits.
+    let child = unsafe {
+        let pid = libc::fork();
+        assert!(pid >= 0, "fork");
+        if pid == 0 {
+            let fd = libc::open(path.as_ptr(), libc::O_RDONLY);
+            if fd < 0 || libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                libc::_exit(100);
+            }
+            let sa = libc::sockaddr_in {
+                sin_family: libc::AF_INET as u16,
+                sin_port: 4789u16.to_be(),
+                sin_addr: libc::in_addr { s_addr: 0 },
+                sin_zero: [0; 8],
+            };
+            let sock = libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0);
+            let rc = libc::bind(sock, (&raw const sa).cast(), std::mem::size_of::<libc::sockaddr_in>() as u32);
+            let errno = if rc == 0 { 0 } else { *libc::__errno_location() };
+            let linger = libc::timespec { tv_sec: 3, tv_nsec: 0 };
+            libc::nanosleep(&linger, std::ptr::null_mut());
+            libc::_exit(errno);
+        }
+        pid
+    };
+    let event = tracer.wait_for("EADDRINUSE on 4789", |e| e["pid"] == child);
+    let d = tracer.diagnosis_of(&event);
+    assert_eq!(d["kind"], "in_use", "{d}");
+    let holder = &d["holders"][0];
+    assert_eq!(holder["processes"], serde_json::json!([]), "no process holds a VXLAN socket: {d}");
+    let summary = d["summary"].as_str().expect("summary");
+    if holder["processes_hidden"].is_null() {
+        assert!(summary.contains("the kernel holds it"), "{summary}");
+    } else {
+        assert!(summary.contains("cannot see") && !summary.contains("exited"), "{summary}");
+    }
+    let mut status = 0;
+    // SAFETY: our own child.
+    unsafe { libc::waitpid(child, &mut status, 0) };
+    assert_eq!(libc::WEXITSTATUS(status), libc::EADDRINUSE);
+    tracer.stop();
+}

@@ -691,7 +691,7 @@ mod tests {
     use crate::{
         decode::tests::sample_event,
         enrich::{
-            lookup::{OwnersSeen, SocketTable},
+            lookup::{OwnersSeen, ProcessCaps, SocketTable},
             owners::ProcessInfo,
         },
     };
@@ -927,6 +927,36 @@ mod tests {
         assert_eq!(d.facts.address_assigned, Some(false));
         assert!(is_local_address("127.0.0.53".parse().expect("ip"), &[IpAddr::V4(Ipv4Addr::LOCALHOST)]));
         assert!(!is_local_address("10.0.0.1".parse().expect("ip"), &[IpAddr::V4(Ipv4Addr::LOCALHOST)]));
+    }
+
+    /// Issue 12: EACCES/EPERM that capabilities do not explain: the cgroup program in force
+    /// is named first, then an active LSM; with neither known, the generic wording stays.
+    #[test]
+    fn refusals_by_a_cgroup_program_or_an_lsm() {
+        let mut event = sample_event();
+        event.ret = -libc::EPERM;
+        let netns = Facts::Netns(Ok(NetnsFacts { unprivileged_port_start: Some(1024), ..Default::default() }));
+        let with = |policy: BindPolicy| {
+            let facts = vec![
+                (LookupKey::Netns { netns: event.netns_ino }, netns.clone()),
+                (LookupKey::Process { pid: event.tgid }, Facts::Process(Ok(ProcessCaps { effective: 0, policy }))),
+            ];
+            run(&event, &facts, &BindHistory::default())
+        };
+        let d = with(BindPolicy {
+            cgroup_dir: Some("/sys/fs/cgroup/app.slice".into()),
+            bind4_programs: Ok(vec![42]),
+            ..BindPolicy::default()
+        });
+        assert_eq!(d.kind, "refused_by_cgroup_bpf");
+        assert!(d.summary.contains("/sys/fs/cgroup/app.slice (program id 42)"), "{}", d.summary);
+        assert_eq!(d.facts.cgroup_bind_programs, Some(vec![42]));
+        let d = with(BindPolicy { lsms: Some(vec!["capability".into(), "apparmor".into()]), ..BindPolicy::default() });
+        assert_eq!(d.kind, "refused_by_lsm");
+        assert!(d.summary.contains("no cgroup BPF bind program is in force, and apparmor is active"), "{}", d.summary);
+        let d = with(BindPolicy::default());
+        assert_eq!(d.kind, "refused_by_policy");
+        assert!(d.unknown.iter().any(|u| u.contains("LSMs could not be read")), "{:?}", d.unknown);
     }
 
     /// Issue 12: a tentative IPv6 address got "missing (or, for IPv6, still tentative)".
