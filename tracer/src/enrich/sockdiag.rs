@@ -164,12 +164,74 @@ fn dump(proto: Proto, family: u8, port: Option<u16>, out: &mut Vec<DiagSocket>) 
 }
 
 /// Every TCP or UDP socket, IPv4 and IPv6, whose local port is `port` (all ports with
-/// `None`), in the calling thread's network namespace.
+/// `None`), in the calling thread's network namespace. Through sock_diag; where the kernel
+/// cannot answer it (inet_diag is a module, and a container or a minimal system may not be
+/// able to load it: ENOENT), from `/proc/net/{tcp,udp}{,6}` instead, which lists the same
+/// sockets without IPV6_V6ONLY.
 pub fn sockets_on_port(proto: Proto, port: Option<u16>) -> io::Result<Vec<DiagSocket>> {
     let mut out = Vec::new();
-    dump(proto, AF_INET, port, &mut out)?;
-    dump(proto, AF_INET6, port, &mut out)?;
-    Ok(out)
+    let netlink = dump(proto, AF_INET, port, &mut out).and_then(|()| dump(proto, AF_INET6, port, &mut out));
+    match netlink {
+        Ok(()) => Ok(out),
+        Err(err) => {
+            log::debug!("sock_diag for {}: {err}; reading /proc/net instead", proto.name());
+            let mut from_proc = proc_net_sockets(proto, false, port).map_err(|_| err)?;
+            from_proc.extend(proc_net_sockets(proto, true, port).unwrap_or_default());
+            Ok(from_proc)
+        }
+    }
+}
+
+/// The sockets of `/proc/thread-self/net/{tcp,udp}{,6}` (the calling thread's namespace)
+/// whose local port is `port` (all with `None`).
+fn proc_net_sockets(proto: Proto, v6: bool, port: Option<u16>) -> io::Result<Vec<DiagSocket>> {
+    let file = format!("/proc/thread-self/net/{}{}", proto.name(), if v6 { "6" } else { "" });
+    let text = std::fs::read_to_string(file)?;
+    // Timers are printed in clock ticks (USER_HZ).
+    // SAFETY: sysconf has no preconditions.
+    let ticks_per_second = u64::try_from(unsafe { libc::sysconf(libc::_SC_CLK_TCK) }).unwrap_or(100).max(1);
+    Ok(text
+        .lines()
+        .skip(1)
+        .filter_map(|line| parse_proc_net_line(line, proto, ticks_per_second))
+        .filter(|s| port.is_none_or(|p| s.local.port() == p))
+        .collect())
+}
+
+/// "ADDR:PORT" as /proc/net prints it: the address's 32-bit words in host byte order, in hex.
+fn proc_net_endpoint(text: &str) -> Option<SocketAddr> {
+    let (addr, port) = text.split_once(':')?;
+    let port = u16::from_str_radix(port, 16).ok()?;
+    let words: Vec<u32> = (0..addr.len() / 8)
+        .map(|i| u32::from_str_radix(addr.get(i * 8..i * 8 + 8)?, 16).ok())
+        .collect::<Option<_>>()?;
+    let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_ne_bytes()).collect();
+    let ip = match bytes.len() {
+        4 => std::net::IpAddr::from(<[u8; 4]>::try_from(bytes).ok()?),
+        16 => std::net::IpAddr::from(<[u8; 16]>::try_from(bytes).ok()?),
+        _ => return None,
+    };
+    Some(SocketAddr::new(ip, port))
+}
+
+/// `sl local rem st tx:rx tr:when retrnsmt uid timeout inode ...`
+fn parse_proc_net_line(line: &str, proto: Proto, ticks_per_second: u64) -> Option<DiagSocket> {
+    let fields: Vec<&str> = line.split_whitespace().collect();
+    let (timer, when) = fields.get(5)?.split_once(':')?;
+    let timer_ms = (timer != "00")
+        .then(|| u64::from_str_radix(when, 16).ok())
+        .flatten()
+        .map(|ticks| u32::try_from(ticks * 1000 / ticks_per_second).unwrap_or(u32::MAX));
+    Some(DiagSocket {
+        proto,
+        local: proc_net_endpoint(fields.get(1)?)?,
+        peer: proc_net_endpoint(fields.get(2)?)?,
+        state: u8::from_str_radix(fields.get(3)?, 16).ok()?,
+        uid: fields.get(7)?.parse().ok()?,
+        inode: fields.get(9)?.parse().ok()?,
+        timer_ms,
+        v6only: None,
+    })
 }
 
 #[cfg(test)]
@@ -183,6 +245,27 @@ mod tests {
 
     fn inode_of_fd(fd: i32) -> u32 {
         std::fs::metadata(format!("/proc/self/fd/{fd}")).map(|m| m.ino() as u32).expect("fd inode")
+    }
+
+    /// The /proc/net fallback reads the same sockets as sock_diag.
+    #[test]
+    fn proc_net_lists_what_sock_diag_lists() {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("listen");
+        let port = listener.local_addr().expect("addr").port();
+        let udp6 = UdpSocket::bind("[::1]:0").expect("udp6");
+        let udp_port = udp6.local_addr().expect("addr").port();
+        let from_proc = proc_net_sockets(Proto::Tcp, false, Some(port)).expect("/proc/net/tcp");
+        let from_diag = sockets_on_port(Proto::Tcp, Some(port)).expect("dump");
+        assert_eq!(from_proc.len(), 1, "{from_proc:#?}");
+        let diag = from_diag.iter().find(|s| s.state == TCP_LISTEN).expect("listener");
+        assert_eq!(
+            (from_proc[0].local, from_proc[0].state, from_proc[0].inode, from_proc[0].uid),
+            (diag.local, diag.state, diag.inode, diag.uid)
+        );
+        let v6 = proc_net_sockets(Proto::Udp, true, Some(udp_port)).expect("/proc/net/udp6");
+        assert_eq!(v6.len(), 1);
+        assert_eq!(v6[0].local, udp6.local_addr().expect("addr"));
+        assert_eq!(state_name(Proto::Udp, v6[0].state), "UNCONN");
     }
 
     #[test]
