@@ -385,7 +385,11 @@ fn cgroup_denial_scenario(out: &mut impl std::io::Write) {
                 libc::_exit(200);
             }
             let sock = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
-            libc::_exit(bind_raw(sock, libc::AF_INET, "127.0.0.1", 41_320));
+            let errno = bind_raw(sock, libc::AF_INET, "127.0.0.1", 41_320);
+            // Stays in the cgroup while bindtrace looks at what is in force there.
+            let linger = libc::timespec { tv_sec: 1, tv_nsec: 500_000_000 };
+            libc::nanosleep(&linger, std::ptr::null_mut());
+            libc::_exit(errno);
         }
         let mut status = 0;
         libc::waitpid(pid, &mut status, 0);
@@ -395,7 +399,8 @@ fn cgroup_denial_scenario(out: &mut impl std::io::Write) {
     let _ = writeln!(
         out,
         "{{\"scenario\":\"tcp4_eperm_cgroup_bpf\",\"pid\":{child},\"match\":{{\"port\":41320,\"addr\":\"127.0.0.1\"}},\
-         \"expect\":{{\"errno\":{errno},\"errno_name\":\"EPERM\",\"family\":\"AF_INET\",\"proto\":\"tcp\"}}}}"
+         \"expect\":{{\"errno\":{errno},\"errno_name\":\"EPERM\",\"family\":\"AF_INET\",\"proto\":\"tcp\",\
+         \"diagnosis_kind\":\"refused_by_cgroup_bpf\"}}}}"
     );
 }
 
