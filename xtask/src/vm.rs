@@ -523,6 +523,10 @@ pub fn check(scenarios: &[Value], events: &[Value], backend: &str) -> Vec<String
     }
     for s in scenarios {
         let name = s["scenario"].as_str().unwrap_or("?");
+        if let Some(why) = s["setup_error"].as_str() {
+            failures.push(format!("{name}: its setup failed: {why}"));
+            continue;
+        }
         // A bind some backends cannot see by design (io_uring's, under the syscall
         // tracepoints): under those, seeing it would make the README's table wrong.
         if let Some(seen_by) = s["seen_by"].as_array() {

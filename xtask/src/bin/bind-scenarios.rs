@@ -331,9 +331,9 @@ fn io_uring_bind(fd: i32, addr: *const libc::sockaddr, len: u32) -> Option<i32> 
 }
 
 /// A bind refused by a cgroup BPF program: a cgroup with a `cgroup/bind4` program that
-/// returns 0, and a child that joins it and binds (EPERM). The line names the child. Nothing
-/// is printed where no cgroup v2 hierarchy is mounted or BPF refuses the program.
-fn cgroup_denial_scenario(out: &mut impl std::io::Write) {
+/// returns 0, and a child that joins it and binds (EPERM). The line names the child; where
+/// the setup fails it says which step, and the matrix counts that as a failure.
+fn cgroup_denial_scenario(out: &mut dyn std::io::Write) {
     /// bpf(2) with a 128-byte `union bpf_attr` given as words (the kernel zero-extends it).
     fn bpf(cmd: i32, attr: &mut [u64; 16]) -> libc::c_long {
         // SAFETY: `attr` lives for the call; its pointers point at live buffers.
@@ -350,11 +350,20 @@ fn cgroup_denial_scenario(out: &mut impl std::io::Write) {
             (right.split_whitespace().next()? == "cgroup2").then(|| mount_point.to_owned())
         })
     }) else {
-        return;
+        return setup_error_no_dir(out);
     };
     let dir = format!("{root}/bind-scenarios-deny-{}", std::process::id());
+    // A setup that fails is said, so that the matrix fails rather than skips the scenario.
+    let setup_error = |out: &mut dyn std::io::Write, step: &str| {
+        let err = std::io::Error::last_os_error();
+        let _ = writeln!(
+            out,
+            "{{\"scenario\":\"tcp4_eperm_cgroup_bpf\",\"pid\":{},\"setup_error\":\"{step}: {err}\"}}",
+            std::process::id()
+        );
+    };
     if std::fs::create_dir(&dir).is_err() {
-        return;
+        return setup_error(out, &format!("mkdir {dir}"));
     }
     // r0 = 0; exit: refuse.
     let insns: [u64; 2] = [0xb7, 0x95];
@@ -366,11 +375,16 @@ fn cgroup_denial_scenario(out: &mut impl std::io::Write) {
     // expected_attach_type: the u32 at byte 68.
     attr[8] = BPF_CGROUP_INET4_BIND << 32;
     let program = bpf(BPF_PROG_LOAD, &mut attr);
-    let Ok(cgroup) = std::fs::File::open(&dir) else { return };
+    if program < 0 {
+        let _ = std::fs::remove_dir(&dir);
+        return setup_error(out, "BPF_PROG_LOAD");
+    }
+    let Ok(cgroup) = std::fs::File::open(&dir) else { return setup_error(out, "open the cgroup") };
     let mut attr = [0u64; 16];
     attr[0] = u64::from(std::os::fd::AsRawFd::as_raw_fd(&cgroup) as u32) | (program as u64) << 32;
     attr[1] = BPF_CGROUP_INET4_BIND;
-    if program < 0 || bpf(BPF_PROG_ATTACH, &mut attr) < 0 {
+    if bpf(BPF_PROG_ATTACH, &mut attr) < 0 {
+        setup_error(out, "BPF_PROG_ATTACH");
         let _ = std::fs::remove_dir(&dir);
         return;
     }
@@ -401,6 +415,14 @@ fn cgroup_denial_scenario(out: &mut impl std::io::Write) {
         "{{\"scenario\":\"tcp4_eperm_cgroup_bpf\",\"pid\":{child},\"match\":{{\"port\":41320,\"addr\":\"127.0.0.1\"}},\
          \"expect\":{{\"errno\":{errno},\"errno_name\":\"EPERM\",\"family\":\"AF_INET\",\"proto\":\"tcp\",\
          \"diagnosis_kind\":\"refused_by_cgroup_bpf\"}}}}"
+    );
+}
+
+fn setup_error_no_dir(out: &mut dyn std::io::Write) {
+    let _ = writeln!(
+        out,
+        "{{\"scenario\":\"tcp4_eperm_cgroup_bpf\",\"pid\":{},\"setup_error\":\"no cgroup2 hierarchy is mounted\"}}",
+        std::process::id()
     );
 }
 
