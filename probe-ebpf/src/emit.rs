@@ -258,8 +258,10 @@ pub(crate) fn complete<C: EbpfContext>(ctx: &C, caller: Caller, r: Returned) {
                 )
             };
             if copied != 0 {
+                // Not "(autobind)": the path was there but could not be read.
                 (*record).path_len = 0;
-                (*record).event.sock_flags |= sock_flags::ADDR_FAULT;
+                (*record).event.sock_flags =
+                    ((*record).event.sock_flags & !sock_flags::ADDR_READ) | sock_flags::ADDR_FAULT;
             }
         }
         entry.submit(wakeup_flags(cfg, now));

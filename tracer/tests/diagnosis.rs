@@ -984,3 +984,44 @@ fn a_port_held_by_a_kernel_socket_is_said_to_be_the_kernels() {
     assert_eq!(libc::WEXITSTATUS(status), libc::EADDRINUSE);
     tracer.stop();
 }
+
+/// Issue 12 (review): EACCES on a unix path is a directory's permission, not a port rule.
+#[test]
+fn a_unix_path_in_a_directory_the_caller_may_not_write_is_explained() {
+    if !can_load_probe("a_unix_path_in_a_directory_the_caller_may_not_write_is_explained") {
+        return;
+    }
+    let dir = TempDir::new("unix-eacces");
+    std::fs::set_permissions(&dir.0, std::os::unix::fs::PermissionsExt::from_mode(0o755)).expect("chmod");
+    let path = dir.0.join("app.sock");
+    let mut tracer = Tracer::start(&["-o", "ndjson", "--family", "unix", "-x"]);
+    let path_bytes = path.as_os_str().as_encoded_bytes().to_vec();
+    // SAFETY: the child makes raw syscalls only (setresgid/uid, socket, bind) and _exits.
+    let child = unsafe {
+        let pid = libc::fork();
+        assert!(pid >= 0, "fork");
+        if pid == 0 {
+            if libc::setresgid(65534, 65534, 65534) != 0 || libc::setresuid(65534, 65534, 65534) != 0 {
+                libc::_exit(100);
+            }
+            let mut sa: libc::sockaddr_un = std::mem::zeroed();
+            sa.sun_family = libc::AF_UNIX as u16;
+            for (slot, byte) in sa.sun_path.iter_mut().zip(&path_bytes) {
+                *slot = *byte as libc::c_char;
+            }
+            let sock = libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0);
+            let rc = libc::bind(sock, (&raw const sa).cast(), (2 + path_bytes.len()) as u32);
+            libc::_exit(if rc == 0 { 0 } else { *libc::__errno_location() });
+        }
+        pid
+    };
+    let mut status = 0;
+    // SAFETY: our own child.
+    unsafe { libc::waitpid(child, &mut status, 0) };
+    assert_eq!(libc::WEXITSTATUS(status), libc::EACCES, "uid 65534 may not create a file in a 0755 root directory");
+    let event = tracer.wait_for("EACCES", |e| e["pid"] == child);
+    assert_eq!(event["unix_path"], path.display().to_string());
+    let d = tracer.diagnosis_of(&event);
+    assert_eq!(d["kind"], "unix_path_permission", "{d}");
+    tracer.stop();
+}

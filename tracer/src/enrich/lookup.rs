@@ -361,14 +361,24 @@ impl Lookups {
     fn unix_facts(&mut self, netns: u32, pid: u32, path: &UnixPath) -> Result<UnixFacts, String> {
         let dumped_at = Instant::now();
         let (file, looked_at) = unix_file(pid, path);
+        // With /proc/net/unix (no unix_diag) sockets match by name only: a holder that bound
+        // another spelling of the path (relative, through a bind mount) is missed.
+        let by_name_only = std::sync::atomic::AtomicBool::new(false);
         let dump = |ns: &Netns| -> Result<Vec<UnixSocket>, String> {
-            ns.run(|| bound_sockets().or_else(|_| bound_sockets_from_proc()))
-                .map_err(|e| format!("{e:#}"))?
-                .map_err(|e| format!("unix socket dump failed: {e}"))
+            ns.run(|| {
+                bound_sockets().or_else(|_| {
+                    by_name_only.store(true, std::sync::atomic::Ordering::Relaxed);
+                    bound_sockets_from_proc()
+                })
+            })
+            .map_err(|e| format!("{e:#}"))?
+            .map_err(|e| format!("unix socket dump failed: {e}"))
         };
         let wanted = |socket: &UnixSocket| match (&file, socket.file) {
+            // unix_diag reports the low 32 bits of the file's inode (filesystems with 64-bit
+            // inodes: XFS inode64, tmpfs inode64, overlayfs xino).
             (UnixFile::Socket { ino, dev, .. }, Some((socket_ino, socket_dev))) => {
-                u64::from(socket_ino) == *ino && kernel_dev_to_user(socket_dev) == *dev
+                *ino as u32 == socket_ino && kernel_dev_to_user(socket_dev) == *dev
             }
             // An abstract name, or a dump without socket files (/proc/net/unix): by name.
             _ => socket.name == path.as_bytes(),
@@ -378,7 +388,9 @@ impl Lookups {
         let (mut searched, mut unsearchable) = (1, 0);
         if found.is_empty() && matches!(file, UnixFile::Socket { .. }) {
             let (others, unreadable) = super::netns::other_namespaces(u64::from(netns));
-            unsearchable += unreadable;
+            // In a PID namespace of its own bindtrace sees only that namespace's processes,
+            // so namespaces of others may be missing from the list.
+            unsearchable += unreadable + usize::from(in_own_pid_namespace());
             for path in others {
                 match Netns::open_path(&path).map_err(|e| format!("{e:#}")).and_then(|ns| dump(&ns)) {
                     Ok(sockets) => {
@@ -413,7 +425,8 @@ impl Lookups {
             file,
             holders,
             namespaces_searched: searched,
-            namespaces_unsearchable: unsearchable,
+            namespaces_unsearchable: unsearchable
+                + usize::from(by_name_only.load(std::sync::atomic::Ordering::Relaxed)),
         })
     }
 
@@ -458,25 +471,52 @@ impl Lookups {
     }
 }
 
-/// The file at `path` as process `pid` sees it: through `/proc/PID/root` (its mount
-/// namespace and root) for an absolute path, `/proc/PID/cwd` for a relative one; from
-/// bindtrace's own view when the process is gone. Not followed if it is a symlink: bind()
-/// refuses a symlink as it refuses any existing file.
+/// The file at `path` as process `pid` sees it: resolved inside its root
+/// (`/proc/PID/root`, with `openat2(RESOLVE_IN_ROOT)`, so that absolute symlinks on the way
+/// such as `/var/run -> /run` stay in the process's view), a relative path from its working
+/// directory. The last component is not followed: bind() refuses a symlink as it refuses any
+/// existing file. When the process cannot be looked at, the file is not called missing.
 fn unix_file(pid: u32, path: &UnixPath) -> (UnixFile, Option<String>) {
     use std::os::unix::fs::{FileTypeExt as _, MetadataExt as _};
     let Some(file) = path.filesystem_path() else {
         return (UnixFile::NoFile, None);
     };
-    let relative = file.strip_prefix("/").unwrap_or(&file);
-    let base = if file.is_absolute() { format!("/proc/{pid}/root") } else { format!("/proc/{pid}/cwd") };
-    let through_process = std::path::Path::new(&base).join(relative);
-    let (at, metadata) = match std::fs::symlink_metadata(&through_process) {
-        Err(err) if !std::path::Path::new(&format!("/proc/{pid}")).exists() && file.is_absolute() => {
-            log::debug!("{}: {err}; pid {pid} is gone, looking from bindtrace's view", through_process.display());
-            (file.display().to_string(), std::fs::symlink_metadata(&file))
+    if in_own_pid_namespace() {
+        return (
+            UnixFile::Unreadable(format!(
+                "{}: bindtrace runs in its own PID namespace and cannot see the process's files",
+                file.display()
+            )),
+            None,
+        );
+    }
+    let in_root = if file.is_absolute() {
+        file.clone()
+    } else {
+        match std::fs::read_link(format!("/proc/{pid}/cwd")) {
+            Ok(cwd) => cwd.join(&file),
+            Err(err) => {
+                return (
+                    UnixFile::Unreadable(format!(
+                        "{}: a relative path, and the working directory of pid {pid} cannot be read ({err})",
+                        file.display()
+                    )),
+                    None,
+                )
+            }
         }
-        other => (through_process.display().to_string(), other),
     };
+    let shown = format!("/proc/{pid}/root{}", in_root.display());
+    let metadata = std::fs::File::open(format!("/proc/{pid}/root"))
+        .and_then(|root| {
+            use nix::fcntl::{openat2, OFlag, OpenHow, ResolveFlag};
+            let how = OpenHow::new()
+                .flags(OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC)
+                .resolve(ResolveFlag::RESOLVE_IN_ROOT);
+            let fd = openat2(&root, in_root.as_path(), how).map_err(std::io::Error::from)?;
+            std::fs::File::from(fd).metadata()
+        })
+        .map_err(|err| (err.kind(), err));
     let state = match metadata {
         Ok(meta) if meta.file_type().is_socket() => {
             UnixFile::Socket { ino: meta.ino(), dev: meta.dev(), uid: meta.uid(), mtime_s: meta.mtime() }
@@ -490,10 +530,13 @@ fn unix_file(pid: u32, path: &UnixPath) -> (UnixFile, Option<String>) {
                 _ => "regular file",
             },
         },
-        Err(err) if err.kind() == std::io::ErrorKind::NotFound => UnixFile::Missing,
-        Err(err) => UnixFile::Unreadable(format!("{at}: {err}")),
+        // Missing only when the process's root could be entered and the path was not there.
+        Err((std::io::ErrorKind::NotFound, _)) if std::path::Path::new(&format!("/proc/{pid}")).exists() => {
+            UnixFile::Missing
+        }
+        Err((_, err)) => UnixFile::Unreadable(format!("{shown}: {err}")),
     };
-    (state, Some(at))
+    (state, Some(shown))
 }
 
 #[cfg(test)]

@@ -16,8 +16,8 @@ pub(crate) struct BindPolicy {
     /// The process's cgroup v2 directory (`/sys/fs/cgroup/...`), when the unified hierarchy
     /// is mounted and the process is in it.
     pub cgroup_dir: Option<PathBuf>,
-    /// Ids of the BPF programs in force on that cgroup for IPv4 and IPv6 binds, or why
-    /// they could not be listed.
+    /// Ids of the BPF programs in force on that cgroup for IPv4 and IPv6 binds (bind and
+    /// post_bind hooks, which both can refuse with EPERM), or why they could not be listed.
     pub bind4_programs: Result<Vec<u32>, String>,
     pub bind6_programs: Result<Vec<u32>, String>,
     /// `/sys/kernel/security/lsm` (`lockdown,capability,yama,apparmor`), when securityfs
@@ -84,9 +84,14 @@ pub(crate) fn bind_policy(pid: u32) -> BindPolicy {
         }
         None => Err("no cgroup v2 hierarchy is mounted, or the process is not in it".to_owned()),
     };
+    let both = |bind, post_bind| -> Result<Vec<u32>, String> {
+        let mut ids = query(bind)?;
+        ids.extend(query(post_bind)?);
+        Ok(ids)
+    };
     BindPolicy {
-        bind4_programs: query(bpf_attach_type::BPF_CGROUP_INET4_BIND),
-        bind6_programs: query(bpf_attach_type::BPF_CGROUP_INET6_BIND),
+        bind4_programs: both(bpf_attach_type::BPF_CGROUP_INET4_BIND, bpf_attach_type::BPF_CGROUP_INET4_POST_BIND),
+        bind6_programs: both(bpf_attach_type::BPF_CGROUP_INET6_BIND, bpf_attach_type::BPF_CGROUP_INET6_POST_BIND),
         cgroup_dir,
         lsms,
     }

@@ -49,6 +49,7 @@ pub fn needed_lookups(event: &Bind) -> Vec<LookupKey> {
             Some(proto) => vec![LookupKey::Sockets { netns, proto }],
             None => Vec::new(),
         },
+        Some(libc::EACCES | libc::EPERM) if event.family == AF_UNIX => Vec::new(),
         Some(libc::EACCES | libc::EPERM) => vec![LookupKey::Netns { netns }, LookupKey::Process { pid: event.tgid }],
         Some(libc::EADDRNOTAVAIL) => vec![LookupKey::Netns { netns }],
         _ => Vec::new(),
@@ -396,8 +397,11 @@ fn policy_refusal(
         _ => return None,
     };
     let cgroup = policy.cgroup_dir.as_ref().map_or_else(|| "its cgroup".to_owned(), |d| d.display().to_string());
+    // A cgroup program refuses with EPERM (unless it sets another error itself): for EACCES,
+    // one in force is a fact, not the cause.
+    let eperm = event.errno() == Some(libc::EPERM);
     match programs {
-        Ok(ids) if !ids.is_empty() => {
+        Ok(ids) if !ids.is_empty() && eperm => {
             facts.cgroup_bind_programs = Some(ids.clone());
             let list = ids.iter().map(u32::to_string).collect::<Vec<_>>().join(", ");
             return Some((
@@ -628,6 +632,16 @@ pub fn diagnose<'a>(
                 },
             }
         }
+        libc::EACCES | libc::EPERM if event.family == AF_UNIX => caller_error(
+            "unix_path_permission",
+            &format!(
+                "pid {} ({}) may not create {}: a directory on the way does not let it search or write there \
+                 (EACCES), or a policy refused it; check the directory's owner and mode",
+                event.tgid,
+                comm_text(&event.comm),
+                event.endpoint()
+            ),
+        ),
         libc::EACCES | libc::EPERM | libc::EADDRNOTAVAIL => {
             let netns_key = LookupKey::Netns { netns: event.netns_ino };
             let netns = match facts(&netns_key) {
@@ -951,6 +965,20 @@ mod tests {
         assert_eq!(d.kind, "refused_by_cgroup_bpf");
         assert!(d.summary.contains("/sys/fs/cgroup/app.slice (program id 42)"), "{}", d.summary);
         assert_eq!(d.facts.cgroup_bind_programs, Some(vec![42]));
+        // EACCES is not what a cgroup program returns: its presence is not named the cause.
+        let mut eacces = event;
+        eacces.ret = -libc::EACCES;
+        let facts = vec![
+            (LookupKey::Netns { netns: eacces.netns_ino }, netns.clone()),
+            (
+                LookupKey::Process { pid: eacces.tgid },
+                Facts::Process(Ok(ProcessCaps {
+                    effective: 0,
+                    policy: BindPolicy { bind4_programs: Ok(vec![42]), ..BindPolicy::default() },
+                })),
+            ),
+        ];
+        assert_ne!(run(&eacces, &facts, &BindHistory::default()).kind, "refused_by_cgroup_bpf");
         let d = with(BindPolicy { lsms: Some(vec!["capability".into(), "apparmor".into()]), ..BindPolicy::default() });
         assert_eq!(d.kind, "refused_by_lsm");
         assert!(d.summary.contains("no cgroup BPF bind program is in force, and apparmor is active"), "{}", d.summary);

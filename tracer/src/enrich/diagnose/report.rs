@@ -17,7 +17,7 @@ use crate::clock::local_time_of_day;
 pub struct Diagnosis {
     /// A stable label of the case: `in_use`, `in_use_dual_stack`, `in_use_reuseport`,
     /// `in_use_self`, `in_use_ephemeral`, `ephemeral_exhausted`, `stale_socket_file`,
-    /// `path_exists`, `listen_in_use`, `refused_by_cgroup_bpf`, `refused_by_lsm`, `address_tentative`, `address_dad_failed`, `time_wait`,
+    /// `path_exists`, `unix_path_permission`, `listen_in_use`, `refused_by_cgroup_bpf`, `refused_by_lsm`, `address_tentative`, `address_dad_failed`, `time_wait`,
     /// `released`, `privileged_port`, `refused_by_policy`,
     /// `address_not_available`, `already_bound`, `invalid_address`, `bad_address` (EFAULT),
     /// `bad_fd` (EBADF), `not_a_socket` (ENOTSOCK), `other`, `unknown`.

@@ -137,7 +137,8 @@ pub(super) fn unix_in_use(event: &Bind, answer: Option<&Facts>) -> Diagnosis {
                     )
                 } else {
                     unknown_facts.push(format!(
-                        "{} process(es) whose network namespace bindtrace could not read: a socket there could hold {shown}",
+                        "bindtrace could not search everywhere a socket could hold {shown} ({} place(s): network \
+                         namespaces it could not read, or a socket list without socket files)",
                         facts.namespaces_unsearchable
                     ));
                     (
