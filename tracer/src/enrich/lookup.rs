@@ -14,7 +14,7 @@ use super::{
     netns::{read_port_range, read_sysctl, Netns},
     owners::{in_own_pid_namespace, Blind, ProcessInfo, SocketOwners},
     policy::{bind_policy, BindPolicy},
-    sockdiag::{sockets_on_port, DiagSocket, Proto, TCP_TIME_WAIT},
+    sockdiag::{socket_list, DiagSocket, Proto, TCP_TIME_WAIT},
     unixdiag::{bound_sockets, bound_sockets_from_proc, kernel_dev_to_user, UnixSocket},
 };
 use crate::decode::UnixPath;
@@ -126,6 +126,9 @@ pub(crate) struct SocketTable {
     /// What that scan could not see.
     blind: Blind,
     sockets: usize,
+    /// The list is sock_diag's; `false`: /proc/net's, which lacks TCP sockets that are only
+    /// bound, and IPV6_V6ONLY.
+    pub from_sock_diag: bool,
     /// net.ipv4.ip_local_port_range of the namespace, read with the dump: where bind(port 0)
     /// and connect() take ports from (it applies to IPv6 too).
     pub local_port_range: Option<(u16, u16)>,
@@ -193,7 +196,7 @@ impl SocketTable {
     /// A table of these holders, their owners resolved (for tests of the wording).
     #[cfg(test)]
     pub(crate) fn from_holders(holders: Vec<Holder>) -> Self {
-        let mut table = Self { sockets: holders.len(), ..Self::default() };
+        let mut table = Self { sockets: holders.len(), from_sock_diag: true, ..Self::default() };
         for holder in holders {
             let port = holder.socket.local.port();
             let pids = holder.processes.iter().map(|p| p.pid).collect();
@@ -329,12 +332,17 @@ impl Lookups {
     pub(crate) fn socket_table(&mut self, netns: &Netns, proto: Proto, ports: &[u16]) -> Result<SocketTable, String> {
         let dumped_at = Instant::now();
         let (sockets, local_port_range) = netns
-            .run(|| (sockets_on_port(proto, None), read_port_range("net/ipv4/ip_local_port_range")))
+            .run(|| (socket_list(proto, None), read_port_range("net/ipv4/ip_local_port_range")))
             .map_err(|e| format!("{e:#}"))?;
-        let mut sockets = sockets.map_err(|e| format!("sock_diag query failed: {e}"))?;
+        let (mut sockets, from_sock_diag) = sockets.map_err(|e| format!("sock_diag query failed: {e}"))?;
         sockets.sort_unstable_by_key(|s| s.local.port());
-        let mut table =
-            SocketTable { sockets: sockets.len(), by_port: sockets, local_port_range, ..SocketTable::default() };
+        let mut table = SocketTable {
+            sockets: sockets.len(),
+            by_port: sockets,
+            local_port_range,
+            from_sock_diag,
+            ..SocketTable::default()
+        };
         let wanted: Vec<u32> =
             ports.iter().flat_map(|&port| table.on_port(port)).map(|s| s.inode).filter(|&inode| inode != 0).collect();
         self.owners.resolve(&wanted, dumped_at);

@@ -168,16 +168,23 @@ fn dump(proto: Proto, family: u8, port: Option<u16>, out: &mut Vec<DiagSocket>) 
 /// cannot answer it (inet_diag is a module, and a container or a minimal system may not be
 /// able to load it: ENOENT), from `/proc/net/{tcp,udp}{,6}` instead, which lists the same
 /// sockets without IPV6_V6ONLY.
+#[cfg(test)]
 pub fn sockets_on_port(proto: Proto, port: Option<u16>) -> io::Result<Vec<DiagSocket>> {
+    socket_list(proto, port).map(|(sockets, _)| sockets)
+}
+
+/// [`sockets_on_port`], and whether the list is sock_diag's (`true`). /proc/net/tcp does not
+/// list TCP sockets that are only bound (neither listening nor connected), nor IPV6_V6ONLY.
+pub fn socket_list(proto: Proto, port: Option<u16>) -> io::Result<(Vec<DiagSocket>, bool)> {
     let mut out = Vec::new();
     let netlink = dump(proto, AF_INET, port, &mut out).and_then(|()| dump(proto, AF_INET6, port, &mut out));
     match netlink {
-        Ok(()) => Ok(out),
+        Ok(()) => Ok((out, true)),
         Err(err) => {
             log::debug!("sock_diag for {}: {err}; reading /proc/net instead", proto.name());
             let mut from_proc = proc_net_sockets(proto, false, port).map_err(|_| err)?;
             from_proc.extend(proc_net_sockets(proto, true, port).unwrap_or_default());
-            Ok(from_proc)
+            Ok((from_proc, false))
         }
     }
 }

@@ -94,6 +94,25 @@ fn seen_for<'a>(history: &'a BindHistory, key: (u32, u16, u16), holder: &Holder)
     holder.processes.iter().find_map(|p| history.latest(key, Some(p.pid))).or_else(|| history.latest(key, None))
 }
 
+/// A holder list read from /proc/net (sock_diag unavailable) lacks TCP sockets that are only
+/// bound, and IPV6_V6ONLY: a diagnosis that nothing holds the port, or that rests on
+/// IPV6_V6ONLY, says what it could not see.
+fn hedge_without_sock_diag(diagnosis: &mut Diagnosis, event: &BindEvent) {
+    let tcp = Proto::from_ipproto(event.protocol) == Some(Proto::Tcp);
+    if diagnosis.kind == "released" && tcp {
+        diagnosis.kind = "unknown";
+        diagnosis.summary = format!(
+            "no TCP socket bindtrace can see holds port {} now; without sock_diag (inet_diag) it cannot see sockets \
+             that are only bound (neither listening nor connected), and one may hold it",
+            event.port
+        );
+    }
+    if diagnosis.kind == "in_use_dual_stack" {
+        diagnosis.unknown.push("IPV6_V6ONLY of the holder is not known without sock_diag (inet_diag)".to_owned());
+    }
+    diagnosis.unknown.push("the sockets were read from /proc/net: sock_diag (inet_diag) is not available".to_owned());
+}
+
 /// bind(port 0) failed: no port of the ephemeral range is free for this address. How many
 /// are taken, by what, and what to change.
 fn ephemeral_exhausted(event: &BindEvent, table: &SocketTable) -> Diagnosis {
@@ -612,7 +631,11 @@ pub fn diagnose<'a>(
                     ephemeral_exhausted(event, table)
                 }
                 Some((_, Some(Facts::Sockets(Ok(table))))) => {
-                    in_use(event, &table.holders(event.port), history, table.local_port_range)
+                    let mut diagnosis = in_use(event, &table.holders(event.port), history, table.local_port_range);
+                    if !table.from_sock_diag {
+                        hedge_without_sock_diag(&mut diagnosis, event);
+                    }
+                    diagnosis
                 }
                 Some((key, _)) => Diagnosis {
                     kind: "unknown",
@@ -882,6 +905,13 @@ mod tests {
         let d = run(&event, &[(key, Facts::Sockets(Err("namespace gone".into())))], &BindHistory::default());
         assert_eq!(d.kind, "unknown");
         assert_eq!(d.unknown, vec!["namespace gone".to_owned()]);
+        // Read from /proc/net, an empty list does not prove the port free (only-bound TCP
+        // sockets are not in it).
+        let mut table = SocketTable::from_holders(vec![]);
+        table.from_sock_diag = false;
+        let d = run(&event, &[(key, Facts::Sockets(Ok(table)))], &BindHistory::default());
+        assert_eq!(d.kind, "unknown");
+        assert!(d.summary.contains("cannot see sockets that are only bound"), "{}", d.summary);
     }
 
     #[test]
