@@ -629,6 +629,11 @@ impl NamedNetns {
         Self(name)
     }
 
+    /// `/run/netns/NAME`, for a child to enter.
+    fn path(&self) -> std::ffi::CString {
+        std::ffi::CString::new(format!("/run/netns/{}", self.0)).expect("path")
+    }
+
     fn ip(&self, args: &[&str]) {
         let mut all = vec!["-n", self.0.as_str()];
         all.extend_from_slice(args);
@@ -660,39 +665,19 @@ fn a_tentative_ipv6_address_is_named_as_such() {
     netns.ip(&["-6", "addr", "add", "2001:db8::1/64", "dev", "veth0"]);
     let port = free_port();
     let mut tracer = Tracer::start(&["-o", "ndjson", "-P", &port.to_string()]);
-    let path = std::ffi::CString::new(format!("/run/netns/{}", netns.0)).expect("path");
-    // SAFETY: the child makes raw syscalls only (open, setns, socket, bind) and _exits.
-    let child = unsafe {
-        let pid = libc::fork();
-        assert!(pid >= 0, "fork");
-        if pid == 0 {
-            let fd = libc::open(path.as_ptr(), libc::O_RDONLY);
-            if fd < 0 || libc::setns(fd, libc::CLONE_NEWNET) != 0 {
-                libc::_exit(100);
-            }
-            let mut sa: libc::sockaddr_in6 = std::mem::zeroed();
-            sa.sin6_family = libc::AF_INET6 as u16;
-            sa.sin6_port = port.to_be();
-            sa.sin6_addr.s6_addr = "2001:db8::1".parse::<Ipv6Addr>().unwrap_or(Ipv6Addr::UNSPECIFIED).octets();
-            let sock = libc::socket(libc::AF_INET6, libc::SOCK_STREAM, 0);
-            let rc = libc::bind(sock, (&raw const sa).cast(), std::mem::size_of::<libc::sockaddr_in6>() as u32);
-            let errno = if rc == 0 { 0 } else { *libc::__errno_location() };
-            // Stay in the namespace while bindtrace looks into it through this pid.
-            let linger = libc::timespec { tv_sec: 3, tv_nsec: 0 };
-            libc::nanosleep(&linger, std::ptr::null_mut());
-            libc::_exit(errno);
-        }
-        pid
-    };
-    let event = tracer.wait_for("EADDRNOTAVAIL", |e| e["pid"] == child);
+    let child = spawn_child(ChildPlan {
+        join_netns: Some(netns.path()),
+        // It stays in the namespace while bindtrace looks into it through this pid.
+        linger: Duration::from_secs(3),
+        ..ChildPlan::bind(SocketAddr::new("2001:db8::1".parse().expect("ip"), port))
+    });
+    let pid = child.pid;
+    let event = tracer.wait_for("EADDRNOTAVAIL", |e| e["pid"] == pid);
     assert_eq!(event["errno_name"], "EADDRNOTAVAIL", "{event}");
     let d = tracer.diagnosis_of(&event);
     assert_eq!(d["kind"], "address_tentative", "{d}");
     assert!(d["summary"].as_str().is_some_and(|s| s.starts_with("2001:db8::1 on veth0 is still tentative")), "{d}");
-    let mut status = 0;
-    // SAFETY: our own child.
-    unsafe { libc::waitpid(child, &mut status, 0) };
-    assert_eq!(libc::WEXITSTATUS(status), libc::EADDRNOTAVAIL);
+    assert_eq!(child.wait(), libc::EADDRNOTAVAIL);
     tracer.stop();
 }
 
@@ -824,53 +809,20 @@ fn a_bind_refused_by_a_cgroup_bpf_program_names_the_program() {
     let mut tracer = Tracer::start(&["-o", "ndjson", "-P", &port.to_string()]);
     let procs =
         std::ffi::CString::new(cgroup.dir.join("cgroup.procs").into_os_string().into_encoded_bytes()).expect("path");
-    // SAFETY: the child makes raw syscalls only (getpid, open, write, socket, bind) and _exits.
-    let child = unsafe {
-        let pid = libc::fork();
-        assert!(pid >= 0, "fork");
-        if pid == 0 {
-            let fd = libc::open(procs.as_ptr(), libc::O_WRONLY);
-            let mut digits = [0u8; 12];
-            let mut n = libc::getpid() as u32;
-            let mut at = digits.len();
-            loop {
-                at -= 1;
-                digits[at] = b'0' + (n % 10) as u8;
-                n /= 10;
-                if n == 0 {
-                    break;
-                }
-            }
-            let len = digits.len() - at;
-            if fd < 0 || libc::write(fd, digits[at..].as_ptr().cast(), len) != len as isize {
-                libc::_exit(100);
-            }
-            let sa = libc::sockaddr_in {
-                sin_family: libc::AF_INET as u16,
-                sin_port: port.to_be(),
-                sin_addr: libc::in_addr { s_addr: u32::from_ne_bytes([127, 0, 0, 1]) },
-                sin_zero: [0; 8],
-            };
-            let sock = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
-            let rc = libc::bind(sock, (&raw const sa).cast(), std::mem::size_of::<libc::sockaddr_in>() as u32);
-            let errno = if rc == 0 { 0 } else { *libc::__errno_location() };
-            let linger = libc::timespec { tv_sec: 3, tv_nsec: 0 };
-            libc::nanosleep(&linger, std::ptr::null_mut());
-            libc::_exit(errno);
-        }
-        pid
-    };
-    let event = tracer.wait_for("the refused bind", |e| e["pid"] == child);
+    let child = spawn_child(ChildPlan {
+        join_cgroup: Some(procs),
+        linger: Duration::from_secs(3),
+        ..ChildPlan::bind(format!("127.0.0.1:{port}").parse().expect("addr"))
+    });
+    let pid = child.pid;
+    let event = tracer.wait_for("the refused bind", |e| e["pid"] == pid);
     assert_eq!(event["errno_name"], "EPERM", "{event}");
     let d = tracer.diagnosis_of(&event);
     assert_eq!(d["kind"], "refused_by_cgroup_bpf", "{d}");
     assert!(d["facts"]["cgroup_bind_programs"].as_array().is_some_and(|ids| !ids.is_empty()), "{d}");
     let summary = d["summary"].as_str().expect("summary");
     assert!(summary.contains(&cgroup.dir.display().to_string()) && summary.contains("bpftool"), "{summary}");
-    let mut status = 0;
-    // SAFETY: our own child.
-    unsafe { libc::waitpid(child, &mut status, 0) };
-    assert_eq!(libc::WEXITSTATUS(status), libc::EPERM, "the program refused the bind");
+    assert_eq!(child.wait(), libc::EPERM, "the program refused the bind");
     tracer.stop();
 }
 
@@ -942,32 +894,14 @@ fn a_port_held_by_a_kernel_socket_is_said_to_be_the_kernels() {
     netns.ip(&["link", "add", "vxlan0", "type", "vxlan", "id", "42", "dstport", "4789", "dev", "lo"]);
     netns.ip(&["link", "set", "vxlan0", "up"]);
     let mut tracer = Tracer::start(&["-o", "ndjson", "-P", "4789", "--errno", "EADDRINUSE"]);
-    let path = std::ffi::CString::new(format!("/run/netns/{}", netns.0)).expect("path");
-    // SAFETY: the child makes raw syscalls only (open, setns, socket, bind) and _exits.
-    let child = unsafe {
-        let pid = libc::fork();
-        assert!(pid >= 0, "fork");
-        if pid == 0 {
-            let fd = libc::open(path.as_ptr(), libc::O_RDONLY);
-            if fd < 0 || libc::setns(fd, libc::CLONE_NEWNET) != 0 {
-                libc::_exit(100);
-            }
-            let sa = libc::sockaddr_in {
-                sin_family: libc::AF_INET as u16,
-                sin_port: 4789u16.to_be(),
-                sin_addr: libc::in_addr { s_addr: 0 },
-                sin_zero: [0; 8],
-            };
-            let sock = libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0);
-            let rc = libc::bind(sock, (&raw const sa).cast(), std::mem::size_of::<libc::sockaddr_in>() as u32);
-            let errno = if rc == 0 { 0 } else { *libc::__errno_location() };
-            let linger = libc::timespec { tv_sec: 3, tv_nsec: 0 };
-            libc::nanosleep(&linger, std::ptr::null_mut());
-            libc::_exit(errno);
-        }
-        pid
-    };
-    let event = tracer.wait_for("EADDRINUSE on 4789", |e| e["pid"] == child);
+    let child = spawn_child(ChildPlan {
+        join_netns: Some(netns.path()),
+        sock_type: libc::SOCK_DGRAM,
+        linger: Duration::from_secs(3),
+        ..ChildPlan::bind("0.0.0.0:4789".parse().expect("addr"))
+    });
+    let pid = child.pid;
+    let event = tracer.wait_for("EADDRINUSE on 4789", |e| e["pid"] == pid);
     let d = tracer.diagnosis_of(&event);
     assert_eq!(d["kind"], "in_use", "{d}");
     let holder = &d["holders"][0];
@@ -978,10 +912,7 @@ fn a_port_held_by_a_kernel_socket_is_said_to_be_the_kernels() {
     } else {
         assert!(summary.contains("cannot see") && !summary.contains("exited"), "{summary}");
     }
-    let mut status = 0;
-    // SAFETY: our own child.
-    unsafe { libc::waitpid(child, &mut status, 0) };
-    assert_eq!(libc::WEXITSTATUS(status), libc::EADDRINUSE);
+    assert_eq!(child.wait(), libc::EADDRINUSE);
     tracer.stop();
 }
 

@@ -289,15 +289,30 @@ pub fn my_comm() -> String {
 /// with that bind's errno (0 on success).
 pub struct ChildPlan {
     pub addr: SocketAddr,
+    /// SOCK_STREAM (the default) or SOCK_DGRAM.
+    pub sock_type: i32,
     pub uid: Option<u32>,
     pub new_netns: bool,
+    /// A network namespace file to enter first (`/run/netns/NAME`).
+    pub join_netns: Option<std::ffi::CString>,
+    /// A cgroup's `cgroup.procs` to move into first.
+    pub join_cgroup: Option<std::ffi::CString>,
     pub hold_first: bool,
     pub linger: Duration,
 }
 
 impl ChildPlan {
     pub fn bind(addr: SocketAddr) -> Self {
-        ChildPlan { addr, uid: None, new_netns: false, hold_first: false, linger: Duration::ZERO }
+        ChildPlan {
+            addr,
+            sock_type: libc::SOCK_STREAM,
+            uid: None,
+            new_netns: false,
+            join_netns: None,
+            join_cgroup: None,
+            hold_first: false,
+            linger: Duration::ZERO,
+        }
     }
 }
 
@@ -317,24 +332,63 @@ impl ForkedChild {
     }
 }
 
+/// `addr` as a sockaddr for bind(2), and its length.
+fn raw_sockaddr(addr: SocketAddr) -> (libc::sockaddr_storage, u32) {
+    // SAFETY: all-zero is a valid sockaddr_storage; the family's own struct is written over it.
+    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let len = match addr {
+        SocketAddr::V4(v4) => {
+            let sa = libc::sockaddr_in {
+                sin_family: libc::AF_INET as u16,
+                sin_port: v4.port().to_be(),
+                sin_addr: libc::in_addr { s_addr: u32::from_ne_bytes(v4.ip().octets()) },
+                sin_zero: [0; 8],
+            };
+            // SAFETY: sockaddr_storage is larger than sockaddr_in and suitably aligned.
+            unsafe { std::ptr::write((&raw mut storage).cast(), sa) };
+            std::mem::size_of::<libc::sockaddr_in>()
+        }
+        SocketAddr::V6(v6) => {
+            let sa = libc::sockaddr_in6 {
+                sin6_family: libc::AF_INET6 as u16,
+                sin6_port: v6.port().to_be(),
+                sin6_flowinfo: 0,
+                sin6_addr: libc::in6_addr { s6_addr: v6.ip().octets() },
+                sin6_scope_id: v6.scope_id(),
+            };
+            // SAFETY: as above, for sockaddr_in6.
+            unsafe { std::ptr::write((&raw mut storage).cast(), sa) };
+            std::mem::size_of::<libc::sockaddr_in6>()
+        }
+    };
+    (storage, len as u32)
+}
+
 /// Forks the child of `plan`. It runs only raw syscalls between fork and _exit: this process
 /// has other threads, so nothing that allocates or locks may run there.
 pub fn spawn_child(plan: ChildPlan) -> ForkedChild {
-    let SocketAddr::V4(v4) = plan.addr else { panic!("IPv4 only") };
-    let sockaddr = libc::sockaddr_in {
-        sin_family: libc::AF_INET as u16,
-        sin_port: v4.port().to_be(),
-        sin_addr: libc::in_addr { s_addr: u32::from_ne_bytes(v4.ip().octets()) },
-        sin_zero: [0; 8],
-    };
+    let (sockaddr, len) = raw_sockaddr(plan.addr);
+    let family = if plan.addr.is_ipv4() { libc::AF_INET } else { libc::AF_INET6 };
     let linger = libc::timespec { tv_sec: plan.linger.as_secs() as i64, tv_nsec: plan.linger.subsec_nanos() as i64 };
-    let len = std::mem::size_of::<libc::sockaddr_in>() as u32;
     let pid = unsafe { libc::fork() };
     assert!(pid >= 0, "fork failed");
     if pid == 0 {
         unsafe {
             if plan.new_netns && libc::unshare(libc::CLONE_NEWNET) != 0 {
                 libc::_exit(202);
+            }
+            if let Some(path) = &plan.join_netns {
+                let fd = libc::open(path.as_ptr(), libc::O_RDONLY);
+                if fd < 0 || libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                    libc::_exit(204);
+                }
+            }
+            if let Some(procs) = &plan.join_cgroup {
+                // "0" moves the writing process itself.
+                let fd = libc::open(procs.as_ptr(), libc::O_WRONLY);
+                if fd < 0 || libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
+                    libc::_exit(205);
+                }
             }
             if let Some(uid) = plan.uid {
                 if libc::syscall(libc::SYS_setresgid, uid, uid, uid) != 0
@@ -344,15 +398,15 @@ pub fn spawn_child(plan: ChildPlan) -> ForkedChild {
                 }
             }
             if plan.hold_first {
-                let holder = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
+                let holder = libc::socket(family, plan.sock_type, 0);
                 if holder < 0
                     || libc::bind(holder, (&raw const sockaddr).cast(), len) != 0
-                    || libc::listen(holder, 1) != 0
+                    || (plan.sock_type == libc::SOCK_STREAM && libc::listen(holder, 1) != 0)
                 {
                     libc::_exit(203);
                 }
             }
-            let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
+            let fd = libc::socket(family, plan.sock_type, 0);
             if fd < 0 {
                 libc::_exit(201);
             }
