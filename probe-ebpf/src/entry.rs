@@ -24,7 +24,9 @@ pub(crate) struct InFlight {
 /// backends, whose return hooks have the arguments themselves). A plain array store at entry
 /// and a load at exit: the hash-map insert and delete this replaced cost ~400 ns per bind
 /// (kernel.bpf_stats_enabled=1, bind-storm). Two threads whose tids share a slot and bind at
-/// the same moment lose the earlier one's duration, never its event.
+/// the same moment lose the earlier one's duration, never its event; under fexit or kprobe
+/// such a collision can also hide the `in_syscall` mark from an inet_bind hook, which then
+/// reports a bind(2) that `__sys_bind` reports too (a duplicate, never a loss; see the notes).
 ///
 /// On kernels before 5.15 (no `bpf_task_pt_regs`) the tracepoint's exit cannot read the
 /// syscall's arguments, so its entry saves them here too; there a lost slot loses the event,
