@@ -233,7 +233,7 @@ fn check_main() -> ExitCode {
     );
     let blind_spots = crate::enrich::blind_spots();
     if blind_spots.is_empty() {
-        println!("diagnoses: every process and network namespace can be looked up");
+        println!("diagnoses: bindtrace has the capabilities to look up every process and network namespace");
     }
     for blind_spot in blind_spots {
         println!("diagnoses: limited: {blind_spot}");

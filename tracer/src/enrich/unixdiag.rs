@@ -146,14 +146,24 @@ pub(crate) fn bound_sockets() -> io::Result<Vec<UnixSocket>> {
 pub(crate) fn bound_sockets_from_proc() -> io::Result<Vec<UnixSocket>> {
     let text = std::fs::read_to_string("/proc/net/unix")?;
     let mut out = Vec::new();
-    // Num RefCount Protocol Flags Type St Inode Path
+    // Num RefCount Protocol Flags Type St Inode Path: the path is the rest of the line after
+    // the seventh field, and may hold spaces.
     for line in text.lines().skip(1) {
-        let fields: Vec<&str> = line.split_whitespace().collect();
-        let (Some(kind), Some(state), Some(inode), Some(path)) =
-            (fields.get(4), fields.get(5), fields.get(6), fields.get(7))
-        else {
+        let mut fields = Vec::with_capacity(7);
+        let mut rest = line;
+        while fields.len() < 7 {
+            rest = rest.trim_start();
+            let end = rest.find(' ').unwrap_or(rest.len());
+            fields.push(&rest[..end]);
+            rest = &rest[end..];
+        }
+        let path = rest.strip_prefix(' ').unwrap_or(rest);
+        let (Some(kind), Some(state), Some(inode)) = (fields.get(4), fields.get(5), fields.get(6)) else {
             continue;
         };
+        if path.is_empty() {
+            continue;
+        }
         let name = match path.strip_prefix('@') {
             Some(abstract_name) => std::iter::once(0).chain(abstract_name.bytes()).collect(),
             None => path.as_bytes().to_vec(),
@@ -183,6 +193,19 @@ mod tests {
     use std::os::unix::{fs::MetadataExt as _, net::UnixListener};
 
     use super::*;
+
+    #[test]
+    fn proc_net_unix_paths_may_hold_spaces() {
+        let dir = std::env::temp_dir().join(format!("bindtrace unix spaces {}", std::process::id()));
+        let _ = std::fs::create_dir_all(&dir);
+        let path = dir.join("my app.sock");
+        let _ = std::fs::remove_file(&path);
+        let listener = UnixListener::bind(&path).expect("bind");
+        let from_proc = bound_sockets_from_proc().expect("/proc/net/unix");
+        assert!(from_proc.iter().any(|s| s.name == path.as_os_str().as_encoded_bytes()), "{path:?} listed whole");
+        drop(listener);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn finds_a_bound_path_with_its_file_and_an_abstract_name() {

@@ -160,7 +160,9 @@ impl Sink for NdjsonSink {
         let inet_socket = has_sock && matches!(event.sock_family, AF_INET | AF_INET6);
         let inet_flag = |flag| inet_socket.then(|| event.has(flag));
         // Nothing was read of a NULL or unreadable sockaddr: its family is unknown, not AF_UNSPEC.
-        let family_known = !event.has(sock_flags::ADDR_NULL) && !event.has(sock_flags::ADDR_FAULT);
+        // (An AF_UNIX path whose copy faulted still had its family read.)
+        let nothing_read = event.has(sock_flags::ADDR_NULL) || (event.has(sock_flags::ADDR_FAULT) && event.family == 0);
+        let family_known = !nothing_read;
         let addr = event.requested_ip();
         let errno_number = event.errno().unwrap_or(0);
         let record = EventRecord {
