@@ -112,17 +112,7 @@ pub fn bindtrace_kretprobe_sys_bind(ctx: RetProbeContext) -> u32 {
         count(stat::IN_FLIGHT_MISSING);
         return 0;
     };
-    let returned = Returned {
-        entered_ns,
-        addr: args.addr as *const u8,
-        addr_in_kernel: false,
-        socket: SocketRef::Fd(args.fd),
-        fd: args.fd,
-        addrlen: args.addrlen,
-        ret,
-        backend: Backend::Kprobe,
-        op: op::BIND,
-    };
+    let returned = syscall_bind(entered_ns, args, ret, Backend::Kprobe);
     complete(&ctx, caller, returned);
     0
 }
@@ -144,19 +134,8 @@ pub fn bindtrace_fexit_sys_bind(ctx: FExitContext) -> u32 {
     let Some(caller) = returned_call(ret as i32) else {
         return 0;
     };
-    let fd = ctx.arg::<u64>(0) as i32;
-    let returned = Returned {
-        entered_ns,
-        addr: ctx.arg::<u64>(1) as *const u8,
-        addr_in_kernel: false,
-        socket: SocketRef::Fd(fd),
-        fd,
-        addrlen: ctx.arg::<u64>(2) as u32,
-        ret: ret as i32,
-        backend: Backend::Fexit,
-        op: op::BIND,
-    };
-    complete(&ctx, caller, returned);
+    let args = SyscallArgs { fd: ctx.arg::<u64>(0) as i32, addr: ctx.arg(1), addrlen: ctx.arg::<u64>(2) as u32 };
+    complete(&ctx, caller, syscall_bind(entered_ns, args, ret as i32, Backend::Fexit));
     0
 }
 
@@ -271,17 +250,7 @@ pub(crate) fn on_exit(ctx: &TracePointContext) {
         };
         saved
     };
-    let returned = Returned {
-        entered_ns,
-        addr: args.addr as *const u8,
-        addr_in_kernel: false,
-        socket: SocketRef::Fd(args.fd),
-        fd: args.fd,
-        addrlen: args.addrlen,
-        ret,
-        backend: Backend::Tracepoint,
-        op: op::BIND,
-    };
+    let returned = syscall_bind(entered_ns, args, ret, Backend::Tracepoint);
     complete(ctx, caller, returned);
 }
 
@@ -321,6 +290,23 @@ pub fn bindtrace_sys_exit_listen(ctx: TracePointContext) -> u32 {
     };
     complete(&ctx, caller, listen_failure(entered_ns, fd, ret, Backend::Tracepoint));
     0
+}
+
+/// A bind(2) from its syscall arguments (the socket found through the fd), for
+/// `emit::complete`.
+#[inline(always)]
+fn syscall_bind(entered_ns: Option<u64>, args: SyscallArgs, ret: i32, backend: Backend) -> Returned {
+    Returned {
+        entered_ns,
+        addr: args.addr as *const u8,
+        addr_in_kernel: false,
+        socket: SocketRef::Fd(args.fd),
+        fd: args.fd,
+        addrlen: args.addrlen,
+        ret,
+        backend,
+        op: op::BIND,
+    }
 }
 
 /// A failed listen() on `fd`, for `emit::complete`.
