@@ -196,6 +196,8 @@ mod tests {
             cmdline: String::new(),
             cgroup: Some("/system.slice/x.service".into()),
             uid: Some(0),
+            identity: None,
+            forwards: None,
         };
         let holders = vec![
             holder("[::]:8080", 10, None, vec![process("名前付きプロセス"), process("a\u{1b}b")]),

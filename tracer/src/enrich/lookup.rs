@@ -11,6 +11,7 @@ use nix::ifaddrs::getifaddrs;
 use serde::Serialize;
 
 use super::{
+    identity::{Identities, Identity},
     netns::{read_port_range, read_sysctl, Netns},
     owners::{in_own_pid_namespace, Blind, ProcessInfo, SocketOwners},
     policy::{bind_policy, BindPolicy},
@@ -33,6 +34,9 @@ pub(crate) enum LookupKey {
     /// the sockets bound to it. `name` is a hash of the `sun_path` asked for (the path itself
     /// travels with the job); `pid` resolves a relative path and the process's mount view.
     UnixName { netns: u32, pid: u32, name: u64 },
+    /// Who runs in a cgroup (the id the probe records): container, pod or unit. It does not
+    /// change while the cgroup exists, so any answer serves.
+    Cgroup { id: u64 },
 }
 
 /// The hash that names a unix path in a [`LookupKey::UnixName`].
@@ -280,6 +284,7 @@ pub(crate) enum Facts {
     Netns(Result<NetnsFacts, String>),
     Process(Result<ProcessCaps, ProcessUnread>),
     Unix(Result<UnixFacts, String>),
+    Identity(std::sync::Arc<Identity>),
 }
 
 impl Facts {
@@ -290,6 +295,10 @@ impl Facts {
             LookupKey::Netns { .. } => Self::Netns(Err(why.to_owned())),
             LookupKey::Process { .. } => Self::Process(Err(ProcessUnread::Exited)),
             LookupKey::UnixName { .. } => Self::Unix(Err(why.to_owned())),
+            LookupKey::Cgroup { .. } => Self::Identity(std::sync::Arc::new(Identity {
+                unresolved: Some(why.to_owned()),
+                ..Identity::default()
+            })),
         }
     }
 }
@@ -298,6 +307,7 @@ impl Facts {
 #[derive(Default)]
 pub(crate) struct Lookups {
     owners: SocketOwners,
+    pub(crate) identities: Identities,
 }
 
 fn netns_facts() -> NetnsFacts {
@@ -350,7 +360,8 @@ impl Lookups {
             let pids = self.owners.cached(inode);
             for &pid in &pids {
                 if let std::collections::hash_map::Entry::Vacant(entry) = table.processes.entry(pid) {
-                    if let Some(info) = ProcessInfo::read(pid) {
+                    if let Some(mut info) = ProcessInfo::read(pid) {
+                        self.identities.annotate(&mut info);
                         entry.insert(info);
                     }
                 }
@@ -418,8 +429,11 @@ impl Lookups {
         let holders = found
             .into_iter()
             .map(|socket| {
-                let processes: Vec<ProcessInfo> =
+                let mut processes: Vec<ProcessInfo> =
                     self.owners.cached(socket.inode).into_iter().filter_map(ProcessInfo::read).collect();
+                for process in &mut processes {
+                    self.identities.annotate(process);
+                }
                 let owners = match blind.reason() {
                     Some(_) => OwnersSeen::Partial(blind),
                     None => OwnersSeen::Complete,
@@ -451,6 +465,7 @@ impl Lookups {
         unix_path: Option<&UnixPath>,
     ) -> Facts {
         match *key {
+            LookupKey::Cgroup { id } => Facts::Identity(self.identities.of_cgroup_id(id, pid_hint.unwrap_or(0))),
             LookupKey::UnixName { netns, pid, .. } => Facts::Unix(match unix_path {
                 Some(path) => self.unix_facts(netns, pid, path),
                 None => Err("the unix path was not passed to the lookup".to_owned()),

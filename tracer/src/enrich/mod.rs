@@ -15,12 +15,15 @@
 //! times out and the worker is replaced; when that keeps happening, diagnoses stop with a
 //! reason and the events go on.
 
+pub(crate) mod cgroup;
 pub(crate) mod diagnose;
 pub(crate) mod history;
+pub(crate) mod identity;
 pub(crate) mod lookup;
 pub(crate) mod netns;
 pub(crate) mod owners;
 pub(crate) mod policy;
+pub(crate) mod runtimes;
 pub(crate) mod sockdiag;
 pub(crate) mod unixdiag;
 
@@ -45,6 +48,7 @@ pub use self::diagnose::Diagnosis;
 use self::{
     diagnose::{diagnose, needed_lookups},
     history::BindHistory,
+    identity::Identity,
     lookup::{Facts, LookupKey, Lookups},
 };
 use crate::decode::{Bind, BindEventExt as _, UnixPath};
@@ -137,9 +141,11 @@ impl KeyState {
         }
     }
 
-    /// The answer, if it was asked for after an event that arrived at `arrived`.
-    fn answer_for(&self, arrived: Instant) -> Option<(&Arc<Facts>, Instant)> {
-        self.answer.as_ref().filter(|(_, requested)| *requested >= arrived).map(|(facts, at)| (facts, *at))
+    /// The answer, if it was asked for after an event that arrived at `arrived` (any answer,
+    /// for a key whose facts do not change: a cgroup's identity).
+    fn answer_for(&self, key: &LookupKey, arrived: Instant) -> Option<(&Arc<Facts>, Instant)> {
+        let lasting = matches!(key, LookupKey::Cgroup { .. });
+        self.answer.as_ref().filter(|(_, requested)| lasting || *requested >= arrived).map(|(facts, at)| (facts, *at))
     }
 }
 
@@ -172,6 +178,8 @@ pub struct Enriched {
     pub event: Bind,
     pub wall_ns: i128,
     pub explained: Explained,
+    /// Who ran the bind (container, pod, unit); `None` when lookups are off.
+    pub identity: Option<Arc<Identity>>,
 }
 
 /// The diagnosis of an event written earlier with [`Explained::Follows`].
@@ -327,8 +335,11 @@ impl Enricher {
     pub fn push(&mut self, event: Bind, wall_ns: i128, now: Instant) {
         self.next_seq += 1;
         self.history.record(&event, wall_ns);
-        let mut keys =
-            if self.enabled && self.stopped.is_none() && event.ret < 0 { needed_lookups(&event) } else { Vec::new() };
+        let looking = self.enabled && self.stopped.is_none();
+        let mut keys = if looking && event.ret < 0 { needed_lookups(&event) } else { Vec::new() };
+        if looking && event.cgroup_id != 0 {
+            keys.push(LookupKey::Cgroup { id: event.cgroup_id });
+        }
         let mut shed = false;
         if keys.iter().any(|k| !self.keys.contains_key(k)) && self.keys.len() + keys.len() > KEYS_MAX {
             // At most one sweep per period: when every slot is taken by keys events wait
@@ -354,7 +365,8 @@ impl Enricher {
             }
             // Unless the lookup under way (or done) was requested after this event arrived,
             // the event needs a newer one.
-            let served = state.in_flight.is_some_and(|at| at >= now) || state.answer_for(now).is_some();
+            let lasting = matches!(key, LookupKey::Cgroup { .. });
+            let served = state.in_flight.is_some_and(|at| lasting || at >= now) || state.answer_for(key, now).is_some();
             if !served {
                 state.wanted = true;
                 self.wanting.insert(*key);
@@ -515,7 +527,7 @@ impl Enricher {
 
     /// Is every answer this event needs in?
     fn answered(&self, pending: &Pending) -> bool {
-        pending.keys.iter().all(|k| self.keys.get(k).is_some_and(|s| s.answer_for(pending.arrived).is_some()))
+        pending.keys.iter().all(|k| self.keys.get(k).is_some_and(|s| s.answer_for(k, pending.arrived).is_some()))
     }
 
     /// The next event in order: once its answers are in, at its deadline without them, or
@@ -525,10 +537,11 @@ impl Enricher {
         let needs_diagnosis = front.event.ret < 0 && self.enabled;
         let answered = self.answered(front);
         let due = now >= front.arrived + EMIT_DEADLINE || self.queue.len() > QUEUE_MAX;
-        if needs_diagnosis && !answered && !due && !force {
+        if !answered && !due && !force {
             return None;
         }
         let pending = self.queue.pop_front()?;
+        let identity = self.identity_of(&pending);
         let explained = if !needs_diagnosis {
             Explained::Nothing
         } else if pending.shed {
@@ -556,13 +569,37 @@ impl Enricher {
             self.counters.shed += 1;
             Explained::Shed(SHED_OVERLOAD)
         };
-        Some(Enriched { seq: pending.seq, event: pending.event, wall_ns: pending.wall_ns, explained })
+        Some(Enriched { seq: pending.seq, event: pending.event, wall_ns: pending.wall_ns, explained, identity })
+    }
+
+    /// The identity an event's cgroup lookup found, or why there is none yet.
+    fn identity_of(&self, pending: &Pending) -> Option<Arc<Identity>> {
+        let key = pending.keys.iter().find(|k| matches!(k, LookupKey::Cgroup { .. }))?;
+        match self.keys.get(key).and_then(|s| s.answer_for(key, pending.arrived)) {
+            Some((facts, _)) => match &**facts {
+                Facts::Identity(identity) => Some(identity.clone()),
+                _ => None,
+            },
+            None => Some(Arc::new(Identity {
+                unresolved: Some(format!(
+                    "not resolved within {} ms (the lookups were busy)",
+                    EMIT_DEADLINE.as_millis()
+                )),
+                ..Identity::default()
+            })),
+        }
     }
 
     /// The event just moved to `following`, as written now.
     fn follows_marker(&self) -> Enriched {
         let last = self.following.back().expect("just pushed");
-        Enriched { seq: last.seq, event: last.event.clone(), wall_ns: last.wall_ns, explained: Explained::Follows }
+        Enriched {
+            seq: last.seq,
+            event: last.event.clone(),
+            wall_ns: last.wall_ns,
+            explained: Explained::Follows,
+            identity: self.identity_of(last),
+        }
     }
 
     /// Diagnoses of events written earlier, whose answers are now in (or whose time ran
@@ -614,7 +651,7 @@ impl Enricher {
     fn diagnosis_of(&mut self, pending: &Pending, incomplete: bool) -> Option<Arc<Diagnosis>> {
         pending.event.errno()?;
         let answers: Vec<Option<(&Arc<Facts>, Instant)>> =
-            pending.keys.iter().map(|k| self.keys.get(k).and_then(|s| s.answer_for(pending.arrived))).collect();
+            pending.keys.iter().map(|k| self.keys.get(k).and_then(|s| s.answer_for(k, pending.arrived))).collect();
         let stamps: Option<Vec<Instant>> = answers.iter().map(|a| a.map(|(_, at)| at)).collect();
         let memo_key = MemoKey::of(&pending.event);
         if let (Some(stamps), Some((used, diagnosis))) = (&stamps, self.memo.get(&memo_key)) {

@@ -29,6 +29,12 @@ pub struct ProcessInfo {
     /// The cgroup v2 path (`/system.slice/nginx.service`, a container's scope), if any.
     pub cgroup: Option<String>,
     pub uid: Option<u32>,
+    /// Its container, pod or unit (absent: not looked up, or the process exited first).
+    #[serde(flatten)]
+    pub(crate) identity: Option<super::identity::Identity>,
+    /// What it forwards, when it is a `docker-proxy`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) forwards: Option<super::identity::Forwarding>,
 }
 
 impl ProcessInfo {
@@ -52,7 +58,7 @@ impl ProcessInfo {
             // The unified (v2) hierarchy is number 0; on v1-only hosts take the first.
             groups.iter().find(|g| g.hierarchy == 0).or(groups.first()).map(|g| g.pathname.clone())
         });
-        Some(Self { pid, comm: stat.comm, cmdline, cgroup, uid: process.uid().ok() })
+        Some(Self { pid, comm: stat.comm, cmdline, cgroup, uid: process.uid().ok(), identity: None, forwards: None })
     }
 }
 

@@ -32,23 +32,6 @@ impl Default for BindPolicy {
     }
 }
 
-/// Where the unified (v2) cgroup hierarchy is mounted, from this process's mountinfo.
-fn cgroup2_mount() -> Option<PathBuf> {
-    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
-    mountinfo.lines().find_map(|line| {
-        // "... mount-point options - fstype source super-options"
-        let (left, right) = line.split_once(" - ")?;
-        let mount_point = left.split_whitespace().nth(4)?;
-        (right.split_whitespace().next()? == "cgroup2").then(|| PathBuf::from(mount_point))
-    })
-}
-
-/// The process's cgroup v2 path ("0::/system.slice/x.service" in /proc/PID/cgroup).
-fn cgroup2_path(pid: u32) -> Option<String> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
-    text.lines().find_map(|line| line.strip_prefix("0::").map(str::to_owned))
-}
-
 /// The ids of the programs in force on the cgroup at `dir` for `attach_type`, its
 /// ancestors' included.
 fn effective_programs(dir: &Path, attach_type: bpf_attach_type) -> io::Result<Vec<u32>> {
@@ -76,8 +59,9 @@ pub(crate) fn bind_policy(pid: u32) -> BindPolicy {
     let lsms = std::fs::read_to_string("/sys/kernel/security/lsm")
         .ok()
         .map(|text| text.trim().split(',').map(str::to_owned).collect());
-    let cgroup_dir =
-        cgroup2_mount().zip(cgroup2_path(pid)).map(|(mount, path)| mount.join(path.trim_start_matches('/')));
+    let cgroup_dir = super::cgroup::v2_mount()
+        .zip(super::cgroup::ProcessCgroups::read(pid).and_then(|c| c.v2))
+        .map(|(mount, path)| mount.join(path.trim_start_matches('/')));
     let query = |attach_type| match &cgroup_dir {
         Some(dir) => {
             effective_programs(dir, attach_type).map_err(|e| format!("{}: BPF_PROG_QUERY: {e}", dir.display()))

@@ -12,7 +12,7 @@ use super::{Output, Sink};
 use crate::{
     clock::Rfc3339,
     decode::{family_name, BindEventExt as _},
-    enrich::{Diagnosis, Enriched, Explained, FollowUp},
+    enrich::{identity::Identity, Diagnosis, Enriched, Explained, FollowUp},
     errno,
     summary::Report,
 };
@@ -66,6 +66,12 @@ struct EventRecord<'a> {
     duration_ns: Option<u64>,
     netns: u32,
     cgroup_id: u64,
+    /// The cgroup path, and who runs there (`container`, `pod`, `unit`); absent when the
+    /// lookups are off.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cgroup: Option<&'a str>,
+    #[serde(flatten)]
+    identity: Option<&'a Identity>,
     backend: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
     diagnosis: Option<&'a RawValue>,
@@ -203,6 +209,8 @@ impl Sink for NdjsonSink {
             duration_ns: (!event.has(sock_flags::NO_ENTRY_TIME)).then_some(event.duration_ns),
             netns: event.netns_ino,
             cgroup_id: event.cgroup_id,
+            cgroup: enriched.identity.as_ref().and_then(|i| i.cgroup.as_deref()),
+            identity: enriched.identity.as_deref(),
             backend: event.backend_name(),
             diagnosis: match &enriched.explained {
                 Explained::Now(diagnosis) => Some(encoded(&mut self.encoded, diagnosis)?),
@@ -272,6 +280,7 @@ mod tests {
             event: event.into(),
             wall_ns: 1_795_600_931_000_000_001,
             explained: Explained::Nothing,
+            identity: None,
         })
         .expect("encode");
         assert!(lines(&shared).is_empty(), "nothing is written before flush");
@@ -306,8 +315,14 @@ mod tests {
         let mut event = sample_event();
         event.ret = 0;
         event.sock_flags = 0;
-        sink.event(&Enriched { seq: 1, event: event.into(), wall_ns: 0, explained: Explained::Nothing })
-            .expect("encode");
+        sink.event(&Enriched {
+            seq: 1,
+            event: event.into(),
+            wall_ns: 0,
+            explained: Explained::Nothing,
+            identity: None,
+        })
+        .expect("encode");
         sink.flush().expect("flush");
         let line = &lines(&shared)[0];
         assert_eq!(line["ok"], true);
@@ -326,8 +341,14 @@ mod tests {
         let mut sink = NdjsonSink::new(Output::new(Box::new(shared.clone())));
         let mut event = sample_event();
         event.sock_flags |= sock_flags::NO_ENTRY_TIME;
-        sink.event(&Enriched { seq: 1, event: event.into(), wall_ns: 0, explained: Explained::Nothing })
-            .expect("encode");
+        sink.event(&Enriched {
+            seq: 1,
+            event: event.into(),
+            wall_ns: 0,
+            explained: Explained::Nothing,
+            identity: None,
+        })
+        .expect("encode");
         sink.flush().expect("flush");
         let line = &lines(&shared)[0];
         assert!(line["duration_ns"].is_null());

@@ -22,17 +22,18 @@ const FAILURE: Style = AnsiColor::Red.on_default().bold();
 
 /// The live table's columns before RESULT: title, width, alignment, and where a value too
 /// wide is cut. PROTO fits `udplite`; ADDRESS most IPv6 addresses with their port (a longer one loses its middle).
-const COLUMNS: [(&str, usize, Align, Cut); 6] = [
+const COLUMNS: [(&str, usize, Align, Cut); 7] = [
     ("TIME", 12, Align::Left, Cut::End),
     ("PID", 7, Align::Right, Cut::End),
     ("COMM", 16, Align::Left, Cut::End),
+    ("CONTAINER", 14, Align::Left, Cut::End),
     ("PROTO", 7, Align::Left, Cut::End),
     ("OPTS", 6, Align::Left, Cut::End),
     ("ADDRESS", 40, Align::Left, Cut::Middle),
 ];
 
 /// Appends the cells of one row (the titles, or an event's values), each followed by a space.
-fn push_cells(line: &mut String, values: [&str; 6]) {
+fn push_cells(line: &mut String, values: [&str; 7]) {
     for ((_, columns, align, cut), value) in COLUMNS.iter().zip(values) {
         push_cell(line, value, *columns, *align, *cut);
         line.push(' ');
@@ -139,12 +140,23 @@ impl Sink for TableSink {
         // Escaped like comm: an AF_UNIX path (later) is a name a process chose.
         let mut address = String::with_capacity(48);
         push_escaped(&mut address, address_column(event).as_bytes());
+        // The pod or container; "-" on the host; "?" when it could not be resolved.
+        let mut container = String::with_capacity(16);
+        match enriched.identity.as_deref() {
+            Some(identity) => match identity.short() {
+                Some(name) => push_escaped(&mut container, name.as_bytes()),
+                None if identity.unresolved.is_some() => container.push('?'),
+                None => container.push('-'),
+            },
+            None => container.push('-'),
+        }
         push_cells(
             &mut self.line,
             [
                 &local_time_of_day(wall_ns),
                 &event.tgid.to_string(),
                 &comm,
+                &container,
                 event.proto_name().unwrap_or("-"),
                 &options(event),
                 &address,
@@ -259,6 +271,7 @@ mod tests {
             event: (*event).into(),
             wall_ns: 1_795_600_931_000_000_000,
             explained: Explained::Nothing,
+            identity: None,
         })
         .expect("row");
         sink.flush().expect("flush");

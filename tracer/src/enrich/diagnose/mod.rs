@@ -16,7 +16,7 @@ use self::report::comm_text;
 pub use self::report::Diagnosis;
 pub(crate) use self::{
     report::{holder_report, DiagnosisFacts, HolderReport},
-    wording::{endpoint, holders_summary},
+    wording::{endpoint, holders_summary, stop_advice},
 };
 use super::{
     history::{BindHistory, SeenBind},
@@ -313,7 +313,7 @@ fn in_use(
             _ => ("in_use_reuseport", "SO_REUSEPORT sharing needs SO_REUSEPORT on the holder too".to_owned()),
         }
     } else {
-        ("in_use", "stop it or bind another port".to_owned())
+        ("in_use", stop_advice(first))
     };
     Diagnosis { kind, summary: format!("{base}; {advice}"), holders: reports, facts, unknown, unix_holders: Vec::new() }
 }
@@ -753,6 +753,8 @@ mod tests {
             cmdline: "nginx: master process".into(),
             cgroup: Some("/system.slice/nginx.service".into()),
             uid: Some(0),
+            identity: None,
+            forwards: None,
         }
     }
 

@@ -205,6 +205,8 @@ mod tests {
                     cmdline: "/usr/bin/app --serve".into(),
                     cgroup: None,
                     uid: Some(0),
+                    identity: None,
+                    forwards: None,
                 })
                 .into_iter()
                 .collect(),

@@ -45,6 +45,13 @@ pub(crate) fn who(holder: &Holder, seen: Option<&SeenBind>) -> String {
         ([first, rest @ ..], _) => {
             let name = if first.cmdline.is_empty() { &first.comm } else { &first.cmdline };
             let mut text = format!("pid {} ({})", first.pid, name.chars().take(80).collect::<String>());
+            if let Some(forwards) = &first.forwards {
+                // docker-proxy's own command line is noise next to what it forwards.
+                text = format!("pid {} (docker-proxy){}", first.pid, forwards.describe());
+            } else if let Some(place) = first.identity.as_ref().and_then(|i| i.describe()) {
+                text.push(' ');
+                text.push_str(&place);
+            }
             if !rest.is_empty() {
                 text.push_str(&format!(" and {} more process{}", rest.len(), if rest.len() == 1 { "" } else { "es" }));
             }
@@ -91,4 +98,14 @@ pub(crate) fn holders_summary(proto: Proto, port: u16, holders: &[Holder], seen:
             String::new()
         }
     )
+}
+
+/// What to do about a holder: stop its container, service or pod by name when it runs in
+/// one, else stop the process.
+pub(crate) fn stop_advice(holder: &Holder) -> String {
+    let Some(first) = holder.processes.first() else { return "stop it or bind another port".to_owned() };
+    if let Some(forwards) = &first.forwards {
+        return forwards.stop_advice();
+    }
+    first.identity.as_ref().and_then(|i| i.stop_advice()).unwrap_or_else(|| "stop it or bind another port".to_owned())
 }

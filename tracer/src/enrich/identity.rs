@@ -1,0 +1,258 @@
+//! Who runs in a cgroup, in the operator's terms: the container (runtime, id, name, image),
+//! its Kubernetes pod, or the systemd unit. The cgroup path's naming gives the runtime and the
+//! id; the runtime's API gives the names. Answers are cached by cgroup path (bounded); a
+//! runtime that could not be asked leaves the container "not named" with the reason, never
+//! "no container".
+
+use std::{
+    collections::HashMap,
+    net::IpAddr,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use serde::Serialize;
+
+use super::{
+    cgroup::{self, ProcessCgroups},
+    owners::ProcessInfo,
+    runtimes::{Asked, Container, Pod, Publication, Runtime, Runtimes},
+};
+
+/// Cached answers: found ones are kept this long (a container keeps its name; a rename is
+/// seen after this), unreachable runtimes are asked again sooner.
+const FOUND_TTL: Duration = Duration::from_secs(30);
+const UNREACHABLE_TTL: Duration = Duration::from_secs(2);
+const CACHE_MAX: usize = 4_096;
+
+/// Who runs in one cgroup.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Identity {
+    /// The cgroup v2 path (or the v1 `name=systemd` one on hosts without v2); written by the
+    /// records themselves (`cgroup`).
+    #[serde(skip)]
+    pub(crate) cgroup: Option<String>,
+    pub(crate) container: Option<Container>,
+    pub(crate) pod: Option<Pod>,
+    /// The systemd unit (or slice) outside any container.
+    pub(crate) unit: Option<String>,
+    /// Why the container could not be named (its runtime did not answer), or the cgroup not
+    /// found: what is missing is unknown, not absent.
+    #[serde(rename = "identity_unresolved", skip_serializing_if = "Option::is_none")]
+    pub(crate) unresolved: Option<String>,
+}
+
+impl Identity {
+    /// A short name for a table cell: the pod (`shop/api-7f9`) or the container (`web1`);
+    /// `None` outside containers.
+    pub(crate) fn short(&self) -> Option<String> {
+        if let Some(pod) = &self.pod {
+            return Some(match &pod.namespace {
+                Some(namespace) => format!("{namespace}/{}", pod.name),
+                None => pod.name.clone(),
+            });
+        }
+        self.container.as_ref().map(Container::label)
+    }
+
+    /// Where a process runs, as a phrase: "in docker container web1 (image nginx:1)", "in pod
+    /// shop/api-7f9 (container api)", "of nginx.service"; `None` on the host outside a
+    /// service or scope.
+    pub(crate) fn describe(&self) -> Option<String> {
+        if let Some(pod) = &self.pod {
+            let namespace = pod.namespace.as_deref().map(|n| format!("{n}/")).unwrap_or_default();
+            let container = pod.container.as_deref().map(|c| format!(" (container {c})")).unwrap_or_default();
+            return Some(format!("in pod {namespace}{}{container}", pod.name));
+        }
+        if let Some(container) = &self.container {
+            let image = container.image.as_deref().map(|i| format!(" (image {i})")).unwrap_or_default();
+            let unnamed = if container.name.is_none() { " (not named: its runtime did not answer)" } else { "" };
+            return Some(format!("in {} container {}{image}{unnamed}", container.runtime.name(), container.label()));
+        }
+        self.unit.as_deref().filter(|u| u.ends_with(".service") || u.ends_with(".scope")).map(|u| format!("of {u}"))
+    }
+
+    /// What to do about a port this process holds.
+    pub(crate) fn stop_advice(&self) -> Option<String> {
+        if let Some(pod) = &self.pod {
+            let namespace = pod.namespace.as_deref().unwrap_or("default");
+            return Some(format!(
+                "the port belongs to pod {namespace}/{}: free it there (kubectl -n {namespace} get pod {} -o yaml shows its \
+                 hostPort or hostNetwork), or bind another port",
+                pod.name, pod.name
+            ));
+        }
+        if let Some(container) = &self.container {
+            return Some(format!("{} {}, or bind another port", container.runtime.stop_command(), container.label()));
+        }
+        self.unit
+            .as_deref()
+            .filter(|u| u.ends_with(".service"))
+            .map(|u| format!("systemctl stop {u}, or bind another port"))
+    }
+
+    fn failed(why: String) -> Self {
+        Self { unresolved: Some(why), ..Self::default() }
+    }
+}
+
+impl Forwarding {
+    /// ", which publishes 0.0.0.0:18500 -> web1:8080/tcp for docker container web1"
+    pub(crate) fn describe(&self) -> String {
+        match &self.container {
+            Some(c) => format!(", which publishes {} for {} container {}", self.mapping, c.runtime.name(), c.label()),
+            None => format!(
+                ", which publishes {} (the container at {} could not be named{})",
+                self.mapping,
+                self.container_ip,
+                self.unresolved.as_deref().map(|why| format!(": {why}")).unwrap_or_default()
+            ),
+        }
+    }
+
+    pub(crate) fn stop_advice(&self) -> String {
+        match &self.container {
+            Some(c) => format!("{} {}, or publish another host port", c.runtime.stop_command(), c.label()),
+            None => "stop the container that publishes it, or publish another host port".to_owned(),
+        }
+    }
+}
+
+/// What a `docker-proxy` holder forwards: the published mapping and its container.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub(crate) struct Forwarding {
+    /// `0.0.0.0:18500 -> web1:8080/tcp`
+    pub mapping: String,
+    pub publication: Publication,
+    pub container: Option<Container>,
+    pub container_ip: IpAddr,
+    /// Why the container could not be named.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub unresolved: Option<String>,
+}
+
+/// The identity lookups' state, owned by the lookup worker (and by `who`).
+#[derive(Default)]
+pub(crate) struct Identities {
+    runtimes: Runtimes,
+    by_path: HashMap<String, (Instant, Arc<Identity>)>,
+}
+
+impl Identities {
+    /// The identity of the cgroup an event's process ran in. `pid` is the fallback when the
+    /// id cannot be turned into a path (no v2 hierarchy, or the cgroup is gone).
+    pub(crate) fn of_cgroup_id(&mut self, id: u64, pid: u32) -> Arc<Identity> {
+        let path = match cgroup::path_of_id(id) {
+            Ok(Some(path)) => Some(path),
+            Ok(None) | Err(_) => ProcessCgroups::read(pid).and_then(|c| c.best().map(str::to_owned)),
+        };
+        match path {
+            Some(path) => self.of_path(&path),
+            None => Arc::new(Identity::failed(format!(
+                "cgroup {id} is gone and its process exited: where it ran is not known"
+            ))),
+        }
+    }
+
+    /// The identity of a running process.
+    pub(crate) fn of_pid(&mut self, pid: u32) -> Option<Arc<Identity>> {
+        let groups = ProcessCgroups::read(pid)?;
+        Some(self.of_path(groups.best()?))
+    }
+
+    pub(crate) fn of_path(&mut self, path: &str) -> Arc<Identity> {
+        if let Some((at, identity)) = self.by_path.get(path) {
+            let ttl = if identity.unresolved.is_some() { UNREACHABLE_TTL } else { FOUND_TTL };
+            if at.elapsed() < ttl {
+                return identity.clone();
+            }
+        }
+        let identity = Arc::new(self.resolve(path));
+        if self.by_path.len() >= CACHE_MAX {
+            self.by_path.clear();
+        }
+        self.by_path.insert(path.to_owned(), (Instant::now(), identity.clone()));
+        identity
+    }
+
+    fn resolve(&mut self, path: &str) -> Identity {
+        let hints = cgroup::hints(path);
+        let mut identity = Identity { cgroup: Some(path.to_owned()), unit: hints.unit.clone(), ..Identity::default() };
+        let asked = if let Some((hint, id)) = &hints.container {
+            let asked = self.runtimes.container(hint, id);
+            if let Asked::Unreachable(why) = &asked {
+                // The path names a container: say which, unnamed, and why.
+                let runtime = match hint {
+                    cgroup::RuntimeHint::Docker => Runtime::Docker,
+                    cgroup::RuntimeHint::Podman => Runtime::Podman,
+                    cgroup::RuntimeHint::CriO => Runtime::CriO,
+                    cgroup::RuntimeHint::Containerd { .. } | cgroup::RuntimeHint::AnyCri => Runtime::Containerd,
+                };
+                identity.container = Some(Container {
+                    runtime,
+                    id: id.clone(),
+                    name: None,
+                    image: None,
+                    pod: None,
+                    published: Vec::new(),
+                    addresses: Vec::new(),
+                });
+                identity.unresolved = Some(why.clone());
+            }
+            asked
+        } else if let Some((namespace, id)) = &hints.two_parts {
+            self.runtimes.containerd_pair(namespace, id)
+        } else {
+            Asked::Unknown
+        };
+        if let Asked::Found(container) = asked {
+            identity.pod = container.pod.clone().map(|mut pod| {
+                pod.uid = pod.uid.or_else(|| hints.pod_uid.clone());
+                pod
+            });
+            identity.container = Some(*container);
+            // Inside a container, the unit is the runtime's scope, not the operator's.
+            identity.unit = None;
+        }
+        identity
+    }
+
+    /// Fills in the identity of each process, and what a `docker-proxy` forwards.
+    pub(crate) fn annotate(&mut self, process: &mut ProcessInfo) {
+        process.identity = self.of_pid(process.pid).map(|i| (*i).clone());
+        if process.comm == "docker-proxy" {
+            process.forwards = self.forwarding(&process.cmdline);
+        }
+    }
+
+    /// A docker-proxy's command line (`-proto tcp -host-ip 0.0.0.0 -host-port 18500
+    /// -container-ip 172.17.0.2 -container-port 8080`) and the container at that address.
+    fn forwarding(&mut self, cmdline: &str) -> Option<Forwarding> {
+        let args: Vec<&str> = cmdline.split(' ').collect();
+        let flag = |name: &str| args.windows(2).find(|w| w[0] == name).map(|w| w[1]);
+        let publication = Publication {
+            host_ip: flag("-host-ip").and_then(|ip| ip.parse().ok()),
+            host_port: flag("-host-port")?.parse().ok()?,
+            container_port: flag("-container-port")?.parse().ok()?,
+            proto: flag("-proto").unwrap_or("tcp").to_owned(),
+        };
+        let container_ip: IpAddr = flag("-container-ip")?.parse().ok()?;
+        let (container, unresolved) = match self.runtimes.with_address(container_ip) {
+            Ok(container) => (container, None),
+            Err(why) => (None, Some(why)),
+        };
+        let target = container.as_ref().map_or_else(|| container_ip.to_string(), Container::label);
+        Some(Forwarding { mapping: publication.mapping(&target), publication, container, container_ip, unresolved })
+    }
+
+    /// Containers that publish `port` on the host (Docker, podman), and runtimes that could
+    /// not be asked.
+    pub(crate) fn publishing(&mut self, port: u16) -> (Vec<(Container, Publication)>, Vec<String>) {
+        self.runtimes.publishing(port)
+    }
+
+    /// A container's main process, by the name or id a user typed.
+    pub(crate) fn container_pid(&mut self, name_or_id: &str) -> Result<Option<(Container, u32)>, String> {
+        self.runtimes.pid_of(name_or_id)
+    }
+}

@@ -1,0 +1,619 @@
+//! The container runtimes' own APIs: what a container id from a cgroup path is called, which
+//! image it runs, its Kubernetes pod, its addresses and the host ports it publishes.
+//!
+//! Docker Engine API (bollard) on Docker's socket, the same API on podman's socket, and
+//! containerd's gRPC API (containerd-client; Kubernetes names from the CRI labels). Every
+//! call has a deadline; a runtime that does not answer is said to be unreachable, and its
+//! containers are then "not named", never "not a container".
+
+use std::{
+    collections::HashMap,
+    net::IpAddr,
+    path::Path,
+    time::{Duration, Instant},
+};
+
+use serde::Serialize;
+
+/// One call to a runtime may take this long; the lookup as a whole is bounded by the
+/// enrich stage's timeout.
+const CALL_TIMEOUT: Duration = Duration::from_millis(700);
+/// The list of a Docker-API runtime's containers is reused for this long, or until an id is
+/// missing from it (then at most every [`LIST_MIN_AGE`]).
+const LIST_MAX_AGE: Duration = Duration::from_secs(5);
+const LIST_MIN_AGE: Duration = Duration::from_millis(250);
+
+/// The Kubernetes names a CRI runtime stores on a container.
+pub(crate) const POD_NAME: &str = "io.kubernetes.pod.name";
+pub(crate) const POD_NAMESPACE: &str = "io.kubernetes.pod.namespace";
+pub(crate) const POD_CONTAINER: &str = "io.kubernetes.container.name";
+pub(crate) const POD_UID: &str = "io.kubernetes.pod.uid";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum Runtime {
+    Docker,
+    Podman,
+    Containerd,
+    #[serde(rename = "cri-o")]
+    CriO,
+}
+
+impl Runtime {
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Self::Docker => "docker",
+            Self::Podman => "podman",
+            Self::Containerd => "containerd",
+            Self::CriO => "cri-o",
+        }
+    }
+
+    /// The command that stops one of its containers.
+    pub(crate) fn stop_command(self) -> &'static str {
+        match self {
+            Self::Docker => "docker stop",
+            Self::Podman => "podman stop",
+            Self::Containerd => "ctr task kill",
+            Self::CriO => "crictl stop",
+        }
+    }
+}
+
+/// A Kubernetes pod, from a container's CRI labels.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub(crate) struct Pod {
+    pub name: String,
+    pub namespace: Option<String>,
+    /// The container's name in the pod spec.
+    pub container: Option<String>,
+    pub uid: Option<String>,
+}
+
+/// A host port a container publishes (`-p HOST:CONTAINER`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub(crate) struct Publication {
+    /// The host address; `None`: every address.
+    pub host_ip: Option<IpAddr>,
+    pub host_port: u16,
+    pub container_port: u16,
+    /// "tcp", "udp", "sctp".
+    pub proto: String,
+}
+
+impl Publication {
+    /// `0.0.0.0:18500 -> web1:8080/tcp`
+    pub(crate) fn mapping(&self, container: &str) -> String {
+        let host = match self.host_ip {
+            Some(IpAddr::V6(ip)) => format!("[{ip}]:{}", self.host_port),
+            Some(ip) => format!("{ip}:{}", self.host_port),
+            None => format!("*:{}", self.host_port),
+        };
+        format!("{host} -> {container}:{}/{}", self.container_port, self.proto)
+    }
+}
+
+/// A container as its runtime describes it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub(crate) struct Container {
+    pub runtime: Runtime,
+    pub id: String,
+    /// The runtime's name for it (Docker's without the leading `/`); `None` when unnamed or
+    /// the runtime could not be asked.
+    pub name: Option<String>,
+    pub image: Option<String>,
+    #[serde(skip)]
+    pub pod: Option<Pod>,
+    #[serde(skip)]
+    pub published: Vec<Publication>,
+    #[serde(skip)]
+    pub addresses: Vec<IpAddr>,
+}
+
+impl Container {
+    /// What to call it in a sentence: its name, else its short id.
+    pub(crate) fn label(&self) -> String {
+        match &self.name {
+            Some(name) => name.clone(),
+            None => self.id.chars().take(12).collect(),
+        }
+    }
+
+    fn from_labels(
+        runtime: Runtime,
+        id: String,
+        name: Option<String>,
+        image: Option<String>,
+        labels: &HashMap<String, String>,
+    ) -> Self {
+        let pod = labels.get(POD_NAME).map(|name| Pod {
+            name: name.clone(),
+            namespace: labels.get(POD_NAMESPACE).cloned(),
+            container: labels.get(POD_CONTAINER).cloned(),
+            uid: labels.get(POD_UID).cloned(),
+        });
+        Self { runtime, id, name, image, pod, published: Vec::new(), addresses: Vec::new() }
+    }
+}
+
+/// What asking a runtime about one id gave.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Asked {
+    Found(Box<Container>),
+    /// The runtime answered and has no such container.
+    Unknown,
+    /// The runtime could not be asked (why): absence is not known.
+    Unreachable(String),
+}
+
+/// A Docker-API runtime (Docker, podman): a client and its last list of containers.
+struct DockerApi {
+    runtime: Runtime,
+    socket: String,
+    client: Option<bollard::Docker>,
+    listed: Option<(Instant, Vec<Container>)>,
+}
+
+impl DockerApi {
+    fn new(runtime: Runtime, socket: String) -> Self {
+        Self { runtime, socket, client: None, listed: None }
+    }
+
+    fn present(&self) -> bool {
+        Path::new(&self.socket).exists()
+    }
+
+    async fn client(&mut self) -> Result<bollard::Docker, String> {
+        if let Some(client) = &self.client {
+            return Ok(client.clone());
+        }
+        let client = bollard::Docker::connect_with_unix(
+            &self.socket,
+            CALL_TIMEOUT.as_secs().max(1),
+            bollard::API_DEFAULT_VERSION,
+        )
+        .map_err(|e| format!("{} API at {}: {e}", self.runtime.name(), self.socket))?;
+        // The daemon may be older (Docker 20.10 speaks 1.41) or refuse old versions (29+
+        // needs 1.44): agree on one first.
+        let client = tokio::time::timeout(CALL_TIMEOUT, client.negotiate_version())
+            .await
+            .map_err(|_| format!("{} API at {} did not answer", self.runtime.name(), self.socket))?
+            .map_err(|e| format!("{} API at {}: {e}", self.runtime.name(), self.socket))?;
+        self.client = Some(client.clone());
+        Ok(client)
+    }
+
+    /// The running containers, from the last list when it is recent enough.
+    async fn containers(&mut self, fresh_for: Option<&str>) -> Result<&[Container], String> {
+        let age = self.listed.as_ref().map(|(at, _)| at.elapsed());
+        let missing =
+            fresh_for.is_some_and(|id| self.listed.as_ref().is_some_and(|(_, list)| !list.iter().any(|c| c.id == id)));
+        let stale = match age {
+            None => true,
+            Some(age) => age > LIST_MAX_AGE || (missing && age > LIST_MIN_AGE),
+        };
+        if stale {
+            let client = self.client().await?;
+            let listed = tokio::time::timeout(CALL_TIMEOUT, client.list_containers(None))
+                .await
+                .map_err(|_| format!("{} API at {} did not answer", self.runtime.name(), self.socket));
+            let listed = match listed {
+                Ok(Ok(listed)) => listed,
+                Ok(Err(err)) => {
+                    // A daemon restarted since: connect again next time.
+                    self.client = None;
+                    return Err(format!("{} API at {}: {err}", self.runtime.name(), self.socket));
+                }
+                Err(err) => return Err(err),
+            };
+            let containers = listed.into_iter().filter_map(|summary| self.summary_to_container(summary)).collect();
+            self.listed = Some((Instant::now(), containers));
+        }
+        Ok(self.listed.as_ref().map(|(_, list)| list.as_slice()).unwrap_or_default())
+    }
+
+    fn summary_to_container(&self, summary: bollard::models::ContainerSummary) -> Option<Container> {
+        let id = summary.id?;
+        let name = summary.names.unwrap_or_default().into_iter().next().map(|n| n.trim_start_matches('/').to_owned());
+        let labels = summary.labels.unwrap_or_default();
+        let mut container = Container::from_labels(self.runtime, id, name, summary.image, &labels);
+        container.published = summary
+            .ports
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|port| {
+                Some(Publication {
+                    // "0.0.0.0" and "::" are kept apart: they are two sockets on the host.
+                    host_ip: port.ip.as_deref().and_then(|ip| ip.parse().ok()),
+                    host_port: port.public_port?,
+                    container_port: port.private_port,
+                    proto: port.typ.map_or_else(|| "tcp".to_owned(), |t| t.to_string()),
+                })
+            })
+            .collect();
+        container.addresses = summary
+            .network_settings
+            .and_then(|n| n.networks)
+            .unwrap_or_default()
+            .values()
+            .flat_map(|endpoint| [endpoint.ip_address.as_deref(), endpoint.global_ipv6_address.as_deref()])
+            .flatten()
+            .filter_map(|ip| ip.parse().ok())
+            .collect();
+        Some(container)
+    }
+
+    async fn container(&mut self, id: &str) -> Asked {
+        match self.containers(Some(id)).await {
+            Ok(list) => list.iter().find(|c| c.id == id).map_or(Asked::Unknown, |c| Asked::Found(Box::new(c.clone()))),
+            Err(why) => Asked::Unreachable(why),
+        }
+    }
+
+    /// The main process of a container, by name or id (or a unique id prefix).
+    async fn pid_of(&mut self, name_or_id: &str) -> Result<Option<(Container, u32)>, String> {
+        let client = self.client().await?;
+        let inspected = tokio::time::timeout(CALL_TIMEOUT, client.inspect_container(name_or_id, None))
+            .await
+            .map_err(|_| format!("{} API at {} did not answer", self.runtime.name(), self.socket))?;
+        let inspected = match inspected {
+            Ok(inspected) => inspected,
+            Err(bollard::errors::Error::DockerResponseServerError { status_code: 404, .. }) => return Ok(None),
+            Err(err) => return Err(format!("{} API at {}: {err}", self.runtime.name(), self.socket)),
+        };
+        let Some(id) = inspected.id.clone() else { return Ok(None) };
+        let pid = inspected
+            .state
+            .as_ref()
+            .and_then(|s| s.pid)
+            .and_then(|pid| u32::try_from(pid).ok())
+            .filter(|&pid| pid != 0);
+        let container = match self.container(&id).await {
+            Asked::Found(container) => *container,
+            _ => Container::from_labels(
+                self.runtime,
+                id,
+                inspected.name.map(|n| n.trim_start_matches('/').to_owned()),
+                inspected.config.as_ref().and_then(|c| c.image.clone()),
+                &inspected.config.and_then(|c| c.labels).unwrap_or_default(),
+            ),
+        };
+        Ok(pid.map(|pid| (container, pid)))
+    }
+}
+
+/// containerd's gRPC API.
+struct Containerd {
+    socket: String,
+    channel: Option<containerd_client::tonic::transport::Channel>,
+    namespaces: Option<(Instant, Vec<String>)>,
+}
+
+impl Containerd {
+    fn present(&self) -> bool {
+        Path::new(&self.socket).exists()
+    }
+
+    async fn channel(&mut self) -> Result<containerd_client::tonic::transport::Channel, String> {
+        if let Some(channel) = &self.channel {
+            return Ok(channel.clone());
+        }
+        let channel = tokio::time::timeout(CALL_TIMEOUT, containerd_client::connect(&self.socket))
+            .await
+            .map_err(|_| format!("containerd at {} did not answer", self.socket))?
+            .map_err(|e| format!("containerd at {}: {e}", self.socket))?;
+        self.channel = Some(channel.clone());
+        Ok(channel)
+    }
+
+    fn request<T>(message: T, namespace: &str) -> Result<containerd_client::tonic::Request<T>, String> {
+        let mut request = containerd_client::tonic::Request::new(message);
+        request.set_timeout(CALL_TIMEOUT);
+        let value =
+            namespace.parse().map_err(|_| format!("containerd namespace {namespace:?} is not a valid header"))?;
+        request.metadata_mut().insert("containerd-namespace", value);
+        Ok(request)
+    }
+
+    async fn namespaces(&mut self) -> Result<Vec<String>, String> {
+        if let Some((at, list)) = &self.namespaces {
+            if at.elapsed() < LIST_MAX_AGE {
+                return Ok(list.clone());
+            }
+        }
+        use containerd_client::services::v1::{namespaces_client::NamespacesClient, ListNamespacesRequest};
+        let mut client = NamespacesClient::new(self.channel().await?);
+        let mut request = containerd_client::tonic::Request::new(ListNamespacesRequest { filter: String::new() });
+        request.set_timeout(CALL_TIMEOUT);
+        let reply = tokio::time::timeout(CALL_TIMEOUT, client.list(request))
+            .await
+            .map_err(|_| format!("containerd at {} did not answer", self.socket))?
+            .map_err(|e| {
+                self.channel = None;
+                format!("containerd at {}: {}", self.socket, e.message())
+            })?;
+        let list: Vec<String> = reply.into_inner().namespaces.into_iter().map(|n| n.name).collect();
+        self.namespaces = Some((Instant::now(), list.clone()));
+        Ok(list)
+    }
+
+    async fn container(&mut self, namespace: &str, id: &str) -> Asked {
+        use containerd_client::services::v1::{containers_client::ContainersClient, GetContainerRequest};
+        let channel = match self.channel().await {
+            Ok(channel) => channel,
+            Err(why) => return Asked::Unreachable(why),
+        };
+        let request = match Self::request(GetContainerRequest { id: id.to_owned() }, namespace) {
+            Ok(request) => request,
+            Err(why) => return Asked::Unreachable(why),
+        };
+        let reply = tokio::time::timeout(CALL_TIMEOUT, ContainersClient::new(channel).get(request)).await;
+        match reply {
+            Err(_) => Asked::Unreachable(format!("containerd at {} did not answer", self.socket)),
+            Ok(Err(status)) if status.code() == containerd_client::tonic::Code::NotFound => Asked::Unknown,
+            Ok(Err(status)) => {
+                self.channel = None;
+                Asked::Unreachable(format!("containerd at {}: {}", self.socket, status.message()))
+            }
+            Ok(Ok(reply)) => match reply.into_inner().container {
+                Some(c) => {
+                    let image = Some(c.image).filter(|i| !i.is_empty());
+                    // containerd has no name besides the id; a pod's container name is the
+                    // one people know.
+                    let name = c.labels.get(POD_CONTAINER).cloned().or_else(|| Some(c.id.clone()));
+                    Asked::Found(Box::new(Container::from_labels(Runtime::Containerd, c.id, name, image, &c.labels)))
+                }
+                None => Asked::Unknown,
+            },
+        }
+    }
+
+    /// The task's main process of a container in any namespace.
+    async fn pid_of(&mut self, id: &str) -> Result<Option<(Container, u32)>, String> {
+        use containerd_client::services::v1::{tasks_client::TasksClient, GetRequest};
+        for namespace in self.namespaces().await? {
+            let Asked::Found(container) = self.container(&namespace, id).await else { continue };
+            let request =
+                Self::request(GetRequest { container_id: id.to_owned(), exec_id: String::new() }, &namespace)?;
+            let reply = tokio::time::timeout(CALL_TIMEOUT, TasksClient::new(self.channel().await?).get(request))
+                .await
+                .map_err(|_| format!("containerd at {} did not answer", self.socket))?;
+            let pid = reply.ok().and_then(|r| r.into_inner().process).map(|p| p.pid).filter(|&pid| pid != 0);
+            return Ok(pid.map(|pid| (*container, pid)));
+        }
+        Ok(None)
+    }
+}
+
+/// Every runtime bindtrace can ask, found by their sockets.
+pub(crate) struct Runtimes {
+    tokio: Option<tokio::runtime::Runtime>,
+    docker: DockerApi,
+    podman: DockerApi,
+    containerd: Vec<Containerd>,
+}
+
+/// Where each runtime listens on a host that runs it (and where a DaemonSet mounts them).
+fn docker_socket() -> String {
+    std::env::var("DOCKER_HOST")
+        .ok()
+        .and_then(|host| host.strip_prefix("unix://").map(str::to_owned))
+        .unwrap_or_else(|| "/var/run/docker.sock".to_owned())
+}
+const PODMAN_SOCKET: &str = "/run/podman/podman.sock";
+const CONTAINERD_SOCKETS: [&str; 2] = ["/run/containerd/containerd.sock", "/run/k3s/containerd/containerd.sock"];
+
+impl Default for Runtimes {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Runtimes {
+    pub(crate) fn new() -> Self {
+        // Lookups run on a plain thread; the clients are async, so they get a small runtime
+        // of their own.
+        let tokio = tokio::runtime::Builder::new_current_thread().enable_all().build().ok();
+        Self {
+            tokio,
+            docker: DockerApi::new(Runtime::Docker, docker_socket()),
+            podman: DockerApi::new(Runtime::Podman, PODMAN_SOCKET.to_owned()),
+            containerd: CONTAINERD_SOCKETS
+                .iter()
+                .map(|socket| Containerd { socket: (*socket).to_owned(), channel: None, namespaces: None })
+                .collect(),
+        }
+    }
+
+    /// A container by the id its cgroup path names, asking the runtime the path points at
+    /// first. `namespace` is containerd's, when the path says it.
+    pub(crate) fn container(&mut self, hint: &super::cgroup::RuntimeHint, id: &str) -> Asked {
+        use super::cgroup::RuntimeHint;
+        let Some(tokio) = self.tokio.take() else {
+            return Asked::Unreachable("no async runtime for the container lookups".to_owned());
+        };
+        let asked = tokio.block_on(async {
+            let mut unreachable = Vec::new();
+            let order: &[Runtime] = match hint {
+                RuntimeHint::Docker => &[Runtime::Docker],
+                RuntimeHint::Podman => &[Runtime::Podman, Runtime::Docker],
+                RuntimeHint::Containerd { .. } => &[Runtime::Containerd],
+                RuntimeHint::CriO | RuntimeHint::AnyCri => &[Runtime::Containerd, Runtime::Docker, Runtime::Podman],
+            };
+            for runtime in order {
+                let asked = match runtime {
+                    Runtime::Docker if self.docker.present() => self.docker.container(id).await,
+                    Runtime::Podman if self.podman.present() => self.podman.container(id).await,
+                    Runtime::Containerd => {
+                        let namespace = match hint {
+                            RuntimeHint::Containerd { namespace: Some(namespace) } => namespace.as_str(),
+                            _ => "k8s.io",
+                        };
+                        let mut found = Asked::Unknown;
+                        for containerd in self.containerd.iter_mut().filter(|c| c.present()) {
+                            found = containerd.container(namespace, id).await;
+                            if matches!(found, Asked::Found(_)) {
+                                break;
+                            }
+                            if let Asked::Unreachable(why) = &found {
+                                unreachable.push(why.clone());
+                            }
+                        }
+                        found
+                    }
+                    Runtime::Docker | Runtime::Podman | Runtime::CriO => Asked::Unknown,
+                };
+                match asked {
+                    Asked::Found(_) => return asked,
+                    Asked::Unreachable(why) => unreachable.push(why),
+                    Asked::Unknown => {}
+                }
+            }
+            if unreachable.is_empty() {
+                Asked::Unknown
+            } else {
+                unreachable.dedup();
+                Asked::Unreachable(unreachable.join("; "))
+            }
+        });
+        self.tokio = Some(tokio);
+        asked
+    }
+
+    /// A `ctr`-style `/<namespace>/<id>` cgroup: a container only if containerd has that
+    /// namespace and that id.
+    pub(crate) fn containerd_pair(&mut self, namespace: &str, id: &str) -> Asked {
+        if !self.containerd.iter().any(Containerd::present) {
+            return Asked::Unknown;
+        }
+        let Some(tokio) = self.tokio.take() else { return Asked::Unknown };
+        let asked = tokio.block_on(async {
+            let mut last = Asked::Unknown;
+            for containerd in self.containerd.iter_mut().filter(|c| c.present()) {
+                match containerd.namespaces().await {
+                    Ok(names) if names.iter().any(|n| n == namespace) => {}
+                    Ok(_) => continue,
+                    Err(why) => {
+                        last = Asked::Unreachable(why);
+                        continue;
+                    }
+                }
+                last = containerd.container(namespace, id).await;
+                if matches!(last, Asked::Found(_)) {
+                    break;
+                }
+            }
+            last
+        });
+        self.tokio = Some(tokio);
+        asked
+    }
+
+    /// The containers of the Docker-API runtimes that publish `port` on the host, and the
+    /// runtimes that could not be asked.
+    pub(crate) fn publishing(&mut self, port: u16) -> (Vec<(Container, Publication)>, Vec<String>) {
+        let Some(tokio) = self.tokio.take() else { return (Vec::new(), vec!["no async runtime".to_owned()]) };
+        let result = tokio.block_on(async {
+            let mut found = Vec::new();
+            let mut unreachable = Vec::new();
+            for api in [&mut self.docker, &mut self.podman] {
+                if !api.present() {
+                    continue;
+                }
+                match api.containers(None).await {
+                    Ok(list) => {
+                        for container in list {
+                            for publication in container.published.iter().filter(|p| p.host_port == port) {
+                                found.push((container.clone(), publication.clone()));
+                            }
+                        }
+                    }
+                    Err(why) => unreachable.push(why),
+                }
+            }
+            (found, unreachable)
+        });
+        self.tokio = Some(tokio);
+        result
+    }
+
+    /// The container a docker-proxy forwards to, by its `-container-ip`.
+    pub(crate) fn with_address(&mut self, address: IpAddr) -> Result<Option<Container>, String> {
+        if !self.docker.present() {
+            return Ok(None);
+        }
+        let Some(tokio) = self.tokio.take() else { return Err("no async runtime".to_owned()) };
+        let result = tokio.block_on(async {
+            let list = self.docker.containers(None).await?;
+            Ok(list.iter().find(|c| c.addresses.contains(&address)).cloned())
+        });
+        self.tokio = Some(tokio);
+        result
+    }
+
+    /// A container's main process, by the name or id a user typed, from whichever runtime
+    /// knows it.
+    pub(crate) fn pid_of(&mut self, name_or_id: &str) -> Result<Option<(Container, u32)>, String> {
+        let Some(tokio) = self.tokio.take() else { return Err("no async runtime".to_owned()) };
+        let result = tokio.block_on(async {
+            let mut errors = Vec::new();
+            for api in [&mut self.docker, &mut self.podman] {
+                if !api.present() {
+                    continue;
+                }
+                match api.pid_of(name_or_id).await {
+                    Ok(Some(found)) => return Ok(Some(found)),
+                    Ok(None) => {}
+                    Err(why) => errors.push(why),
+                }
+            }
+            for containerd in self.containerd.iter_mut().filter(|c| c.present()) {
+                match containerd.pid_of(name_or_id).await {
+                    Ok(Some(found)) => return Ok(Some(found)),
+                    Ok(None) => {}
+                    Err(why) => errors.push(why),
+                }
+            }
+            if errors.is_empty() {
+                Ok(None)
+            } else {
+                Err(errors.join("; "))
+            }
+        });
+        self.tokio = Some(tokio);
+        result
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mappings_read_like_docker_ps() {
+        let publication = Publication {
+            host_ip: Some("0.0.0.0".parse().unwrap()),
+            host_port: 18500,
+            container_port: 8080,
+            proto: "tcp".into(),
+        };
+        assert_eq!(publication.mapping("web1"), "0.0.0.0:18500 -> web1:8080/tcp");
+        let v6 = Publication { host_ip: Some("::".parse().unwrap()), ..publication.clone() };
+        assert_eq!(v6.mapping("web1"), "[::]:18500 -> web1:8080/tcp");
+    }
+
+    #[test]
+    fn cri_labels_name_the_pod() {
+        let labels: HashMap<String, String> = [(POD_NAME, "api-7f9"), (POD_NAMESPACE, "shop"), (POD_CONTAINER, "api")]
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect();
+        let container = Container::from_labels(Runtime::Containerd, "abc".into(), None, None, &labels);
+        let pod = container.pod.clone().expect("pod");
+        assert_eq!(
+            (pod.name.as_str(), pod.namespace.as_deref(), pod.container.as_deref()),
+            ("api-7f9", Some("shop"), Some("api"))
+        );
+        assert_eq!(container.label(), "abc");
+    }
+}
