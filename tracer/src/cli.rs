@@ -153,6 +153,11 @@ pub struct WhoArgs {
     #[arg(long, value_name = "PID|PATH")]
     pub netns: Option<String>,
 
+    /// Look in every network namespace bindtrace can see (every process's, and /run/netns),
+    /// naming the container or pod of each holder.
+    #[arg(long, conflicts_with = "netns")]
+    pub all_netns: bool,
+
     /// Output format [default: table on a terminal, ndjson otherwise].
     #[arg(short = 'o', long, value_enum)]
     pub output: Option<OutputFormat>,

@@ -14,7 +14,9 @@ use crate::{
     enrich::{
         diagnose::{endpoint, holder_report, holders_summary, HolderReport},
         lookup::{Holder, Lookups},
-        netns::Netns,
+        netns::{other_namespaces, Netns},
+        owners::ProcessInfo,
+        runtimes::{Container, Publication},
         sockdiag::{state_name, Proto},
     },
     sink::{
@@ -32,6 +34,19 @@ struct WhoRecord<'a> {
     netns: Option<u64>,
     summary: &'a str,
     holders: Vec<HolderReport>,
+    /// Containers whose runtime publishes this host port (Docker, podman), held by a socket
+    /// or only reserved in the runtime's own port table.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    published_by: Vec<PublishedBy>,
+}
+
+#[derive(Clone, Serialize)]
+struct PublishedBy {
+    container: Container,
+    /// `0.0.0.0:18500 -> web1:8080/tcp`
+    mapping: String,
+    /// A socket holds the published address; `false`: only the runtime's port table does.
+    socket: bool,
 }
 
 /// Whether anything holds the port (exit status 0) or not (1).
@@ -56,6 +71,25 @@ pub fn prepare(args: &WhoArgs) -> Result<Netns> {
     open_netns(args.netns.as_deref())
 }
 
+/// Every network namespace for `--all-netns`: bindtrace's own first, then those of the
+/// processes it can see and the named ones in /run/netns; and how many processes' namespaces
+/// could not be read.
+fn every_namespace() -> (Vec<Netns>, usize) {
+    let own = Netns::Own.inode().unwrap_or(0);
+    let (mut paths, unreadable) = other_namespaces(own);
+    paths.extend(std::fs::read_dir("/run/netns").into_iter().flatten().flatten().map(|e| e.path()));
+    let mut seen = std::collections::HashSet::from([own]);
+    let mut namespaces = vec![Netns::Own];
+    for path in paths {
+        if let Ok(netns) = Netns::open_path(&path) {
+            if netns.inode().is_some_and(|inode| seen.insert(inode)) {
+                namespaces.push(netns);
+            }
+        }
+    }
+    (namespaces, unreadable)
+}
+
 pub fn run(args: &WhoArgs, netns: &Netns) -> Result<Verdict> {
     let protos: &[Proto] = match args.target.proto {
         Some(cli::Proto::Tcp) => &[Proto::Tcp],
@@ -70,36 +104,89 @@ pub fn run(args: &WhoArgs, netns: &Netns) -> Result<Verdict> {
     let mut out = String::new();
     let mut held = false;
     let mut blind_said = false;
-    for &proto in protos {
-        let holders = lookups.holders(netns, proto, port).map_err(anyhow::Error::msg)?;
-        if holders.is_empty() && args.target.proto.is_none() && table {
-            continue;
-        }
-        held |= !holders.is_empty();
-        if let Some(why) = holders.iter().filter(|h| h.processes.is_empty()).find_map(|h| h.blind_reason()) {
-            if !blind_said {
-                eprintln!("bindtrace: {why}: a socket shown without a process may still have one");
-                blind_said = true;
+    let every;
+    let (namespaces, unreadable): (&[Netns], usize) = if args.all_netns {
+        every = every_namespace();
+        (&every.0, every.1)
+    } else {
+        (std::slice::from_ref(netns), 0)
+    };
+    if unreadable > 0 {
+        eprintln!(
+            "bindtrace: the network namespaces of {unreadable} process{} could not be read: holders there are not shown",
+            if unreadable == 1 { "" } else { "es" }
+        );
+    }
+    // Host ports that container runtimes publish: they belong to the host's namespace.
+    let (published, unreachable) = lookups.identities.publishing(port);
+    for why in &unreachable {
+        eprintln!("bindtrace: containers that publish port {port} could not be listed: {why}");
+    }
+    for namespace in namespaces {
+        let on_host = matches!(namespace, Netns::Own);
+        for &proto in protos {
+            let holders = lookups.holders(namespace, proto, port).map_err(anyhow::Error::msg)?;
+            let published_by: Vec<PublishedBy> = published
+                .iter()
+                .filter(|(_, p)| on_host && p.proto == proto.name())
+                .map(|(container, publication)| PublishedBy {
+                    container: container.clone(),
+                    mapping: publication.mapping(&container.label()),
+                    socket: has_socket(&holders, publication),
+                })
+                .collect();
+            let quiet = args.target.proto.is_none() || args.all_netns;
+            if holders.is_empty() && published_by.is_empty() && quiet && table {
+                continue;
             }
-        }
-        let summary = holders_summary(proto, port, &holders, None);
-        if table {
-            render_table(&mut out, &holders, &summary);
-        } else {
-            let record = WhoRecord {
-                kind: "who",
-                port,
-                proto,
-                netns: netns.inode(),
-                summary: &summary,
-                holders: holders.iter().map(|h| holder_report(h, None)).collect(),
+            held |= !holders.is_empty() || !published_by.is_empty();
+            if let Some(why) = holders.iter().filter(|h| h.processes.is_empty()).find_map(|h| h.blind_reason()) {
+                if !blind_said {
+                    eprintln!("bindtrace: {why}: a socket shown without a process may still have one");
+                    blind_said = true;
+                }
+            }
+            let summary = if holders.is_empty() && !published_by.is_empty() {
+                allocator_only(proto, port, &published_by)
+            } else {
+                holders_summary(proto, port, &holders, None)
             };
-            out.push_str(&serde_json::to_string(&record)?);
-            out.push('\n');
+            if table {
+                if args.all_netns {
+                    out.push_str(&format!("network namespace {}:\n", namespace.inode().unwrap_or(0)));
+                }
+                render_table(&mut out, &holders, &summary);
+                for publisher in &published_by {
+                    let container = &publisher.container;
+                    let line = format!(
+                        "published by {} container {}: {}{}",
+                        container.runtime.name(),
+                        container.label(),
+                        publisher.mapping,
+                        if publisher.socket { "" } else { " (no socket: only the runtime's port table holds it)" }
+                    );
+                    out.push_str("  └ ");
+                    push_escaped(&mut out, line.as_bytes());
+                    out.push('\n');
+                }
+            } else {
+                let record = WhoRecord {
+                    kind: "who",
+                    port,
+                    proto,
+                    netns: namespace.inode(),
+                    summary: &summary,
+                    holders: holders.iter().map(|h| holder_report(h, None)).collect(),
+                    published_by,
+                };
+                out.push_str(&serde_json::to_string(&record)?);
+                out.push('\n');
+            }
         }
     }
     if !held && table {
-        out.push_str(&format!("nothing holds port {port} in this network namespace\n"));
+        let place = if args.all_netns { "any network namespace bindtrace can see" } else { "this network namespace" };
+        out.push_str(&format!("nothing holds port {port} in {place}\n"));
     }
     let mut stdout = io::stdout().lock();
     match stdout.write_all(out.as_bytes()).and_then(|()| stdout.flush()) {
@@ -107,6 +194,39 @@ pub fn run(args: &WhoArgs, netns: &Netns) -> Result<Verdict> {
         _ => {}
     }
     Ok(if held { Verdict::Held } else { Verdict::Free })
+}
+
+/// A host port that a runtime publishes with no socket on it: the conflict a `docker run -p`
+/// reports ("port is already allocated") is the runtime's own table, not the kernel's.
+fn allocator_only(proto: Proto, port: u16, published_by: &[PublishedBy]) -> String {
+    // One entry per container, with all its mappings of the port.
+    let mut containers: Vec<(&Container, Vec<&str>)> = Vec::new();
+    for publisher in published_by {
+        match containers.iter_mut().find(|(c, _)| c.id == publisher.container.id) {
+            Some((_, mappings)) => mappings.push(&publisher.mapping),
+            None => containers.push((&publisher.container, vec![&publisher.mapping])),
+        }
+    }
+    let names: Vec<String> =
+        containers.iter().map(|(c, mappings)| format!("container {} ({})", c.label(), mappings.join(", "))).collect();
+    let stop: Vec<String> =
+        containers.iter().map(|(c, _)| format!("{} {}", c.runtime.stop_command(), c.label())).collect();
+    let runtime = containers.first().map_or("the runtime", |(c, _)| c.runtime.name());
+    format!(
+        "no socket holds port {port}/{} in the kernel, but {runtime} reserves it for {}: a new -p {port}:... fails with \
+         \"port is already allocated\" in {runtime}'s own port table, not in the kernel; {} frees it",
+        proto.name(),
+        names.join(", "),
+        stop.join(" or ")
+    )
+}
+
+/// Does a socket hold the host address a publication names?
+fn has_socket(holders: &[Holder], publication: &Publication) -> bool {
+    holders.iter().any(|h| match publication.host_ip {
+        Some(ip) => h.socket.local.ip() == ip,
+        None => true,
+    })
 }
 
 fn render_table(out: &mut String, holders: &[Holder], summary: &str) {
@@ -121,7 +241,7 @@ fn render_table(out: &mut String, holders: &[Holder], summary: &str) {
         escaped
     };
     let mut table = Columns::new(
-        ["PROTO", "STATE", "LOCAL", "PEER", "PID", "COMM", "UID", "CGROUP"],
+        ["PROTO", "STATE", "LOCAL", "PEER", "PID", "COMM", "UID", "WHERE"],
         [Align::Left, Align::Left, Align::Left, Align::Left, Align::Right, Align::Left, Align::Right, Align::Left],
     );
     for holder in holders {
@@ -140,9 +260,7 @@ fn render_table(out: &mut String, holders: &[Holder], summary: &str) {
             holder
                 .processes
                 .iter()
-                .map(|process| {
-                    (process.pid.to_string(), escaped(&process.comm), escaped(process.cgroup.as_deref().unwrap_or("-")))
-                })
+                .map(|process| (process.pid.to_string(), escaped(&process.comm), escaped(&runs_in(process))))
                 .collect()
         };
         for (pid, comm, cgroup) in rows {
@@ -164,10 +282,24 @@ fn render_table(out: &mut String, holders: &[Holder], summary: &str) {
     out.push('\n');
 }
 
+/// The WHERE cell: what a docker-proxy forwards to, the pod or container, else the unit,
+/// else the cgroup path.
+fn runs_in(process: &ProcessInfo) -> String {
+    if let Some(forwards) = &process.forwards {
+        return format!("-> {}", forwards.mapping.split_once(" -> ").map_or(forwards.mapping.as_str(), |(_, to)| to));
+    }
+    let identity = process.identity.as_ref();
+    if let Some(name) = identity.and_then(|i| i.short()) {
+        let kind = if identity.is_some_and(|i| i.pod.is_some()) { "pod" } else { "container" };
+        return format!("{kind} {name}");
+    }
+    identity.and_then(|i| i.unit.clone()).or_else(|| process.cgroup.clone()).unwrap_or_else(|| "-".to_owned())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::enrich::{lookup::OwnersSeen, owners::ProcessInfo, sockdiag::DiagSocket};
+    use crate::enrich::{lookup::OwnersSeen, sockdiag::DiagSocket};
 
     fn holder(local: &str, state: u8, timer_ms: Option<u32>, processes: Vec<ProcessInfo>) -> Holder {
         Holder {
