@@ -10,6 +10,8 @@
 pub const COMM_LEN: usize = 16;
 /// Most port ranges `--port` accepts; the probe walks them in a bounded loop.
 pub const MAX_PORT_RANGES: usize = 16;
+/// Most cgroups `--container` and `--cgroup` select together.
+pub const MAX_CGROUPS: usize = 8;
 /// Errnos 1..=254 have their own bit in [`FilterConfig::results`]; larger ones share bit 255.
 pub const ERRNO_BITS: usize = 256;
 
@@ -379,7 +381,7 @@ pub mod kernel_helpers {
 /// Every shared layout is checked here and by the `bytemuck::Pod` derives (which refuse any
 /// implicit padding): a field added without its padding fails the build.
 const _: () = assert!(core::mem::size_of::<KernelLayout>() == 17 * 4 + 11 * 8 + 4);
-const _: () = assert!(core::mem::size_of::<FilterConfig>() == 32 + 64 + 16 + 16);
+const _: () = assert!(core::mem::size_of::<FilterConfig>() == 32 + 64 + 32 + 64 + 16 + 16 + 8);
 const _: () = assert!(
     core::mem::size_of::<ProbeConfig>()
         == core::mem::size_of::<KernelLayout>() + core::mem::size_of::<FilterConfig>() + 8
@@ -394,6 +396,7 @@ pub mod filter_flags {
     pub const FAMILY: u32 = 1 << 3;
     pub const PROTOCOL: u32 = 1 << 4;
     pub const COMM: u32 = 1 << 5;
+    pub const CGROUPS: u32 = 1 << 6;
 }
 
 /// Filters applied in the kernel, so that a rejected event costs no ring-buffer space.
@@ -403,6 +406,11 @@ pub mod filter_flags {
 pub struct FilterConfig {
     /// Accepted results: bit 0 is success, bit N is errno N (N >= 255 all map to bit 255).
     pub results: [u64; ERRNO_BITS / 64],
+    /// cgroup v2 ids (`--container`, `--cgroup`): a task passes when its ancestor at
+    /// `cgroup_levels[i]` (its own cgroup or above) is `cgroup_ids[i]`, so that descendants
+    /// match. The first `cgroup_count` are used.
+    pub cgroup_ids: [u64; MAX_CGROUPS],
+    pub cgroup_levels: [u32; MAX_CGROUPS],
     /// Inclusive port ranges; the first `port_range_count` are used.
     pub port_ranges: [[u16; 2]; MAX_PORT_RANGES],
     /// Exact `comm` to match, NUL-padded.
@@ -414,12 +422,16 @@ pub struct FilterConfig {
     pub protocol: u16,
     /// bindtrace's own process (its lookups bind netlink sockets), never reported; 0: none.
     pub exclude_tgid: u32,
+    pub cgroup_count: u32,
+    pub _reserved: u32,
 }
 
 impl FilterConfig {
     pub const fn accept_all() -> Self {
         Self {
             results: [0; ERRNO_BITS / 64],
+            cgroup_ids: [0; MAX_CGROUPS],
+            cgroup_levels: [0; MAX_CGROUPS],
             port_ranges: [[0; 2]; MAX_PORT_RANGES],
             comm: [0; COMM_LEN],
             port_range_count: 0,
@@ -427,6 +439,8 @@ impl FilterConfig {
             family: 0,
             protocol: 0,
             exclude_tgid: 0,
+            cgroup_count: 0,
+            _reserved: 0,
         }
     }
 

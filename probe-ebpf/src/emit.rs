@@ -10,9 +10,9 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use bindtrace_common::{
-    filter_flags, op, sock_flags, sockaddr::Requested, stat, Backend, BindEvent, KernelLayout, ProbeConfig,
-    UnixBindEvent, AF_INET, AF_INET6, AF_UNIX, COMM_LEN, UNIX_PATH_MAX, WAKEUP_BYTES_MIN_INTERVAL_NS,
-    WAKEUP_INTERVAL_NS,
+    filter_flags, op, sock_flags, sockaddr::Requested, stat, Backend, BindEvent, FilterConfig, KernelLayout,
+    ProbeConfig, UnixBindEvent, AF_INET, AF_INET6, AF_UNIX, COMM_LEN, MAX_CGROUPS, UNIX_PATH_MAX,
+    WAKEUP_BYTES_MIN_INTERVAL_NS, WAKEUP_INTERVAL_NS,
 };
 
 use crate::{
@@ -91,6 +91,9 @@ pub(crate) fn task_passes(cfg: &ProbeConfig, tgid: u32, name: &mut TaskName) -> 
     if filter.is_active(filter_flags::PIDS) && unsafe { FILTER_PIDS.get(tgid) }.is_none() {
         return false;
     }
+    if filter.is_active(filter_flags::CGROUPS) && !in_selected_cgroup(filter) {
+        return false;
+    }
     if !filter.is_active(filter_flags::COMM) {
         return true;
     }
@@ -99,6 +102,25 @@ pub(crate) fn task_passes(cfg: &ProbeConfig, tgid: u32, name: &mut TaskName) -> 
     let [low, high]: [u64; 2] = unsafe { core::mem::transmute(comm) };
     *name = TaskName { words: (low, high), read: true };
     filter.accepts_comm(&comm)
+}
+
+/// Is the calling task in one of the selected cgroups, or below one? Its ancestor at each
+/// selected cgroup's level is compared with that cgroup (0 when the task sits higher up).
+#[inline(always)]
+fn in_selected_cgroup(filter: &FilterConfig) -> bool {
+    let mut i = 0;
+    while i < MAX_CGROUPS {
+        if i as u32 >= filter.cgroup_count {
+            break;
+        }
+        // SAFETY: a helper without memory arguments.
+        let ancestor = unsafe { generated::bpf_get_current_ancestor_cgroup_id(filter.cgroup_levels[i] as i32) };
+        if ancestor == filter.cgroup_ids[i] {
+            return true;
+        }
+        i += 1;
+    }
+    false
 }
 
 /// The calling thread's name, NUL-padded; read into words so that nothing is zero-filled

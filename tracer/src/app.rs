@@ -73,7 +73,11 @@ fn check_writable(path: &Path) -> Result<()> {
 }
 
 fn plan(cli: Cli) -> Result<Plan> {
-    let filter = EventFilter::from_cli(&cli)?;
+    let mut filter = EventFilter::from_cli(&cli)?;
+    let scope = filter.scope_to_cgroups(&cli.containers, &cli.cgroups)?;
+    if !scope.is_empty() {
+        eprintln!("bindtrace: only binds in {} (and below)", scope.join(", "));
+    }
     let stdout_is_terminal = io::stdout().is_terminal();
     let format = cli.output.unwrap_or(if cli.file.is_some() || !stdout_is_terminal {
         OutputFormat::Ndjson

@@ -59,6 +59,17 @@ pub struct Cli {
     #[arg(long, value_name = "NAME", value_parser = parse_comm)]
     pub comm: Option<String>,
 
+    /// Only binds inside this container (a Docker or podman name or id, or a containerd
+    /// id), applied in the kernel by its cgroup. Repeat for more.
+    #[arg(long = "container", value_name = "NAME|ID")]
+    pub containers: Vec<String>,
+
+    /// Only binds by processes in this cgroup v2 group or below it: a path such as
+    /// /system.slice/nginx.service or a pod's kubepods slice, relative to the cgroup root or
+    /// under its mount. Repeat for more.
+    #[arg(long = "cgroup", value_name = "PATH")]
+    pub cgroups: Vec<String>,
+
     /// Only this address family.
     #[arg(long, value_name = "4|6|unix", value_parser = parse_family)]
     pub family: Option<Family>,

@@ -4,13 +4,16 @@
 
 use std::collections::HashSet;
 
-use anyhow::{bail, Result};
+use anyhow::{anyhow, bail, Result};
 use bindtrace_common::{
-    filter_flags, BindEvent, FilterConfig, AF_INET, AF_INET6, AF_UNIX, COMM_LEN, IPPROTO_TCP, IPPROTO_UDP,
+    filter_flags, BindEvent, FilterConfig, AF_INET, AF_INET6, AF_UNIX, COMM_LEN, IPPROTO_TCP, IPPROTO_UDP, MAX_CGROUPS,
     MAX_PORT_RANGES,
 };
 
-use crate::cli::{Cli, Family, Proto};
+use crate::{
+    cli::{Cli, Family, Proto},
+    enrich::{cgroup, identity::Identities},
+};
 
 /// Most pids `--pid` takes (the size of the probe's FILTER_PIDS map).
 pub const MAX_PIDS: usize = 1024;
@@ -88,6 +91,48 @@ impl EventFilter {
         }
         let pid_set = pids.iter().copied().collect();
         Ok(Self { kernel, pids, pid_set })
+    }
+
+    /// Limits the trace to the cgroups of `--container` and `--cgroup` (and their
+    /// descendants), in the kernel. Containers are found through their runtimes' APIs; a name
+    /// no runtime knows, or a runtime that cannot be asked, is an error that says so.
+    pub fn scope_to_cgroups(&mut self, containers: &[String], cgroups: &[String]) -> Result<Vec<String>> {
+        let mut selected = Vec::new();
+        let mut described = Vec::new();
+        for path in cgroups {
+            let (id, level) = cgroup::id_of_path(path).map_err(|e| anyhow!("--cgroup {path}: {e}"))?;
+            selected.push((id, level));
+            described.push(format!("cgroup {path}"));
+        }
+        if !containers.is_empty() {
+            let mut identities = Identities::default();
+            for name in containers {
+                let (container, pid) = match identities.container_pid(name) {
+                    Ok(Some(found)) => found,
+                    Ok(None) => bail!("--container {name}: no running container by that name or id (asked Docker, podman and containerd where their sockets exist)"),
+                    Err(why) => bail!("--container {name}: the container runtimes could not be asked: {why}"),
+                };
+                let path = cgroup::ProcessCgroups::read(pid)
+                    .and_then(|groups| groups.v2)
+                    .filter(|path| path != "/")
+                    .ok_or_else(|| anyhow!("--container {name}: its process {pid} has no cgroup v2 group of its own, so the kernel cannot select it"))?;
+                let (id, level) = cgroup::id_of_path(&path).map_err(|e| anyhow!("--container {name}: {e}"))?;
+                selected.push((id, level));
+                described.push(format!("{} container {} ({path})", container.runtime.name(), container.label()));
+            }
+        }
+        if selected.len() > MAX_CGROUPS {
+            bail!("at most {MAX_CGROUPS} containers and cgroups can be given together, got {}", selected.len());
+        }
+        if !selected.is_empty() {
+            for (i, (id, level)) in selected.iter().enumerate() {
+                self.kernel.cgroup_ids[i] = *id;
+                self.kernel.cgroup_levels[i] = *level;
+            }
+            self.kernel.cgroup_count = selected.len() as u32;
+            self.kernel.flags |= filter_flags::CGROUPS;
+        }
+        Ok(described)
     }
 
     /// The userspace mirror of the probe's decision.
