@@ -137,8 +137,12 @@ fn test() -> Result<()> {
     tests.args(["test", "--workspace", "--exclude", "bindtrace-probe"]);
     if is_root() {
         // The integration tests drive ip (veth, netns, vxlan), setpriv, unshare, mountpoint and
-        // mount: a fresh machine gets them here, not by hand.
-        setup::apt_install(&["iproute2", "util-linux", "mount"].map(str::to_owned))?;
+        // mount, and start Debian's dockerd and containerd with an image built from a static
+        // busybox: a fresh machine gets them here, not by hand.
+        setup::apt_install(
+            &["iproute2", "util-linux", "mount", "docker.io", "containerd", "runc", "iptables", "busybox-static", "tar"]
+                .map(str::to_owned),
+        )?;
         // The kernel tests must run, not skip, when they can.
         tests.env("BINDTRACE_REQUIRE_ROOT", "1");
     } else {

@@ -116,8 +116,17 @@ fn ensure_bpf_linker() -> Result<()> {
         .env("LLVM_PREFIX", format!("/usr/lib/llvm-{llvm}")))
 }
 
+/// containerd-client generates its gRPC bindings at build time with protoc.
+fn ensure_protoc() -> Result<()> {
+    if Command::new("protoc").arg("--version").output().is_ok_and(|o| o.status.success()) {
+        return Ok(());
+    }
+    apt_install(&["protobuf-compiler".to_owned()])
+}
+
 pub fn ensure() -> Result<()> {
     ensure_nightly_with_rust_src()?;
+    ensure_protoc()?;
     ensure_bpf_linker()
 }
 
