@@ -345,6 +345,13 @@ fn containers_on_both_sides_of_a_conflict() {
     assert!(["docker-proxy", "dockerd"].contains(&str_of(&event["comm"], "comm")), "{event}");
     let d = tracer.diagnosis_of(&event);
     assert_eq!(d["holders"][0]["processes"][0]["pid"], my_pid(), "{d}");
+    // Both sides: the container Docker was starting, and the host process in its way.
+    assert_eq!(d["facts"]["publishing_for"]["container"]["name"], blocked.as_str(), "{d}");
+    let summary = str_of(&d["summary"], "summary");
+    assert!(
+        summary.starts_with(&format!("docker could not publish 0.0.0.0:{held} -> {blocked}:8080/tcp for container {blocked}: port {held}/tcp is held by pid {}", my_pid())),
+        "{summary}"
+    );
     assert!(d["holders"][0]["processes"][0]["container"].is_null(), "the holder runs on the host: {d}");
     tracer.stop();
     drop(listener);

@@ -140,8 +140,18 @@ fn test() -> Result<()> {
         // mount, and start Debian's dockerd and containerd with an image built from a static
         // busybox: a fresh machine gets them here, not by hand.
         setup::apt_install(
-            &["iproute2", "util-linux", "mount", "docker.io", "containerd", "runc", "iptables", "busybox-static", "tar"]
-                .map(str::to_owned),
+            &[
+                "iproute2",
+                "util-linux",
+                "mount",
+                "docker.io",
+                "containerd",
+                "runc",
+                "iptables",
+                "busybox-static",
+                "tar",
+            ]
+            .map(str::to_owned),
         )?;
         // The kernel tests must run, not skip, when they can.
         tests.env("BINDTRACE_REQUIRE_ROOT", "1");

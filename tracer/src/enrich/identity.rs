@@ -131,6 +131,16 @@ pub(crate) struct Forwarding {
     pub unresolved: Option<String>,
 }
 
+/// A container a runtime was starting, and the host port it asked for.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub(crate) struct Publishing {
+    pub container: Container,
+    /// `0.0.0.0:18700 -> web2:8080/tcp`
+    pub mapping: String,
+    #[serde(skip)]
+    pub publication: Publication,
+}
+
 /// The identity lookups' state, owned by the lookup worker (and by `who`).
 #[derive(Default)]
 pub(crate) struct Identities {
@@ -249,6 +259,15 @@ impl Identities {
     /// not be asked.
     pub(crate) fn publishing(&mut self, port: u16) -> (Vec<(Container, Publication)>, Vec<String>) {
         self.runtimes.publishing(port)
+    }
+
+    /// The container a runtime was starting when its port publisher's bind failed.
+    pub(crate) fn starting(&mut self, port: u16, proto: &str) -> Result<Option<Publishing>, String> {
+        Ok(self.runtimes.starting(port, proto)?.map(|(container, publication)| Publishing {
+            mapping: publication.mapping(&container.label()),
+            container,
+            publication,
+        }))
     }
 
     /// A container's main process, by the name or id a user typed.

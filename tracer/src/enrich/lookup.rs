@@ -11,7 +11,7 @@ use nix::ifaddrs::getifaddrs;
 use serde::Serialize;
 
 use super::{
-    identity::{Identities, Identity},
+    identity::{Identities, Identity, Publishing},
     netns::{read_port_range, read_sysctl, Netns},
     owners::{in_own_pid_namespace, Blind, ProcessInfo, SocketOwners},
     policy::{bind_policy, BindPolicy},
@@ -37,6 +37,9 @@ pub(crate) enum LookupKey {
     /// Who runs in a cgroup (the id the probe records): container, pod or unit. It does not
     /// change while the cgroup exists, so any answer serves.
     Cgroup { id: u64 },
+    /// The container a runtime's port publisher (docker-proxy, dockerd) was starting when its
+    /// bind failed: the other side of a `docker run -p` conflict.
+    Publisher { port: u16, proto: Proto },
 }
 
 /// The hash that names a unix path in a [`LookupKey::UnixName`].
@@ -285,6 +288,7 @@ pub(crate) enum Facts {
     Process(Result<ProcessCaps, ProcessUnread>),
     Unix(Result<UnixFacts, String>),
     Identity(std::sync::Arc<Identity>),
+    Publisher(Result<Option<Publishing>, String>),
 }
 
 impl Facts {
@@ -295,6 +299,7 @@ impl Facts {
             LookupKey::Netns { .. } => Self::Netns(Err(why.to_owned())),
             LookupKey::Process { .. } => Self::Process(Err(ProcessUnread::Exited)),
             LookupKey::UnixName { .. } => Self::Unix(Err(why.to_owned())),
+            LookupKey::Publisher { .. } => Self::Publisher(Err(why.to_owned())),
             LookupKey::Cgroup { .. } => Self::Identity(std::sync::Arc::new(Identity {
                 unresolved: Some(why.to_owned()),
                 ..Identity::default()
@@ -466,6 +471,7 @@ impl Lookups {
     ) -> Facts {
         match *key {
             LookupKey::Cgroup { id } => Facts::Identity(self.identities.of_cgroup_id(id, pid_hint.unwrap_or(0))),
+            LookupKey::Publisher { port, proto } => Facts::Publisher(self.identities.starting(port, proto.name())),
             LookupKey::UnixName { netns, pid, .. } => Facts::Unix(match unix_path {
                 Some(path) => self.unix_facts(netns, pid, path),
                 None => Err("the unix path was not passed to the lookup".to_owned()),

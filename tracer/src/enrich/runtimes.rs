@@ -250,6 +250,52 @@ impl DockerApi {
         }
     }
 
+    /// Containers created but not running whose `-p` asks for host `port`/`proto`: the one a
+    /// failing `docker run -p` was starting (it stays "created" after the failure).
+    async fn starting(&mut self, port: u16, proto: &str) -> Result<Vec<(Container, Publication)>, String> {
+        /// Created containers inspected at most per lookup, newest first.
+        const INSPECT_MAX: usize = 16;
+        let client = self.client().await?;
+        let filters = HashMap::from([("status".to_owned(), vec!["created".to_owned()])]);
+        let options = bollard::query_parameters::ListContainersOptions {
+            all: true,
+            filters: Some(filters),
+            ..Default::default()
+        };
+        let created = tokio::time::timeout(CALL_TIMEOUT, client.list_containers(Some(options)))
+            .await
+            .map_err(|_| format!("{} API at {} did not answer", self.runtime.name(), self.socket))?
+            .map_err(|e| format!("{} API at {}: {e}", self.runtime.name(), self.socket))?;
+        let mut found = Vec::new();
+        for summary in created.into_iter().take(INSPECT_MAX) {
+            let Some(id) = summary.id.clone() else { continue };
+            let Ok(Ok(inspected)) = tokio::time::timeout(CALL_TIMEOUT, client.inspect_container(&id, None)).await
+            else {
+                continue;
+            };
+            let bindings = inspected.host_config.and_then(|h| h.port_bindings).unwrap_or_default();
+            for (container_port, host) in bindings {
+                let Some((number, kind)) = container_port.split_once('/') else { continue };
+                let (Ok(container_port), true) = (number.parse::<u16>(), kind == proto) else { continue };
+                for binding in host.unwrap_or_default() {
+                    if binding.host_port.as_deref().and_then(|p| p.parse::<u16>().ok()) != Some(port) {
+                        continue;
+                    }
+                    let publication = Publication {
+                        host_ip: binding.host_ip.as_deref().and_then(|ip| ip.parse().ok()),
+                        host_port: port,
+                        container_port,
+                        proto: proto.to_owned(),
+                    };
+                    if let Some(container) = self.summary_to_container(summary.clone()) {
+                        found.push((container, publication));
+                    }
+                }
+            }
+        }
+        Ok(found)
+    }
+
     /// The main process of a container, by name or id (or a unique id prefix).
     async fn pid_of(&mut self, name_or_id: &str) -> Result<Option<(Container, u32)>, String> {
         let client = self.client().await?;
@@ -532,6 +578,31 @@ impl Runtimes {
                 }
             }
             (found, unreachable)
+        });
+        self.tokio = Some(tokio);
+        result
+    }
+
+    /// The container that a failing `docker run -p PORT:...` (or podman's) was starting.
+    pub(crate) fn starting(&mut self, port: u16, proto: &str) -> Result<Option<(Container, Publication)>, String> {
+        let Some(tokio) = self.tokio.take() else { return Err("no async runtime".to_owned()) };
+        let result = tokio.block_on(async {
+            let mut errors = Vec::new();
+            for api in [&mut self.docker, &mut self.podman] {
+                if !api.present() {
+                    continue;
+                }
+                match api.starting(port, proto).await {
+                    Ok(mut found) if !found.is_empty() => return Ok(Some(found.remove(0))),
+                    Ok(_) => {}
+                    Err(why) => errors.push(why),
+                }
+            }
+            if errors.is_empty() {
+                Ok(None)
+            } else {
+                Err(errors.join("; "))
+            }
         });
         self.tokio = Some(tokio);
         result

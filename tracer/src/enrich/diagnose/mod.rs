@@ -46,6 +46,10 @@ pub fn needed_lookups(event: &Bind) -> Vec<LookupKey> {
             _ => Vec::new(),
         },
         Some(libc::EADDRINUSE) => match Proto::from_ipproto(event.protocol) {
+            // A runtime's port publisher failed: which container it was starting, too.
+            Some(proto) if is_port_publisher(event.comm_bytes()) => {
+                vec![LookupKey::Sockets { netns, proto }, LookupKey::Publisher { port: event.port, proto }]
+            }
             Some(proto) => vec![LookupKey::Sockets { netns, proto }],
             None => Vec::new(),
         },
@@ -54,6 +58,12 @@ pub fn needed_lookups(event: &Bind) -> Vec<LookupKey> {
         Some(libc::EADDRNOTAVAIL) => vec![LookupKey::Netns { netns }],
         _ => Vec::new(),
     }
+}
+
+/// The processes that bind host ports for `docker run -p` (and podman's Docker-compatible
+/// service).
+fn is_port_publisher(comm: &[u8]) -> bool {
+    matches!(comm, b"docker-proxy" | b"dockerd")
 }
 
 /// Does a socket on the requested port stand in the way, by the kernel's address rules?
@@ -634,6 +644,28 @@ pub fn diagnose<'a>(
                     let mut diagnosis = in_use(event, &table.holders(event.port), history, table.local_port_range);
                     if !table.from_sock_diag {
                         hedge_without_sock_diag(&mut diagnosis, event);
+                    }
+                    match keys.get(1).and_then(&facts) {
+                        Some(Facts::Publisher(Ok(Some(publishing)))) => {
+                            let mut publishing = publishing.clone();
+                            // `-p PORT:...` without an address: the bind shows which one.
+                            if publishing.publication.host_ip.is_none() {
+                                publishing.publication.host_ip = event.requested_ip();
+                                publishing.mapping = publishing.publication.mapping(&publishing.container.label());
+                            }
+                            diagnosis.summary = format!(
+                                "{} could not publish {} for container {}: {}",
+                                publishing.container.runtime.name(),
+                                publishing.mapping,
+                                publishing.container.label(),
+                                diagnosis.summary
+                            );
+                            diagnosis.facts.publishing_for = Some(publishing);
+                        }
+                        Some(Facts::Publisher(Err(why))) => {
+                            diagnosis.unknown.push(format!("the container being started could not be named: {why}"))
+                        }
+                        _ => {}
                     }
                     diagnosis
                 }

@@ -104,6 +104,9 @@ pub struct SeenBindReport {
 /// Facts behind the verdict, each present only where it was relevant and known.
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
 pub struct DiagnosisFacts {
+    /// The container a runtime was starting when its port publisher's bind failed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) publishing_for: Option<crate::enrich::identity::Publishing>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ip_unprivileged_port_start: Option<i64>,
     #[serde(skip_serializing_if = "Option::is_none")]
