@@ -137,17 +137,18 @@ impl Containers {
         for applet in ["sh", "nc", "sleep", "timeout", "cat", "true"] {
             std::os::unix::fs::symlink("busybox", bin.join(applet)).expect("applet link");
         }
-        let tar = Command::new("tar")
+        let mut tar = Command::new("tar")
             .args(["-C", root.to_str().expect("utf-8 path"), "-c", "."])
             .stdout(Stdio::piped())
             .spawn()
             .expect("tar");
         let status = Command::new(docker_bin())
             .args(["import", "-", &self.image])
-            .stdin(tar.stdout.expect("tar stdout"))
+            .stdin(tar.stdout.take().expect("tar stdout"))
             .stdout(Stdio::null())
             .status()
             .expect("docker import");
+        assert!(tar.wait().expect("tar").success(), "tar failed");
         assert!(status.success(), "docker import failed");
     }
 
