@@ -36,7 +36,8 @@ impl Shared {
 
 fn render(sink: &mut dyn Sink, shared: &Shared, record: &[u8]) -> Option<String> {
     let event = decode(record).ok()?;
-    let enriched = Enriched { seq: 1, event, wall_ns: 1_795_600_931_000_000_000, explained: Explained::Nothing, identity: None };
+    let enriched =
+        Enriched { seq: 1, event, wall_ns: 1_795_600_931_000_000_000, explained: Explained::Nothing, identity: None };
     sink.event(&enriched).expect("encode");
     sink.flush().expect("flush");
     Some(shared.text())

@@ -275,3 +275,69 @@ impl Identities {
         self.runtimes.pid_of(name_or_id)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn container(name: Option<&str>) -> Container {
+        Container {
+            runtime: Runtime::Docker,
+            id: "5b3a54922118b4553e36cecb3b374bb34f2fb1fbd78c33606fe29f9d9987f56b".into(),
+            name: name.map(str::to_owned),
+            image: Some("nginx:1".into()),
+            pod: None,
+            published: Vec::new(),
+            addresses: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn names_and_advice_in_the_operators_terms() {
+        let web = Identity { container: Some(container(Some("web1"))), ..Identity::default() };
+        assert_eq!(web.short().as_deref(), Some("web1"));
+        assert_eq!(web.describe().as_deref(), Some("in docker container web1 (image nginx:1)"));
+        assert_eq!(web.stop_advice().as_deref(), Some("docker stop web1, or bind another port"));
+        // A runtime that did not answer: the short id, and why there is no name.
+        let unnamed = Identity { container: Some(container(None)), ..Identity::default() };
+        assert_eq!(unnamed.short().as_deref(), Some("5b3a54922118"));
+        assert!(unnamed.describe().is_some_and(|d| d.contains("not named")));
+        let pod = Identity {
+            container: Some(container(Some("api"))),
+            pod: Some(Pod {
+                name: "api-7f9".into(),
+                namespace: Some("shop".into()),
+                container: Some("api".into()),
+                uid: None,
+            }),
+            ..Identity::default()
+        };
+        assert_eq!(pod.short().as_deref(), Some("shop/api-7f9"));
+        assert_eq!(pod.describe().as_deref(), Some("in pod shop/api-7f9 (container api)"));
+        assert!(pod.stop_advice().is_some_and(|a| a.contains("kubectl -n shop get pod api-7f9")));
+        let service = Identity { unit: Some("nginx.service".into()), ..Identity::default() };
+        assert_eq!(service.short(), None);
+        assert_eq!(service.describe().as_deref(), Some("of nginx.service"));
+        assert_eq!(service.stop_advice().as_deref(), Some("systemctl stop nginx.service, or bind another port"));
+        let slice = Identity { unit: Some("user.slice".into()), ..Identity::default() };
+        assert_eq!((slice.describe(), slice.stop_advice()), (None, None));
+    }
+
+    #[test]
+    fn a_docker_proxy_command_line_gives_its_mapping() {
+        let mut identities = Identities::default();
+        // No Docker here to name the container: the mapping still reads by address, and the
+        // container is "could not be named", not absent.
+        let cmdline =
+            "/usr/sbin/docker-proxy -proto udp -host-ip :: -host-port 5353 -container-ip 172.17.0.9 -container-port 53";
+        let forwarding = identities.forwarding(cmdline).expect("a docker-proxy command line");
+        assert_eq!(forwarding.publication.host_port, 5353);
+        assert_eq!(forwarding.publication.container_port, 53);
+        assert_eq!(forwarding.publication.proto, "udp");
+        assert_eq!(forwarding.container_ip, "172.17.0.9".parse::<IpAddr>().expect("ip"));
+        if forwarding.container.is_none() {
+            assert_eq!(forwarding.mapping, "[::]:5353 -> 172.17.0.9:53/udp");
+        }
+        assert!(identities.forwarding("/usr/sbin/docker-proxy -proto tcp").is_none());
+    }
+}

@@ -17,11 +17,14 @@ use serde::Serialize;
 
 /// One call to a runtime may take this long; the lookup as a whole is bounded by the
 /// enrich stage's timeout.
-const CALL_TIMEOUT: Duration = Duration::from_millis(700);
+const CALL_TIMEOUT: Duration = Duration::from_millis(500);
 /// The list of a Docker-API runtime's containers is reused for this long, or until an id is
 /// missing from it (then at most every [`LIST_MIN_AGE`]).
 const LIST_MAX_AGE: Duration = Duration::from_secs(5);
 const LIST_MIN_AGE: Duration = Duration::from_millis(250);
+/// A runtime that let a call time out is not asked again for this long: a hung daemon must
+/// not hold every lookup behind it (the lookup worker is replaced when one takes 2 s).
+const QUIET_AFTER_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The Kubernetes names a CRI runtime stores on a container.
 pub(crate) const POD_NAME: &str = "io.kubernetes.pod.name";
@@ -152,11 +155,25 @@ struct DockerApi {
     socket: String,
     client: Option<bollard::Docker>,
     listed: Option<(Instant, Vec<Container>)>,
+    quiet_until: Option<Instant>,
 }
 
 impl DockerApi {
     fn new(runtime: Runtime, socket: String) -> Self {
-        Self { runtime, socket, client: None, listed: None }
+        Self { runtime, socket, client: None, listed: None, quiet_until: None }
+    }
+
+    /// A call timed out: say so, and rest this runtime for a while.
+    fn silent(&mut self) -> String {
+        self.quiet_until = Some(Instant::now() + QUIET_AFTER_TIMEOUT);
+        self.client = None;
+        format!(
+            "{} API at {} did not answer within {} ms (not asked again for {} s)",
+            self.runtime.name(),
+            self.socket,
+            CALL_TIMEOUT.as_millis(),
+            QUIET_AFTER_TIMEOUT.as_secs()
+        )
     }
 
     fn present(&self) -> bool {
@@ -164,6 +181,9 @@ impl DockerApi {
     }
 
     async fn client(&mut self) -> Result<bollard::Docker, String> {
+        if self.quiet_until.is_some_and(|until| Instant::now() < until) {
+            return Err(format!("{} API at {} did not answer recently", self.runtime.name(), self.socket));
+        }
         if let Some(client) = &self.client {
             return Ok(client.clone());
         }
@@ -177,7 +197,7 @@ impl DockerApi {
         // needs 1.44): agree on one first.
         let client = tokio::time::timeout(CALL_TIMEOUT, client.negotiate_version())
             .await
-            .map_err(|_| format!("{} API at {} did not answer", self.runtime.name(), self.socket))?
+            .map_err(|_| self.silent())?
             .map_err(|e| format!("{} API at {}: {e}", self.runtime.name(), self.socket))?;
         self.client = Some(client.clone());
         Ok(client)
@@ -194,9 +214,8 @@ impl DockerApi {
         };
         if stale {
             let client = self.client().await?;
-            let listed = tokio::time::timeout(CALL_TIMEOUT, client.list_containers(None))
-                .await
-                .map_err(|_| format!("{} API at {} did not answer", self.runtime.name(), self.socket));
+            let listed =
+                tokio::time::timeout(CALL_TIMEOUT, client.list_containers(None)).await.map_err(|_| self.silent());
             let listed = match listed {
                 Ok(Ok(listed)) => listed,
                 Ok(Err(err)) => {
@@ -264,7 +283,7 @@ impl DockerApi {
         };
         let created = tokio::time::timeout(CALL_TIMEOUT, client.list_containers(Some(options)))
             .await
-            .map_err(|_| format!("{} API at {} did not answer", self.runtime.name(), self.socket))?
+            .map_err(|_| self.silent())?
             .map_err(|e| format!("{} API at {}: {e}", self.runtime.name(), self.socket))?;
         let mut found = Vec::new();
         for summary in created.into_iter().take(INSPECT_MAX) {
@@ -301,7 +320,7 @@ impl DockerApi {
         let client = self.client().await?;
         let inspected = tokio::time::timeout(CALL_TIMEOUT, client.inspect_container(name_or_id, None))
             .await
-            .map_err(|_| format!("{} API at {} did not answer", self.runtime.name(), self.socket))?;
+            .map_err(|_| self.silent())?;
         let inspected = match inspected {
             Ok(inspected) => inspected,
             Err(bollard::errors::Error::DockerResponseServerError { status_code: 404, .. }) => return Ok(None),
@@ -333,6 +352,7 @@ struct Containerd {
     socket: String,
     channel: Option<containerd_client::tonic::transport::Channel>,
     namespaces: Option<(Instant, Vec<String>)>,
+    quiet_until: Option<Instant>,
 }
 
 impl Containerd {
@@ -340,13 +360,28 @@ impl Containerd {
         Path::new(&self.socket).exists()
     }
 
+    /// A call timed out: say so, and rest containerd for a while.
+    fn silent(&mut self) -> String {
+        self.quiet_until = Some(Instant::now() + QUIET_AFTER_TIMEOUT);
+        self.channel = None;
+        format!(
+            "containerd at {} did not answer within {} ms (not asked again for {} s)",
+            self.socket,
+            CALL_TIMEOUT.as_millis(),
+            QUIET_AFTER_TIMEOUT.as_secs()
+        )
+    }
+
     async fn channel(&mut self) -> Result<containerd_client::tonic::transport::Channel, String> {
+        if self.quiet_until.is_some_and(|until| Instant::now() < until) {
+            return Err(format!("containerd at {} did not answer recently", self.socket));
+        }
         if let Some(channel) = &self.channel {
             return Ok(channel.clone());
         }
         let channel = tokio::time::timeout(CALL_TIMEOUT, containerd_client::connect(&self.socket))
             .await
-            .map_err(|_| format!("containerd at {} did not answer", self.socket))?
+            .map_err(|_| self.silent())?
             .map_err(|e| format!("containerd at {}: {e}", self.socket))?;
         self.channel = Some(channel.clone());
         Ok(channel)
@@ -373,7 +408,7 @@ impl Containerd {
         request.set_timeout(CALL_TIMEOUT);
         let reply = tokio::time::timeout(CALL_TIMEOUT, client.list(request))
             .await
-            .map_err(|_| format!("containerd at {} did not answer", self.socket))?
+            .map_err(|_| self.silent())?
             .map_err(|e| {
                 self.channel = None;
                 format!("containerd at {}: {}", self.socket, e.message())
@@ -395,7 +430,7 @@ impl Containerd {
         };
         let reply = tokio::time::timeout(CALL_TIMEOUT, ContainersClient::new(channel).get(request)).await;
         match reply {
-            Err(_) => Asked::Unreachable(format!("containerd at {} did not answer", self.socket)),
+            Err(_) => Asked::Unreachable(self.silent()),
             Ok(Err(status)) if status.code() == containerd_client::tonic::Code::NotFound => Asked::Unknown,
             Ok(Err(status)) => {
                 self.channel = None;
@@ -423,7 +458,7 @@ impl Containerd {
                 Self::request(GetRequest { container_id: id.to_owned(), exec_id: String::new() }, &namespace)?;
             let reply = tokio::time::timeout(CALL_TIMEOUT, TasksClient::new(self.channel().await?).get(request))
                 .await
-                .map_err(|_| format!("containerd at {} did not answer", self.socket))?;
+                .map_err(|_| self.silent())?;
             let pid = reply.ok().and_then(|r| r.into_inner().process).map(|p| p.pid).filter(|&pid| pid != 0);
             return Ok(pid.map(|pid| (*container, pid)));
         }
@@ -466,7 +501,12 @@ impl Runtimes {
             podman: DockerApi::new(Runtime::Podman, PODMAN_SOCKET.to_owned()),
             containerd: CONTAINERD_SOCKETS
                 .iter()
-                .map(|socket| Containerd { socket: (*socket).to_owned(), channel: None, namespaces: None })
+                .map(|socket| Containerd {
+                    socket: (*socket).to_owned(),
+                    channel: None,
+                    namespaces: None,
+                    quiet_until: None,
+                })
                 .collect(),
         }
     }
@@ -671,6 +711,38 @@ mod tests {
         assert_eq!(publication.mapping("web1"), "0.0.0.0:18500 -> web1:8080/tcp");
         let v6 = Publication { host_ip: Some("::".parse().unwrap()), ..publication.clone() };
         assert_eq!(v6.mapping("web1"), "[::]:18500 -> web1:8080/tcp");
+    }
+
+    /// A daemon that accepts and never answers costs one timeout, then nothing for a while,
+    /// and is reported unreachable, never as "no such container".
+    #[test]
+    fn a_hung_runtime_is_unreachable_then_rested() {
+        let dir = std::env::temp_dir().join(format!("bindtrace-hung-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let socket = dir.join("docker.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&socket).expect("listen");
+        let held = std::thread::spawn(move || {
+            let mut open = Vec::new();
+            for stream in listener.incoming().take(4).flatten() {
+                open.push(stream);
+            }
+            std::thread::sleep(Duration::from_secs(3));
+        });
+        let mut runtimes = Runtimes::new();
+        runtimes.docker = DockerApi::new(Runtime::Docker, socket.display().to_string());
+        runtimes.podman = DockerApi::new(Runtime::Podman, dir.join("absent.sock").display().to_string());
+        runtimes.containerd.clear();
+        let id = "a".repeat(64);
+        let started = Instant::now();
+        let first = runtimes.container(&super::super::cgroup::RuntimeHint::Docker, &id);
+        assert!(matches!(&first, Asked::Unreachable(why) if why.contains("did not answer")), "{first:?}");
+        assert!(started.elapsed() < Duration::from_millis(1_500), "one timeout: {:?}", started.elapsed());
+        let again = Instant::now();
+        let second = runtimes.container(&super::super::cgroup::RuntimeHint::Docker, &id);
+        assert!(matches!(&second, Asked::Unreachable(why) if why.contains("recently")), "{second:?}");
+        assert!(again.elapsed() < Duration::from_millis(100), "rested: {:?}", again.elapsed());
+        drop(held);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
