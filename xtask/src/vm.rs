@@ -345,6 +345,25 @@ for backend in $BACKENDS; do
   echo "@@STDERR"; cat /tmp/stderr.txt
   echo "@@EVENTS"; cat /tmp/events.ndjson
   echo "@@SCENARIOS"; cat /tmp/scenarios.ndjson
+  # --cgroup in the kernel: a listener inside /bt-scope is reported, one outside is not.
+  rm -f /tmp/scope.ndjson /tmp/scope.txt
+  mkdir -p /sys/fs/cgroup/bt-scope
+  /bindtrace --attach "$backend" --no-diagnosis --cgroup /bt-scope -o ndjson --file /tmp/scope.ndjson 2>/tmp/scope.txt &
+  tracer=$!
+  i=0
+  while ! grep -q attached /tmp/scope.txt 2>/dev/null; do
+    sleep 0.2; i=$((i + 1))
+    if [ $i -gt 600 ] || ! kill -0 $tracer 2>/dev/null; then break; fi
+  done
+  sh -c 'echo $$ > /sys/fs/cgroup/bt-scope/cgroup.procs; exec nc -l -p 41201' >/dev/null 2>&1 &
+  inside=$!
+  nc -l -p 41202 >/dev/null 2>&1 &
+  outside=$!
+  sleep 1
+  kill $inside $outside 2>/dev/null
+  kill -INT $tracer 2>/dev/null
+  wait $tracer
+  echo "@@SCOPE exit=$?"; cat /tmp/scope.txt /tmp/scope.ndjson
 done
 echo "@@END"
 poweroff -f
@@ -417,6 +436,10 @@ struct GuestRun {
     stderr: Vec<String>,
     events: Vec<Value>,
     scenarios: Vec<Value>,
+    /// The `--cgroup /bt-scope` run: its exit, and its NDJSON records and stderr lines.
+    scope_exit: String,
+    scope: Vec<Value>,
+    scope_stderr: Vec<String>,
 }
 
 /// What the guest's `bindtrace --check` and `--attach auto` runs said.
@@ -481,8 +504,16 @@ fn parse_console(console: &str) -> Vec<GuestRun> {
                 stderr: Vec::new(),
                 events: Vec::new(),
                 scenarios: Vec::new(),
+                scope_exit: String::new(),
+                scope: Vec::new(),
+                scope_stderr: Vec::new(),
             });
             section = "";
+        } else if let Some(exit) = line.strip_prefix("@@SCOPE ") {
+            if let Some(current) = runs.last_mut() {
+                current.scope_exit = exit.trim().to_owned();
+            }
+            section = "scope";
         } else if let Some(marker) = line.strip_prefix("@@") {
             section = match marker {
                 "STDERR" => "stderr",
@@ -495,6 +526,10 @@ fn parse_console(console: &str) -> Vec<GuestRun> {
                 "stderr" => current.stderr.push(line.to_owned()),
                 "events" => current.events.extend(serde_json::from_str::<Value>(line).ok()),
                 "scenarios" => current.scenarios.extend(serde_json::from_str::<Value>(line).ok()),
+                "scope" => match serde_json::from_str::<Value>(line) {
+                    Ok(record) => current.scope.push(record),
+                    Err(_) => current.scope_stderr.push(line.to_owned()),
+                },
                 _ => {}
             }
         }
@@ -685,6 +720,12 @@ fn report(label: &str, runs: &[GuestRun], backends: &[&str], nc_check: bool, tal
                 } else if nc_check {
                     tally.passed += 1;
                 }
+                if nc_check {
+                    match scope_problem(run) {
+                        Some(problem) => problems.push(format!("cgroup_scope: {problem}")),
+                        None => tally.passed += 1,
+                    }
+                }
                 let failing: std::collections::HashSet<&str> =
                     problems.iter().filter_map(|p| p.split(':').next()).collect();
                 tally.failed += failing.len();
@@ -702,6 +743,22 @@ fn report(label: &str, runs: &[GuestRun], backends: &[&str], nc_check: bool, tal
             }
         }
     }
+}
+
+/// The `--cgroup` run: the listener in the cgroup is reported, the one outside is not (the
+/// kernel dropped it), and bindtrace ended cleanly.
+fn scope_problem(run: &GuestRun) -> Option<String> {
+    let binds: Vec<&Value> = run.scope.iter().filter(|r| r["type"] == "bind").collect();
+    if run.scope_exit != "exit=0" {
+        return Some(format!("bindtrace --cgroup ended with {}: {:?}", run.scope_exit, run.scope_stderr));
+    }
+    if !binds.iter().any(|b| b["port"] == 41201 && b["ok"] == true) {
+        return Some(format!("no event for the listener inside the cgroup: {binds:?}"));
+    }
+    if binds.iter().any(|b| b["port"] == 41202) {
+        return Some(format!("the listener outside the cgroup was reported: {binds:?}"));
+    }
+    None
 }
 
 /// Fields every backend must fill the same way for the same scenario (pids, times and the
@@ -868,6 +925,9 @@ fn run_on_host(bindtrace: &Path, scenarios: &Path, tally: &mut Tally) -> Result<
         stderr: Vec::new(),
         events,
         scenarios: scenario_lines,
+        scope_exit: String::new(),
+        scope: Vec::new(),
+        scope_stderr: Vec::new(),
     }];
     report("host", &runs, &["tracepoint"], false, tally);
     Ok(())
@@ -955,6 +1015,9 @@ mod tests {
                 stderr: Vec::new(),
                 events,
                 scenarios: vec![scenario()],
+                scope_exit: String::new(),
+                scope: Vec::new(),
+                scope_stderr: Vec::new(),
             }
         };
         let mut tally = Tally::default();
@@ -979,6 +1042,20 @@ mod tests {
         assert_eq!(runs.len(), 1);
         assert_eq!((runs[0].backend.as_str(), runs[0].exit.as_str()), ("tracepoint", "exit=0"));
         assert_eq!((runs[0].events.len(), runs[0].scenarios.len(), runs[0].stderr.len()), (1, 1, 1));
+        assert!(scope_problem(&runs[0]).is_some(), "no --cgroup run is a failure");
+        let scoped = |ports: &str| {
+            let console = format!(
+                "@@BACKEND kprobe exit=0\n@@SCENARIOS\n@@SCOPE exit=0\nbindtrace: attached (kprobe)\n{ports}@@END\n"
+            );
+            parse_console(&console).remove(0)
+        };
+        let inside = "{\"type\":\"bind\",\"port\":41201,\"ok\":true}\n";
+        let outside = "{\"type\":\"bind\",\"port\":41202,\"ok\":true}\n";
+        let run = scoped(inside);
+        assert_eq!((run.scope_exit.as_str(), run.scope.len(), run.scope_stderr.len()), ("exit=0", 1, 1));
+        assert_eq!(scope_problem(&run), None);
+        assert!(scope_problem(&scoped(&format!("{inside}{outside}"))).is_some_and(|p| p.contains("outside")));
+        assert!(scope_problem(&scoped("")).is_some_and(|p| p.contains("inside")));
         assert_eq!(version_key("linux-image-6.12.117+deb12"), vec![6, 12, 117, 12]);
         assert!(version_key("6.12.117") > version_key("6.12.99"));
     }
