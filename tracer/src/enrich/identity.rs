@@ -104,7 +104,7 @@ impl Forwarding {
             None => format!(
                 ", which publishes {} (the container at {} could not be named{})",
                 self.mapping,
-                self.container_ip,
+                self.container_ip.map_or_else(|| "that address".to_owned(), |ip| ip.to_string()),
                 self.unresolved.as_deref().map(|why| format!(": {why}")).unwrap_or_default()
             ),
         }
@@ -125,7 +125,9 @@ pub(crate) struct Forwarding {
     pub mapping: String,
     pub publication: Publication,
     pub container: Option<Container>,
-    pub container_ip: IpAddr,
+    /// The address it forwards to (a docker-proxy's `-container-ip`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub container_ip: Option<IpAddr>,
     /// Why the container could not be named.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub unresolved: Option<String>,
@@ -252,7 +254,27 @@ impl Identities {
             Err(why) => (None, Some(why)),
         };
         let target = container.as_ref().map_or_else(|| container_ip.to_string(), Container::label);
-        Some(Forwarding { mapping: publication.mapping(&target), publication, container, container_ip, unresolved })
+        Some(Forwarding {
+            mapping: publication.mapping(&target),
+            publication,
+            container,
+            container_ip: Some(container_ip),
+            unresolved,
+        })
+    }
+
+    /// The container whose published port a runtime daemon's socket at `local` serves.
+    pub(crate) fn published_at(&mut self, local: std::net::SocketAddr, proto: &str) -> Option<Forwarding> {
+        let (found, _) = self.runtimes.publishing(local.port());
+        let (container, publication) =
+            found.into_iter().find(|(_, p)| p.proto == proto && p.host_ip.is_none_or(|ip| ip == local.ip()))?;
+        Some(Forwarding {
+            mapping: publication.mapping(&container.label()),
+            publication,
+            container: Some(container),
+            container_ip: None,
+            unresolved: None,
+        })
     }
 
     /// Containers that publish `port` on the host (Docker, podman), and runtimes that could
@@ -334,7 +356,7 @@ mod tests {
         assert_eq!(forwarding.publication.host_port, 5353);
         assert_eq!(forwarding.publication.container_port, 53);
         assert_eq!(forwarding.publication.proto, "udp");
-        assert_eq!(forwarding.container_ip, "172.17.0.9".parse::<IpAddr>().expect("ip"));
+        assert_eq!(forwarding.container_ip, Some("172.17.0.9".parse::<IpAddr>().expect("ip")));
         if forwarding.container.is_none() {
             assert_eq!(forwarding.mapping, "[::]:5353 -> 172.17.0.9:53/udp");
         }

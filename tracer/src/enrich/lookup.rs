@@ -11,7 +11,7 @@ use nix::ifaddrs::getifaddrs;
 use serde::Serialize;
 
 use super::{
-    identity::{Identities, Identity, Publishing},
+    identity::{Forwarding, Identities, Identity, Publishing},
     netns::{read_port_range, read_sysctl, Netns},
     owners::{in_own_pid_namespace, Blind, ProcessInfo, SocketOwners},
     policy::{bind_policy, BindPolicy},
@@ -130,6 +130,9 @@ pub(crate) struct SocketTable {
     processes: HashMap<u32, ProcessInfo>,
     /// The ports whose owners were resolved by a /proc scan made after the dump.
     resolved_ports: HashSet<u16>,
+    /// Sockets a container runtime's daemon holds for a published port, by inode: the
+    /// container and mapping, from the runtime's API.
+    published: HashMap<u32, Forwarding>,
     /// What that scan could not see.
     blind: Blind,
     sockets: usize,
@@ -160,6 +163,14 @@ impl SocketTable {
                     .into_iter()
                     .flatten()
                     .filter_map(|pid| self.processes.get(pid).cloned())
+                    .map(|mut process| {
+                        // dockerd holds the ports it publishes itself (userland proxy off):
+                        // what it publishes depends on the socket, not the process.
+                        if process.forwards.is_none() {
+                            process.forwards = self.published.get(&socket.inode).cloned();
+                        }
+                        process
+                    })
                     .collect(),
                 // Sockets without an inode (TIME_WAIT) have no process to find.
                 owners: if socket.inode == 0 { OwnersSeen::Complete } else { seen },
@@ -372,6 +383,24 @@ impl Lookups {
                 }
             }
             table.owners.insert(inode, pids);
+        }
+        let held_by_dockerd: Vec<(u32, std::net::SocketAddr)> = ports
+            .iter()
+            .flat_map(|&port| table.on_port(port))
+            .filter(|socket| {
+                table
+                    .owners
+                    .get(&socket.inode)
+                    .into_iter()
+                    .flatten()
+                    .any(|pid| table.processes.get(pid).is_some_and(|p| p.comm == "dockerd"))
+            })
+            .map(|socket| (socket.inode, socket.local))
+            .collect();
+        for (inode, local) in held_by_dockerd {
+            if let Some(forwarding) = self.identities.published_at(local, proto.name()) {
+                table.published.insert(inode, forwarding);
+            }
         }
         table.resolved_ports.extend(ports.iter().copied());
         table.blind = self.owners.blind();

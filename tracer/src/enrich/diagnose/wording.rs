@@ -47,7 +47,7 @@ pub(crate) fn who(holder: &Holder, seen: Option<&SeenBind>) -> String {
             let mut text = format!("pid {} ({})", first.pid, name.chars().take(80).collect::<String>());
             if let Some(forwards) = &first.forwards {
                 // docker-proxy's own command line is noise next to what it forwards.
-                text = format!("pid {} (docker-proxy){}", first.pid, forwards.describe());
+                text = format!("pid {} ({}){}", first.pid, first.comm, forwards.describe());
             } else if let Some(place) = first.identity.as_ref().and_then(|i| i.describe()) {
                 text.push(' ');
                 text.push_str(&place);
