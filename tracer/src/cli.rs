@@ -94,7 +94,7 @@ pub struct Cli {
     #[arg(short = 'n', long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
     pub count: Option<u64>,
 
-    /// Do not look up who holds a port or why a bind failed (no `diagnosis`).
+    /// No lookups: no holders, no explanations (`diagnosis`), no container, pod or unit names.
     #[arg(long)]
     pub no_diagnosis: bool,
 
