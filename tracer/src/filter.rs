@@ -115,6 +115,7 @@ impl EventFilter {
                 let path = cgroup::ProcessCgroups::read(pid)
                     .and_then(|groups| groups.v2)
                     .filter(|path| path != "/")
+                    .map(|path| cgroup::container_root(&path).unwrap_or(path))
                     .ok_or_else(|| anyhow!("--container {name}: its process {pid} has no cgroup v2 group of its own, so the kernel cannot select it"))?;
                 let (id, level) = cgroup::id_of_path(&path).map_err(|e| anyhow!("--container {name}: {e}"))?;
                 selected.push((id, level));

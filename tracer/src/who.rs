@@ -209,8 +209,7 @@ fn allocator_only(proto: Proto, port: u16, published_by: &[PublishedBy]) -> Stri
     }
     let names: Vec<String> =
         containers.iter().map(|(c, mappings)| format!("container {} ({})", c.label(), mappings.join(", "))).collect();
-    let stop: Vec<String> =
-        containers.iter().map(|(c, _)| format!("{} {}", c.runtime.stop_command(), c.label())).collect();
+    let stop: Vec<String> = containers.iter().map(|(c, _)| c.stop_command()).collect();
     let runtime = containers.first().map_or("the runtime", |(c, _)| c.runtime.name());
     format!(
         "no socket holds port {port}/{} in the kernel, but {runtime} reserves it for {}: a new -p {port}:... fails with \

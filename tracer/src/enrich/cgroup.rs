@@ -25,9 +25,22 @@ fn v2_mount_in(mountinfo: &str) -> Option<PathBuf> {
     mountinfo.lines().find_map(|line| {
         // "id parent major:minor root mount-point options ... - fstype source super-options"
         let (left, right) = line.split_once(" - ")?;
-        let mount_point = left.split_whitespace().nth(4)?;
-        (right.split_whitespace().next()? == "cgroup2").then(|| PathBuf::from(unescape_mountinfo(mount_point)))
+        let mut fields = left.split_whitespace();
+        let root = fields.nth(3)?;
+        let mount_point = fields.next()?;
+        // A mount of a subtree would make paths and depths relative to that subtree.
+        (right.split_whitespace().next()? == "cgroup2" && root == "/")
+            .then(|| PathBuf::from(unescape_mountinfo(mount_point)))
     })
+}
+
+/// Is bindtrace in the initial cgroup namespace? In another one (a container's, by default
+/// on cgroup v2), cgroup paths are relative to the namespace's root, while the kernel's
+/// ancestor levels count from the real root.
+pub(crate) fn in_initial_cgroup_namespace() -> bool {
+    /// CGROUP_NS_INIT_INO: the initial cgroup namespace's fixed inode number.
+    const CGROUP_NS_INIT_INO: u64 = 0xEFFF_FFFB;
+    std::fs::metadata("/proc/self/ns/cgroup").map_or(true, |m| m.ino() == CGROUP_NS_INIT_INO)
 }
 
 /// mountinfo writes space, tab, newline and backslash in paths as octal escapes.
@@ -117,7 +130,12 @@ fn walk_for_id(mount: &Path, id: u64) -> Result<Option<String>, String> {
         if meta.ino() == id {
             return Ok(relative_to(mount, &dir));
         }
-        let entries = std::fs::read_dir(&dir).map_err(|e| format!("cannot list {}: {e}", dir.display()))?;
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(entries) => entries,
+            // Removed while walking (a transient scope): nothing to find there.
+            Err(err) if err.kind() == io::ErrorKind::NotFound => continue,
+            Err(err) => return Err(format!("cannot list {}: {err}", dir.display())),
+        };
         stack.extend(entries.flatten().filter(|e| e.file_type().is_ok_and(|t| t.is_dir())).map(|e| e.path()));
     }
     Ok(None)
@@ -132,6 +150,17 @@ fn relative_to(mount: &Path, target: &Path) -> Option<String> {
 /// its mount), for the kernel's cgroup filter, and its depth below the root.
 pub(crate) fn id_of_path(path: &str) -> Result<(u64, u32), String> {
     let mount = v2_mount().ok_or("the cgroup v2 hierarchy is not mounted (--cgroup needs it)")?;
+    if !in_initial_cgroup_namespace() {
+        return Err(
+            "bindtrace runs in a cgroup namespace of its own, where cgroup paths and depths are not the kernel's: \
+                    run it in the host's (docker run --cgroupns=host)"
+                .to_owned(),
+        );
+    }
+    if Path::new(path).components().any(|c| matches!(c, std::path::Component::ParentDir | std::path::Component::CurDir))
+    {
+        return Err(format!("{path}: give the path without . or .. components"));
+    }
     let relative = Path::new(path)
         .strip_prefix(mount)
         .map_or_else(|_| path.trim_start_matches('/').to_owned(), |r| r.display().to_string());
@@ -142,6 +171,17 @@ pub(crate) fn id_of_path(path: &str) -> Result<(u64, u32), String> {
     }
     let level = Path::new(&relative).components().count() as u32;
     Ok((meta.ino(), level))
+}
+
+/// Does a cgroup id as the probe records it name one group of processes? Not when cgroup v2
+/// is not mounted (every task then reports the default hierarchy's root), nor for the root
+/// itself (on hybrid hosts, runtimes that manage only v1 leave their processes there).
+pub(crate) fn names_one_group(id: u64) -> bool {
+    static ROOT: OnceLock<Option<u64>> = OnceLock::new();
+    match ROOT.get_or_init(|| v2_mount().and_then(|mount| std::fs::metadata(mount).ok()).map(|m| m.ino())) {
+        Some(root) => id != *root,
+        None => false,
+    }
 }
 
 /// A process's cgroup paths: the v2 one (`0::`) and the v1 `name=systemd` one.
@@ -214,6 +254,16 @@ fn is_container_id(text: &str) -> bool {
     text.len() == 64 && text.bytes().all(|b| b.is_ascii_hexdigit())
 }
 
+/// The cgroup of a whole container, from the path of one of its processes: the path up to
+/// the component that names the container id (systemd in a container, or podman, put the
+/// processes in sub-groups of it).
+pub(crate) fn container_root(path: &str) -> Option<String> {
+    let (_, id) = hints(path).container?;
+    let parts: Vec<&str> = path.split('/').filter(|p| !p.is_empty()).collect();
+    let at = parts.iter().rposition(|part| part.contains(id.as_str()))?;
+    Some(format!("/{}", parts[..=at].join("/")))
+}
+
 /// Reads the runtime's naming conventions (systemd and cgroupfs drivers) in a cgroup path.
 pub(crate) fn hints(path: &str) -> PathHints {
     let parts: Vec<&str> = path.split('/').filter(|p| !p.is_empty()).collect();
@@ -243,9 +293,10 @@ pub(crate) fn hints(path: &str) -> PathHints {
 }
 
 fn container_in(part: &str, parent: Option<&str>, in_kubepods: bool) -> Option<(RuntimeHint, String)> {
+    // "<prefix><id>.scope" (systemd driver) or "<prefix><id>" (cgroupfs driver).
     let scoped = |prefix: &str| {
         part.strip_prefix(prefix)
-            .and_then(|rest| rest.strip_suffix(".scope"))
+            .map(|rest| rest.strip_suffix(".scope").unwrap_or(rest))
             .filter(|id| is_container_id(id))
             .map(str::to_owned)
     };
@@ -324,6 +375,17 @@ mod tests {
         let ctr = hints("/k8s.io/sidecar");
         assert_eq!(ctr.two_parts, Some(("k8s.io".into(), "sidecar".into())));
         assert_eq!(ctr.container, None);
+        assert_eq!(
+            container_root(&format!("/system.slice/docker-{ID}.scope/init.scope")).as_deref(),
+            Some(format!("/system.slice/docker-{ID}.scope").as_str())
+        );
+        assert_eq!(container_root(&format!("/docker/{ID}")).as_deref(), Some(format!("/docker/{ID}").as_str()));
+        assert_eq!(container_root("/system.slice/nginx.service"), None);
+        assert_eq!(hints(&format!("/libpod_parent/libpod-{ID}")).container, Some((RuntimeHint::Podman, ID.to_owned())));
+        assert_eq!(
+            hints(&format!("/kubepods/pod1c4e0b8a-2f0e-4d55-9a65-0d1e3f2a7b90/crio-{ID}")).container,
+            Some((RuntimeHint::CriO, ID.to_owned()))
+        );
         // A nested (docker-in-docker) path names the innermost container.
         let inner = "a".repeat(64);
         assert_eq!(hints(&format!("/docker/{ID}/docker/{inner}")).container, Some((RuntimeHint::Docker, inner)));
@@ -345,6 +407,8 @@ mod tests {
         assert_eq!(v2_mount_in(text), Some(PathBuf::from("/sys/fs/cgroup/unified")));
         assert_eq!(unescape_mountinfo("/a\\040b"), "/a b");
         assert_eq!(v2_mount_in("31 25 0:27 / /x rw - cgroup cgroup rw\n"), None);
+        // A subtree's mount (a container's view) is not the hierarchy's root.
+        assert_eq!(v2_mount_in("40 25 0:26 /docker/abc /sys/fs/cgroup rw - cgroup2 cgroup2 rw\n"), None);
     }
 
     #[test]

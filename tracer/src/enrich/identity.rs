@@ -83,7 +83,7 @@ impl Identity {
             ));
         }
         if let Some(container) = &self.container {
-            return Some(format!("{} {}, or bind another port", container.runtime.stop_command(), container.label()));
+            return Some(format!("{}, or bind another port", container.stop_command()));
         }
         self.unit
             .as_deref()
@@ -112,7 +112,7 @@ impl Forwarding {
 
     pub(crate) fn stop_advice(&self) -> String {
         match &self.container {
-            Some(c) => format!("{} {}, or publish another host port", c.runtime.stop_command(), c.label()),
+            Some(c) => format!("{}, or publish another host port", c.stop_command()),
             None => "stop the container that publishes it, or publish another host port".to_owned(),
         }
     }
@@ -192,28 +192,33 @@ impl Identities {
         let mut identity = Identity { cgroup: Some(path.to_owned()), unit: hints.unit.clone(), ..Identity::default() };
         let asked = if let Some((hint, id)) = &hints.container {
             let asked = self.runtimes.container(hint, id);
-            if let Asked::Unreachable(why) = &asked {
-                // The path names a container: say which, unnamed, and why.
-                let runtime = match hint {
-                    cgroup::RuntimeHint::Docker => Runtime::Docker,
-                    cgroup::RuntimeHint::Podman => Runtime::Podman,
-                    cgroup::RuntimeHint::CriO => Runtime::CriO,
-                    cgroup::RuntimeHint::Containerd { .. } | cgroup::RuntimeHint::AnyCri => Runtime::Containerd,
+            let why = match &asked {
+                Asked::Found(_) => None,
+                Asked::Unreachable(why) => Some(why.clone()),
+                Asked::Unknown => Some(format!("its runtime lists no container {id} now (removed since?)")),
+            };
+            if let Some(why) = why {
+                // The path names a container: say which, unnamed, and why; never "none".
+                let (runtime, namespace) = match hint {
+                    cgroup::RuntimeHint::Docker => (Runtime::Docker, None),
+                    cgroup::RuntimeHint::Podman => (Runtime::Podman, None),
+                    cgroup::RuntimeHint::CriO => (Runtime::CriO, None),
+                    cgroup::RuntimeHint::Containerd { namespace } => (Runtime::Containerd, namespace.clone()),
+                    cgroup::RuntimeHint::AnyCri => (Runtime::Cri, None),
                 };
-                identity.container = Some(Container {
-                    runtime,
-                    id: id.clone(),
-                    name: None,
-                    image: None,
-                    pod: None,
-                    published: Vec::new(),
-                    addresses: Vec::new(),
-                });
-                identity.unresolved = Some(why.clone());
+                let mut container = Container::unnamed(runtime, id.clone());
+                container.namespace = namespace;
+                identity.container = Some(container);
+                identity.unit = None;
+                identity.unresolved = Some(why);
             }
             asked
         } else if let Some((namespace, id)) = &hints.two_parts {
-            self.runtimes.containerd_pair(namespace, id)
+            let asked = self.runtimes.containerd_pair(namespace, id);
+            if let Asked::Unreachable(why) = &asked {
+                identity.unresolved = Some(format!("whether {path} is a containerd container is not known: {why}"));
+            }
+            asked
         } else {
             Asked::Unknown
         };
@@ -308,6 +313,7 @@ mod tests {
             id: "5b3a54922118b4553e36cecb3b374bb34f2fb1fbd78c33606fe29f9d9987f56b".into(),
             name: name.map(str::to_owned),
             image: Some("nginx:1".into()),
+            namespace: None,
             pod: None,
             published: Vec::new(),
             addresses: Vec::new(),

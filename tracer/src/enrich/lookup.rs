@@ -36,7 +36,9 @@ pub(crate) enum LookupKey {
     UnixName { netns: u32, pid: u32, name: u64 },
     /// Who runs in a cgroup (the id the probe records): container, pod or unit. It does not
     /// change while the cgroup exists, so any answer serves.
-    Cgroup { id: u64 },
+    /// `pid` is set when the id does not name one group of processes (a hierarchy's root,
+    /// a host without cgroup v2): the identity is then that process's.
+    Cgroup { id: u64, pid: u32 },
     /// The container a runtime's port publisher (docker-proxy, dockerd) was starting when its
     /// bind failed: the other side of a `docker run -p` conflict.
     Publisher { port: u16, proto: Proto },
@@ -499,7 +501,15 @@ impl Lookups {
         unix_path: Option<&UnixPath>,
     ) -> Facts {
         match *key {
-            LookupKey::Cgroup { id } => Facts::Identity(self.identities.of_cgroup_id(id, pid_hint.unwrap_or(0))),
+            LookupKey::Cgroup { id, pid: 0 } => {
+                Facts::Identity(self.identities.of_cgroup_id(id, pid_hint.unwrap_or(0)))
+            }
+            LookupKey::Cgroup { pid, .. } => Facts::Identity(self.identities.of_pid(pid).unwrap_or_else(|| {
+                std::sync::Arc::new(Identity {
+                    unresolved: Some(format!("process {pid} exited before its cgroup was read")),
+                    ..Identity::default()
+                })
+            })),
             LookupKey::Publisher { port, proto } => Facts::Publisher(self.identities.starting(port, proto.name())),
             LookupKey::UnixName { netns, pid, .. } => Facts::Unix(match unix_path {
                 Some(path) => self.unix_facts(netns, pid, path),

@@ -141,12 +141,26 @@ impl KeyState {
         }
     }
 
-    /// The answer, if it was asked for after an event that arrived at `arrived` (any answer,
-    /// for a key whose facts do not change: a cgroup's identity).
-    fn answer_for(&self, key: &LookupKey, arrived: Instant) -> Option<(&Arc<Facts>, Instant)> {
-        let lasting = matches!(key, LookupKey::Cgroup { .. });
-        self.answer.as_ref().filter(|(_, requested)| lasting || *requested >= arrived).map(|(facts, at)| (facts, *at))
+    /// The answer, if it was asked for after an event that arrived at `arrived`; or, for a
+    /// cgroup's identity that was fully resolved, one asked for up to [`IDENTITY_TTL`] before
+    /// (who runs in a cgroup does not change while it exists; a name may, rarely).
+    fn answer_for(&self, arrived: Instant) -> Option<(&Arc<Facts>, Instant)> {
+        self.answer
+            .as_ref()
+            .filter(|(facts, requested)| {
+                *requested >= arrived || (lasting(facts) && arrived <= *requested + IDENTITY_TTL)
+            })
+            .map(|(facts, at)| (facts, *at))
     }
+}
+
+/// A resolved identity serves the later events of its cgroup this long.
+const IDENTITY_TTL: Duration = Duration::from_secs(30);
+
+/// Is this an answer that serves events that arrive after it was asked for: a cgroup's
+/// identity with nothing left unresolved?
+fn lasting(facts: &Facts) -> bool {
+    matches!(facts, Facts::Identity(identity) if identity.unresolved.is_none())
 }
 
 struct Pending {
@@ -338,17 +352,21 @@ impl Enricher {
         let looking = self.enabled && self.stopped.is_none();
         let mut keys = if looking && event.ret < 0 { needed_lookups(&event) } else { Vec::new() };
         if looking && event.cgroup_id != 0 {
-            keys.push(LookupKey::Cgroup { id: event.cgroup_id });
+            // An id shared by unrelated processes (the root of a hierarchy, or any task on a
+            // host without cgroup v2) says nothing of one process: its identity is the pid's.
+            let pid = if cgroup::names_one_group(event.cgroup_id) { 0 } else { event.tgid };
+            keys.push(LookupKey::Cgroup { id: event.cgroup_id, pid });
         }
         let mut shed = false;
-        if keys.iter().any(|k| !self.keys.contains_key(k)) && self.keys.len() + keys.len() > KEYS_MAX {
+        let missing = keys.iter().filter(|k| !self.keys.contains_key(k)).count();
+        if missing > 0 && self.keys.len() + missing > KEYS_MAX {
             // At most one sweep per period: when every slot is taken by keys events wait
             // for, the new failure's diagnosis is shed instead.
             if now >= self.last_sweep + MIN_REFRESH {
                 self.last_sweep = now;
                 self.forget_idle_keys(now, Duration::ZERO);
             }
-            if self.keys.len() + keys.len() > KEYS_MAX {
+            if self.keys.len() + keys.iter().filter(|k| !self.keys.contains_key(k)).count() > KEYS_MAX {
                 keys.clear();
                 shed = true;
             }
@@ -365,8 +383,7 @@ impl Enricher {
             }
             // Unless the lookup under way (or done) was requested after this event arrived,
             // the event needs a newer one.
-            let lasting = matches!(key, LookupKey::Cgroup { .. });
-            let served = state.in_flight.is_some_and(|at| lasting || at >= now) || state.answer_for(key, now).is_some();
+            let served = state.in_flight.is_some_and(|at| at >= now) || state.answer_for(now).is_some();
             if !served {
                 state.wanted = true;
                 self.wanting.insert(*key);
@@ -446,6 +463,10 @@ impl Enricher {
             state.in_flight = None;
         }
         if state.answer.as_ref().is_none_or(|(_, at)| *at <= done.requested) {
+            // A resolved identity also serves the events that came while it was looked up.
+            if lasting(&done.facts) {
+                state.wanted = false;
+            }
             state.answer = Some((done.facts, done.requested));
         }
         if state.wanted {
@@ -527,7 +548,7 @@ impl Enricher {
 
     /// Is every answer this event needs in?
     fn answered(&self, pending: &Pending) -> bool {
-        pending.keys.iter().all(|k| self.keys.get(k).is_some_and(|s| s.answer_for(k, pending.arrived).is_some()))
+        pending.keys.iter().all(|k| self.keys.get(k).is_some_and(|s| s.answer_for(pending.arrived).is_some()))
     }
 
     /// The next event in order: once its answers are in, at its deadline without them, or
@@ -572,21 +593,26 @@ impl Enricher {
         Some(Enriched { seq: pending.seq, event: pending.event, wall_ns: pending.wall_ns, explained, identity })
     }
 
-    /// The identity an event's cgroup lookup found, or why there is none yet.
+    /// The identity an event's cgroup lookup found, or why there is none; `None` only when
+    /// lookups are off (`--no-diagnosis`) or the kernel gave no cgroup.
     fn identity_of(&self, pending: &Pending) -> Option<Arc<Identity>> {
-        let key = pending.keys.iter().find(|k| matches!(k, LookupKey::Cgroup { .. }))?;
-        match self.keys.get(key).and_then(|s| s.answer_for(key, pending.arrived)) {
+        if !self.enabled || pending.event.cgroup_id == 0 {
+            return None;
+        }
+        let unresolved = |why: String| Some(Arc::new(Identity { unresolved: Some(why), ..Identity::default() }));
+        let Some(key) = pending.keys.iter().find(|k| matches!(k, LookupKey::Cgroup { .. })) else {
+            return match &self.stopped {
+                Some(_) => unresolved("not looked up: lookups stopped (see stderr)".to_owned()),
+                None => unresolved("not looked up: too many lookups waiting (overload)".to_owned()),
+            };
+        };
+        match self.keys.get(key).and_then(|s| s.answer_for(pending.arrived)) {
             Some((facts, _)) => match &**facts {
                 Facts::Identity(identity) => Some(identity.clone()),
                 _ => None,
             },
-            None => Some(Arc::new(Identity {
-                unresolved: Some(format!(
-                    "not resolved within {} ms (the lookups were busy)",
-                    EMIT_DEADLINE.as_millis()
-                )),
-                ..Identity::default()
-            })),
+            None if self.stopped.is_some() => unresolved("not looked up: lookups stopped (see stderr)".to_owned()),
+            None => unresolved(format!("not resolved within {} ms of the event", EMIT_DEADLINE.as_millis())),
         }
     }
 
@@ -651,7 +677,7 @@ impl Enricher {
     fn diagnosis_of(&mut self, pending: &Pending, incomplete: bool) -> Option<Arc<Diagnosis>> {
         pending.event.errno()?;
         let answers: Vec<Option<(&Arc<Facts>, Instant)>> =
-            pending.keys.iter().map(|k| self.keys.get(k).and_then(|s| s.answer_for(k, pending.arrived))).collect();
+            pending.keys.iter().map(|k| self.keys.get(k).and_then(|s| s.answer_for(pending.arrived))).collect();
         let stamps: Option<Vec<Instant>> = answers.iter().map(|a| a.map(|(_, at)| at)).collect();
         let memo_key = MemoKey::of(&pending.event);
         if let (Some(stamps), Some((used, diagnosis))) = (&stamps, self.memo.get(&memo_key)) {

@@ -40,6 +40,9 @@ pub(crate) enum Runtime {
     Containerd,
     #[serde(rename = "cri-o")]
     CriO,
+    /// A Kubernetes pod's container whose runtime could not be asked (the cgroupfs driver's
+    /// `kubepods/.../pod<uid>/<id>` names none).
+    Cri,
 }
 
 impl Runtime {
@@ -49,16 +52,17 @@ impl Runtime {
             Self::Podman => "podman",
             Self::Containerd => "containerd",
             Self::CriO => "cri-o",
+            Self::Cri => "cri",
         }
     }
 
     /// The command that stops one of its containers.
-    pub(crate) fn stop_command(self) -> &'static str {
+    fn stop_command(self) -> &'static str {
         match self {
             Self::Docker => "docker stop",
             Self::Podman => "podman stop",
             Self::Containerd => "ctr task kill",
-            Self::CriO => "crictl stop",
+            Self::CriO | Self::Cri => "crictl stop",
         }
     }
 }
@@ -105,6 +109,9 @@ pub(crate) struct Container {
     /// the runtime could not be asked.
     pub name: Option<String>,
     pub image: Option<String>,
+    /// containerd's namespace (`k8s.io`, `moby`, ...).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
     #[serde(skip)]
     pub pod: Option<Pod>,
     #[serde(skip)]
@@ -114,12 +121,27 @@ pub(crate) struct Container {
 }
 
 impl Container {
+    /// The command that stops it: `docker stop web1`, `ctr -n k8s.io task kill <id>`.
+    pub(crate) fn stop_command(&self) -> String {
+        match (self.runtime, &self.namespace) {
+            (Runtime::Containerd, Some(namespace)) => format!("ctr -n {namespace} task kill {}", self.id),
+            (Runtime::Containerd, None) => format!("ctr task kill {}", self.id),
+            (runtime, _) if self.name.is_some() => format!("{} {}", runtime.stop_command(), self.label()),
+            (runtime, _) => format!("{} {}", runtime.stop_command(), self.id),
+        }
+    }
+
     /// What to call it in a sentence: its name, else its short id.
     pub(crate) fn label(&self) -> String {
         match &self.name {
             Some(name) => name.clone(),
             None => self.id.chars().take(12).collect(),
         }
+    }
+
+    /// A container known by its id only (its runtime could not name it).
+    pub(crate) fn unnamed(runtime: Runtime, id: String) -> Self {
+        Self::from_labels(runtime, id, None, None, &HashMap::new())
     }
 
     fn from_labels(
@@ -135,7 +157,7 @@ impl Container {
             container: labels.get(POD_CONTAINER).cloned(),
             uid: labels.get(POD_UID).cloned(),
         });
-        Self { runtime, id, name, image, pod, published: Vec::new(), addresses: Vec::new() }
+        Self { runtime, id, name, image, namespace: None, pod, published: Vec::new(), addresses: Vec::new() }
     }
 }
 
@@ -149,23 +171,38 @@ pub(crate) enum Asked {
     Unreachable(String),
 }
 
+/// Runtimes resting after a timeout, by socket. Process-wide: a lookup worker replaced because
+/// a call hung must not ask the same daemon again at once.
+static RESTING: std::sync::Mutex<Option<HashMap<String, Instant>>> = std::sync::Mutex::new(None);
+
+fn rest(socket: &str) {
+    if let Ok(mut resting) = RESTING.lock() {
+        resting.get_or_insert_with(HashMap::new).insert(socket.to_owned(), Instant::now() + QUIET_AFTER_TIMEOUT);
+    }
+}
+
+fn resting(socket: &str) -> bool {
+    RESTING
+        .lock()
+        .is_ok_and(|resting| resting.as_ref().and_then(|r| r.get(socket)).is_some_and(|until| Instant::now() < *until))
+}
+
 /// A Docker-API runtime (Docker, podman): a client and its last list of containers.
 struct DockerApi {
     runtime: Runtime,
     socket: String,
     client: Option<bollard::Docker>,
     listed: Option<(Instant, Vec<Container>)>,
-    quiet_until: Option<Instant>,
 }
 
 impl DockerApi {
     fn new(runtime: Runtime, socket: String) -> Self {
-        Self { runtime, socket, client: None, listed: None, quiet_until: None }
+        Self { runtime, socket, client: None, listed: None }
     }
 
     /// A call timed out: say so, and rest this runtime for a while.
     fn silent(&mut self) -> String {
-        self.quiet_until = Some(Instant::now() + QUIET_AFTER_TIMEOUT);
+        rest(&self.socket);
         self.client = None;
         format!(
             "{} API at {} did not answer within {} ms (not asked again for {} s)",
@@ -181,7 +218,7 @@ impl DockerApi {
     }
 
     async fn client(&mut self) -> Result<bollard::Docker, String> {
-        if self.quiet_until.is_some_and(|until| Instant::now() < until) {
+        if resting(&self.socket) {
             return Err(format!("{} API at {} did not answer recently", self.runtime.name(), self.socket));
         }
         if let Some(client) = &self.client {
@@ -264,16 +301,51 @@ impl DockerApi {
 
     async fn container(&mut self, id: &str) -> Asked {
         match self.containers(Some(id)).await {
-            Ok(list) => list.iter().find(|c| c.id == id).map_or(Asked::Unknown, |c| Asked::Found(Box::new(c.clone()))),
+            Ok(list) => {
+                if let Some(found) = list.iter().find(|c| c.id == id) {
+                    return Asked::Found(Box::new(found.clone()));
+                }
+            }
+            Err(why) => return Asked::Unreachable(why),
+        }
+        // Not running by the list: a container starting (a bind in its entrypoint can come
+        // before Docker calls it running) or stopping. Asked for by id, in any state.
+        match self.inspect(id).await {
+            Ok(Some(inspected)) => Asked::Found(Box::new(self.inspected_to_container(inspected))),
+            Ok(None) => Asked::Unknown,
             Err(why) => Asked::Unreachable(why),
         }
+    }
+
+    /// One container by name or id, in any state; `None` when the runtime has none.
+    async fn inspect(&mut self, name_or_id: &str) -> Result<Option<bollard::models::ContainerInspectResponse>, String> {
+        let client = self.client().await?;
+        let inspected = tokio::time::timeout(CALL_TIMEOUT, client.inspect_container(name_or_id, None))
+            .await
+            .map_err(|_| self.silent())?;
+        match inspected {
+            Ok(inspected) => Ok(Some(inspected)),
+            Err(bollard::errors::Error::DockerResponseServerError { status_code: 404, .. }) => Ok(None),
+            Err(err) => Err(format!("{} API at {}: {err}", self.runtime.name(), self.socket)),
+        }
+    }
+
+    fn inspected_to_container(&self, inspected: bollard::models::ContainerInspectResponse) -> Container {
+        let config = inspected.config.unwrap_or_default();
+        Container::from_labels(
+            self.runtime,
+            inspected.id.unwrap_or_default(),
+            inspected.name.map(|n| n.trim_start_matches('/').to_owned()),
+            config.image,
+            &config.labels.unwrap_or_default(),
+        )
     }
 
     /// Containers created but not running whose `-p` asks for host `port`/`proto`: the one a
     /// failing `docker run -p` was starting (it stays "created" after the failure).
     async fn starting(&mut self, port: u16, proto: &str) -> Result<Vec<(Container, Publication)>, String> {
-        /// Created containers inspected at most per lookup, newest first.
-        const INSPECT_MAX: usize = 16;
+        /// Created containers inspected at most per lookup, newest first: each is a call.
+        const INSPECT_MAX: usize = 4;
         let client = self.client().await?;
         let filters = HashMap::from([("status".to_owned(), vec!["created".to_owned()])]);
         let options = bollard::query_parameters::ListContainersOptions {
@@ -288,10 +360,7 @@ impl DockerApi {
         let mut found = Vec::new();
         for summary in created.into_iter().take(INSPECT_MAX) {
             let Some(id) = summary.id.clone() else { continue };
-            let Ok(Ok(inspected)) = tokio::time::timeout(CALL_TIMEOUT, client.inspect_container(&id, None)).await
-            else {
-                continue;
-            };
+            let Some(inspected) = self.inspect(&id).await? else { continue };
             let bindings = inspected.host_config.and_then(|h| h.port_bindings).unwrap_or_default();
             for (container_port, host) in bindings {
                 let Some((number, kind)) = container_port.split_once('/') else { continue };
@@ -317,31 +386,17 @@ impl DockerApi {
 
     /// The main process of a container, by name or id (or a unique id prefix).
     async fn pid_of(&mut self, name_or_id: &str) -> Result<Option<(Container, u32)>, String> {
-        let client = self.client().await?;
-        let inspected = tokio::time::timeout(CALL_TIMEOUT, client.inspect_container(name_or_id, None))
-            .await
-            .map_err(|_| self.silent())?;
-        let inspected = match inspected {
-            Ok(inspected) => inspected,
-            Err(bollard::errors::Error::DockerResponseServerError { status_code: 404, .. }) => return Ok(None),
-            Err(err) => return Err(format!("{} API at {}: {err}", self.runtime.name(), self.socket)),
-        };
-        let Some(id) = inspected.id.clone() else { return Ok(None) };
+        let Some(inspected) = self.inspect(name_or_id).await? else { return Ok(None) };
         let pid = inspected
             .state
             .as_ref()
             .and_then(|s| s.pid)
             .and_then(|pid| u32::try_from(pid).ok())
             .filter(|&pid| pid != 0);
+        let id = inspected.id.clone().unwrap_or_default();
         let container = match self.container(&id).await {
             Asked::Found(container) => *container,
-            _ => Container::from_labels(
-                self.runtime,
-                id,
-                inspected.name.map(|n| n.trim_start_matches('/').to_owned()),
-                inspected.config.as_ref().and_then(|c| c.image.clone()),
-                &inspected.config.and_then(|c| c.labels).unwrap_or_default(),
-            ),
+            _ => self.inspected_to_container(inspected),
         };
         Ok(pid.map(|pid| (container, pid)))
     }
@@ -352,7 +407,6 @@ struct Containerd {
     socket: String,
     channel: Option<containerd_client::tonic::transport::Channel>,
     namespaces: Option<(Instant, Vec<String>)>,
-    quiet_until: Option<Instant>,
 }
 
 impl Containerd {
@@ -362,7 +416,7 @@ impl Containerd {
 
     /// A call timed out: say so, and rest containerd for a while.
     fn silent(&mut self) -> String {
-        self.quiet_until = Some(Instant::now() + QUIET_AFTER_TIMEOUT);
+        rest(&self.socket);
         self.channel = None;
         format!(
             "containerd at {} did not answer within {} ms (not asked again for {} s)",
@@ -373,7 +427,7 @@ impl Containerd {
     }
 
     async fn channel(&mut self) -> Result<containerd_client::tonic::transport::Channel, String> {
-        if self.quiet_until.is_some_and(|until| Instant::now() < until) {
+        if resting(&self.socket) {
             return Err(format!("containerd at {} did not answer recently", self.socket));
         }
         if let Some(channel) = &self.channel {
@@ -442,7 +496,9 @@ impl Containerd {
                     // containerd has no name besides the id; a pod's container name is the
                     // one people know.
                     let name = c.labels.get(POD_CONTAINER).cloned().or_else(|| Some(c.id.clone()));
-                    Asked::Found(Box::new(Container::from_labels(Runtime::Containerd, c.id, name, image, &c.labels)))
+                    let mut container = Container::from_labels(Runtime::Containerd, c.id, name, image, &c.labels);
+                    container.namespace = Some(namespace.to_owned());
+                    Asked::Found(Box::new(container))
                 }
                 None => Asked::Unknown,
             },
@@ -453,7 +509,11 @@ impl Containerd {
     async fn pid_of(&mut self, id: &str) -> Result<Option<(Container, u32)>, String> {
         use containerd_client::services::v1::{tasks_client::TasksClient, GetRequest};
         for namespace in self.namespaces().await? {
-            let Asked::Found(container) = self.container(&namespace, id).await else { continue };
+            let container = match self.container(&namespace, id).await {
+                Asked::Found(container) => container,
+                Asked::Unknown => continue,
+                Asked::Unreachable(why) => return Err(why),
+            };
             let request =
                 Self::request(GetRequest { container_id: id.to_owned(), exec_id: String::new() }, &namespace)?;
             let reply = tokio::time::timeout(CALL_TIMEOUT, TasksClient::new(self.channel().await?).get(request))
@@ -468,13 +528,22 @@ impl Containerd {
 
 /// Every runtime bindtrace can ask, found by their sockets.
 pub(crate) struct Runtimes {
+    /// Lookups run on a plain thread; the clients are async, so they get a small runtime of
+    /// their own. A field apart from `apis`, so that a panic inside a call (caught by the
+    /// worker) cannot leave it taken.
     tokio: Option<tokio::runtime::Runtime>,
+    apis: Apis,
+}
+
+struct Apis {
     docker: DockerApi,
     podman: DockerApi,
     containerd: Vec<Containerd>,
 }
 
 /// Where each runtime listens on a host that runs it (and where a DaemonSet mounts them).
+/// `DOCKER_HOST` is followed when it names a unix socket; TCP and SSH endpoints are not
+/// asked (the default socket is).
 fn docker_socket() -> String {
     std::env::var("DOCKER_HOST")
         .ok()
@@ -490,209 +559,209 @@ impl Default for Runtimes {
     }
 }
 
+const NO_TOKIO: &str = "no async runtime for the container lookups";
+
 impl Runtimes {
     pub(crate) fn new() -> Self {
-        // Lookups run on a plain thread; the clients are async, so they get a small runtime
-        // of their own.
         let tokio = tokio::runtime::Builder::new_current_thread().enable_all().build().ok();
         Self {
             tokio,
-            docker: DockerApi::new(Runtime::Docker, docker_socket()),
-            podman: DockerApi::new(Runtime::Podman, PODMAN_SOCKET.to_owned()),
-            containerd: CONTAINERD_SOCKETS
-                .iter()
-                .map(|socket| Containerd {
-                    socket: (*socket).to_owned(),
-                    channel: None,
-                    namespaces: None,
-                    quiet_until: None,
-                })
-                .collect(),
+            apis: Apis {
+                docker: DockerApi::new(Runtime::Docker, docker_socket()),
+                podman: DockerApi::new(Runtime::Podman, PODMAN_SOCKET.to_owned()),
+                containerd: CONTAINERD_SOCKETS
+                    .iter()
+                    .map(|socket| Containerd { socket: (*socket).to_owned(), channel: None, namespaces: None })
+                    .collect(),
+            },
         }
     }
 
     /// A container by the id its cgroup path names, asking the runtime the path points at
-    /// first. `namespace` is containerd's, when the path says it.
+    /// first.
     pub(crate) fn container(&mut self, hint: &super::cgroup::RuntimeHint, id: &str) -> Asked {
-        use super::cgroup::RuntimeHint;
-        let Some(tokio) = self.tokio.take() else {
-            return Asked::Unreachable("no async runtime for the container lookups".to_owned());
-        };
-        let asked = tokio.block_on(async {
-            let mut unreachable = Vec::new();
-            let order: &[Runtime] = match hint {
-                RuntimeHint::Docker => &[Runtime::Docker],
-                RuntimeHint::Podman => &[Runtime::Podman, Runtime::Docker],
-                RuntimeHint::Containerd { .. } => &[Runtime::Containerd],
-                RuntimeHint::CriO | RuntimeHint::AnyCri => &[Runtime::Containerd, Runtime::Docker, Runtime::Podman],
-            };
-            for runtime in order {
-                let asked = match runtime {
-                    Runtime::Docker if self.docker.present() => self.docker.container(id).await,
-                    Runtime::Podman if self.podman.present() => self.podman.container(id).await,
-                    Runtime::Containerd => {
-                        let namespace = match hint {
-                            RuntimeHint::Containerd { namespace: Some(namespace) } => namespace.as_str(),
-                            _ => "k8s.io",
-                        };
-                        let mut found = Asked::Unknown;
-                        for containerd in self.containerd.iter_mut().filter(|c| c.present()) {
-                            found = containerd.container(namespace, id).await;
-                            if matches!(found, Asked::Found(_)) {
-                                break;
-                            }
-                            if let Asked::Unreachable(why) = &found {
-                                unreachable.push(why.clone());
-                            }
-                        }
-                        found
-                    }
-                    Runtime::Docker | Runtime::Podman | Runtime::CriO => Asked::Unknown,
-                };
-                match asked {
-                    Asked::Found(_) => return asked,
-                    Asked::Unreachable(why) => unreachable.push(why),
-                    Asked::Unknown => {}
-                }
-            }
-            if unreachable.is_empty() {
-                Asked::Unknown
-            } else {
-                unreachable.dedup();
-                Asked::Unreachable(unreachable.join("; "))
-            }
-        });
-        self.tokio = Some(tokio);
-        asked
+        let Some(tokio) = &self.tokio else { return Asked::Unreachable(NO_TOKIO.to_owned()) };
+        tokio.block_on(self.apis.container(hint, id))
     }
 
     /// A `ctr`-style `/<namespace>/<id>` cgroup: a container only if containerd has that
     /// namespace and that id.
     pub(crate) fn containerd_pair(&mut self, namespace: &str, id: &str) -> Asked {
-        if !self.containerd.iter().any(Containerd::present) {
-            return Asked::Unknown;
-        }
-        let Some(tokio) = self.tokio.take() else { return Asked::Unknown };
-        let asked = tokio.block_on(async {
-            let mut last = Asked::Unknown;
-            for containerd in self.containerd.iter_mut().filter(|c| c.present()) {
-                match containerd.namespaces().await {
-                    Ok(names) if names.iter().any(|n| n == namespace) => {}
-                    Ok(_) => continue,
-                    Err(why) => {
-                        last = Asked::Unreachable(why);
-                        continue;
-                    }
-                }
-                last = containerd.container(namespace, id).await;
-                if matches!(last, Asked::Found(_)) {
-                    break;
-                }
-            }
-            last
-        });
-        self.tokio = Some(tokio);
-        asked
+        let Some(tokio) = &self.tokio else { return Asked::Unreachable(NO_TOKIO.to_owned()) };
+        tokio.block_on(self.apis.containerd_pair(namespace, id))
     }
 
     /// The containers of the Docker-API runtimes that publish `port` on the host, and the
     /// runtimes that could not be asked.
     pub(crate) fn publishing(&mut self, port: u16) -> (Vec<(Container, Publication)>, Vec<String>) {
-        let Some(tokio) = self.tokio.take() else { return (Vec::new(), vec!["no async runtime".to_owned()]) };
-        let result = tokio.block_on(async {
-            let mut found = Vec::new();
-            let mut unreachable = Vec::new();
-            for api in [&mut self.docker, &mut self.podman] {
-                if !api.present() {
-                    continue;
-                }
-                match api.containers(None).await {
-                    Ok(list) => {
-                        for container in list {
-                            for publication in container.published.iter().filter(|p| p.host_port == port) {
-                                found.push((container.clone(), publication.clone()));
-                            }
-                        }
-                    }
-                    Err(why) => unreachable.push(why),
-                }
-            }
-            (found, unreachable)
-        });
-        self.tokio = Some(tokio);
-        result
+        let Some(tokio) = &self.tokio else { return (Vec::new(), vec![NO_TOKIO.to_owned()]) };
+        tokio.block_on(self.apis.publishing(port))
     }
 
     /// The container that a failing `docker run -p PORT:...` (or podman's) was starting.
     pub(crate) fn starting(&mut self, port: u16, proto: &str) -> Result<Option<(Container, Publication)>, String> {
-        let Some(tokio) = self.tokio.take() else { return Err("no async runtime".to_owned()) };
-        let result = tokio.block_on(async {
-            let mut errors = Vec::new();
-            for api in [&mut self.docker, &mut self.podman] {
-                if !api.present() {
-                    continue;
-                }
-                match api.starting(port, proto).await {
-                    Ok(mut found) if !found.is_empty() => return Ok(Some(found.remove(0))),
-                    Ok(_) => {}
-                    Err(why) => errors.push(why),
-                }
-            }
-            if errors.is_empty() {
-                Ok(None)
-            } else {
-                Err(errors.join("; "))
-            }
-        });
-        self.tokio = Some(tokio);
-        result
+        let Some(tokio) = &self.tokio else { return Err(NO_TOKIO.to_owned()) };
+        tokio.block_on(self.apis.starting(port, proto))
     }
 
     /// The container a docker-proxy forwards to, by its `-container-ip`.
     pub(crate) fn with_address(&mut self, address: IpAddr) -> Result<Option<Container>, String> {
-        if !self.docker.present() {
-            return Ok(None);
+        let Some(tokio) = &self.tokio else { return Err(NO_TOKIO.to_owned()) };
+        let docker = &mut self.apis.docker;
+        if !docker.present() {
+            return Err(format!("no Docker API socket at {}", docker.socket));
         }
-        let Some(tokio) = self.tokio.take() else { return Err("no async runtime".to_owned()) };
-        let result = tokio.block_on(async {
-            let list = self.docker.containers(None).await?;
+        tokio.block_on(async {
+            let list = docker.containers(None).await?;
             Ok(list.iter().find(|c| c.addresses.contains(&address)).cloned())
-        });
-        self.tokio = Some(tokio);
-        result
+        })
     }
 
     /// A container's main process, by the name or id a user typed, from whichever runtime
     /// knows it.
     pub(crate) fn pid_of(&mut self, name_or_id: &str) -> Result<Option<(Container, u32)>, String> {
-        let Some(tokio) = self.tokio.take() else { return Err("no async runtime".to_owned()) };
-        let result = tokio.block_on(async {
-            let mut errors = Vec::new();
-            for api in [&mut self.docker, &mut self.podman] {
-                if !api.present() {
+        let Some(tokio) = &self.tokio else { return Err(NO_TOKIO.to_owned()) };
+        tokio.block_on(self.apis.pid_of(name_or_id))
+    }
+}
+
+impl Apis {
+    async fn container(&mut self, hint: &super::cgroup::RuntimeHint, id: &str) -> Asked {
+        use super::cgroup::RuntimeHint;
+        let mut unreachable = Vec::new();
+        let order: &[Runtime] = match hint {
+            RuntimeHint::Docker => &[Runtime::Docker],
+            RuntimeHint::Podman => &[Runtime::Podman, Runtime::Docker],
+            RuntimeHint::Containerd { .. } => &[Runtime::Containerd],
+            RuntimeHint::CriO | RuntimeHint::AnyCri => &[Runtime::Containerd, Runtime::Docker, Runtime::Podman],
+        };
+        for runtime in order {
+            let asked = match runtime {
+                Runtime::Docker | Runtime::Podman => {
+                    let api = if *runtime == Runtime::Docker { &mut self.docker } else { &mut self.podman };
+                    if api.present() {
+                        api.container(id).await
+                    } else {
+                        Asked::Unreachable(format!("no {} API socket at {}", api.runtime.name(), api.socket))
+                    }
+                }
+                Runtime::Containerd => {
+                    let namespace = match hint {
+                        RuntimeHint::Containerd { namespace: Some(namespace) } => namespace.as_str(),
+                        _ => "k8s.io",
+                    };
+                    let mut found =
+                        Asked::Unreachable(format!("no containerd socket at {}", CONTAINERD_SOCKETS.join(" or ")));
+                    for containerd in self.containerd.iter_mut().filter(|c| c.present()) {
+                        found = containerd.container(namespace, id).await;
+                        if matches!(found, Asked::Found(_)) {
+                            break;
+                        }
+                    }
+                    found
+                }
+                Runtime::CriO | Runtime::Cri => Asked::Unknown,
+            };
+            match asked {
+                Asked::Found(_) => return asked,
+                Asked::Unreachable(why) => unreachable.push(why),
+                Asked::Unknown => {}
+            }
+        }
+        if matches!(hint, RuntimeHint::CriO) {
+            unreachable.push("CRI-O's own API is not asked".to_owned());
+        }
+        if unreachable.is_empty() {
+            Asked::Unknown
+        } else {
+            unreachable.dedup();
+            Asked::Unreachable(unreachable.join("; "))
+        }
+    }
+
+    async fn containerd_pair(&mut self, namespace: &str, id: &str) -> Asked {
+        let mut last = Asked::Unknown;
+        for containerd in self.containerd.iter_mut().filter(|c| c.present()) {
+            match containerd.namespaces().await {
+                Ok(names) if names.iter().any(|n| n == namespace) => {}
+                Ok(_) => continue,
+                Err(why) => {
+                    last = Asked::Unreachable(why);
                     continue;
                 }
-                match api.pid_of(name_or_id).await {
-                    Ok(Some(found)) => return Ok(Some(found)),
-                    Ok(None) => {}
-                    Err(why) => errors.push(why),
+            }
+            last = containerd.container(namespace, id).await;
+            if matches!(last, Asked::Found(_)) {
+                break;
+            }
+        }
+        last
+    }
+
+    async fn publishing(&mut self, port: u16) -> (Vec<(Container, Publication)>, Vec<String>) {
+        let mut found = Vec::new();
+        let mut unreachable = Vec::new();
+        for api in [&mut self.docker, &mut self.podman] {
+            if !api.present() {
+                continue;
+            }
+            match api.containers(None).await {
+                Ok(list) => {
+                    for container in list {
+                        for publication in container.published.iter().filter(|p| p.host_port == port) {
+                            found.push((container.clone(), publication.clone()));
+                        }
+                    }
                 }
+                Err(why) => unreachable.push(why),
             }
-            for containerd in self.containerd.iter_mut().filter(|c| c.present()) {
-                match containerd.pid_of(name_or_id).await {
-                    Ok(Some(found)) => return Ok(Some(found)),
-                    Ok(None) => {}
-                    Err(why) => errors.push(why),
-                }
+        }
+        (found, unreachable)
+    }
+
+    async fn starting(&mut self, port: u16, proto: &str) -> Result<Option<(Container, Publication)>, String> {
+        let mut errors = Vec::new();
+        for api in [&mut self.docker, &mut self.podman] {
+            if !api.present() {
+                continue;
             }
-            if errors.is_empty() {
-                Ok(None)
-            } else {
-                Err(errors.join("; "))
+            match api.starting(port, proto).await {
+                Ok(mut found) if !found.is_empty() => return Ok(Some(found.remove(0))),
+                Ok(_) => {}
+                Err(why) => errors.push(why),
             }
-        });
-        self.tokio = Some(tokio);
-        result
+        }
+        if errors.is_empty() {
+            Ok(None)
+        } else {
+            Err(errors.join("; "))
+        }
+    }
+
+    async fn pid_of(&mut self, name_or_id: &str) -> Result<Option<(Container, u32)>, String> {
+        let mut errors = Vec::new();
+        for api in [&mut self.docker, &mut self.podman] {
+            if !api.present() {
+                continue;
+            }
+            match api.pid_of(name_or_id).await {
+                Ok(Some(found)) => return Ok(Some(found)),
+                Ok(None) => {}
+                Err(why) => errors.push(why),
+            }
+        }
+        for containerd in self.containerd.iter_mut().filter(|c| c.present()) {
+            match containerd.pid_of(name_or_id).await {
+                Ok(Some(found)) => return Ok(Some(found)),
+                Ok(None) => {}
+                Err(why) => errors.push(why),
+            }
+        }
+        if errors.is_empty() {
+            Ok(None)
+        } else {
+            Err(errors.join("; "))
+        }
     }
 }
 
@@ -729,9 +798,9 @@ mod tests {
             std::thread::sleep(Duration::from_secs(3));
         });
         let mut runtimes = Runtimes::new();
-        runtimes.docker = DockerApi::new(Runtime::Docker, socket.display().to_string());
-        runtimes.podman = DockerApi::new(Runtime::Podman, dir.join("absent.sock").display().to_string());
-        runtimes.containerd.clear();
+        runtimes.apis.docker = DockerApi::new(Runtime::Docker, socket.display().to_string());
+        runtimes.apis.podman = DockerApi::new(Runtime::Podman, dir.join("absent.sock").display().to_string());
+        runtimes.apis.containerd.clear();
         let id = "a".repeat(64);
         let started = Instant::now();
         let first = runtimes.container(&super::super::cgroup::RuntimeHint::Docker, &id);

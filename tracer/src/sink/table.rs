@@ -140,7 +140,8 @@ impl Sink for TableSink {
         // Escaped like comm: an AF_UNIX path (later) is a name a process chose.
         let mut address = String::with_capacity(48);
         push_escaped(&mut address, address_column(event).as_bytes());
-        // The pod or container; "-" on the host; "?" when it could not be resolved.
+        // The pod or container; "-" on the host; "?" when it could not be resolved; empty
+        // when nothing was looked up.
         let mut container = String::with_capacity(16);
         match enriched.identity.as_deref() {
             Some(identity) => match identity.short() {
@@ -148,7 +149,8 @@ impl Sink for TableSink {
                 None if identity.unresolved.is_some() => container.push('?'),
                 None => container.push('-'),
             },
-            None => container.push('-'),
+            // Lookups are off (--no-diagnosis): nothing is known either way.
+            None => {}
         }
         push_cells(
             &mut self.line,
