@@ -113,7 +113,7 @@ pub fn run(args: &WhoArgs, netns: &Netns) -> Result<Verdict> {
     };
     if unreadable > 0 {
         eprintln!(
-            "bindtrace: the network namespaces of {unreadable} process{} could not be read: holders there are not shown",
+            "bindtrace: the network namespaces of {unreadable} process{} could not be read or were past the 256 searched: holders there are not shown",
             if unreadable == 1 { "" } else { "es" }
         );
     }

@@ -831,6 +831,70 @@ mod tests {
         assert!(enricher.keys.len() <= KEYS_MAX);
     }
 
+    /// A success of this process, in its own cgroup.
+    fn own_success() -> BindEvent {
+        let mut event = sample_event();
+        event.ret = 0;
+        event.tgid = std::process::id();
+        event.cgroup_id = cgroup::ProcessCgroups::read(event.tgid)
+            .and_then(|c| c.v2)
+            .and_then(|path| cgroup::id_of_path(&path).ok())
+            .map_or(1, |(id, _)| id);
+        event
+    }
+
+    #[tokio::test]
+    async fn a_resolved_identity_is_looked_up_once_and_serves_later_events() {
+        let mut enricher = Enricher::new(true);
+        let mut results = enricher.take_results().expect("results");
+        let start = Instant::now();
+        enricher.push(own_success().into(), 0, start);
+        enricher.poll(start);
+        assert!(drain(&mut enricher, start).is_empty(), "a success waits for its identity");
+        enricher.complete(next_done(&mut results).await);
+        let first = drain(&mut enricher, Instant::now());
+        assert_eq!(first.len(), 1);
+        let identity = first[0].identity.clone().expect("an identity");
+        assert_eq!(identity.unresolved, None, "{identity:?}");
+        assert!(identity.cgroup.is_some() && identity.container.is_none(), "the test runs on the host: {identity:?}");
+        // A later event of the same cgroup is served by that answer, at once.
+        let later = Instant::now();
+        enricher.push(own_success().into(), 0, later);
+        enricher.poll(later);
+        let second = drain(&mut enricher, later);
+        assert_eq!(second.len(), 1, "served without a lookup");
+        assert_eq!(second[0].identity, Some(identity));
+        assert_eq!(enricher.counters().lookups, 1);
+    }
+
+    #[tokio::test]
+    async fn an_unresolved_identity_is_asked_again_and_never_reads_as_none() {
+        let mut enricher = Enricher::new(true);
+        let mut results = enricher.take_results().expect("results");
+        // A cgroup that does not exist, of a process that does not either.
+        let mut event = sample_event();
+        event.ret = 0;
+        event.tgid = u32::MAX - 7;
+        event.cgroup_id = u64::MAX - 7;
+        let start = Instant::now();
+        enricher.push(event.into(), 0, start);
+        enricher.poll(start);
+        enricher.complete(next_done(&mut results).await);
+        let out = drain(&mut enricher, Instant::now());
+        let identity = out[0].identity.clone().expect("an identity");
+        assert!(identity.unresolved.is_some(), "{identity:?}");
+        assert_eq!(identity.container, None);
+        // The failed answer does not serve a later event: that one is looked up again.
+        let later = Instant::now() + MIN_REFRESH;
+        enricher.push(event.into(), 0, later);
+        enricher.poll(later);
+        assert!(drain(&mut enricher, later).is_empty(), "waits for a new lookup");
+        assert_eq!(enricher.counters().lookups, 2);
+        // Past its deadline it leaves, saying why it has no identity.
+        let due = drain(&mut enricher, later + EMIT_DEADLINE);
+        assert!(due[0].identity.as_ref().is_some_and(|i| i.unresolved.is_some()));
+    }
+
     #[test]
     fn disabled_passes_through_and_force_empties_the_queue() {
         let start = Instant::now();

@@ -144,9 +144,11 @@ pub fn other_namespaces(except: u64) -> (Vec<PathBuf>, usize) {
         }
         let path = entry.path().join("ns/net");
         match std::fs::metadata(&path) {
-            Ok(meta) if meta.ino() != except && seen.len() < MAX => {
+            Ok(meta) if meta.ino() != except && (seen.len() < MAX || seen.contains_key(&meta.ino())) => {
                 seen.entry(meta.ino()).or_insert(path);
             }
+            // Past the cap: a namespace not searched counts as one not read.
+            Ok(meta) if meta.ino() != except => unreadable += 1,
             Err(err) if err.kind() == std::io::ErrorKind::PermissionDenied => unreadable += 1,
             _ => {}
         }

@@ -141,16 +141,14 @@ impl Sink for TableSink {
         let mut address = String::with_capacity(48);
         push_escaped(&mut address, address_column(event).as_bytes());
         // The pod or container; "-" on the host; "?" when it could not be resolved; empty
-        // when nothing was looked up.
+        // when nothing was looked up (--no-diagnosis).
         let mut container = String::with_capacity(16);
-        match enriched.identity.as_deref() {
-            Some(identity) => match identity.short() {
+        if let Some(identity) = enriched.identity.as_deref() {
+            match identity.short() {
                 Some(name) => push_escaped(&mut container, name.as_bytes()),
                 None if identity.unresolved.is_some() => container.push('?'),
                 None => container.push('-'),
-            },
-            // Lookups are off (--no-diagnosis): nothing is known either way.
-            None => {}
+            }
         }
         push_cells(
             &mut self.line,

@@ -47,7 +47,7 @@ pub fn needed_lookups(event: &Bind) -> Vec<LookupKey> {
         },
         Some(libc::EADDRINUSE) => match Proto::from_ipproto(event.protocol) {
             // A runtime's port publisher failed: which container it was starting, too.
-            Some(proto) if is_port_publisher(event.comm_bytes()) => {
+            Some(proto) if is_port_publisher(event.comm_bytes()) && in_own_netns(netns) => {
                 vec![LookupKey::Sockets { netns, proto }, LookupKey::Publisher { port: event.port, proto }]
             }
             Some(proto) => vec![LookupKey::Sockets { netns, proto }],
@@ -58,6 +58,12 @@ pub fn needed_lookups(event: &Bind) -> Vec<LookupKey> {
         Some(libc::EADDRNOTAVAIL) => vec![LookupKey::Netns { netns }],
         _ => Vec::new(),
     }
+}
+
+/// Is `netns` bindtrace's own network namespace (the host's, where runtimes publish ports)?
+fn in_own_netns(netns: u32) -> bool {
+    static OWN: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
+    OWN.get_or_init(|| super::netns::Netns::Own.inode()).is_some_and(|own| own == u64::from(netns))
 }
 
 /// The processes that bind host ports for `docker run -p` (and podman's Docker-compatible

@@ -104,8 +104,17 @@ pub(crate) fn holders_summary(proto: Proto, port: u16, holders: &[Holder], seen:
 /// one, else stop the process.
 pub(crate) fn stop_advice(holder: &Holder) -> String {
     let Some(first) = holder.processes.first() else { return "stop it or bind another port".to_owned() };
-    if let Some(forwards) = &first.forwards {
+    if let Some(forwards) = first.forwards.as_ref().filter(|f| f.container.is_some()) {
         return forwards.stop_advice();
+    }
+    // Docker's own processes hold published ports for containers: stopping the daemon is
+    // never the advice.
+    if matches!(first.comm.as_str(), "dockerd" | "docker-proxy") {
+        let port = holder.socket.local.port();
+        return format!(
+            "Docker holds it for a container that publishes it (docker ps --filter publish={port} names it): stop that \
+             container, or bind another port"
+        );
     }
     first.identity.as_ref().and_then(|i| i.stop_advice()).unwrap_or_else(|| "stop it or bind another port".to_owned())
 }
