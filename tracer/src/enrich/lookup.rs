@@ -504,7 +504,12 @@ impl Lookups {
             LookupKey::Cgroup { id, pid: 0 } => {
                 Facts::Identity(self.identities.of_cgroup_id(id, pid_hint.unwrap_or(0)))
             }
-            LookupKey::Cgroup { pid, .. } => Facts::Identity(self.identities.of_pid(pid).unwrap_or_else(|| {
+            LookupKey::Cgroup { id, pid } => Facts::Identity(self.identities.of_pid(pid).unwrap_or_else(|| {
+                // Exited already. The root of the v2 hierarchy is the host's: runtimes put
+                // their containers in groups of their own there, also on hybrid hosts.
+                if super::cgroup::v2_mount().is_some() {
+                    return self.identities.of_cgroup_id(id, pid);
+                }
                 std::sync::Arc::new(Identity {
                     unresolved: Some(format!("process {pid} exited before its cgroup was read")),
                     ..Identity::default()
