@@ -422,6 +422,7 @@ fn containers_on_both_sides_of_a_conflict() {
     let port = free_port();
     let id = format!("bt-api-{tag}");
     let mut tracer = Tracer::start(&["-o", "ndjson", "-P", &port.to_string()]);
+    let mut table = Tracer::start(&["-o", "table", "-P", &port.to_string()]);
     containers.containerd_containers.push(id.clone());
     let port_text = port.to_string();
     ctr(&[
@@ -456,6 +457,14 @@ fn containers_on_both_sides_of_a_conflict() {
     assert_eq!(holder["pod"]["name"], "api-7f9", "{d}");
     let summary = str_of(&d["summary"], "summary");
     assert!(summary.contains("in pod shop/api-7f9 (container api)"), "{summary}");
+    assert!(summary.contains("kubectl -n shop get pod api-7f9"), "{summary}");
+    // The table: the pod's own bind names it in the CONTAINER column, the host's failure
+    // names it in its diagnosis.
+    let row = table_line(&mut table, " ok");
+    assert!(row.contains("shop/api-7f9"), "{row}");
+    let line = table_line(&mut table, "held by");
+    assert!(line.contains("in pod shop/api-7f9"), "{line}");
+    drop(table);
     tracer.stop();
     let (code, records) = who(&[&format!("{port}/tcp")]);
     assert_eq!(code, Some(0));

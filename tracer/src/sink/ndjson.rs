@@ -67,11 +67,17 @@ struct EventRecord<'a> {
     netns: u32,
     cgroup_id: u64,
     /// The cgroup path, and who runs there (`container`, `pod`, `unit`); absent when the
-    /// lookups are off.
+    /// lookups are off. Encoded once per identity (see `encoded_identity`).
     #[serde(skip_serializing_if = "Option::is_none")]
-    cgroup: Option<&'a str>,
-    #[serde(flatten)]
-    identity: Option<&'a Identity>,
+    cgroup: Option<&'a RawValue>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    container: Option<&'a RawValue>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pod: Option<&'a RawValue>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    unit: Option<&'a RawValue>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    identity_unresolved: Option<&'a RawValue>,
     backend: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
     diagnosis: Option<&'a RawValue>,
@@ -117,6 +123,44 @@ pub struct NdjsonSink {
     /// (see enrich), and encoding a diagnosis with its holders was a third of the output
     /// stage's CPU under a failure storm (`perf record`); each is encoded once.
     encoded: HashMap<usize, (Arc<Diagnosis>, Box<RawValue>)>,
+    /// Identities already encoded, likewise: every event of a cgroup shares one `Arc`, and
+    /// encoding it field by field for each event cost the storm benchmarks throughput.
+    identities: HashMap<usize, (Arc<Identity>, EncodedIdentity)>,
+}
+
+/// An identity's fields as JSON, ready to be written into any number of records.
+struct EncodedIdentity {
+    cgroup: Option<Box<RawValue>>,
+    container: Box<RawValue>,
+    pod: Box<RawValue>,
+    unit: Box<RawValue>,
+    unresolved: Option<Box<RawValue>>,
+}
+
+fn raw<T: Serialize>(value: &T) -> io::Result<Box<RawValue>> {
+    serde_json::value::to_raw_value(value).map_err(io::Error::other)
+}
+
+/// The JSON of `identity`, encoded once per `Arc`.
+fn encoded_identity<'c>(
+    cache: &'c mut HashMap<usize, (Arc<Identity>, EncodedIdentity)>,
+    identity: &Arc<Identity>,
+) -> io::Result<&'c EncodedIdentity> {
+    let key = Arc::as_ptr(identity) as usize;
+    if !cache.contains_key(&key) {
+        if cache.len() >= ENCODED_MAX {
+            cache.clear();
+        }
+        let encoded = EncodedIdentity {
+            cgroup: identity.cgroup.as_ref().map(raw).transpose()?,
+            container: raw(&identity.container)?,
+            pod: raw(&identity.pod)?,
+            unit: raw(&identity.unit)?,
+            unresolved: identity.unresolved.as_ref().map(raw).transpose()?,
+        };
+        cache.insert(key, (identity.clone(), encoded));
+    }
+    cache.get(&key).map(|(_, encoded)| encoded).ok_or_else(|| io::Error::other("encoded identity missing"))
 }
 
 /// Encoded diagnoses kept; the cache starts over past this (a diagnosis is shared within a
@@ -125,7 +169,13 @@ const ENCODED_MAX: usize = 256;
 
 impl NdjsonSink {
     pub fn new(output: Output) -> Self {
-        Self { output, time: Rfc3339::default(), scratch: Vec::with_capacity(40), encoded: HashMap::new() }
+        Self {
+            output,
+            time: Rfc3339::default(),
+            scratch: Vec::with_capacity(40),
+            encoded: HashMap::new(),
+            identities: HashMap::new(),
+        }
     }
 }
 
@@ -171,6 +221,10 @@ impl Sink for NdjsonSink {
         let family_known = !nothing_read;
         let addr = event.requested_ip();
         let errno_number = event.errno().unwrap_or(0);
+        let identity = match &enriched.identity {
+            Some(identity) => Some(encoded_identity(&mut self.identities, identity)?),
+            None => None,
+        };
         let record = EventRecord {
             kind: "bind",
             seq: enriched.seq,
@@ -209,8 +263,11 @@ impl Sink for NdjsonSink {
             duration_ns: (!event.has(sock_flags::NO_ENTRY_TIME)).then_some(event.duration_ns),
             netns: event.netns_ino,
             cgroup_id: event.cgroup_id,
-            cgroup: enriched.identity.as_ref().and_then(|i| i.cgroup.as_deref()),
-            identity: enriched.identity.as_deref(),
+            cgroup: identity.and_then(|i| i.cgroup.as_deref()),
+            container: identity.map(|i| &*i.container),
+            pod: identity.map(|i| &*i.pod),
+            unit: identity.map(|i| &*i.unit),
+            identity_unresolved: identity.and_then(|i| i.unresolved.as_deref()),
             backend: event.backend_name(),
             diagnosis: match &enriched.explained {
                 Explained::Now(diagnosis) => Some(encoded(&mut self.encoded, diagnosis)?),
@@ -267,6 +324,40 @@ mod tests {
 
     fn lines(shared: &Shared) -> Vec<serde_json::Value> {
         shared.text().lines().map(|l| serde_json::from_str(l).expect("every line is JSON")).collect()
+    }
+
+    #[test]
+    fn identity_fields_are_written_and_absent_without_lookups() {
+        use crate::enrich::identity::Identity;
+        let shared = Shared::default();
+        let mut sink = NdjsonSink::new(Output::new(Box::new(shared.clone())));
+        let identity = Arc::new(Identity {
+            cgroup: Some("/system.slice/nginx.service".into()),
+            unit: Some("nginx.service".into()),
+            ..Identity::default()
+        });
+        for identity in [Some(identity.clone()), Some(identity), None] {
+            sink.event(&Enriched {
+                seq: 1,
+                event: sample_event().into(),
+                wall_ns: 0,
+                explained: Explained::Nothing,
+                identity,
+            })
+            .expect("encode");
+        }
+        sink.flush().expect("flush");
+        let out = lines(&shared);
+        for line in &out[..2] {
+            assert_eq!(line["cgroup"], "/system.slice/nginx.service");
+            assert_eq!(line["unit"], "nginx.service");
+            assert!(line["container"].is_null() && line.get("container").is_some(), "null, not absent: {line}");
+            assert!(line["pod"].is_null() && line.get("pod").is_some());
+            assert!(line.get("identity_unresolved").is_none());
+        }
+        for field in ["cgroup", "container", "pod", "unit"] {
+            assert!(out[2].get(field).is_none(), "absent without lookups: {field}");
+        }
     }
 
     #[test]
