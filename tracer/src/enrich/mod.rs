@@ -167,7 +167,10 @@ struct Pending {
     seq: u64,
     event: Bind,
     wall_ns: i128,
+    /// The lookups its diagnosis needs.
     keys: Vec<LookupKey>,
+    /// The lookup of its cgroup's identity. Apart from `keys`: a success needs no vector.
+    identity_key: Option<LookupKey>,
     arrived: Instant,
     /// Its lookups could not even be tracked (every key slot busy): no diagnosis.
     shed: bool,
@@ -351,14 +354,14 @@ impl Enricher {
         self.history.record(&event, wall_ns);
         let looking = self.enabled && self.stopped.is_none();
         let mut keys = if looking && event.ret < 0 { needed_lookups(&event) } else { Vec::new() };
-        if looking && event.cgroup_id != 0 {
-            // An id shared by unrelated processes (the root of a hierarchy, or any task on a
-            // host without cgroup v2) says nothing of one process: its identity is the pid's.
-            let pid = if cgroup::names_one_group(event.cgroup_id) { 0 } else { event.tgid };
-            keys.push(LookupKey::Cgroup { id: event.cgroup_id, pid });
-        }
+        // An id shared by unrelated processes (the root of a hierarchy, or any task on a host
+        // without cgroup v2) says nothing of one process: its identity is then the pid's.
+        let mut identity_key = (looking && event.cgroup_id != 0).then(|| LookupKey::Cgroup {
+            id: event.cgroup_id,
+            pid: if cgroup::names_one_group(event.cgroup_id) { 0 } else { event.tgid },
+        });
         let mut shed = false;
-        let missing = keys.iter().filter(|k| !self.keys.contains_key(k)).count();
+        let missing = keys.iter().chain(&identity_key).filter(|k| !self.keys.contains_key(k)).count();
         if missing > 0 && self.keys.len() + missing > KEYS_MAX {
             // At most one sweep per period: when every slot is taken by keys events wait
             // for, the new failure's diagnosis is shed instead.
@@ -366,12 +369,15 @@ impl Enricher {
                 self.last_sweep = now;
                 self.forget_idle_keys(now, Duration::ZERO);
             }
-            if self.keys.len() + keys.iter().filter(|k| !self.keys.contains_key(k)).count() > KEYS_MAX {
+            if self.keys.len() + keys.iter().chain(&identity_key).filter(|k| !self.keys.contains_key(k)).count()
+                > KEYS_MAX
+            {
                 keys.clear();
+                identity_key = None;
                 shed = true;
             }
         }
-        for key in &keys {
+        for key in keys.iter().chain(&identity_key) {
             let state = self.keys.entry(*key).or_insert_with(|| KeyState::new(now));
             state.touched = now;
             state.pid_hint = event.tgid;
@@ -391,7 +397,7 @@ impl Enricher {
         }
         // Lookups start in `poll`, once the whole ring-buffer batch is in: a lookup started
         // halfway through a batch would predate binds read after it.
-        self.queue.push_back(Pending { seq: self.next_seq, event, wall_ns, keys, arrived: now, shed });
+        self.queue.push_back(Pending { seq: self.next_seq, event, wall_ns, keys, identity_key, arrived: now, shed });
     }
 
     /// Starts the lookups that events wait for, each key at most every [`MIN_REFRESH`].
@@ -518,8 +524,12 @@ impl Enricher {
 
     /// Forgets keys untouched for `idle` that nothing waits for, and keeps the memo bounded.
     fn forget_idle_keys(&mut self, now: Instant, idle: Duration) {
-        let waiting: HashSet<LookupKey> =
-            self.queue.iter().chain(&self.following).flat_map(|p| p.keys.iter().copied()).collect();
+        let waiting: HashSet<LookupKey> = self
+            .queue
+            .iter()
+            .chain(&self.following)
+            .flat_map(|p| p.keys.iter().chain(&p.identity_key).copied())
+            .collect();
         self.keys.retain(|key, state| {
             waiting.contains(key) || state.in_flight.is_some() || now.saturating_duration_since(state.touched) < idle
         });
@@ -531,7 +541,11 @@ impl Enricher {
 
     /// When [`Enricher::poll`] or the pops next have something to do.
     pub fn next_wake(&self) -> Option<Instant> {
-        let deadline = self.queue.front().filter(|p| !p.keys.is_empty()).map(|p| p.arrived + EMIT_DEADLINE);
+        let deadline = self
+            .queue
+            .front()
+            .filter(|p| !p.keys.is_empty() || p.identity_key.is_some())
+            .map(|p| p.arrived + EMIT_DEADLINE);
         let follow_up = self.following.front().map(|p| p.arrived + FOLLOW_UP_LIMIT);
         let refresh = if self.jobs_full { None } else { Some(()) };
         let refresh = refresh.and_then(|()| {
@@ -548,7 +562,11 @@ impl Enricher {
 
     /// Is every answer this event needs in?
     fn answered(&self, pending: &Pending) -> bool {
-        pending.keys.iter().all(|k| self.keys.get(k).is_some_and(|s| s.answer_for(pending.arrived).is_some()))
+        pending
+            .keys
+            .iter()
+            .chain(&pending.identity_key)
+            .all(|k| self.keys.get(k).is_some_and(|s| s.answer_for(pending.arrived).is_some()))
     }
 
     /// The next event in order: once its answers are in, at its deadline without them, or
@@ -600,7 +618,7 @@ impl Enricher {
             return None;
         }
         let unresolved = |why: String| Some(Arc::new(Identity { unresolved: Some(why), ..Identity::default() }));
-        let Some(key) = pending.keys.iter().find(|k| matches!(k, LookupKey::Cgroup { .. })) else {
+        let Some(key) = &pending.identity_key else {
             return match &self.stopped {
                 Some(_) => unresolved("not looked up: lookups stopped (see stderr)".to_owned()),
                 None => unresolved("not looked up: too many lookups waiting (overload)".to_owned()),

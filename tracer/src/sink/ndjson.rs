@@ -1,7 +1,10 @@
 //! One JSON object per line. Field names are a stable interface, documented in
 //! docs/ndjson-schema.md: change both together.
 
-use std::{borrow::Cow, collections::HashMap, io, net::IpAddr, sync::Arc};
+use std::{borrow::Cow, io, net::IpAddr, sync::Arc};
+
+// Keyed by pointer, hit once or twice per event: FxHash, not SipHash.
+use rustc_hash::FxHashMap as HashMap;
 
 use bindtrace_common::{sock_flags, AF_INET, AF_INET6};
 use bytes::BufMut as _;
@@ -173,8 +176,8 @@ impl NdjsonSink {
             output,
             time: Rfc3339::default(),
             scratch: Vec::with_capacity(40),
-            encoded: HashMap::new(),
-            identities: HashMap::new(),
+            encoded: HashMap::default(),
+            identities: HashMap::default(),
         }
     }
 }
