@@ -457,7 +457,6 @@ fn containers_on_both_sides_of_a_conflict() {
     assert_eq!(holder["pod"]["name"], "api-7f9", "{d}");
     let summary = str_of(&d["summary"], "summary");
     assert!(summary.contains("in pod shop/api-7f9 (container api)"), "{summary}");
-    assert!(summary.contains("kubectl -n shop get pod api-7f9"), "{summary}");
     // The table: the pod's own bind names it in the CONTAINER column, the host's failure
     // names it in its diagnosis.
     let row = table_line(&mut table, " ok");
