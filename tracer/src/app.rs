@@ -51,6 +51,8 @@ struct Plan {
     format: OutputFormat,
     /// Colour in the table.
     color: bool,
+    /// `--metrics`: bound before anything is attached, so a taken port is said at once.
+    metrics: Option<std::net::TcpListener>,
 }
 
 /// Checks that `--file` can be written, without touching it: it is opened (and truncated)
@@ -94,7 +96,21 @@ fn plan(cli: Cli) -> Result<Plan> {
         ColorChoice::Never => false,
         ColorChoice::Auto => cli.file.is_none() && stdout_is_terminal && !no_color_env,
     };
-    Ok(Plan { cli, filter, format, color })
+    if cli.metrics_ports.len() > crate::metrics::PORT_LABELS_MAX {
+        anyhow::bail!(
+            "--metrics-port takes at most {} ports (each is a label value), got {}",
+            crate::metrics::PORT_LABELS_MAX,
+            cli.metrics_ports.len()
+        );
+    }
+    let metrics = match cli.metrics {
+        Some(addr) => Some(
+            crate::metrics::listen(addr)
+                .with_context(|| format!("--metrics {addr}: cannot listen there (is the port taken?)"))?,
+        ),
+        None => None,
+    };
+    Ok(Plan { cli, filter, format, color, metrics })
 }
 
 /// `--pid` takes process ids that exist: one warning line for each that does not (it matches
@@ -134,6 +150,10 @@ fn open_sink(plan: &Plan) -> Result<Box<dyn Sink>> {
     Ok(match plan.format {
         OutputFormat::Ndjson => Box::new(NdjsonSink::new(output)),
         OutputFormat::Table => Box::new(TableSink::new(output, plan.color)),
+        // The summary still goes to stderr, as in the table.
+        OutputFormat::None => {
+            Box::new(crate::sink::NoEvents::new(TableSink::new(Output::new(Box::new(io::sink())), false)))
+        }
     })
 }
 
@@ -321,7 +341,8 @@ fn who_main(args: &WhoArgs) -> ExitCode {
     }
 }
 
-async fn run(plan: Plan) -> Result<()> {
+async fn run(mut plan: Plan) -> Result<()> {
+    let metrics_listener = plan.metrics.take();
     let Plan { cli, filter, .. } = &plan;
     let started = std::time::Instant::now();
     let loader = probe::PendingLoader::start();
@@ -355,6 +376,14 @@ async fn run(plan: Plan) -> Result<()> {
         }
     }
     sink.start().context("writing to the output")?;
+    let metrics = metrics_listener.map(|listener| {
+        let metrics = crate::metrics::Metrics::new(probe.backend.name(), &cli.metrics_ports);
+        if let Ok(addr) = listener.local_addr() {
+            eprintln!("bindtrace: metrics at http://{addr}/metrics");
+        }
+        tokio::spawn(crate::metrics::serve(listener, metrics.registry()));
+        metrics
+    });
 
     let mut pipeline = Pipeline {
         filter,
@@ -363,6 +392,8 @@ async fn run(plan: Plan) -> Result<()> {
         summary: Summary::default(),
         clock,
         limits: Limits { duration: cli.duration, count: cli.count },
+        metrics,
+        file: cli.file.clone(),
     };
     let ending = pipeline.run(&mut probe, signals).await?;
     if ending == Ending::OutputClosed || cli.no_summary {

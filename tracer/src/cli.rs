@@ -59,6 +59,15 @@ pub struct Cli {
     #[arg(long, value_name = "NAME", value_parser = parse_comm)]
     pub comm: Option<String>,
 
+    /// Serve Prometheus/OpenMetrics counters at http://ADDR/metrics while tracing
+    /// (127.0.0.1:9750, [::]:9750, 0.0.0.0:9750).
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<std::net::SocketAddr>,
+
+    /// Ports to label the metrics by (every other port counts as port="other"); at most 64.
+    #[arg(long = "metrics-port", value_name = "PORT", value_delimiter = ',', requires = "metrics")]
+    pub metrics_ports: Vec<u16>,
+
     /// Only binds inside this container (a Docker or podman name or id, or a containerd
     /// id), applied in the kernel by its cgroup. Repeat for more.
     #[arg(long = "container", value_name = "NAME|ID")]
@@ -222,6 +231,8 @@ pub enum OutputFormat {
     /// One JSON object per line (`json` is accepted for it).
     #[value(alias = "json")]
     Ndjson,
+    /// No events (with `--metrics`, an always-on exporter; for `who`, the exit status alone).
+    None,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]

@@ -17,6 +17,7 @@ pub mod filter;
 pub(crate) mod hook_support;
 pub(crate) mod layout;
 pub(crate) mod load_error;
+pub(crate) mod metrics;
 pub(crate) mod pipeline;
 pub(crate) mod privileges;
 pub(crate) mod probe;

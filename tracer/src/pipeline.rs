@@ -59,6 +59,10 @@ pub struct Pipeline<'a> {
     pub summary: Summary,
     pub clock: WallClock,
     pub limits: Limits,
+    /// `--metrics`: counts of what is written.
+    pub metrics: Option<crate::metrics::Metrics>,
+    /// `--file`, reopened on SIGHUP (log rotation); without it SIGHUP ends the run.
+    pub file: Option<std::path::PathBuf>,
 }
 
 /// SIGINT and SIGTERM handlers. Installed before the probe attaches, so that a signal sent
@@ -173,6 +177,9 @@ impl Pipeline<'_> {
         while written < max {
             let Some(ready) = self.enricher.pop(now, force) else { break };
             self.sink.event(&ready)?;
+            if let Some(metrics) = &mut self.metrics {
+                metrics.observe(&ready);
+            }
             written += 1;
         }
         Ok(written)
@@ -189,6 +196,17 @@ impl Pipeline<'_> {
             self.sink.follow_up(&follow_up)?;
         }
         self.sink.flush()
+    }
+
+    /// Writes the rest of the run to a new file at `path` (the old one was moved away by a
+    /// log rotator): appended to when it exists, created otherwise.
+    fn reopen(&mut self, path: &std::path::Path) -> io::Result<()> {
+        self.emit_ready(false)?;
+        let file = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
+        self.sink.reopen(Box::new(file))?;
+        self.summary.record_reopen();
+        eprintln!("bindtrace: SIGHUP: writing to a reopened {}", path.display());
+        Ok(())
     }
 
     /// When the enrich stage next has something to do (a deadline, a lookup to start).
@@ -249,7 +267,11 @@ impl Pipeline<'_> {
             tokio::select! {
                 _ = signals.interrupt.recv() => break Ending::Signal,
                 _ = signals.terminate.recv() => break Ending::Signal,
-                _ = signals.hangup.recv() => break Ending::Signal,
+                _ = signals.hangup.recv() => {
+                    // With --file, SIGHUP is log rotation: the file is opened again by name.
+                    let Some(path) = self.file.clone() else { break Ending::Signal };
+                    self.reopen(&path).with_context(|| format!("reopening {} on SIGHUP", path.display()))?;
+                }
                 _ = async { sleep_until(deadline.unwrap_or_else(Instant::now)).await }, if deadline.is_some() => break Ending::Duration,
                 guard = ring.readable_mut() => {
                     let mut guard = guard.context("waiting for the ring buffer")?;
@@ -296,6 +318,9 @@ impl Pipeline<'_> {
                     let now = self.enricher.counters();
                     report_shed_diagnoses(&reported_enrich, &now);
                     reported_enrich = now;
+                    if let Some(metrics) = &self.metrics {
+                        metrics.update(&reported, self.summary.filter_mismatches(), now);
+                    }
                 }
             }
         };

@@ -60,6 +60,7 @@ pub struct Summary {
     events: u64,
     decode_errors: u64,
     filter_mismatches: u64,
+    file_reopens: u64,
     by_result: HashMap<i32, u64>,
     by_port: HashMap<(u16, &'static str), u64>,
     by_process: HashMap<u32, ([u8; COMM_LEN], u64)>,
@@ -104,6 +105,8 @@ pub struct Report {
     /// Events the kernel's filters passed and the same predicates in user space rejected:
     /// a probe/tracer mismatch, expected 0 (the events are not printed).
     pub filter_mismatches: u64,
+    /// Times `--file` was reopened on SIGHUP (log rotation).
+    pub file_reopens: u64,
     pub kernel: KernelCounters,
     /// What the enrich stage did: lookups, diagnoses that followed their event, diagnoses
     /// shed under overload (the events were still written).
@@ -129,6 +132,10 @@ impl Summary {
             *self.by_port.entry((event.port, proto)).or_default() += 1;
         }
         self.by_process.entry(event.tgid).or_insert((event.comm, 0)).1 += 1;
+    }
+
+    pub fn record_reopen(&mut self) {
+        self.file_reopens += 1;
     }
 
     pub fn record_decode_error(&mut self) {
@@ -194,6 +201,7 @@ impl Summary {
             dropped: kernel.dropped(),
             decode_errors: self.decode_errors,
             filter_mismatches: self.filter_mismatches,
+            file_reopens: self.file_reopens,
             kernel,
             diagnoses: EnrichCounters::default(),
         }

@@ -97,9 +97,9 @@ pub fn run(args: &WhoArgs, netns: &Netns) -> Result<Verdict> {
         None => &[Proto::Tcp, Proto::Udp],
     };
     let port = args.target.port;
-    let table =
-        args.output.unwrap_or(if io::stdout().is_terminal() { OutputFormat::Table } else { OutputFormat::Ndjson })
-            == OutputFormat::Table;
+    let format =
+        args.output.unwrap_or(if io::stdout().is_terminal() { OutputFormat::Table } else { OutputFormat::Ndjson });
+    let table = format == OutputFormat::Table;
     let mut lookups = Lookups::default();
     let mut out = String::new();
     let mut held = false;
@@ -187,6 +187,10 @@ pub fn run(args: &WhoArgs, netns: &Netns) -> Result<Verdict> {
     if !held && table {
         let place = if args.all_netns { "any network namespace bindtrace can see" } else { "this network namespace" };
         out.push_str(&format!("nothing holds port {port} in {place}\n"));
+    }
+    if format == OutputFormat::None {
+        // The exit status alone.
+        out.clear();
     }
     let mut stdout = io::stdout().lock();
     match stdout.write_all(out.as_bytes()).and_then(|()| stdout.flush()) {

@@ -34,6 +34,37 @@ pub trait Sink {
     fn flush(&mut self) -> io::Result<()>;
     /// Prints the exit report.
     fn report(&mut self, report: &Report) -> io::Result<()>;
+    /// Writes from now on to `writer` (`--file` reopened on SIGHUP), after flushing.
+    fn reopen(&mut self, writer: Box<dyn Write + Send>) -> io::Result<()>;
+}
+
+/// `-o none`: no events; the exit report as the table prints it, on stderr.
+pub struct NoEvents {
+    report: table::TableSink,
+}
+
+impl NoEvents {
+    pub fn new(report: table::TableSink) -> Self {
+        Self { report }
+    }
+}
+
+impl Sink for NoEvents {
+    fn event(&mut self, _: &Enriched) -> io::Result<()> {
+        Ok(())
+    }
+    fn follow_up(&mut self, _: &FollowUp) -> io::Result<()> {
+        Ok(())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+    fn report(&mut self, report: &Report) -> io::Result<()> {
+        self.report.report(report)
+    }
+    fn reopen(&mut self, _: Box<dyn Write + Send>) -> io::Result<()> {
+        Ok(())
+    }
 }
 
 /// A writer with a reusable buffer in front of it.
@@ -67,6 +98,13 @@ impl Output {
             self.buffer.clear();
         }
         self.writer.flush()
+    }
+
+    /// Flushes what is buffered to the old writer, then writes to `writer`.
+    pub fn replace(&mut self, writer: Box<dyn Write + Send>) -> io::Result<()> {
+        let flushed = self.flush();
+        self.writer = writer;
+        flushed
     }
 }
 

@@ -310,6 +310,10 @@ impl Sink for NdjsonSink {
         self.output.flush()
     }
 
+    fn reopen(&mut self, writer: Box<dyn std::io::Write + Send>) -> io::Result<()> {
+        self.output.replace(writer)
+    }
+
     fn report(&mut self, report: &Report) -> io::Result<()> {
         write_line(&mut self.output, &SummaryRecord { kind: "summary", report })?;
         self.output.flush()

@@ -198,6 +198,10 @@ impl Sink for TableSink {
         self.output.flush()
     }
 
+    fn reopen(&mut self, writer: Box<dyn std::io::Write + Send>) -> io::Result<()> {
+        self.output.replace(writer)
+    }
+
     fn report(&mut self, report: &Report) -> io::Result<()> {
         self.output.flush()?;
         let mut text = String::new();

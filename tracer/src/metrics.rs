@@ -1,0 +1,294 @@
+//! `--metrics ADDR`: counts of what the pipeline wrote, served as OpenMetrics text at
+//! `/metrics` (prometheus-client for the registry and encoding, hyper for HTTP).
+//!
+//! Label cardinality is bounded by design: `result` is `ok` or an errno name (at most the
+//! kernel's errnos), `proto` and `op` are small fixed sets, `container`/`pod`/`namespace`
+//! take at most [`CONTAINER_LABELS_MAX`] distinct values (later ones count under
+//! `container="other"`), and `port` is set only for the ports given with
+//! `--metrics-port` (every other port counts as `port="other"`).
+
+use std::{
+    net::SocketAddr,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+};
+
+use bindtrace_common::AF_UNIX;
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{counter::Counter, family::Family, info::Info},
+    registry::Registry,
+};
+use rustc_hash::{FxHashMap, FxHashSet};
+
+use crate::{
+    decode::BindEventExt as _,
+    enrich::{identity::Identity, EnrichCounters, Enriched},
+    errno,
+    summary::KernelCounters,
+};
+
+/// Distinct (container, pod, namespace) label values; past this, `container="other"`.
+pub const CONTAINER_LABELS_MAX: usize = 256;
+/// Ports `--metrics-port` may name.
+pub const PORT_LABELS_MAX: usize = 64;
+/// Counter handles remembered per distinct event shape; cleared when full (the counters
+/// themselves live on in the registry).
+const HANDLES_MAX: usize = 4_096;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BindLabels {
+    op: &'static str,
+    /// `ok`, or the errno's name (`EADDRINUSE`).
+    result: String,
+    /// `tcp`, `udp`, `unix`, or `other`.
+    proto: &'static str,
+    /// A `--metrics-port`, or `other`.
+    port: String,
+    /// The container's name (or short id); empty on the host; `unknown` when not resolved.
+    container: String,
+    pod: String,
+    namespace: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BackendLabels {
+    backend: String,
+    version: &'static str,
+}
+
+/// What picks an event's counter, cheap to hash: the identity by address (every event of a
+/// cgroup shares one `Arc`).
+#[derive(Clone, Copy, Hash, PartialEq, Eq)]
+struct HandleKey {
+    op: u8,
+    ret: i32,
+    proto: u16,
+    family: u16,
+    port: u16,
+    identity: usize,
+}
+
+/// The registry and the counters the pipeline updates.
+pub struct Metrics {
+    registry: Arc<Registry>,
+    binds: Family<BindLabels, Counter>,
+    dropped: Counter,
+    filter_mismatches: Counter,
+    lookups: Counter,
+    lookup_timeouts: Counter,
+    diagnoses_followed: Counter,
+    diagnoses_shed: Counter,
+    /// The totals already added, so that each tick adds only what is new.
+    last_kernel_dropped: AtomicU64,
+    last_enrich: std::sync::Mutex<EnrichCounters>,
+    ports: FxHashSet<u16>,
+    /// Identities whose labels were settled, by address, and the label values.
+    handles: FxHashMap<HandleKey, Counter>,
+    containers_seen: FxHashSet<(String, String, String)>,
+    /// Keeps the identities of `handles` alive, so that their addresses stay theirs.
+    pinned: Vec<Arc<Identity>>,
+}
+
+impl Metrics {
+    pub fn new(backend: &str, ports: &[u16]) -> Self {
+        let mut registry = Registry::with_prefix("bindtrace");
+        let binds = Family::<BindLabels, Counter>::default();
+        registry.register(
+            "binds",
+            "bind() and failed listen() calls seen, by operation, result, protocol, port, container and pod",
+            binds.clone(),
+        );
+        let dropped = Counter::default();
+        registry.register(
+            "events_dropped",
+            "Events lost in the kernel (ring buffer or in-flight map full)",
+            dropped.clone(),
+        );
+        let filter_mismatches = Counter::default();
+        registry.register(
+            "filter_mismatches",
+            "Events the kernel passed but userspace filters refused (a bug if not zero)",
+            filter_mismatches.clone(),
+        );
+        let lookups = Counter::default();
+        registry.register("lookups", "Lookups started for diagnoses and identities", lookups.clone());
+        let lookup_timeouts = Counter::default();
+        registry.register("lookup_timeouts", "Lookups that did not answer within 2 s", lookup_timeouts.clone());
+        let diagnoses_followed = Counter::default();
+        registry.register("diagnoses_followed", "Diagnoses written after their event", diagnoses_followed.clone());
+        let diagnoses_shed = Counter::default();
+        registry.register(
+            "diagnoses_shed",
+            "Failures that got no diagnosis (overload, lookups stopped)",
+            diagnoses_shed.clone(),
+        );
+        registry.register(
+            "backend",
+            "The kernel hook bindtrace attached with",
+            Info::new(BackendLabels { backend: backend.to_owned(), version: env!("CARGO_PKG_VERSION") }),
+        );
+        Self {
+            registry: Arc::new(registry),
+            binds,
+            dropped,
+            filter_mismatches,
+            lookups,
+            lookup_timeouts,
+            diagnoses_followed,
+            diagnoses_shed,
+            last_kernel_dropped: AtomicU64::new(0),
+            last_enrich: std::sync::Mutex::new(EnrichCounters::default()),
+            ports: ports.iter().copied().collect(),
+            handles: FxHashMap::default(),
+            containers_seen: FxHashSet::default(),
+            pinned: Vec::new(),
+        }
+    }
+
+    /// The registry, for the HTTP server.
+    pub fn registry(&self) -> Arc<Registry> {
+        self.registry.clone()
+    }
+
+    /// Counts one written event.
+    pub fn observe(&mut self, enriched: &Enriched) {
+        let event = &enriched.event;
+        let key = HandleKey {
+            op: event.op,
+            ret: event.ret,
+            proto: event.protocol,
+            family: event.family,
+            port: if self.ports.contains(&event.port) { event.port } else { 0 },
+            identity: enriched.identity.as_ref().map_or(0, |i| Arc::as_ptr(i) as usize),
+        };
+        if let Some(counter) = self.handles.get(&key) {
+            counter.inc();
+            return;
+        }
+        if self.handles.len() >= HANDLES_MAX {
+            self.handles.clear();
+            self.pinned.clear();
+        }
+        let labels = self.labels(enriched, key.port);
+        let counter = self.binds.get_or_create(&labels).clone();
+        counter.inc();
+        self.handles.insert(key, counter);
+        if let Some(identity) = &enriched.identity {
+            self.pinned.push(identity.clone());
+        }
+    }
+
+    fn labels(&mut self, enriched: &Enriched, port: u16) -> BindLabels {
+        let event = &enriched.event;
+        let result = match event.errno() {
+            None => "ok".to_owned(),
+            Some(errno) => errno::name(errno).map_or_else(|| format!("errno_{errno}"), str::to_owned),
+        };
+        let proto = if event.family == AF_UNIX {
+            "unix"
+        } else {
+            match event.proto_name() {
+                Some("tcp") => "tcp",
+                Some("udp") => "udp",
+                _ => "other",
+            }
+        };
+        let (mut container, mut pod, mut namespace) = match enriched.identity.as_deref() {
+            None => (String::new(), String::new(), String::new()),
+            Some(identity) => match (&identity.container, &identity.pod) {
+                (_, Some(p)) => {
+                    (p.container.clone().unwrap_or_default(), p.name.clone(), p.namespace.clone().unwrap_or_default())
+                }
+                (Some(c), None) => (c.label(), String::new(), String::new()),
+                (None, None) if identity.unresolved.is_some() => ("unknown".to_owned(), String::new(), String::new()),
+                (None, None) => (String::new(), String::new(), String::new()),
+            },
+        };
+        let set = (container.clone(), pod.clone(), namespace.clone());
+        if !self.containers_seen.contains(&set) {
+            if self.containers_seen.len() >= CONTAINER_LABELS_MAX {
+                (container, pod, namespace) = ("other".to_owned(), String::new(), String::new());
+            } else {
+                self.containers_seen.insert(set);
+            }
+        }
+        BindLabels {
+            op: event.op_name(),
+            result,
+            proto,
+            port: if port == 0 { "other".to_owned() } else { port.to_string() },
+            container,
+            pod,
+            namespace,
+        }
+    }
+
+    /// Brings the totals that other stages keep up to date (each tick, and at the end).
+    pub fn update(&self, kernel: &KernelCounters, filter_mismatches: u64, enrich: EnrichCounters) {
+        let dropped = kernel.dropped_ring_buffer_full + kernel.dropped_in_flight_full;
+        let before = self.last_kernel_dropped.swap(dropped, Ordering::Relaxed);
+        self.dropped.inc_by(dropped.saturating_sub(before));
+        let mismatches_before = self.filter_mismatches.get();
+        self.filter_mismatches.inc_by(filter_mismatches.saturating_sub(mismatches_before));
+        if let Ok(mut last) = self.last_enrich.lock() {
+            self.lookups.inc_by(enrich.lookups.saturating_sub(last.lookups));
+            self.lookup_timeouts.inc_by(enrich.lookup_timeouts.saturating_sub(last.lookup_timeouts));
+            self.diagnoses_followed.inc_by(enrich.followed.saturating_sub(last.followed));
+            self.diagnoses_shed.inc_by(enrich.shed.saturating_sub(last.shed));
+            *last = enrich;
+        }
+    }
+}
+
+/// The OpenMetrics text of `registry`.
+pub fn render(registry: &Registry) -> String {
+    let mut text = String::with_capacity(4096);
+    // Writing into a String cannot fail.
+    let _ = prometheus_client::encoding::text::encode(&mut text, registry);
+    text
+}
+
+/// Binds the metrics address now (a port in use is said before anything is attached).
+pub fn listen(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    let listener = std::net::TcpListener::bind(addr)?;
+    listener.set_nonblocking(true)?;
+    Ok(listener)
+}
+
+/// Serves `/metrics` (anything else: 404) on the current runtime until the task is dropped.
+pub async fn serve(listener: std::net::TcpListener, registry: Arc<Registry>) {
+    use http_body_util::Full;
+    use hyper::{body::Bytes, server::conn::http1, service::service_fn, Request, Response, StatusCode};
+    let Ok(listener) = tokio::net::TcpListener::from_std(listener) else {
+        log::warn!("the metrics listener could not join the runtime");
+        return;
+    };
+    loop {
+        let Ok((stream, _)) = listener.accept().await else { continue };
+        let registry = registry.clone();
+        let service = service_fn(move |request: Request<hyper::body::Incoming>| {
+            let registry = registry.clone();
+            async move {
+                let response = if request.uri().path() == "/metrics" {
+                    Response::builder()
+                        .header("content-type", "application/openmetrics-text; version=1.0.0; charset=utf-8")
+                        .body(Full::new(Bytes::from(render(&registry))))
+                } else {
+                    Response::builder()
+                        .status(StatusCode::NOT_FOUND)
+                        .body(Full::new(Bytes::from_static(b"see /metrics\n")))
+                };
+                response
+            }
+        });
+        tokio::spawn(async move {
+            let io = hyper_util::rt::TokioIo::new(stream);
+            if let Err(err) = http1::Builder::new().serve_connection(io, service).await {
+                log::debug!("metrics connection: {err}");
+            }
+        });
+    }
+}
