@@ -137,8 +137,8 @@ fn test() -> Result<()> {
     tests.args(["test", "--workspace", "--exclude", "bindtrace-probe"]);
     if is_root() {
         // The integration tests drive ip (veth, netns, vxlan), setpriv, unshare, mountpoint and
-        // mount, and start Debian's dockerd and containerd with an image built from a static
-        // busybox: a fresh machine gets them here, not by hand.
+        // mount, and start Debian's dockerd, containerd (with an image built from a static
+        // busybox) and prometheus: a fresh machine gets them here, not by hand.
         setup::apt_install(
             &[
                 "iproute2",
@@ -150,6 +150,7 @@ fn test() -> Result<()> {
                 "iptables",
                 "busybox-static",
                 "tar",
+                "prometheus",
             ]
             .map(str::to_owned),
         )?;
