@@ -113,6 +113,10 @@ pub struct Report {
     pub diagnoses: EnrichCounters,
 }
 
+/// Processes counted at most, and how many of the busiest stay when that is reached.
+const PROCESSES_MAX: usize = 4_096;
+const PROCESSES_KEPT: usize = 256;
+
 /// Text label of a result: "ok", "EADDRINUSE", or "errno 300" for unnamed numbers.
 pub fn result_label(ret: i32) -> String {
     if ret >= 0 {
@@ -131,7 +135,20 @@ impl Summary {
             let proto = event.proto_name().unwrap_or("?");
             *self.by_port.entry((event.port, proto)).or_default() += 1;
         }
+        if self.by_process.len() >= PROCESSES_MAX && !self.by_process.contains_key(&event.tgid) {
+            self.forget_small_processes();
+        }
         self.by_process.entry(event.tgid).or_insert((event.comm, 0)).1 += 1;
+    }
+
+    /// Keeps the busiest processes: a daemon traces for weeks and pids keep changing, so the
+    /// per-process counts must not grow with every process ever seen. The top list is then
+    /// of the busiest since the last pruning.
+    fn forget_small_processes(&mut self) {
+        let mut counts: Vec<u64> = self.by_process.values().map(|(_, count)| *count).collect();
+        counts.sort_unstable_by(|a, b| b.cmp(a));
+        let keep_from = counts.get(PROCESSES_KEPT).copied().unwrap_or(0);
+        self.by_process.retain(|_, (_, count)| *count > keep_from);
     }
 
     pub fn record_reopen(&mut self) {
@@ -211,6 +228,21 @@ impl Summary {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn per_process_counts_stay_bounded_over_many_pids() {
+        let mut summary = Summary::default();
+        let mut event = crate::decode::tests::sample_event();
+        for pid in 0..100_000u32 {
+            event.tgid = pid;
+            summary.record(&event);
+            if pid % 7 == 0 {
+                summary.record(&event);
+            }
+        }
+        assert!(summary.by_process.len() <= PROCESSES_MAX);
+        assert_eq!(summary.events(), 100_000 + 100_000u64.div_ceil(7));
+    }
     use crate::decode::tests::sample_event;
 
     #[test]

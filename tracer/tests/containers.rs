@@ -74,6 +74,8 @@ struct Containers {
     docker_containers: Vec<String>,
     containerd_containers: Vec<String>,
     containerd_image: Option<String>,
+    /// Images built here (the bindtrace image), removed at the end.
+    built_images: Vec<String>,
 }
 
 impl Containers {
@@ -90,6 +92,7 @@ impl Containers {
             docker_containers: Vec::new(),
             containerd_containers: Vec::new(),
             containerd_image: None,
+            built_images: Vec::new(),
         };
         for program in ["dockerd", "containerd", "ctr", "busybox"] {
             if !answers("sh", &["-c", &format!("command -v {program}")]) {
@@ -180,6 +183,9 @@ impl Drop for Containers {
             let _ = run(docker_bin(), &["rm", "-f", name]);
         }
         let _ = run(docker_bin(), &["rmi", "-f", &self.image]);
+        for image in &self.built_images {
+            let _ = run(docker_bin(), &["rmi", "-f", image]);
+        }
         for id in &self.containerd_containers {
             let _ = run("ctr", &["-n", K8S_NAMESPACE, "task", "kill", "-s", "SIGKILL", id]);
             thread::sleep(Duration::from_millis(300));
@@ -260,6 +266,83 @@ fn docker_proxies(port: u16) -> Vec<i32> {
             (text.contains("docker-proxy") && text.contains(&flag)).then_some(pid)
         })
         .collect()
+}
+
+/// bindtrace's own image (deploy/Dockerfile, the static binary alone), run under Docker the way
+/// the README says, traces a bind made on the host.
+fn the_image_traces_a_host_bind(containers: &mut Containers, binary: &Path) {
+    let tag = std::process::id();
+    let context = containers.dir.join("image-context");
+    std::fs::create_dir_all(&context).expect("context");
+    std::fs::copy(binary, context.join("bindtrace")).expect("copy the static binary");
+    let image = format!("bindtrace-image-test-{tag}:1");
+    containers.built_images.push(image.clone());
+    let dockerfile = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/Dockerfile");
+    let built = Command::new(docker_bin())
+        .args([
+            "build",
+            "-q",
+            "-f",
+            dockerfile.to_str().expect("utf-8"),
+            "-t",
+            &image,
+            context.to_str().expect("utf-8"),
+        ])
+        .env("DOCKER_BUILDKIT", "0")
+        .output()
+        .expect("docker build");
+    assert!(built.status.success(), "docker build: {}", String::from_utf8_lossy(&built.stderr));
+    let name = format!("bt-image-{tag}");
+    containers.docker_containers.push(name.clone());
+    let port = free_port();
+    let mut child = Command::new(docker_bin())
+        // The capabilities the README lists (Docker 20.10 knows no CAP_BPF or CAP_PERFMON by
+        // name; CAP_SYS_ADMIN covers both), not --privileged: this host's bounding set lacks
+        // CAP_SYS_RESOURCE, which --privileged asks for.
+        .args(["run", "--rm", "--name", &name, "--pid=host", "--net=host", "--cgroupns=host", "--cap-drop", "ALL"])
+        .args([
+            "--cap-add",
+            "SYS_ADMIN",
+            "--cap-add",
+            "NET_ADMIN",
+            "--cap-add",
+            "SYS_PTRACE",
+            "--cap-add",
+            "DAC_READ_SEARCH",
+        ])
+        .args(["-v", "/var/run/docker.sock:/var/run/docker.sock:ro", &image])
+        .args(["-o", "ndjson", "-P", &port.to_string(), "-d", "6s"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("docker run");
+    let stderr = child.stderr.take().expect("stderr");
+    let (attached_tx, attached_rx) = std::sync::mpsc::channel();
+    let stderr_reader = thread::spawn(move || {
+        let mut lines = Vec::new();
+        for line in std::io::BufRead::lines(std::io::BufReader::new(stderr)).map_while(Result::ok) {
+            if line.contains("attached") {
+                let _ = attached_tx.send(());
+            }
+            lines.push(line);
+        }
+        lines
+    });
+    let attached = attached_rx.recv_timeout(Duration::from_secs(60));
+    let _listener = attached.is_ok().then(|| std::net::TcpListener::bind(("127.0.0.1", port)).expect("host bind"));
+    let mut stdout = String::new();
+    child.stdout.take().expect("stdout").read_to_string(&mut stdout).expect("read");
+    let status = child.wait().expect("wait");
+    let stderr = stderr_reader.join().unwrap_or_default().join("\n");
+    assert!(attached.is_ok() && status.success(), "the image did not trace ({status}): {stderr}");
+    let records: Vec<Value> = stdout.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+    let event = records
+        .iter()
+        .find(|r| r["type"] == "bind" && r["port"] == port && r["pid"] == my_pid())
+        .unwrap_or_else(|| panic!("no event for the host bind on {port}: {stdout}\n{stderr}"));
+    assert_eq!(event["ok"], true, "{event}");
+    assert!(event["container"].is_null(), "a host process: {event}");
+    assert!(records.iter().any(|r| r["type"] == "summary"), "{stdout}");
 }
 
 #[test]
@@ -468,4 +551,15 @@ fn containers_on_both_sides_of_a_conflict() {
     let (code, records) = who(&[&format!("{port}/tcp")]);
     assert_eq!(code, Some(0));
     assert_eq!(records[0]["holders"][0]["processes"][0]["pod"]["namespace"], "shop", "{records:?}");
+
+    // 7. The container image, from the static binary `cargo xtask test` builds.
+    match std::env::var_os("BINDTRACE_STATIC_BINARY") {
+        Some(binary) => the_image_traces_a_host_bind(&mut containers, Path::new(&binary)),
+        None if std::env::var_os("BINDTRACE_REQUIRE_ROOT").is_some() => {
+            panic!("BINDTRACE_STATIC_BINARY is not set: cargo xtask test builds the static binary the image needs")
+        }
+        None => eprintln!(
+            "SKIPPED the image scenario: BINDTRACE_STATIC_BINARY (set by cargo xtask test) names no static binary"
+        ),
+    }
 }

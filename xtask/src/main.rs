@@ -4,6 +4,7 @@
 //! gets from clone to a green test run with one command.
 
 mod bench;
+mod deploy;
 mod dist;
 mod setup;
 mod storm_bench;
@@ -58,6 +59,9 @@ enum Task {
     /// Boot Debian's 6.1 and 6.12 cloud kernels under QEMU and check the bind scenarios
     /// traced inside them (or, with --host, on this machine).
     Vm(vm::VmArgs),
+    /// The container image bindtrace:VERSION (deploy/Dockerfile: the static binary alone),
+    /// built with the local Docker; nothing is pulled.
+    Image,
 }
 
 fn workspace_root() -> PathBuf {
@@ -156,10 +160,13 @@ fn test() -> Result<()> {
         )?;
         // The kernel tests must run, not skip, when they can.
         tests.env("BINDTRACE_REQUIRE_ROOT", "1");
+        // The container test builds the image from the static binary and runs it.
+        tests.env("BINDTRACE_STATIC_BINARY", deploy::host_static_binary()?);
     } else {
         eprintln!("xtask: not root: the tests that load the probe will be SKIPPED (run `sudo cargo xtask test`)");
     }
     run(&mut tests)?;
+    deploy::validate_manifests()?;
     if is_root() {
         vm_matrix(&vm::VmArgs::default())
     } else {
@@ -212,6 +219,7 @@ fn main() -> ExitCode {
         }),
         Task::Test => test(),
         Task::Vm(args) => vm_matrix(&args),
+        Task::Image => deploy::image(),
         Task::Dist { arch } => arch
             .iter()
             .map(|name| dist::Arch::by_name(name))
