@@ -32,9 +32,10 @@ pub struct BenchArgs {
     /// Where the JSON results go.
     #[arg(long, default_value = "target/bench/results.json")]
     json: PathBuf,
-    /// Which parts to run: `rate` (what tracing costs a bind storm) and `storms` (failure
-    /// storms: output delay, memory and diagnosis coverage).
-    #[arg(long, value_delimiter = ',', default_value = "rate,storms")]
+    /// Which parts to run: `rate` (what tracing costs a bind storm), `storms` (failure
+    /// storms: output delay, memory and diagnosis coverage) and `collateral` (what staying
+    /// attached costs processes that never bind).
+    #[arg(long, value_delimiter = ',', default_value = "rate,storms,collateral")]
     parts: Vec<String>,
 }
 
@@ -251,8 +252,8 @@ fn available(program: &str) -> bool {
 
 pub fn bench(args: &BenchArgs, bindtrace: &Path, storm_bin: &Path, release_dir: &Path) -> Result<()> {
     for part in &args.parts {
-        if part != "rate" && part != "storms" {
-            bail!("unknown bench part {part}: use rate, storms or both");
+        if !["rate", "storms", "collateral"].contains(&part.as_str()) {
+            bail!("unknown bench part {part}: use rate, storms, collateral");
         }
     }
     let run_rate = args.parts.iter().any(|p| p == "rate");
@@ -377,6 +378,13 @@ pub fn bench(args: &BenchArgs, bindtrace: &Path, storm_bin: &Path, release_dir: 
     for line in &skipped {
         markdown.push_str(&format!("\nskipped {line}\n"));
     }
+    let mut collateral = Value::Null;
+    if args.parts.iter().any(|p| p == "collateral") {
+        let (table, json) =
+            crate::collateral_bench::collateral(bindtrace, &release_dir.join("syscall-loop"), args.rounds)?;
+        markdown.push_str(&table);
+        collateral = json;
+    }
     let mut storms = Value::Null;
     if args.parts.iter().any(|p| p == "storms") {
         let (table, json) = crate::storm_bench::failure_storms(
@@ -397,9 +405,13 @@ pub fn bench(args: &BenchArgs, bindtrace: &Path, storm_bin: &Path, release_dir: 
     });
     std::fs::write(
         &args.json,
-        serde_json::to_string_pretty(
-            &json!({ "machine": machine, "skipped": skipped, "modes": results, "failure_storms": storms }),
-        )?,
+        serde_json::to_string_pretty(&json!({
+            "machine": machine,
+            "skipped": skipped,
+            "modes": results,
+            "failure_storms": storms,
+            "collateral": collateral,
+        }))?,
     )?;
     eprintln!("xtask: results in {}", args.json.display());
     Ok(())

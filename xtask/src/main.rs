@@ -4,6 +4,7 @@
 //! gets from clone to a green test run with one command.
 
 mod bench;
+mod collateral_bench;
 mod deploy;
 mod dist;
 mod setup;
@@ -238,6 +239,8 @@ fn main() -> ExitCode {
                 "fail-storm",
                 "--bin",
                 "ndjson-meter",
+                "--bin",
+                "syscall-loop",
             ]))?;
             let release = workspace_root().join("target/release");
             bench::bench(&args, &bindtrace, &release.join("bind-storm"), &release)
