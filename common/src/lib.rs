@@ -340,7 +340,17 @@ pub struct KernelLayout {
     pub sock_rcv_saddr: u32,
     /// `sock.__sk_common.skc_v6_rcv_saddr` (0: the kernel has no IPv6).
     pub sock_v6_rcv_saddr: u32,
-    pub _reserved: u32,
+    /// The task's cgroup v2 ancestors, for `--cgroup` on kernels whose tracing programs may
+    /// not call `bpf_get_current_ancestor_cgroup_id` (before 5.14): `task_struct.cgroups`,
+    /// `css_set.dfl_cgrp`, `cgroup.level`, and the ancestors' ids: `cgroup.ancestor_ids`
+    /// (before 6.1) or `cgroup.ancestors` with `cgroup.kn` and `kernfs_node.id` (0: absent).
+    pub task_cgroups: u32,
+    pub css_set_dfl_cgrp: u32,
+    pub cgroup_level: u32,
+    pub cgroup_ancestor_ids: u32,
+    pub cgroup_ancestors: u32,
+    pub cgroup_kn: u32,
+    pub kernfs_node_id: u32,
     pub sock_family: FieldLoc,
     pub sock_type: FieldLoc,
     pub sock_protocol: FieldLoc,
@@ -376,11 +386,14 @@ pub mod kernel_helpers {
     /// `bpf_task_pt_regs` (5.15): the syscall's arguments read at `sys_exit` from the saved
     /// user registers, instead of copied at `sys_enter`.
     pub const TASK_PT_REGS: u32 = 1 << 1;
+    /// `bpf_get_current_ancestor_cgroup_id` in tracing programs (5.14; the helper is older
+    /// but was refused to them): `--cgroup` without walking the task's cgroups.
+    pub const ANCESTOR_CGROUP_ID: u32 = 1 << 2;
 }
 
 /// Every shared layout is checked here and by the `bytemuck::Pod` derives (which refuse any
 /// implicit padding): a field added without its padding fails the build.
-const _: () = assert!(core::mem::size_of::<KernelLayout>() == 17 * 4 + 11 * 8 + 4);
+const _: () = assert!(core::mem::size_of::<KernelLayout>() == 23 * 4 + 11 * 8 + 4);
 const _: () = assert!(core::mem::size_of::<FilterConfig>() == 32 + 64 + 32 + 64 + 16 + 16 + 8);
 const _: () = assert!(
     core::mem::size_of::<ProbeConfig>()
@@ -598,7 +611,13 @@ impl ProbeConfig {
                 syscall_args: [0; 3],
                 sock_rcv_saddr: 0,
                 sock_v6_rcv_saddr: 0,
-                _reserved: 0,
+                task_cgroups: 0,
+                css_set_dfl_cgrp: 0,
+                cgroup_level: 0,
+                cgroup_ancestor_ids: 0,
+                cgroup_ancestors: 0,
+                cgroup_kn: 0,
+                kernfs_node_id: 0,
                 sock_family: FieldLoc::ABSENT,
                 sock_type: FieldLoc::ABSENT,
                 sock_protocol: FieldLoc::ABSENT,

@@ -10,7 +10,7 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use bindtrace_common::{
-    filter_flags, op, sock_flags, sockaddr::Requested, stat, Backend, BindEvent, FilterConfig, KernelLayout,
+    filter_flags, kernel_helpers, op, sock_flags, sockaddr::Requested, stat, Backend, BindEvent, KernelLayout,
     ProbeConfig, UnixBindEvent, AF_INET, AF_INET6, AF_UNIX, COMM_LEN, MAX_CGROUPS, UNIX_PATH_MAX,
     WAKEUP_BYTES_MIN_INTERVAL_NS, WAKEUP_INTERVAL_NS,
 };
@@ -91,7 +91,7 @@ pub(crate) fn task_passes(cfg: &ProbeConfig, tgid: u32, name: &mut TaskName) -> 
     if filter.is_active(filter_flags::PIDS) && unsafe { FILTER_PIDS.get(tgid) }.is_none() {
         return false;
     }
-    if filter.is_active(filter_flags::CGROUPS) && !in_selected_cgroup(filter) {
+    if filter.is_active(filter_flags::CGROUPS) && !in_selected_cgroup(cfg) {
         return false;
     }
     if !filter.is_active(filter_flags::COMM) {
@@ -107,14 +107,49 @@ pub(crate) fn task_passes(cfg: &ProbeConfig, tgid: u32, name: &mut TaskName) -> 
 /// Is the calling task in one of the selected cgroups, or below one? Its ancestor at each
 /// selected cgroup's level is compared with that cgroup (0 when the task sits higher up).
 #[inline(always)]
-fn in_selected_cgroup(filter: &FilterConfig) -> bool {
+fn in_selected_cgroup(cfg: &ProbeConfig) -> bool {
+    let (filter, layout) = (&cfg.filter, &cfg.layout);
+    let helper = layout.has_helper(kernel_helpers::ANCESTOR_CGROUP_ID);
+    // Without the helper (tracing programs before 5.14): the task's v2 cgroup, read once.
+    let cgroup: *const u8 = if helper {
+        core::ptr::null()
+    } else {
+        // SAFETY: reads of kernel memory through the helper; a fault yields null, and the
+        // ids read through null are 0, which no cgroup has.
+        unsafe {
+            let task = generated::bpf_get_current_task() as *const u8;
+            let css_set: *const u8 = kernel_read(task.wrapping_add(layout.task_cgroups as usize));
+            kernel_read(css_set.wrapping_add(layout.css_set_dfl_cgrp as usize))
+        }
+    };
+    // SAFETY: as above.
+    let level: i32 = if helper { 0 } else { unsafe { kernel_read(cgroup.wrapping_add(layout.cgroup_level as usize)) } };
     let mut i = 0;
     while i < MAX_CGROUPS {
         if i as u32 >= filter.cgroup_count {
             break;
         }
-        // SAFETY: a helper without memory arguments.
-        let ancestor = unsafe { generated::bpf_get_current_ancestor_cgroup_id(filter.cgroup_levels[i] as i32) };
+        let want = filter.cgroup_levels[i];
+        let ancestor = if helper {
+            // SAFETY: a helper without memory arguments.
+            unsafe { generated::bpf_get_current_ancestor_cgroup_id(want as i32) }
+        } else if want as i64 > level as i64 {
+            0
+        } else if layout.cgroup_ancestor_ids != 0 {
+            // Before 6.1: the ancestors' ids, root first.
+            let at = layout.cgroup_ancestor_ids as usize + 8 * want as usize;
+            // SAFETY: as above.
+            unsafe { kernel_read::<u64>(cgroup.wrapping_add(at)) }
+        } else {
+            // Since 6.1: pointers to the ancestors, root first; an id is its kernfs node's.
+            let at = layout.cgroup_ancestors as usize + 8 * want as usize;
+            // SAFETY: as above.
+            unsafe {
+                let ancestor: *const u8 = kernel_read(cgroup.wrapping_add(at));
+                let node: *const u8 = kernel_read(ancestor.wrapping_add(layout.cgroup_kn as usize));
+                kernel_read::<u64>(node.wrapping_add(layout.kernfs_node_id as usize))
+            }
+        };
         if ancestor == filter.cgroup_ids[i] {
             return true;
         }

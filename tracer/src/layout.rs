@@ -20,9 +20,14 @@ pub struct OptionalHelper {
     pub since: &'static str,
 }
 
-pub const OPTIONAL_HELPERS: [OptionalHelper; 2] = [
+pub const OPTIONAL_HELPERS: [OptionalHelper; 3] = [
     OptionalHelper { name: "get_current_task_btf", bit: kernel_helpers::TASK_BTF, since: "5.11" },
     OptionalHelper { name: "task_pt_regs", bit: kernel_helpers::TASK_PT_REGS, since: "5.15" },
+    OptionalHelper {
+        name: "get_current_ancestor_cgroup_id",
+        bit: kernel_helpers::ANCESTOR_CGROUP_ID,
+        since: "5.14 in tracing programs",
+    },
 ];
 
 /// Where one member sits inside its outermost struct.
@@ -218,7 +223,15 @@ impl KernelTypes {
             sock_rcv_saddr: self.offset("sock", "__sk_common.skc_rcv_saddr")?,
             // Absent on kernels built without IPv6: the probe then reads no IPv6 address.
             sock_v6_rcv_saddr: self.offset("sock", "__sk_common.skc_v6_rcv_saddr").unwrap_or(0),
-            _reserved: 0,
+            // Only --cgroup on kernels without the ancestor helper reads these: absent ones
+            // are 0, and the kernel tests say when the walk cannot be made.
+            task_cgroups: self.offset("task_struct", "cgroups").unwrap_or(0),
+            css_set_dfl_cgrp: self.offset("css_set", "dfl_cgrp").unwrap_or(0),
+            cgroup_level: self.offset("cgroup", "level").unwrap_or(0),
+            cgroup_ancestor_ids: self.offset("cgroup", "ancestor_ids").unwrap_or(0),
+            cgroup_ancestors: self.offset("cgroup", "ancestors").unwrap_or(0),
+            cgroup_kn: self.offset("cgroup", "kn").unwrap_or(0),
+            kernfs_node_id: self.offset("kernfs_node", "id").unwrap_or(0),
             sock_family: self.field("sock", "__sk_common.skc_family")?,
             sock_type: self.field("sock", "sk_type")?,
             sock_protocol: self.field("sock", "sk_protocol")?,
@@ -253,6 +266,23 @@ impl KernelTypes {
     /// The [`kernel_helpers`] bits of the optional helpers this kernel has: the enumerators of
     /// its `enum bpf_func_id` name every helper it knows.
     fn kernel_helpers(&self) -> u32 {
+        let known = self.helper_numbers();
+        let mut bits = OPTIONAL_HELPERS
+            .iter()
+            .filter(|helper| known.contains_key(&format!("BPF_FUNC_{}", helper.name)))
+            .fold(0, |bits, helper| bits | helper.bit);
+        // This one existed before tracing programs were allowed to call it: ask the kernel.
+        if bits & kernel_helpers::ANCESTOR_CGROUP_ID != 0 {
+            let number = known.get("BPF_FUNC_get_current_ancestor_cgroup_id").copied().unwrap_or(0);
+            if !crate::hook_support::tracing_may_call(number) {
+                bits &= !kernel_helpers::ANCESTOR_CGROUP_ID;
+            }
+        }
+        bits
+    }
+
+    /// The kernel's `enum bpf_func_id`: every helper it knows, by enumerator name.
+    fn helper_numbers(&self) -> std::collections::HashMap<String, u32> {
         let Some(helpers) =
             self.btf.resolve_types_by_name("bpf_func_id").ok().into_iter().flatten().find_map(|t| match t {
                 Type::Enum(e) => Some(e),
@@ -260,14 +290,9 @@ impl KernelTypes {
             })
         else {
             log::debug!("kernel BTF has no enum bpf_func_id: assuming no optional helpers");
-            return 0;
+            return std::collections::HashMap::new();
         };
-        let known: std::collections::HashSet<String> =
-            helpers.members.iter().filter_map(|m| self.btf.resolve_name(m).ok()).collect();
-        OPTIONAL_HELPERS
-            .iter()
-            .filter(|helper| known.contains(&format!("BPF_FUNC_{}", helper.name)))
-            .fold(0, |bits, helper| bits | helper.bit)
+        helpers.members.iter().filter_map(|m| Some((self.btf.resolve_name(m).ok()?, m.val()))).collect()
     }
 
     /// The value of an enumerator of one of the kernel's anonymous enums (INET_FLAGS_* live

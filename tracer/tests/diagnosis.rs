@@ -956,3 +956,63 @@ fn a_unix_path_in_a_directory_the_caller_may_not_write_is_explained() {
     assert_eq!(d["kind"], "unix_path_permission", "{d}");
     tracer.stop();
 }
+
+/// Issue 13: `--cgroup` selects a cgroup and its descendants in the kernel, with the ancestor
+/// helper and, with it hidden, through the walk kernels before 5.14 take (task → css_set →
+/// cgroup → its ancestors).
+#[test]
+fn the_cgroup_filter_selects_a_cgroup_and_its_descendants_in_the_kernel() {
+    if !can_load_probe("the_cgroup_filter_selects_a_cgroup_and_its_descendants_in_the_kernel") {
+        return;
+    }
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
+    let Some(root) = mountinfo.lines().find_map(|line| {
+        let (left, right) = line.split_once(" - ")?;
+        let fields: Vec<&str> = left.split_whitespace().collect();
+        let mount_point = fields.get(4)?;
+        (right.split_whitespace().next()? == "cgroup2" && fields.get(3) == Some(&"/"))
+            .then(|| std::path::PathBuf::from(mount_point))
+    }) else {
+        if std::env::var_os("BINDTRACE_REQUIRE_ROOT").is_some() {
+            panic!("no cgroup v2 hierarchy is mounted: the cgroup filter cannot be tested");
+        }
+        eprintln!("SKIPPED: no cgroup v2 hierarchy is mounted");
+        return;
+    };
+    let name = format!("bindtrace-scope-{}", std::process::id());
+    let selected = root.join(&name);
+    let child_group = selected.join("inner");
+    std::fs::create_dir_all(&child_group).expect("cgroups");
+    let procs = |dir: &std::path::Path| {
+        std::ffi::CString::new(dir.join("cgroup.procs").into_os_string().into_encoded_bytes()).expect("path")
+    };
+    for hidden in ["", "get_current_ancestor_cgroup_id"] {
+        let (inside, below, outside) = (free_port(), free_port(), free_port());
+        let tracer = Tracer::start_with_env(
+            &["-o", "ndjson", "--no-diagnosis", "--cgroup", &format!("/{name}")],
+            &[("BINDTRACE_HIDE_HELPERS", hidden)],
+        );
+        let bind_in = |port: u16, group: Option<&std::path::Path>| {
+            spawn_child(ChildPlan {
+                join_cgroup: group.map(procs),
+                ..ChildPlan::bind(format!("127.0.0.1:{port}").parse().expect("addr"))
+            })
+            .wait()
+        };
+        assert_eq!(bind_in(inside, Some(&selected)), 0);
+        assert_eq!(bind_in(below, Some(&child_group)), 0);
+        assert_eq!(bind_in(outside, None), 0);
+        let finished = tracer.stop();
+        let ports: Vec<u64> = finished.binds().iter().filter_map(|b| b["port"].as_u64()).collect();
+        let helper = if hidden.is_empty() { "with the helper" } else { "through the walk" };
+        assert!(ports.contains(&u64::from(inside)), "{helper}: the bind in the cgroup: {ports:?}");
+        assert!(ports.contains(&u64::from(below)), "{helper}: the bind in a descendant: {ports:?}");
+        assert!(!ports.contains(&u64::from(outside)), "{helper}: the bind outside: {ports:?}");
+        assert!(
+            finished.summary()["kernel"]["filtered"].as_u64().is_some_and(|n| n >= 1),
+            "{helper}: dropped in the kernel"
+        );
+    }
+    let _ = std::fs::remove_dir(&child_group);
+    let _ = std::fs::remove_dir(&selected);
+}
