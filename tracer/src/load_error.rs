@@ -19,6 +19,7 @@ const HELPERS: [(u32, &str, &str); 18] = [
     (80, "bpf_get_current_cgroup_id", "4.18"),
     (112, "bpf_probe_read_user", "5.5"),
     (113, "bpf_probe_read_kernel", "5.5"),
+    (123, "bpf_get_current_ancestor_cgroup_id", "5.14 (in tracing programs)"),
     (130, "bpf_ringbuf_output", "5.8"),
     (131, "bpf_ringbuf_reserve", "5.8"),
     (132, "bpf_ringbuf_submit", "5.8"),
