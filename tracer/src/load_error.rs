@@ -6,7 +6,7 @@ use aya::programs::ProgramError;
 
 /// BPF helpers the probe (and aya-log) may call, by the number the verifier prints, with the
 /// first Linux release that has each. Numbers are UAPI (`enum bpf_func_id`).
-const HELPERS: [(u32, &str, &str); 18] = [
+const HELPERS: [(u32, &str, &str); 19] = [
     (1, "bpf_map_lookup_elem", "3.19"),
     (2, "bpf_map_update_elem", "3.19"),
     (3, "bpf_map_delete_elem", "3.19"),
