@@ -201,6 +201,8 @@ fn vm_matrix(args: &vm::VmArgs) -> Result<()> {
             bindtrace: dist.binary(arch)?.to_path_buf(),
             scenarios: arch.build_static("xtask", "bind-scenarios")?,
             compat_scenarios,
+            syscall_loop: arch.build_static("xtask", "syscall-loop")?,
+            bind_storm: arch.build_static("xtask", "bind-storm")?,
         });
     }
     vm::vm(args, &binaries)

@@ -365,6 +365,33 @@ for backend in $BACKENDS; do
   wait $tracer
   echo "@@SCOPE exit=$?"; cat /tmp/scope.txt /tmp/scope.ndjson
 done
+# What tracing costs here (emulated: indicative only): a getppid loop (collateral) and a bind
+# storm, untraced and with bindtrace attached on each backend, two rounds.
+attach() {
+  rm -f /tmp/cost.txt
+  /bindtrace "$@" --no-summary 2>/tmp/cost.txt &
+  tracer=$!
+  i=0
+  while ! grep -q attached /tmp/cost.txt 2>/dev/null; do
+    sleep 0.2; i=$((i + 1))
+    if [ $i -gt 600 ] || ! kill -0 $tracer 2>/dev/null; then return 1; fi
+  done
+}
+echo "@@COSTS"
+for round in 1 2; do
+  echo "collateral untraced $(/syscall-loop 100000)"
+  echo "storm untraced $(/bind-storm --mode ok --binds 10000)"
+  for backend in $BACKENDS; do
+    if attach --attach "$backend" --errno EADDRINUSE --no-diagnosis -o none; then
+      echo "collateral $backend $(/syscall-loop 100000)"
+    fi
+    kill -INT $tracer 2>/dev/null; wait $tracer
+    if attach --attach "$backend" --comm bind-storm -o ndjson --file /dev/null; then
+      echo "storm $backend $(/bind-storm --mode ok --binds 10000)"
+    fi
+    kill -INT $tracer 2>/dev/null; wait $tracer
+  done
+done
 echo "@@END"
 poweroff -f
 "#;
@@ -375,6 +402,7 @@ fn build_initramfs(
     bindtrace: &Path,
     scenarios: &Path,
     compat: Option<&Path>,
+    loads: [&Path; 2],
 ) -> Result<PathBuf> {
     let dir = workspace_root().join("target/vm");
     let root = dir.join(format!("initramfs-{}", arch.name));
@@ -395,6 +423,9 @@ fn build_initramfs(
     if let Some(compat) = compat {
         std::fs::copy(compat, root.join("bind-scenarios-i386"))
             .with_context(|| format!("copying {}", compat.display()))?;
+    }
+    for (load, name) in loads.into_iter().zip(["syscall-loop", "bind-storm"]) {
+        std::fs::copy(load, root.join(name)).with_context(|| format!("copying {}", load.display()))?;
     }
     let init = INIT.replace("$BACKENDS", &BACKENDS.join(" "));
     std::fs::write(root.join("init"), init)?;
@@ -819,6 +850,9 @@ pub struct GuestBinaries {
     pub arch: Arch,
     pub bindtrace: PathBuf,
     pub scenarios: PathBuf,
+    /// The loads of `cargo xtask bench`, for the emulated cost figures.
+    pub syscall_loop: PathBuf,
+    pub bind_storm: PathBuf,
     /// A 32-bit build of the scenarios (x86_64 guests), run with `--compat`.
     pub compat_scenarios: Option<PathBuf>,
 }
@@ -826,6 +860,7 @@ pub struct GuestBinaries {
 /// Boots every selected guest and checks it; `binaries` has one entry per architecture.
 pub fn vm(args: &VmArgs, binaries: &[GuestBinaries]) -> Result<()> {
     let mut tally = Tally::default();
+    let mut costs = Vec::new();
     ensure_packages()?;
     let started = std::time::Instant::now();
     for arch in args.arches()? {
@@ -840,11 +875,13 @@ pub fn vm(args: &VmArgs, binaries: &[GuestBinaries]) -> Result<()> {
             &bin.bindtrace,
             &bin.scenarios,
             bin.compat_scenarios.as_deref(),
+            [&bin.syscall_loop, &bin.bind_storm],
         )?;
         for guest in args.guests()?.into_iter().filter(|g| g.arch == arch) {
-            run_guest(&apt, guest, &initramfs, &mut tally)?;
+            costs.extend(run_guest(&apt, guest, &initramfs, &mut tally)?);
         }
     }
+    report_costs(&costs)?;
     for failure in &tally.failures {
         eprintln!("xtask: vm: {failure}");
     }
@@ -862,7 +899,7 @@ fn finish(tally: &Tally) -> Result<()> {
     }
 }
 
-fn run_guest(apt: &PrivateApt, guest: &GuestKernel, initramfs: &Path, tally: &mut Tally) -> Result<()> {
+fn run_guest(apt: &PrivateApt, guest: &GuestKernel, initramfs: &Path, tally: &mut Tally) -> Result<Vec<Cost>> {
     let name = format!("{}-{}", guest.arch.name, guest.series);
     let kernel = guest_kernel(apt, guest)?;
     let booted = std::time::Instant::now();
@@ -893,6 +930,70 @@ fn run_guest(apt: &PrivateApt, guest: &GuestKernel, initramfs: &Path, tally: &mu
     report(&release, &runs, &offered, true, tally);
     let compared: Vec<GuestRun> = runs.into_iter().filter(|r| offered.contains(&r.backend.as_str())).collect();
     compare_backends(&release, &compared, tally);
+    let costs = parse_costs(&release, &console);
+    if costs.is_empty() {
+        tally.failed += 1;
+        tally.failures.push(format!("{release}: the guest measured no costs"));
+    }
+    Ok(costs)
+}
+
+/// One measurement of the guest's cost section: `collateral|storm CONFIG {json}`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Cost {
+    kernel: String,
+    load: String,
+    config: String,
+    per_second: f64,
+}
+
+fn parse_costs(kernel: &str, console: &str) -> Vec<Cost> {
+    let Some((_, section)) = console.split_once("@@COSTS") else { return Vec::new() };
+    section
+        .lines()
+        .take_while(|l| !l.starts_with("@@END"))
+        .filter_map(|line| {
+            let mut words = line.splitn(3, ' ');
+            let (load, config, json) = (words.next()?, words.next()?, words.next()?);
+            let value: Value = serde_json::from_str(json).ok()?;
+            let per_second = value["calls_per_second"].as_f64().or_else(|| value["binds_per_second"].as_f64())?;
+            Some(Cost { kernel: kernel.to_owned(), load: load.to_owned(), config: config.to_owned(), per_second })
+        })
+        .collect()
+}
+
+/// The emulated cost table (medians per kernel, load and configuration, as ratios to the
+/// untraced run): printed and written to target/vm/costs.json. Indicative only: TCG
+/// emulates the CPU, so the ratios, not the rates, are what to read.
+fn report_costs(costs: &[Cost]) -> Result<()> {
+    let mut keys: Vec<(String, String, String)> =
+        costs.iter().map(|c| (c.kernel.clone(), c.load.clone(), c.config.clone())).collect();
+    keys.sort();
+    keys.dedup();
+    let median = |kernel: &str, load: &str, config: &str| {
+        let mut values: Vec<f64> = costs
+            .iter()
+            .filter(|c| c.kernel == kernel && c.load == load && c.config == config)
+            .map(|c| c.per_second)
+            .collect();
+        values.sort_by(f64::total_cmp);
+        values.get(values.len() / 2).copied()
+    };
+    let mut table = String::from(
+        "\n### emulated (QEMU TCG, indicative only): ratio to untraced, median of 2 rounds\n\n| kernel | load | backend | per second | ratio |\n| --- | --- | --- | ---: | ---: |\n",
+    );
+    let mut rows = Vec::new();
+    for (kernel, load, config) in keys.iter().filter(|(_, _, c)| c != "untraced") {
+        let (Some(rate), Some(base)) = (median(kernel, load, config), median(kernel, load, "untraced")) else {
+            continue;
+        };
+        table.push_str(&format!("| {kernel} | {load} | {config} | {rate:.0} | {:.2} |\n", rate / base));
+        rows.push(serde_json::json!({"kernel": kernel, "load": load, "backend": config, "per_second": rate, "untraced": base, "ratio": rate / base}));
+    }
+    println!("{table}");
+    let path = workspace_root().join("target/vm/costs.json");
+    std::fs::write(&path, serde_json::to_string_pretty(&rows)?)?;
+    eprintln!("xtask: vm: emulated costs in {}", path.display());
     Ok(())
 }
 
@@ -1033,6 +1134,21 @@ mod tests {
         let only = VmArgs { kernels: vec!["5.10".into()], ..Default::default() };
         assert_eq!(only.arches().expect("arches"), vec![X86_64]);
         assert!(VmArgs { kernels: vec!["4.19".into()], ..Default::default() }.guests().is_err());
+    }
+
+    #[test]
+    fn the_cost_section_is_read() {
+        let console =
+            "@@BACKEND kprobe exit=0\n@@COSTS\ncollateral untraced {\"calls\":100,\"calls_per_second\":1000.0}\n\
+                       storm kprobe {\"binds\":10,\"binds_per_second\":50.5}\nnoise\n@@END\n";
+        let costs = parse_costs("6.1", console);
+        assert_eq!(costs.len(), 2);
+        assert_eq!(
+            (costs[0].load.as_str(), costs[0].config.as_str(), costs[0].per_second),
+            ("collateral", "untraced", 1000.0)
+        );
+        assert_eq!((costs[1].load.as_str(), costs[1].config.as_str(), costs[1].per_second), ("storm", "kprobe", 50.5));
+        assert!(parse_costs("6.1", "@@BACKEND kprobe exit=0\n@@END\n").is_empty());
     }
 
     #[test]
