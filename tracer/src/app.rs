@@ -312,6 +312,7 @@ fn check_main() -> ExitCode {
                     check.backend.name(),
                     coverage.failed_listen.as_ref().map_or_else(|why| format!("no: {why}"), |()| "yes".to_owned())
                 );
+                println!("hook {} costs other processes: {}", check.backend.name(), collateral_cost(check.backend));
             }
             Err(err) => println!("hook {}: no: {err:#}", check.backend.name()),
         }
@@ -320,6 +321,22 @@ fn check_main() -> ExitCode {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(EXIT_FAILURE)
+    }
+}
+
+/// What staying attached costs processes that never bind, per backend, from the measurements
+/// in docs/PERFORMANCE.md (`cargo xtask bench --parts collateral` on the reference machine;
+/// the VM matrix's emulated figures for the hooks that machine refuses).
+fn collateral_cost(backend: bindtrace_common::Backend) -> &'static str {
+    match backend {
+        bindtrace_common::Backend::Tracepoint => {
+            "every syscall of every process takes the traced path while attached (a getppid loop kept 0.80 of its \
+             untraced rate, +45 ns a call, on the reference machine; docs/PERFORMANCE.md)"
+        }
+        bindtrace_common::Backend::Fexit | bindtrace_common::Backend::Kprobe => {
+            "only bind(), listen() and inet_bind run its programs; other syscalls are not hooked (not measured on \
+             real hardware: the reference machine refuses this hook; emulated figures in docs/PERFORMANCE.md)"
+        }
     }
 }
 

@@ -366,7 +366,7 @@ for backend in $BACKENDS; do
   echo "@@SCOPE exit=$?"; cat /tmp/scope.txt /tmp/scope.ndjson
 done
 # What tracing costs here (emulated: indicative only): a getppid loop (collateral) and a bind
-# storm, untraced and with bindtrace attached on each backend, two rounds.
+# storm, untraced and with bindtrace attached on each backend, three rounds.
 attach() {
   rm -f /tmp/cost.txt
   /bindtrace "$@" --no-summary 2>/tmp/cost.txt &
@@ -378,16 +378,16 @@ attach() {
   done
 }
 echo "@@COSTS"
-for round in 1 2; do
-  echo "collateral untraced $(/syscall-loop 100000)"
-  echo "storm untraced $(/bind-storm --mode ok --binds 10000)"
+for round in 1 2 3; do
+  echo "collateral untraced $(/syscall-loop 1000000)"
+  echo "storm untraced $(/bind-storm --mode ok --binds 20000)"
   for backend in $BACKENDS; do
     if attach --attach "$backend" --errno EADDRINUSE --no-diagnosis -o none; then
-      echo "collateral $backend $(/syscall-loop 100000)"
+      echo "collateral $backend $(/syscall-loop 1000000)"
     fi
     kill -INT $tracer 2>/dev/null; wait $tracer
     if attach --attach "$backend" --comm bind-storm -o ndjson --file /dev/null; then
-      echo "storm $backend $(/bind-storm --mode ok --binds 10000)"
+      echo "storm $backend $(/bind-storm --mode ok --binds 20000)"
     fi
     kill -INT $tracer 2>/dev/null; wait $tracer
   done
@@ -980,7 +980,7 @@ fn report_costs(costs: &[Cost]) -> Result<()> {
         values.get(values.len() / 2).copied()
     };
     let mut table = String::from(
-        "\n### emulated (QEMU TCG, indicative only): ratio to untraced, median of 2 rounds\n\n| kernel | load | backend | per second | ratio |\n| --- | --- | --- | ---: | ---: |\n",
+        "\n### emulated (QEMU TCG, indicative only): ratio to untraced, median of 3 rounds\n\n| kernel | load | backend | per second | ratio |\n| --- | --- | --- | ---: | ---: |\n",
     );
     let mut rows = Vec::new();
     for (kernel, load, config) in keys.iter().filter(|(_, _, c)| c != "untraced") {
