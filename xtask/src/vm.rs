@@ -75,6 +75,9 @@ pub struct GuestKernel {
     pub lacks: &'static [(&'static str, &'static str)],
 }
 
+/// The series whose guests also measure the emulated costs (one per architecture).
+const NEWEST_SERIES: &str = "6.12";
+
 /// The kernels × architectures the matrix boots: README's requirements table is this one.
 pub const MATRIX: [GuestKernel; 5] = [
     GuestKernel { arch: X86_64, series: "5.10", lacks: &[] },
@@ -365,8 +368,10 @@ for backend in $BACKENDS; do
   wait $tracer
   echo "@@SCOPE exit=$?"; cat /tmp/scope.txt /tmp/scope.ndjson
 done
-# What tracing costs here (emulated: indicative only): a getppid loop (collateral) and a bind
-# storm, untraced and with bindtrace attached on each backend, three rounds.
+# What tracing costs here (emulated: indicative only), when the host asks for it on the kernel
+# command line: a getppid loop (collateral) and a bind storm, untraced and with bindtrace
+# attached on fexit and kprobe (the hooks the project's host refuses; it measures the
+# tracepoint itself), three rounds.
 attach() {
   rm -f /tmp/cost.txt
   /bindtrace "$@" --no-summary 2>/tmp/cost.txt &
@@ -378,12 +383,12 @@ attach() {
   done
 }
 echo "@@COSTS"
-for round in 1 2 3; do
-  echo "collateral untraced $(/syscall-loop 1000000)"
+grep -q bindtrace.costs /proc/cmdline && for round in 1 2 3; do
+  echo "collateral untraced $(/syscall-loop 500000)"
   echo "storm untraced $(/bind-storm --mode ok --binds 20000)"
-  for backend in $BACKENDS; do
+  for backend in fexit kprobe; do
     if attach --attach "$backend" --errno EADDRINUSE --no-diagnosis -o none; then
-      echo "collateral $backend $(/syscall-loop 1000000)"
+      echo "collateral $backend $(/syscall-loop 500000)"
     fi
     kill -INT $tracer 2>/dev/null; wait $tracer
     if attach --attach "$backend" --comm bind-storm -o ndjson --file /dev/null; then
@@ -439,7 +444,9 @@ fn build_initramfs(
     Ok(image)
 }
 
-fn boot(arch: Arch, kernel: &Path, initramfs: &Path) -> Result<String> {
+/// `costs`: the guest also measures what tracing costs (see the init), which takes a minute
+/// or more under TCG, so only the newest kernel of each architecture does.
+fn boot(arch: Arch, kernel: &Path, initramfs: &Path, costs: bool) -> Result<String> {
     let mut command = Command::new("timeout");
     command.arg("900");
     if arch == AARCH64 {
@@ -453,7 +460,7 @@ fn boot(arch: Arch, kernel: &Path, initramfs: &Path) -> Result<String> {
         .arg(kernel)
         .arg("-initrd")
         .arg(initramfs)
-        .args(["-append", &format!("console={console} quiet panic=-1")])
+        .args(["-append", &format!("console={console} quiet panic=-1{}", if costs { " bindtrace.costs" } else { "" })])
         .stdin(Stdio::null());
     eprintln!("xtask: $ {}", describe(&command));
     let out = command.output().context("starting qemu")?;
@@ -903,7 +910,8 @@ fn run_guest(apt: &PrivateApt, guest: &GuestKernel, initramfs: &Path, tally: &mu
     let name = format!("{}-{}", guest.arch.name, guest.series);
     let kernel = guest_kernel(apt, guest)?;
     let booted = std::time::Instant::now();
-    let console = boot(guest.arch, &kernel, initramfs)?;
+    let measures_costs = guest.series == NEWEST_SERIES;
+    let console = boot(guest.arch, &kernel, initramfs, measures_costs)?;
     let log = workspace_root().join(format!("target/vm/console-{name}.txt"));
     std::fs::write(&log, &console)?;
     eprintln!("xtask: vm {name}: {:.0?}, console in {}", booted.elapsed(), log.display());
@@ -931,7 +939,7 @@ fn run_guest(apt: &PrivateApt, guest: &GuestKernel, initramfs: &Path, tally: &mu
     let compared: Vec<GuestRun> = runs.into_iter().filter(|r| offered.contains(&r.backend.as_str())).collect();
     compare_backends(&release, &compared, tally);
     let costs = parse_costs(&release, &console);
-    if costs.is_empty() {
+    if measures_costs && costs.is_empty() {
         tally.failed += 1;
         tally.failures.push(format!("{release}: the guest measured no costs"));
     }
