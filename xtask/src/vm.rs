@@ -320,16 +320,22 @@ echo "@@CHECK_EXIT $?"
 /bindtrace --attach auto --no-diagnosis -d 1s -o ndjson --file /tmp/auto.ndjson 2>/tmp/auto.txt
 echo "@@AUTO exit=$?"
 cat /tmp/auto.ndjson /tmp/auto.txt
-for backend in $BACKENDS; do
-  rm -f /tmp/events.ndjson /tmp/stderr.txt
-  /bindtrace --attach "$backend" -o ndjson --file /tmp/events.ndjson 2>/tmp/stderr.txt &
+# attach LOG ARGS...: starts bindtrace ARGS in the background with its stderr in LOG, as
+# $tracer, and waits until it says it is attached (fails if it ends first, or after 2 min).
+attach() {
+  log=$1; shift
+  rm -f "$log"
+  /bindtrace "$@" 2>"$log" &
   tracer=$!
   i=0
-  while ! grep -q attached /tmp/stderr.txt 2>/dev/null; do
+  while ! grep -q attached "$log" 2>/dev/null; do
     sleep 0.2; i=$((i + 1))
-    if [ $i -gt 600 ] || ! kill -0 $tracer 2>/dev/null; then break; fi
+    if [ $i -gt 600 ] || ! kill -0 $tracer 2>/dev/null; then return 1; fi
   done
-  if kill -0 $tracer 2>/dev/null; then
+}
+for backend in $BACKENDS; do
+  rm -f /tmp/events.ndjson
+  if attach /tmp/stderr.txt --attach "$backend" -o ndjson --file /tmp/events.ndjson; then
     /bind-scenarios > /tmp/scenarios.ndjson
     if [ -x /bind-scenarios-i386 ]; then /bind-scenarios-i386 --compat >> /tmp/scenarios.ndjson; fi
     # The port of a running `nc -l`, asked for again: EADDRINUSE, seen with the requested port.
@@ -341,6 +347,8 @@ for backend in $BACKENDS; do
     sleep 1
     kill -INT $tracer 2>/dev/null
   else
+    # Refused (ended), or not attached after 2 min: nothing to run against it.
+    kill $tracer 2>/dev/null
     : > /tmp/scenarios.ndjson
   fi
   wait $tracer
@@ -349,15 +357,9 @@ for backend in $BACKENDS; do
   echo "@@EVENTS"; cat /tmp/events.ndjson
   echo "@@SCENARIOS"; cat /tmp/scenarios.ndjson
   # --cgroup in the kernel: a listener inside /bt-scope is reported, one outside is not.
-  rm -f /tmp/scope.ndjson /tmp/scope.txt
+  rm -f /tmp/scope.ndjson
   mkdir -p /sys/fs/cgroup/bt-scope
-  /bindtrace --attach "$backend" --no-diagnosis --cgroup /bt-scope -o ndjson --file /tmp/scope.ndjson 2>/tmp/scope.txt &
-  tracer=$!
-  i=0
-  while ! grep -q attached /tmp/scope.txt 2>/dev/null; do
-    sleep 0.2; i=$((i + 1))
-    if [ $i -gt 600 ] || ! kill -0 $tracer 2>/dev/null; then break; fi
-  done
+  attach /tmp/scope.txt --attach "$backend" --no-diagnosis --cgroup /bt-scope -o ndjson --file /tmp/scope.ndjson
   sh -c 'echo $$ > /sys/fs/cgroup/bt-scope/cgroup.procs; exec nc -l -p 41201' >/dev/null 2>&1 &
   inside=$!
   nc -l -p 41202 >/dev/null 2>&1 &
@@ -372,26 +374,16 @@ done
 # command line: a getppid loop (collateral) and a bind storm, untraced and with bindtrace
 # attached on fexit and kprobe (the hooks the project's host refuses; it measures the
 # tracepoint itself), three rounds.
-attach() {
-  rm -f /tmp/cost.txt
-  /bindtrace "$@" --no-summary 2>/tmp/cost.txt &
-  tracer=$!
-  i=0
-  while ! grep -q attached /tmp/cost.txt 2>/dev/null; do
-    sleep 0.2; i=$((i + 1))
-    if [ $i -gt 600 ] || ! kill -0 $tracer 2>/dev/null; then return 1; fi
-  done
-}
 echo "@@COSTS"
 grep -q bindtrace.costs /proc/cmdline && for round in 1 2 3; do
   echo "collateral untraced $(/syscall-loop 500000)"
   echo "storm untraced $(/bind-storm --mode ok --binds 20000)"
   for backend in fexit kprobe; do
-    if attach --attach "$backend" --errno EADDRINUSE --no-diagnosis -o none; then
+    if attach /tmp/cost.txt --attach "$backend" --errno EADDRINUSE --no-diagnosis -o none --no-summary; then
       echo "collateral $backend $(/syscall-loop 500000)"
     fi
     kill -INT $tracer 2>/dev/null; wait $tracer
-    if attach --attach "$backend" --comm bind-storm -o ndjson --file /dev/null; then
+    if attach /tmp/cost.txt --attach "$backend" --comm bind-storm -o ndjson --file /dev/null --no-summary; then
       echo "storm $backend $(/bind-storm --mode ok --binds 20000)"
     fi
     kill -INT $tracer 2>/dev/null; wait $tracer
