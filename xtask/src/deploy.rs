@@ -58,7 +58,8 @@ pub fn validate_manifests() -> Result<()> {
         }
     }
     let original = std::fs::read_to_string(&manifests[0])?;
-    let broken = original.replacen("hostPID:", "hostPIDs:", 1);
+    // The key itself, not the comment that explains it.
+    let broken = original.replacen("hostPID: true", "hostPIDs: true", 1);
     if broken == original {
         bail!("{} has no hostPID to misspell for the validator's self-check", manifests[0].display());
     }
