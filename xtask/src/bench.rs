@@ -114,6 +114,20 @@ fn storm(storm_bin: &Path, mode: &str, threads: usize, binds: u64, wrapper: &[&s
 
 /// Peak RSS of a running process (VmHWM). Not wait4's ru_maxrss: that one also counts the
 /// forked copy of this (large) process from before exec.
+/// Reads bindtrace's stderr until it says it is attached; the rest of its lines follow.
+pub(crate) fn wait_attached(
+    stderr: std::process::ChildStderr,
+) -> Result<std::io::Lines<BufReader<std::process::ChildStderr>>> {
+    let mut lines = BufReader::new(stderr).lines();
+    loop {
+        match lines.next() {
+            Some(Ok(line)) if line.contains("attached") => return Ok(lines),
+            Some(Ok(_)) => {}
+            _ => bail!("bindtrace exited before attaching"),
+        }
+    }
+}
+
 pub(crate) fn peak_rss_kb(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     status
@@ -155,14 +169,8 @@ fn run_bindtrace(
     let exec = Instant::now();
     let mut child = command.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped()).spawn()?;
     let stderr = child.stderr.take().ok_or_else(|| anyhow!("no stderr"))?;
-    let mut lines = BufReader::new(stderr).lines();
-    let attach_ms = loop {
-        match lines.next() {
-            Some(Ok(line)) if line.contains("attached") => break exec.elapsed().as_secs_f64() * 1e3,
-            Some(Ok(_)) => {}
-            _ => bail!("bindtrace exited before attaching"),
-        }
-    };
+    let lines = wait_attached(stderr)?;
+    let attach_ms = exec.elapsed().as_secs_f64() * 1e3;
     // Keep draining stderr so a drop report can never block the tracer.
     let drain = std::thread::spawn(move || lines.map_while(Result::ok).collect::<Vec<_>>());
     let result = storm(storm_bin, mode, threads, binds, &[]);

@@ -4,7 +4,6 @@
 //! alternating configurations round by round; medians are reported.
 
 use std::{
-    io::{BufRead as _, BufReader},
     path::Path,
     process::{Command, Stdio},
 };
@@ -43,14 +42,8 @@ fn attached(bindtrace: &Path, backend: &str, loop_bin: &Path) -> Result<f64> {
         .stderr(Stdio::piped())
         .spawn()?;
     let stderr = child.stderr.take().ok_or_else(|| anyhow!("no stderr"))?;
-    let mut lines = BufReader::new(stderr).lines();
-    loop {
-        match lines.next() {
-            Some(Ok(line)) if line.contains("attached") => break,
-            Some(Ok(_)) => {}
-            _ => bail!("bindtrace --attach {backend} exited before attaching"),
-        }
-    }
+    // Kept open until the tracer is stopped: its stderr must not become a closed pipe.
+    let _stderr = crate::bench::wait_attached(stderr).map_err(|e| anyhow!("--attach {backend}: {e}"))?;
     let rate = syscall_loop(loop_bin);
     // SAFETY: signalling our own child.
     unsafe { libc::kill(child.id() as i32, libc::SIGINT) };

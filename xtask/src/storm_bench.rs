@@ -64,14 +64,7 @@ fn run_scenario(bindtrace: &Path, generator: &Path, meter: &Path, holders: usize
         .spawn()
         .with_context(|| format!("starting {}", meter.display()))?;
     let stderr = tracer.stderr.take().ok_or_else(|| anyhow!("no stderr"))?;
-    let mut stderr_lines = BufReader::new(stderr).lines();
-    loop {
-        match stderr_lines.next() {
-            Some(Ok(line)) if line.contains("attached") => break,
-            Some(Ok(_)) => {}
-            _ => bail!("bindtrace exited before attaching"),
-        }
-    }
+    let stderr_lines = crate::bench::wait_attached(stderr)?;
     let messages = std::thread::spawn(move || stderr_lines.map_while(Result::ok).collect::<Vec<_>>());
 
     let mut go = storm.stdin.take().ok_or_else(|| anyhow!("no stdin"))?;
