@@ -78,7 +78,7 @@ fn plan(cli: Cli) -> Result<Plan> {
     let mut filter = EventFilter::from_cli(&cli)?;
     let scope = filter.scope_to_cgroups(&cli.containers, &cli.cgroups)?;
     if !scope.is_empty() {
-        eprintln!("bindtrace: only binds in {} (and below)", scope.join(", "));
+        crate::say::line(&format!("only binds in {} (and below)", scope.join(", ")));
     }
     let stdout_is_terminal = io::stdout().is_terminal();
     let format = cli.output.unwrap_or(if cli.file.is_some() || !stdout_is_terminal {
@@ -122,12 +122,12 @@ fn warn_about_pids(pids: &[u32]) {
             status.lines().find_map(|l| l.strip_prefix("Tgid:")).and_then(|v| v.trim().parse::<u32>().ok())
         });
         match tgid {
-            None => eprintln!(
-                "bindtrace: warning: --pid {pid}: no such process now; it matches only a process that gets this id"
-            ),
-            Some(tgid) if tgid != pid => {
-                eprintln!("bindtrace: warning: --pid {pid} is a thread of process {tgid}; --pid matches process ids: use {tgid}")
-            }
+            None => crate::say::line(&format!(
+                "warning: --pid {pid}: no such process now; it matches only a process that gets this id"
+            )),
+            Some(tgid) if tgid != pid => crate::say::line(&format!(
+                "warning: --pid {pid} is a thread of process {tgid}; --pid matches process ids: use {tgid}"
+            )),
             Some(_) => {}
         }
     }
@@ -177,7 +177,7 @@ fn clap_error_line(rendered: &str) -> String {
 }
 
 pub fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).format_timestamp(None).init();
+    crate::say::init_log();
 
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
@@ -375,28 +375,28 @@ async fn run(mut plan: Plan) -> Result<()> {
     let clock = WallClock::new();
     let mut time = Rfc3339::default();
     let start_ns = clock.now_wall_ns();
-    eprintln!(
-        "bindtrace: attached ({}); tracing binds{}. Ctrl-C to stop.",
+    crate::say::line(&format!(
+        "attached ({}); tracing binds{}. Ctrl-C to stop.",
         probe.backend.name(),
         if filter.kernel.flags != 0 || !filter.pids.is_empty() { " matching the filters" } else { "" }
-    );
+    ));
     if !probe.coverage.every_bind_syscall {
-        eprintln!(
-            "bindtrace: warning: {} sees inet binds only on this kernel (no hook on __sys_bind): unix binds, EBADF, \
+        crate::say::line(&format!(
+            "warning: {} sees inet binds only on this kernel (no hook on __sys_bind): unix binds, EBADF, \
              ENOTSOCK, EFAULT and LSM denials are missed; --attach tracepoint sees them",
             probe.backend.name()
-        );
+        ));
     }
     if !cli.no_diagnosis {
         for limit in crate::enrich::blind_spots() {
-            eprintln!("bindtrace: warning: {limit}");
+            crate::say::line(&format!("warning: {limit}"));
         }
     }
     sink.start().context("writing to the output")?;
     let metrics = metrics_listener.map(|listener| {
         let metrics = crate::metrics::Metrics::new(probe.backend.name(), &cli.metrics_ports);
         if let Ok(addr) = listener.local_addr() {
-            eprintln!("bindtrace: metrics at http://{addr}/metrics");
+            crate::say::line(&format!("metrics at http://{addr}/metrics"));
         }
         tokio::spawn(crate::metrics::serve(listener, metrics.registry()));
         metrics

@@ -178,6 +178,12 @@ pub struct WhoArgs {
     #[arg(long, conflicts_with = "netns")]
     pub all_netns: bool,
 
+    /// List every socket on the port, each connection too. Without it, the listeners and
+    /// other sockets that bind the port are listed, and connections are counted by state
+    /// (a busy port has tens of thousands).
+    #[arg(long)]
+    pub all: bool,
+
     /// Output format [default: table on a terminal, ndjson otherwise].
     #[arg(short = 'o', long, value_enum)]
     pub output: Option<OutputFormat>,

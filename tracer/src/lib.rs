@@ -21,6 +21,7 @@ pub(crate) mod metrics;
 pub(crate) mod pipeline;
 pub(crate) mod privileges;
 pub(crate) mod probe;
+pub(crate) mod say;
 pub mod sink;
 pub(crate) mod summary;
 pub(crate) mod who;

@@ -205,7 +205,7 @@ impl Pipeline<'_> {
         let file = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
         self.sink.reopen(Box::new(file))?;
         self.summary.record_reopen();
-        eprintln!("bindtrace: SIGHUP: writing to a reopened {}", path.display());
+        crate::say::line(&format!("SIGHUP: writing to a reopened {}", path.display()));
         Ok(())
     }
 
@@ -420,11 +420,11 @@ async fn forward_probe_log(logger: &mut Option<AsyncFd<ProbeLogger>>) {
 fn report_shed_diagnoses(before: &EnrichCounters, now: &EnrichCounters) {
     let shed = now.shed.saturating_sub(before.shed);
     if shed > 0 {
-        eprintln!(
-            "bindtrace: {shed} failures in the last second got no diagnosis (lookups could not keep up); \
+        crate::say::line(&format!(
+            "{shed} failures in the last second got no diagnosis (lookups could not keep up); \
              every event was still written ({} in total)",
             now.shed
-        );
+        ));
     }
 }
 
@@ -433,10 +433,9 @@ fn report_new_drops(before: &KernelCounters, now: &KernelCounters) {
     let ring = now.dropped_ring_buffer_full.saturating_sub(before.dropped_ring_buffer_full);
     let in_flight = now.dropped_in_flight_full.saturating_sub(before.dropped_in_flight_full);
     if ring + in_flight > 0 {
-        eprintln!(
-            "bindtrace: lost {} events in the last second ({ring} ring buffer full, {in_flight} in-flight map full; {} lost in total)",
+        crate::say::line(&format!("lost {} events in the last second ({ring} ring buffer full, {in_flight} in-flight map full; {} lost in total)",
             ring + in_flight,
             now.dropped()
-        );
+        ));
     }
 }

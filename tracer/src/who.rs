@@ -4,6 +4,7 @@
 use std::{
     io::{self, IsTerminal as _, Write as _},
     path::Path,
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result};
@@ -12,8 +13,10 @@ use serde::Serialize;
 use crate::{
     cli::{self, OutputFormat, WhoArgs},
     enrich::{
-        diagnose::{endpoint, holder_report, holders_summary, HolderReport},
-        lookup::{Holder, Lookups},
+        diagnose::{
+            endpoint, holder_rank, holder_report, holders_summary, shrink_holders, HolderReport, HoldersSummary,
+        },
+        lookup::{is_connection, Holder, Lookups, PortCensus},
         netns::{other_namespaces, Netns},
         owners::ProcessInfo,
         runtimes::{Container, Publication},
@@ -34,10 +37,60 @@ struct WhoRecord<'a> {
     netns: Option<u64>,
     summary: &'a str,
     holders: Vec<HolderReport>,
+    /// Every socket on the port, counted, when `holders` lists some of them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    holders_summary: Option<HoldersSummary>,
     /// Containers whose runtime publishes this host port (Docker, podman), held by a socket
     /// or only reserved in the runtime's own port table.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     published_by: Vec<PublishedBy>,
+}
+
+/// One socket on the port (`who --all -o ndjson`).
+#[derive(Serialize)]
+struct WhoSocket {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    netns: Option<u64>,
+    #[serde(flatten)]
+    holder: HolderReport,
+}
+
+/// The longest NDJSON line bindtrace writes (docs/ndjson-schema.md).
+const LINE_BYTES_MAX: usize = 16 * 1024;
+/// Connections listed as examples in a `who` record without `--all`.
+const CONNECTIONS_LISTED: usize = 2;
+/// Sockets that are not connections listed in a `who` record.
+const BINDS_LISTED: usize = 64;
+
+/// The holders a record lists: those that bind the port (listeners, bound, UDP) and a few
+/// connections; every one with `all`.
+fn listed_holders(holders: &[Holder], all: bool) -> Vec<&Holder> {
+    if all {
+        return holders.iter().collect();
+    }
+    holders
+        .iter()
+        .filter(|h| !is_connection(h.socket.state))
+        .take(BINDS_LISTED)
+        .chain(holders.iter().filter(|h| is_connection(h.socket.state)).take(CONNECTIONS_LISTED))
+        .collect()
+}
+
+/// The count of every socket on the port by state, when fewer are listed.
+fn counted(proto: Proto, census: Option<&PortCensus>, listed: usize, total: usize) -> Option<HoldersSummary> {
+    let census = census?;
+    let mut by_state = std::collections::BTreeMap::new();
+    for group in &census.groups {
+        *by_state.entry(state_name(proto, group.state)).or_default() += group.count as usize;
+    }
+    (total > listed).then(|| HoldersSummary {
+        total,
+        shown: listed,
+        by_state,
+        distinct_peers: (census.distinct_peers > 0).then_some(census.distinct_peers),
+        truncated: true,
+    })
 }
 
 #[derive(Clone, Serialize)]
@@ -48,6 +101,10 @@ struct PublishedBy {
     /// A socket holds the published address; `false`: only the runtime's port table does.
     socket: bool,
 }
+
+/// How long `who` searches /proc for the owners of one port's sockets before it says how far
+/// it got: a person waits for it.
+const SEARCH_BUDGET: Duration = Duration::from_secs(5);
 
 /// Whether anything holds the port (exit status 0) or not (1).
 pub enum Verdict {
@@ -112,20 +169,24 @@ pub fn run(args: &WhoArgs, netns: &Netns) -> Result<Verdict> {
         (std::slice::from_ref(netns), 0)
     };
     if unreadable > 0 {
-        eprintln!(
-            "bindtrace: the network namespaces of {unreadable} process{} could not be read or were past the 256 searched: holders there are not shown",
+        crate::say::line(&format!("the network namespaces of {unreadable} process{} could not be read or were past the 256 searched: holders there are not shown",
             if unreadable == 1 { "" } else { "es" }
-        );
+        ));
     }
     // Host ports that container runtimes publish: they belong to the host's namespace.
     let (published, unreachable) = lookups.identities.publishing(port);
     for why in &unreachable {
-        eprintln!("bindtrace: containers that publish port {port} could not be listed: {why}");
+        crate::say::line(&format!("containers that publish port {port} could not be listed: {why}"));
     }
     for namespace in namespaces {
         let on_host = matches!(namespace, Netns::Own);
         for &proto in protos {
-            let holders = lookups.holders(namespace, proto, port).map_err(anyhow::Error::msg)?;
+            let found = lookups
+                .port_table(namespace, proto, port, Instant::now() + SEARCH_BUDGET, args.all)
+                .map_err(anyhow::Error::msg)?;
+            let mut holders = found.holders(port);
+            holders.sort_by_key(|h| holder_rank(&h.socket));
+            let total = found.census(port).map_or(holders.len(), PortCensus::total);
             let published_by: Vec<PublishedBy> = published
                 .iter()
                 .filter(|(_, p)| on_host && p.proto == proto.name())
@@ -142,20 +203,20 @@ pub fn run(args: &WhoArgs, netns: &Netns) -> Result<Verdict> {
             held |= !holders.is_empty() || !published_by.is_empty();
             if let Some(why) = holders.iter().filter(|h| h.processes.is_empty()).find_map(|h| h.blind_reason()) {
                 if !blind_said {
-                    eprintln!("bindtrace: {why}: a socket shown without a process may still have one");
+                    crate::say::line(&format!("{why}: a socket shown without a process may still have one"));
                     blind_said = true;
                 }
             }
             let summary = if holders.is_empty() && !published_by.is_empty() {
                 allocator_only(proto, port, &published_by)
             } else {
-                holders_summary(proto, port, &holders, None)
+                holders_summary(proto, port, &holders, None, total)
             };
             if table {
                 if args.all_netns {
                     out.push_str(&format!("network namespace {}:\n", namespace.inode().unwrap_or(0)));
                 }
-                render_table(&mut out, &holders, &summary);
+                render_table(&mut out, &holders, found.census(port), args.all, &summary);
                 for publisher in &published_by {
                     let container = &publisher.container;
                     let line = format!(
@@ -170,17 +231,41 @@ pub fn run(args: &WhoArgs, netns: &Netns) -> Result<Verdict> {
                     out.push('\n');
                 }
             } else {
-                let record = WhoRecord {
+                let listed = listed_holders(&holders, args.all);
+                let mut record = WhoRecord {
                     kind: "who",
                     port,
                     proto,
                     netns: namespace.inode(),
                     summary: &summary,
-                    holders: holders.iter().map(|h| holder_report(h, None)).collect(),
+                    holders: listed.iter().map(|h| holder_report(h, None)).collect(),
+                    holders_summary: counted(proto, found.census(port), listed.len(), total),
                     published_by,
                 };
-                out.push_str(&serde_json::to_string(&record)?);
+                // Every line under 16 KiB (docs/ndjson-schema.md): the list is cut, and said so.
+                let mut line = serde_json::to_string(&record)?;
+                while line.len() > LINE_BYTES_MAX && shrink_holders(&mut record.holders) {
+                    let summary = record
+                        .holders_summary
+                        .get_or_insert_with(|| HoldersSummary { total, ..HoldersSummary::default() });
+                    summary.shown = record.holders.len();
+                    summary.truncated = true;
+                    line = serde_json::to_string(&record)?;
+                }
+                out.push_str(&line);
                 out.push('\n');
+                if args.all {
+                    // Every socket, one line each.
+                    for holder in &holders {
+                        let socket = WhoSocket {
+                            kind: "who_socket",
+                            netns: namespace.inode(),
+                            holder: holder_report(holder, None),
+                        };
+                        out.push_str(&serde_json::to_string(&socket)?);
+                        out.push('\n');
+                    }
+                }
             }
         }
     }
@@ -232,7 +317,9 @@ fn has_socket(holders: &[Holder], publication: &Publication) -> bool {
     })
 }
 
-fn render_table(out: &mut String, holders: &[Holder], summary: &str) {
+/// The holders as a table: one row per process of each socket that binds the port, and the
+/// connections one row per state with their count (each connection with `all`).
+fn render_table(out: &mut String, holders: &[Holder], census: Option<&PortCensus>, all: bool, summary: &str) {
     use std::fmt::Write as _;
     if holders.is_empty() {
         let _ = writeln!(out, "{summary}");
@@ -247,7 +334,7 @@ fn render_table(out: &mut String, holders: &[Holder], summary: &str) {
         ["PROTO", "STATE", "LOCAL", "PEER", "PID", "COMM", "UID", "WHERE"],
         [Align::Left, Align::Left, Align::Left, Align::Left, Align::Right, Align::Left, Align::Right, Align::Left],
     );
-    for holder in holders {
+    for holder in holders.iter().filter(|h| all || !is_connection(h.socket.state)) {
         let socket = &holder.socket;
         let peer = if socket.peer.ip().is_unspecified() { "-".to_owned() } else { endpoint(socket.peer) };
         let state = state_name(socket.proto, socket.state);
@@ -279,10 +366,57 @@ fn render_table(out: &mut String, holders: &[Holder], summary: &str) {
             ]);
         }
     }
+    if !all {
+        connection_rows(&mut table, holders, census);
+    }
     table.render(out);
     out.push_str("  └ ");
     push_escaped(out, summary.as_bytes());
     out.push('\n');
+}
+
+/// The port's connections, one row per state: how many, from how many peers.
+fn connection_rows(table: &mut Columns<8>, holders: &[Holder], census: Option<&PortCensus>) {
+    let Some(proto) = holders.first().map(|h| h.socket.proto) else { return };
+    let mut by_state: std::collections::BTreeMap<u8, (usize, Vec<std::net::IpAddr>)> = Default::default();
+    match census {
+        Some(census) => {
+            for group in census.groups.iter().filter(|g| is_connection(g.state)) {
+                let entry = by_state.entry(group.state).or_default();
+                entry.0 += group.count as usize;
+                if !entry.1.contains(&group.local) {
+                    entry.1.push(group.local);
+                }
+            }
+        }
+        None => {
+            for holder in holders.iter().filter(|h| is_connection(h.socket.state)) {
+                let entry = by_state.entry(holder.socket.state).or_default();
+                entry.0 += 1;
+                if !entry.1.contains(&holder.socket.local.ip()) {
+                    entry.1.push(holder.socket.local.ip());
+                }
+            }
+        }
+    }
+    let port = holders[0].socket.local.port();
+    let peers = census.map(|c| c.distinct_peers).filter(|&n| n > 0);
+    for (state, (count, locals)) in by_state {
+        let local = match locals.as_slice() {
+            [one] => endpoint(std::net::SocketAddr::new(*one, port)),
+            _ => format!("{} addresses:{port}", locals.len()),
+        };
+        table.row([
+            proto.name().to_owned(),
+            state_name(proto, state).to_owned(),
+            local,
+            peers.map_or_else(|| "-".to_owned(), |n| format!("{n} peer{}", if n == 1 { "" } else { "s" })),
+            "-".to_owned(),
+            format!("({count} socket{}; --all lists them)", if count == 1 { "" } else { "s" }),
+            "-".to_owned(),
+            "-".to_owned(),
+        ]);
+    }
 }
 
 /// The WHERE cell: what a docker-proxy forwards to, the pod or container, else the unit,
@@ -333,13 +467,14 @@ mod tests {
             uid: Some(0),
             identity: None,
             forwards: None,
+            start_time: 0,
         };
         let holders = vec![
             holder("[::]:8080", 10, None, vec![process("名前付きプロセス"), process("a\u{1b}b")]),
             holder("127.0.0.1:8080", 6, Some(59_500), vec![]),
         ];
         let mut out = String::new();
-        render_table(&mut out, &holders, "summary");
+        render_table(&mut out, &holders, None, true, "summary");
         let rows: Vec<&str> = out.lines().filter(|l| !l.starts_with("  └")).collect();
         assert_eq!(rows.len(), 4, "{out}");
         let last_column = |row: &str| crate::sink::columns::width(&row[..row.rfind(' ').expect("space") + 1]);

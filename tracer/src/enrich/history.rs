@@ -65,6 +65,11 @@ impl BindHistory {
         self.len += 1;
     }
 
+    /// The processes seen binding this port, latest first.
+    pub fn binders(&self, key: PortKey) -> impl Iterator<Item = u32> + '_ {
+        self.seen.get(&key).into_iter().flat_map(|binds| binds.iter().rev().map(|b| b.pid))
+    }
+
     /// The latest bind seen on this port by `pid` (when given) or by anyone.
     pub fn latest(&self, key: PortKey, pid: Option<u32>) -> Option<&SeenBind> {
         let binds = self.seen.get(&key)?;

@@ -13,9 +13,9 @@ use serde::Serialize;
 use super::{
     identity::{Forwarding, Identities, Identity, Publishing},
     netns::{read_port_range, read_sysctl, Netns},
-    owners::{in_own_pid_namespace, Blind, ProcessInfo, SocketOwners},
+    owners::{find_owners, in_own_pid_namespace, Blind, ProcessInfo, SharedOwnerIndex},
     policy::{bind_policy, BindPolicy},
-    sockdiag::{socket_list, DiagSocket, Proto, TCP_TIME_WAIT},
+    sockdiag::{collect_sockets, DiagSocket, Proto, SocketSink, TCP_BOUND, TCP_CLOSE, TCP_LISTEN, TCP_TIME_WAIT},
     unixdiag::{bound_sockets, bound_sockets_from_proc, kernel_dev_to_user, UnixSocket},
 };
 use crate::decode::UnixPath;
@@ -98,10 +98,11 @@ pub(crate) struct Holder {
 }
 
 /// How far a holder's list of processes can be trusted.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub(crate) enum OwnersSeen {
-    /// No /proc scan newer than the socket dump could be made: an empty list means "not
+    /// No /proc search newer than the socket dump could be made: an empty list means "not
     /// known", never "no process".
+    #[default]
     NotResolved,
     /// A scan that saw every process: an empty list means no process has the socket open.
     Complete,
@@ -119,24 +120,210 @@ impl Holder {
     }
 }
 
-/// One dump of a protocol's sockets in a namespace, by local port, with the owners of the
-/// sockets on the ports that were asked about.
+/// Connections (accepted or outgoing) kept per (port, state, local address): the first few
+/// show which connection blocks a bind; the rest are counted, never listed (a busy :443 has
+/// tens of thousands, and listing them made one NDJSON line of 7 MB).
+const CONNECTIONS_KEPT: usize = 4;
+/// Sockets that are not connections (listeners, bound-only, UDP) kept per port; counted beyond.
+const UNCONNECTED_KEPT: usize = 256;
+/// Distinct peer addresses counted per port; past this the count reads "at least".
+const PEERS_COUNTED_MAX: usize = 65_536;
+/// Up to this many failing ports get a dump each, filtered by port in the kernel; more share
+/// one dump of the whole table, filtered here.
+const FILTERED_DUMPS_MAX: usize = 8;
+
+/// A socket that belongs to a connection: a peer, not a bind, is what it stands for.
+pub(crate) fn is_connection(state: u8) -> bool {
+    !matches!(state, TCP_LISTEN | TCP_CLOSE | TCP_BOUND)
+}
+
+/// Sockets on one port with the same local address, IPV6_V6ONLY and state.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct CensusGroup {
+    pub local: IpAddr,
+    pub v6only: Option<bool>,
+    pub state: u8,
+    pub count: u32,
+}
+
+/// Every socket on a port, counted, whether it was kept or not.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(crate) struct PortCensus {
+    pub groups: Vec<CensusGroup>,
+    /// Distinct peer addresses of the port's connections.
+    pub distinct_peers: usize,
+    /// More peers than [`PEERS_COUNTED_MAX`]: `distinct_peers` is a lower bound.
+    pub peers_capped: bool,
+}
+
+impl PortCensus {
+    pub(crate) fn total(&self) -> usize {
+        self.groups.iter().map(|g| g.count as usize).sum()
+    }
+}
+
+/// A socket of the ephemeral range, as much as counting taken ports needs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct RangeSocket {
+    port: u16,
+    local: IpAddr,
+    v6only: Option<bool>,
+    time_wait: bool,
+}
+
+/// Takes a dump one socket at a time and keeps what a diagnosis uses: the sockets on the
+/// asked ports (connections only a few per state and address), counts of all of them, and,
+/// when a bind to port 0 failed, a compact list of the ephemeral range.
+struct TableBuilder<'a> {
+    /// `None`: every socket delivered is on an asked port (the kernel filtered the dump).
+    ports: Option<&'a HashSet<u16>>,
+    range: Option<(u16, u16)>,
+    kept: Vec<DiagSocket>,
+    kept_per_group: HashMap<(u16, u8, IpAddr), usize>,
+    unconnected_per_port: HashMap<u16, usize>,
+    census: HashMap<u16, (PortCensus, HashSet<IpAddr>)>,
+    range_sockets: Vec<RangeSocket>,
+    total: usize,
+    /// The port whose dump is being read, when each port has a dump of its own.
+    dumping: Option<u16>,
+    every_socket: bool,
+}
+
+impl<'a> TableBuilder<'a> {
+    fn new(ports: Option<&'a HashSet<u16>>, range: Option<(u16, u16)>) -> Self {
+        Self {
+            ports,
+            range,
+            kept: Vec::new(),
+            kept_per_group: HashMap::new(),
+            unconnected_per_port: HashMap::new(),
+            census: HashMap::new(),
+            range_sockets: Vec::new(),
+            total: 0,
+            dumping: None,
+            every_socket: false,
+        }
+    }
+}
+
+impl SocketSink for TableBuilder<'_> {
+    fn add(&mut self, socket: DiagSocket) {
+        self.total += 1;
+        let port = socket.local.port();
+        if self.range.is_some_and(|(lo, hi)| (lo..=hi).contains(&port)) {
+            self.range_sockets.push(RangeSocket {
+                port,
+                local: socket.local.ip(),
+                v6only: socket.v6only,
+                time_wait: socket.state == TCP_TIME_WAIT,
+            });
+        }
+        if self.ports.is_some_and(|ports| !ports.contains(&port)) {
+            return;
+        }
+        let (census, peers) = self.census.entry(port).or_default();
+        let local = socket.local.ip();
+        match census
+            .groups
+            .iter_mut()
+            .find(|g| g.local == local && g.v6only == socket.v6only && g.state == socket.state)
+        {
+            Some(group) => group.count = group.count.saturating_add(1),
+            None => census.groups.push(CensusGroup { local, v6only: socket.v6only, state: socket.state, count: 1 }),
+        }
+        let keep = if is_connection(socket.state) {
+            if peers.len() < PEERS_COUNTED_MAX {
+                peers.insert(socket.peer.ip());
+            } else if !peers.contains(&socket.peer.ip()) {
+                census.peers_capped = true;
+            }
+            let kept = self.kept_per_group.entry((port, socket.state, local)).or_default();
+            *kept += 1;
+            self.every_socket || *kept <= CONNECTIONS_KEPT
+        } else {
+            let kept = self.unconnected_per_port.entry(port).or_default();
+            *kept += 1;
+            self.every_socket || *kept <= UNCONNECTED_KEPT
+        };
+        if keep {
+            self.kept.push(socket);
+        }
+    }
+
+    fn reset(&mut self) {
+        match self.dumping {
+            // Only what this port's dump delivered goes: the other ports' dumps stand.
+            Some(port) => {
+                self.kept.retain(|s| s.local.port() != port);
+                self.kept_per_group.retain(|(p, _, _), _| *p != port);
+                self.unconnected_per_port.remove(&port);
+                self.census.remove(&port);
+            }
+            None => {
+                let every_socket = self.every_socket;
+                *self = Self::new(self.ports, self.range);
+                self.every_socket = every_socket;
+            }
+        }
+    }
+}
+
+impl TableBuilder<'_> {
+    /// The dump that comes next is of this port alone (`None`: of every port).
+    fn now_dumping(&mut self, port: Option<u16>) {
+        self.dumping = port;
+    }
+
+    /// Keeps every socket, connections too (`who --all`).
+    fn keep_every_socket(&mut self) {
+        self.every_socket = true;
+    }
+
+    fn finish(self) -> SocketTable {
+        let mut by_port = self.kept;
+        by_port.sort_by_key(|s| s.local.port());
+        let mut range = self.range_sockets;
+        range.sort_by_key(|s| s.port);
+        SocketTable {
+            by_port,
+            census: self
+                .census
+                .into_iter()
+                .map(|(port, (mut census, peers))| {
+                    census.distinct_peers = peers.len();
+                    (port, census)
+                })
+                .collect(),
+            range,
+            sockets: self.total,
+            ..SocketTable::default()
+        }
+    }
+}
+
+/// The sockets of a protocol in a namespace on the ports a lookup was asked about, with the
+/// owners of those it kept.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub(crate) struct SocketTable {
     /// Sorted by local port: one allocation per dump. A map of per-port vectors cost ~10,000
     /// allocations per dump of 10,000 sockets, and malloc/free led the profile of a failure
     /// storm (`perf record`, `cargo xtask bench --parts storms`).
     by_port: Vec<DiagSocket>,
+    /// Every socket on each asked port, counted (`by_port` keeps only some connections).
+    census: HashMap<u16, PortCensus>,
+    /// With a bind to port 0 among the failures: the sockets of the ephemeral range, sorted by
+    /// port, to count the ports taken.
+    range: Vec<RangeSocket>,
     /// Socket inode → pids, for the sockets on the ports asked about.
     owners: HashMap<u32, Vec<u32>>,
     processes: HashMap<u32, ProcessInfo>,
-    /// The ports whose owners were resolved by a /proc scan made after the dump.
+    /// The ports whose owners were looked for after the dump.
     resolved_ports: HashSet<u16>,
     /// Sockets a container runtime's daemon holds for a published port, by inode: the
     /// container and mapping, from the runtime's API.
     published: HashMap<u32, Forwarding>,
-    /// What that scan could not see.
-    blind: Blind,
+    /// How far the search for owners got.
+    seen: OwnersSeen,
     sockets: usize,
     /// The list is sock_diag's; `false`: /proc/net's, which lacks TCP sockets that are only
     /// bound, and IPV6_V6ONLY.
@@ -147,14 +334,11 @@ pub(crate) struct SocketTable {
 }
 
 impl SocketTable {
-    /// The sockets on `port`, each with its processes.
+    /// The sockets kept on `port` (every one that is not a connection, the first few
+    /// connections of each state and address), each with its processes.
     pub(crate) fn holders(&self, port: u16) -> Vec<Holder> {
         let resolved = self.resolved_ports.contains(&port);
-        let seen = match self.blind.reason() {
-            _ if !resolved => OwnersSeen::NotResolved,
-            Some(_) => OwnersSeen::Partial(self.blind),
-            None => OwnersSeen::Complete,
-        };
+        let seen = if resolved { self.seen } else { OwnersSeen::NotResolved };
         self.on_port(port)
             .iter()
             .map(|socket| Holder {
@@ -180,26 +364,38 @@ impl SocketTable {
             .collect()
     }
 
+    /// Every socket on `port`, counted by address and state.
+    pub(crate) fn census(&self, port: u16) -> Option<&PortCensus> {
+        self.census.get(&port)
+    }
+
     fn on_port(&self, port: u16) -> &[DiagSocket] {
         let start = self.by_port.partition_point(|s| s.local.port() < port);
         let end = self.by_port.partition_point(|s| s.local.port() <= port);
         &self.by_port[start..end]
     }
 
-    /// The distinct ports in `lo..=hi` that a socket `blocks` is on, and of those, how many
-    /// only TIME_WAIT sockets block (for an exhausted ephemeral range).
-    pub(crate) fn ports_taken(&self, lo: u16, hi: u16, blocks: impl Fn(&DiagSocket) -> bool) -> (usize, usize) {
-        let start = self.by_port.partition_point(|s| s.local.port() < lo);
-        let end = self.by_port.partition_point(|s| s.local.port() <= hi);
+    /// The distinct ports in `lo..=hi` that a socket `blocks` (by its local address and
+    /// IPV6_V6ONLY) is on, and of those, how many only TIME_WAIT sockets block (for an
+    /// exhausted ephemeral range). Counted from the range kept for a bind to port 0.
+    pub(crate) fn ports_taken(
+        &self,
+        lo: u16,
+        hi: u16,
+        blocks: impl Fn(IpAddr, Option<bool>) -> bool,
+    ) -> (usize, usize) {
+        let start = self.range.partition_point(|s| s.port < lo);
+        let end = self.range.partition_point(|s| s.port <= hi);
         let (mut taken, mut time_wait_only) = (0, 0);
-        let mut sockets = self.by_port[start..end].iter().peekable();
+        let mut sockets = self.range[start..end].iter().peekable();
         while let Some(first) = sockets.next() {
-            let port = first.local.port();
-            let (mut blocked, mut live) = (blocks(first), blocks(first) && first.state != TCP_TIME_WAIT);
-            while let Some(next) = sockets.next_if(|s| s.local.port() == port) {
-                let b = blocks(next);
+            let port = first.port;
+            let b = blocks(first.local, first.v6only);
+            let (mut blocked, mut live) = (b, b && !first.time_wait);
+            while let Some(next) = sockets.next_if(|s| s.port == port) {
+                let b = blocks(next.local, next.v6only);
                 blocked |= b;
-                live |= b && next.state != TCP_TIME_WAIT;
+                live |= b && !next.time_wait;
             }
             taken += usize::from(blocked);
             time_wait_only += usize::from(blocked && !live);
@@ -217,7 +413,9 @@ impl SocketTable {
     #[cfg(test)]
     pub(crate) fn from_holders(holders: Vec<Holder>) -> Self {
         let mut table = Self { sockets: holders.len(), from_sock_diag: true, ..Self::default() };
+        let mut census = TableBuilder::new(None, Some((1, u16::MAX)));
         for holder in holders {
+            census.add(holder.socket.clone());
             let port = holder.socket.local.port();
             let pids = holder.processes.iter().map(|p| p.pid).collect();
             for process in holder.processes {
@@ -225,11 +423,14 @@ impl SocketTable {
             }
             table.owners.insert(holder.socket.inode, pids);
             table.resolved_ports.insert(port);
-            if let OwnersSeen::Partial(blind) = holder.owners {
-                table.blind = blind;
+            if let OwnersSeen::Partial(_) = holder.owners {
+                table.seen = holder.owners;
             }
             table.by_port.push(holder.socket);
         }
+        let counted = census.finish();
+        table.census = counted.census;
+        table.range = counted.range;
         table.by_port.sort_by_key(|s| s.local.port());
         table
     }
@@ -321,11 +522,43 @@ impl Facts {
     }
 }
 
-/// The attribution worker's state: the /proc socket index lives across lookups.
+/// What a lookup is given besides its key.
+#[derive(Clone, Copy)]
+pub(crate) struct Ask<'a> {
+    /// A process of the failure's namespace, to enter it by.
+    pub pid_hint: Option<u32>,
+    /// The failing ports (socket-table keys).
+    pub ports: &'a [u16],
+    /// The path of a unix-name key.
+    pub unix_path: Option<&'a UnixPath>,
+    /// Processes likely to hold the sockets: those bindtrace saw bind the ports, the failing
+    /// process. Asked first, each at the cost of its own fds.
+    pub hints: &'a [u32],
+    /// When the search for owners stops and says how far it got.
+    pub deadline: Instant,
+}
+
+impl<'a> Ask<'a> {
+    /// Nothing but a deadline `budget` from now.
+    #[cfg(test)]
+    pub(crate) fn within(budget: std::time::Duration) -> Self {
+        Self { pid_hint: None, ports: &[], unix_path: None, hints: &[], deadline: Instant::now() + budget }
+    }
+}
+
+/// A lookup worker's state. The /proc owner index is shared by every worker (a replacement
+/// does not start cold); the identities' caches are the worker's.
 #[derive(Default)]
 pub(crate) struct Lookups {
-    owners: SocketOwners,
+    owners: SharedOwnerIndex,
     pub(crate) identities: Identities,
+}
+
+impl Lookups {
+    /// A worker's lookups over the shared owner index.
+    pub(crate) fn sharing(owners: SharedOwnerIndex) -> Self {
+        Self { owners, identities: Identities::default() }
+    }
 }
 
 fn netns_facts() -> NetnsFacts {
@@ -353,37 +586,56 @@ fn netns_facts() -> NetnsFacts {
 }
 
 impl Lookups {
-    /// Dumps every `proto` socket in the namespace, then names the processes holding the
-    /// sockets on `ports`. The /proc index is used only if it was built after the dump or
-    /// already knows every inode asked about; otherwise /proc is scanned again, so a socket
-    /// opened since the last scan is never reported as held by nobody.
-    pub(crate) fn socket_table(&mut self, netns: &Netns, proto: Proto, ports: &[u16]) -> Result<SocketTable, String> {
+    /// The `proto` sockets of the namespace on `ports` (each port filtered in the kernel; one
+    /// dump of the whole table for many ports or a bind to port 0), then the processes
+    /// holding the sockets kept: `hints` (processes likely to hold them) first, the search
+    /// stopping at `deadline`. `every_socket` keeps every connection too (`who --all`).
+    pub(crate) fn socket_table(
+        &mut self,
+        netns: &Netns,
+        proto: Proto,
+        ports: &[u16],
+        hints: &[u32],
+        deadline: Instant,
+        every_socket: bool,
+    ) -> Result<SocketTable, String> {
         let dumped_at = Instant::now();
-        let (sockets, local_port_range) = netns
-            .run(|| (socket_list(proto, None), read_port_range("net/ipv4/ip_local_port_range")))
+        let port_set: HashSet<u16> = ports.iter().copied().collect();
+        let ephemeral = port_set.contains(&0);
+        let filtered = !ephemeral && ports.len() <= FILTERED_DUMPS_MAX;
+        let dumped = netns
+            .run(|| -> Result<_, std::io::Error> {
+                let local_port_range = read_port_range("net/ipv4/ip_local_port_range");
+                let mut builder =
+                    TableBuilder::new((!filtered).then_some(&port_set), local_port_range.filter(|_| ephemeral));
+                if every_socket {
+                    builder.keep_every_socket();
+                }
+                let mut from_sock_diag = true;
+                if filtered {
+                    for &port in &port_set {
+                        builder.now_dumping(Some(port));
+                        from_sock_diag &= collect_sockets(proto, Some(port), &mut builder)?;
+                    }
+                    builder.now_dumping(None);
+                } else {
+                    from_sock_diag = collect_sockets(proto, None, &mut builder)?;
+                }
+                Ok((builder.finish(), local_port_range, from_sock_diag))
+            })
             .map_err(|e| format!("{e:#}"))?;
-        let (mut sockets, from_sock_diag) = sockets.map_err(|e| format!("sock_diag query failed: {e}"))?;
-        sockets.sort_unstable_by_key(|s| s.local.port());
-        let mut table = SocketTable {
-            sockets: sockets.len(),
-            by_port: sockets,
-            local_port_range,
-            from_sock_diag,
-            ..SocketTable::default()
-        };
+        let (mut table, local_port_range, from_sock_diag) =
+            dumped.map_err(|e| format!("sock_diag query failed: {e}"))?;
+        table.local_port_range = local_port_range;
+        table.from_sock_diag = from_sock_diag;
         let wanted: Vec<u32> =
             ports.iter().flat_map(|&port| table.on_port(port)).map(|s| s.inode).filter(|&inode| inode != 0).collect();
-        self.owners.resolve(&wanted, dumped_at);
-        for inode in wanted {
-            let pids = self.owners.cached(inode);
-            for &pid in &pids {
-                if let std::collections::hash_map::Entry::Vacant(entry) = table.processes.entry(pid) {
-                    if let Some(mut info) = ProcessInfo::read(pid) {
-                        self.identities.annotate(&mut info);
-                        entry.insert(info);
-                    }
-                }
-            }
+        let mut uids: Vec<u32> = ports.iter().flat_map(|&port| table.on_port(port)).map(|s| s.uid).collect();
+        uids.sort_unstable();
+        uids.dedup();
+        let found = find_owners(&self.owners, &wanted, hints, &uids, dumped_at, deadline);
+        for (inode, pids) in found.owners {
+            let pids: Vec<u32> = pids.into_iter().filter(|&pid| self.read_process(&mut table.processes, pid)).collect();
             table.owners.insert(inode, pids);
         }
         let held_by_dockerd: Vec<(u32, std::net::SocketAddr)> = ports
@@ -405,15 +657,34 @@ impl Lookups {
             }
         }
         table.resolved_ports.extend(ports.iter().copied());
-        table.blind = self.owners.blind();
+        table.seen = match found.blind.reason() {
+            Some(_) => OwnersSeen::Partial(found.blind),
+            None => OwnersSeen::Complete,
+        };
         Ok(table)
+    }
+
+    /// Reads `pid` into `processes` once, if it is still the process the index read its fds
+    /// from (a pid reused since is another process: never named).
+    fn read_process(&mut self, processes: &mut HashMap<u32, ProcessInfo>, pid: u32) -> bool {
+        if processes.contains_key(&pid) {
+            return true;
+        }
+        let Some(mut info) = ProcessInfo::read(pid) else { return false };
+        let indexed = self.owners.lock().unwrap_or_else(std::sync::PoisonError::into_inner).start_of(pid);
+        if indexed.is_some_and(|start| start != info.start_time) {
+            return false;
+        }
+        self.identities.annotate(&mut info);
+        processes.insert(pid, info);
+        true
     }
 
     /// The file at a unix socket's path and the sockets bound to it: first in the failing
     /// socket's network namespace; when none is there and the file is a socket, in every
     /// other namespace bindtrace can enter (a socket file on a shared filesystem can be
     /// bound from any of them), before calling the file stale.
-    fn unix_facts(&mut self, netns: u32, pid: u32, path: &UnixPath) -> Result<UnixFacts, String> {
+    fn unix_facts(&mut self, netns: u32, pid: u32, path: &UnixPath, deadline: Instant) -> Result<UnixFacts, String> {
         let dumped_at = Instant::now();
         let (file, looked_at) = unix_file(pid, path);
         // With /proc/net/unix (no unix_diag) sockets match by name only: a holder that bound
@@ -460,23 +731,22 @@ impl Lookups {
             }
         }
         let inodes: Vec<u32> = found.iter().map(|s| s.inode).collect();
-        self.owners.resolve(&inodes, dumped_at);
-        let blind = self.owners.blind();
-        let holders = found
-            .into_iter()
-            .map(|socket| {
-                let mut processes: Vec<ProcessInfo> =
-                    self.owners.cached(socket.inode).into_iter().filter_map(ProcessInfo::read).collect();
-                for process in &mut processes {
-                    self.identities.annotate(process);
+        let owners = find_owners(&self.owners, &inodes, &[pid], &[], dumped_at, deadline);
+        let seen = match owners.blind.reason() {
+            Some(_) => OwnersSeen::Partial(owners.blind),
+            None => OwnersSeen::Complete,
+        };
+        let mut read = HashMap::new();
+        let mut holders = Vec::with_capacity(found.len());
+        for socket in found {
+            let mut processes = Vec::new();
+            for pid in owners.owners.get(&socket.inode).cloned().unwrap_or_default() {
+                if self.read_process(&mut read, pid) {
+                    processes.extend(read.get(&pid).cloned());
                 }
-                let owners = match blind.reason() {
-                    Some(_) => OwnersSeen::Partial(blind),
-                    None => OwnersSeen::Complete,
-                };
-                UnixHolder { socket, processes, owners }
-            })
-            .collect();
+            }
+            holders.push(UnixHolder { socket, processes, owners: seen });
+        }
         Ok(UnixFacts {
             path: path.clone(),
             looked_at,
@@ -489,17 +759,21 @@ impl Lookups {
     }
 
     /// The sockets on one port now (`bindtrace who`).
-    pub(crate) fn holders(&mut self, netns: &Netns, proto: Proto, port: u16) -> Result<Vec<Holder>, String> {
-        Ok(self.socket_table(netns, proto, &[port])?.holders(port))
+    /// The sockets on one port now (`bindtrace who`): the table, to read its holders and
+    /// census; every connection too with `every_socket`.
+    pub(crate) fn port_table(
+        &mut self,
+        netns: &Netns,
+        proto: Proto,
+        port: u16,
+        deadline: Instant,
+        every_socket: bool,
+    ) -> Result<SocketTable, String> {
+        self.socket_table(netns, proto, &[port], &[], deadline, every_socket)
     }
 
-    pub(crate) fn run(
-        &mut self,
-        key: &LookupKey,
-        pid_hint: Option<u32>,
-        ports: &[u16],
-        unix_path: Option<&UnixPath>,
-    ) -> Facts {
+    pub(crate) fn run(&mut self, key: &LookupKey, ask: &Ask<'_>) -> Facts {
+        let Ask { pid_hint, ports, unix_path, hints, deadline } = *ask;
         match *key {
             LookupKey::Cgroup { id, pid: 0 } => {
                 Facts::Identity(self.identities.of_cgroup_id(id, pid_hint.unwrap_or(0)))
@@ -517,13 +791,13 @@ impl Lookups {
             })),
             LookupKey::Publisher { port, proto } => Facts::Publisher(self.identities.starting(port, proto.name())),
             LookupKey::UnixName { netns, pid, .. } => Facts::Unix(match unix_path {
-                Some(path) => self.unix_facts(netns, pid, path),
+                Some(path) => self.unix_facts(netns, pid, path, deadline),
                 None => Err("the unix path was not passed to the lookup".to_owned()),
             }),
             LookupKey::Sockets { netns, proto } => Facts::Sockets(
                 Netns::find(u64::from(netns), pid_hint)
                     .map_err(|e| format!("{e:#}"))
-                    .and_then(|ns| self.socket_table(&ns, proto, ports)),
+                    .and_then(|ns| self.socket_table(&ns, proto, ports, hints, deadline, false)),
             ),
             LookupKey::Netns { netns } => Facts::Netns(
                 Netns::find(u64::from(netns), pid_hint)
@@ -618,14 +892,17 @@ mod tests {
 
     use super::*;
 
+    fn ask(ports: &[u16]) -> Ask<'_> {
+        Ask { ports, ..Ask::within(std::time::Duration::from_secs(10)) }
+    }
+
     #[test]
     fn holders_of_a_listening_port_name_this_process() {
         let listener = TcpListener::bind("127.0.0.1:0").expect("listen");
         let port = listener.local_addr().expect("addr").port();
         let netns = super::super::netns::own_inode().expect("own netns") as u32;
         let mut lookups = Lookups::default();
-        let Facts::Sockets(Ok(table)) =
-            lookups.run(&LookupKey::Sockets { netns, proto: Proto::Tcp }, None, &[port], None)
+        let Facts::Sockets(Ok(table)) = lookups.run(&LookupKey::Sockets { netns, proto: Proto::Tcp }, &ask(&[port]))
         else {
             panic!("holder lookup failed");
         };
@@ -652,12 +929,12 @@ mod tests {
         let early = TcpListener::bind("127.0.0.1:0").expect("listen");
         let early_port = early.local_addr().expect("addr").port();
         let key = LookupKey::Sockets { netns, proto: Proto::Tcp };
-        let Facts::Sockets(Ok(_)) = lookups.run(&key, None, &[early_port], None) else { panic!("first lookup") };
+        let Facts::Sockets(Ok(_)) = lookups.run(&key, &ask(&[early_port])) else { panic!("first lookup") };
         for delay_ms in [0, 20, 100] {
             std::thread::sleep(std::time::Duration::from_millis(delay_ms));
             let late = TcpListener::bind("127.0.0.1:0").expect("listen");
             let port = late.local_addr().expect("addr").port();
-            let Facts::Sockets(Ok(table)) = lookups.run(&key, None, &[port], None) else { panic!("lookup") };
+            let Facts::Sockets(Ok(table)) = lookups.run(&key, &ask(&[port])) else { panic!("lookup") };
             let holders = table.holders(port);
             assert_eq!(holders.len(), 1, "{holders:#?}");
             assert_eq!(
@@ -672,18 +949,17 @@ mod tests {
     fn namespace_facts_and_capabilities() {
         let netns = super::super::netns::own_inode().expect("own netns") as u32;
         let mut lookups = Lookups::default();
-        let Facts::Netns(Ok(facts)) = lookups.run(&LookupKey::Netns { netns }, None, &[], None) else {
+        let Facts::Netns(Ok(facts)) = lookups.run(&LookupKey::Netns { netns }, &ask(&[])) else {
             panic!("netns lookup failed");
         };
         assert!(facts.unprivileged_port_start.is_some());
         assert!(facts.nonlocal_bind_v4.is_some());
         assert!(facts.addresses.contains(&IpAddr::from([127, 0, 0, 1])), "{:?}", facts.addresses);
-        let Facts::Process(Ok(_)) = lookups.run(&LookupKey::Process { pid: std::process::id() }, None, &[], None)
-        else {
+        let Facts::Process(Ok(_)) = lookups.run(&LookupKey::Process { pid: std::process::id() }, &ask(&[])) else {
             panic!("this process has capabilities to read");
         };
         assert_eq!(
-            lookups.run(&LookupKey::Process { pid: u32::MAX / 2 }, None, &[], None),
+            lookups.run(&LookupKey::Process { pid: u32::MAX / 2 }, &ask(&[])),
             Facts::Process(Err(ProcessUnread::Exited))
         );
     }

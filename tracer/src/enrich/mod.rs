@@ -11,9 +11,10 @@
 //! time. An answer serves the events that arrived before its lookup was requested: facts
 //! gathered before a bind happened cannot explain it (a holder may have appeared since). For
 //! EADDRINUSE the key is (namespace, protocol): one socket-table dump serves every failing
-//! port of a window. Every queue and cache has a cap (see the constants); a lookup that hangs
-//! times out and the worker is replaced; when that keeps happening, diagnoses stop with a
-//! reason and the events go on.
+//! port of a window. Every queue and cache has a cap (see the constants). The workers and their
+//! supervision live in [`supervise`]: a lookup that hangs times out and its worker is
+//! replaced; when that keeps happening, its lane rests for a while (its lookups answer at
+//! once, saying why) and then works again: a slow host degrades diagnoses, never ends them.
 
 pub(crate) mod cgroup;
 pub(crate) mod diagnose;
@@ -25,15 +26,12 @@ pub(crate) mod owners;
 pub(crate) mod policy;
 pub(crate) mod runtimes;
 pub(crate) mod sockdiag;
+pub(crate) mod supervise;
 pub(crate) mod unixdiag;
 
 use std::{
     collections::VecDeque,
-    panic::AssertUnwindSafe,
-    sync::{
-        mpsc::{self, SyncSender, TrySendError},
-        Arc,
-    },
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -42,14 +40,16 @@ use bindtrace_common::BindEvent;
 // stage's CPU under a failure storm (`perf record`). Keys are kernel-made, not attacker-chosen
 // strings.
 use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
-use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 
 pub use self::diagnose::Diagnosis;
+pub use self::supervise::Done;
 use self::{
     diagnose::{diagnose, needed_lookups},
     history::BindHistory,
     identity::Identity,
-    lookup::{Facts, LookupKey, Lookups},
+    lookup::{Facts, LookupKey},
+    supervise::{Job, Sent, Supervisor, LOOKUP_TIMEOUT},
 };
 use crate::decode::{Bind, BindEventExt as _, UnixPath};
 
@@ -72,42 +72,19 @@ pub(crate) fn blind_spots() -> Vec<String> {
 pub const EMIT_DEADLINE: Duration = Duration::from_millis(100);
 /// The longest a diagnosis may follow its event; after that it says what did not finish.
 const FOLLOW_UP_LIMIT: Duration = Duration::from_secs(5);
-/// A lookup that has not answered by then has hung: its events are told so, and the worker
-/// is replaced.
-const LOOKUP_TIMEOUT: Duration = Duration::from_secs(2);
 /// Lookups of one key start at most this often: the failures of a window share one.
 const MIN_REFRESH: Duration = Duration::from_millis(50);
-/// Replacing hung workers stops after this many; diagnoses then end with a reason.
-const WORKER_RESTARTS_MAX: u32 = 3;
 /// Caps: events waiting for their deadline, diagnoses to follow, lookup keys remembered,
-/// jobs queued for the worker (see there), ports per socket-table job, remembered diagnoses.
+/// ports per socket-table job, remembered diagnoses, processes hinted per job.
 const QUEUE_MAX: usize = 65_536;
 const FOLLOWING_MAX: usize = 4_096;
 const KEYS_MAX: usize = 4_096;
-/// Few: a job's timeout counts from when it was queued, so a long queue would make healthy
-/// lookups look hung.
-const JOBS_MAX: usize = 2;
+const HINTS_MAX: usize = 16;
 const PORTS_PER_JOB_MAX: usize = 4_096;
 const MEMO_MAX: usize = 1_024;
 const RECENT_MAX: usize = 65_536;
 /// A key nobody asked about for this long is forgotten.
 const KEY_IDLE: Duration = Duration::from_secs(10);
-
-struct Job {
-    key: LookupKey,
-    pid_hint: u32,
-    ports: Vec<u16>,
-    /// The path of a unix-name key.
-    unix_path: Option<UnixPath>,
-    requested: Instant,
-}
-
-/// A finished lookup, from the worker.
-pub struct Done {
-    key: LookupKey,
-    requested: Instant,
-    facts: Arc<Facts>,
-}
 
 /// What the stage knows and wants for one lookup key.
 struct KeyState {
@@ -209,7 +186,6 @@ pub struct FollowUp {
 
 /// Why diagnoses were shed.
 pub const SHED_OVERLOAD: &str = "overload: too many diagnoses waiting";
-pub const SHED_STOPPED: &str = "diagnoses stopped (see stderr)";
 
 /// Counters for the live report and the summary.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
@@ -260,8 +236,6 @@ impl MemoKey {
 
 pub struct Enricher {
     enabled: bool,
-    /// Set when diagnoses stopped for good, with the reason.
-    stopped: Option<String>,
     next_seq: u64,
     queue: VecDeque<Pending>,
     following: VecDeque<Pending>,
@@ -269,8 +243,8 @@ pub struct Enricher {
     /// Keys with events waiting for a lookup that has not started.
     wanting: HashSet<LookupKey>,
     history: BindHistory,
-    jobs: Option<SyncSender<Job>>,
-    results_tx: UnboundedSender<Done>,
+    /// The lookup workers; `None` with `--no-diagnosis`.
+    workers: Option<Supervisor>,
     results: Option<UnboundedReceiver<Done>>,
     /// Diagnoses by failure, with the answers (by request time) they came from.
     memo: HashMap<MemoKey, (Vec<Instant>, Arc<Diagnosis>)>,
@@ -285,66 +259,26 @@ pub struct Enricher {
     recently_diagnosed: HashMap<(u32, u16, u16), Instant>,
 }
 
-fn worker(jobs: mpsc::Receiver<Job>, results: UnboundedSender<Done>) {
-    let mut lookups = Lookups::default();
-    while let Ok(Job { key, pid_hint, ports, unix_path, requested }) = jobs.recv() {
-        // A lookup that panics answers with an error; the worker goes on.
-        let facts = std::panic::catch_unwind(AssertUnwindSafe(|| {
-            lookups.run(&key, Some(pid_hint), &ports, unix_path.as_ref())
-        }))
-        .unwrap_or_else(|_| Facts::failed(&key, "the lookup panicked"));
-        if results.send(Done { key, requested, facts: Arc::new(facts) }).is_err() {
-            break;
-        }
-    }
-}
-
-fn spawn_worker(results: UnboundedSender<Done>) -> std::io::Result<SyncSender<Job>> {
-    let (jobs, jobs_rx) = mpsc::sync_channel(JOBS_MAX);
-    std::thread::Builder::new().name("bindtrace-attrib".into()).spawn(move || worker(jobs_rx, results))?;
-    Ok(jobs)
-}
-
 impl Enricher {
     /// `enabled: false` (`--no-diagnosis`) passes events straight through.
     pub fn new(enabled: bool) -> Self {
         let (results_tx, results) = unbounded_channel();
         let now = Instant::now();
-        let mut enricher = Self {
+        Self {
             enabled,
-            stopped: None,
             next_seq: 0,
             queue: VecDeque::new(),
             following: VecDeque::new(),
             keys: HashMap::default(),
             wanting: HashSet::default(),
             history: BindHistory::default(),
-            jobs: None,
-            results_tx,
+            workers: enabled.then(|| Supervisor::new(results_tx)),
             results: Some(results),
             memo: HashMap::default(),
             counters: EnrichCounters::default(),
             last_sweep: now,
             jobs_full: false,
             recently_diagnosed: HashMap::default(),
-        };
-        if enabled {
-            match spawn_worker(enricher.results_tx.clone()) {
-                Ok(jobs) => enricher.jobs = Some(jobs),
-                Err(err) => enricher.stop(format!("cannot start the lookup thread: {err}")),
-            }
-        }
-        enricher
-    }
-
-    /// Diagnoses end for good; events go on.
-    fn stop(&mut self, reason: String) {
-        eprintln!("bindtrace: diagnoses stopped: {reason}; events are still written");
-        self.stopped = Some(reason);
-        self.jobs = None;
-        self.wanting.clear();
-        for state in self.keys.values_mut() {
-            state.in_flight = None;
         }
     }
 
@@ -352,7 +286,7 @@ impl Enricher {
     pub fn push(&mut self, event: Bind, wall_ns: i128, now: Instant) {
         self.next_seq += 1;
         self.history.record(&event, wall_ns);
-        let looking = self.enabled && self.stopped.is_none();
+        let looking = self.enabled;
         let mut keys = if looking && event.ret < 0 { needed_lookups(&event) } else { Vec::new() };
         // An id shared by unrelated processes (the root of a hierarchy, or any task on a host
         // without cgroup v2) says nothing of one process: its identity is then the pid's.
@@ -402,10 +336,10 @@ impl Enricher {
 
     /// Starts the lookups that events wait for, each key at most every [`MIN_REFRESH`].
     fn dispatch(&mut self, now: Instant) {
-        let Some(jobs) = self.jobs.clone() else { return };
+        let Some(workers) = self.workers.as_mut() else { return };
         let mut started = Vec::new();
-        let mut worker_gone = false;
         self.jobs_full = false;
+        let mut answered_now = Vec::new();
         for key in &self.wanting {
             let Some(state) = self.keys.get_mut(key) else {
                 started.push(*key);
@@ -414,15 +348,34 @@ impl Enricher {
             if state.in_flight.is_some() || state.last_requested.is_some_and(|at| now < at + MIN_REFRESH) {
                 continue;
             }
+            let ports: Vec<u16> = state.ports.iter().copied().collect();
+            // Who bindtrace saw bind these ports, and the failing process: asking them first
+            // costs their fds alone, where a search of the host reads every process's.
+            let mut hints: Vec<u32> = Vec::new();
+            if let LookupKey::Sockets { netns, proto } = key {
+                let ipproto = match proto {
+                    sockdiag::Proto::Tcp => 6,
+                    sockdiag::Proto::Udp => 17,
+                };
+                for &port in &ports {
+                    hints.extend(self.history.binders((*netns, ipproto, port)).take(4));
+                    if hints.len() >= HINTS_MAX {
+                        break;
+                    }
+                }
+            }
+            hints.push(state.pid_hint);
+            hints.dedup();
             let job = Job {
                 key: *key,
                 pid_hint: state.pid_hint,
-                ports: state.ports.iter().copied().collect(),
+                ports,
                 unix_path: state.unix_path.clone(),
+                hints,
                 requested: now,
             };
-            match jobs.try_send(job) {
-                Ok(()) => {
+            match workers.send(job, now) {
+                Sent::Queued => {
                     state.in_flight = Some(now);
                     state.last_requested = Some(now);
                     state.wanted = false;
@@ -430,35 +383,27 @@ impl Enricher {
                     self.counters.lookups += 1;
                     started.push(*key);
                 }
-                // The worker's queue is full: this key waits for a later dispatch.
-                Err(TrySendError::Full(_)) => {
-                    self.jobs_full = true;
-                    break;
-                }
-                Err(TrySendError::Disconnected(_)) => {
-                    worker_gone = true;
-                    break;
+                // That lane's queue is full: this key waits for a later dispatch.
+                Sent::Full => self.jobs_full = true,
+                // That lane rests: its events are answered now, with why.
+                Sent::Resting(job, why) => {
+                    state.last_requested = Some(now);
+                    state.wanted = false;
+                    state.ports.clear();
+                    answered_now.push(Done {
+                        key: job.key,
+                        requested: now,
+                        facts: Arc::new(Facts::failed(&job.key, &why)),
+                    });
+                    started.push(*key);
                 }
             }
         }
         for key in started {
             self.wanting.remove(&key);
         }
-        if worker_gone {
-            self.replace_worker("the lookup thread ended");
-        }
-    }
-
-    fn replace_worker(&mut self, why: &str) {
-        self.counters.worker_restarts += 1;
-        if self.counters.worker_restarts > u64::from(WORKER_RESTARTS_MAX) {
-            self.stop(format!("{why}, {WORKER_RESTARTS_MAX} times"));
-            return;
-        }
-        log::warn!("{why}: starting a new lookup thread");
-        match spawn_worker(self.results_tx.clone()) {
-            Ok(jobs) => self.jobs = Some(jobs),
-            Err(err) => self.stop(format!("{why}, and a new lookup thread cannot start: {err}")),
+        for done in answered_now {
+            self.complete(done);
         }
     }
 
@@ -489,31 +434,24 @@ impl Enricher {
     /// Time-driven work: lookups whose refresh interval has passed, lookups that hung, and
     /// forgetting idle keys. Call it at [`Enricher::next_wake`] and after any change.
     pub fn poll(&mut self, now: Instant) {
-        let hung: Vec<LookupKey> = self
-            .keys
-            .iter()
-            .filter(|(_, s)| s.in_flight.is_some_and(|at| now >= at + LOOKUP_TIMEOUT))
-            .map(|(k, _)| *k)
-            .collect();
-        if !hung.is_empty() {
-            for key in &hung {
-                if let Some(state) = self.keys.get_mut(key) {
-                    state.in_flight = None;
-                    // The timeout answers every event that arrived until now.
-                    let message = format!("the lookup did not answer within {} s", LOOKUP_TIMEOUT.as_secs());
-                    state.answer = Some((Arc::new(Facts::failed(key, &message)), now));
-                    state.wanted = false;
-                }
-                self.counters.lookup_timeouts += 1;
+        let hung = self.workers.as_mut().map(|w| w.hung(now)).unwrap_or_default();
+        for (lane, key, requested) in hung {
+            if let Some(state) = self.keys.get_mut(&key) {
+                state.in_flight = None;
+                // The timeout answers every event that arrived until now.
+                let message = format!("the lookup did not answer within {} s of its start", LOOKUP_TIMEOUT.as_secs());
+                state.answer = Some((Arc::new(Facts::failed(&key, &message)), now.max(requested)));
+                state.wanted = false;
             }
-            // The worker is stuck on one of them: its queued jobs go with it.
-            for state in self.keys.values_mut() {
-                if state.in_flight.take().is_some() {
+            self.counters.lookup_timeouts += 1;
+            self.counters.worker_restarts += 1;
+            // The jobs queued behind it on its lane went with its worker: asked again.
+            for (other, state) in self.keys.iter_mut() {
+                if supervise::Lane::of(other) == lane && state.in_flight.take().is_some() {
                     state.wanted = true;
                 }
             }
             self.wanting.extend(self.keys.iter().filter(|(_, s)| s.wanted).map(|(k, _)| *k));
-            self.replace_worker("a lookup hung");
         }
         if now >= self.last_sweep + Duration::from_secs(1) {
             self.last_sweep = now;
@@ -556,7 +494,15 @@ impl Enricher {
                 .map(|s| s.last_requested.map_or(self.last_sweep, |at| at + MIN_REFRESH))
                 .min()
         });
-        let timeout = self.keys.values().filter_map(|s| s.in_flight).min().map(|at| at + LOOKUP_TIMEOUT);
+        // A job's timeout counts from its start, which only the worker knows; a job not
+        // started yet is looked at again one timeout after its request.
+        let timeout = [
+            self.workers.as_ref().and_then(Supervisor::next_timeout),
+            self.keys.values().filter_map(|s| s.in_flight).min().map(|at| at + LOOKUP_TIMEOUT),
+        ]
+        .into_iter()
+        .flatten()
+        .min();
         [deadline, follow_up, refresh, timeout].into_iter().flatten().min()
     }
 
@@ -586,9 +532,6 @@ impl Enricher {
         } else if pending.shed {
             self.counters.shed += 1;
             Explained::Shed(SHED_OVERLOAD)
-        } else if self.stopped.is_some() {
-            self.counters.shed += 1;
-            Explained::Shed(SHED_STOPPED)
         } else if answered || force || pending.keys.is_empty() {
             match self.diagnosis_of(&pending, force && !answered) {
                 Some(diagnosis) => {
@@ -619,17 +562,13 @@ impl Enricher {
         }
         let unresolved = |why: String| Some(Arc::new(Identity { unresolved: Some(why), ..Identity::default() }));
         let Some(key) = &pending.identity_key else {
-            return match &self.stopped {
-                Some(_) => unresolved("not looked up: lookups stopped (see stderr)".to_owned()),
-                None => unresolved("not looked up: too many lookups waiting (overload)".to_owned()),
-            };
+            return unresolved("not looked up: too many lookups waiting (overload)".to_owned());
         };
         match self.keys.get(key).and_then(|s| s.answer_for(pending.arrived)) {
             Some((facts, _)) => match &**facts {
                 Facts::Identity(identity) => Some(identity.clone()),
                 _ => None,
             },
-            None if self.stopped.is_some() => unresolved("not looked up: lookups stopped (see stderr)".to_owned()),
             None => unresolved(format!("not resolved within {} ms of the event", EMIT_DEADLINE.as_millis())),
         }
     }
@@ -652,13 +591,6 @@ impl Enricher {
         let mut out = Vec::new();
         let mut still = VecDeque::with_capacity(self.following.len());
         while let Some(pending) = self.following.pop_front() {
-            if let Some(reason) = &self.stopped {
-                // Its event promised a diagnosis record: it says why there is none.
-                self.counters.shed += 1;
-                let diagnosis = Arc::new(Diagnosis::stopped(reason));
-                out.push(FollowUp { seq: pending.seq, event: pending.event, wall_ns: pending.wall_ns, diagnosis });
-                continue;
-            }
             let answered = self.answered(&pending);
             let expired = now >= pending.arrived + FOLLOW_UP_LIMIT;
             if !(answered || expired || force) {
@@ -730,9 +662,9 @@ impl Enricher {
         self.counters
     }
 
-    /// Why diagnoses stopped, if they did.
-    pub fn stopped(&self) -> Option<&str> {
-        self.stopped.as_deref()
+    /// The owner index's size (processes, socket inodes): for the benchmark.
+    pub fn owner_index_size(&self) -> (usize, usize) {
+        self.workers.as_ref().map_or((0, 0), Supervisor::index_size)
     }
 }
 

@@ -57,12 +57,15 @@ impl Netns {
     }
 
     /// Opens a namespace file given by the user (`who --netns PATH`).
+    /// Opened first, then looked at: the inode is the open file's, so a pid reused between a
+    /// check and an open can never lead into another namespace.
     pub fn open_path(path: &Path) -> Result<Self> {
-        let inode = inode_of(path).ok_or_else(|| anyhow!("cannot read network namespace {}", path.display()))?;
+        use std::os::unix::fs::MetadataExt as _;
+        let file = File::open(path).with_context(|| format!("cannot open network namespace {}", path.display()))?;
+        let inode = file.metadata().with_context(|| format!("cannot read network namespace {}", path.display()))?.ino();
         if Some(inode) == own_inode() {
             return Ok(Self::Own);
         }
-        let file = File::open(path).with_context(|| format!("cannot open network namespace {}", path.display()))?;
         if !is_namespace_file(&file) {
             anyhow::bail!(
                 "{} is not a network namespace (give a pid, /proc/PID/ns/net or /run/netns/NAME)",
@@ -70,6 +73,11 @@ impl Netns {
             );
         }
         Ok(Self::Foreign { inode, file, path: path.to_owned() })
+    }
+
+    /// The namespace at `path`, if it is the one with this inode once open.
+    fn open_if(path: &Path, inode: u64) -> Option<Self> {
+        Self::open_path(path).ok().filter(|ns| ns.inode() == Some(inode))
     }
 
     /// Finds the namespace with this inode: first through `pid` (the process that failed to
@@ -82,10 +90,8 @@ impl Netns {
         let named = std::fs::read_dir("/run/netns").into_iter().flatten().flatten().map(|e| e.path());
         let candidates = hinted.into_iter().chain(named);
         for path in candidates {
-            if inode_of(&path) == Some(inode) {
-                if let Ok(found) = Self::open_path(&path) {
-                    return Ok(found);
-                }
+            if let Some(found) = Self::open_if(&path, inode) {
+                return Ok(found);
             }
         }
         let mut unreadable = 0;
@@ -97,7 +103,7 @@ impl Netns {
             let path = entry.path().join("ns/net");
             match std::fs::metadata(&path) {
                 Ok(meta) if meta.ino() == inode => {
-                    if let Ok(found) = Self::open_path(&path) {
+                    if let Some(found) = Self::open_if(&path, inode) {
                         return Ok(found);
                     }
                 }
@@ -106,7 +112,7 @@ impl Netns {
             }
         }
         // Never "no process is in it" when some processes could not be seen.
-        let blind = Blind { own_pid_namespace: in_own_pid_namespace(), unreadable_processes: unreadable };
+        let blind = Blind { own_pid_namespace: in_own_pid_namespace(), unreadable_processes: unreadable, cut: None };
         Err(match blind.reason() {
             None => anyhow!("network namespace {inode} has no process left in it"),
             Some(why) => anyhow!("no process visible to bindtrace is in network namespace {inode} ({why})"),

@@ -1,20 +1,21 @@
 //! Socket inode → the processes holding it, through /proc/*/fd (as `ss -p`, `lsof` and
-//! `fuser` do). The whole-/proc scan is cached, and rebuilt only when a socket asked about
-//! is missing from it and the scan is older than the socket dump that named the socket: a
-//! storm of failures costs one scan, and a socket opened since the last scan is still found.
-
+//! `fuser` do), at a cost that does not follow the host's size.
+//!
+//! The index is one entry per process (its start time and the socket inodes among its fds),
+//! shared by every lookup worker, so a replaced worker does not start cold, and updated one
+//! process at a time, never rebuilt. A search asks first the processes most likely to hold
+//! the sockets (the ones bindtrace saw bind the port, the failing process), then the rest,
+//! those of the sockets' owner uid first; it stops once every socket has an owner, or at its
+//! deadline, saying how far it got ("searched 412 of 530 processes in 1500 ms").
 use std::{
     collections::{HashMap, HashSet},
-    time::{Duration, Instant},
+    time::Instant,
 };
 
 use procfs::process::Process;
 use serde::Serialize;
 
-/// Two scans are at least this far apart: the worker waits for the rest.
-const MIN_RESCAN: Duration = Duration::from_millis(100);
-/// Inodes that no process had open in a scan made after they were seen (kernel sockets,
-/// sockets in flight between processes): asking about them again does not rescan. Bounded.
+/// Inodes remembered as held by no process (see `OwnerIndex::orphans`).
 const ORPHANS_MAX: usize = 65_536;
 /// Longest command line kept for display.
 const CMDLINE_MAX: usize = 512;
@@ -35,6 +36,9 @@ pub struct ProcessInfo {
     /// What it forwards, when it is a `docker-proxy`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) forwards: Option<super::identity::Forwarding>,
+    /// Its start time (clock ticks after boot): with the pid, which process this is.
+    #[serde(skip)]
+    pub(crate) start_time: u64,
 }
 
 impl ProcessInfo {
@@ -58,7 +62,16 @@ impl ProcessInfo {
             // The unified (v2) hierarchy is number 0; on v1-only hosts take the first.
             groups.iter().find(|g| g.hierarchy == 0).or(groups.first()).map(|g| g.pathname.clone())
         });
-        Some(Self { pid, comm: stat.comm, cmdline, cgroup, uid: process.uid().ok(), identity: None, forwards: None })
+        Some(Self {
+            pid,
+            comm: stat.comm,
+            cmdline,
+            cgroup,
+            uid: process.uid().ok(),
+            identity: None,
+            forwards: None,
+            start_time: stat.starttime,
+        })
     }
 }
 
@@ -96,7 +109,15 @@ pub(crate) fn in_own_pid_namespace() -> bool {
     })
 }
 
-/// What a /proc scan could not see. A socket whose process was not found is then "not
+/// A search for owners that stopped at its deadline before it had asked every process.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct SearchCut {
+    pub searched: u32,
+    pub total: u32,
+    pub elapsed_ms: u32,
+}
+
+/// What a /proc search could not see. A socket whose process was not found is then "not
 /// visible", never "held by no process".
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub(crate) struct Blind {
@@ -105,13 +126,21 @@ pub(crate) struct Blind {
     /// Processes whose /proc entries (open files, namespaces) could not be read (EACCES:
     /// another user's process, without CAP_SYS_PTRACE and CAP_DAC_READ_SEARCH).
     pub unreadable_processes: u32,
+    /// The search ran out of time.
+    pub cut: Option<SearchCut>,
 }
 
 impl Blind {
-    /// Why a process holding a socket may be missing from the scan; `None` when the scan
-    /// saw every process on the host.
+    /// Why a process holding a socket may be missing from the search; `None` when it asked
+    /// every process on the host.
     pub(crate) fn reason(&self) -> Option<String> {
-        match (self.own_pid_namespace, self.unreadable_processes) {
+        let cut = self.cut.map(|cut| {
+            format!(
+                "the search for its process stopped at its deadline: searched {} of {} processes in {} ms",
+                cut.searched, cut.total, cut.elapsed_ms
+            )
+        });
+        let unreadable = match (self.own_pid_namespace, self.unreadable_processes) {
             (false, 0) => None,
             (true, _) => Some("bindtrace runs in its own PID namespace and cannot see processes outside it".to_owned()),
             (false, n) => {
@@ -131,23 +160,30 @@ impl Blind {
                     )
                 })
             }
+        };
+        match (cut, unreadable) {
+            (None, None) => None,
+            (Some(one), None) | (None, Some(one)) => Some(one),
+            (Some(cut), Some(unreadable)) => Some(format!("{cut}; {unreadable}")),
         }
     }
 }
 
 /// How reading one process's open files went.
 enum FdScan {
-    Read,
+    /// Its socket inodes, sorted.
+    Read(Box<[u32]>),
     /// Some or all of them could not be read (EACCES): another user's process.
     Denied,
     /// It exited during the scan.
     Gone,
 }
 
-/// Calls `found` with the inode of each socket `pid` has open. Written with std::fs rather
-/// than procfs's fd iterator, which skips the entries it cannot read: a scan must tell "no
-/// socket here" from "not allowed to look" (and one readlink per fd is all it needs).
-fn socket_inodes(pid: u32, mut found: impl FnMut(u64)) -> FdScan {
+/// The socket inodes `pid` has open. Written with std::fs rather than procfs's fd iterator,
+/// which skips the entries it cannot read: a scan must tell "no socket here" from "not
+/// allowed to look" (and one readlink per fd is all it needs). Hand-written for the hot
+/// path: at a million fds this loop is the whole cost of a search.
+fn socket_inodes(pid: u32) -> FdScan {
     let dir = format!("/proc/{pid}/fd");
     let entries = match std::fs::read_dir(&dir) {
         Ok(entries) => entries,
@@ -155,6 +191,7 @@ fn socket_inodes(pid: u32, mut found: impl FnMut(u64)) -> FdScan {
         Err(_) => return FdScan::Gone,
     };
     let mut denied = false;
+    let mut found = Vec::new();
     for entry in entries.flatten() {
         match std::fs::read_link(entry.path()) {
             Ok(target) => {
@@ -162,9 +199,10 @@ fn socket_inodes(pid: u32, mut found: impl FnMut(u64)) -> FdScan {
                     .to_str()
                     .and_then(|t| t.strip_prefix("socket:["))
                     .and_then(|t| t.strip_suffix(']'))
-                    .and_then(|t| t.parse().ok());
+                    .and_then(|t| t.parse::<u64>().ok());
+                // inet_diag and unix_diag report 32-bit inodes.
                 if let Some(inode) = inode {
-                    found(inode);
+                    found.push(inode as u32);
                 }
             }
             // The directory was listed (CAP_DAC_READ_SEARCH) but its links are not readable
@@ -175,97 +213,251 @@ fn socket_inodes(pid: u32, mut found: impl FnMut(u64)) -> FdScan {
         }
     }
     if denied {
-        FdScan::Denied
-    } else {
-        FdScan::Read
+        return FdScan::Denied;
     }
+    found.sort_unstable();
+    found.dedup();
+    FdScan::Read(found.into_boxed_slice())
 }
 
+/// A process's start time (`/proc/PID/stat` field 22, clock ticks since boot) and the uid
+/// that owns its /proc directory (its effective uid): with the pid, who a process is, so
+/// that a reused pid is never taken for the process that had it.
+fn identity_of(pid: u32) -> Option<(u64, u32)> {
+    use std::os::unix::fs::MetadataExt as _;
+    let uid = std::fs::metadata(format!("/proc/{pid}")).ok()?.uid();
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name is in parentheses and may hold anything, spaces and ')' included.
+    let after_comm = &stat[stat.rfind(')')? + 1..];
+    let start = after_comm.split_whitespace().nth(19)?.parse().ok()?;
+    Some((start, uid))
+}
+
+/// A process's start time, for checking that a pid still names the same process.
+#[cfg(test)]
+pub(crate) fn start_time(pid: u32) -> Option<u64> {
+    identity_of(pid).map(|(start, _)| start)
+}
+
+struct ProcEntry {
+    start: u64,
+    sockets: Box<[u32]>,
+    scanned_at: Instant,
+}
+
+/// The processes found holding each socket asked about, and how far the search got.
+#[derive(Debug, Default)]
+pub(crate) struct Found {
+    /// Socket inode → pids (each checked against its start time when read).
+    pub owners: HashMap<u32, Vec<u32>>,
+    /// What the search could not see; `cut` when it stopped at its deadline.
+    pub blind: Blind,
+}
+
+/// The index shared by the lookup workers (see the module's documentation).
 #[derive(Default)]
-pub(crate) struct SocketOwners {
-    by_inode: HashMap<u64, Vec<u32>>,
+pub(crate) struct OwnerIndex {
+    procs: HashMap<u32, ProcEntry>,
+    /// Inodes that no process had open in a complete search made after they were seen
+    /// (kernel sockets, sockets in flight between processes): asking about them again does
+    /// not search again. Bounded.
     orphans: HashSet<u32>,
-    scanned_at: Option<Instant>,
-    /// What the last scan could not see.
-    blind: Blind,
-    scans: u64,
+    /// What the searches that found the orphans could not see: an orphan is "not visible"
+    /// rather than "held by no process" while some process could not be read.
+    orphans_blind: Blind,
+    /// Processes read, for tests and the benchmark.
+    visits: u64,
 }
 
-impl SocketOwners {
-    fn rescan(&mut self) {
-        self.by_inode.clear();
-        let mut unreadable = 0;
-        if let Ok(processes) = std::fs::read_dir("/proc") {
-            for entry in processes.flatten() {
-                let Some(pid) = entry.file_name().to_str().and_then(|name| name.parse::<u32>().ok()) else {
-                    continue;
-                };
-                match socket_inodes(pid, |inode| {
-                    let owners = self.by_inode.entry(inode).or_default();
-                    if !owners.contains(&pid) {
-                        owners.push(pid);
-                    }
-                }) {
-                    FdScan::Read => {}
-                    FdScan::Denied => unreadable += 1,
-                    FdScan::Gone => {}
+/// The index all workers share: a replaced worker keeps what the others learned. Locked one
+/// process at a time, never across a read of /proc, so a worker stuck in the kernel never
+/// holds it.
+pub(crate) type SharedOwnerIndex = std::sync::Arc<std::sync::Mutex<OwnerIndex>>;
+
+fn lock(index: &SharedOwnerIndex) -> std::sync::MutexGuard<'_, OwnerIndex> {
+    index.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Processes to ask in a search; a process whose entry is newer than the dump is not read
+/// again.
+fn visit(index: &SharedOwnerIndex, pid: u32, fresh_after: Instant) -> Option<FdScan> {
+    {
+        let index = lock(index);
+        if index.procs.get(&pid).is_some_and(|e| e.scanned_at >= fresh_after) {
+            return None;
+        }
+    }
+    let before = identity_of(pid);
+    let scan = socket_inodes(pid);
+    let mut index = lock(index);
+    index.visits += 1;
+    match (&scan, before) {
+        (FdScan::Read(sockets), Some((start, _))) => {
+            index.procs.insert(pid, ProcEntry { start, sockets: sockets.clone(), scanned_at: Instant::now() });
+        }
+        (FdScan::Gone, _) | (_, None) => {
+            index.procs.remove(&pid);
+        }
+        (FdScan::Denied, _) => {}
+    }
+    Some(scan)
+}
+
+/// Finds the processes holding `inodes`, sockets a dump taken at `dumped_at` listed: first
+/// in `hints` (processes likely to hold them), then in every other process, those running
+/// as one of `uids` first. Stops when each inode has an owner, or at `deadline`.
+pub(crate) fn find_owners(
+    index: &SharedOwnerIndex,
+    inodes: &[u32],
+    hints: &[u32],
+    uids: &[u32],
+    dumped_at: Instant,
+    deadline: Instant,
+) -> Found {
+    let started = Instant::now();
+    let mut found =
+        Found { blind: Blind { own_pid_namespace: in_own_pid_namespace(), ..Blind::default() }, ..Found::default() };
+    let mut wanted: HashSet<u32> = inodes.iter().copied().filter(|&i| i != 0).collect();
+    {
+        let index = lock(index);
+        let before = wanted.len();
+        wanted.retain(|inode| !index.orphans.contains(inode));
+        if wanted.len() < before {
+            found.blind.unreadable_processes = index.orphans_blind.unreadable_processes;
+        }
+    }
+    if wanted.is_empty() {
+        return found;
+    }
+    let record = |found: &mut Found, wanted: &HashSet<u32>, pid: u32, sockets: &[u32]| {
+        for inode in sockets {
+            if wanted.contains(inode) {
+                let pids = found.owners.entry(*inode).or_default();
+                if !pids.contains(&pid) {
+                    pids.push(pid);
                 }
             }
         }
-        self.blind = Blind { own_pid_namespace: in_own_pid_namespace(), unreadable_processes: unreadable };
-        self.scanned_at = Some(Instant::now());
-        self.scans += 1;
+    };
+    // 1. The likely holders, read now: one process's fds each.
+    let mut asked: HashSet<u32> = HashSet::new();
+    for &pid in hints {
+        if !asked.insert(pid) {
+            continue;
+        }
+        if let Some(FdScan::Read(sockets)) = visit(index, pid, dumped_at) {
+            record(&mut found, &wanted, pid, &sockets);
+        }
     }
-
-    /// What the last scan could not see.
-    pub(crate) fn blind(&self) -> Blind {
-        self.blind
+    // 2. What the index already knows from earlier searches: a hit is read again to confirm
+    //    it (the process may have closed it, its pid may be another process's now).
+    let known: Vec<u32> = {
+        let index = lock(index);
+        index
+            .procs
+            .iter()
+            .filter(|(pid, e)| !asked.contains(pid) && e.sockets.iter().any(|i| wanted.contains(i)))
+            .map(|(pid, _)| *pid)
+            .collect()
+    };
+    for pid in known {
+        asked.insert(pid);
+        match visit(index, pid, dumped_at) {
+            Some(FdScan::Read(sockets)) => record(&mut found, &wanted, pid, &sockets),
+            // Read after the dump already.
+            None => {
+                let sockets = lock(index).procs.get(&pid).map(|e| e.sockets.clone());
+                if let Some(sockets) = sockets {
+                    record(&mut found, &wanted, pid, &sockets);
+                }
+            }
+            Some(FdScan::Denied | FdScan::Gone) => {}
+        }
     }
-
-    /// Makes the index answer for `inodes`, sockets a dump taken at `dumped_at` listed.
-    /// Nothing is scanned when every inode is indexed (or known to have no process), or when
-    /// the last scan ran after the dump; otherwise /proc is scanned again, waiting first
-    /// until [`MIN_RESCAN`] has passed since the last scan. After this, an inode without
-    /// owners has no process that /proc shows.
-    pub(crate) fn resolve(&mut self, inodes: &[u32], dumped_at: Instant) {
-        let unknown = |owners: &Self, inode: &u32| {
-            !owners.by_inode.contains_key(&u64::from(*inode)) && !owners.orphans.contains(inode)
+    wanted.retain(|inode| !found.owners.contains_key(inode));
+    if wanted.is_empty() {
+        return found;
+    }
+    // 3. Everyone else, the sockets' uids first, until each inode has an owner or time is up.
+    let mut rest: Vec<(bool, u32)> = std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|entry| entry.file_name().to_str().and_then(|name| name.parse::<u32>().ok()))
+        .filter(|pid| !asked.contains(pid))
+        .map(|pid| {
+            use std::os::unix::fs::MetadataExt as _;
+            let likely =
+                !uids.is_empty() && std::fs::metadata(format!("/proc/{pid}")).is_ok_and(|m| uids.contains(&m.uid()));
+            (!likely, pid)
+        })
+        .collect();
+    rest.sort_unstable();
+    let total = (rest.len() + asked.len()) as u32;
+    let mut searched = asked.len() as u32;
+    let mut unreadable = 0;
+    let mut complete = true;
+    for (_, pid) in &rest {
+        if Instant::now() >= deadline {
+            complete = false;
+            break;
+        }
+        searched += 1;
+        let sockets = match visit(index, *pid, dumped_at) {
+            Some(FdScan::Read(sockets)) => sockets,
+            None => match lock(index).procs.get(pid) {
+                Some(entry) => entry.sockets.clone(),
+                None => continue,
+            },
+            Some(FdScan::Denied) => {
+                unreadable += 1;
+                continue;
+            }
+            Some(FdScan::Gone) => continue,
         };
-        // An indexed owner that has exited makes its entry stale (a daemon that forked and
-        // left, a reused pid): rescan rather than name a dead or unrelated process.
-        let mut alive: HashMap<u32, bool> = HashMap::new();
-        let mut stale = |owners: &Self, inode: &u32| {
-            owners.by_inode.get(&u64::from(*inode)).is_some_and(|pids| {
-                pids.iter().any(|pid| {
-                    !*alive.entry(*pid).or_insert_with(|| std::path::Path::new(&format!("/proc/{pid}")).exists())
-                })
-            })
-        };
-        let needs_scan = inodes.iter().any(|inode| unknown(self, inode) || stale(self, inode));
-        if !needs_scan || self.scanned_at.is_some_and(|at| at >= dumped_at) {
-            return;
+        record(&mut found, &wanted, *pid, &sockets);
+        wanted.retain(|inode| !found.owners.contains_key(inode));
+        if wanted.is_empty() {
+            break;
         }
-        if let Some(wait) = self.scanned_at.and_then(|at| (at + MIN_RESCAN).checked_duration_since(Instant::now())) {
-            std::thread::sleep(wait);
+    }
+    found.blind.unreadable_processes = found.blind.unreadable_processes.max(unreadable);
+    if !complete && !wanted.is_empty() {
+        found.blind.cut = Some(SearchCut {
+            searched,
+            total,
+            elapsed_ms: u32::try_from(started.elapsed().as_millis()).unwrap_or(u32::MAX),
+        });
+    }
+    // Forget processes that are gone, and remember what no process had after a whole search.
+    let mut index = lock(index);
+    let alive: HashSet<u32> = rest.iter().map(|(_, pid)| *pid).chain(asked.iter().copied()).collect();
+    if complete {
+        index.procs.retain(|pid, _| alive.contains(pid));
+        if index.orphans.len() + wanted.len() > ORPHANS_MAX {
+            index.orphans.clear();
         }
-        self.rescan();
-        if self.orphans.len() >= ORPHANS_MAX {
-            self.orphans.clear();
-        }
-        let missing: Vec<u32> = inodes.iter().copied().filter(|inode| unknown(self, inode)).collect();
-        self.orphans.extend(missing);
+        index.orphans.extend(wanted.iter().copied());
+        index.orphans_blind.unreadable_processes = unreadable;
+    }
+    found
+}
+
+impl OwnerIndex {
+    /// The start time the index read for `pid` with its fds.
+    pub(crate) fn start_of(&self, pid: u32) -> Option<u64> {
+        self.procs.get(&pid).map(|e| e.start)
     }
 
-    /// The pids the index has for `inode` (after [`Self::resolve`]).
-    /// Empty means "no process that the scan could see" (see [`Self::blind`]).
-    pub(crate) fn cached(&self, inode: u32) -> Vec<u32> {
-        self.by_inode.get(&u64::from(inode)).cloned().unwrap_or_default()
-    }
-
-    /// How many times /proc was scanned (for tests and benchmarks).
+    /// Processes read from /proc since the start (for tests).
     #[cfg(test)]
-    pub fn scans(&self) -> u64 {
-        self.scans
+    pub(crate) fn visits(&self) -> u64 {
+        self.visits
+    }
+
+    /// The index's size: processes and socket inodes held.
+    pub(crate) fn size(&self) -> (usize, usize) {
+        (self.procs.len(), self.procs.values().map(|e| e.sockets.len()).sum())
     }
 }
 
@@ -275,21 +467,55 @@ mod tests {
 
     use super::*;
 
+    fn inode_of(fd: i32) -> u32 {
+        std::fs::metadata(format!("/proc/self/fd/{fd}")).expect("fd").ino() as u32
+    }
+
     #[test]
-    fn finds_this_process_as_owner_and_caches_the_scan() {
+    fn a_hinted_process_is_asked_first_and_alone() {
         let listener = TcpListener::bind("127.0.0.1:0").expect("listen");
-        let inode = std::fs::metadata(format!("/proc/self/fd/{}", listener.as_raw_fd())).expect("fd").ino() as u32;
-        let mut owners = SocketOwners::default();
-        owners.resolve(&[inode], Instant::now());
-        assert_eq!(owners.cached(inode), vec![std::process::id()]);
-        owners.resolve(&[inode], Instant::now());
-        assert_eq!(owners.scans(), 1, "an indexed inode does not rescan");
-        let before = Instant::now();
-        owners.resolve(&[u32::MAX], before);
-        assert_eq!(owners.scans(), 2, "an unknown inode from a newer dump rescans");
-        assert!(owners.cached(u32::MAX).is_empty());
-        owners.resolve(&[u32::MAX], Instant::now());
-        assert_eq!(owners.scans(), 2, "an inode no process had after a newer scan does not rescan again");
+        let inode = inode_of(listener.as_raw_fd());
+        let index = SharedOwnerIndex::default();
+        let far = Instant::now() + std::time::Duration::from_secs(10);
+        let found = find_owners(&index, &[inode], &[std::process::id()], &[], Instant::now(), far);
+        assert_eq!(found.owners.get(&inode), Some(&vec![std::process::id()]));
+        assert_eq!(lock(&index).visits(), 1, "the hint held it: no other process was read");
+        assert_eq!(found.blind.cut, None);
+        assert_eq!(lock(&index).start_of(std::process::id()), start_time(std::process::id()));
+    }
+
+    #[test]
+    fn without_a_hint_the_search_finds_it_and_remembers_orphans() {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("listen");
+        let inode = inode_of(listener.as_raw_fd());
+        let index = SharedOwnerIndex::default();
+        let far = Instant::now() + std::time::Duration::from_secs(10);
+        let found = find_owners(&index, &[inode], &[], &[unsafe { libc::geteuid() }], Instant::now(), far);
+        assert_eq!(found.owners.get(&inode), Some(&vec![std::process::id()]));
+        // Known now: a later search confirms it with one read.
+        let before = lock(&index).visits();
+        let found = find_owners(&index, &[inode], &[], &[], Instant::now(), far);
+        assert_eq!(found.owners.get(&inode), Some(&vec![std::process::id()]));
+        assert_eq!(lock(&index).visits(), before + 1, "a known holder is read again, alone");
+        // An inode nobody holds: a whole search, then it is remembered as an orphan.
+        let found = find_owners(&index, &[u32::MAX], &[], &[], Instant::now(), far);
+        assert!(found.owners.is_empty() && found.blind.cut.is_none());
+        let before = lock(&index).visits();
+        let _ = find_owners(&index, &[u32::MAX], &[], &[], Instant::now(), far);
+        assert_eq!(lock(&index).visits(), before, "an orphan is not searched again");
+    }
+
+    #[test]
+    fn a_search_past_its_deadline_says_how_far_it_got() {
+        let index = SharedOwnerIndex::default();
+        let found = find_owners(&index, &[u32::MAX - 1], &[], &[], Instant::now(), Instant::now());
+        let cut = found.blind.cut.expect("cut at once");
+        assert_eq!(cut.searched, 0);
+        assert!(cut.total > 1, "{cut:?}");
+        let reason = found.blind.reason().expect("a reason");
+        assert!(reason.contains(&format!("searched 0 of {} processes", cut.total)), "{reason}");
+        // Not an orphan: it was not searched for everywhere.
+        assert!(!lock(&index).orphans.contains(&(u32::MAX - 1)));
     }
 
     #[test]

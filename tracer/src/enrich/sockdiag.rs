@@ -58,6 +58,8 @@ pub struct DiagSocket {
 pub const TCP_TIME_WAIT: u8 = 6;
 pub const TCP_CLOSE: u8 = 7;
 pub const TCP_LISTEN: u8 = 10;
+/// Bound, neither listening nor connected (sock_diag reports it from 6.8).
+pub const TCP_BOUND: u8 = 13;
 
 /// The state's name as `ss` prints it.
 pub fn state_name(proto: Proto, state: u8) -> &'static str {
@@ -101,7 +103,30 @@ pub(crate) fn send_dump(request: SockDiagMessage) -> io::Result<Socket> {
     Ok(socket)
 }
 
-fn dump(proto: Proto, family: u8, port: Option<u16>, out: &mut Vec<DiagSocket>) -> io::Result<()> {
+/// Where a dump's sockets go, one at a time: a busy port has tens of thousands of
+/// connections, and a lookup keeps only what a diagnosis can use (see `lookup::TableBuilder`).
+pub(crate) trait SocketSink {
+    fn add(&mut self, socket: DiagSocket);
+    /// Forget what was added: the dump is read again from another source.
+    fn reset(&mut self);
+}
+
+impl SocketSink for Vec<DiagSocket> {
+    fn add(&mut self, socket: DiagSocket) {
+        self.push(socket);
+    }
+    fn reset(&mut self) {
+        self.clear();
+    }
+}
+
+/// With a port, the kernel filters the dump itself: `inet_diag_dump_icsk` (TCP, every table:
+/// listeners, established and TIME_WAIT, bound-only since 6.8) and `udp_dump` skip sockets
+/// whose local port is not `idiag_sport` when it is set, so a lookup on one port never copies
+/// the rest of the host's sockets out of the kernel.
+fn dump(proto: Proto, family: u8, port: Option<u16>, out: &mut dyn SocketSink) -> io::Result<usize> {
+    let mut socket_id = if family == AF_INET { SocketId::new_v4() } else { SocketId::new_v6() };
+    socket_id.source_port = port.unwrap_or(0);
     let socket = send_dump(SockDiagMessage::InetRequest(InetRequest {
         family,
         protocol: match proto {
@@ -112,8 +137,9 @@ fn dump(proto: Proto, family: u8, port: Option<u16>, out: &mut Vec<DiagSocket>) 
         // Every state, including bit 13: sockets that are bound but neither listening nor
         // connected (kernels from 6.8 report them; older ones ignore the bit).
         states: StateFlags::from_bits_retain(u32::MAX),
-        socket_id: if family == AF_INET { SocketId::new_v4() } else { SocketId::new_v6() },
+        socket_id,
     }))?;
+    let mut delivered = 0;
 
     let mut receive = vec![0u8; 64 * 1024];
     loop {
@@ -125,7 +151,7 @@ fn dump(proto: Proto, family: u8, port: Option<u16>, out: &mut Vec<DiagSocket>) 
                 .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("sock_diag reply: {e}")))?;
             let length = message.header.length as usize;
             match message.payload {
-                NetlinkPayload::Done(_) => return Ok(()),
+                NetlinkPayload::Done(_) => return Ok(delivered),
                 NetlinkPayload::Error(err) => {
                     return Err(err.to_io());
                 }
@@ -141,7 +167,8 @@ fn dump(proto: Proto, family: u8, port: Option<u16>, out: &mut Vec<DiagSocket>) 
                             Nla::SkV6Only(v) => Some(*v),
                             _ => None,
                         });
-                        out.push(DiagSocket {
+                        delivered += 1;
+                        out.add(DiagSocket {
                             proto,
                             local: SocketAddr::new(id.source_address, id.source_port),
                             peer: SocketAddr::new(id.destination_address, id.destination_port),
@@ -170,21 +197,28 @@ fn dump(proto: Proto, family: u8, port: Option<u16>, out: &mut Vec<DiagSocket>) 
 /// sockets without IPV6_V6ONLY.
 #[cfg(test)]
 pub fn sockets_on_port(proto: Proto, port: Option<u16>) -> io::Result<Vec<DiagSocket>> {
-    socket_list(proto, port).map(|(sockets, _)| sockets)
+    let mut out = Vec::new();
+    collect_sockets(proto, port, &mut out)?;
+    Ok(out)
 }
 
-/// [`sockets_on_port`], and whether the list is sock_diag's (`true`). /proc/net/tcp does not
-/// list TCP sockets that are only bound (neither listening nor connected), nor IPV6_V6ONLY.
-pub fn socket_list(proto: Proto, port: Option<u16>) -> io::Result<(Vec<DiagSocket>, bool)> {
-    let mut out = Vec::new();
-    let netlink = dump(proto, AF_INET, port, &mut out).and_then(|()| dump(proto, AF_INET6, port, &mut out));
+/// [`sockets_on_port`] into `out`, one socket at a time; `true` when the list is sock_diag's.
+/// /proc/net/tcp does not list TCP sockets that are only bound (neither listening nor
+/// connected), nor IPV6_V6ONLY.
+pub(crate) fn collect_sockets(proto: Proto, port: Option<u16>, out: &mut dyn SocketSink) -> io::Result<bool> {
+    let netlink = dump(proto, AF_INET, port, out).and_then(|_| dump(proto, AF_INET6, port, out));
     match netlink {
-        Ok(()) => Ok((out, true)),
+        Ok(_) => Ok(true),
         Err(err) => {
             log::debug!("sock_diag for {}: {err}; reading /proc/net instead", proto.name());
-            let mut from_proc = proc_net_sockets(proto, false, port).map_err(|_| err)?;
-            from_proc.extend(proc_net_sockets(proto, true, port).unwrap_or_default());
-            Ok((from_proc, false))
+            out.reset();
+            for socket in proc_net_sockets(proto, false, port).map_err(|_| err)? {
+                out.add(socket);
+            }
+            for socket in proc_net_sockets(proto, true, port).unwrap_or_default() {
+                out.add(socket);
+            }
+            Ok(false)
         }
     }
 }
@@ -287,6 +321,51 @@ mod tests {
         assert_eq!(mine[0].inode, inode_of_fd(listener.as_raw_fd()));
         assert_eq!(mine[0].uid, unsafe { libc::geteuid() });
         assert_eq!(state_name(Proto::Tcp, mine[0].state), "LISTEN");
+    }
+
+    /// The port filter is the kernel's: another port's listener is not in the dump, and a
+    /// TCP socket that is only bound is (on kernels that report them, 6.8 on).
+    #[test]
+    fn a_port_dump_is_filtered_in_the_kernel() {
+        let other = TcpListener::bind("127.0.0.1:0").expect("listen");
+        let bound = socket2_bound();
+        let port = bound.1;
+        let found = sockets_on_port(Proto::Tcp, Some(port)).expect("dump");
+        assert!(found.iter().all(|s| s.local.port() == port), "{found:#?}");
+        let other_port = other.local_addr().expect("addr").port();
+        let mut filtered_out = Vec::new();
+        let _ = dump(Proto::Tcp, AF_INET, Some(port), &mut filtered_out).expect("dump");
+        assert!(filtered_out.iter().all(|s| s.local.port() != other_port));
+        let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+        let (major, minor) = release
+            .split('.')
+            .take(2)
+            .map(|n| n.parse::<u32>().unwrap_or(0))
+            .fold((0, 0), |(a, _), n| if a == 0 { (n, 0) } else { (a, n) });
+        if (major, minor) >= (6, 8) {
+            // Reported in state CLOSE (7) on 6.18; TCP_BOUND (13) is only the filter's bit.
+            assert_eq!(found.iter().filter(|s| matches!(s.state, TCP_CLOSE | TCP_BOUND)).count(), 1, "{found:#?}");
+        }
+        drop(bound);
+    }
+
+    /// A TCP socket bound to a free loopback port, neither listening nor connected.
+    fn socket2_bound() -> (std::os::fd::OwnedFd, u16) {
+        use std::os::fd::FromRawFd as _;
+        // SAFETY: plain socket calls on a fresh fd, owned at once.
+        unsafe {
+            let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
+            assert!(fd >= 0);
+            let owned = std::os::fd::OwnedFd::from_raw_fd(fd);
+            let mut addr: libc::sockaddr_in = std::mem::zeroed();
+            addr.sin_family = libc::AF_INET as u16;
+            addr.sin_addr.s_addr = u32::from_ne_bytes([127, 0, 0, 1]);
+            let len = std::mem::size_of::<libc::sockaddr_in>() as u32;
+            assert_eq!(libc::bind(fd, (&raw const addr).cast(), len), 0);
+            let mut len = len;
+            assert_eq!(libc::getsockname(fd, (&raw mut addr).cast(), &mut len), 0);
+            (owned, u16::from_be(addr.sin_port))
+        }
     }
 
     #[test]

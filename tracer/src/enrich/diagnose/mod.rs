@@ -14,18 +14,20 @@ use bindtrace_common::{sock_flags, BindEvent, AF_INET, AF_INET6, AF_UNIX};
 
 use self::report::comm_text;
 pub use self::report::Diagnosis;
+#[cfg(test)]
+use self::report::PROCESSES_SHOWN_MAX as PROCESSES_SHOWN;
 pub(crate) use self::{
-    report::{holder_report, DiagnosisFacts, HolderReport},
+    report::{holder_report, shrink_holders, DiagnosisFacts, HolderReport, HoldersSummary, DIAGNOSIS_BYTES_MAX},
     wording::{endpoint, holders_summary, stop_advice},
 };
 use super::{
     history::{BindHistory, SeenBind},
     lookup::{
-        unix_name_key, Facts, Holder, LookupKey, NetnsFacts, ProcessCaps, ProcessUnread, SocketTable, IFA_F_DADFAILED,
-        IFA_F_OPTIMISTIC, IFA_F_TENTATIVE,
+        is_connection, unix_name_key, Facts, Holder, LookupKey, NetnsFacts, PortCensus, ProcessCaps, ProcessUnread,
+        SocketTable, IFA_F_DADFAILED, IFA_F_OPTIMISTIC, IFA_F_TENTATIVE,
     },
     policy::BindPolicy,
-    sockdiag::{DiagSocket, Proto, TCP_LISTEN, TCP_TIME_WAIT},
+    sockdiag::{state_name, DiagSocket, Proto, TCP_LISTEN, TCP_TIME_WAIT},
 };
 use crate::{
     decode::{requested_endpoint, Bind, BindEventExt as _},
@@ -76,16 +78,25 @@ fn is_port_publisher(comm: &[u8]) -> bool {
 /// Equal addresses and the wildcards 0.0.0.0 and :: conflict; an IPv6 socket without
 /// IPV6_V6ONLY also covers IPv4 (:: all of it, ::ffff:a.b.c.d that one address).
 pub fn conflicts(requested: Option<IpAddr>, requested_v6only: bool, holder: &DiagSocket) -> bool {
+    conflicts_with(requested, requested_v6only, holder.local.ip(), holder.v6only)
+}
+
+/// [`conflicts`] with a socket's local address and IPV6_V6ONLY.
+pub(crate) fn conflicts_with(
+    requested: Option<IpAddr>,
+    requested_v6only: bool,
+    held: IpAddr,
+    held_v6only: Option<bool>,
+) -> bool {
     let Some(requested) = requested else {
         return true; // the address is unknown: every socket on the port may be in the way
     };
-    let held = holder.local.ip();
     let overlap_v4 = |a: std::net::Ipv4Addr, b: std::net::Ipv4Addr| a == b || a.is_unspecified() || b.is_unspecified();
     match (requested, held) {
         (IpAddr::V4(r), IpAddr::V4(h)) => overlap_v4(r, h),
         (IpAddr::V6(r), IpAddr::V6(h)) => r == h || r.is_unspecified() || h.is_unspecified(),
         (IpAddr::V4(r), IpAddr::V6(h)) => {
-            !holder.v6only.unwrap_or(false)
+            !held_v6only.unwrap_or(false)
                 && (h.is_unspecified() || h.to_ipv4_mapped().is_some_and(|mapped| overlap_v4(r, mapped)))
         }
         (IpAddr::V6(r), IpAddr::V4(h)) => {
@@ -99,7 +110,7 @@ pub(crate) fn holder_rank(socket: &DiagSocket) -> u8 {
     match socket.state {
         TCP_LISTEN => 0,
         TCP_TIME_WAIT => 3,
-        s if s == super::sockdiag::TCP_CLOSE || s == 13 => 1,
+        s if s == super::sockdiag::TCP_CLOSE || s == super::sockdiag::TCP_BOUND => 1,
         _ => 2,
     }
 }
@@ -140,7 +151,8 @@ fn ephemeral_exhausted(event: &BindEvent, table: &SocketTable) -> Diagnosis {
                     net.ipv4.ip_local_port_range, or use fewer sockets at once";
     let summary = match table.local_port_range {
         Some((lo, hi)) => {
-            let (taken, time_wait) = table.ports_taken(lo, hi, |s| conflicts(requested, v6only, s));
+            let (taken, time_wait) =
+                table.ports_taken(lo, hi, |local, held_v6only| conflicts_with(requested, v6only, local, held_v6only));
             let size = usize::from(hi.saturating_sub(lo)) + 1;
             facts.local_port_range = Some(format!("{lo}-{hi}"));
             facts.ports_taken = Some(taken);
@@ -168,12 +180,51 @@ fn ephemeral_exhausted(event: &BindEvent, table: &SocketTable) -> Diagnosis {
         facts,
         unknown: Vec::new(),
         unix_holders: Vec::new(),
+        holders_summary: None,
     }
+}
+
+/// The holders a diagnosis lists: every socket in the way that is not a connection (up to
+/// this many), and a few connections as examples; the rest are counted in `holders_summary`.
+const HOLDERS_SHOWN_MAX: usize = 16;
+const CONNECTIONS_SHOWN_MAX: usize = 2;
+
+/// The sockets in the way, counted: from the lookup's census of the port (every socket,
+/// kept or not), or from the holders themselves when there is none.
+fn count_blocking(
+    event: &BindEvent,
+    holders: &[&Holder],
+    census: Option<&PortCensus>,
+    shown: usize,
+) -> Option<HoldersSummary> {
+    let requested = event.requested_ip();
+    let v6only = event.has(sock_flags::V6ONLY);
+    let proto = Proto::from_ipproto(event.protocol).unwrap_or(Proto::Tcp);
+    let mut by_state = std::collections::BTreeMap::new();
+    let mut distinct_peers = None;
+    match census {
+        Some(census) => {
+            for group in census.groups.iter().filter(|g| {
+                conflicts_with(requested, v6only, g.local, g.v6only) && (!event.is_listen() || g.state == TCP_LISTEN)
+            }) {
+                *by_state.entry(state_name(proto, group.state)).or_default() += group.count as usize;
+            }
+            distinct_peers = (census.distinct_peers > 0).then_some(census.distinct_peers);
+        }
+        None => {
+            for holder in holders {
+                *by_state.entry(state_name(proto, holder.socket.state)).or_default() += 1;
+            }
+        }
+    }
+    let total = by_state.values().sum::<usize>().max(holders.len());
+    (total > 0).then_some(HoldersSummary { total, shown, by_state, distinct_peers, truncated: total > shown })
 }
 
 fn in_use(
     event: &BindEvent,
     holders: &[Holder],
+    census: Option<&PortCensus>,
     history: &BindHistory,
     local_port_range: Option<(u16, u16)>,
 ) -> Diagnosis {
@@ -190,10 +241,20 @@ fn in_use(
         .filter(|h| !listen || h.socket.state == TCP_LISTEN)
         .collect();
     blocking.sort_by_key(|h| holder_rank(&h.socket));
-    let reports = blocking.iter().map(|h| holder_report(h, seen_for(history, key, h))).collect();
+    let shown: Vec<&Holder> = blocking
+        .iter()
+        .filter(|h| !is_connection(h.socket.state))
+        .take(HOLDERS_SHOWN_MAX)
+        .chain(blocking.iter().filter(|h| is_connection(h.socket.state)).take(CONNECTIONS_SHOWN_MAX))
+        .copied()
+        .collect();
+    let reports = shown.iter().map(|h| holder_report(h, seen_for(history, key, h))).collect();
+    let counted = count_blocking(event, &blocking, census, shown.len());
+    let blocking_total = counted.as_ref().map_or(0, |s| s.total);
+    let on_port = census.map_or(holders.len(), PortCensus::total);
     let mut facts = DiagnosisFacts::default();
     let Some(first) = blocking.first() else {
-        let summary = if holders.is_empty() {
+        let summary = if on_port == 0 {
             format!(
                 "nothing holds port {port}/{} any more: it was released before bindtrace looked; retry the bind",
                 proto.name()
@@ -203,7 +264,7 @@ fn in_use(
                 "no socket on port {port}/{} overlaps {} by address now ({} other socket(s) use the port); retry the bind",
                 proto.name(),
                 requested_endpoint(event),
-                holders.len()
+                on_port
             )
         };
         return Diagnosis {
@@ -213,6 +274,7 @@ fn in_use(
             facts,
             unknown: Vec::new(),
             unix_holders: Vec::new(),
+            holders_summary: None,
         };
     };
 
@@ -246,6 +308,7 @@ fn in_use(
             facts,
             unknown: Vec::new(),
             unix_holders: Vec::new(),
+            holders_summary: counted,
         };
     }
 
@@ -262,7 +325,8 @@ fn in_use(
             ),
         });
     }
-    let base = holders_summary(proto, port, &live.iter().map(|h| (**h).clone()).collect::<Vec<_>>(), seen);
+    let base =
+        holders_summary(proto, port, &live.iter().map(|h| (**h).clone()).collect::<Vec<_>>(), seen, blocking_total);
     let cross_family =
         matches!((event.family, first.socket.local), (AF_INET, SocketAddr::V6(_)) | (AF_INET6, SocketAddr::V4(_)));
     let itself = first.processes.iter().any(|p| p.pid == event.tgid);
@@ -331,7 +395,15 @@ fn in_use(
     } else {
         ("in_use", stop_advice(first))
     };
-    Diagnosis { kind, summary: format!("{base}; {advice}"), holders: reports, facts, unknown, unix_holders: Vec::new() }
+    Diagnosis {
+        kind,
+        summary: format!("{base}; {advice}"),
+        holders: reports,
+        facts,
+        unknown,
+        unix_holders: Vec::new(),
+        holders_summary: counted,
+    }
 }
 
 fn has_cap(effective: u64, cap: u32) -> bool {
@@ -370,6 +442,7 @@ fn access(
             facts,
             unknown,
             unix_holders: Vec::new(),
+            holders_summary: None,
         };
     };
     // EPERM never comes from the privileged-port rule (that is EACCES).
@@ -385,6 +458,7 @@ fn access(
                     facts,
                     unknown,
                     unix_holders: Vec::new(),
+                    holders_summary: None,
                 };
             }
         }
@@ -415,7 +489,7 @@ fn access(
             ),
         ),
     };
-    Diagnosis { kind, summary, holders: Vec::new(), facts, unknown, unix_holders: Vec::new() }
+    Diagnosis { kind, summary, holders: Vec::new(), facts, unknown, unix_holders: Vec::new(), holders_summary: None }
 }
 
 /// A refusal that capabilities do not explain, named from what is in force: a cgroup BPF bind
@@ -493,6 +567,7 @@ fn not_available(event: &BindEvent, netns: Option<&NetnsFacts>) -> Diagnosis {
             facts,
             unknown: vec!["requested address".to_owned()],
             unix_holders: Vec::new(),
+            holders_summary: None,
         };
     };
     let Some(netns) = netns else {
@@ -503,6 +578,7 @@ fn not_available(event: &BindEvent, netns: Option<&NetnsFacts>) -> Diagnosis {
             facts,
             unknown: vec!["interface addresses of the namespace".to_owned()],
             unix_holders: Vec::new(),
+            holders_summary: None,
         };
     };
     let assigned = is_local_address(addr, &netns.addresses);
@@ -552,6 +628,7 @@ fn not_available(event: &BindEvent, netns: Option<&NetnsFacts>) -> Diagnosis {
                 facts,
                 unknown: Vec::new(),
                 unix_holders: Vec::new(),
+                holders_summary: None,
             };
         }
     }
@@ -572,6 +649,7 @@ fn not_available(event: &BindEvent, netns: Option<&NetnsFacts>) -> Diagnosis {
         facts,
         unknown: Vec::new(),
         unix_holders: Vec::new(),
+        holders_summary: None,
     }
 }
 
@@ -584,6 +662,7 @@ fn caller_error(kind: &'static str, summary: &str) -> Diagnosis {
         facts: DiagnosisFacts::default(),
         unknown: Vec::new(),
         unix_holders: Vec::new(),
+        holders_summary: None,
     }
 }
 
@@ -620,7 +699,15 @@ fn invalid(event: &BindEvent) -> Diagnosis {
     } else {
         ("invalid_address", "bind() rejected the address as invalid for this socket".to_owned())
     };
-    Diagnosis { kind, summary, holders: Vec::new(), facts, unknown: Vec::new(), unix_holders: Vec::new() }
+    Diagnosis {
+        kind,
+        summary,
+        holders: Vec::new(),
+        facts,
+        unknown: Vec::new(),
+        unix_holders: Vec::new(),
+        holders_summary: None,
+    }
 }
 
 /// The diagnosis of a failed bind from the facts its lookups produced (`facts` answers
@@ -647,7 +734,13 @@ pub fn diagnose<'a>(
                     ephemeral_exhausted(event, table)
                 }
                 Some((_, Some(Facts::Sockets(Ok(table))))) => {
-                    let mut diagnosis = in_use(event, &table.holders(event.port), history, table.local_port_range);
+                    let mut diagnosis = in_use(
+                        event,
+                        &table.holders(event.port),
+                        table.census(event.port),
+                        history,
+                        table.local_port_range,
+                    );
                     if !table.from_sock_diag {
                         hedge_without_sock_diag(&mut diagnosis, event);
                     }
@@ -682,6 +775,7 @@ pub fn diagnose<'a>(
                     facts: DiagnosisFacts::default(),
                     unknown: vec![lookup_error(key).unwrap_or_else(|| "holder lookup did not finish".to_owned())],
                     unix_holders: Vec::new(),
+                    holders_summary: None,
                 },
                 None => Diagnosis {
                     kind: "unknown",
@@ -690,6 +784,7 @@ pub fn diagnose<'a>(
                     facts: DiagnosisFacts::default(),
                     unknown: Vec::new(),
                     unix_holders: Vec::new(),
+                    holders_summary: None,
                 },
             }
         }
@@ -753,8 +848,11 @@ pub fn diagnose<'a>(
             facts: DiagnosisFacts::default(),
             unknown: Vec::new(),
             unix_holders: Vec::new(),
+            holders_summary: None,
         },
     };
+    let mut diagnosis = diagnosis;
+    diagnosis.fit(DIAGNOSIS_BYTES_MAX);
     Some(diagnosis)
 }
 
@@ -793,6 +891,7 @@ mod tests {
             uid: Some(0),
             identity: None,
             forwards: None,
+            start_time: 0,
         }
     }
 
@@ -829,6 +928,65 @@ mod tests {
     fn run(event: &BindEvent, facts: &[(LookupKey, Facts)], history: &BindHistory) -> Diagnosis {
         diagnose(&(*event).into(), |key| facts.iter().find(|(k, _)| k == key).map(|(_, f)| f), history)
             .expect("a failure")
+    }
+
+    /// Issue 19: every ESTABLISHED socket on a busy port was a "holder" (a 7.2 MB line).
+    #[test]
+    fn a_busy_port_names_its_listener_and_counts_the_connections() {
+        let event = sample_event(); // 127.0.0.1:8080 tcp EADDRINUSE
+        let listener = Holder {
+            socket: socket("0.0.0.0:8080", TCP_LISTEN, None),
+            processes: vec![nginx(); 40],
+            owners: OwnersSeen::Complete,
+        };
+        let mut holders = vec![listener];
+        for i in 0..18_000u32 {
+            let mut accepted = socket("127.0.0.1:8080", 1, None);
+            accepted.inode = 1_000 + i;
+            accepted.peer = SocketAddr::new(IpAddr::from([127, 0, 0, 2 + (i % 3) as u8]), 10_000 + (i % 50_000) as u16);
+            holders.push(Holder { socket: accepted, processes: vec![nginx()], owners: OwnersSeen::Complete });
+        }
+        let facts = vec![(needed_lookups(&event.into()).remove(0), holders_facts(holders))];
+        let d = run(&event, &facts, &BindHistory::default());
+        assert_eq!(d.kind, "in_use");
+        assert_eq!(d.holders[0].state, "LISTEN");
+        assert!(d.holders.len() <= HOLDERS_SHOWN_MAX + CONNECTIONS_SHOWN_MAX, "{}", d.holders.len());
+        assert_eq!((d.holders[0].processes.len(), d.holders[0].processes_total), (PROCESSES_SHOWN, Some(40)));
+        let summary = d.holders_summary.as_ref().expect("counted");
+        assert_eq!((summary.total, summary.shown, summary.truncated), (18_001, d.holders.len(), true));
+        assert_eq!(summary.by_state.get("ESTABLISHED"), Some(&18_000));
+        assert_eq!(summary.by_state.get("LISTEN"), Some(&1));
+        assert_eq!(summary.distinct_peers, Some(3));
+        assert!(d.summary.contains("(+18000 more sockets)"), "{}", d.summary);
+        let json = serde_json::to_string(&d).expect("json");
+        assert!(json.len() <= DIAGNOSIS_BYTES_MAX, "{} bytes", json.len());
+    }
+
+    /// Sixteen SO_REUSEPORT listeners with long command lines do not fit: the list is cut,
+    /// and says so.
+    #[test]
+    fn a_diagnosis_too_long_for_a_line_is_cut_to_fit() {
+        let mut event = sample_event();
+        event.sock_flags |= sock_flags::REUSEPORT;
+        let worker = |pid: u32| ProcessInfo { pid, cmdline: format!("worker {}", "x".repeat(500)), ..nginx() };
+        let holders: Vec<Holder> = (0..16u32)
+            .map(|i| {
+                let mut listener = socket("127.0.0.1:8080", TCP_LISTEN, None);
+                listener.inode = 100 + i;
+                Holder {
+                    socket: listener,
+                    processes: (0..8).map(|p| worker(1_000 + i * 8 + p)).collect(),
+                    owners: OwnersSeen::Complete,
+                }
+            })
+            .collect();
+        let facts = vec![(needed_lookups(&event.into()).remove(0), holders_facts(holders))];
+        let d = run(&event, &facts, &BindHistory::default());
+        let json = serde_json::to_string(&d).expect("json");
+        assert!(json.len() <= DIAGNOSIS_BYTES_MAX, "{} bytes", json.len());
+        let summary = d.holders_summary.as_ref().expect("says it was cut");
+        assert!(summary.truncated && summary.total == 16 && summary.shown == d.holders.len(), "{summary:?}");
+        assert!(!d.holders.is_empty(), "the first holder is still named");
     }
 
     #[test]

@@ -1,7 +1,10 @@
 //! What a diagnosis says, in the shape both sinks and `bindtrace who` print: the output
 //! types, and the holder entries built from the facts.
 
-use std::net::{IpAddr, SocketAddr};
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, SocketAddr},
+};
 
 use serde::Serialize;
 
@@ -30,12 +33,42 @@ pub struct Diagnosis {
     /// diagnosis has one kind of holder or the other, never both).
     #[serde(rename = "holders", skip_serializing_if = "Vec::is_empty")]
     pub unix_holders: Vec<UnixHolderReport>,
+    /// Every socket in the way, counted, when `holders` lists only some of them (a busy
+    /// port's connections, or a list cut to fit the line).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub holders_summary: Option<HoldersSummary>,
     #[serde(skip_serializing_if = "DiagnosisFacts::is_empty")]
     pub facts: DiagnosisFacts,
     /// What could not be found out (a process that exited, a namespace that is gone, ...).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub unknown: Vec<String>,
 }
+
+/// The sockets in the way, all of them, when a diagnosis lists some.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct HoldersSummary {
+    /// Sockets in the way.
+    pub total: usize,
+    /// How many of them `holders` lists (in rank order: listeners, bound and UDP sockets,
+    /// connections, TIME_WAIT).
+    pub shown: usize,
+    /// All of them by state, as `ss` names states.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub by_state: BTreeMap<&'static str, usize>,
+    /// Distinct peer addresses among the port's connections.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub distinct_peers: Option<usize>,
+    /// `holders` leaves some out.
+    pub truncated: bool,
+}
+
+/// The most processes listed per holder; `processes_total` counts them all.
+pub(crate) const PROCESSES_SHOWN_MAX: usize = 8;
+/// The most bytes a diagnosis takes in an NDJSON line: the rest of the line's 16 KiB is the
+/// event's own fields, which are bounded (see docs/ndjson-schema.md).
+pub(crate) const DIAGNOSIS_BYTES_MAX: usize = 12 * 1024;
+/// The longest command line a holder shows once a diagnosis had to be cut to fit.
+const CMDLINE_CUT: usize = 120;
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct HolderReport {
@@ -52,8 +85,12 @@ pub struct HolderReport {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub v6only: Option<bool>,
     pub processes: Vec<ProcessInfo>,
+    /// How many processes have the socket open, when `processes` lists only some of them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub processes_total: Option<usize>,
     /// Why `processes` may miss some (bindtrace in its own PID namespace, other users'
-    /// processes it may not inspect): an empty list is then "not visible", not "none".
+    /// processes it may not inspect, a search cut at its deadline): an empty list is then
+    /// "not visible", not "none".
     #[serde(skip_serializing_if = "Option::is_none")]
     pub processes_hidden: Option<String>,
     /// The holder's own bind, when bindtrace saw it.
@@ -72,6 +109,8 @@ pub struct UnixHolderReport {
     /// The name it was bound with (a path as the binder gave it, or `@name`).
     pub name: String,
     pub processes: Vec<ProcessInfo>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub processes_total: Option<usize>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub processes_hidden: Option<String>,
 }
@@ -152,18 +191,6 @@ pub struct DiagnosisFacts {
 const UNFINISHED: &str = "a lookup did not finish in time; this diagnosis may be incomplete";
 
 impl Diagnosis {
-    /// For a failure whose diagnosis was promised when diagnoses stopped for good.
-    pub(crate) fn stopped(reason: &str) -> Self {
-        Self {
-            kind: "unknown",
-            summary: format!("no diagnosis: diagnoses stopped ({reason})"),
-            holders: Vec::new(),
-            unix_holders: Vec::new(),
-            facts: DiagnosisFacts::default(),
-            unknown: vec![format!("diagnoses stopped: {reason}")],
-        }
-    }
-
     /// Marks a diagnosis made without every answer it needed.
     pub(crate) fn note_unfinished(&mut self) {
         if !self.unknown.iter().any(|u| u.contains("did not finish")) {
@@ -205,8 +232,92 @@ pub(crate) fn holder_report(holder: &Holder, seen: Option<&SeenBind>) -> HolderR
         peer: (!socket.peer.ip().is_unspecified()).then_some(socket.peer),
         timer_ms: socket.timer_ms,
         v6only: socket.v6only,
-        processes: holder.processes.clone(),
+        processes: holder.processes.iter().take(PROCESSES_SHOWN_MAX).cloned().collect(),
+        processes_total: (holder.processes.len() > PROCESSES_SHOWN_MAX).then_some(holder.processes.len()),
         processes_hidden: holder.blind_reason(),
         seen_bind: seen.map(seen_report),
+    }
+}
+
+/// A list of processes cut to `keep`, its full count noted once.
+fn cut_processes(processes: &mut Vec<ProcessInfo>, total: &mut Option<usize>, keep: usize) {
+    if processes.len() > keep {
+        total.get_or_insert(processes.len());
+        processes.truncate(keep);
+    }
+}
+
+/// A command line cut at [`CMDLINE_CUT`] bytes, with an ellipsis.
+fn cut_cmdline(cmdline: &mut String) -> bool {
+    if cmdline.len() <= CMDLINE_CUT {
+        return false;
+    }
+    let mut end = CMDLINE_CUT;
+    while !cmdline.is_char_boundary(end) {
+        end -= 1;
+    }
+    cmdline.truncate(end);
+    cmdline.push('…');
+    true
+}
+
+/// One step that makes a holder list smaller, the cheapest loss first: processes beyond the
+/// first of a socket, then the last holder, then long command lines. `false`: nothing left
+/// to take but the holders themselves.
+pub(crate) fn shrink_holders(holders: &mut Vec<HolderReport>) -> bool {
+    if let Some(holder) = holders.iter_mut().filter(|h| h.processes.len() > 1).max_by_key(|h| h.processes.len()) {
+        let keep = holder.processes.len() / 2;
+        cut_processes(&mut holder.processes, &mut holder.processes_total, keep.max(1));
+        return true;
+    }
+    if holders.len() > 1 {
+        holders.pop();
+        return true;
+    }
+    holders.iter_mut().flat_map(|h| h.processes.iter_mut()).any(|p| cut_cmdline(&mut p.cmdline))
+}
+
+impl Diagnosis {
+    /// Cuts the holder lists until the diagnosis takes at most `max` bytes of JSON, and says
+    /// so in `holders_summary`. Every NDJSON line of bindtrace stays under 16 KiB: container
+    /// runtimes split longer lines, and a log pipeline then gets broken JSON.
+    pub(crate) fn fit(&mut self, max: usize) {
+        let listed = self.holders.len() + self.unix_holders.len();
+        let size = |d: &Self| serde_json::to_vec(d).map_or(0, |json| json.len());
+        let mut cut = false;
+        while size(self) > max {
+            cut = true;
+            if shrink_holders(&mut self.holders) {
+                continue;
+            }
+            if let Some(holder) =
+                self.unix_holders.iter_mut().filter(|h| h.processes.len() > 1).max_by_key(|h| h.processes.len())
+            {
+                let keep = (holder.processes.len() / 2).max(1);
+                cut_processes(&mut holder.processes, &mut holder.processes_total, keep);
+                continue;
+            }
+            if self.unix_holders.len() > 1 {
+                self.unix_holders.pop();
+                continue;
+            }
+            if self.unix_holders.iter_mut().flat_map(|h| h.processes.iter_mut()).any(|p| cut_cmdline(&mut p.cmdline)) {
+                continue;
+            }
+            if !self.holders.is_empty() || !self.unix_holders.is_empty() {
+                self.holders.clear();
+                self.unix_holders.clear();
+                continue;
+            }
+            // What is left is the summary, the facts and the unknowns, each bounded.
+            break;
+        }
+        if cut {
+            let summary = self
+                .holders_summary
+                .get_or_insert_with(|| HoldersSummary { total: listed, ..HoldersSummary::default() });
+            summary.shown = self.holders.len() + self.unix_holders.len();
+            summary.truncated = true;
+        }
     }
 }

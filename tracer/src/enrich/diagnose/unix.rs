@@ -13,6 +13,7 @@ fn unknown(summary: String, why: String) -> Diagnosis {
         summary,
         holders: Vec::new(),
         unix_holders: Vec::new(),
+        holders_summary: None,
         facts: DiagnosisFacts::default(),
         unknown: vec![why],
     }
@@ -24,7 +25,9 @@ fn holder_report(holder: &UnixHolder) -> UnixHolderReport {
         state: holder.socket.state_name(),
         inode: holder.socket.inode,
         name: UnixPath::new(&holder.socket.name).display_text(),
-        processes: holder.processes.clone(),
+        processes: holder.processes.iter().take(super::report::PROCESSES_SHOWN_MAX).cloned().collect(),
+        processes_total: (holder.processes.len() > super::report::PROCESSES_SHOWN_MAX)
+            .then_some(holder.processes.len()),
         processes_hidden: match holder.owners {
             OwnersSeen::Partial(blind) => blind.reason(),
             _ => None,
@@ -159,7 +162,15 @@ pub(super) fn unix_in_use(event: &Bind, answer: Option<&Facts>) -> Diagnosis {
         }
     }
     details.unix_file = details.unix_file.take();
-    Diagnosis { kind, summary, holders: Vec::new(), unix_holders, facts: details, unknown: unknown_facts }
+    Diagnosis {
+        kind,
+        summary,
+        holders: Vec::new(),
+        unix_holders,
+        holders_summary: None,
+        facts: details,
+        unknown: unknown_facts,
+    }
 }
 
 #[cfg(test)]
@@ -207,6 +218,7 @@ mod tests {
                     uid: Some(0),
                     identity: None,
                     forwards: None,
+                    start_time: 0,
                 })
                 .into_iter()
                 .collect(),
@@ -267,7 +279,7 @@ mod tests {
 
     #[test]
     fn an_invisible_holder_is_not_called_absent() {
-        let blind = Blind { own_pid_namespace: true, unreadable_processes: 0 };
+        let blind = Blind { own_pid_namespace: true, unreadable_processes: 0, cut: None };
         let d = unix_in_use(
             &event(b"/run/app.sock"),
             Some(&facts(b"/run/app.sock", SOCKET_FILE, vec![holder(None, OwnersSeen::Partial(blind))], 0)),

@@ -67,8 +67,16 @@ pub(crate) fn endpoint(addr: SocketAddr) -> String {
     }
 }
 
-/// The sentence for sockets holding a port, shared with `bindtrace who`.
-pub(crate) fn holders_summary(proto: Proto, port: u16, holders: &[Holder], seen: Option<&SeenBind>) -> String {
+/// The sentence for sockets holding a port, shared with `bindtrace who`; `total` is how many
+/// sockets `holders` stand for (a busy port's connections are counted, not all listed).
+pub(crate) fn holders_summary(
+    proto: Proto,
+    port: u16,
+    holders: &[Holder],
+    seen: Option<&SeenBind>,
+    total: usize,
+) -> String {
+    let total = total.max(holders.len());
     let Some(first) = holders.iter().min_by_key(|h| holder_rank(&h.socket)) else {
         return format!("nothing holds port {port}/{} now", proto.name());
     };
@@ -77,7 +85,7 @@ pub(crate) fn holders_summary(proto: Proto, port: u16, holders: &[Holder], seen:
         return format!(
             "only TIME_WAIT sockets hold {port}/{} ({}{}), no process",
             proto.name(),
-            holders.len(),
+            total,
             expires.map(|ms| format!(", expires in {} s", ms.div_ceil(1000))).unwrap_or_default()
         );
     }
@@ -85,7 +93,7 @@ pub(crate) fn holders_summary(proto: Proto, port: u16, holders: &[Holder], seen:
         .filter(|_| !first.processes.is_empty())
         .map(|s| format!(" since {}", local_time_of_day(s.wall_ns)))
         .unwrap_or_default();
-    let others = holders.len() - 1;
+    let others = total - 1;
     format!(
         "port {port}/{} is held by {}, {} on {}{since}{}",
         proto.name(),
