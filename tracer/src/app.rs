@@ -146,7 +146,10 @@ fn open_sink(plan: &Plan) -> Result<Box<dyn Sink>> {
         ),
         None => Box::new(io::stdout()),
     };
-    let output = Output::new(writer);
+    // stdout is watched for its reader going away; a --file has no reader to lose.
+    let watched = plan.cli.file.is_none().then_some(libc::STDOUT_FILENO);
+    let writer = crate::sink::writer::ThreadWriter::spawn(writer, watched).context("cannot start the output thread")?;
+    let output = Output::new(Box::new(writer));
     Ok(match plan.format {
         OutputFormat::Ndjson => Box::new(NdjsonSink::new(output)),
         OutputFormat::Table => Box::new(TableSink::new(output, plan.color)),
@@ -176,7 +179,36 @@ fn clap_error_line(rendered: &str) -> String {
     }
 }
 
+/// Opens /dev/null on whichever of fds 0, 1 and 2 is closed (`2>&-`): otherwise the first
+/// files bindtrace opens (a BPF map, a netlink socket) would take those numbers, and its
+/// messages would be written into them.
+fn fill_closed_standard_fds() {
+    for fd in 0..=2 {
+        // SAFETY: F_GETFD only asks whether the fd is open.
+        if unsafe { libc::fcntl(fd, libc::F_GETFD) } == -1 {
+            // SAFETY: a plain open; the lowest free number is the closed one.
+            let _ = unsafe { libc::open(c"/dev/null".as_ptr(), libc::O_RDWR) };
+        }
+    }
+}
+
+/// Raises the soft limit on open files to the hard one: runtimes start processes at 1,024,
+/// and the lookups (netlink sockets, /proc files, namespaces) and `/metrics` connections must
+/// not run out of fds on a busy host.
+fn raise_fd_limit() {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: get/setrlimit with a valid struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max {
+            limit.rlim_cur = limit.rlim_max;
+            let _ = libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        }
+    }
+}
+
 pub fn main() -> ExitCode {
+    fill_closed_standard_fds();
+    raise_fd_limit();
     crate::say::init_log();
 
     let cli = match Cli::try_parse() {

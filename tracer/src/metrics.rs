@@ -30,7 +30,9 @@ use crate::{
     summary::KernelCounters,
 };
 
-/// Distinct (container, pod, namespace) label values; past this, `container="other"`.
+/// Distinct (container, pod, namespace) label values at once; past this, the set used least
+/// recently is removed from the registry (its series end), so that pods that come and go
+/// over months never freeze the labels nor grow the registry.
 pub const CONTAINER_LABELS_MAX: usize = 256;
 /// Ports `--metrics-port` may name.
 pub const PORT_LABELS_MAX: usize = 64;
@@ -51,6 +53,11 @@ struct BindLabels {
     container: String,
     pod: String,
     namespace: String,
+}
+
+struct ContainerSeries {
+    last_used: Arc<AtomicU64>,
+    series: Vec<BindLabels>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -85,9 +92,14 @@ pub struct Metrics {
     last_kernel_dropped: AtomicU64,
     last_enrich: std::sync::Mutex<EnrichCounters>,
     ports: FxHashSet<u16>,
-    /// Identities whose labels were settled, by address, and the label values.
-    handles: FxHashMap<HandleKey, Counter>,
-    containers_seen: FxHashSet<(String, String, String)>,
+    /// Identities whose labels were settled, by address, and the label values; with the
+    /// last-use stamp of their container label set.
+    handles: FxHashMap<HandleKey, (Counter, Arc<AtomicU64>)>,
+    /// Each (container, pod, namespace) label set: when it was last used, and the label sets
+    /// of the series made with it (removed from the registry with it).
+    containers_seen: FxHashMap<(String, String, String), ContainerSeries>,
+    /// Counts uses, for the least-recently-used order.
+    uses: u64,
     /// Keeps the identities of `handles` alive, so that their addresses stay theirs.
     pinned: Vec<Arc<Identity>>,
 }
@@ -116,15 +128,15 @@ impl Metrics {
         let lookups = Counter::default();
         registry.register("lookups", "Lookups started for diagnoses and identities", lookups.clone());
         let lookup_timeouts = Counter::default();
-        registry.register("lookup_timeouts", "Lookups that did not answer within 2 s", lookup_timeouts.clone());
+        registry.register(
+            "lookup_timeouts",
+            "Lookups that did not answer within 5 s of their start",
+            lookup_timeouts.clone(),
+        );
         let diagnoses_followed = Counter::default();
         registry.register("diagnoses_followed", "Diagnoses written after their event", diagnoses_followed.clone());
         let diagnoses_shed = Counter::default();
-        registry.register(
-            "diagnoses_shed",
-            "Failures that got no diagnosis (overload, lookups stopped)",
-            diagnoses_shed.clone(),
-        );
+        registry.register("diagnoses_shed", "Failures that got no diagnosis (overload)", diagnoses_shed.clone());
         registry.register(
             "backend",
             "The kernel hook bindtrace attached with",
@@ -143,7 +155,8 @@ impl Metrics {
             last_enrich: std::sync::Mutex::new(EnrichCounters::default()),
             ports: ports.iter().copied().collect(),
             handles: FxHashMap::default(),
-            containers_seen: FxHashSet::default(),
+            containers_seen: FxHashMap::default(),
+            uses: 0,
             pinned: Vec::new(),
         }
     }
@@ -164,8 +177,10 @@ impl Metrics {
             port: if self.ports.contains(&event.port) { event.port } else { 0 },
             identity: enriched.identity.as_ref().map_or(0, |i| Arc::as_ptr(i) as usize),
         };
-        if let Some(counter) = self.handles.get(&key) {
+        self.uses += 1;
+        if let Some((counter, last_used)) = self.handles.get(&key) {
             counter.inc();
+            last_used.store(self.uses, Ordering::Relaxed);
             return;
         }
         if self.handles.len() >= HANDLES_MAX {
@@ -175,7 +190,13 @@ impl Metrics {
         let labels = self.labels(enriched, key.port);
         let counter = self.binds.get_or_create(&labels).clone();
         counter.inc();
-        self.handles.insert(key, counter);
+        let set = (labels.container.clone(), labels.pod.clone(), labels.namespace.clone());
+        let Some(seen) = self.containers_seen.get_mut(&set) else { return };
+        seen.last_used.store(self.uses, Ordering::Relaxed);
+        if !seen.series.contains(&labels) {
+            seen.series.push(labels);
+        }
+        self.handles.insert(key, (counter, seen.last_used.clone()));
         if let Some(identity) = &enriched.identity {
             self.pinned.push(identity.clone());
         }
@@ -196,7 +217,7 @@ impl Metrics {
                 _ => "other",
             }
         };
-        let (mut container, mut pod, mut namespace) = match enriched.identity.as_deref() {
+        let (container, pod, namespace) = match enriched.identity.as_deref() {
             None => (String::new(), String::new(), String::new()),
             Some(identity) => match (&identity.container, &identity.pod) {
                 (_, Some(p)) => {
@@ -208,12 +229,12 @@ impl Metrics {
             },
         };
         let set = (container.clone(), pod.clone(), namespace.clone());
-        if !self.containers_seen.contains(&set) {
+        if !self.containers_seen.contains_key(&set) {
             if self.containers_seen.len() >= CONTAINER_LABELS_MAX {
-                (container, pod, namespace) = ("other".to_owned(), String::new(), String::new());
-            } else {
-                self.containers_seen.insert(set);
+                self.forget_least_recent_container();
             }
+            self.containers_seen
+                .insert(set, ContainerSeries { last_used: Arc::new(AtomicU64::new(self.uses)), series: Vec::new() });
         }
         BindLabels {
             op: event.op_name(),
@@ -224,6 +245,27 @@ impl Metrics {
             pod,
             namespace,
         }
+    }
+
+    /// Removes the container label set used least recently, with its series: Prometheus sees
+    /// them end, as it does for a pod that is gone.
+    fn forget_least_recent_container(&mut self) {
+        let Some(oldest) = self
+            .containers_seen
+            .iter()
+            .min_by_key(|(_, seen)| seen.last_used.load(Ordering::Relaxed))
+            .map(|(k, _)| k.clone())
+        else {
+            return;
+        };
+        if let Some(seen) = self.containers_seen.remove(&oldest) {
+            for labels in &seen.series {
+                self.binds.remove(labels);
+            }
+        }
+        // Handles may hold the removed counters: they are made again on the next event.
+        self.handles.clear();
+        self.pinned.clear();
     }
 
     /// Brings the totals that other stages keep up to date (each tick, and at the end).
@@ -251,6 +293,15 @@ pub fn render(registry: &Registry) -> String {
     text
 }
 
+/// Connections to `/metrics` served at once; more are closed at once.
+const CONNECTIONS_MAX: usize = 64;
+/// A client has this long to send its request headers.
+const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+/// The longest a connection (keep-alive included) stays open.
+const CONNECTION_LIFETIME: std::time::Duration = std::time::Duration::from_secs(60);
+/// The pause after a failed accept (out of fds: the next accept would fail at once too).
+const ACCEPT_BACKOFF: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// Binds the metrics address now (a port in use is said before anything is attached).
 pub fn listen(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
     let listener = std::net::TcpListener::bind(addr)?;
@@ -266,8 +317,28 @@ pub async fn serve(listener: std::net::TcpListener, registry: Arc<Registry>) {
         log::warn!("the metrics listener could not join the runtime");
         return;
     };
+    // A stranger on the node's network must not wedge or exhaust bindtrace (the DaemonSet
+    // serves on the host's network): few connections at once, a deadline to send the
+    // request headers, a bounded life for each connection, and no spin on accept errors.
+    let connections = Arc::new(tokio::sync::Semaphore::new(CONNECTIONS_MAX));
+    let mut accept_error_said = false;
     loop {
-        let Ok((stream, _)) = listener.accept().await else { continue };
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(err) => {
+                // EMFILE, ENFILE, ENOBUFS: wait for resources rather than spin.
+                if !accept_error_said {
+                    log::warn!("the metrics endpoint cannot accept connections: {err}");
+                    accept_error_said = true;
+                }
+                tokio::time::sleep(ACCEPT_BACKOFF).await;
+                continue;
+            }
+        };
+        let Ok(permit) = connections.clone().try_acquire_owned() else {
+            // Over the cap: the connection is closed at once.
+            continue;
+        };
         let registry = registry.clone();
         let service = service_fn(move |request: Request<hyper::body::Incoming>| {
             let registry = registry.clone();
@@ -286,9 +357,16 @@ pub async fn serve(listener: std::net::TcpListener, registry: Arc<Registry>) {
         });
         tokio::spawn(async move {
             let io = hyper_util::rt::TokioIo::new(stream);
-            if let Err(err) = http1::Builder::new().serve_connection(io, service).await {
-                log::debug!("metrics connection: {err}");
+            let connection = http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT)
+                .serve_connection(io, service);
+            match tokio::time::timeout(CONNECTION_LIFETIME, connection).await {
+                Ok(Err(err)) => log::debug!("metrics connection: {err}"),
+                Err(_) => log::debug!("metrics connection: closed after {} s", CONNECTION_LIFETIME.as_secs()),
+                Ok(Ok(())) => {}
             }
+            drop(permit);
         });
     }
 }

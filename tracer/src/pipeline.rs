@@ -203,7 +203,7 @@ impl Pipeline<'_> {
     fn reopen(&mut self, path: &std::path::Path) -> io::Result<()> {
         self.emit_ready(false)?;
         let file = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
-        self.sink.reopen(Box::new(file))?;
+        self.sink.reopen(Box::new(crate::sink::writer::ThreadWriter::spawn(Box::new(file), None)?))?;
         self.summary.record_reopen();
         crate::say::line(&format!("SIGHUP: writing to a reopened {}", path.display()));
         Ok(())
@@ -253,6 +253,7 @@ impl Pipeline<'_> {
         };
         let deadline = self.limits.duration.map(|d| Instant::now() + d);
         let mut tick = interval(TICK);
+        let mut reported_output_drops = 0;
         tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
         // The probe's counters start at zero when it is loaded: anything lost before this
         // loop runs is still reported at the first tick.
@@ -310,6 +311,20 @@ impl Pipeline<'_> {
                 }
                 _ = forward_probe_log(&mut logger) => {}
                 _ = tick.tick() => {
+                    // Also notices a stdout whose reader went away while nothing was written.
+                    match self.sink.flush() {
+                        Err(err) if is_closed_output(&err) => break Ending::OutputClosed,
+                        Err(err) => return Err(err).context("writing events"),
+                        Ok(()) => {}
+                    }
+                    let dropped_lines = crate::sink::writer::lines_dropped();
+                    if dropped_lines > reported_output_drops {
+                        crate::say::line(&format!(
+                            "the output did not keep up: {} lines dropped in the last second ({dropped_lines} in total)",
+                            dropped_lines - reported_output_drops
+                        ));
+                        reported_output_drops = dropped_lines;
+                    }
                     self.clock.resync();
                     if let Ok(now) = probe.counters() {
                         report_new_drops(&reported, &now);

@@ -107,6 +107,8 @@ pub struct Report {
     pub filter_mismatches: u64,
     /// Times `--file` was reopened on SIGHUP (log rotation).
     pub file_reopens: u64,
+    /// Output lines dropped because the output (a blocked stdout) did not take them in time.
+    pub output_dropped_lines: u64,
     pub kernel: KernelCounters,
     /// What the enrich stage did: lookups, diagnoses that followed their event, diagnoses
     /// shed under overload (the events were still written).
@@ -219,6 +221,7 @@ impl Summary {
             decode_errors: self.decode_errors,
             filter_mismatches: self.filter_mismatches,
             file_reopens: self.file_reopens,
+            output_dropped_lines: crate::sink::writer::lines_dropped(),
             kernel,
             diagnoses: EnrichCounters::default(),
         }

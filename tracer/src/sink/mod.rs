@@ -7,6 +7,7 @@
 pub(crate) mod columns;
 pub mod ndjson;
 pub mod table;
+pub mod writer;
 
 use std::{
     fmt::Write as _,

@@ -210,6 +210,13 @@ impl Sink for TableSink {
             "\n{} bind events in {:.1}s (backend: {}); dropped: {}",
             report.events, report.duration_s, report.backend, report.dropped
         );
+        if report.output_dropped_lines > 0 {
+            let _ = writeln!(
+                text,
+                "  output:     {} lines dropped: the output did not keep up (a blocked pipe)",
+                report.output_dropped_lines
+            );
+        }
         if !report.by_result.is_empty() {
             let results: Vec<String> = report.by_result.iter().map(|r| format!("{} {}", r.result, r.count)).collect();
             let _ = writeln!(text, "  by result:  {}", results.join(", "));
