@@ -15,6 +15,14 @@ use std::{
 use common::{can_load_probe, free_port, run_to_end, Tracer, BINDTRACE};
 use serde_json::Value;
 
+/// These tests run one at a time: each tracer sees every bind on the host, and one test's
+/// storm of failures would crowd another's diagnoses.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// The longest NDJSON line bindtrace may write (docs/ndjson-schema.md).
 const LINE_MAX: usize = 16 * 1024;
 
@@ -106,6 +114,7 @@ fn a_busy_port_names_its_holder_on_a_short_line() {
     if !can_load_probe("a_busy_port_names_its_holder_on_a_short_line") {
         return;
     }
+    let _serial = serial();
     const CONNECTIONS: usize = 15_000;
     let port = free_port();
     let mut helpers = Helpers(vec![server(port, CONNECTIONS)]);
@@ -148,6 +157,7 @@ fn a_host_with_half_a_million_fds_names_every_holder() {
     if !can_load_probe("a_host_with_half_a_million_fds_names_every_holder") {
         return;
     }
+    let _serial = serial();
     // 30 processes of 17,000 eventfds.
     let mut helpers = Helpers((0..30).map(|_| eventfds(17_000)).collect());
     // One holder that bound before bindtrace started: found by searching the host.
@@ -184,6 +194,7 @@ fn a_reader_that_goes_away_ends_the_run_within_a_second() {
     if !can_load_probe("a_reader_that_goes_away_ends_the_run_within_a_second") {
         return;
     }
+    let _serial = serial();
     let mut child = Command::new(BINDTRACE)
         .args(["-o", "ndjson", "-P", "1"])
         .stdin(Stdio::null())
@@ -219,6 +230,7 @@ fn a_blocked_stdout_holds_up_neither_signals_nor_metrics() {
     if !can_load_probe("a_blocked_stdout_holds_up_neither_signals_nor_metrics") {
         return;
     }
+    let _serial = serial();
     let metrics_port = free_port();
     let metrics = format!("127.0.0.1:{metrics_port}");
     // stdout is a pipe nobody reads; stderr is read.
@@ -273,6 +285,7 @@ fn a_closed_stderr_is_not_a_crash() {
     if !can_load_probe("a_closed_stderr_is_not_a_crash") {
         return;
     }
+    let _serial = serial();
     let output = Command::new("sh")
         .args(["-c", &format!("exec {BINDTRACE} -o ndjson -d 1s -P 1 2>&-")])
         .stdin(Stdio::null())
