@@ -33,9 +33,11 @@ pub struct BenchArgs {
     #[arg(long, default_value = "target/bench/results.json")]
     json: PathBuf,
     /// Which parts to run: `rate` (what tracing costs a bind storm), `storms` (failure
-    /// storms: output delay, memory and diagnosis coverage) and `collateral` (what staying
-    /// attached costs processes that never bind).
-    #[arg(long, value_delimiter = ',', default_value = "rate,storms,collateral")]
+    /// storms: output delay, memory and diagnosis coverage), `collateral` (what staying
+    /// attached costs processes that never bind) and `hosts` (a port with 18,000
+    /// connections, hosts with 100k/500k/1M open fds: time to each diagnosis, peak RSS,
+    /// longest line).
+    #[arg(long, value_delimiter = ',', default_value = "rate,storms,collateral,hosts")]
     parts: Vec<String>,
 }
 
@@ -260,8 +262,8 @@ fn available(program: &str) -> bool {
 
 pub fn bench(args: &BenchArgs, bindtrace: &Path, storm_bin: &Path, release_dir: &Path) -> Result<()> {
     for part in &args.parts {
-        if !["rate", "storms", "collateral"].contains(&part.as_str()) {
-            bail!("unknown bench part {part}: use rate, storms, collateral");
+        if !["rate", "storms", "collateral", "hosts"].contains(&part.as_str()) {
+            bail!("unknown bench part {part}: use rate, storms, collateral, hosts");
         }
     }
     let run_rate = args.parts.iter().any(|p| p == "rate");
@@ -403,6 +405,12 @@ pub fn bench(args: &BenchArgs, bindtrace: &Path, storm_bin: &Path, release_dir: 
         markdown.push_str(&table);
         storms = json;
     }
+    let mut hosts = Value::Null;
+    if args.parts.iter().any(|p| p == "hosts") {
+        let (table, json) = crate::host_bench::hosts(bindtrace)?;
+        markdown.push_str(&table);
+        hosts = json;
+    }
     println!("{markdown}");
     if let Some(parent) = args.json.parent() {
         std::fs::create_dir_all(parent)?;
@@ -419,6 +427,7 @@ pub fn bench(args: &BenchArgs, bindtrace: &Path, storm_bin: &Path, release_dir: 
             "modes": results,
             "failure_storms": storms,
             "collateral": collateral,
+            "hosts": hosts,
         }))?,
     )?;
     eprintln!("xtask: results in {}", args.json.display());

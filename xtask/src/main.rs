@@ -7,6 +7,7 @@ mod bench;
 mod collateral_bench;
 mod deploy;
 mod dist;
+mod host_bench;
 mod setup;
 mod storm_bench;
 mod vm;
