@@ -105,6 +105,25 @@ impl Drop for Helpers {
     }
 }
 
+/// `bindtrace ARGS` with stdout a pipe this test holds (and may leave unread, or close), once
+/// it says it is attached; its stderr, to read the rest from.
+fn spawn_attached(args: &[&str]) -> (Child, BufReader<std::process::ChildStderr>) {
+    let mut child = Command::new(BINDTRACE)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let mut stderr = BufReader::new(child.stderr.take().expect("stderr"));
+    let mut line = String::new();
+    while !line.contains("attached") {
+        line.clear();
+        assert!(stderr.read_line(&mut line).expect("stderr") > 0, "bindtrace ended before attaching");
+    }
+    (child, stderr)
+}
+
 fn failing_bind(port: u16) -> std::io::Error {
     TcpListener::bind(("127.0.0.1", port)).expect_err("the port is held")
 }
@@ -195,19 +214,7 @@ fn a_reader_that_goes_away_ends_the_run_within_a_second() {
         return;
     }
     let _serial = serial();
-    let mut child = Command::new(BINDTRACE)
-        .args(["-o", "ndjson", "-P", "1"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn");
-    let mut stderr = BufReader::new(child.stderr.take().expect("stderr"));
-    let mut line = String::new();
-    while !line.contains("attached") {
-        line.clear();
-        assert!(stderr.read_line(&mut line).expect("stderr") > 0, "bindtrace ended before attaching");
-    }
+    let (mut child, _stderr) = spawn_attached(&["-o", "ndjson", "-P", "1"]);
     // The reader goes away; no event comes (port 1): the run must notice on its own.
     drop(child.stdout.take());
     let closed = Instant::now();
@@ -234,19 +241,7 @@ fn a_blocked_stdout_holds_up_neither_signals_nor_metrics() {
     let metrics_port = free_port();
     let metrics = format!("127.0.0.1:{metrics_port}");
     // stdout is a pipe nobody reads; stderr is read.
-    let mut child = Command::new(BINDTRACE)
-        .args(["-o", "ndjson", "--metrics", &metrics])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn");
-    let mut stderr = BufReader::new(child.stderr.take().expect("stderr"));
-    let mut line = String::new();
-    while !line.contains("attached") {
-        line.clear();
-        assert!(stderr.read_line(&mut line).expect("stderr") > 0, "bindtrace ended before attaching");
-    }
+    let (mut child, stderr) = spawn_attached(&["-o", "ndjson", "--metrics", &metrics]);
     let stderr_lines = std::thread::spawn(move || stderr.lines().map_while(Result::ok).collect::<Vec<_>>());
     // Far more output than the pipe (64 KiB) and the queue (8 MiB) hold: failing binds.
     let port = free_port();
