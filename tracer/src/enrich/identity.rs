@@ -151,6 +151,11 @@ pub(crate) struct Identities {
 }
 
 impl Identities {
+    /// Starts a lookup: its runtime calls share one budget from now.
+    pub(crate) fn begin_lookup(&mut self) {
+        self.runtimes.begin_lookup();
+    }
+
     /// The identity of the cgroup an event's process ran in. `pid` is the fallback when the
     /// id cannot be turned into a path (no v2 hierarchy, or the cgroup is gone).
     pub(crate) fn of_cgroup_id(&mut self, id: u64, pid: u32) -> Arc<Identity> {

@@ -37,8 +37,10 @@ pub(crate) enum LookupKey {
     /// Who runs in a cgroup (the id the probe records): container, pod or unit. It does not
     /// change while the cgroup exists, so any answer serves.
     /// `pid` is set when the id does not name one group of processes (a hierarchy's root,
-    /// a host without cgroup v2): the identity is then that process's.
-    Cgroup { id: u64, pid: u32 },
+    /// a host without cgroup v2): the identity is then that process's, and `comm` (a hash of
+    /// its name) keeps a pid reused by another program from being served the old process's
+    /// answer.
+    Cgroup { id: u64, pid: u32, comm: u32 },
     /// The container a runtime's port publisher (docker-proxy, dockerd) was starting when its
     /// bind failed: the other side of a `docker run -p` conflict.
     Publisher { port: u16, proto: Proto },
@@ -774,11 +776,12 @@ impl Lookups {
 
     pub(crate) fn run(&mut self, key: &LookupKey, ask: &Ask<'_>) -> Facts {
         let Ask { pid_hint, ports, unix_path, hints, deadline } = *ask;
+        self.identities.begin_lookup();
         match *key {
-            LookupKey::Cgroup { id, pid: 0 } => {
+            LookupKey::Cgroup { id, pid: 0, .. } => {
                 Facts::Identity(self.identities.of_cgroup_id(id, pid_hint.unwrap_or(0)))
             }
-            LookupKey::Cgroup { id, pid } => Facts::Identity(self.identities.of_pid(pid).unwrap_or_else(|| {
+            LookupKey::Cgroup { id, pid, .. } => Facts::Identity(self.identities.of_pid(pid).unwrap_or_else(|| {
                 // Exited already. The root of the v2 hierarchy is the host's: runtimes put
                 // their containers in groups of their own there, also on hybrid hosts.
                 if super::cgroup::v2_mount().is_some() {

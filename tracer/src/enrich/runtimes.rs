@@ -533,7 +533,14 @@ pub(crate) struct Runtimes {
     /// worker) cannot leave it taken.
     tokio: Option<tokio::runtime::Runtime>,
     apis: Apis,
+    /// When the runtime calls of the lookup under way must have answered, all of them
+    /// together: a chain of calls (containerd twice, then Docker, then podman) can take no
+    /// longer than this, though no single call timed out.
+    deadline: Option<Instant>,
 }
+
+/// The time the runtime calls of one lookup get, together.
+pub(crate) const LOOKUP_BUDGET: Duration = Duration::from_millis(1_500);
 
 struct Apis {
     docker: DockerApi,
@@ -574,34 +581,60 @@ impl Runtimes {
                     .map(|socket| Containerd { socket: (*socket).to_owned(), channel: None, namespaces: None })
                     .collect(),
             },
+            deadline: None,
         }
+    }
+
+    /// Starts a lookup: its runtime calls share [`LOOKUP_BUDGET`] from now.
+    pub(crate) fn begin_lookup(&mut self) {
+        self.deadline = Some(Instant::now() + LOOKUP_BUDGET);
+    }
+
+    /// Runs `call` on the runtime's own executor, within what is left of the lookup's budget;
+    /// `over` is the answer when the budget runs out.
+    fn within_budget<T>(
+        tokio: &tokio::runtime::Runtime,
+        deadline: Option<Instant>,
+        call: impl std::future::Future<Output = T>,
+        over: impl FnOnce(String) -> T,
+    ) -> T {
+        let deadline = deadline.unwrap_or_else(|| Instant::now() + LOOKUP_BUDGET);
+        tokio.block_on(async {
+            match tokio::time::timeout_at(deadline.into(), call).await {
+                Ok(answer) => answer,
+                Err(_) => over(format!(
+                    "the container runtimes did not answer within {} ms, all calls together",
+                    LOOKUP_BUDGET.as_millis()
+                )),
+            }
+        })
     }
 
     /// A container by the id its cgroup path names, asking the runtime the path points at
     /// first.
     pub(crate) fn container(&mut self, hint: &super::cgroup::RuntimeHint, id: &str) -> Asked {
         let Some(tokio) = &self.tokio else { return Asked::Unreachable(NO_TOKIO.to_owned()) };
-        tokio.block_on(self.apis.container(hint, id))
+        Self::within_budget(tokio, self.deadline, self.apis.container(hint, id), Asked::Unreachable)
     }
 
     /// A `ctr`-style `/<namespace>/<id>` cgroup: a container only if containerd has that
     /// namespace and that id.
     pub(crate) fn containerd_pair(&mut self, namespace: &str, id: &str) -> Asked {
         let Some(tokio) = &self.tokio else { return Asked::Unreachable(NO_TOKIO.to_owned()) };
-        tokio.block_on(self.apis.containerd_pair(namespace, id))
+        Self::within_budget(tokio, self.deadline, self.apis.containerd_pair(namespace, id), Asked::Unreachable)
     }
 
     /// The containers of the Docker-API runtimes that publish `port` on the host, and the
     /// runtimes that could not be asked.
     pub(crate) fn publishing(&mut self, port: u16) -> (Vec<(Container, Publication)>, Vec<String>) {
         let Some(tokio) = &self.tokio else { return (Vec::new(), vec![NO_TOKIO.to_owned()]) };
-        tokio.block_on(self.apis.publishing(port))
+        Self::within_budget(tokio, self.deadline, self.apis.publishing(port), |why| (Vec::new(), vec![why]))
     }
 
     /// The container that a failing `docker run -p PORT:...` (or podman's) was starting.
     pub(crate) fn starting(&mut self, port: u16, proto: &str) -> Result<Option<(Container, Publication)>, String> {
         let Some(tokio) = &self.tokio else { return Err(NO_TOKIO.to_owned()) };
-        tokio.block_on(self.apis.starting(port, proto))
+        Self::within_budget(tokio, self.deadline, self.apis.starting(port, proto), Err)
     }
 
     /// The container a docker-proxy forwards to, by its `-container-ip`.
@@ -611,17 +644,18 @@ impl Runtimes {
         if !docker.present() {
             return Err(format!("no Docker API socket at {}", docker.socket));
         }
-        tokio.block_on(async {
+        let find = async {
             let list = docker.containers(None).await?;
             Ok(list.iter().find(|c| c.addresses.contains(&address)).cloned())
-        })
+        };
+        Self::within_budget(tokio, self.deadline, find, Err)
     }
 
     /// A container's main process, by the name or id a user typed, from whichever runtime
     /// knows it.
     pub(crate) fn pid_of(&mut self, name_or_id: &str) -> Result<Option<(Container, u32)>, String> {
         let Some(tokio) = &self.tokio else { return Err(NO_TOKIO.to_owned()) };
-        tokio.block_on(self.apis.pid_of(name_or_id))
+        Self::within_budget(tokio, self.deadline, self.apis.pid_of(name_or_id), Err)
     }
 }
 
@@ -810,6 +844,37 @@ mod tests {
         let second = runtimes.container(&super::super::cgroup::RuntimeHint::Docker, &id);
         assert!(matches!(&second, Asked::Unreachable(why) if why.contains("recently")), "{second:?}");
         assert!(again.elapsed() < Duration::from_millis(100), "rested: {:?}", again.elapsed());
+        drop(held);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// The calls of one lookup share one budget: once it is spent, the next call answers at
+    /// once that the runtimes did not answer in time, however many calls a chain has left.
+    #[test]
+    fn the_calls_of_one_lookup_share_one_budget() {
+        let dir = std::env::temp_dir().join(format!("bindtrace-budget-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let socket = dir.join("docker.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&socket).expect("listen");
+        let held = std::thread::spawn(move || {
+            let open: Vec<_> = listener.incoming().take(2).flatten().collect();
+            std::thread::sleep(Duration::from_secs(2));
+            drop(open);
+        });
+        let mut runtimes = Runtimes::new();
+        runtimes.apis.docker = DockerApi::new(Runtime::Docker, socket.display().to_string());
+        runtimes.apis.podman = DockerApi::new(Runtime::Podman, dir.join("absent.sock").display().to_string());
+        runtimes.apis.containerd.clear();
+        runtimes.begin_lookup();
+        // What is left of the lookup's budget is shorter than one call's own timeout.
+        runtimes.deadline = Some(Instant::now() + Duration::from_millis(150));
+        let started = Instant::now();
+        let asked = runtimes.container(&super::super::cgroup::RuntimeHint::Docker, &"b".repeat(64));
+        assert!(started.elapsed() < CALL_TIMEOUT, "{:?}", started.elapsed());
+        assert!(matches!(&asked, Asked::Unreachable(why) if why.contains("all calls together")), "{asked:?}");
+        // A new lookup has the whole budget again.
+        runtimes.begin_lookup();
+        assert!(runtimes.deadline.is_some_and(|at| at > Instant::now() + LOOKUP_BUDGET / 2));
         drop(held);
         let _ = std::fs::remove_dir_all(&dir);
     }
