@@ -12,7 +12,7 @@ use bindtrace_common::{
 
 use crate::{
     cli::{Cli, Family, Proto},
-    enrich::{cgroup, identity::Identities},
+    host::{cgroup, identity::Identities},
 };
 
 /// Most pids `--pid` takes (the size of the probe's FILTER_PIDS map).
@@ -30,7 +30,7 @@ impl EventFilter {
         let mut kernel = FilterConfig::accept_all();
         // bindtrace's own binds (the netlink sockets of its lookups) are not the host's. In a
         // PID namespace of its own its pid is not the one the kernel reports: nothing to exclude.
-        if !crate::enrich::owners::in_own_pid_namespace() {
+        if !crate::host::owners::in_own_pid_namespace() {
             kernel.exclude_tgid = std::process::id();
         }
 

@@ -25,8 +25,9 @@ use rustc_hash::{FxHashMap, FxHashSet};
 
 use crate::{
     decode::BindEventExt as _,
-    enrich::{identity::Identity, EnrichCounters, Enriched},
+    enrich::{EnrichCounters, Enriched},
     errno,
+    host::identity::Identity,
     summary::KernelCounters,
 };
 

@@ -13,15 +13,16 @@ use serde::Serialize;
 use crate::{
     cli::{self, OutputFormat, WhoArgs},
     enrich::{
-        diagnose::{
-            endpoint, holder_rank, holder_report, holders_summary, shrink_holders, HolderReport, HoldersSummary,
-        },
+        diagnose::{endpoint, holder_rank, holder_report, holders_summary},
         lookup::{is_connection, Holder, Lookups, PortCensus},
+    },
+    host::{
         netns::{other_namespaces, Netns},
         owners::ProcessInfo,
         runtimes::{Container, Publication},
         sockdiag::{state_name, Proto},
     },
+    model::{shrink_holders, HolderReport, HoldersSummary},
     sink::{
         columns::{Align, Columns},
         push_escaped,
@@ -436,7 +437,7 @@ fn runs_in(process: &ProcessInfo) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::enrich::{lookup::OwnersSeen, sockdiag::DiagSocket};
+    use crate::{enrich::lookup::OwnersSeen, host::sockdiag::DiagSocket};
 
     fn holder(local: &str, state: u8, timer_ms: Option<u32>, processes: Vec<ProcessInfo>) -> Holder {
         Holder {

@@ -36,9 +36,13 @@ pub struct BenchArgs {
     /// storms: output delay, memory and diagnosis coverage), `collateral` (what staying
     /// attached costs processes that never bind) and `hosts` (a port with 18,000
     /// connections, hosts with 100k/500k/1M open fds: time to each diagnosis, peak RSS,
-    /// longest line).
+    /// longest line); `soak` (not by default: `--soak-seconds` of churn, RSS sampled every
+    /// 10 s).
     #[arg(long, value_delimiter = ',', default_value = "rate,storms,collateral,hosts")]
     parts: Vec<String>,
+    /// How long the soak part runs.
+    #[arg(long, default_value_t = 600)]
+    soak_seconds: u64,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -262,8 +266,8 @@ fn available(program: &str) -> bool {
 
 pub fn bench(args: &BenchArgs, bindtrace: &Path, storm_bin: &Path, release_dir: &Path) -> Result<()> {
     for part in &args.parts {
-        if !["rate", "storms", "collateral", "hosts"].contains(&part.as_str()) {
-            bail!("unknown bench part {part}: use rate, storms, collateral, hosts");
+        if !["rate", "storms", "collateral", "hosts", "soak"].contains(&part.as_str()) {
+            bail!("unknown bench part {part}: use rate, storms, collateral, hosts, soak");
         }
     }
     let run_rate = args.parts.iter().any(|p| p == "rate");
@@ -411,6 +415,12 @@ pub fn bench(args: &BenchArgs, bindtrace: &Path, storm_bin: &Path, release_dir: 
         markdown.push_str(&table);
         hosts = json;
     }
+    let mut soak = Value::Null;
+    if args.parts.iter().any(|p| p == "soak") {
+        let (table, json) = crate::soak_bench::soak(bindtrace, args.soak_seconds)?;
+        markdown.push_str(&table);
+        soak = json;
+    }
     println!("{markdown}");
     if let Some(parent) = args.json.parent() {
         std::fs::create_dir_all(parent)?;
@@ -428,6 +438,7 @@ pub fn bench(args: &BenchArgs, bindtrace: &Path, storm_bin: &Path, release_dir: 
             "failure_storms": storms,
             "collateral": collateral,
             "hosts": hosts,
+            "soak": soak,
         }))?,
     )?;
     eprintln!("xtask: results in {}", args.json.display());

@@ -9,6 +9,7 @@ mod deploy;
 mod dist;
 mod host_bench;
 mod setup;
+mod soak_bench;
 mod storm_bench;
 mod vm;
 

@@ -10,7 +10,8 @@ use std::{
 use nix::ifaddrs::getifaddrs;
 use serde::Serialize;
 
-use super::{
+use crate::decode::UnixPath;
+use crate::host::{
     identity::{Forwarding, Identities, Identity, Publishing},
     netns::{read_port_range, read_sysctl, Netns},
     owners::{find_owners, in_own_pid_namespace, Blind, ProcessInfo, SharedOwnerIndex},
@@ -18,7 +19,6 @@ use super::{
     sockdiag::{collect_sockets, DiagSocket, Proto, SocketSink, TCP_BOUND, TCP_CLOSE, TCP_LISTEN, TCP_TIME_WAIT},
     unixdiag::{bound_sockets, bound_sockets_from_proc, kernel_dev_to_user, UnixSocket},
 };
-use crate::decode::UnixPath;
 
 /// What to look up. Equal keys share one lookup and one cache entry.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -715,7 +715,7 @@ impl Lookups {
         let mut found: Vec<UnixSocket> = dump(&home)?.into_iter().filter(wanted).collect();
         let (mut searched, mut unsearchable) = (1, 0);
         if found.is_empty() && matches!(file, UnixFile::Socket { .. }) {
-            let (others, unreadable) = super::netns::other_namespaces(u64::from(netns));
+            let (others, unreadable) = crate::host::netns::other_namespaces(u64::from(netns));
             // In a PID namespace of its own bindtrace sees only that namespace's processes,
             // so namespaces of others may be missing from the list.
             unsearchable += unreadable + usize::from(in_own_pid_namespace());
@@ -784,7 +784,7 @@ impl Lookups {
             LookupKey::Cgroup { id, pid, .. } => Facts::Identity(self.identities.of_pid(pid).unwrap_or_else(|| {
                 // Exited already. The root of the v2 hierarchy is the host's: runtimes put
                 // their containers in groups of their own there, also on hybrid hosts.
-                if super::cgroup::v2_mount().is_some() {
+                if crate::host::cgroup::v2_mount().is_some() {
                     return self.identities.of_cgroup_id(id, pid);
                 }
                 std::sync::Arc::new(Identity {
@@ -903,7 +903,7 @@ mod tests {
     fn holders_of_a_listening_port_name_this_process() {
         let listener = TcpListener::bind("127.0.0.1:0").expect("listen");
         let port = listener.local_addr().expect("addr").port();
-        let netns = super::super::netns::own_inode().expect("own netns") as u32;
+        let netns = crate::host::netns::own_inode().expect("own netns") as u32;
         let mut lookups = Lookups::default();
         let Facts::Sockets(Ok(table)) = lookups.run(&LookupKey::Sockets { netns, proto: Proto::Tcp }, &ask(&[port]))
         else {
@@ -927,7 +927,7 @@ mod tests {
     /// must be named, not reported as held by nobody.
     #[test]
     fn a_holder_opened_after_the_last_scan_is_named() {
-        let netns = super::super::netns::own_inode().expect("own netns") as u32;
+        let netns = crate::host::netns::own_inode().expect("own netns") as u32;
         let mut lookups = Lookups::default();
         let early = TcpListener::bind("127.0.0.1:0").expect("listen");
         let early_port = early.local_addr().expect("addr").port();
@@ -950,7 +950,7 @@ mod tests {
 
     #[test]
     fn namespace_facts_and_capabilities() {
-        let netns = super::super::netns::own_inode().expect("own netns") as u32;
+        let netns = crate::host::netns::own_inode().expect("own netns") as u32;
         let mut lookups = Lookups::default();
         let Facts::Netns(Ok(facts)) = lookups.run(&LookupKey::Netns { netns }, &ask(&[])) else {
             panic!("netns lookup failed");

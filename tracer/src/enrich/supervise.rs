@@ -17,11 +17,8 @@ use std::{
 
 use tokio::sync::mpsc::UnboundedSender;
 
-use super::{
-    lookup::{Ask, Facts, LookupKey, Lookups},
-    owners::SharedOwnerIndex,
-};
-use crate::decode::UnixPath;
+use super::lookup::{Ask, Facts, LookupKey, Lookups};
+use crate::{decode::UnixPath, host::owners::SharedOwnerIndex};
 
 /// A job that has run this long has hung: its events are told so, and its worker is
 /// replaced. Counted from the job's start, not from when it was queued.

@@ -15,8 +15,10 @@ use super::{Output, Sink};
 use crate::{
     clock::Rfc3339,
     decode::{family_name, BindEventExt as _},
-    enrich::{identity::Identity, Diagnosis, Enriched, Explained, FollowUp},
+    enrich::{Enriched, Explained, FollowUp},
     errno,
+    host::identity::Identity,
+    model::Diagnosis,
     summary::Report,
 };
 
@@ -335,7 +337,7 @@ mod tests {
 
     #[test]
     fn identity_fields_are_written_and_absent_without_lookups() {
-        use crate::enrich::identity::Identity;
+        use crate::host::identity::Identity;
         let shared = Shared::default();
         let mut sink = NdjsonSink::new(Output::new(Box::new(shared.clone())));
         let identity = Arc::new(Identity {

@@ -13,11 +13,8 @@ use std::net::{IpAddr, SocketAddr};
 use bindtrace_common::{sock_flags, BindEvent, AF_INET, AF_INET6, AF_UNIX};
 
 use self::report::comm_text;
-pub use self::report::Diagnosis;
-#[cfg(test)]
-use self::report::PROCESSES_SHOWN_MAX as PROCESSES_SHOWN;
 pub(crate) use self::{
-    report::{holder_report, shrink_holders, DiagnosisFacts, HolderReport, HoldersSummary, DIAGNOSIS_BYTES_MAX},
+    report::holder_report,
     wording::{endpoint, holders_summary, stop_advice},
 };
 use super::{
@@ -26,9 +23,14 @@ use super::{
         is_connection, unix_name_key, Facts, Holder, LookupKey, NetnsFacts, PortCensus, ProcessCaps, ProcessUnread,
         SocketTable, IFA_F_DADFAILED, IFA_F_OPTIMISTIC, IFA_F_TENTATIVE,
     },
+};
+use crate::host::{
     policy::BindPolicy,
     sockdiag::{state_name, DiagSocket, Proto, TCP_LISTEN, TCP_TIME_WAIT},
 };
+#[cfg(test)]
+use crate::model::PROCESSES_SHOWN_MAX as PROCESSES_SHOWN;
+use crate::model::{Diagnosis, DiagnosisFacts, HoldersSummary, DIAGNOSIS_BYTES_MAX};
 use crate::{
     decode::{requested_endpoint, Bind, BindEventExt as _},
     errno,
@@ -65,7 +67,7 @@ pub fn needed_lookups(event: &Bind) -> Vec<LookupKey> {
 /// Is `netns` bindtrace's own network namespace (the host's, where runtimes publish ports)?
 fn in_own_netns(netns: u32) -> bool {
     static OWN: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
-    OWN.get_or_init(|| super::netns::Netns::Own.inode()).is_some_and(|own| own == u64::from(netns))
+    OWN.get_or_init(|| crate::host::netns::Netns::Own.inode()).is_some_and(|own| own == u64::from(netns))
 }
 
 /// The processes that bind host ports for `docker run -p` (and podman's Docker-compatible
@@ -110,7 +112,7 @@ pub(crate) fn holder_rank(socket: &DiagSocket) -> u8 {
     match socket.state {
         TCP_LISTEN => 0,
         TCP_TIME_WAIT => 3,
-        s if s == super::sockdiag::TCP_CLOSE || s == super::sockdiag::TCP_BOUND => 1,
+        s if s == crate::host::sockdiag::TCP_CLOSE || s == crate::host::sockdiag::TCP_BOUND => 1,
         _ => 2,
     }
 }
@@ -863,10 +865,8 @@ mod tests {
     use super::*;
     use crate::{
         decode::tests::sample_event,
-        enrich::{
-            lookup::{OwnersSeen, ProcessCaps, SocketTable},
-            owners::ProcessInfo,
-        },
+        enrich::lookup::{OwnersSeen, ProcessCaps, SocketTable},
+        host::owners::ProcessInfo,
     };
 
     fn socket(local: &str, state: u8, v6only: Option<bool>) -> DiagSocket {

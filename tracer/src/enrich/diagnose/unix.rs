@@ -1,11 +1,9 @@
 //! EADDRINUSE on an AF_UNIX path or abstract name: who holds it, or why nothing does (a
 //! stale socket file a crashed server left, a file that is not a socket).
 
-use super::{
-    super::lookup::{Facts, OwnersSeen, UnixFacts, UnixFile, UnixHolder},
-    report::{Diagnosis, DiagnosisFacts, UnixFileReport, UnixHolderReport},
-};
+use super::super::lookup::{Facts, OwnersSeen, UnixFacts, UnixFile, UnixHolder};
 use crate::decode::{Bind, UnixPath};
+use crate::model::{Diagnosis, DiagnosisFacts, UnixFileReport, UnixHolderReport, PROCESSES_SHOWN_MAX};
 
 fn unknown(summary: String, why: String) -> Diagnosis {
     Diagnosis {
@@ -25,9 +23,8 @@ fn holder_report(holder: &UnixHolder) -> UnixHolderReport {
         state: holder.socket.state_name(),
         inode: holder.socket.inode,
         name: UnixPath::new(&holder.socket.name).display_text(),
-        processes: holder.processes.iter().take(super::report::PROCESSES_SHOWN_MAX).cloned().collect(),
-        processes_total: (holder.processes.len() > super::report::PROCESSES_SHOWN_MAX)
-            .then_some(holder.processes.len()),
+        processes: holder.processes.iter().take(PROCESSES_SHOWN_MAX).cloned().collect(),
+        processes_total: (holder.processes.len() > PROCESSES_SHOWN_MAX).then_some(holder.processes.len()),
         processes_hidden: match holder.owners {
             OwnersSeen::Partial(blind) => blind.reason(),
             _ => None,
@@ -176,7 +173,7 @@ pub(super) fn unix_in_use(event: &Bind, answer: Option<&Facts>) -> Diagnosis {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::enrich::{
+    use crate::host::{
         owners::{Blind, ProcessInfo},
         unixdiag::UnixSocket,
     };

@@ -7,12 +7,14 @@ use super::{
     super::{
         history::SeenBind,
         lookup::{Holder, OwnersSeen},
-        sockdiag::{state_name, Proto, TCP_TIME_WAIT},
     },
     holder_rank,
     report::comm_text,
 };
-use crate::clock::local_time_of_day;
+use crate::{
+    clock::local_time_of_day,
+    host::sockdiag::{state_name, Proto, TCP_TIME_WAIT},
+};
 
 /// "pid 4242 (nginx: master process)", or what is known about a socket no process holds
 /// (bindtrace may have seen who bound it).

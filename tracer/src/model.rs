@@ -1,0 +1,284 @@
+//! What bindtrace reports, in the shape both sinks and `bindtrace who` print: a diagnosis,
+//! its holders and facts, and the rule that keeps each of them on one short line. The enrich
+//! stage builds these from the host's facts; the sinks only read them.
+
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, SocketAddr},
+};
+
+use serde::Serialize;
+
+use crate::host::{owners::ProcessInfo, sockdiag::Proto};
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Diagnosis {
+    /// A stable label of the case: `in_use`, `in_use_dual_stack`, `in_use_reuseport`,
+    /// `in_use_self`, `in_use_ephemeral`, `ephemeral_exhausted`, `stale_socket_file`,
+    /// `path_exists`, `unix_path_permission`, `listen_in_use`, `refused_by_cgroup_bpf`, `refused_by_lsm`, `address_tentative`, `address_dad_failed`, `time_wait`,
+    /// `released`, `privileged_port`, `refused_by_policy`,
+    /// `address_not_available`, `already_bound`, `invalid_address`, `bad_address` (EFAULT),
+    /// `bad_fd` (EBADF), `not_a_socket` (ENOTSOCK), `other`, `unknown`.
+    pub kind: &'static str,
+    /// One sentence for a person: who is in the way and what to do.
+    pub summary: String,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub holders: Vec<HolderReport>,
+    /// The AF_UNIX sockets bound to the path or name asked for; written as `holders` too (a
+    /// diagnosis has one kind of holder or the other, never both).
+    #[serde(rename = "holders", skip_serializing_if = "Vec::is_empty")]
+    pub unix_holders: Vec<UnixHolderReport>,
+    /// Every socket in the way, counted, when `holders` lists only some of them (a busy
+    /// port's connections, or a list cut to fit the line).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub holders_summary: Option<HoldersSummary>,
+    #[serde(skip_serializing_if = "DiagnosisFacts::is_empty")]
+    pub facts: DiagnosisFacts,
+    /// What could not be found out (a process that exited, a namespace that is gone, ...).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub unknown: Vec<String>,
+}
+
+/// The sockets in the way, all of them, when a diagnosis lists some.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct HoldersSummary {
+    /// Sockets in the way.
+    pub total: usize,
+    /// How many of them `holders` lists (in rank order: listeners, bound and UDP sockets,
+    /// connections, TIME_WAIT).
+    pub shown: usize,
+    /// All of them by state, as `ss` names states.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub by_state: BTreeMap<&'static str, usize>,
+    /// Distinct peer addresses among the port's connections.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub distinct_peers: Option<usize>,
+    /// `holders` leaves some out.
+    pub truncated: bool,
+}
+
+/// The most processes listed per holder; `processes_total` counts them all.
+pub(crate) const PROCESSES_SHOWN_MAX: usize = 8;
+/// The most bytes a diagnosis takes in an NDJSON line: the rest of the line's 16 KiB is the
+/// event's own fields, which are bounded (see docs/ndjson-schema.md).
+pub(crate) const DIAGNOSIS_BYTES_MAX: usize = 12 * 1024;
+/// The longest command line a holder shows once a diagnosis had to be cut to fit.
+const CMDLINE_CUT: usize = 120;
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct HolderReport {
+    pub proto: Proto,
+    pub addr: IpAddr,
+    pub port: u16,
+    pub state: &'static str,
+    pub uid: u32,
+    pub inode: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peer: Option<SocketAddr>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub timer_ms: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub v6only: Option<bool>,
+    pub processes: Vec<ProcessInfo>,
+    /// How many processes have the socket open, when `processes` lists only some of them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub processes_total: Option<usize>,
+    /// Why `processes` may miss some (bindtrace in its own PID namespace, other users'
+    /// processes it may not inspect, a search cut at its deadline): an empty list is then
+    /// "not visible", not "none".
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub processes_hidden: Option<String>,
+    /// The holder's own bind, when bindtrace saw it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub seen_bind: Option<SeenBindReport>,
+}
+
+/// An AF_UNIX socket bound to the path or abstract name a failed bind asked for.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct UnixHolderReport {
+    /// `stream`, `dgram`, `seqpacket`.
+    #[serde(rename = "type")]
+    pub sock_type: &'static str,
+    pub state: &'static str,
+    pub inode: u32,
+    /// The name it was bound with (a path as the binder gave it, or `@name`).
+    pub name: String,
+    pub processes: Vec<ProcessInfo>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub processes_total: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub processes_hidden: Option<String>,
+}
+
+/// The file at an AF_UNIX path, for EADDRINUSE.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct UnixFileReport {
+    /// `socket`, `missing`, `regular file`, `directory`, ...
+    pub kind: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub owner_uid: Option<u32>,
+    /// Last modification, RFC 3339 (UTC).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub modified: Option<String>,
+    /// Where bindtrace looked (the failing process's view: /proc/PID/root/... or cwd/...).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub looked_at: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct SeenBindReport {
+    /// Local time of day, as in the table.
+    pub time: String,
+    pub pid: u32,
+    pub comm: String,
+    pub reuseaddr: bool,
+    pub reuseport: bool,
+}
+
+/// Facts behind the verdict, each present only where it was relevant and known.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct DiagnosisFacts {
+    /// The container a runtime was starting when its port publisher's bind failed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) publishing_for: Option<crate::host::identity::Publishing>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ip_unprivileged_port_start: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cap_net_bind_service: Option<bool>,
+    /// CapEff of the failing process, hex as in /proc/PID/status.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cap_eff: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ip_nonlocal_bind: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub address_assigned: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub already_bound_to: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub time_wait_expires_ms: Option<u32>,
+    /// SO_REUSEADDR on the failing socket (TIME_WAIT case).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub new_socket_reuseaddr: Option<bool>,
+    /// SO_REUSEADDR on the socket that went into TIME_WAIT, when bindtrace saw its bind.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub old_socket_reuseaddr: Option<bool>,
+    /// Ids of the cgroup BPF bind programs in force on the caller's cgroup (EACCES, EPERM).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cgroup_bind_programs: Option<Vec<u32>>,
+    /// The kernel's active LSMs, when they could be read.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lsms: Option<Vec<String>>,
+    /// The requested IPv6 address's IFA_F_* flags (0x40 tentative, 0x08 dadfailed), hex.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ipv6_flags: Option<String>,
+    /// net.ipv4.ip_local_port_range ("32768-60999"), when it explains the failure.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub local_port_range: Option<String>,
+    /// Ports of that range taken for the requested address (bind to port 0).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ports_taken: Option<usize>,
+    /// AF_UNIX EADDRINUSE: what is at the path.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub unix_file: Option<UnixFileReport>,
+}
+
+/// Said of a diagnosis made before every lookup it needed had answered.
+const UNFINISHED: &str = "a lookup did not finish in time; this diagnosis may be incomplete";
+
+impl Diagnosis {
+    /// Marks a diagnosis made without every answer it needed.
+    pub(crate) fn note_unfinished(&mut self) {
+        if !self.unknown.iter().any(|u| u.contains("did not finish")) {
+            self.unknown.push(UNFINISHED.to_owned());
+        }
+    }
+}
+
+impl DiagnosisFacts {
+    fn is_empty(&self) -> bool {
+        *self == Self::default()
+    }
+}
+
+/// A list of processes cut to `keep`, its full count noted once.
+fn cut_processes(processes: &mut Vec<ProcessInfo>, total: &mut Option<usize>, keep: usize) {
+    if processes.len() > keep {
+        total.get_or_insert(processes.len());
+        processes.truncate(keep);
+    }
+}
+
+/// A command line cut at [`CMDLINE_CUT`] bytes, with an ellipsis.
+fn cut_cmdline(cmdline: &mut String) -> bool {
+    if cmdline.len() <= CMDLINE_CUT {
+        return false;
+    }
+    let mut end = CMDLINE_CUT;
+    while !cmdline.is_char_boundary(end) {
+        end -= 1;
+    }
+    cmdline.truncate(end);
+    cmdline.push('…');
+    true
+}
+
+/// One step that makes a holder list smaller, the cheapest loss first: processes beyond the
+/// first of a socket, then the last holder, then long command lines. `false`: nothing left
+/// to take but the holders themselves.
+pub(crate) fn shrink_holders(holders: &mut Vec<HolderReport>) -> bool {
+    if let Some(holder) = holders.iter_mut().filter(|h| h.processes.len() > 1).max_by_key(|h| h.processes.len()) {
+        let keep = holder.processes.len() / 2;
+        cut_processes(&mut holder.processes, &mut holder.processes_total, keep.max(1));
+        return true;
+    }
+    if holders.len() > 1 {
+        holders.pop();
+        return true;
+    }
+    holders.iter_mut().flat_map(|h| h.processes.iter_mut()).any(|p| cut_cmdline(&mut p.cmdline))
+}
+
+impl Diagnosis {
+    /// Cuts the holder lists until the diagnosis takes at most `max` bytes of JSON, and says
+    /// so in `holders_summary`. Every NDJSON line of bindtrace stays under 16 KiB: container
+    /// runtimes split longer lines, and a log pipeline then gets broken JSON.
+    pub(crate) fn fit(&mut self, max: usize) {
+        let listed = self.holders.len() + self.unix_holders.len();
+        let size = |d: &Self| serde_json::to_vec(d).map_or(0, |json| json.len());
+        let mut cut = false;
+        while size(self) > max {
+            cut = true;
+            if shrink_holders(&mut self.holders) {
+                continue;
+            }
+            if let Some(holder) =
+                self.unix_holders.iter_mut().filter(|h| h.processes.len() > 1).max_by_key(|h| h.processes.len())
+            {
+                let keep = (holder.processes.len() / 2).max(1);
+                cut_processes(&mut holder.processes, &mut holder.processes_total, keep);
+                continue;
+            }
+            if self.unix_holders.len() > 1 {
+                self.unix_holders.pop();
+                continue;
+            }
+            if self.unix_holders.iter_mut().flat_map(|h| h.processes.iter_mut()).any(|p| cut_cmdline(&mut p.cmdline)) {
+                continue;
+            }
+            if !self.holders.is_empty() || !self.unix_holders.is_empty() {
+                self.holders.clear();
+                self.unix_holders.clear();
+                continue;
+            }
+            // What is left is the summary, the facts and the unknowns, each bounded.
+            break;
+        }
+        if cut {
+            let summary = self
+                .holders_summary
+                .get_or_insert_with(|| HoldersSummary { total: listed, ..HoldersSummary::default() });
+            summary.shown = self.holders.len() + self.unix_holders.len();
+            summary.truncated = true;
+        }
+    }
+}
