@@ -288,30 +288,48 @@ fn lock(index: &SharedOwnerIndex) -> std::sync::MutexGuard<'_, OwnerIndex> {
     index.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-/// Processes to ask in a search; a process whose entry is newer than the dump is not read
-/// again.
-fn visit(index: &SharedOwnerIndex, pid: u32, fresh_after: Instant) -> Option<FdScan> {
-    {
-        let index = lock(index);
-        if index.procs.get(&pid).is_some_and(|e| e.scanned_at >= fresh_after) {
-            return None;
-        }
+/// What asking one process gave.
+enum Visit {
+    /// Its socket inodes, sorted: read now, or from an entry read after `trusted_after`.
+    Sockets(Box<[u32]>),
+    /// Its fds could not be read (another user's process).
+    Denied,
+    /// It is gone.
+    Gone,
+}
+
+/// A process's sockets: its entry when that was read after `trusted_after`, else read now
+/// (and the entry replaced).
+fn visit(index: &SharedOwnerIndex, pid: u32, trusted_after: Instant) -> Visit {
+    if let Some(entry) = lock(index).procs.get(&pid).filter(|e| e.scanned_at >= trusted_after) {
+        return Visit::Sockets(entry.sockets.clone());
     }
     let before = identity_of(pid);
     let scan = socket_inodes(pid);
     let mut index = lock(index);
     index.visits += 1;
-    match (&scan, before) {
+    match (scan, before) {
         (FdScan::Read(sockets), Some((start, _))) => {
             index.procs.insert(pid, ProcEntry { start, sockets: sockets.clone(), scanned_at: Instant::now() });
+            Visit::Sockets(sockets)
         }
-        (FdScan::Gone, _) | (_, None) => {
+        (FdScan::Denied, Some(_)) => Visit::Denied,
+        (FdScan::Gone | FdScan::Read(_) | FdScan::Denied, _) => {
             index.procs.remove(&pid);
+            Visit::Gone
         }
-        (FdScan::Denied, _) => {}
     }
-    Some(scan)
 }
+
+/// Has `pid` been read after `at`?
+fn read_after(index: &SharedOwnerIndex, pid: u32, at: Instant) -> bool {
+    lock(index).procs.get(&pid).is_some_and(|e| e.scanned_at >= at)
+}
+
+/// How long a process's sockets, as read, confirm it holds a socket it had then: a storm of
+/// failures on one holder's ports costs one read of its fds a second, not one a lookup. (A
+/// socket it opened since is not in them: asking about it reads the process again.)
+const HIT_TRUST: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Finds the processes holding `inodes`, sockets a dump taken at `dumped_at` listed: first
 /// in `hints` (processes likely to hold them), then in every other process, those running
@@ -349,18 +367,19 @@ pub(crate) fn find_owners(
             }
         }
     };
-    // 1. The likely holders, read now: one process's fds each.
+    // 1. The likely holders: one process's fds each.
+    let trusted_after = dumped_at.checked_sub(HIT_TRUST).unwrap_or(dumped_at);
     let mut asked: HashSet<u32> = HashSet::new();
     for &pid in hints {
-        if !asked.insert(pid) {
-            continue;
-        }
-        if let Some(FdScan::Read(sockets)) = visit(index, pid, dumped_at) {
-            record(&mut found, &wanted, pid, &sockets);
+        if asked.insert(pid) {
+            if let Visit::Sockets(sockets) = visit(index, pid, trusted_after) {
+                record(&mut found, &wanted, pid, &sockets);
+            }
         }
     }
-    // 2. What the index already knows from earlier searches: a hit is read again to confirm
-    //    it (the process may have closed it, its pid may be another process's now).
+    // 2. What the index already knows from earlier searches; a hit read more than
+    //    [`HIT_TRUST`] before the dump is read again to confirm it (the process may have
+    //    closed it, its pid may be another process's now).
     let known: Vec<u32> = {
         let index = lock(index);
         index
@@ -372,22 +391,17 @@ pub(crate) fn find_owners(
     };
     for pid in known {
         asked.insert(pid);
-        match visit(index, pid, dumped_at) {
-            Some(FdScan::Read(sockets)) => record(&mut found, &wanted, pid, &sockets),
-            // Read after the dump already.
-            None => {
-                let sockets = lock(index).procs.get(&pid).map(|e| e.sockets.clone());
-                if let Some(sockets) = sockets {
-                    record(&mut found, &wanted, pid, &sockets);
-                }
-            }
-            Some(FdScan::Denied | FdScan::Gone) => {}
+        if let Visit::Sockets(sockets) = visit(index, pid, trusted_after) {
+            record(&mut found, &wanted, pid, &sockets);
         }
     }
     wanted.retain(|inode| !found.owners.contains_key(inode));
     if wanted.is_empty() {
         return found;
     }
+    // Processes asked above from an entry read before the dump are asked again below: a
+    // socket they opened since is not in it.
+    asked.retain(|pid| read_after(index, *pid, dumped_at));
     // 3. Everyone else: the sockets' uids first, and the processes with small fd tables
     //    before the big ones (`FDSize` in /proc/PID/status, one cheap read each), so a
     //    search cut at its deadline has asked as many processes as it could; a proxy's
@@ -416,16 +430,12 @@ pub(crate) fn find_owners(
         }
         searched += 1;
         let sockets = match visit(index, *pid, dumped_at) {
-            Some(FdScan::Read(sockets)) => sockets,
-            None => match lock(index).procs.get(pid) {
-                Some(entry) => entry.sockets.clone(),
-                None => continue,
-            },
-            Some(FdScan::Denied) => {
+            Visit::Sockets(sockets) => sockets,
+            Visit::Denied => {
                 unreadable += 1;
                 continue;
             }
-            Some(FdScan::Gone) => continue,
+            Visit::Gone => continue,
         };
         record(&mut found, &wanted, *pid, &sockets);
         wanted.retain(|inode| !found.owners.contains_key(inode));
@@ -504,9 +514,14 @@ mod tests {
         let far = Instant::now() + std::time::Duration::from_secs(10);
         let found = find_owners(&index, &[inode], &[], &[unsafe { libc::geteuid() }], Instant::now(), far);
         assert_eq!(found.owners.get(&inode), Some(&vec![std::process::id()]));
-        // Known now: a later search confirms it with one read.
+        // Known now: a search within HIT_TRUST takes the entry as it is; a later one confirms
+        // it with one read of that process alone.
         let before = lock(&index).visits();
         let found = find_owners(&index, &[inode], &[], &[], Instant::now(), far);
+        assert_eq!(found.owners.get(&inode), Some(&vec![std::process::id()]));
+        assert_eq!(lock(&index).visits(), before, "a holder read just now is trusted");
+        let later = Instant::now() + 2 * HIT_TRUST;
+        let found = find_owners(&index, &[inode], &[], &[], later, later + std::time::Duration::from_secs(10));
         assert_eq!(found.owners.get(&inode), Some(&vec![std::process::id()]));
         assert_eq!(lock(&index).visits(), before + 1, "a known holder is read again, alone");
         // An inode nobody holds: a whole search, then it is remembered as an orphan.
