@@ -371,3 +371,45 @@ pub async fn serve(listener: std::net::TcpListener, registry: Arc<Registry>) {
         });
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{decode::tests::sample_event, enrich::Explained, host::runtimes::Runtime};
+
+    fn in_container(name: &str) -> Enriched {
+        let mut container = crate::host::runtimes::Container::unnamed(Runtime::Docker, format!("{name:0>64}"));
+        container.name = Some(name.to_owned());
+        Enriched {
+            seq: 1,
+            event: sample_event().into(),
+            wall_ns: 0,
+            explained: Explained::Nothing,
+            identity: Some(Arc::new(Identity { container: Some(container), ..Identity::default() })),
+        }
+    }
+
+    /// Pods that come and go over months: label sets age out, least recently used first,
+    /// and their series leave the registry (they used to freeze at 256, all later ones
+    /// counted as "other").
+    #[test]
+    fn container_label_sets_age_out_least_recently_used_first() {
+        let mut metrics = Metrics::new("tracepoint", &[]);
+        metrics.observe(&in_container("kept"));
+        for i in 0..CONTAINER_LABELS_MAX + 50 {
+            metrics.observe(&in_container(&format!("pod-{i}")));
+            // "kept" is used all along: never the least recently used.
+            metrics.observe(&in_container("kept"));
+        }
+        let text = render(&metrics.registry());
+        let series: Vec<&str> = text.lines().filter(|l| l.starts_with("bindtrace_binds_total{")).collect();
+        assert!(series.len() <= CONTAINER_LABELS_MAX, "{} series", series.len());
+        assert!(series.iter().any(|l| l.contains(r#"container="kept""#)), "the one in use stays");
+        let newest = format!(r#"container="pod-{}""#, CONTAINER_LABELS_MAX + 49);
+        assert!(series.iter().any(|l| l.contains(&newest)), "the newest has its own series");
+        assert!(!series.iter().any(|l| l.contains(r#"container="pod-0""#)), "the oldest left the registry");
+        assert!(!series.iter().any(|l| l.contains(r#"container="other""#)), "nobody is lumped into other");
+        let kept: Vec<&&str> = series.iter().filter(|l| l.contains(r#"container="kept""#)).collect();
+        assert!(kept[0].ends_with(&format!(" {}", CONTAINER_LABELS_MAX + 51)), "{kept:?}");
+    }
+}
