@@ -244,6 +244,23 @@ impl Diagnosis {
     /// runtimes split longer lines, and a log pipeline then gets broken JSON.
     pub(crate) fn fit(&mut self, max: usize) {
         let listed = self.holders.len() + self.unix_holders.len();
+        // Most diagnoses are far under the limit: an upper bound of their size (every
+        // string escaped at 6 bytes a byte, each holder and process with its field names)
+        // spares encoding them here; only a large one is measured.
+        let strings: usize = self.summary.len()
+            + self.unknown.iter().map(String::len).sum::<usize>()
+            + self.holders.iter().flat_map(|h| &h.processes).map(|p| p.cmdline.len() + p.comm.len()).sum::<usize>()
+            + self
+                .unix_holders
+                .iter()
+                .flat_map(|h| &h.processes)
+                .map(|p| p.cmdline.len() + p.comm.len())
+                .sum::<usize>();
+        let processes: usize = self.holders.iter().map(|h| h.processes.len()).sum::<usize>()
+            + self.unix_holders.iter().map(|h| h.processes.len()).sum::<usize>();
+        if strings * 6 + (listed + processes) * 1_024 + 4_096 <= max {
+            return;
+        }
         let size = |d: &Self| serde_json::to_vec(d).map_or(0, |json| json.len());
         let mut cut = false;
         while size(self) > max {
