@@ -33,6 +33,7 @@ const EXIT_FAILURE: u8 = 1;
 /// One line on stderr. A longer message (a kernel verifier log) is cut to its first line;
 /// the rest goes to the debug log (RUST_LOG=debug).
 fn print_error(message: &str) {
+    crate::say::flush();
     let mut lines = message.lines();
     let first = lines.next().unwrap_or("");
     let rest: Vec<&str> = lines.collect();
@@ -207,6 +208,13 @@ fn raise_fd_limit() {
 }
 
 pub fn main() -> ExitCode {
+    let code = run_main();
+    // What is queued for stderr is written before the process ends.
+    crate::say::flush();
+    code
+}
+
+fn run_main() -> ExitCode {
     fill_closed_standard_fds();
     raise_fd_limit();
     crate::say::init_log();

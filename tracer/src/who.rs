@@ -49,12 +49,12 @@ struct WhoRecord<'a> {
 
 /// One socket on the port (`who --all -o ndjson`).
 #[derive(Serialize)]
-struct WhoSocket {
+struct WhoSocket<'a> {
     #[serde(rename = "type")]
     kind: &'static str,
     netns: Option<u64>,
     #[serde(flatten)]
-    holder: HolderReport,
+    holder: &'a HolderReport,
 }
 
 /// The longest NDJSON line bindtrace writes (docs/ndjson-schema.md).
@@ -232,7 +232,9 @@ pub fn run(args: &WhoArgs, netns: &Netns) -> Result<Verdict> {
                     out.push('\n');
                 }
             } else {
-                let listed = listed_holders(&holders, args.all);
+                // With --all every socket has a line of its own below; the record lists those
+                // that bind the port and counts the rest, as without it.
+                let listed = listed_holders(&holders, false);
                 let mut record = WhoRecord {
                     kind: "who",
                     port,
@@ -258,12 +260,16 @@ pub fn run(args: &WhoArgs, netns: &Netns) -> Result<Verdict> {
                 if args.all {
                     // Every socket, one line each.
                     for holder in &holders {
-                        let socket = WhoSocket {
-                            kind: "who_socket",
-                            netns: namespace.inode(),
-                            holder: holder_report(holder, None),
+                        let mut reports = vec![holder_report(holder, None)];
+                        let encode = |reports: &[HolderReport]| {
+                            let holder = &reports[0];
+                            serde_json::to_string(&WhoSocket { kind: "who_socket", netns: namespace.inode(), holder })
                         };
-                        out.push_str(&serde_json::to_string(&socket)?);
+                        let mut line = encode(&reports)?;
+                        while line.len() > LINE_BYTES_MAX && shrink_holders(&mut reports) {
+                            line = encode(&reports)?;
+                        }
+                        out.push_str(&line);
                         out.push('\n');
                     }
                 }

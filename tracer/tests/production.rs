@@ -169,6 +169,13 @@ fn a_busy_port_names_its_holder_on_a_short_line() {
     assert!(table.contains(&format!("({CONNECTIONS} sockets; --all lists them)")), "{table}");
     let (_, every, _) = run_to_end(&["who", &format!("{port}/tcp"), "-o", "table", "--all"]);
     assert!(every.lines().count() > CONNECTIONS, "--all lists every socket");
+    let started = Instant::now();
+    let (_, every, _) = run_to_end(&["who", &format!("{port}/tcp"), "-o", "ndjson", "--all"]);
+    let records: Vec<Value> = every.lines().map(|l| serde_json::from_str(l).expect("json")).collect();
+    assert!(every.lines().all(|l| l.len() <= LINE_MAX));
+    assert_eq!(records.iter().filter(|r| r["type"] == "who_socket").count(), CONNECTIONS + 1);
+    assert_eq!(records[0]["type"], "who", "the record that counts them comes first");
+    eprintln!("who --all -o ndjson on {CONNECTIONS} connections: {:?}", started.elapsed());
 }
 
 #[test]

@@ -225,14 +225,22 @@ impl SocketSink for TableBuilder<'_> {
         }
         let (census, peers) = self.census.entry(port).or_default();
         let local = socket.local.ip();
-        match census
+        // The first socket of each (address, IPV6_V6ONLY, state) is kept past every cap: the
+        // one that blocks a bind is never only a count.
+        let first_of_group = match census
             .groups
             .iter_mut()
             .find(|g| g.local == local && g.v6only == socket.v6only && g.state == socket.state)
         {
-            Some(group) => group.count = group.count.saturating_add(1),
-            None => census.groups.push(CensusGroup { local, v6only: socket.v6only, state: socket.state, count: 1 }),
-        }
+            Some(group) => {
+                group.count = group.count.saturating_add(1);
+                false
+            }
+            None => {
+                census.groups.push(CensusGroup { local, v6only: socket.v6only, state: socket.state, count: 1 });
+                true
+            }
+        };
         let keep = if is_connection(socket.state) {
             if peers.len() < PEERS_COUNTED_MAX {
                 peers.insert(socket.peer.ip());
@@ -247,7 +255,7 @@ impl SocketSink for TableBuilder<'_> {
             *kept += 1;
             self.every_socket || *kept <= UNCONNECTED_KEPT
         };
-        if keep {
+        if keep || first_of_group {
             self.kept.push(socket);
         }
     }

@@ -501,15 +501,9 @@ impl Enricher {
                 .map(|s| s.last_requested.map_or(self.last_sweep, |at| at + MIN_REFRESH))
                 .min()
         });
-        // A job's timeout counts from its start, which only the worker knows; a job not
-        // started yet is looked at again one timeout after its request.
-        let timeout = [
-            self.workers.as_ref().and_then(Supervisor::next_timeout),
-            self.keys.values().filter_map(|s| s.in_flight).min().map(|at| at + LOOKUP_TIMEOUT),
-        ]
-        .into_iter()
-        .flatten()
-        .min();
+        // A job's timeout counts from its start, which only its worker knows (a job still
+        // queued cannot hang; the one ahead of it is watched).
+        let timeout = self.workers.as_ref().and_then(Supervisor::next_timeout);
         [deadline, follow_up, refresh, timeout].into_iter().flatten().min()
     }
 

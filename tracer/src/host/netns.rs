@@ -112,7 +112,8 @@ impl Netns {
             }
         }
         // Never "no process is in it" when some processes could not be seen.
-        let blind = Blind { own_pid_namespace: in_own_pid_namespace(), unreadable_processes: unreadable, cut: None };
+        let blind =
+            Blind { own_pid_namespace: in_own_pid_namespace(), unreadable_processes: unreadable, ..Blind::default() };
         Err(match blind.reason() {
             None => anyhow!("network namespace {inode} has no process left in it"),
             Some(why) => anyhow!("no process visible to bindtrace is in network namespace {inode} ({why})"),

@@ -15,6 +15,12 @@ use std::{
 use procfs::process::Process;
 use serde::Serialize;
 
+/// How long an inode no process had in a whole search is not searched for again (a storm of
+/// failures on a port a kernel socket holds costs one search in this time, not one each).
+/// Not longer: a socket in flight between processes finds a holder, and inode numbers wrap.
+const ORPHAN_TTL: std::time::Duration = std::time::Duration::from_secs(10);
+/// How often entries of processes that are gone are dropped from the index.
+const PRUNE_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
 /// Inodes remembered as held by no process (see `OwnerIndex::orphans`).
 const ORPHANS_MAX: usize = 65_536;
 /// Longest command line kept for display.
@@ -128,6 +134,8 @@ pub(crate) struct Blind {
     pub unreadable_processes: u32,
     /// The search ran out of time.
     pub cut: Option<SearchCut>,
+    /// /proc itself could not be listed (out of fds or memory): no process was searched.
+    pub proc_unlisted: bool,
 }
 
 impl Blind {
@@ -161,11 +169,10 @@ impl Blind {
                 })
             }
         };
-        match (cut, unreadable) {
-            (None, None) => None,
-            (Some(one), None) | (None, Some(one)) => Some(one),
-            (Some(cut), Some(unreadable)) => Some(format!("{cut}; {unreadable}")),
-        }
+        let unlisted =
+            self.proc_unlisted.then(|| "/proc could not be listed, so no other process was searched".to_owned());
+        let reasons: Vec<String> = [cut, unreadable, unlisted].into_iter().flatten().collect();
+        (!reasons.is_empty()).then(|| reasons.join("; "))
     }
 }
 
@@ -271,10 +278,10 @@ pub(crate) struct OwnerIndex {
     /// Inodes that no process had open in a complete search made after they were seen
     /// (kernel sockets, sockets in flight between processes): asking about them again does
     /// not search again. Bounded.
-    orphans: HashSet<u32>,
-    /// What the searches that found the orphans could not see: an orphan is "not visible"
-    /// rather than "held by no process" while some process could not be read.
-    orphans_blind: Blind,
+    /// With when the search that found no process for it ended, and how many processes it
+    /// could not read: an orphan is "not visible" rather than "held by no process" then.
+    orphans: HashMap<u32, (Instant, u32)>,
+    last_prune: Option<Instant>,
     /// Processes read, for tests and the benchmark.
     visits: u64,
 }
@@ -346,14 +353,6 @@ pub(crate) fn find_owners(
     let mut found =
         Found { blind: Blind { own_pid_namespace: in_own_pid_namespace(), ..Blind::default() }, ..Found::default() };
     let mut wanted: HashSet<u32> = inodes.iter().copied().filter(|&i| i != 0).collect();
-    {
-        let index = lock(index);
-        let before = wanted.len();
-        wanted.retain(|inode| !index.orphans.contains(inode));
-        if wanted.len() < before {
-            found.blind.unreadable_processes = index.orphans_blind.unreadable_processes;
-        }
-    }
     if wanted.is_empty() {
         return found;
     }
@@ -399,6 +398,20 @@ pub(crate) fn find_owners(
     if wanted.is_empty() {
         return found;
     }
+    // What a whole search found no process for a moment ago is not searched for again.
+    {
+        let index = lock(index);
+        wanted.retain(|inode| match index.orphans.get(inode) {
+            Some((at, unreadable)) if at.elapsed() < ORPHAN_TTL => {
+                found.blind.unreadable_processes = found.blind.unreadable_processes.max(*unreadable);
+                false
+            }
+            _ => true,
+        });
+    }
+    if wanted.is_empty() {
+        return found;
+    }
     // Processes asked above from an entry read before the dump are asked again below: a
     // socket they opened since is not in it.
     asked.retain(|pid| read_after(index, *pid, dumped_at));
@@ -406,7 +419,9 @@ pub(crate) fn find_owners(
     //    before the big ones (`FDSize` in /proc/PID/status, one cheap read each), so a
     //    search cut at its deadline has asked as many processes as it could; a proxy's
     //    16,000 eventfds are read last.
-    let mut rest: Vec<(bool, u64, u32)> = std::fs::read_dir("/proc")
+    let listing = std::fs::read_dir("/proc");
+    found.blind.proc_unlisted = listing.is_err();
+    let mut rest: Vec<(bool, u64, u32)> = listing
         .into_iter()
         .flatten()
         .flatten()
@@ -422,10 +437,10 @@ pub(crate) fn find_owners(
     let total = (rest.len() + asked.len()) as u32;
     let mut searched = asked.len() as u32;
     let mut unreadable = 0;
-    let mut complete = true;
+    let (mut timed_out, mut every_owner_found) = (false, false);
     for (_, _, pid) in &rest {
         if Instant::now() >= deadline {
-            complete = false;
+            timed_out = true;
             break;
         }
         searched += 1;
@@ -440,11 +455,14 @@ pub(crate) fn find_owners(
         record(&mut found, &wanted, *pid, &sockets);
         wanted.retain(|inode| !found.owners.contains_key(inode));
         if wanted.is_empty() {
+            every_owner_found = true;
             break;
         }
     }
+    // Every process was asked: what is still wanted has no process that /proc shows.
+    let complete = !found.blind.proc_unlisted && !timed_out && !every_owner_found;
     found.blind.unreadable_processes = found.blind.unreadable_processes.max(unreadable);
-    if !complete && !wanted.is_empty() {
+    if timed_out && !wanted.is_empty() {
         found.blind.cut = Some(SearchCut {
             searched,
             total,
@@ -453,14 +471,23 @@ pub(crate) fn find_owners(
     }
     // Forget processes that are gone, and remember what no process had after a whole search.
     let mut index = lock(index);
-    let alive: HashSet<u32> = rest.iter().map(|(_, _, pid)| *pid).chain(asked.iter().copied()).collect();
     if complete {
+        let alive: HashSet<u32> = rest.iter().map(|(_, _, pid)| *pid).chain(asked.iter().copied()).collect();
         index.procs.retain(|pid, _| alive.contains(pid));
+        index.last_prune = Some(Instant::now());
         if index.orphans.len() + wanted.len() > ORPHANS_MAX {
-            index.orphans.clear();
+            index.orphans.retain(|_, (at, _)| at.elapsed() < ORPHAN_TTL);
+            if index.orphans.len() + wanted.len() > ORPHANS_MAX {
+                index.orphans.clear();
+            }
         }
-        index.orphans.extend(wanted.iter().copied());
-        index.orphans_blind.unreadable_processes = unreadable;
+        let now = Instant::now();
+        index.orphans.extend(wanted.iter().map(|inode| (*inode, (now, unreadable))));
+    } else if index.last_prune.is_none_or(|at| at.elapsed() >= PRUNE_EVERY) {
+        // Searches answered by hints never list /proc: the entries of processes that
+        // exited are dropped here, one stat each.
+        index.procs.retain(|pid, _| std::path::Path::new(&format!("/proc/{pid}")).exists());
+        index.last_prune = Some(Instant::now());
     }
     found
 }
@@ -532,6 +559,26 @@ mod tests {
         assert_eq!(lock(&index).visits(), before, "an orphan is not searched again");
     }
 
+    /// An inode remembered as held by nobody (a socket that was in flight) is still found
+    /// by asking the process that bound it, and an orphan keeps the blindness of the search
+    /// that made it.
+    #[test]
+    fn orphans_yield_to_hints_and_keep_what_their_search_could_not_see() {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("listen");
+        let inode = inode_of(listener.as_raw_fd());
+        let index = SharedOwnerIndex::default();
+        lock(&index).orphans.insert(inode, (Instant::now(), 3));
+        let far = Instant::now() + std::time::Duration::from_secs(10);
+        let found = find_owners(&index, &[inode], &[std::process::id()], &[], Instant::now(), far);
+        assert_eq!(found.owners.get(&inode), Some(&vec![std::process::id()]));
+        let fresh = SharedOwnerIndex::default();
+        lock(&fresh).orphans.insert(inode, (Instant::now(), 3));
+        let found = find_owners(&fresh, &[inode], &[], &[], Instant::now(), far);
+        assert!(found.owners.is_empty(), "without a hint the orphan is not searched for");
+        assert_eq!(found.blind.unreadable_processes, 3, "and says what its search could not see");
+        assert!(found.blind.reason().is_some());
+    }
+
     #[test]
     fn a_search_past_its_deadline_says_how_far_it_got() {
         let index = SharedOwnerIndex::default();
@@ -542,7 +589,7 @@ mod tests {
         let reason = found.blind.reason().expect("a reason");
         assert!(reason.contains(&format!("searched 0 of {} processes", cut.total)), "{reason}");
         // Not an orphan: it was not searched for everywhere.
-        assert!(!lock(&index).orphans.contains(&(u32::MAX - 1)));
+        assert!(!lock(&index).orphans.contains_key(&(u32::MAX - 1)));
     }
 
     #[test]

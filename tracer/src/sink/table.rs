@@ -263,6 +263,8 @@ impl Sink for TableSink {
         }
         // The report is for the operator: stderr, whatever stdout is.
         use io::Write as _;
+        // After the lines already queued for stderr, in order.
+        crate::say::flush();
         let mut stderr = io::stderr().lock();
         stderr.write_all(text.as_bytes())?;
         stderr.flush()

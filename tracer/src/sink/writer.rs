@@ -18,7 +18,7 @@ use std::{
 const QUEUE_BYTES_MAX: u64 = 4 * 1024 * 1024;
 /// Chunks waiting (one per batch of the event loop).
 const QUEUE_CHUNKS_MAX: usize = 4_096;
-/// At exit, how long bindtrace waits for a stalled output to take what is queued.
+/// At exit, how long bindtrace waits for an output that takes nothing of what is queued.
 const DRAIN_AT_EXIT: Duration = Duration::from_secs(1);
 
 /// Lines dropped because the output did not keep up, over the whole run (every writer).
@@ -144,14 +144,26 @@ impl Drop for ThreadWriter {
     /// is counted as dropped.
     fn drop(&mut self) {
         self.chunks = None;
-        if self.done.recv_timeout(DRAIN_AT_EXIT).is_err() && !self.state.closed.load(Ordering::Relaxed) {
-            let queued = self.state.queued_bytes.load(Ordering::Relaxed);
-            if queued > 0 {
-                crate::say::line(&format!(
-                    "{queued} bytes of output were not written: the output took nothing for {} s",
-                    DRAIN_AT_EXIT.as_secs()
-                ));
+        // A slow reader that still takes output gets the time it needs; one that took nothing
+        // for DRAIN_AT_EXIT does not.
+        let mut queued = self.state.queued_bytes.load(Ordering::Relaxed);
+        loop {
+            match self.done.recv_timeout(DRAIN_AT_EXIT) {
+                Ok(()) | Err(mpsc::RecvTimeoutError::Disconnected) => return,
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    let now = self.state.queued_bytes.load(Ordering::Relaxed);
+                    if now >= queued || self.state.closed.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    queued = now;
+                }
             }
+        }
+        if !self.state.closed.load(Ordering::Relaxed) && queued > 0 {
+            crate::say::line(&format!(
+                "{queued} bytes of output were not written: the output took nothing for {} s",
+                DRAIN_AT_EXIT.as_secs()
+            ));
         }
     }
 }

@@ -276,7 +276,7 @@ mod tests {
 
     #[test]
     fn an_invisible_holder_is_not_called_absent() {
-        let blind = Blind { own_pid_namespace: true, unreadable_processes: 0, cut: None };
+        let blind = Blind { own_pid_namespace: true, ..Blind::default() };
         let d = unix_in_use(
             &event(b"/run/app.sock"),
             Some(&facts(b"/run/app.sock", SOCKET_FILE, vec![holder(None, OwnersSeen::Partial(blind))], 0)),
