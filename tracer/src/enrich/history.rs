@@ -1,14 +1,19 @@
 //! The binds bindtrace itself saw succeed, so a diagnosis can say when a holder bound its port
 //! and with which options (inet_diag reports neither).
 
-use std::{collections::HashMap, net::IpAddr};
+use std::{
+    collections::{HashMap, VecDeque},
+    net::IpAddr,
+};
 
 use bindtrace_common::{sock_flags, BindEvent, COMM_LEN};
 
 use crate::decode::BindEventExt as _;
 
-/// Most binds remembered; when full, the history starts over (a bounded window, not a leak).
-const CAPACITY: usize = 65_536;
+/// Most binds remembered; past it the oldest is forgotten, one for each new one, so memory
+/// stays flat on a host that binds new ports all day (about 130 bytes a bind) and a storm of
+/// short-lived binds never wipes the whole history at once.
+const CAPACITY: usize = 16_384;
 
 /// (netns inode, IP protocol, port)
 pub type PortKey = (u32, u16, u16);
@@ -26,8 +31,10 @@ pub struct SeenBind {
 
 #[derive(Default)]
 pub struct BindHistory {
+    /// Per port, oldest first.
     seen: HashMap<PortKey, Vec<SeenBind>>,
-    len: usize,
+    /// The port of every remembered bind, oldest first.
+    order: VecDeque<PortKey>,
 }
 
 /// The port a successful bind ended up on (the kernel's pick for port 0).
@@ -48,9 +55,8 @@ impl BindHistory {
         if port == 0 {
             return;
         }
-        if self.len >= CAPACITY {
-            self.seen.clear();
-            self.len = 0;
+        if self.order.len() >= CAPACITY {
+            self.forget_oldest();
         }
         let seen = SeenBind {
             wall_ns,
@@ -61,8 +67,21 @@ impl BindHistory {
             reuseaddr: event.has(sock_flags::REUSEADDR),
             reuseport: event.has(sock_flags::REUSEPORT),
         };
-        self.seen.entry((event.netns_ino, event.protocol, port)).or_default().push(seen);
-        self.len += 1;
+        let key = (event.netns_ino, event.protocol, port);
+        self.seen.entry(key).or_default().push(seen);
+        self.order.push_back(key);
+    }
+
+    fn forget_oldest(&mut self) {
+        let Some(key) = self.order.pop_front() else { return };
+        if let Some(binds) = self.seen.get_mut(&key) {
+            if !binds.is_empty() {
+                binds.remove(0);
+            }
+            if binds.is_empty() {
+                self.seen.remove(&key);
+            }
+        }
     }
 
     /// The processes seen binding this port, latest first.
@@ -95,6 +114,24 @@ mod tests {
         assert!(history.latest((7, 6, 8080), Some(1)).is_none());
         assert!(history.latest((8, 6, 8080), None).is_none(), "other namespace");
         assert!(history.latest((7, 17, 8080), None).is_none(), "other protocol");
+    }
+
+    /// Full, it forgets the oldest bind for each new one: never everything at once.
+    #[test]
+    fn a_full_history_forgets_the_oldest_first() {
+        let mut history = BindHistory::default();
+        let mut ok = sample_event();
+        ok.ret = 0;
+        ok.port = 1;
+        history.record(&ok, 1);
+        for i in 0..CAPACITY as u16 {
+            ok.port = 10_000 + (i % 40_000);
+            history.record(&ok, 2);
+        }
+        assert!(history.latest((ok.netns_ino, 6, 1), None).is_none(), "the oldest is forgotten");
+        assert!(history.latest((ok.netns_ino, 6, 10_000 + CAPACITY as u16 - 1), None).is_some(), "the newest stays");
+        assert_eq!(history.order.len(), CAPACITY);
+        assert!(history.seen.len() <= CAPACITY);
     }
 
     #[test]

@@ -253,9 +253,9 @@ pub struct Enricher {
     memo: HashMap<MemoKey, (Vec<Instant>, Arc<Diagnosis>)>,
     counters: EnrichCounters,
     last_sweep: Instant,
-    /// The worker's queue was full at the last dispatch: the next finished lookup, not a
-    /// timer, starts the next one.
-    jobs_full: bool,
+    /// Each lane's queue was full at the last dispatch: the next finished lookup, not a
+    /// timer, starts that lane's next one (by `Lane::index`).
+    lanes_full: [bool; 2],
     /// When a diagnosis was last written for a (netns, protocol, port): under pressure, a
     /// failure on a port diagnosed within the last second is the one to shed, so that the
     /// room left goes to ports that have none.
@@ -280,7 +280,7 @@ impl Enricher {
             memo: HashMap::default(),
             counters: EnrichCounters::default(),
             last_sweep: now,
-            jobs_full: false,
+            lanes_full: [false; 2],
             recently_diagnosed: HashMap::default(),
         }
     }
@@ -345,8 +345,9 @@ impl Enricher {
     fn dispatch(&mut self, now: Instant) {
         let Some(workers) = self.workers.as_mut() else { return };
         let mut started = Vec::new();
-        self.jobs_full = false;
+        self.lanes_full = [false; 2];
         let mut answered_now = Vec::new();
+        let mut lanes_lost = Vec::new();
         for key in &self.wanting {
             let Some(state) = self.keys.get_mut(key) else {
                 started.push(*key);
@@ -391,7 +392,9 @@ impl Enricher {
                     started.push(*key);
                 }
                 // That lane's queue is full: this key waits for a later dispatch.
-                Sent::Full => self.jobs_full = true,
+                Sent::Full => self.lanes_full[supervise::Lane::of(key).index()] = true,
+                // Its worker was gone: the jobs it had are asked again.
+                Sent::WorkerGone(lane) => lanes_lost.push(lane),
                 // That lane rests: its events are answered now, with why.
                 Sent::Resting(job, why) => {
                     state.last_requested = Some(now);
@@ -411,6 +414,14 @@ impl Enricher {
         }
         for done in answered_now {
             self.complete(done);
+        }
+        for lane in lanes_lost {
+            for (key, state) in self.keys.iter_mut() {
+                if supervise::Lane::of(key) == lane && state.in_flight.take().is_some() {
+                    state.wanted = true;
+                    self.wanting.insert(*key);
+                }
+            }
         }
     }
 
@@ -492,15 +503,15 @@ impl Enricher {
             .filter(|p| !p.keys.is_empty() || p.identity_key.is_some())
             .map(|p| p.arrived + EMIT_DEADLINE);
         let follow_up = self.following.front().map(|p| p.arrived + FOLLOW_UP_LIMIT);
-        let refresh = if self.jobs_full { None } else { Some(()) };
-        let refresh = refresh.and_then(|()| {
+        let refresh = {
             self.wanting
                 .iter()
+                .filter(|k| !self.lanes_full[supervise::Lane::of(k).index()])
                 .filter_map(|k| self.keys.get(k))
                 .filter(|s| s.in_flight.is_none())
                 .map(|s| s.last_requested.map_or(self.last_sweep, |at| at + MIN_REFRESH))
                 .min()
-        });
+        };
         // A job's timeout counts from its start, which only its worker knows (a job still
         // queued cannot hang; the one ahead of it is watched).
         let timeout = self.workers.as_ref().and_then(Supervisor::next_timeout);

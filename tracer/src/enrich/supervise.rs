@@ -54,7 +54,7 @@ impl Lane {
         }
     }
 
-    fn index(self) -> usize {
+    pub(crate) fn index(self) -> usize {
         match self {
             Self::Search => 0,
             Self::Quick => 1,
@@ -133,6 +133,9 @@ pub(crate) enum Sent {
     Full,
     /// The lane rests (its workers hung too often); the job is answered at once with why.
     Resting(Job, String),
+    /// The lane's worker had ended: the jobs it had queued are lost and must be asked again;
+    /// a new worker starts with the next job.
+    WorkerGone(Lane),
 }
 
 /// The lanes' workers, replaced when they hang, within a budget that recovers.
@@ -182,7 +185,7 @@ impl Supervisor {
             Err(TrySendError::Disconnected(_)) => {
                 self.lanes[lane.index()].worker = None;
                 self.replaced(lane, now, "the lookup thread ended");
-                Sent::Full
+                Sent::WorkerGone(lane)
             }
         }
     }
