@@ -118,6 +118,10 @@ pub struct Report {
 /// Processes counted at most, and how many of the busiest stay when that is reached.
 const PROCESSES_MAX: usize = 4_096;
 const PROCESSES_KEPT: usize = 256;
+/// The same for ports: a host that binds new ports all day (ephemeral ports, a churn of pods)
+/// would otherwise grow the counts with every port ever bound (the soak bench saw it).
+const PORTS_MAX: usize = 4_096;
+const PORTS_KEPT: usize = 256;
 
 /// Text label of a result: "ok", "EADDRINUSE", or "errno 300" for unnamed numbers.
 pub fn result_label(ret: i32) -> String {
@@ -128,6 +132,14 @@ pub fn result_label(ret: i32) -> String {
     errno::name(errno).map_or_else(|| format!("errno {errno}"), str::to_owned)
 }
 
+/// Keeps the `kept` largest counts of `map` (ties at the cut go too).
+fn forget_small<K, V>(map: &mut HashMap<K, V>, count: impl Fn(&V) -> u64, kept: usize) {
+    let mut counts: Vec<u64> = map.values().map(&count).collect();
+    counts.sort_unstable_by(|a, b| b.cmp(a));
+    let keep_from = counts.get(kept).copied().unwrap_or(0);
+    map.retain(|_, value| count(value) > keep_from);
+}
+
 impl Summary {
     pub fn record(&mut self, event: &BindEvent) {
         self.events += 1;
@@ -135,7 +147,11 @@ impl Summary {
         // Ports are inet's: an AF_UNIX path is not counted as one.
         if event.requested_ip().is_some() {
             let proto = event.proto_name().unwrap_or("?");
-            *self.by_port.entry((event.port, proto)).or_default() += 1;
+            let key = (event.port, proto);
+            if self.by_port.len() >= PORTS_MAX && !self.by_port.contains_key(&key) {
+                forget_small(&mut self.by_port, |count| *count, PORTS_KEPT);
+            }
+            *self.by_port.entry(key).or_default() += 1;
         }
         if self.by_process.len() >= PROCESSES_MAX && !self.by_process.contains_key(&event.tgid) {
             self.forget_small_processes();
@@ -147,10 +163,7 @@ impl Summary {
     /// per-process counts must not grow with every process ever seen. The top list is then
     /// of the busiest since the last pruning.
     fn forget_small_processes(&mut self) {
-        let mut counts: Vec<u64> = self.by_process.values().map(|(_, count)| *count).collect();
-        counts.sort_unstable_by(|a, b| b.cmp(a));
-        let keep_from = counts.get(PROCESSES_KEPT).copied().unwrap_or(0);
-        self.by_process.retain(|_, (_, count)| *count > keep_from);
+        forget_small(&mut self.by_process, |(_, count)| *count, PROCESSES_KEPT);
     }
 
     pub fn record_reopen(&mut self) {
@@ -245,6 +258,23 @@ mod tests {
         }
         assert!(summary.by_process.len() <= PROCESSES_MAX);
         assert_eq!(summary.events(), 100_000 + 100_000u64.div_ceil(7));
+    }
+
+    /// A host that binds new ports all day: the per-port counts stay bounded, the busiest kept.
+    #[test]
+    fn per_port_counts_stay_bounded_over_every_port() {
+        let mut summary = Summary::default();
+        let mut event = crate::decode::tests::sample_event();
+        event.port = 80;
+        for _ in 0..1_000 {
+            summary.record(&event);
+        }
+        for port in 1_000..=u16::MAX {
+            event.port = port;
+            summary.record(&event);
+        }
+        assert!(summary.by_port.len() <= PORTS_MAX, "{}", summary.by_port.len());
+        assert_eq!(summary.by_port.get(&(80, "tcp")), Some(&1_000), "the busiest port stays");
     }
     use crate::decode::tests::sample_event;
 
