@@ -334,6 +334,9 @@ pub(crate) struct SocketTable {
     published: HashMap<u32, Forwarding>,
     /// How far the search for owners got.
     seen: OwnersSeen,
+    /// Sockets whose processes were found but could not be read after (they exited, or the
+    /// pid is another process's now): not known, never "no process".
+    unread_owners: HashSet<u32>,
     sockets: usize,
     /// The list is sock_diag's; `false`: /proc/net's, which lacks TCP sockets that are only
     /// bound, and IPV6_V6ONLY.
@@ -369,7 +372,11 @@ impl SocketTable {
                     })
                     .collect(),
                 // Sockets without an inode (TIME_WAIT) have no process to find.
-                owners: if socket.inode == 0 { OwnersSeen::Complete } else { seen },
+                owners: match socket.inode {
+                    0 => OwnersSeen::Complete,
+                    inode if self.unread_owners.contains(&inode) => OwnersSeen::NotResolved,
+                    _ => seen,
+                },
             })
             .collect()
     }
@@ -646,6 +653,9 @@ impl Lookups {
         let found = find_owners(&self.owners, &wanted, hints, &uids, dumped_at, deadline);
         for (inode, pids) in found.owners {
             let pids: Vec<u32> = pids.into_iter().filter(|&pid| self.read_process(&mut table.processes, pid)).collect();
+            if pids.is_empty() {
+                table.unread_owners.insert(inode);
+            }
             table.owners.insert(inode, pids);
         }
         let held_by_dockerd: Vec<(u32, std::net::SocketAddr)> = ports
