@@ -818,23 +818,29 @@ mod tests {
 
     /// A daemon that accepts and never answers costs one timeout, then nothing for a while,
     /// and is reported unreachable, never as "no such container".
-    #[test]
-    fn a_hung_runtime_is_unreachable_then_rested() {
-        let dir = std::env::temp_dir().join(format!("bindtrace-hung-{}", std::process::id()));
+    /// Runtimes whose Docker socket accepts connections and never answers (for a few
+    /// seconds), no podman, no containerd; the directory to remove and the thread holding
+    /// the connections.
+    fn hung_docker(tag: &str) -> (Runtimes, std::path::PathBuf, std::thread::JoinHandle<()>) {
+        let dir = std::env::temp_dir().join(format!("bindtrace-{tag}-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("dir");
         let socket = dir.join("docker.sock");
         let listener = std::os::unix::net::UnixListener::bind(&socket).expect("listen");
         let held = std::thread::spawn(move || {
-            let mut open = Vec::new();
-            for stream in listener.incoming().take(4).flatten() {
-                open.push(stream);
-            }
+            let open: Vec<_> = listener.incoming().take(4).flatten().collect();
             std::thread::sleep(Duration::from_secs(3));
+            drop(open);
         });
         let mut runtimes = Runtimes::new();
         runtimes.apis.docker = DockerApi::new(Runtime::Docker, socket.display().to_string());
         runtimes.apis.podman = DockerApi::new(Runtime::Podman, dir.join("absent.sock").display().to_string());
         runtimes.apis.containerd.clear();
+        (runtimes, dir, held)
+    }
+
+    #[test]
+    fn a_hung_runtime_is_unreachable_then_rested() {
+        let (mut runtimes, dir, held) = hung_docker("hung");
         let id = "a".repeat(64);
         let started = Instant::now();
         let first = runtimes.container(&super::super::cgroup::RuntimeHint::Docker, &id);
@@ -852,19 +858,7 @@ mod tests {
     /// once that the runtimes did not answer in time, however many calls a chain has left.
     #[test]
     fn the_calls_of_one_lookup_share_one_budget() {
-        let dir = std::env::temp_dir().join(format!("bindtrace-budget-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("dir");
-        let socket = dir.join("docker.sock");
-        let listener = std::os::unix::net::UnixListener::bind(&socket).expect("listen");
-        let held = std::thread::spawn(move || {
-            let open: Vec<_> = listener.incoming().take(2).flatten().collect();
-            std::thread::sleep(Duration::from_secs(2));
-            drop(open);
-        });
-        let mut runtimes = Runtimes::new();
-        runtimes.apis.docker = DockerApi::new(Runtime::Docker, socket.display().to_string());
-        runtimes.apis.podman = DockerApi::new(Runtime::Podman, dir.join("absent.sock").display().to_string());
-        runtimes.apis.containerd.clear();
+        let (mut runtimes, dir, held) = hung_docker("budget");
         runtimes.begin_lookup();
         // What is left of the lookup's budget is shorter than one call's own timeout.
         runtimes.deadline = Some(Instant::now() + Duration::from_millis(150));
