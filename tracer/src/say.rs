@@ -89,7 +89,7 @@ pub(crate) fn warn(text: &str) {
 pub(crate) fn flush() {
     let Some(voice) = voice() else { return };
     let (done, written) = mpsc::sync_channel(1);
-    if voice.queue.send_timeout_compat(Message::Flush(done)) {
+    if send_within(&voice.queue, Message::Flush(done), FLUSH_AT_EXIT) {
         let _ = written.recv_timeout(FLUSH_AT_EXIT);
     }
     let dropped = DROPPED.swap(0, Ordering::Relaxed);
@@ -98,23 +98,17 @@ pub(crate) fn flush() {
     }
 }
 
-/// `SyncSender::send` with a bound: std has no `send_timeout`, so it retries `try_send`.
-trait SendTimeout {
-    fn send_timeout_compat(&self, message: Message) -> bool;
-}
-
-impl SendTimeout for SyncSender<Message> {
-    fn send_timeout_compat(&self, mut message: Message) -> bool {
-        let deadline = std::time::Instant::now() + FLUSH_AT_EXIT;
-        loop {
-            match self.try_send(message) {
-                Ok(()) => return true,
-                Err(mpsc::TrySendError::Full(back)) if std::time::Instant::now() < deadline => {
-                    message = back;
-                    std::thread::sleep(Duration::from_millis(5));
-                }
-                Err(_) => return false,
+/// `SyncSender::send` with a bound (std has none): `try_send` again until `within` passes.
+fn send_within(queue: &SyncSender<Message>, mut message: Message, within: Duration) -> bool {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        match queue.try_send(message) {
+            Ok(()) => return true,
+            Err(mpsc::TrySendError::Full(back)) if std::time::Instant::now() < deadline => {
+                message = back;
+                std::thread::sleep(Duration::from_millis(5));
             }
+            Err(_) => return false,
         }
     }
 }

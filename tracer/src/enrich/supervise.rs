@@ -219,9 +219,10 @@ impl Supervisor {
             state.restarts.pop_front();
         }
         state.restarts.push_back(now);
-        if state.restarts.len() > RESTARTS_PER_WINDOW {
+        let restarts = state.restarts.len();
+        if restarts > RESTARTS_PER_WINDOW {
             let window = RESTART_WINDOW.as_secs() / 60;
-            self.rest(lane, now, format!("{why}, {} times in {window} minutes", state_len(&self.lanes[lane.index()])));
+            self.rest(lane, now, format!("{why}, {restarts} times in {window} minutes"));
         } else {
             log::debug!("{why}: a new lookup thread starts with the next lookup");
         }
@@ -262,10 +263,6 @@ impl Supervisor {
     pub(crate) fn index_size(&self) -> (usize, usize) {
         self.owners.lock().unwrap_or_else(PoisonError::into_inner).size()
     }
-}
-
-fn state_len(state: &LaneState) -> usize {
-    state.restarts.len()
 }
 
 #[cfg(test)]
