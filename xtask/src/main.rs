@@ -145,7 +145,8 @@ fn test() -> Result<()> {
     if is_root() {
         // The integration tests drive ip (veth, netns, vxlan), setpriv, unshare, mountpoint and
         // mount, and start Debian's dockerd, containerd (with an image built from a static
-        // busybox) and prometheus: a fresh machine gets them here, not by hand.
+        // busybox) and prometheus, and Python helpers hold the connections and fds of the
+        // production-host tests: a fresh machine gets them here, not by hand.
         setup::apt_install(
             &[
                 "iproute2",
@@ -158,6 +159,7 @@ fn test() -> Result<()> {
                 "busybox-static",
                 "tar",
                 "prometheus",
+                "python3",
             ]
             .map(str::to_owned),
         )?;
