@@ -197,8 +197,16 @@ impl Pipeline<'_> {
         let now = std::time::Instant::now();
         self.enricher.poll(now);
         self.emit_slice(now, force, usize::MAX)?;
-        for follow_up in self.enricher.follow_ups(now, force) {
-            self.sink.follow_up(&follow_up)?;
+        // A slice at a time: each slice's diagnoses are written and freed before the next
+        // are built.
+        loop {
+            let follow_ups = self.enricher.follow_ups(now, force, EMIT_SLICE);
+            for follow_up in &follow_ups {
+                self.sink.follow_up(follow_up)?;
+            }
+            if follow_ups.len() < EMIT_SLICE {
+                break;
+            }
         }
         self.sink.flush()
     }
