@@ -36,7 +36,7 @@ use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 
 pub use self::supervise::Done;
 use self::{
-    diagnose::{diagnose, needed_lookups},
+    diagnose::{diagnose, needed_lookups, NeededLookups},
     history::BindHistory,
     lookup::{Facts, LookupKey},
     supervise::{Job, Sent, Supervisor, LOOKUP_TIMEOUT},
@@ -148,7 +148,7 @@ struct Pending {
     event: Bind,
     wall_ns: i128,
     /// The lookups its diagnosis needs.
-    keys: Vec<LookupKey>,
+    keys: NeededLookups,
     /// The lookup of its cgroup's identity. Apart from `keys`: a success needs no vector.
     identity_key: Option<LookupKey>,
     arrived: Instant,
@@ -290,7 +290,7 @@ impl Enricher {
         self.next_seq += 1;
         self.history.record(&event, wall_ns);
         let looking = self.enabled;
-        let mut keys = if looking && event.ret < 0 { needed_lookups(&event) } else { Vec::new() };
+        let mut keys = if looking && event.ret < 0 { needed_lookups(&event) } else { NeededLookups::new() };
         // An id shared by unrelated processes (the root of a hierarchy, or any task on a host
         // without cgroup v2) says nothing of one process: its identity is then the pid's.
         let mut identity_key = (looking && event.cgroup_id != 0).then(|| {

@@ -8,6 +8,7 @@ mod report;
 mod unix;
 mod wording;
 
+use smallvec::smallvec;
 use std::net::{IpAddr, SocketAddr};
 
 use bindtrace_common::{sock_flags, BindEvent, AF_INET, AF_INET6, AF_UNIX};
@@ -38,29 +39,35 @@ use crate::{
 
 const CAP_NET_BIND_SERVICE: u32 = 10;
 
+/// What a failure's diagnosis needs looked up: two at most, kept inline (one allocation less
+/// per failure in the enrich queue, which holds thousands under a storm).
+pub type NeededLookups = smallvec::SmallVec<[LookupKey; 2]>;
+
 /// The lookups a failed bind needs, if any.
-pub fn needed_lookups(event: &Bind) -> Vec<LookupKey> {
+pub fn needed_lookups(event: &Bind) -> NeededLookups {
     let netns = event.netns_ino;
     match event.errno() {
         Some(libc::EADDRINUSE) if event.family == AF_UNIX => match &event.unix_path {
             // Autobind picks a free abstract name: EADDRINUSE there has no holder to name.
             Some(path) if !path.is_autobind() => {
-                vec![LookupKey::UnixName { netns, pid: event.tgid, name: unix_name_key(path) }]
+                smallvec![LookupKey::UnixName { netns, pid: event.tgid, name: unix_name_key(path) }]
             }
-            _ => Vec::new(),
+            _ => NeededLookups::new(),
         },
         Some(libc::EADDRINUSE) => match Proto::from_ipproto(event.protocol) {
             // A runtime's port publisher failed: which container it was starting, too.
             Some(proto) if is_port_publisher(event.comm_bytes()) && in_own_netns(netns) => {
-                vec![LookupKey::Sockets { netns, proto }, LookupKey::Publisher { port: event.port, proto }]
+                smallvec![LookupKey::Sockets { netns, proto }, LookupKey::Publisher { port: event.port, proto }]
             }
-            Some(proto) => vec![LookupKey::Sockets { netns, proto }],
-            None => Vec::new(),
+            Some(proto) => smallvec![LookupKey::Sockets { netns, proto }],
+            None => NeededLookups::new(),
         },
-        Some(libc::EACCES | libc::EPERM) if event.family == AF_UNIX => Vec::new(),
-        Some(libc::EACCES | libc::EPERM) => vec![LookupKey::Netns { netns }, LookupKey::Process { pid: event.tgid }],
-        Some(libc::EADDRNOTAVAIL) => vec![LookupKey::Netns { netns }],
-        _ => Vec::new(),
+        Some(libc::EACCES | libc::EPERM) if event.family == AF_UNIX => NeededLookups::new(),
+        Some(libc::EACCES | libc::EPERM) => {
+            smallvec![LookupKey::Netns { netns }, LookupKey::Process { pid: event.tgid }]
+        }
+        Some(libc::EADDRNOTAVAIL) => smallvec![LookupKey::Netns { netns }],
+        _ => NeededLookups::new(),
     }
 }
 
