@@ -369,6 +369,20 @@ for backend in $BACKENDS; do
   kill -INT $tracer 2>/dev/null
   wait $tracer
   echo "@@SCOPE exit=$?"; cat /tmp/scope.txt /tmp/scope.ndjson
+  # Two threads whose tids once shared an entry slot bind at the same time: every bind must
+  # be reported once. Counted here: the events are too many for the console.
+  rm -f /tmp/collide.ndjson
+  echo "@@COLLISION"
+  if attach /tmp/collide.txt --attach "$backend" --no-diagnosis --comm bind-scenarios -o ndjson --file /tmp/collide.ndjson; then
+    /bind-scenarios --collide > /tmp/collide-plan.json
+    sleep 1
+    kill -INT $tracer 2>/dev/null
+    wait $tracer
+    /bind-scenarios --count /tmp/collide-plan.json /tmp/collide.ndjson
+  else
+    kill $tracer 2>/dev/null
+    wait $tracer
+  fi
 done
 # What tracing costs here (emulated: indicative only), when the host asks for it on the kernel
 # command line: a getppid loop (collateral) and a bind storm, untraced and with bindtrace
@@ -470,6 +484,8 @@ struct GuestRun {
     scope_exit: String,
     scope: Vec<Value>,
     scope_stderr: Vec<String>,
+    /// `bind-scenarios --count` of the colliding threads' run, when it ran.
+    collision: Option<Value>,
 }
 
 /// What the guest's `bindtrace --check` and `--attach auto` runs said.
@@ -537,6 +553,7 @@ fn parse_console(console: &str) -> Vec<GuestRun> {
                 scope_exit: String::new(),
                 scope: Vec::new(),
                 scope_stderr: Vec::new(),
+                collision: None,
             });
             section = "";
         } else if let Some(exit) = line.strip_prefix("@@SCOPE ") {
@@ -549,6 +566,7 @@ fn parse_console(console: &str) -> Vec<GuestRun> {
                 "STDERR" => "stderr",
                 "EVENTS" => "events",
                 "SCENARIOS" => "scenarios",
+                "COLLISION" => "collision",
                 _ => "",
             };
         } else if let Some(current) = runs.last_mut() {
@@ -556,6 +574,11 @@ fn parse_console(console: &str) -> Vec<GuestRun> {
                 "stderr" => current.stderr.push(line.to_owned()),
                 "events" => current.events.extend(serde_json::from_str::<Value>(line).ok()),
                 "scenarios" => current.scenarios.extend(serde_json::from_str::<Value>(line).ok()),
+                "collision" => {
+                    if let Ok(counted) = serde_json::from_str::<Value>(line) {
+                        current.collision = Some(counted);
+                    }
+                }
                 "scope" => match serde_json::from_str::<Value>(line) {
                     Ok(record) => current.scope.push(record),
                     Err(_) => current.scope_stderr.push(line.to_owned()),
@@ -756,6 +779,10 @@ fn report(label: &str, runs: &[GuestRun], backends: &[&str], nc_check: bool, tal
                         None => tally.passed += 1,
                     }
                 }
+                match collision_problem(run.collision.as_ref()) {
+                    Some(problem) => problems.push(format!("tid_slot_collision: {problem}")),
+                    None => tally.passed += 1,
+                }
                 let failing: std::collections::HashSet<&str> =
                     problems.iter().filter_map(|p| p.split(':').next()).collect();
                 tally.failed += failing.len();
@@ -789,6 +816,31 @@ fn scope_problem(run: &GuestRun) -> Option<String> {
         return Some(format!("the listener outside the cgroup was reported: {binds:?}"));
     }
     None
+}
+
+/// Two threads whose tids once shared an entry slot made N binds each at the same time: each
+/// bind is reported exactly once (no loss, no duplicate).
+fn collision_problem(counted: Option<&Value>) -> Option<String> {
+    let Some(counted) = counted else { return Some("no count printed".to_owned()) };
+    let plan = &counted["plan"];
+    if let Some(why) = plan["setup_error"].as_str() {
+        return Some(format!("its setup failed: {why}"));
+    }
+    let binds = plan["binds_each"].as_u64().unwrap_or(0);
+    let threads = plan["threads"].as_array().map_or(&[][..], Vec::as_slice);
+    if binds == 0 || threads.len() != 2 {
+        return Some(format!("no plan: {counted}"));
+    }
+    let kernel = &counted["summary"]["kernel"];
+    let wrong: Vec<String> = threads
+        .iter()
+        .zip(counted["events"].as_array().into_iter().flatten())
+        .filter(|(_, events)| events.as_u64() != Some(binds))
+        .map(|(thread, events)| format!("tid {} had {events} events for {binds} binds", thread["tid"]))
+        .collect();
+    (!wrong.is_empty()).then(|| {
+        format!("{}; summary dropped {}, kernel counters {kernel}", wrong.join(", "), counted["summary"]["dropped"])
+    })
 }
 
 /// Fields every backend must fill the same way for the same scenario (pids, times and the
@@ -1013,6 +1065,8 @@ fn run_on_host(bindtrace: &Path, scenarios: &Path, tally: &mut Tally) -> Result<
         bail!("bindtrace did not attach");
     }
     let printed = output(&mut Command::new(scenarios))?;
+    let plan = dir.join("host-collide-plan.json");
+    std::fs::write(&plan, output(Command::new(scenarios).arg("--collide"))?)?;
     std::thread::sleep(std::time::Duration::from_millis(500));
     // SAFETY: signalling our own child.
     unsafe { libc::kill(tracer.id() as i32, libc::SIGINT) };
@@ -1020,6 +1074,7 @@ fn run_on_host(bindtrace: &Path, scenarios: &Path, tally: &mut Tally) -> Result<
     let events: Vec<Value> =
         std::fs::read_to_string(&events_file)?.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
     let scenario_lines: Vec<Value> = printed.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+    let counted = output(Command::new(scenarios).arg("--count").arg(&plan).arg(&events_file))?;
     let runs = vec![GuestRun {
         backend: "tracepoint".into(),
         exit: if status.success() { "exit=0".into() } else { format!("exit={status}") },
@@ -1029,6 +1084,7 @@ fn run_on_host(bindtrace: &Path, scenarios: &Path, tally: &mut Tally) -> Result<
         scope_exit: String::new(),
         scope: Vec::new(),
         scope_stderr: Vec::new(),
+        collision: serde_json::from_str(counted.trim()).ok(),
     }];
     report("host", &runs, &["tracepoint"], false, tally);
     Ok(())
@@ -1070,6 +1126,21 @@ mod tests {
         assert!(failures.iter().any(|f| f.starts_with("tcp4_ok: reuseaddr is false")));
         assert!(check(&[scenario()], &[], "tracepoint")[0].contains("no event"));
         assert!(!check(&[], &[], "tracepoint").is_empty(), "no scenarios is a failure");
+    }
+
+    #[test]
+    fn a_collision_must_report_every_bind_once() {
+        let counted = |a: u64, b: u64| {
+            json!({"plan": {"binds_each": 10, "threads": [{"tid": 1000, "port": 1}, {"tid": 17384, "port": 2}]},
+                   "events": [a, b], "summary": {"dropped": 0, "kernel": {}}})
+        };
+        assert_eq!(collision_problem(Some(&counted(10, 10))), None);
+        let lost = collision_problem(Some(&counted(7, 10))).expect("a loss fails");
+        assert!(lost.contains("tid 1000 had 7 events for 10 binds"), "{lost}");
+        assert!(collision_problem(Some(&counted(10, 12))).is_some(), "a duplicate fails");
+        assert!(collision_problem(None).is_some(), "no count fails");
+        let setup = json!({"plan": {"scenario": "tid_slot_collision", "setup_error": "no root"}});
+        assert!(collision_problem(Some(&setup)).is_some_and(|p| p.contains("no root")));
     }
 
     #[test]
@@ -1119,6 +1190,7 @@ mod tests {
                 scope_exit: String::new(),
                 scope: Vec::new(),
                 scope_stderr: Vec::new(),
+                collision: None,
             }
         };
         let mut tally = Tally::default();

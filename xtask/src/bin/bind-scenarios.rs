@@ -448,9 +448,26 @@ fn compat_scenario() {
 }
 
 fn main() {
-    if std::env::args().any(|a| a == "--compat") {
+    let args: Vec<String> = std::env::args().collect();
+    if args.iter().any(|a| a == "--compat") {
         compat_scenario();
         return;
+    }
+    match args.get(1).map(String::as_str) {
+        Some("--collide") => {
+            let binds = args.get(2).and_then(|n| n.parse().ok()).unwrap_or(COLLIDE_BINDS);
+            collide(binds);
+            return;
+        }
+        Some("--count") => {
+            let (Some(plan), Some(events)) = (args.get(2), args.get(3)) else {
+                eprintln!("usage: bind-scenarios --count PLAN.json EVENTS.ndjson");
+                std::process::exit(2);
+            };
+            count_collisions(plan, events);
+            return;
+        }
+        _ => {}
     }
     let (v4, v6) = (libc::AF_INET, libc::AF_INET6);
     let (tcp, udp) = (libc::SOCK_STREAM, libc::SOCK_DGRAM);
@@ -513,4 +530,111 @@ fn main() {
     // them in place rather than released.
     let _ = out.flush();
     std::thread::sleep(std::time::Duration::from_millis(1500));
+}
+
+/// Binds each of the two colliding threads makes (the measurement: 20,000 each).
+const COLLIDE_BINDS: u32 = 20_000;
+/// The probe once kept each thread's entry in slot `tid % 16384`: two threads whose tids
+/// differ by this shared one.
+const OLD_ENTRY_SLOTS: u32 = 16_384;
+/// The UDP ports the two threads bind, again and again (one new socket each time).
+const COLLIDE_PORTS: [u16; 2] = [41901, 41902];
+
+fn gettid() -> u32 {
+    // SAFETY: no arguments.
+    unsafe { libc::syscall(libc::SYS_gettid) as u32 }
+}
+
+/// Asks the kernel to give the next new task id `tid` (as root: the next pid allocated is
+/// ns_last_pid + 1 when that one is free).
+fn set_next_tid(tid: u32) -> bool {
+    std::fs::write("/proc/sys/kernel/ns_last_pid", (tid - 1).to_string()).is_ok()
+}
+
+/// Two task ids `OLD_ENTRY_SLOTS` apart, both free, under pid_max.
+fn colliding_tids() -> Option<(u32, u32)> {
+    let pid_max: u32 = std::fs::read_to_string("/proc/sys/kernel/pid_max").ok()?.trim().parse().ok()?;
+    let free = |tid: u32| !std::path::Path::new(&format!("/proc/{tid}")).exists();
+    (1_000..pid_max.checked_sub(OLD_ENTRY_SLOTS)?)
+        .step_by(7)
+        .find(|&a| free(a) && free(a + OLD_ENTRY_SLOTS) && free(a + 1) && free(a + OLD_ENTRY_SLOTS + 1))
+        .map(|a| (a, a + OLD_ENTRY_SLOTS))
+}
+
+/// `--collide N`: two threads whose tids share what was one entry slot each make N UDP binds
+/// at the same time; prints the plan (tids, ports, binds) as one JSON line for `--count`.
+/// Every one of the 2N binds must be reported once: no loss, no duplicate.
+fn collide(binds: u32) {
+    let fail = |why: String| {
+        println!("{}", serde_json::json!({ "scenario": "tid_slot_collision", "setup_error": why }));
+        std::process::exit(0);
+    };
+    let Some((tid_a, tid_b)) = colliding_tids() else { fail("no two free tids 16384 apart".into()) };
+    let start = std::sync::Arc::new(std::sync::Barrier::new(3));
+    let mut threads = Vec::new();
+    for (want, port) in [(tid_a, COLLIDE_PORTS[0]), (tid_b, COLLIDE_PORTS[1])] {
+        if !set_next_tid(want) {
+            fail("cannot write /proc/sys/kernel/ns_last_pid (not root?)".into());
+        }
+        let start = start.clone();
+        threads.push(std::thread::spawn(move || {
+            let tid = gettid();
+            start.wait();
+            if tid != want {
+                return (tid, 0);
+            }
+            let mut failed = 0;
+            for _ in 0..binds {
+                // SAFETY: plain socket calls on a socket this thread owns.
+                unsafe {
+                    let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0);
+                    if bind_raw(fd, libc::AF_INET, "127.0.0.1", port) != 0 {
+                        failed += 1;
+                    }
+                    libc::close(fd);
+                }
+            }
+            (tid, failed)
+        }));
+    }
+    start.wait();
+    let results: Vec<(u32, u32)> = threads.into_iter().map(|t| t.join().unwrap_or((0, binds))).collect();
+    if results[0].0 != tid_a || results[1].0 != tid_b {
+        fail(format!("the threads got tids {} and {}, not {tid_a} and {tid_b}", results[0].0, results[1].0));
+    }
+    if results.iter().any(|r| r.1 != 0) {
+        fail(format!("binds failed: {results:?}"));
+    }
+    println!(
+        "{}",
+        serde_json::json!({
+            "scenario": "tid_slot_collision", "pid": std::process::id(), "binds_each": binds,
+            "threads": [{ "tid": tid_a, "port": COLLIDE_PORTS[0] }, { "tid": tid_b, "port": COLLIDE_PORTS[1] }],
+        })
+    );
+}
+
+/// `--count PLAN EVENTS`: how many events each colliding thread got in bindtrace's NDJSON,
+/// and the run's summary counters, as one JSON line.
+fn count_collisions(plan: &str, events: &str) {
+    let read = |path: &str| std::fs::read_to_string(path).unwrap_or_default();
+    let plan: serde_json::Value = serde_json::from_str(read(plan).trim()).unwrap_or_default();
+    let mut counts = vec![0u64; plan["threads"].as_array().map_or(0, Vec::len)];
+    let mut summary = serde_json::Value::Null;
+    for line in read(events).lines() {
+        let Ok(record) = serde_json::from_str::<serde_json::Value>(line) else { continue };
+        if record["type"] == "summary" {
+            summary = record;
+            continue;
+        }
+        if record["type"] != "bind" {
+            continue;
+        }
+        for (count, thread) in counts.iter_mut().zip(plan["threads"].as_array().into_iter().flatten()) {
+            if record["tid"] == thread["tid"] && record["port"] == thread["port"] {
+                *count += 1;
+            }
+        }
+    }
+    println!("{}", serde_json::json!({ "plan": plan, "events": counts, "summary": summary }));
 }
