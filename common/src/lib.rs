@@ -27,7 +27,8 @@ pub mod sockaddr;
 pub mod names {
     pub const EVENTS: &str = "EVENTS";
     pub const IN_FLIGHT: &str = "IN_FLIGHT";
-    pub const ENTRY_TIMES: &str = "ENTRY_TIMES";
+    pub const ENTRIES: &str = "ENTRIES";
+    pub const ATTACHED_AT: &str = "ATTACHED_AT";
     pub const STATS: &str = "STATS";
     pub const FILTER_PIDS: &str = "FILTER_PIDS";
     pub const CONFIG: &str = "BINDTRACE_CONFIG";
@@ -251,7 +252,8 @@ impl BindEvent {
 
 /// Indices of the per-CPU counters in the `STATS` array.
 pub mod stat {
-    /// bind() calls that reached the probe's exit hook with a matching entry.
+    /// Returns the exit hooks saw (binds, failed listen() calls). Each is then filtered,
+    /// emitted, lost to a full ring buffer, or without its entry (`ENTRY_LOST`, `AT_ATTACH`).
     pub const SEEN: u32 = 0;
     /// Events the in-kernel filters rejected (they never touch the ring buffer).
     pub const FILTERED: u32 = 1;
@@ -259,16 +261,18 @@ pub mod stat {
     pub const EMITTED: u32 = 2;
     /// Events lost because the ring buffer was full.
     pub const RINGBUF_FULL: u32 = 3;
-    /// Events lost because the in-flight map was full at entry (kprobe backend).
-    pub const IN_FLIGHT_FULL: u32 = 4;
-    /// Exits with no in-flight entry (the bind began before the probe attached, or the entry
-    /// was lost) where only the entry knows the arguments (kprobe backend; tracepoint backend
-    /// before 5.15): their arguments are unknown, so they are not emitted.
-    pub const IN_FLIGHT_MISSING: u32 = 5;
+    /// Binds lost: their exit found no entry where only the entry knew the arguments (the
+    /// kprobe backend; the tracepoint backend before 5.15), more than a second after attach.
+    /// The per-thread entries cannot collide, so this takes an entry evicted with more than
+    /// 16,384 binds under way at once, or an insert that failed for memory.
+    pub const ENTRY_LOST: u32 = 4;
+    /// The same, within a second of attach: binds already under way when the probe attached,
+    /// inherent to attaching mid-call and not counted as lost.
+    pub const AT_ATTACH: u32 = 5;
     /// Events whose sockaddr could not be read from user memory (emitted without address).
     pub const ADDR_READ_FAILED: u32 = 6;
     /// Events emitted without their entry time (the bind began before the probe attached, or
-    /// a thread sharing its entry slot entered at the same moment): duration unknown.
+    /// its entry was lost): duration unknown.
     pub const NO_ENTRY_TIME: u32 = 7;
     pub const COUNT: u32 = 8;
 }

@@ -1,15 +1,16 @@
 //! What a hook's entry leaves for its exit: the entry time (and, where the exit cannot reach
-//! them, the syscall's arguments) in a per-thread slot, or the kprobe backend's stash.
+//! them, the syscall's arguments) in a per-thread entry, or the kprobe backend's stash.
 
 use aya_ebpf::helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, generated};
 use bindtrace_common::{stat, KernelLayout};
 
-use crate::maps::{count, ENTRY_SLOTS, ENTRY_TIMES, IN_FLIGHT};
+use crate::maps::{count, ATTACHED_AT, ENTRIES, IN_FLIGHT};
 
 /// A kprobe-backend bind() between entry and exit: the kretprobe sees only the return value,
 /// so the entry stashes the arguments. Everything else is read at exit, after the result
 /// filter.
 #[repr(C)]
+#[derive(Clone, Copy)]
 pub(crate) struct InFlight {
     pub(crate) entered_ns: u64,
     /// The kernel's copy of the sockaddr.
@@ -20,18 +21,14 @@ pub(crate) struct InFlight {
     pub(crate) _pad: u32,
 }
 
-/// When a thread entered bind(), in a slot picked by its tid (tracepoint and fentry/fexit
-/// backends, whose return hooks have the arguments themselves). A plain array store at entry
-/// and a load at exit: the hash-map insert and delete this replaced cost ~400 ns per bind
-/// (kernel.bpf_stats_enabled=1, bind-storm). Two threads whose tids share a slot and bind at
-/// the same moment lose the earlier one's duration, never its event; under fexit or kprobe
-/// such a collision can also hide the `in_syscall` mark from an inet_bind hook, which then
-/// reports a bind(2) that `__sys_bind` reports too (a duplicate, never a loss; see the notes).
-///
-/// On kernels before 5.15 (no `bpf_task_pt_regs`) the tracepoint's exit cannot read the
-/// syscall's arguments, so its entry saves them here too; there a lost slot loses the event,
-/// counted as `IN_FLIGHT_MISSING`.
+/// What a thread's entry into bind() or listen() leaves for its exit, in [`ENTRIES`] under
+/// its tid: the time (tracepoint and fentry/fexit backends, whose exits have the arguments
+/// themselves) and, where the exit cannot reach them (kprobe; the tracepoint before 5.15, no
+/// `bpf_task_pt_regs`), the arguments. The exit takes it out. Only the thread itself writes
+/// and reads its entry, so it needs no ordering between CPUs; `tid` is checked after the copy
+/// all the same, because an LRU map may reuse an evicted entry while it is read.
 #[repr(C)]
+#[derive(Clone, Copy)]
 pub(crate) struct EntryStamp {
     pub(crate) tid: u32,
     pub(crate) fd: i32,
@@ -39,7 +36,8 @@ pub(crate) struct EntryStamp {
     pub(crate) addr: u64,
     pub(crate) addrlen: u32,
     /// 1 while this thread is inside `__sys_bind` under a hook on it: the inet_bind hooks of
-    /// the same backend then stand aside, so that no bind is reported twice.
+    /// the same backend then stand aside, so that no bind is reported twice. Taken out with
+    /// the entry when the syscall returns.
     pub(crate) in_syscall: u32,
 }
 
@@ -51,112 +49,112 @@ pub(crate) struct SyscallArgs {
     pub(crate) addrlen: u32,
 }
 
+const NO_ARGS: SyscallArgs = SyscallArgs { fd: -1, addr: 0, addrlen: 0 };
+
+#[inline(always)]
+fn put_entry(args: SyscallArgs, in_syscall: u32) {
+    let tid = bpf_get_current_pid_tgid() as u32;
+    let stamp = EntryStamp {
+        tid,
+        fd: args.fd,
+        // SAFETY: a helper without arguments.
+        entered_ns: unsafe { bpf_ktime_get_ns() },
+        addr: args.addr,
+        addrlen: args.addrlen,
+        in_syscall,
+    };
+    // An insert that fails (no memory) leaves no entry: the exit counts that call.
+    let _ = ENTRIES.insert(&tid, &stamp, 0);
+}
+
 /// The entry hooks of the tracepoint and fentry backends only stamp the time: the exit hook
 /// reads the arguments itself, and filters there.
 #[inline(always)]
 pub(crate) fn stamp_entry() {
-    let tid = bpf_get_current_pid_tgid() as u32;
-    if let Some(slot) = ENTRY_TIMES.get_ptr_mut(tid & (ENTRY_SLOTS - 1)) {
-        // SAFETY: an array slot; a racing thread of the same slot is detected by the tid.
-        unsafe {
-            (*slot).entered_ns = bpf_ktime_get_ns();
-            (*slot).in_syscall = 0;
-            (*slot).tid = tid;
-        }
-    }
+    put_entry(NO_ARGS, 0);
 }
 
 /// [`stamp_entry`] plus the syscall's arguments, for kernels whose exit hook cannot read them.
 #[inline(always)]
 pub(crate) fn stamp_entry_with_args(args: SyscallArgs) {
-    let tid = bpf_get_current_pid_tgid() as u32;
-    if let Some(slot) = ENTRY_TIMES.get_ptr_mut(tid & (ENTRY_SLOTS - 1)) {
-        // SAFETY: as in stamp_entry; the tid is written last, after the fields it vouches for.
-        unsafe {
-            (*slot).entered_ns = bpf_ktime_get_ns();
-            (*slot).fd = args.fd;
-            (*slot).addr = args.addr;
-            (*slot).addrlen = args.addrlen;
-            (*slot).in_syscall = 0;
-            (*slot).tid = tid;
-        }
-    }
+    put_entry(args, 0);
 }
 
 /// Entry of `__sys_bind` (fentry: `args` None, the fexit has them; kprobe: saved for the
 /// kretprobe): the time, and the mark that makes the inet_bind hooks stand aside.
 #[inline(always)]
 pub(crate) fn stamp_syscall_entry(args: Option<SyscallArgs>) {
-    let tid = bpf_get_current_pid_tgid() as u32;
-    if let Some(slot) = ENTRY_TIMES.get_ptr_mut(tid & (ENTRY_SLOTS - 1)) {
-        // SAFETY: as in stamp_entry; the tid is written last, after the fields it vouches for.
-        unsafe {
-            (*slot).entered_ns = bpf_ktime_get_ns();
-            if let Some(args) = args {
-                (*slot).fd = args.fd;
-                (*slot).addr = args.addr;
-                (*slot).addrlen = args.addrlen;
-            }
-            (*slot).in_syscall = 1;
-            (*slot).tid = tid;
-        }
-    }
+    put_entry(args.unwrap_or(NO_ARGS), 1);
 }
 
 /// Is this thread inside a hooked `__sys_bind` (so an inet_bind hook must stand aside)?
 #[inline(always)]
 pub(crate) fn inside_syscall(tid: u32) -> bool {
-    own_entry(tid).is_some_and(|slot| slot.in_syscall != 0)
+    // SAFETY: a value of the map, read at once.
+    unsafe { ENTRIES.get(&tid) }.is_some_and(|entry| entry.tid == tid && entry.in_syscall != 0)
 }
 
-/// The hooked `__sys_bind` returned.
-#[inline(always)]
-pub(crate) fn end_syscall(tid: u32) {
-    if let Some(slot) = ENTRY_TIMES.get_ptr_mut(tid & (ENTRY_SLOTS - 1)) {
-        // SAFETY: an array slot; only its own thread clears its mark.
-        unsafe {
-            if (*slot).tid == tid {
-                (*slot).in_syscall = 0;
-            }
+/// A thread's entry as its exit took it out. Plain, always-initialised fields rather than an
+/// `Option` of a tuple: a `None` left the tuple's registers unwritten, and the compiler then
+/// stored them anyway, which the verifier rejects ("R8 !read_ok").
+#[derive(Clone, Copy)]
+pub(crate) struct Taken {
+    /// The entry was there (`false`: the call began before the probe attached, or its entry
+    /// was lost; see [`missing_entry`]).
+    pub(crate) found: bool,
+    pub(crate) entered_ns: u64,
+    pub(crate) args: SyscallArgs,
+}
+
+impl Taken {
+    #[inline(always)]
+    pub(crate) fn entered_ns(&self) -> Option<u64> {
+        if self.found {
+            Some(self.entered_ns)
+        } else {
+            None
         }
     }
 }
 
-/// This thread's entry slot, if the stamp in it is its own.
+/// Takes this thread's entry out of the map: the time it entered and the arguments it saved.
 #[inline(always)]
-pub(crate) fn own_entry(tid: u32) -> Option<&'static EntryStamp> {
-    let slot = ENTRY_TIMES.get_ptr(tid & (ENTRY_SLOTS - 1))?;
-    // SAFETY: an array slot, which lives as long as the map.
-    let slot = unsafe { &*slot };
-    (slot.tid == tid).then_some(slot)
-}
-
-/// The entry time and arguments this thread's entry saved, copied out of its slot. The tid is
-/// checked again after the copy: a thread sharing the slot may have overwritten it meanwhile,
-/// and a mixed copy would pair this bind with another's fd and address.
-#[inline(always)]
-pub(crate) fn saved_entry(tid: u32) -> Option<(Option<u64>, SyscallArgs)> {
-    let slot = own_entry(tid)?;
-    // SAFETY: fields of an array slot; volatile, so that the copy happens between the checks.
-    let copy = unsafe {
-        (
-            core::ptr::read_volatile(&raw const slot.entered_ns),
-            SyscallArgs {
-                fd: core::ptr::read_volatile(&raw const slot.fd),
-                addr: core::ptr::read_volatile(&raw const slot.addr),
-                addrlen: core::ptr::read_volatile(&raw const slot.addrlen),
-            },
-        )
+pub(crate) fn take_entry(tid: u32) -> Taken {
+    // SAFETY: a value of the map, copied out at once.
+    let Some(entry) = (unsafe { ENTRIES.get(&tid) }).copied() else {
+        return Taken { found: false, entered_ns: 0, args: NO_ARGS };
     };
-    // SAFETY: as above.
-    let still_ours = unsafe { core::ptr::read_volatile(&raw const slot.tid) } == tid;
-    still_ours.then_some((Some(copy.0), copy.1))
+    let _ = ENTRIES.remove(&tid);
+    Taken {
+        found: entry.tid == tid,
+        entered_ns: entry.entered_ns,
+        args: SyscallArgs { fd: entry.fd, addr: entry.addr, addrlen: entry.addrlen },
+    }
 }
 
-/// When this thread entered the bind() now returning, if its stamp is still there.
+/// Takes this thread's entry out of the map, if it is there: the time it entered.
 #[inline(always)]
-pub(crate) fn entry_time(tid: u32) -> Option<u64> {
-    own_entry(tid).map(|slot| slot.entered_ns)
+pub(crate) fn take_entry_time(tid: u32) -> Option<u64> {
+    take_entry(tid).entered_ns()
+}
+
+/// How long after the tracer attached an exit without its entry counts as a call that was
+/// under way at attach rather than a lost one.
+const ATTACH_WINDOW_NS: u64 = 1_000_000_000;
+
+/// An exit found no entry where only the entry knew the arguments: the call cannot be
+/// reported. Counted as under way at attach when it returns within [`ATTACH_WINDOW_NS`] of
+/// the attach (inherent to attaching mid-call), else as lost.
+#[inline(always)]
+pub(crate) fn missing_entry() {
+    let attached_at = ATTACHED_AT.get(0).copied().unwrap_or(0);
+    // SAFETY: a helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    if attached_at == 0 || now < attached_at.saturating_add(ATTACH_WINDOW_NS) {
+        count(stat::AT_ATTACH);
+    } else {
+        count(stat::ENTRY_LOST);
+    }
 }
 
 /// bind(fd, umyaddr, addrlen) from the syscall's saved user registers, which stay intact
@@ -177,9 +175,21 @@ pub(crate) fn syscall_args(layout: &KernelLayout) -> SyscallArgs {
     }
 }
 
+/// The kprobe backend's inet_bind entry: the arguments, for the kretprobe.
 #[inline(always)]
 pub(crate) fn remember(tid: u32, in_flight: InFlight) {
-    if IN_FLIGHT.insert(tid, in_flight, 0).is_err() {
-        count(stat::IN_FLIGHT_FULL);
-    }
+    // An insert that fails (no memory) leaves nothing: the kretprobe counts that call.
+    let _ = IN_FLIGHT.insert(&tid, &in_flight, 0);
+}
+
+/// The kprobe backend's inet_bind return: what the entry stashed, taken out of the map;
+/// `entered_ns` 0 when nothing was (always initialised: see [`Taken`]).
+#[inline(always)]
+pub(crate) fn take_in_flight(tid: u32) -> InFlight {
+    // SAFETY: a value of the map, copied out at once.
+    let Some(stashed) = (unsafe { IN_FLIGHT.get(&tid) }).copied() else {
+        return InFlight { entered_ns: 0, addr: 0, socket: 0, addrlen: 0, _pad: 0 };
+    };
+    let _ = IN_FLIGHT.remove(&tid);
+    stashed
 }

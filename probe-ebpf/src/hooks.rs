@@ -18,10 +18,10 @@ use bindtrace_common::{kernel_helpers, op, stat, Backend};
 use crate::{
     emit::{complete, returned_call, task_passes, Returned, SocketRef, TaskName},
     entry::{
-        end_syscall, entry_time, inside_syscall, remember, saved_entry, stamp_entry, stamp_entry_with_args,
-        stamp_syscall_entry, syscall_args, InFlight, SyscallArgs,
+        inside_syscall, missing_entry, remember, stamp_entry, stamp_entry_with_args, stamp_syscall_entry, syscall_args,
+        take_entry, take_entry_time, take_in_flight, InFlight, SyscallArgs,
     },
-    maps::{config, count, IN_FLIGHT},
+    maps::config,
 };
 
 // Offset of `ret` in the syscalls:sys_exit_bind record (after the 8-byte common header and the
@@ -102,17 +102,15 @@ pub fn bindtrace_kprobe_sys_bind(ctx: ProbeContext) -> u32 {
 #[kretprobe]
 pub fn bindtrace_kretprobe_sys_bind(ctx: RetProbeContext) -> u32 {
     let ret = ctx.ret::<u64>() as i64 as i32;
-    let tid = bpf_get_current_pid_tgid() as u32;
-    let saved = saved_entry(tid);
-    end_syscall(tid);
+    let saved = take_entry(bpf_get_current_pid_tgid() as u32);
     let Some(caller) = returned_call(ret) else {
         return 0;
     };
-    let Some((entered_ns, args)) = saved else {
-        count(stat::IN_FLIGHT_MISSING);
+    if !saved.found {
+        missing_entry();
         return 0;
-    };
-    let returned = syscall_bind(entered_ns, args, ret, Backend::Kprobe);
+    }
+    let returned = syscall_bind(saved.entered_ns(), saved.args, ret, Backend::Kprobe);
     complete(&ctx, caller, returned);
     0
 }
@@ -127,9 +125,7 @@ pub fn bindtrace_fentry_sys_bind(_ctx: FEntryContext) -> u32 {
 /// the fd, as the tracepoint backend does.
 #[fexit(function = "__sys_bind")]
 pub fn bindtrace_fexit_sys_bind(ctx: FExitContext) -> u32 {
-    let tid = bpf_get_current_pid_tgid() as u32;
-    let entered_ns = entry_time(tid);
-    end_syscall(tid);
+    let entered_ns = take_entry_time(bpf_get_current_pid_tgid() as u32);
     let ret: i64 = ctx.arg(3);
     let Some(caller) = returned_call(ret as i32) else {
         return 0;
@@ -176,15 +172,17 @@ pub fn bindtrace_fexit_inet6_bind(ctx: FExitContext) -> u32 {
 /// fentry program.
 #[inline(always)]
 pub(crate) fn on_fexit(ctx: &FExitContext) {
-    if inside_syscall(bpf_get_current_pid_tgid() as u32) {
+    let tid = bpf_get_current_pid_tgid() as u32;
+    if inside_syscall(tid) {
         return;
     }
+    let entered_ns = take_entry_time(tid);
     let ret: i64 = ctx.arg(3);
     let Some(caller) = returned_call(ret as i32) else {
         return;
     };
     let returned = Returned {
-        entered_ns: entry_time(caller.pid_tgid as u32),
+        entered_ns,
         addr: ctx.arg::<u64>(1) as *const u8,
         addr_in_kernel: true,
         socket: SocketRef::Socket(ctx.arg::<u64>(0) as *const u8),
@@ -206,18 +204,15 @@ pub(crate) fn on_kretprobe(ctx: &RetProbeContext) {
     if inside_syscall(tid) {
         return;
     }
-    // SAFETY: the value stays valid until removed below; only this thread uses its key.
-    let stashed = IN_FLIGHT.get_ptr(tid).map(|p| unsafe { core::ptr::read(p) });
-    if stashed.is_some() {
-        let _ = IN_FLIGHT.remove(tid);
-    }
+    let stashed = take_in_flight(tid);
     let Some(caller) = returned_call(ret) else {
         return;
     };
-    let Some(stashed) = stashed else {
-        count(stat::IN_FLIGHT_MISSING);
+    // The clock is never 0 once the machine has run: 0 is "nothing stashed".
+    if stashed.entered_ns == 0 {
+        missing_entry();
         return;
-    };
+    }
     let returned = Returned {
         entered_ns: Some(stashed.entered_ns),
         addr: stashed.addr as *const u8,
@@ -235,21 +230,22 @@ pub(crate) fn on_kretprobe(ctx: &RetProbeContext) {
 #[inline(always)]
 pub(crate) fn on_exit(ctx: &TracePointContext) {
     let ret = record_word(ctx, EXIT_RET) as i64 as i32;
+    // Taken out whatever the filters say: the entry must not outlive its call.
+    let saved = take_entry(bpf_get_current_pid_tgid() as u32);
     let Some(caller) = returned_call(ret) else {
         return;
     };
     let layout = &caller.cfg.layout;
-    let tid = caller.pid_tgid as u32;
-    let (entered_ns, args) = if layout.has_helper(kernel_helpers::TASK_PT_REGS) {
-        (entry_time(tid), syscall_args(layout))
-    } else {
+    let args = if layout.has_helper(kernel_helpers::TASK_PT_REGS) {
+        syscall_args(layout)
+    } else if saved.found {
         // Before 5.15: the arguments the entry saved, or nothing to report.
-        let Some(saved) = saved_entry(tid) else {
-            count(stat::IN_FLIGHT_MISSING);
-            return;
-        };
-        saved
+        saved.args
+    } else {
+        missing_entry();
+        return;
     };
+    let entered_ns = saved.entered_ns();
     let returned = syscall_bind(entered_ns, args, ret, Backend::Tracepoint);
     complete(ctx, caller, returned);
 }
@@ -271,6 +267,7 @@ pub fn bindtrace_sys_enter_listen(ctx: TracePointContext) -> u32 {
 #[tracepoint(category = "syscalls", name = "sys_exit_listen")]
 pub fn bindtrace_sys_exit_listen(ctx: TracePointContext) -> u32 {
     let ret = record_word(&ctx, EXIT_RET) as i64 as i32;
+    let saved = take_entry(bpf_get_current_pid_tgid() as u32);
     if ret >= 0 {
         return 0;
     }
@@ -278,16 +275,15 @@ pub fn bindtrace_sys_exit_listen(ctx: TracePointContext) -> u32 {
         return 0;
     };
     let layout = &caller.cfg.layout;
-    let tid = caller.pid_tgid as u32;
-    let (entered_ns, fd) = if layout.has_helper(kernel_helpers::TASK_PT_REGS) {
-        (entry_time(tid), syscall_args(layout).fd)
+    let fd = if layout.has_helper(kernel_helpers::TASK_PT_REGS) {
+        syscall_args(layout).fd
+    } else if saved.found {
+        saved.args.fd
     } else {
-        let Some((entered_ns, args)) = saved_entry(tid) else {
-            count(stat::IN_FLIGHT_MISSING);
-            return 0;
-        };
-        (entered_ns, args.fd)
+        missing_entry();
+        return 0;
     };
+    let entered_ns = saved.entered_ns();
     complete(&ctx, caller, listen_failure(entered_ns, fd, ret, Backend::Tracepoint));
     0
 }
@@ -336,13 +332,13 @@ pub fn bindtrace_fentry_sys_listen(_ctx: FEntryContext) -> u32 {
 pub fn bindtrace_fexit_sys_listen(ctx: FExitContext) -> u32 {
     // An `int`: only its low 32 bits are the value (the slot's upper half is not a sign).
     let ret = ctx.arg::<u64>(2) as i32;
+    let entered_ns = take_entry_time(bpf_get_current_pid_tgid() as u32);
     if ret >= 0 {
         return 0;
     }
     let Some(caller) = returned_call(ret) else {
         return 0;
     };
-    let entered_ns = entry_time(caller.pid_tgid as u32);
     let fd = ctx.arg::<u64>(0) as i32;
     complete(&ctx, caller, listen_failure(entered_ns, fd, ret, Backend::Fexit));
     0
@@ -357,17 +353,17 @@ pub fn bindtrace_kprobe_sys_listen(ctx: ProbeContext) -> u32 {
 #[kretprobe]
 pub fn bindtrace_kretprobe_sys_listen(ctx: RetProbeContext) -> u32 {
     let ret = ctx.ret::<u64>() as i64 as i32;
+    let saved = take_entry(bpf_get_current_pid_tgid() as u32);
     if ret >= 0 {
         return 0;
     }
-    let saved = saved_entry(bpf_get_current_pid_tgid() as u32);
     let Some(caller) = returned_call(ret) else {
         return 0;
     };
-    let Some((entered_ns, args)) = saved else {
-        count(stat::IN_FLIGHT_MISSING);
+    if !saved.found {
+        missing_entry();
         return 0;
-    };
-    complete(&ctx, caller, listen_failure(entered_ns, args.fd, ret, Backend::Kprobe));
+    }
+    complete(&ctx, caller, listen_failure(saved.entered_ns(), saved.args.fd, ret, Backend::Kprobe));
     0
 }

@@ -13,6 +13,9 @@
 //! (filters, record, ring buffer); `maps` holds the shared state.
 #![no_std]
 #![no_main]
+// The atomic add of `maps::count` (see there).
+#![feature(core_intrinsics)]
+#![allow(internal_features)]
 
 mod emit;
 mod entry;

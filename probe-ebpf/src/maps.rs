@@ -3,9 +3,10 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 use bindtrace_common::{stat, ProbeConfig};
+use core::intrinsics::{atomic_xadd, AtomicOrdering};
 
 use crate::entry::{EntryStamp, InFlight};
 
@@ -17,14 +18,27 @@ pub(crate) static BINDTRACE_CONFIG: ProbeConfig = ProbeConfig::zeroed();
 #[map(name = "EVENTS")]
 pub(crate) static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 20, 0);
 
-/// kprobe-backend binds between entry and exit, keyed by thread id.
+/// Threads between a hook's entry and its exit, keyed by thread id: one entry per thread,
+/// so two threads never share one (an array slot per `tid % N` lost or duplicated binds when
+/// two threads of the same slot bound at once). LRU: an entry whose exit never ran (a
+/// kretprobe out of instances) is evicted in time instead of filling the map; a live one is
+/// evicted only with more than `ENTRIES_MAX` binds under way at once, and its exit then counts
+/// it lost. Task-local storage would be cheaper on 5.11+, but its maps need BTF definitions
+/// that aya-ebpf 0.2 cannot emit.
+#[map(name = "ENTRIES")]
+pub(crate) static ENTRIES: LruHashMap<u32, EntryStamp> = LruHashMap::with_max_entries(ENTRIES_MAX, 0);
+
+pub(crate) const ENTRIES_MAX: u32 = 1 << 14;
+
+/// The kprobe backend's inet_bind calls between entry and return (arguments the kretprobe
+/// cannot see), keyed by thread id; LRU for the same reasons as [`ENTRIES`].
 #[map(name = "IN_FLIGHT")]
-pub(crate) static IN_FLIGHT: HashMap<u32, InFlight> = HashMap::with_max_entries(16384, 0);
+pub(crate) static IN_FLIGHT: LruHashMap<u32, InFlight> = LruHashMap::with_max_entries(ENTRIES_MAX, 0);
 
-pub(crate) const ENTRY_SLOTS: u32 = 1 << 14;
-
-#[map(name = "ENTRY_TIMES")]
-pub(crate) static ENTRY_TIMES: Array<EntryStamp> = Array::with_max_entries(ENTRY_SLOTS, 0);
+/// When the tracer finished attaching (CLOCK_MONOTONIC ns; 0 before): an exit without its
+/// entry this soon after is a bind that was under way at attach, not a loss.
+#[map(name = "ATTACHED_AT")]
+pub(crate) static ATTACHED_AT: Array<u64> = Array::with_max_entries(1, 0);
 
 /// Per-CPU counters, indexed by `bindtrace_common::stat`.
 #[map(name = "STATS")]
@@ -50,8 +64,12 @@ pub(crate) fn config() -> &'static ProbeConfig {
 #[inline(always)]
 pub(crate) fn count(index: u32) {
     if let Some(counter) = STATS.get_ptr_mut(index) {
-        // SAFETY: per-CPU slot; a program runs to completion on one CPU without preemption
-        // by another instance of itself on that CPU.
-        unsafe { *counter += 1 };
+        // SAFETY: a per-CPU slot, valid and aligned for the map's life. Atomic, because one
+        // CPU's slot is not one program's: fentry/fexit programs run with migration disabled
+        // but preemptible (PREEMPT_RT, preemptible kernels), so another program can add to
+        // the same slot in between a load and a store. An add whose result is unused is
+        // BPF's oldest atomic (XADD), on every kernel. The intrinsic, because the BPF target
+        // has no `AtomicU64::fetch_add` (it lacks compare-and-swap before v3).
+        unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(counter, 1) };
     }
 }

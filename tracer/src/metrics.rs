@@ -271,7 +271,7 @@ impl Metrics {
 
     /// Brings the totals that other stages keep up to date (each tick, and at the end).
     pub fn update(&self, kernel: &KernelCounters, filter_mismatches: u64, enrich: EnrichCounters) {
-        let dropped = kernel.dropped_ring_buffer_full + kernel.dropped_in_flight_full;
+        let dropped = kernel.dropped();
         let before = self.last_kernel_dropped.swap(dropped, Ordering::Relaxed);
         self.dropped.inc_by(dropped.saturating_sub(before));
         let mismatches_before = self.filter_mismatches.get();

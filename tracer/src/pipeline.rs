@@ -459,10 +459,11 @@ fn report_shed_diagnoses(before: &EnrichCounters, now: &EnrichCounters) {
 /// One stderr line whenever events were lost since the last tick: never silently.
 fn report_new_drops(before: &KernelCounters, now: &KernelCounters) {
     let ring = now.dropped_ring_buffer_full.saturating_sub(before.dropped_ring_buffer_full);
-    let in_flight = now.dropped_in_flight_full.saturating_sub(before.dropped_in_flight_full);
-    if ring + in_flight > 0 {
-        crate::say::line(&format!("lost {} events in the last second ({ring} ring buffer full, {in_flight} in-flight map full; {} lost in total)",
-            ring + in_flight,
+    let entry = now.dropped_entry_lost.saturating_sub(before.dropped_entry_lost);
+    if ring + entry > 0 {
+        crate::say::line(&format!(
+            "lost {} events in the last second ({ring} ring buffer full, {entry} entry lost; {} lost in total)",
+            ring + entry,
             now.dropped()
         ));
     }

@@ -5,7 +5,7 @@ use std::path::Path;
 
 use anyhow::{anyhow, bail, Context as _, Result};
 use aya::{
-    maps::{HashMap, MapData, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
     programs::{FEntry, FExit, KProbe, TracePoint},
     Btf, Ebpf, EbpfLoader,
 };
@@ -437,6 +437,18 @@ pub fn candidates(attach: Attach) -> Vec<Backend> {
     }
 }
 
+/// Tells the probe when attaching ended: an exit without its entry within a second of this is
+/// a call that was under way at attach, counted apart from the lost ones.
+fn mark_attached(ebpf: &mut Ebpf) -> Result<()> {
+    let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).context("reading the monotonic clock")?;
+    let ns = u64::try_from(now.tv_sec()).unwrap_or(0) * 1_000_000_000 + u64::try_from(now.tv_nsec()).unwrap_or(0);
+    let mut attached: Array<_, u64> = Array::try_from(
+        ebpf.map_mut(names::ATTACHED_AT).ok_or_else(|| anyhow!("probe has no {} map", names::ATTACHED_AT))?,
+    )?;
+    attached.set(0, ns, 0).context("writing the attach time for the probe")?;
+    Ok(())
+}
+
 impl AttachedProbe {
     /// Loads the object and attaches the first backend of `attach` that this kernel accepts
     /// (`auto`: fexit, then kprobe, then the syscall tracepoints).
@@ -498,6 +510,7 @@ impl AttachedProbe {
             bail!("--attach {} (bindtrace --check tells what this kernel supports)", refusals.join("; "));
         };
         log::debug!("programs loaded and attached in {:?}", started.elapsed());
+        mark_attached(&mut ebpf)?;
         log_verifier_work(&ebpf);
         let stats = PerCpuArray::try_from(
             ebpf.take_map(names::STATS).ok_or_else(|| anyhow!("probe has no {} map", names::STATS))?,
@@ -541,6 +554,7 @@ mod tests {
     const BPF_MAP_TYPE_HASH: u32 = 1;
     const BPF_MAP_TYPE_ARRAY: u32 = 2;
     const BPF_MAP_TYPE_PERCPU_ARRAY: u32 = 6;
+    const BPF_MAP_TYPE_LRU_HASH: u32 = 9;
     const BPF_MAP_TYPE_RINGBUF: u32 = 27;
 
     #[test]
@@ -558,8 +572,15 @@ mod tests {
             (BPF_MAP_TYPE_PERCPU_ARRAY, 4, 8, stat::COUNT),
             "one u64 counter per bindtrace_common::stat"
         );
-        assert_eq!(map(names::IN_FLIGHT).map_type(), BPF_MAP_TYPE_HASH);
-        assert_eq!(map(names::ENTRY_TIMES).map_type(), BPF_MAP_TYPE_ARRAY);
+        for name in [names::IN_FLIGHT, names::ENTRIES] {
+            let entries = map(name);
+            assert_eq!(
+                (entries.map_type(), entries.key_size()),
+                (BPF_MAP_TYPE_LRU_HASH, 4),
+                "{name}: by tid, evicting"
+            );
+        }
+        assert_eq!(map(names::ATTACHED_AT).map_type(), BPF_MAP_TYPE_ARRAY);
         let mut programs = vec![names::PROG_ENTER, names::PROG_EXIT, names::PROG_KPROBE, names::PROG_KRETPROBE];
         programs.extend(names::PROGS_FEXIT.iter().flat_map(|(entry, exit, _)| [*entry, *exit]));
         for program in programs {

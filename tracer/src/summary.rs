@@ -23,11 +23,12 @@ pub struct KernelCounters {
     pub emitted: u64,
     /// Lost: the ring buffer was full.
     pub dropped_ring_buffer_full: u64,
-    /// Lost: the in-flight map was full.
-    pub dropped_in_flight_full: u64,
-    /// kretprobe exits without an entry record (binds already in progress when the probe
-    /// attached): not emitted, their arguments being unknown.
-    pub in_flight_missing: u64,
+    /// Lost: the exit found no entry where only the entry knew the arguments (kprobe; the
+    /// tracepoint before 5.15), more than a second after attach.
+    pub dropped_entry_lost: u64,
+    /// Exits without their entry within a second of attach: binds already under way when
+    /// the probe attached, not emitted (their arguments unknown), and not counted as lost.
+    pub in_progress_at_attach: u64,
     /// Emitted without an address: the caller's sockaddr could not be read.
     pub address_unreadable: u64,
     /// Emitted without a duration: the probe did not see the bind's entry.
@@ -42,8 +43,8 @@ impl KernelCounters {
             filtered: sums[stat::FILTERED as usize],
             emitted: sums[stat::EMITTED as usize],
             dropped_ring_buffer_full: sums[stat::RINGBUF_FULL as usize],
-            dropped_in_flight_full: sums[stat::IN_FLIGHT_FULL as usize],
-            in_flight_missing: sums[stat::IN_FLIGHT_MISSING as usize],
+            dropped_entry_lost: sums[stat::ENTRY_LOST as usize],
+            in_progress_at_attach: sums[stat::AT_ATTACH as usize],
             address_unreadable: sums[stat::ADDR_READ_FAILED as usize],
             no_entry_time: sums[stat::NO_ENTRY_TIME as usize],
         }
@@ -51,7 +52,7 @@ impl KernelCounters {
 
     /// Events the kernel saw but bindtrace will never print.
     pub fn dropped(&self) -> u64 {
-        self.dropped_ring_buffer_full + self.dropped_in_flight_full
+        self.dropped_ring_buffer_full + self.dropped_entry_lost
     }
 }
 
@@ -291,7 +292,7 @@ mod tests {
             summary.record(&event);
         }
         summary.record_decode_error();
-        let kernel = KernelCounters { dropped_ring_buffer_full: 2, dropped_in_flight_full: 1, ..Default::default() };
+        let kernel = KernelCounters { dropped_ring_buffer_full: 2, dropped_entry_lost: 1, ..Default::default() };
         let report = summary.report("tracepoint", "a".into(), "b".into(), 1.0, kernel);
         assert_eq!(report.events, 4);
         assert_eq!(report.dropped, 3);

@@ -373,7 +373,7 @@ for backend in $BACKENDS; do
   # be reported once. Counted here: the events are too many for the console.
   rm -f /tmp/collide.ndjson
   echo "@@COLLISION"
-  if attach /tmp/collide.txt --attach "$backend" --no-diagnosis --comm bind-scenarios -o ndjson --file /tmp/collide.ndjson; then
+  if attach /tmp/collide.txt --attach "$backend" $COLLIDE_TRACER_ARGS --file /tmp/collide.ndjson; then
     /bind-scenarios --collide > /tmp/collide-plan.json
     sleep 1
     kill -INT $tracer 2>/dev/null
@@ -438,7 +438,8 @@ fn build_initramfs(
     for (load, name) in loads.into_iter().zip(["syscall-loop", "bind-storm"]) {
         std::fs::copy(load, root.join(name)).with_context(|| format!("copying {}", load.display()))?;
     }
-    let init = INIT.replace("$BACKENDS", &BACKENDS.join(" "));
+    let init =
+        INIT.replace("$BACKENDS", &BACKENDS.join(" ")).replace("$COLLIDE_TRACER_ARGS", &COLLIDE_TRACER_ARGS.join(" "));
     std::fs::write(root.join("init"), init)?;
     std::fs::set_permissions(root.join("init"), std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
     let image = dir.join(format!("initramfs-{}.cpio", arch.name));
@@ -1065,8 +1066,6 @@ fn run_on_host(bindtrace: &Path, scenarios: &Path, tally: &mut Tally) -> Result<
         bail!("bindtrace did not attach");
     }
     let printed = output(&mut Command::new(scenarios))?;
-    let plan = dir.join("host-collide-plan.json");
-    std::fs::write(&plan, output(Command::new(scenarios).arg("--collide"))?)?;
     std::thread::sleep(std::time::Duration::from_millis(500));
     // SAFETY: signalling our own child.
     unsafe { libc::kill(tracer.id() as i32, libc::SIGINT) };
@@ -1074,7 +1073,7 @@ fn run_on_host(bindtrace: &Path, scenarios: &Path, tally: &mut Tally) -> Result<
     let events: Vec<Value> =
         std::fs::read_to_string(&events_file)?.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
     let scenario_lines: Vec<Value> = printed.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
-    let counted = output(Command::new(scenarios).arg("--count").arg(&plan).arg(&events_file))?;
+    let counted = collide_on_host(bindtrace, scenarios, &dir)?;
     let runs = vec![GuestRun {
         backend: "tracepoint".into(),
         exit: if status.success() { "exit=0".into() } else { format!("exit={status}") },
@@ -1089,6 +1088,35 @@ fn run_on_host(bindtrace: &Path, scenarios: &Path, tally: &mut Tally) -> Result<
     report("host", &runs, &["tracepoint"], false, tally);
     Ok(())
 }
+
+/// The colliding threads of `bind-scenarios --collide` under a bindtrace of their own, as in
+/// the guests (a ring that holds all their events: the check is of collisions, not of the
+/// ring's size); returns what `--count` printed.
+fn collide_on_host(bindtrace: &Path, scenarios: &Path, dir: &Path) -> Result<String> {
+    let events = dir.join("host-collide.ndjson");
+    let mut tracer = Command::new(bindtrace)
+        .args(COLLIDE_TRACER_ARGS)
+        .args(["--attach", "tracepoint", "--file"])
+        .arg(&events)
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let stderr = tracer.stderr.take().ok_or_else(|| anyhow!("no stderr"))?;
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(stderr));
+    if !lines.by_ref().map_while(Result::ok).any(|l| l.contains("attached")) {
+        bail!("bindtrace did not attach for the collision");
+    }
+    let plan = dir.join("host-collide-plan.json");
+    std::fs::write(&plan, output(Command::new(scenarios).arg("--collide"))?)?;
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(tracer.id() as i32, libc::SIGINT) };
+    tracer.wait()?;
+    output(Command::new(scenarios).arg("--count").arg(&plan).arg(&events))
+}
+
+/// How the colliding threads are traced, here and in the guests.
+const COLLIDE_TRACER_ARGS: [&str; 7] =
+    ["--no-diagnosis", "--comm", "bind-scenarios", "--ring-buffer-size", "16M", "-o", "ndjson"];
 
 /// `cargo xtask vm --host`: the scenarios traced on this machine (tracepoint backend).
 pub fn vm_on_host(bindtrace: &Path, scenarios: &Path) -> Result<()> {

@@ -242,13 +242,13 @@ impl Sink for TableSink {
         if report.dropped > 0 || report.decode_errors > 0 || k.address_unreadable > 0 {
             let _ = writeln!(
                 text,
-                "  kernel:     seen {} filtered {} emitted {}; lost {} (ring buffer full) + {} (in-flight map full); \
+                "  kernel:     seen {} filtered {} emitted {}; lost {} (ring buffer full) + {} (entry lost); \
                  {} without address; {} undecodable",
                 k.seen,
                 k.filtered,
                 k.emitted,
                 k.dropped_ring_buffer_full,
-                k.dropped_in_flight_full,
+                k.dropped_entry_lost,
                 k.address_unreadable,
                 report.decode_errors
             );
