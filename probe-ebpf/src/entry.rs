@@ -64,7 +64,7 @@ fn put_entry(args: SyscallArgs, in_syscall: u32) {
         in_syscall,
     };
     // An insert that fails (no memory) leaves no entry: the exit counts that call.
-    let _ = ENTRIES.insert(&tid, &stamp, 0);
+    let _ = ENTRIES.insert(tid, stamp, 0);
 }
 
 /// The entry hooks of the tracepoint and fentry backends only stamp the time: the exit hook
@@ -91,7 +91,7 @@ pub(crate) fn stamp_syscall_entry(args: Option<SyscallArgs>) {
 #[inline(always)]
 pub(crate) fn inside_syscall(tid: u32) -> bool {
     // SAFETY: a value of the map, read at once.
-    unsafe { ENTRIES.get(&tid) }.is_some_and(|entry| entry.tid == tid && entry.in_syscall != 0)
+    unsafe { ENTRIES.get(tid) }.is_some_and(|entry| entry.tid == tid && entry.in_syscall != 0)
 }
 
 /// A thread's entry as its exit took it out. Plain, always-initialised fields rather than an
@@ -121,10 +121,10 @@ impl Taken {
 #[inline(always)]
 pub(crate) fn take_entry(tid: u32) -> Taken {
     // SAFETY: a value of the map, copied out at once.
-    let Some(entry) = (unsafe { ENTRIES.get(&tid) }).copied() else {
+    let Some(entry) = (unsafe { ENTRIES.get(tid) }).copied() else {
         return Taken { found: false, entered_ns: 0, args: NO_ARGS };
     };
-    let _ = ENTRIES.remove(&tid);
+    let _ = ENTRIES.remove(tid);
     Taken {
         found: entry.tid == tid,
         entered_ns: entry.entered_ns,
@@ -179,7 +179,7 @@ pub(crate) fn syscall_args(layout: &KernelLayout) -> SyscallArgs {
 #[inline(always)]
 pub(crate) fn remember(tid: u32, in_flight: InFlight) {
     // An insert that fails (no memory) leaves nothing: the kretprobe counts that call.
-    let _ = IN_FLIGHT.insert(&tid, &in_flight, 0);
+    let _ = IN_FLIGHT.insert(tid, in_flight, 0);
 }
 
 /// The kprobe backend's inet_bind return: what the entry stashed, taken out of the map;
@@ -187,9 +187,9 @@ pub(crate) fn remember(tid: u32, in_flight: InFlight) {
 #[inline(always)]
 pub(crate) fn take_in_flight(tid: u32) -> InFlight {
     // SAFETY: a value of the map, copied out at once.
-    let Some(stashed) = (unsafe { IN_FLIGHT.get(&tid) }).copied() else {
+    let Some(stashed) = (unsafe { IN_FLIGHT.get(tid) }).copied() else {
         return InFlight { entered_ns: 0, addr: 0, socket: 0, addrlen: 0, _pad: 0 };
     };
-    let _ = IN_FLIGHT.remove(&tid);
+    let _ = IN_FLIGHT.remove(tid);
     stashed
 }

@@ -13,7 +13,7 @@ use aya_ebpf::{
     programs::{FEntryContext, FExitContext, ProbeContext, RetProbeContext, TracePointContext},
     EbpfContext,
 };
-use bindtrace_common::{kernel_helpers, op, stat, Backend};
+use bindtrace_common::{kernel_helpers, op, Backend};
 
 use crate::{
     emit::{complete, returned_call, task_passes, Returned, SocketRef, TaskName},
