@@ -352,6 +352,13 @@ fn check_main() -> ExitCode {
                     check.backend.name(),
                     coverage.failed_listen.as_ref().map_or_else(|why| format!("no: {why}"), |()| "yes".to_owned())
                 );
+                if check.backend != bindtrace_common::Backend::Tracepoint {
+                    println!(
+                        "hook {} on inet6_bind (IPv6 binds outside bind(2): io_uring, in-kernel): {}",
+                        check.backend.name(),
+                        coverage.inet6_bind.as_ref().map_or_else(|why| format!("no: {why}"), |()| "yes".to_owned())
+                    );
+                }
                 println!("hook {} costs other processes: {}", check.backend.name(), collateral_cost(check.backend));
             }
             Err(err) => println!("hook {}: no: {err:#}", check.backend.name()),
@@ -424,6 +431,13 @@ async fn run(mut plan: Plan) -> Result<()> {
         crate::say::line(&format!(
             "warning: {} sees inet binds only on this kernel (no hook on __sys_bind): unix binds, EBADF, \
              ENOTSOCK, EFAULT and LSM denials are missed; --attach tracepoint sees them",
+            probe.backend.name()
+        ));
+    }
+    if let Err(why) = &probe.coverage.inet6_bind {
+        crate::say::line(&format!(
+            "warning: {} has no hook on inet6_bind ({why}): IPv6 binds that do not come through bind(2) \
+             (io_uring, in-kernel) are missed",
             probe.backend.name()
         ));
     }

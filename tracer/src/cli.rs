@@ -120,7 +120,7 @@ pub struct Cli {
     #[arg(long)]
     pub check: bool,
 
-    /// Size of the kernel ring buffer: a power of two, at least 4K (4K, 256K, 1M, 16M).
+    /// Size of the kernel ring buffer: a power of two, at least 4K and one page (4K, 256K, 1M, 16M).
     /// Raise it if bindtrace reports lost events.
     #[arg(long, value_name = "BYTES", default_value = "1M", value_parser = parse_ring_size)]
     pub ring_buffer_size: u32,
@@ -331,7 +331,26 @@ fn parse_ring_size(text: &str) -> Result<u32, String> {
     if !(4096..=(1 << 30)).contains(&bytes) || !bytes.is_power_of_two() {
         return Err(format!("ring buffer size {text} must be a power of two from 4K to 1G"));
     }
+    ring_fits_pages(text, bytes, page_size())?;
     Ok(bytes as u32)
+}
+
+/// The running kernel's page size (4K; 16K or 64K on some arm64 kernels).
+fn page_size() -> u64 {
+    // SAFETY: sysconf takes no pointer.
+    u64::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096)
+}
+
+/// A ring buffer is whole pages: below one page the kernel refuses the map with a bare EINVAL.
+fn ring_fits_pages(text: &str, bytes: u64, page: u64) -> Result<(), String> {
+    if bytes < page {
+        return Err(format!(
+            "ring buffer size {text} is smaller than this kernel's page size ({}K): use {}K or more",
+            page >> 10,
+            page >> 10
+        ));
+    }
+    Ok(())
 }
 
 fn parse_duration(text: &str) -> Result<Duration, String> {
@@ -434,6 +453,10 @@ mod tests {
         assert_eq!(parse(&["--ring-buffer-size", "4K"]).expect("4K").ring_buffer_size, 4096);
         assert_eq!(parse(&["--ring-buffer-size", "16m"]).expect("16m").ring_buffer_size, 16 << 20);
         assert_eq!(parse(&["--ring-buffer-size", "8192"]).expect("8192").ring_buffer_size, 8192);
+        // A 64K-page arm64 kernel: 16K is not even one page.
+        let small = ring_fits_pages("16K", 16 << 10, 64 << 10).expect_err("below a page");
+        assert!(small.contains("page size (64K): use 64K or more"), "{small}");
+        assert_eq!(ring_fits_pages("64K", 64 << 10, 64 << 10), Ok(()));
         for bad in ["3K", "1K", "2G", "lots", "5X"] {
             assert!(parse(&["--ring-buffer-size", bad]).is_err(), "{bad}");
         }

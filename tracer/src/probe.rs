@@ -41,7 +41,14 @@ pub struct Coverage {
     pub every_bind_syscall: bool,
     /// Failed listen() calls, or why not.
     pub failed_listen: std::result::Result<(), String>,
+    /// A hook on inet6_bind (the kprobe and fexit backends), or why not: without it, IPv6
+    /// binds that do not come through bind(2) (io_uring's, the kernel's own) are missed. A
+    /// kernel with IPv6 as a module not loaded has no inet6_bind; one with it built as a
+    /// module keeps its BTF in /sys/kernel/btf/ipv6, which the fexit backend does not read.
+    pub inet6_bind: std::result::Result<(), String>,
 }
+
+const INET6_BIND: &str = "inet6_bind";
 
 /// Where tracefs is, as aya looks for it.
 enum Tracefs {
@@ -177,7 +184,11 @@ fn attach_tracepoint(ebpf: &mut Ebpf) -> Result<Coverage> {
             log::info!("tracepoint: failed listen() calls are not traced: {err:#}");
             unload_listen_hooks(ebpf, Backend::Tracepoint);
         }
-        Ok(Coverage { every_bind_syscall: true, failed_listen: listen.map_err(|e| format!("{e:#}")) })
+        Ok(Coverage {
+            every_bind_syscall: true,
+            failed_listen: listen.map_err(|e| format!("{e:#}")),
+            inet6_bind: Ok(()),
+        })
     })
 }
 
@@ -200,11 +211,19 @@ fn attach_kprobe(ebpf: &mut Ebpf) -> Result<Coverage> {
         }
         Ok(())
     });
+    let mut inet6_bind = Ok(());
     for name in [names::PROG_KRETPROBE, names::PROG_KPROBE] {
         let probe: &mut KProbe = program(ebpf, name)?;
         probe.load().with_context(|| format!("loading {name} failed"))?;
         for function in names::INET_BIND_FUNCTIONS {
-            probe.attach(function, 0).with_context(|| format!("attaching a kprobe to {function} failed"))?;
+            let attached =
+                probe.attach(function, 0).with_context(|| format!("attaching a kprobe to {function} failed"));
+            match attached {
+                Ok(_) => {}
+                // IPv6 may be a module that is not loaded: the rest still works.
+                Err(err) if function == INET6_BIND => inet6_bind = Err(format!("{err:#}")),
+                Err(err) => return Err(err),
+            }
         }
     }
     let listen = [names::PROG_KRETPROBE_SYS_LISTEN, names::PROG_KPROBE_SYS_LISTEN];
@@ -218,7 +237,7 @@ fn attach_kprobe(ebpf: &mut Ebpf) -> Result<Coverage> {
         log::info!("kprobe: failed listen() calls are not traced: {err:#}");
         unload_listen_hooks(ebpf, Backend::Kprobe);
     }
-    Ok(Coverage { every_bind_syscall: syscall, failed_listen: attached.map_err(|e| format!("{e:#}")) })
+    Ok(Coverage { every_bind_syscall: syscall, failed_listen: attached.map_err(|e| format!("{e:#}")), inet6_bind })
 }
 
 /// Attaches a backend's optional `__sys_bind` pair. Without it (a kernel whose BTF or
@@ -242,13 +261,12 @@ fn attach_optional(ebpf: &mut Ebpf, backend: Backend, attach: impl FnOnce(&mut E
 /// Proves with a two-instruction program that this kernel loads fexit programs on the bind
 /// functions, before the expensive part (see [`crate::hook_support`]).
 fn fexit_supported(function_ids: &[Option<u32>; 2]) -> Result<()> {
-    for (function, id) in names::INET_BIND_FUNCTIONS.iter().zip(function_ids) {
-        let Some(id) = id else {
-            bail!("the kernel's BTF does not describe {function}");
-        };
-        crate::hook_support::fexit_loadable(function, *id)?;
-    }
-    Ok(())
+    // inet_bind is required; inet6_bind may be in a module's BTF (see Coverage::inet6_bind).
+    let (function, id) = (names::INET_BIND_FUNCTIONS[0], function_ids[0]);
+    let Some(id) = id else {
+        bail!("the kernel's BTF does not describe {function}");
+    };
+    crate::hook_support::fexit_loadable(function, id)
 }
 
 fn attach_fexit(ebpf: &mut Ebpf, btf: &Btf) -> Result<Coverage> {
@@ -263,7 +281,13 @@ fn attach_fexit(ebpf: &mut Ebpf, btf: &Btf) -> Result<Coverage> {
         fentry.attach().with_context(|| format!("attaching fentry to {function} failed"))?;
         Ok(())
     });
+    let mut inet6_bind = Ok(());
     for (entry, exit, function) in names::PROGS_FEXIT {
+        if function == INET6_BIND && !btf_describes(btf, function) {
+            inet6_bind =
+                Err(format!("{function} is not in /sys/kernel/btf/vmlinux (IPv6 built as a module, or not at all)"));
+            continue;
+        }
         let fentry: &mut FEntry = program(ebpf, entry)?;
         fentry.load(function, btf).with_context(|| format!("loading fentry on {function} failed"))?;
         fentry.attach().with_context(|| format!("attaching fentry to {function} failed"))?;
@@ -285,7 +309,12 @@ fn attach_fexit(ebpf: &mut Ebpf, btf: &Btf) -> Result<Coverage> {
         log::info!("fexit: failed listen() calls are not traced: {err:#}");
         unload_listen_hooks(ebpf, Backend::Fexit);
     }
-    Ok(Coverage { every_bind_syscall: syscall, failed_listen: attached.map_err(|e| format!("{e:#}")) })
+    Ok(Coverage { every_bind_syscall: syscall, failed_listen: attached.map_err(|e| format!("{e:#}")), inet6_bind })
+}
+
+/// Does the kernel's BTF describe this function?
+fn btf_describes(btf: &Btf, function: &str) -> bool {
+    btf.id_by_type_name_kind(function, aya_obj::btf::BtfKind::Func).is_ok()
 }
 
 /// Unloads (and so detaches) the named programs of each kind, those that are loaded.
