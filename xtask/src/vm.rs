@@ -39,7 +39,7 @@ impl VmArgs {
     fn guests(&self) -> Result<Vec<&'static GuestKernel>> {
         for series in &self.kernels {
             if !MATRIX.iter().any(|g| g.series == *series) {
-                bail!("unknown kernel series {series}: the matrix has 5.10, 6.1 and 6.12");
+                bail!("unknown kernel series {series}: the matrix has 5.10, 6.1, 6.1-rt, 6.12 and 6.12-16k");
             }
         }
         let arches = self.arch.iter().map(|a| Arch::by_name(a)).collect::<Result<Vec<_>>>()?;
@@ -73,22 +73,30 @@ pub struct GuestKernel {
     pub arch: Arch,
     pub series: &'static str,
     pub lacks: &'static [(&'static str, &'static str)],
+    /// The kernel's page size in KiB: a ring buffer smaller than a page must be refused.
+    pub page_kib: u32,
 }
 
 /// The series whose guests also measure the emulated costs (one per architecture).
 const NEWEST_SERIES: &str = "6.12";
 
 /// The kernels × architectures the matrix boots: README's requirements table is this one.
-pub const MATRIX: [GuestKernel; 5] = [
-    GuestKernel { arch: X86_64, series: "5.10", lacks: &[] },
-    GuestKernel { arch: X86_64, series: "6.1", lacks: &[] },
-    GuestKernel { arch: X86_64, series: "6.12", lacks: &[] },
+pub const MATRIX: [GuestKernel; 7] = [
+    GuestKernel { arch: X86_64, series: "5.10", lacks: &[], page_kib: 4 },
+    GuestKernel { arch: X86_64, series: "6.1", lacks: &[], page_kib: 4 },
+    // PREEMPT_RT: programs are preemptible there, where per-CPU counters and recursion
+    // guards break.
+    GuestKernel { arch: X86_64, series: "6.1-rt", lacks: &[], page_kib: 4 },
+    GuestKernel { arch: X86_64, series: "6.12", lacks: &[], page_kib: 4 },
     GuestKernel {
         arch: AARCH64,
         series: "6.1",
         lacks: &[("fexit", "Debian's arm64 6.1 has no BPF trampolines (attaching fails with ENOTSUPP, 524)")],
+        page_kib: 4,
     },
-    GuestKernel { arch: AARCH64, series: "6.12", lacks: &[] },
+    GuestKernel { arch: AARCH64, series: "6.12", lacks: &[], page_kib: 4 },
+    // 16K pages: the ring buffer's size is checked against the page size.
+    GuestKernel { arch: AARCH64, series: "6.12-16k", lacks: &[], page_kib: 16 },
 ];
 
 /// Every bindtrace backend, each forced with --attach in the guest.
@@ -116,7 +124,9 @@ fn kernel_package_pattern(series: &str, arch: Arch) -> Result<String> {
         "5.10" => format!(r"^linux-image-5\.10\.0-[0-9]+-cloud-{deb}-unsigned$"),
         "6.1" => format!(r"^linux-image-6\.1\.0-[0-9]+-cloud-{deb}-unsigned$"),
         "6.12" => format!(r"^linux-image-6\.12\.[0-9]+\+deb12-cloud-{deb}-unsigned$"),
-        other => bail!("unknown kernel series {other}: use 5.10, 6.1 or 6.12"),
+        "6.1-rt" => format!(r"^linux-image-6\.1\.0-[0-9]+-rt-{deb}-unsigned$"),
+        "6.12-16k" => format!(r"^linux-image-6\.12\.[0-9]+\+deb12-{deb}-16k-unsigned$"),
+        other => bail!("unknown kernel series {other}: use 5.10, 6.1, 6.1-rt, 6.12 or 6.12-16k"),
     })
 }
 
@@ -320,6 +330,11 @@ echo "@@CHECK_EXIT $?"
 /bindtrace --attach auto --no-diagnosis -d 1s -o ndjson --file /tmp/auto.ndjson 2>/tmp/auto.txt
 echo "@@AUTO exit=$?"
 cat /tmp/auto.ndjson /tmp/auto.txt
+# A ring of 4K: one page on most kernels, less than one on 16K/64K-page kernels, where it
+# must be refused with one line and status 2.
+/bindtrace --ring-buffer-size 4K --no-diagnosis -d 1s -o none --no-summary 2>/tmp/ring.txt
+echo "@@RING4K exit=$?"
+cat /tmp/ring.txt
 # attach LOG ARGS...: starts bindtrace ARGS in the background with its stderr in LOG, as
 # $tracer, and waits until it says it is attached (fails if it ends first, or after 2 min).
 attach() {
@@ -844,6 +859,20 @@ fn collision_problem(counted: Option<&Value>) -> Option<String> {
     })
 }
 
+/// `--ring-buffer-size 4K`: accepted where a page is 4K, refused with one line naming the
+/// page size (exit 2) where it is larger.
+fn ring_problem(console: &str, page_kib: u32) -> Option<String> {
+    let mut lines = console.lines().skip_while(|l| !l.starts_with("@@RING4K "));
+    let exit = lines.next()?.trim_start_matches("@@RING4K ").trim().to_owned();
+    let said: Vec<&str> = lines.take_while(|l| !l.starts_with("@@")).collect();
+    let wanted = if page_kib > 4 { "exit=2" } else { "exit=0" };
+    if exit != wanted {
+        return Some(format!("ended with {exit}, expected {wanted} ({page_kib}K pages): {said:?}"));
+    }
+    let names_page = said.len() == 1 && said[0].contains(&format!("page size ({page_kib}K)"));
+    (page_kib > 4 && !names_page).then(|| format!("the refusal is not one line naming the page size: {said:?}"))
+}
+
 /// Fields every backend must fill the same way for the same scenario (pids, times and the
 /// fd differ between runs or backends by design).
 const COMPARED_FIELDS: [&str; 17] = [
@@ -972,6 +1001,13 @@ fn run_guest(apt: &PrivateApt, guest: &GuestKernel, initramfs: &Path, tally: &mu
     }
     let checks = parse_checks(&console);
     report_checks(&release, &checks, tally);
+    match ring_problem(&console, guest.page_kib) {
+        Some(problem) => {
+            tally.failed += 1;
+            tally.failures.push(format!("{release}: ring_4k: {problem}"));
+        }
+        None => tally.passed += 1,
+    }
     let runs = parse_console(&console);
     let lacking = |backend: &str| guest.lacks.iter().find(|(b, _)| *b == backend).map(|(_, why)| *why);
     for backend in BACKENDS {
@@ -1154,6 +1190,15 @@ mod tests {
         assert!(failures.iter().any(|f| f.starts_with("tcp4_ok: reuseaddr is false")));
         assert!(check(&[scenario()], &[], "tracepoint")[0].contains("no event"));
         assert!(!check(&[], &[], "tracepoint").is_empty(), "no scenarios is a failure");
+    }
+
+    #[test]
+    fn a_ring_smaller_than_a_page_must_be_refused_in_one_line() {
+        let refused = "@@RING4K exit=2\nbindtrace: ring buffer size 4K is smaller than this kernel's page size (16K): use 16K or more\n@@BACKEND fexit exit=0\n";
+        assert_eq!(ring_problem(refused, 16), None);
+        assert!(ring_problem(refused, 4).is_some(), "4K pages take a 4K ring");
+        assert_eq!(ring_problem("@@RING4K exit=0\n@@BACKEND fexit exit=0\n", 4), None);
+        assert!(ring_problem("@@RING4K exit=1\nbindtrace: EINVAL\n", 16).is_some(), "a bare EINVAL fails");
     }
 
     #[test]
