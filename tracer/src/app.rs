@@ -480,6 +480,7 @@ async fn run(mut plan: Plan) -> Result<()> {
         counters,
     );
     report.diagnoses = pipeline.enricher.counters();
+    report.programs = probe.program_stats();
     match pipeline.sink.report(&report) {
         Err(err) if err.kind() == io::ErrorKind::BrokenPipe => Ok(()),
         other => other.context("writing the summary"),

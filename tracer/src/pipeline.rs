@@ -460,10 +460,12 @@ fn report_shed_diagnoses(before: &EnrichCounters, now: &EnrichCounters) {
 fn report_new_drops(before: &KernelCounters, now: &KernelCounters) {
     let ring = now.dropped_ring_buffer_full.saturating_sub(before.dropped_ring_buffer_full);
     let entry = now.dropped_entry_lost.saturating_sub(before.dropped_entry_lost);
-    if ring + entry > 0 {
+    let skipped = now.dropped_recursion.saturating_sub(before.dropped_recursion);
+    if ring + entry + skipped > 0 {
         crate::say::line(&format!(
-            "lost {} events in the last second ({ring} ring buffer full, {entry} entry lost; {} lost in total)",
-            ring + entry,
+            "lost {} events in the last second ({ring} ring buffer full, {entry} entry lost, {skipped} return hooks \
+             skipped by the kernel; {} lost in total)",
+            ring + entry + skipped,
             now.dropped()
         ));
     }

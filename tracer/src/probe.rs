@@ -12,7 +12,13 @@ use aya::{
 use aya_log::EbpfLogger;
 use bindtrace_common::{names, stat, Backend, ProbeConfig};
 
-use crate::{cli::Attach, layout::KernelBtf, summary::KernelCounters};
+use std::os::fd::{AsFd as _, AsRawFd as _};
+
+use crate::{
+    cli::Attach,
+    layout::KernelBtf,
+    summary::{KernelCounters, ProgramStats},
+};
 
 /// The probe, built by build.rs and embedded so that the binary is all a host needs.
 static PROBE_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/bindtrace-probe"));
@@ -466,6 +472,29 @@ pub fn candidates(attach: Attach) -> Vec<Backend> {
     }
 }
 
+/// A hook on a return (exit tracepoint, kretprobe, fexit): one the kernel skips loses its
+/// event. A skipped entry hook shows at its exit instead (no entry), so it is not added.
+fn is_return_hook(name: &str) -> bool {
+    name.contains("exit") || name.contains("kretprobe")
+}
+
+/// The fields of a BPF program's fdinfo that bindtrace reports; absent ones (older kernels,
+/// stats off) are 0.
+fn parse_program_fdinfo(name: &str, info: &str) -> ProgramStats {
+    let field = |key: &str| {
+        info.lines()
+            .find_map(|line| line.strip_prefix(key)?.strip_prefix(':'))
+            .and_then(|value| value.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    ProgramStats {
+        name: name.to_owned(),
+        runs: field("run_cnt"),
+        run_time_ns: field("run_time_ns"),
+        recursion_misses: field("recursion_misses"),
+    }
+}
+
 /// Tells the probe when attaching ended: an exit without its entry within a second of this is
 /// a call that was under way at attach, counted apart from the lost ones.
 fn mark_attached(ebpf: &mut Ebpf) -> Result<()> {
@@ -559,13 +588,28 @@ impl AttachedProbe {
         self.logger.take()
     }
 
-    /// Sums the per-CPU counters.
+    /// Sums the per-CPU counters, and adds the return hooks the kernel skipped.
     pub fn counters(&self) -> Result<KernelCounters> {
         let mut sums = [0u64; stat::COUNT as usize];
         for (index, sum) in (0..stat::COUNT).zip(sums.iter_mut()) {
             *sum = self.stats.get(&index, 0)?.iter().sum();
         }
-        Ok(KernelCounters::from_sums(&sums))
+        let mut counters = KernelCounters::from_sums(&sums);
+        counters.dropped_recursion =
+            self.program_stats().iter().filter(|p| is_return_hook(&p.name)).map(|p| p.recursion_misses).sum();
+        Ok(counters)
+    }
+
+    /// What the kernel counts for each loaded program (runs, run time, recursion misses).
+    pub fn program_stats(&self) -> Vec<ProgramStats> {
+        self.ebpf
+            .programs()
+            .filter_map(|(name, program)| {
+                let fd = program.fd().ok()?.as_fd().as_raw_fd();
+                let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")).ok()?;
+                Some(parse_program_fdinfo(name, &info))
+            })
+            .collect()
     }
 }
 
@@ -585,6 +629,19 @@ mod tests {
     const BPF_MAP_TYPE_PERCPU_ARRAY: u32 = 6;
     const BPF_MAP_TYPE_LRU_HASH: u32 = 9;
     const BPF_MAP_TYPE_RINGBUF: u32 = 27;
+
+    #[test]
+    fn program_fdinfo_gives_runs_time_and_recursion_misses() {
+        let info = "pos:\t0\nflags:\t02000002\nprog_type:\t26\nprog_jited:\t1\nprog_tag:\tab\nmemlock:\t4096\n\
+                    prog_id:\t91\nrun_time_ns:\t123456\nrun_cnt:\t789\nrecursion_misses:\t3\nverified_insns:\t2530\n";
+        let stats = parse_program_fdinfo("bindtrace_fexit_inet_bind", info);
+        assert_eq!((stats.runs, stats.run_time_ns, stats.recursion_misses), (789, 123456, 3));
+        // A 5.10 kernel has no recursion_misses line: 0, not an error.
+        assert_eq!(parse_program_fdinfo("x", "run_time_ns:\t5\nrun_cnt:\t1\n").recursion_misses, 0);
+        assert!(is_return_hook("bindtrace_sys_exit_bind") && is_return_hook("bindtrace_kretprobe_sys_bind"));
+        assert!(is_return_hook("bindtrace_fexit_inet_bind") && !is_return_hook("bindtrace_fentry_inet_bind"));
+        assert!(!is_return_hook("bindtrace_sys_enter_bind") && !is_return_hook("bindtrace_kprobe_sys_bind"));
+    }
 
     #[test]
     fn maps_and_programs_are_the_ones_the_tracer_uses() {

@@ -33,6 +33,10 @@ pub struct KernelCounters {
     pub address_unreadable: u64,
     /// Emitted without a duration: the probe did not see the bind's entry.
     pub no_entry_time: u64,
+    /// Lost: a return hook the kernel skipped because another BPF program was running on
+    /// that CPU (the programs' `recursion_misses`, 5.12+; fentry/fexit and, on newer
+    /// kernels, kprobes). An entry hook skipped this way shows at its exit instead.
+    pub dropped_recursion: u64,
 }
 
 impl KernelCounters {
@@ -47,12 +51,13 @@ impl KernelCounters {
             in_progress_at_attach: sums[stat::AT_ATTACH as usize],
             address_unreadable: sums[stat::ADDR_READ_FAILED as usize],
             no_entry_time: sums[stat::NO_ENTRY_TIME as usize],
+            dropped_recursion: 0,
         }
     }
 
     /// Events the kernel saw but bindtrace will never print.
     pub fn dropped(&self) -> u64 {
-        self.dropped_ring_buffer_full + self.dropped_entry_lost
+        self.dropped_ring_buffer_full + self.dropped_entry_lost + self.dropped_recursion
     }
 }
 
@@ -114,6 +119,20 @@ pub struct Report {
     /// What the enrich stage did: lookups, diagnoses that followed their event, diagnoses
     /// shed under overload (the events were still written).
     pub diagnoses: EnrichCounters,
+    /// What each attached program cost, from the kernel's own counters.
+    pub programs: Vec<ProgramStats>,
+}
+
+/// One attached program, from `/proc/self/fdinfo` of its fd: what the kernel counts for it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct ProgramStats {
+    pub name: String,
+    /// Runs and their total time: counted only while `kernel.bpf_stats_enabled` is 1 (0
+    /// otherwise).
+    pub runs: u64,
+    pub run_time_ns: u64,
+    /// Runs the kernel skipped because another BPF program was running on that CPU (5.12+).
+    pub recursion_misses: u64,
 }
 
 /// Processes counted at most, and how many of the busiest stay when that is reached.
@@ -238,6 +257,7 @@ impl Summary {
             output_dropped_lines: crate::sink::writer::lines_dropped(),
             kernel,
             diagnoses: EnrichCounters::default(),
+            programs: Vec::new(),
         }
     }
 }

@@ -258,6 +258,12 @@ fn port_and_pid_filters_drop_events_in_the_kernel() {
             + count("in_progress_at_attach"),
         "every bind the probe saw is accounted for: {kernel}"
     );
+    assert_eq!(count("dropped_recursion"), 0, "no return hook was skipped: {kernel}");
+    let programs = finished.summary()["programs"].as_array().cloned().unwrap_or_default();
+    assert!(
+        programs.iter().any(|p| p["name"] == "bindtrace_sys_exit_bind" && p["recursion_misses"] == 0),
+        "the summary names the attached programs with the kernel's counters: {programs:?}"
+    );
 }
 
 #[test]

@@ -242,13 +242,14 @@ impl Sink for TableSink {
         if report.dropped > 0 || report.decode_errors > 0 || k.address_unreadable > 0 {
             let _ = writeln!(
                 text,
-                "  kernel:     seen {} filtered {} emitted {}; lost {} (ring buffer full) + {} (entry lost); \
+                "  kernel:     seen {} filtered {} emitted {}; lost {} (ring buffer full) + {} (entry lost) + {} (hook skipped); \
                  {} without address; {} undecodable",
                 k.seen,
                 k.filtered,
                 k.emitted,
                 k.dropped_ring_buffer_full,
                 k.dropped_entry_lost,
+                k.dropped_recursion,
                 k.address_unreadable,
                 report.decode_errors
             );
