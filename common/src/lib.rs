@@ -274,7 +274,11 @@ pub mod stat {
     /// Events emitted without their entry time (the bind began before the probe attached, or
     /// its entry was lost): duration unknown.
     pub const NO_ENTRY_TIME: u32 = 7;
-    pub const COUNT: u32 = 8;
+    /// Binds lost because their kretprobe never ran (the kprobe's return instances ran out:
+    /// many binds sleeping at once), found when the same thread next binds: its entry or
+    /// stash was still there.
+    pub const RETURN_MISSED: u32 = 8;
+    pub const COUNT: u32 = 9;
 }
 
 /// Where a struct member lives, resolved from the running kernel's BTF by the tracer.

@@ -84,6 +84,12 @@ pub(crate) fn stamp_entry_with_args(args: SyscallArgs) {
 /// kretprobe): the time, and the mark that makes the inet_bind hooks stand aside.
 #[inline(always)]
 pub(crate) fn stamp_syscall_entry(args: Option<SyscallArgs>) {
+    // A thread cannot enter bind(2) while inside it: under kprobe, a mark still there means
+    // the kretprobe of its last bind never ran (out of return instances), and that bind was
+    // not reported. Counted now, when the thread binds again.
+    if args.is_some() && inside_syscall(bpf_get_current_pid_tgid() as u32) {
+        count(stat::RETURN_MISSED);
+    }
     put_entry(args.unwrap_or(NO_ARGS), 1);
 }
 
@@ -178,6 +184,10 @@ pub(crate) fn syscall_args(layout: &KernelLayout) -> SyscallArgs {
 /// The kprobe backend's inet_bind entry: the arguments, for the kretprobe.
 #[inline(always)]
 pub(crate) fn remember(tid: u32, in_flight: InFlight) {
+    // A stash still there: the kretprobe of this thread's last inet_bind never ran.
+    if IN_FLIGHT.get_ptr(tid).is_some() {
+        count(stat::RETURN_MISSED);
+    }
     // An insert that fails (no memory) leaves nothing: the kretprobe counts that call.
     let _ = IN_FLIGHT.insert(tid, in_flight, 0);
 }

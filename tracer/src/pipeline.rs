@@ -458,15 +458,20 @@ fn report_shed_diagnoses(before: &EnrichCounters, now: &EnrichCounters) {
 
 /// One stderr line whenever events were lost since the last tick: never silently.
 fn report_new_drops(before: &KernelCounters, now: &KernelCounters) {
-    let ring = now.dropped_ring_buffer_full.saturating_sub(before.dropped_ring_buffer_full);
-    let entry = now.dropped_entry_lost.saturating_sub(before.dropped_entry_lost);
-    let skipped = now.dropped_recursion.saturating_sub(before.dropped_recursion);
-    if ring + entry + skipped > 0 {
-        crate::say::line(&format!(
-            "lost {} events in the last second ({ring} ring buffer full, {entry} entry lost, {skipped} return hooks \
-             skipped by the kernel; {} lost in total)",
-            ring + entry + skipped,
-            now.dropped()
-        ));
+    let lost = now.dropped().saturating_sub(before.dropped());
+    if lost == 0 {
+        return;
     }
+    let parts = [
+        (now.dropped_ring_buffer_full.saturating_sub(before.dropped_ring_buffer_full), "ring buffer full"),
+        (now.dropped_entry_lost.saturating_sub(before.dropped_entry_lost), "entry lost"),
+        (now.dropped_recursion.saturating_sub(before.dropped_recursion), "return hook skipped by the kernel"),
+        (now.dropped_return_missed.saturating_sub(before.dropped_return_missed), "kretprobe missed"),
+    ];
+    let why: Vec<String> = parts.iter().filter(|(n, _)| *n > 0).map(|(n, what)| format!("{n} {what}")).collect();
+    crate::say::line(&format!(
+        "lost {lost} events in the last second ({}; {} lost in total)",
+        why.join(", "),
+        now.dropped()
+    ));
 }

@@ -37,6 +37,9 @@ pub struct KernelCounters {
     /// that CPU (the programs' `recursion_misses`, 5.12+; fentry/fexit and, on newer
     /// kernels, kprobes). An entry hook skipped this way shows at its exit instead.
     pub dropped_recursion: u64,
+    /// Lost: binds whose kretprobe never ran (out of return instances), found when the same
+    /// thread next bound (kprobe backend).
+    pub dropped_return_missed: u64,
 }
 
 impl KernelCounters {
@@ -52,12 +55,13 @@ impl KernelCounters {
             address_unreadable: sums[stat::ADDR_READ_FAILED as usize],
             no_entry_time: sums[stat::NO_ENTRY_TIME as usize],
             dropped_recursion: 0,
+            dropped_return_missed: sums[stat::RETURN_MISSED as usize],
         }
     }
 
     /// Events the kernel saw but bindtrace will never print.
     pub fn dropped(&self) -> u64 {
-        self.dropped_ring_buffer_full + self.dropped_entry_lost + self.dropped_recursion
+        self.dropped_ring_buffer_full + self.dropped_entry_lost + self.dropped_recursion + self.dropped_return_missed
     }
 }
 

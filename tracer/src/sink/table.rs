@@ -242,7 +242,7 @@ impl Sink for TableSink {
         if report.dropped > 0 || report.decode_errors > 0 || k.address_unreadable > 0 {
             let _ = writeln!(
                 text,
-                "  kernel:     seen {} filtered {} emitted {}; lost {} (ring buffer full) + {} (entry lost) + {} (hook skipped); \
+                "  kernel:     seen {} filtered {} emitted {}; lost {} (ring buffer full) + {} (entry lost) + {} (hook skipped) + {} (kretprobe missed); \
                  {} without address; {} undecodable",
                 k.seen,
                 k.filtered,
@@ -250,6 +250,7 @@ impl Sink for TableSink {
                 k.dropped_ring_buffer_full,
                 k.dropped_entry_lost,
                 k.dropped_recursion,
+                k.dropped_return_missed,
                 k.address_unreadable,
                 report.decode_errors
             );
