@@ -398,6 +398,20 @@ for backend in $BACKENDS; do
     kill $tracer 2>/dev/null
     wait $tracer
   fi
+  # Many AF_UNIX binds sleeping at once (one directory's lock): each reported, or counted as
+  # lost (a kretprobe's return instances run out).
+  rm -f /tmp/sleepers.ndjson
+  echo "@@SLEEPERS"
+  if attach /tmp/sleepers.txt --attach "$backend" $COLLIDE_TRACER_ARGS --file /tmp/sleepers.ndjson; then
+    /bind-scenarios --sleepers > /tmp/sleepers-plan.json
+    sleep 1
+    kill -INT $tracer 2>/dev/null
+    wait $tracer
+    /bind-scenarios --count /tmp/sleepers-plan.json /tmp/sleepers.ndjson
+  else
+    kill $tracer 2>/dev/null
+    wait $tracer
+  fi
 done
 # What tracing costs here (emulated: indicative only), when the host asks for it on the kernel
 # command line: a getppid loop (collateral) and a bind storm, untraced and with bindtrace
@@ -502,6 +516,8 @@ struct GuestRun {
     scope_stderr: Vec<String>,
     /// `bind-scenarios --count` of the colliding threads' run, when it ran.
     collision: Option<Value>,
+    /// The same for the sleeping binds' run.
+    sleepers: Option<Value>,
 }
 
 /// What the guest's `bindtrace --check` and `--attach auto` runs said.
@@ -570,6 +586,7 @@ fn parse_console(console: &str) -> Vec<GuestRun> {
                 scope: Vec::new(),
                 scope_stderr: Vec::new(),
                 collision: None,
+                sleepers: None,
             });
             section = "";
         } else if let Some(exit) = line.strip_prefix("@@SCOPE ") {
@@ -583,6 +600,7 @@ fn parse_console(console: &str) -> Vec<GuestRun> {
                 "EVENTS" => "events",
                 "SCENARIOS" => "scenarios",
                 "COLLISION" => "collision",
+                "SLEEPERS" => "sleepers",
                 _ => "",
             };
         } else if let Some(current) = runs.last_mut() {
@@ -590,9 +608,10 @@ fn parse_console(console: &str) -> Vec<GuestRun> {
                 "stderr" => current.stderr.push(line.to_owned()),
                 "events" => current.events.extend(serde_json::from_str::<Value>(line).ok()),
                 "scenarios" => current.scenarios.extend(serde_json::from_str::<Value>(line).ok()),
-                "collision" => {
+                "collision" | "sleepers" => {
                     if let Ok(counted) = serde_json::from_str::<Value>(line) {
-                        current.collision = Some(counted);
+                        *if section == "collision" { &mut current.collision } else { &mut current.sleepers } =
+                            Some(counted);
                     }
                 }
                 "scope" => match serde_json::from_str::<Value>(line) {
@@ -799,6 +818,10 @@ fn report(label: &str, runs: &[GuestRun], backends: &[&str], nc_check: bool, tal
                     Some(problem) => problems.push(format!("tid_slot_collision: {problem}")),
                     None => tally.passed += 1,
                 }
+                match sleepers_problem(run.sleepers.as_ref()) {
+                    Some(problem) => problems.push(format!("sleeping_binds: {problem}")),
+                    None => tally.passed += 1,
+                }
                 let failing: std::collections::HashSet<&str> =
                     problems.iter().filter_map(|p| p.split(':').next()).collect();
                 tally.failed += failing.len();
@@ -856,6 +879,30 @@ fn collision_problem(counted: Option<&Value>) -> Option<String> {
         .collect();
     (!wrong.is_empty()).then(|| {
         format!("{}; summary dropped {}, kernel counters {kernel}", wrong.join(", "), counted["summary"]["dropped"])
+    })
+}
+
+/// Many binds sleeping at once: each is reported, or counted as lost (never both, never
+/// neither): reported + `kernel.dropped_return_missed` = binds made.
+fn sleepers_problem(counted: Option<&Value>) -> Option<String> {
+    let Some(counted) = counted else { return Some("no count printed".to_owned()) };
+    let plan = &counted["plan"];
+    if let Some(why) = plan["setup_error"].as_str() {
+        return Some(format!("its setup failed: {why}"));
+    }
+    let binds = plan["binds_each"].as_u64().unwrap_or(0);
+    let threads = plan["threads"].as_array().map_or(0, Vec::len) as u64;
+    if binds == 0 || threads == 0 {
+        return Some(format!("no plan: {counted}"));
+    }
+    let reported: u64 = counted["events"].as_array().into_iter().flatten().filter_map(Value::as_u64).sum();
+    let kernel = &counted["summary"]["kernel"];
+    let missed = kernel["dropped_return_missed"].as_u64().unwrap_or(0);
+    (reported + missed != binds * threads).then(|| {
+        format!(
+            "{reported} reported + {missed} counted lost != {} binds made; kernel counters {kernel}",
+            binds * threads
+        )
     })
 }
 
@@ -1109,7 +1156,8 @@ fn run_on_host(bindtrace: &Path, scenarios: &Path, tally: &mut Tally) -> Result<
     let events: Vec<Value> =
         std::fs::read_to_string(&events_file)?.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
     let scenario_lines: Vec<Value> = printed.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
-    let counted = collide_on_host(bindtrace, scenarios, &dir)?;
+    let counted = traced_on_host(bindtrace, scenarios, &dir, "--collide")?;
+    let sleepers = traced_on_host(bindtrace, scenarios, &dir, "--sleepers")?;
     let runs = vec![GuestRun {
         backend: "tracepoint".into(),
         exit: if status.success() { "exit=0".into() } else { format!("exit={status}") },
@@ -1120,16 +1168,18 @@ fn run_on_host(bindtrace: &Path, scenarios: &Path, tally: &mut Tally) -> Result<
         scope: Vec::new(),
         scope_stderr: Vec::new(),
         collision: serde_json::from_str(counted.trim()).ok(),
+        sleepers: serde_json::from_str(sleepers.trim()).ok(),
     }];
     report("host", &runs, &["tracepoint"], false, tally);
     Ok(())
 }
 
-/// The colliding threads of `bind-scenarios --collide` under a bindtrace of their own, as in
-/// the guests (a ring that holds all their events: the check is of collisions, not of the
+/// `bind-scenarios MODE` (`--collide`, `--sleepers`) under a bindtrace of its own, as in the
+/// guests (a ring that holds all its events: the check is of per-thread state, not of the
 /// ring's size); returns what `--count` printed.
-fn collide_on_host(bindtrace: &Path, scenarios: &Path, dir: &Path) -> Result<String> {
-    let events = dir.join("host-collide.ndjson");
+fn traced_on_host(bindtrace: &Path, scenarios: &Path, dir: &Path, mode: &str) -> Result<String> {
+    let name = mode.trim_start_matches('-');
+    let events = dir.join(format!("host-{name}.ndjson"));
     let mut tracer = Command::new(bindtrace)
         .args(COLLIDE_TRACER_ARGS)
         .args(["--attach", "tracepoint", "--file"])
@@ -1139,10 +1189,10 @@ fn collide_on_host(bindtrace: &Path, scenarios: &Path, dir: &Path) -> Result<Str
     let stderr = tracer.stderr.take().ok_or_else(|| anyhow!("no stderr"))?;
     let mut lines = std::io::BufRead::lines(std::io::BufReader::new(stderr));
     if !lines.by_ref().map_while(Result::ok).any(|l| l.contains("attached")) {
-        bail!("bindtrace did not attach for the collision");
+        bail!("bindtrace did not attach for bind-scenarios {mode}");
     }
-    let plan = dir.join("host-collide-plan.json");
-    std::fs::write(&plan, output(Command::new(scenarios).arg("--collide"))?)?;
+    let plan = dir.join(format!("host-{name}-plan.json"));
+    std::fs::write(&plan, output(Command::new(scenarios).arg(mode))?)?;
     std::thread::sleep(std::time::Duration::from_millis(500));
     // SAFETY: signalling our own child.
     unsafe { libc::kill(tracer.id() as i32, libc::SIGINT) };
@@ -1190,6 +1240,18 @@ mod tests {
         assert!(failures.iter().any(|f| f.starts_with("tcp4_ok: reuseaddr is false")));
         assert!(check(&[scenario()], &[], "tracepoint")[0].contains("no event"));
         assert!(!check(&[], &[], "tracepoint").is_empty(), "no scenarios is a failure");
+    }
+
+    #[test]
+    fn sleeping_binds_must_be_reported_or_counted() {
+        let counted = |events: [u64; 2], missed: u64| {
+            json!({"plan": {"binds_each": 10, "threads": [{"tid": 1, "family": "AF_UNIX"}, {"tid": 2, "family": "AF_UNIX"}]},
+                   "events": events, "summary": {"kernel": {"dropped_return_missed": missed}}})
+        };
+        assert_eq!(sleepers_problem(Some(&counted([10, 10], 0))), None);
+        assert_eq!(sleepers_problem(Some(&counted([7, 10], 3))), None, "lost, but counted");
+        let silent = sleepers_problem(Some(&counted([7, 10], 0))).expect("a silent loss fails");
+        assert!(silent.contains("17 reported + 0 counted lost != 20 binds made"), "{silent}");
     }
 
     #[test]
@@ -1264,6 +1326,7 @@ mod tests {
                 scope: Vec::new(),
                 scope_stderr: Vec::new(),
                 collision: None,
+                sleepers: None,
             }
         };
         let mut tally = Tally::default();

@@ -459,6 +459,10 @@ fn main() {
             collide(binds);
             return;
         }
+        Some("--sleepers") => {
+            sleepers(SLEEPER_THREADS, SLEEPER_BINDS);
+            return;
+        }
         Some("--count") => {
             let (Some(plan), Some(events)) = (args.get(2), args.get(3)) else {
                 eprintln!("usage: bind-scenarios --count PLAN.json EVENTS.ndjson");
@@ -631,10 +635,64 @@ fn count_collisions(plan: &str, events: &str) {
             continue;
         }
         for (count, thread) in counts.iter_mut().zip(plan["threads"].as_array().into_iter().flatten()) {
-            if record["tid"] == thread["tid"] && record["port"] == thread["port"] {
+            // Every field the plan gives for the thread (tid, and port or family).
+            let fields = thread.as_object().into_iter().flatten();
+            if fields.into_iter().all(|(field, wanted)| record[field] == *wanted) {
                 *count += 1;
             }
         }
     }
     println!("{}", serde_json::json!({ "plan": plan, "events": counts, "summary": summary }));
+}
+
+/// Threads binding AF_UNIX names in one directory at once, and binds each: the directory's
+/// lock makes most of them sleep inside bind(), more at once than a kretprobe has return
+/// instances (10, or twice the CPUs).
+const SLEEPER_THREADS: usize = 64;
+const SLEEPER_BINDS: u32 = 100;
+
+/// `--sleepers`: many binds sleeping at once, then one quick bind per thread, one thread at a
+/// time (so that a bind of the storm whose return was missed is found and counted); prints
+/// the plan for `--count`. Every AF_UNIX bind must be reported, or counted as lost.
+fn sleepers(threads: usize, binds: u32) {
+    let dir = "/tmp/bt-sleepers";
+    let _ = std::fs::remove_dir_all(dir);
+    if let Err(err) = std::fs::create_dir_all(dir) {
+        println!("{}", serde_json::json!({ "scenario": "sleeping_binds", "setup_error": format!("{dir}: {err}") }));
+        return;
+    }
+    let start = std::sync::Arc::new(std::sync::Barrier::new(threads));
+    let turn = std::sync::Arc::new(std::sync::Mutex::new(()));
+    let handles: Vec<_> = (0..threads)
+        .map(|thread| {
+            let (start, turn) = (start.clone(), turn.clone());
+            std::thread::spawn(move || {
+                start.wait();
+                for i in 0..binds {
+                    let (addr, len) = sockaddr_un(format!("{dir}/{thread}-{i}").as_bytes());
+                    // SAFETY: plain socket calls on a socket this thread owns.
+                    unsafe {
+                        let fd = libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0);
+                        bind_ptr(fd, (&raw const addr).cast(), len);
+                        libc::close(fd);
+                    }
+                }
+                start.wait();
+                // One at a time: a quick bind (EBADF, an inet address: not counted with the
+                // unix binds) whose entry finds a missed return.
+                let _turn = turn.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                bind_raw(-1, libc::AF_INET, "127.0.0.1", 1);
+                gettid()
+            })
+        })
+        .collect();
+    let tids: Vec<u32> = handles.into_iter().filter_map(|h| h.join().ok()).collect();
+    let _ = std::fs::remove_dir_all(dir);
+    let threads: Vec<_> = tids.iter().map(|tid| serde_json::json!({ "tid": tid, "family": "AF_UNIX" })).collect();
+    println!(
+        "{}",
+        serde_json::json!({
+            "scenario": "sleeping_binds", "pid": std::process::id(), "binds_each": binds, "threads": threads,
+        })
+    );
 }
