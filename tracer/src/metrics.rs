@@ -28,7 +28,7 @@ use crate::{
     enrich::{EnrichCounters, Enriched},
     errno,
     host::identity::Identity,
-    summary::KernelCounters,
+    summary::{KernelCounters, ProgramStats},
 };
 
 /// Distinct (container, pod, namespace) label values at once; past this, the set used least
@@ -62,6 +62,21 @@ struct ContainerSeries {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ProgramLabels {
+    program: String,
+}
+
+/// The kernel's counters of one attached program, as metrics.
+#[derive(Default)]
+struct ProgramSeries {
+    runs: Family<ProgramLabels, Counter>,
+    run_seconds: Family<ProgramLabels, Counter<f64>>,
+    recursion_misses: Family<ProgramLabels, Counter>,
+    /// What was already added, by program.
+    last: std::sync::Mutex<FxHashMap<String, ProgramStats>>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct BackendLabels {
     backend: String,
     version: &'static str,
@@ -89,6 +104,7 @@ pub struct Metrics {
     lookup_timeouts: Counter,
     diagnoses_followed: Counter,
     diagnoses_shed: Counter,
+    programs: ProgramSeries,
     /// The totals already added, so that each tick adds only what is new.
     last_kernel_dropped: AtomicU64,
     last_enrich: std::sync::Mutex<EnrichCounters>,
@@ -117,7 +133,7 @@ impl Metrics {
         let dropped = Counter::default();
         registry.register(
             "events_dropped",
-            "Events lost in the kernel (ring buffer or in-flight map full)",
+            "Events lost in the kernel (ring buffer full, entry lost, return hook skipped, kretprobe missed)",
             dropped.clone(),
         );
         let filter_mismatches = Counter::default();
@@ -138,6 +154,22 @@ impl Metrics {
         registry.register("diagnoses_followed", "Diagnoses written after their event", diagnoses_followed.clone());
         let diagnoses_shed = Counter::default();
         registry.register("diagnoses_shed", "Failures that got no diagnosis (overload)", diagnoses_shed.clone());
+        let programs = ProgramSeries::default();
+        registry.register(
+            "probe_runs",
+            "Runs of each attached BPF program (counted while sysctl kernel.bpf_stats_enabled=1)",
+            programs.runs.clone(),
+        );
+        registry.register(
+            "probe_run_seconds",
+            "Time spent in each attached BPF program (counted while sysctl kernel.bpf_stats_enabled=1)",
+            programs.run_seconds.clone(),
+        );
+        registry.register(
+            "probe_recursion_misses",
+            "Runs of each attached BPF program the kernel skipped (another program was running on that CPU)",
+            programs.recursion_misses.clone(),
+        );
         registry.register(
             "backend",
             "The kernel hook bindtrace attached with",
@@ -152,6 +184,7 @@ impl Metrics {
             lookup_timeouts,
             diagnoses_followed,
             diagnoses_shed,
+            programs,
             last_kernel_dropped: AtomicU64::new(0),
             last_enrich: std::sync::Mutex::new(EnrichCounters::default()),
             ports: ports.iter().copied().collect(),
@@ -282,6 +315,26 @@ impl Metrics {
             self.diagnoses_followed.inc_by(enrich.followed.saturating_sub(last.followed));
             self.diagnoses_shed.inc_by(enrich.shed.saturating_sub(last.shed));
             *last = enrich;
+        }
+    }
+}
+
+impl Metrics {
+    /// Adds what the kernel counted for each program since the last call.
+    pub fn update_programs(&self, programs: &[ProgramStats]) {
+        let series = &self.programs;
+        let Ok(mut last) = series.last.lock() else { return };
+        for program in programs {
+            let before = last.get(&program.name).cloned().unwrap_or_default();
+            let labels = ProgramLabels { program: program.name.clone() };
+            series.runs.get_or_create(&labels).inc_by(program.runs.saturating_sub(before.runs));
+            let ns = program.run_time_ns.saturating_sub(before.run_time_ns);
+            series.run_seconds.get_or_create(&labels).inc_by(ns as f64 / 1e9);
+            series
+                .recursion_misses
+                .get_or_create(&labels)
+                .inc_by(program.recursion_misses.saturating_sub(before.recursion_misses));
+            last.insert(program.name.clone(), program.clone());
         }
     }
 }

@@ -348,6 +348,7 @@ impl Pipeline<'_> {
                     reported_enrich = now;
                     if let Some(metrics) = &self.metrics {
                         metrics.update(&reported, self.summary.filter_mismatches(), now);
+                        metrics.update_programs(&probe.program_stats());
                     }
                 }
             }

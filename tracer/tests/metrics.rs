@@ -136,6 +136,13 @@ fn prometheus_scrapes_the_failure_counters() {
         let text = http_get(metrics, "/metrics").unwrap_or_default();
         if text.contains(&failures) {
             assert!(text.contains(r#"bindtrace_backend_info{backend=""#), "{text}");
+            // The kernel's own counters of the attached programs (runs count only with
+            // kernel.bpf_stats_enabled=1; the series exist either way).
+            assert!(
+                text.contains(r#"bindtrace_probe_recursion_misses_total{program="bindtrace_sys_exit_bind"} 0"#),
+                "{text}"
+            );
+            assert!(text.contains(r#"bindtrace_probe_run_seconds_total{program="#), "{text}");
             assert!(text.ends_with("# EOF\n"), "OpenMetrics text ends with # EOF: {text}");
             break;
         }

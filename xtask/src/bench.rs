@@ -43,6 +43,10 @@ pub struct BenchArgs {
     /// How long the soak part runs.
     #[arg(long, default_value_t = 600)]
     soak_seconds: u64,
+    /// How long the soak's reader stalls, in the middle (0: never; then a rise in RSS cannot
+    /// hide in the memory the stall freed).
+    #[arg(long, default_value_t = 60)]
+    soak_stall_seconds: u64,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -417,7 +421,7 @@ pub fn bench(args: &BenchArgs, bindtrace: &Path, storm_bin: &Path, release_dir: 
     }
     let mut soak = Value::Null;
     if args.parts.iter().any(|p| p == "soak") {
-        let (table, json) = crate::soak_bench::soak(bindtrace, args.soak_seconds)?;
+        let (table, json) = crate::soak_bench::soak(bindtrace, args.soak_seconds, args.soak_stall_seconds)?;
         markdown.push_str(&table);
         soak = json;
     }

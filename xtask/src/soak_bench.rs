@@ -81,7 +81,7 @@ fn churn_once(parent: &Path, n: u64) -> Result<()> {
     Ok(())
 }
 
-pub(crate) fn soak(bindtrace: &Path, seconds: u64) -> Result<(String, Value)> {
+pub(crate) fn soak(bindtrace: &Path, seconds: u64, stall_seconds: u64) -> Result<(String, Value)> {
     let mount = cgroup2_mount().context("the soak needs a cgroup v2 hierarchy")?;
     let parent = mount.join(format!("bindtrace-soak-{}", std::process::id()));
     std::fs::create_dir_all(&parent)?;
@@ -121,7 +121,8 @@ pub(crate) fn soak(bindtrace: &Path, seconds: u64) -> Result<(String, Value)> {
 
     let started = Instant::now();
     let end = started + Duration::from_secs(seconds);
-    let stall = (started + Duration::from_secs(seconds / 2), started + Duration::from_secs(seconds / 2 + 60));
+    let stall =
+        (started + Duration::from_secs(seconds / 2), started + Duration::from_secs(seconds / 2 + stall_seconds));
     let mut samples: Vec<(u64, u64)> = Vec::new();
     let mut next_sample = started;
     let mut n = 0u64;
@@ -161,7 +162,7 @@ pub(crate) fn soak(bindtrace: &Path, seconds: u64) -> Result<(String, Value)> {
     let flat = growth <= FLAT_TOLERANCE;
     let dropped_said = stderr.iter().any(|l| l.contains("lines dropped"));
     let markdown = format!(
-        "\n### Soak (issue 19): {seconds} s of churn\n\n{PROCESSES_PER_SECOND} new processes a second, each in a new cgroup binding a new port ({n} in all), {FAILURES_PER_SECOND} failures a second against 50 held ports, the reader stalled for 60 s in the middle.\n\n| RSS samples (s: MB) | peak RSS | growth after warm-up (first half vs second half) | flat | lines read | output drops said |\n|---|---|---|---|---|---|\n| {} | {:.1} MB | {:+.1}% | {} | {} | {} |\n",
+        "\n### Soak (issue 19): {seconds} s of churn\n\n{PROCESSES_PER_SECOND} new processes a second, each in a new cgroup binding a new port ({n} in all), {FAILURES_PER_SECOND} failures a second against 50 held ports, the reader stalled for {stall_seconds} s in the middle.\n\n| RSS samples (s: MB) | peak RSS | growth after warm-up (first half vs second half) | flat | lines read | output drops said |\n|---|---|---|---|---|---|\n| {} | {:.1} MB | {:+.1}% | {} | {} | {} |\n",
         samples.iter().map(|(t, kb)| format!("{t}: {:.1}", *kb as f64 / 1024.0)).collect::<Vec<_>>().join(", "),
         peak as f64 / 1024.0,
         growth * 100.0,
