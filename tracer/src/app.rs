@@ -326,6 +326,17 @@ fn check_main() -> ExitCode {
     let config =
         ProbeConfig { layout: kernel.layout, filter: bindtrace_common::FilterConfig::accept_all(), wakeup_bytes: 0 };
     let checks = probe::check_backends(&config, kernel.bind_function_ids);
+    let order: Vec<&str> = probe::auto_order().iter().map(|b| b.name()).collect();
+    println!(
+        "attach auto tries: {}{}",
+        order.join(", "),
+        if probe::preempt_rt() {
+            " (PREEMPT_RT: BPF programs are preemptible here, and fexit and kprobe lose binds under load, counted \
+             as dropped; the tracepoints do not)"
+        } else {
+            ""
+        }
+    );
     // The object holds the ring buffer: loading it at all proves BPF_MAP_TYPE_RINGBUF.
     let ring = checks.iter().any(|c| match &c.result {
         Ok(_) => true,
@@ -431,6 +442,13 @@ async fn run(mut plan: Plan) -> Result<()> {
         crate::say::line(&format!(
             "warning: {} sees inet binds only on this kernel (no hook on __sys_bind): unix binds, EBADF, \
              ENOTSOCK, EFAULT and LSM denials are missed; --attach tracepoint sees them",
+            probe.backend.name()
+        ));
+    }
+    if probe.backend != bindtrace_common::Backend::Tracepoint && probe::preempt_rt() {
+        crate::say::line(&format!(
+            "warning: on this PREEMPT_RT kernel {} can lose binds under load (preempted programs are skipped; \
+             kretprobes run out): each is counted as dropped; --attach tracepoint loses none",
             probe.backend.name()
         ));
     }
