@@ -353,6 +353,22 @@ attach() {
     if [ $i -gt 600 ] || ! kill -0 $tracer 2>/dev/null; then return 1; fi
   done
 }
+# counted MARKER MODE: `bind-scenarios MODE` under its own bindtrace ($backend), then what
+# `bind-scenarios --count` makes of its events, after @@MARKER.
+counted() {
+  rm -f /tmp/counted.ndjson
+  echo "@@$1"
+  if attach /tmp/counted.txt --attach "$backend" $PER_THREAD_TRACER_ARGS --file /tmp/counted.ndjson; then
+    /bind-scenarios "$2" > /tmp/counted-plan.json
+    sleep 1
+    kill -INT $tracer 2>/dev/null
+    wait $tracer
+    /bind-scenarios --count /tmp/counted-plan.json /tmp/counted.ndjson
+  else
+    kill $tracer 2>/dev/null
+    wait $tracer
+  fi
+}
 for backend in $BACKENDS; do
   rm -f /tmp/events.ndjson
   if attach /tmp/stderr.txt --attach "$backend" -o ndjson --file /tmp/events.ndjson; then
@@ -389,34 +405,12 @@ for backend in $BACKENDS; do
   kill -INT $tracer 2>/dev/null
   wait $tracer
   echo "@@SCOPE exit=$?"; cat /tmp/scope.txt /tmp/scope.ndjson
-  # Two threads whose tids once shared an entry slot bind at the same time: every bind must
-  # be reported once. Counted here: the events are too many for the console.
-  rm -f /tmp/collide.ndjson
-  echo "@@COLLISION"
-  if attach /tmp/collide.txt --attach "$backend" $COLLIDE_TRACER_ARGS --file /tmp/collide.ndjson; then
-    /bind-scenarios --collide > /tmp/collide-plan.json
-    sleep 1
-    kill -INT $tracer 2>/dev/null
-    wait $tracer
-    /bind-scenarios --count /tmp/collide-plan.json /tmp/collide.ndjson
-  else
-    kill $tracer 2>/dev/null
-    wait $tracer
-  fi
-  # Many AF_UNIX binds sleeping at once (one directory's lock): each reported, or counted as
-  # lost (a kretprobe's return instances run out).
-  rm -f /tmp/sleepers.ndjson
-  echo "@@SLEEPERS"
-  if attach /tmp/sleepers.txt --attach "$backend" $COLLIDE_TRACER_ARGS --file /tmp/sleepers.ndjson; then
-    /bind-scenarios --sleepers > /tmp/sleepers-plan.json
-    sleep 1
-    kill -INT $tracer 2>/dev/null
-    wait $tracer
-    /bind-scenarios --count /tmp/sleepers-plan.json /tmp/sleepers.ndjson
-  else
-    kill $tracer 2>/dev/null
-    wait $tracer
-  fi
+  # Per-thread state, counted here (the events are too many for the console): two threads
+  # whose tids once shared an entry slot bind at the same time (every bind reported once);
+  # many AF_UNIX binds sleep at once in one directory's lock (each reported, or counted lost
+  # when a kretprobe's return instances run out).
+  counted COLLISION --collide
+  counted SLEEPERS --sleepers
 done
 # What tracing costs here (emulated: indicative only), when the host asks for it on the kernel
 # command line: a getppid loop (collateral) and a bind storm, untraced and with bindtrace
@@ -472,8 +466,9 @@ fn build_initramfs(
     for (load, name) in loads.into_iter().zip(["syscall-loop", "bind-storm"]) {
         std::fs::copy(load, root.join(name)).with_context(|| format!("copying {}", load.display()))?;
     }
-    let init =
-        INIT.replace("$BACKENDS", &BACKENDS.join(" ")).replace("$COLLIDE_TRACER_ARGS", &COLLIDE_TRACER_ARGS.join(" "));
+    let init = INIT
+        .replace("$BACKENDS", &BACKENDS.join(" "))
+        .replace("$PER_THREAD_TRACER_ARGS", &PER_THREAD_TRACER_ARGS.join(" "));
     std::fs::write(root.join("init"), init)?;
     std::fs::set_permissions(root.join("init"), std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
     let image = dir.join(format!("initramfs-{}.cpio", arch.name));
@@ -871,20 +866,33 @@ fn scope_problem(run: &GuestRun) -> Option<String> {
     None
 }
 
+/// What `bind-scenarios --count` printed: the count, the binds each thread made, and the
+/// threads; or what is wrong with it.
+fn counted_plan(counted: Option<&Value>) -> std::result::Result<(&Value, u64, &[Value]), String> {
+    let counted = counted.ok_or("no count printed")?;
+    let plan = &counted["plan"];
+    if let Some(why) = plan["setup_error"].as_str() {
+        return Err(format!("its setup failed: {why}"));
+    }
+    let binds = plan["binds_each"].as_u64().unwrap_or(0);
+    let threads = plan["threads"].as_array().map_or(&[][..], Vec::as_slice);
+    if binds == 0 || threads.is_empty() {
+        return Err(format!("no plan: {counted}"));
+    }
+    Ok((counted, binds, threads))
+}
+
 /// Two threads whose tids once shared an entry slot made N binds each at the same time: each
 /// bind is reported exactly once (no loss, no duplicate); or, not `exact`, no bind is reported
 /// twice and every one not reported is counted in the summary's `dropped` (which may count
 /// more: a skipped inet_bind hook inside bind(2) is counted though it would have stood aside).
 fn collision_problem(counted: Option<&Value>, exact: bool) -> Option<String> {
-    let Some(counted) = counted else { return Some("no count printed".to_owned()) };
-    let plan = &counted["plan"];
-    if let Some(why) = plan["setup_error"].as_str() {
-        return Some(format!("its setup failed: {why}"));
-    }
-    let binds = plan["binds_each"].as_u64().unwrap_or(0);
-    let threads = plan["threads"].as_array().map_or(&[][..], Vec::as_slice);
-    if binds == 0 || threads.len() != 2 {
-        return Some(format!("no plan: {counted}"));
+    let (counted, binds, threads) = match counted_plan(counted) {
+        Ok(plan) => plan,
+        Err(problem) => return Some(problem),
+    };
+    if threads.len() != 2 {
+        return Some(format!("not two threads: {counted}"));
     }
     let kernel = &counted["summary"]["kernel"];
     let events: Vec<u64> = counted["events"].as_array().into_iter().flatten().filter_map(Value::as_u64).collect();
@@ -911,16 +919,11 @@ fn collision_problem(counted: Option<&Value>, exact: bool) -> Option<String> {
 /// neither): reported + the summary's `dropped` = binds made; not `exact` (PREEMPT_RT, where
 /// `dropped` also counts skipped inet_bind hooks that would have stood aside), at least.
 fn sleepers_problem(counted: Option<&Value>, exact: bool) -> Option<String> {
-    let Some(counted) = counted else { return Some("no count printed".to_owned()) };
-    let plan = &counted["plan"];
-    if let Some(why) = plan["setup_error"].as_str() {
-        return Some(format!("its setup failed: {why}"));
-    }
-    let binds = plan["binds_each"].as_u64().unwrap_or(0);
-    let threads = plan["threads"].as_array().map_or(0, Vec::len) as u64;
-    if binds == 0 || threads == 0 {
-        return Some(format!("no plan: {counted}"));
-    }
+    let (counted, binds, threads) = match counted_plan(counted) {
+        Ok(plan) => plan,
+        Err(problem) => return Some(problem),
+    };
+    let threads = threads.len() as u64;
     let reported: u64 = counted["events"].as_array().into_iter().flatten().filter_map(Value::as_u64).sum();
     let kernel = &counted["summary"]["kernel"];
     let dropped = counted["summary"]["dropped"].as_u64().unwrap_or(0);
@@ -1163,16 +1166,7 @@ fn run_on_host(bindtrace: &Path, scenarios: &Path, tally: &mut Tally) -> Result<
     let dir = workspace_root().join("target/vm");
     std::fs::create_dir_all(&dir)?;
     let events_file = dir.join("host-events.ndjson");
-    let mut tracer = Command::new(bindtrace)
-        .args(["--attach", "tracepoint", "-o", "ndjson", "--file"])
-        .arg(&events_file)
-        .stderr(Stdio::piped())
-        .spawn()?;
-    let stderr = tracer.stderr.take().ok_or_else(|| anyhow!("no stderr"))?;
-    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(stderr));
-    if !lines.by_ref().map_while(Result::ok).any(|l| l.contains("attached")) {
-        bail!("bindtrace did not attach");
-    }
+    let mut tracer = start_attached(bindtrace, &["-o", "ndjson"], &events_file)?;
     let printed = output(&mut Command::new(scenarios))?;
     std::thread::sleep(std::time::Duration::from_millis(500));
     // SAFETY: signalling our own child.
@@ -1199,23 +1193,31 @@ fn run_on_host(bindtrace: &Path, scenarios: &Path, tally: &mut Tally) -> Result<
     Ok(())
 }
 
+/// Starts `bindtrace --attach tracepoint ARGS --file FILE` and waits until it says it is
+/// attached.
+fn start_attached(bindtrace: &Path, args: &[&str], file: &Path) -> Result<std::process::Child> {
+    let mut tracer = Command::new(bindtrace)
+        .args(["--attach", "tracepoint"])
+        .args(args)
+        .arg("--file")
+        .arg(file)
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let stderr = tracer.stderr.take().ok_or_else(|| anyhow!("no stderr"))?;
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(stderr));
+    if !lines.by_ref().map_while(Result::ok).any(|l| l.contains("attached")) {
+        bail!("bindtrace {args:?} did not attach");
+    }
+    Ok(tracer)
+}
+
 /// `bind-scenarios MODE` (`--collide`, `--sleepers`) under a bindtrace of its own, as in the
 /// guests (a ring that holds all its events: the check is of per-thread state, not of the
 /// ring's size); returns what `--count` printed.
 fn traced_on_host(bindtrace: &Path, scenarios: &Path, dir: &Path, mode: &str) -> Result<String> {
     let name = mode.trim_start_matches('-');
     let events = dir.join(format!("host-{name}.ndjson"));
-    let mut tracer = Command::new(bindtrace)
-        .args(COLLIDE_TRACER_ARGS)
-        .args(["--attach", "tracepoint", "--file"])
-        .arg(&events)
-        .stderr(Stdio::piped())
-        .spawn()?;
-    let stderr = tracer.stderr.take().ok_or_else(|| anyhow!("no stderr"))?;
-    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(stderr));
-    if !lines.by_ref().map_while(Result::ok).any(|l| l.contains("attached")) {
-        bail!("bindtrace did not attach for bind-scenarios {mode}");
-    }
+    let mut tracer = start_attached(bindtrace, &PER_THREAD_TRACER_ARGS, &events)?;
     let plan = dir.join(format!("host-{name}-plan.json"));
     std::fs::write(&plan, output(Command::new(scenarios).arg(mode))?)?;
     std::thread::sleep(std::time::Duration::from_millis(500));
@@ -1226,7 +1228,7 @@ fn traced_on_host(bindtrace: &Path, scenarios: &Path, dir: &Path, mode: &str) ->
 }
 
 /// How the colliding threads are traced, here and in the guests.
-const COLLIDE_TRACER_ARGS: [&str; 7] =
+const PER_THREAD_TRACER_ARGS: [&str; 7] =
     ["--no-diagnosis", "--comm", "bind-scenarios", "--ring-buffer-size", "16M", "-o", "ndjson"];
 
 /// `cargo xtask vm --host`: the scenarios traced on this machine (tracepoint backend).

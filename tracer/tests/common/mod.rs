@@ -463,6 +463,13 @@ pub fn who(args: &[&str]) -> (Option<i32>, Vec<Value>) {
     (status.code(), records)
 }
 
+/// Does a diagnosis name `pid` among its first holder's processes? Every process with the
+/// socket open is a holder: a sibling test's fork that inherited the socket while it was open
+/// in this process (tests run in parallel threads) is named too, and may come first.
+pub fn first_holder_names(diagnosis: &Value, pid: u32) -> bool {
+    diagnosis["holders"][0]["processes"].as_array().is_some_and(|processes| processes.iter().any(|p| p["pid"] == pid))
+}
+
 pub fn raw_fd(socket: &socket2::Socket) -> i64 {
     socket.as_raw_fd() as i64
 }
