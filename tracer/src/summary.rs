@@ -108,7 +108,7 @@ pub struct Report {
     pub by_result: Vec<ResultCount>,
     pub by_port: Vec<PortCount>,
     pub top_processes: Vec<ProcessCount>,
-    /// Events lost before reaching bindtrace (ring buffer or in-flight map full).
+    /// Events lost before reaching bindtrace: `KernelCounters::dropped`.
     pub dropped: u64,
     /// Ring-buffer records that could not be decoded.
     pub decode_errors: u64,
