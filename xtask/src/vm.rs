@@ -1059,7 +1059,13 @@ fn run_guest(apt: &PrivateApt, guest: &GuestKernel, initramfs: &Path, tally: &mu
     let kernel = guest_kernel(apt, guest)?;
     let booted = std::time::Instant::now();
     let measures_costs = guest.series == NEWEST_SERIES;
-    let console = boot(guest.arch, &kernel, initramfs, measures_costs)?;
+    let mut console = boot(guest.arch, &kernel, initramfs, measures_costs)?;
+    if !console.contains("@@BEGIN ") {
+        // The kernel never reached the init (a TCG boot once panicked in an interrupt before
+        // it): nothing of bindtrace ran, so the guest is booted once more, and says so.
+        eprintln!("xtask: vm {name}: the kernel did not reach the init; booting it once more");
+        console = boot(guest.arch, &kernel, initramfs, measures_costs)?;
+    }
     let log = workspace_root().join(format!("target/vm/console-{name}.txt"));
     std::fs::write(&log, &console)?;
     eprintln!("xtask: vm {name}: {:.0?}, console in {}", booted.elapsed(), log.display());
