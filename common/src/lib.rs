@@ -60,6 +60,10 @@ pub mod names {
     pub const PROG_FEXIT_SYS_LISTEN: &str = "bindtrace_fexit_sys_listen";
     pub const PROG_KPROBE_SYS_LISTEN: &str = "bindtrace_kprobe_sys_listen";
     pub const PROG_KRETPROBE_SYS_LISTEN: &str = "bindtrace_kretprobe_sys_listen";
+    /// The kprobe backend's backstops: bind(2)'s and listen(2)'s exit tracepoints, which
+    /// report a call whose kretprobe the kernel skipped.
+    pub const PROG_BACKSTOP_BIND: &str = "bindtrace_sys_exit_bind_backstop";
+    pub const PROG_BACKSTOP_LISTEN: &str = "bindtrace_sys_exit_listen_backstop";
 }
 
 /// Which kernel hook produced an event.
@@ -276,9 +280,15 @@ pub mod stat {
     pub const NO_ENTRY_TIME: u32 = 7;
     /// Binds lost because their kretprobe never ran (the kprobe's return instances ran out:
     /// many binds sleeping at once), found when the same thread next binds: its entry or
-    /// stash was still there.
+    /// stash was still there. bind(2) and listen(2) have a backstop (`RETURN_BACKSTOPPED`);
+    /// what counts here are inet_bind's returns (io_uring's, the kernel's own binds) and
+    /// compat callers' (32-bit processes), which no syscall tracepoint sees.
     pub const RETURN_MISSED: u32 = 8;
-    pub const COUNT: u32 = 9;
+    /// Calls whose kretprobe never ran, reported all the same from the syscall's exit
+    /// tracepoint (the kprobe backend's backstop): not lost, counted to show the backstop at
+    /// work.
+    pub const RETURN_BACKSTOPPED: u32 = 9;
+    pub const COUNT: u32 = 10;
 }
 
 /// Where a struct member lives, resolved from the running kernel's BTF by the tracer.

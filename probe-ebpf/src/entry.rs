@@ -85,8 +85,9 @@ pub(crate) fn stamp_entry_with_args(args: SyscallArgs) {
 #[inline(always)]
 pub(crate) fn stamp_syscall_entry(args: Option<SyscallArgs>) {
     // A thread cannot enter bind(2) while inside it: under kprobe, a mark still there means
-    // the kretprobe of its last bind never ran (out of return instances), and that bind was
-    // not reported. Counted now, when the thread binds again.
+    // the kretprobe of its last bind never ran (out of return instances) and no backstop
+    // reported it (a compat caller's: see `hooks::bindtrace_sys_exit_bind_backstop`). Counted
+    // now, when the thread binds again.
     if args.is_some() && inside_syscall(bpf_get_current_pid_tgid() as u32) {
         count(stat::RETURN_MISSED);
     }
@@ -110,6 +111,8 @@ pub(crate) struct Taken {
     pub(crate) found: bool,
     pub(crate) entered_ns: u64,
     pub(crate) args: SyscallArgs,
+    /// It was a `__sys_bind` entry (see [`EntryStamp::in_syscall`]), not a listen()'s.
+    pub(crate) in_syscall: bool,
 }
 
 impl Taken {
@@ -128,13 +131,14 @@ impl Taken {
 pub(crate) fn take_entry(tid: u32) -> Taken {
     // SAFETY: a value of the map, copied out at once.
     let Some(entry) = (unsafe { ENTRIES.get(tid) }).copied() else {
-        return Taken { found: false, entered_ns: 0, args: NO_ARGS };
+        return Taken { found: false, entered_ns: 0, args: NO_ARGS, in_syscall: false };
     };
     let _ = ENTRIES.remove(tid);
     Taken {
         found: entry.tid == tid,
         entered_ns: entry.entered_ns,
         args: SyscallArgs { fd: entry.fd, addr: entry.addr, addrlen: entry.addrlen },
+        in_syscall: entry.in_syscall != 0,
     }
 }
 

@@ -1,6 +1,7 @@
 //! The programs the tracer attaches, one backend each: the syscall tracepoints; kprobes on
-//! `__sys_bind` and on inet_bind/inet6_bind; fentry/fexit on the same functions. Each turns
-//! what its hook sees into a `Returned` for `emit::complete`.
+//! `__sys_bind` and on inet_bind/inet6_bind (with backstops on the syscalls' exit
+//! tracepoints for the returns a kretprobe misses); fentry/fexit on the same functions. Each
+//! turns what its hook sees into a `Returned` for `emit::complete`.
 //!
 //! With `__sys_bind` hooked, every bind(2) is seen there (any family, any outcome: LSM and
 //! cgroup denials, EBADF, ENOTSOCK, EFAULT); the inet_bind hooks of the same backend then
@@ -13,7 +14,7 @@ use aya_ebpf::{
     programs::{FEntryContext, FExitContext, ProbeContext, RetProbeContext, TracePointContext},
     EbpfContext,
 };
-use bindtrace_common::{kernel_helpers, op, Backend};
+use bindtrace_common::{kernel_helpers, op, stat, Backend};
 
 use crate::{
     emit::{complete, returned_call, task_passes, Returned, SocketRef, TaskName},
@@ -21,7 +22,7 @@ use crate::{
         inside_syscall, missing_entry, remember, stamp_entry, stamp_entry_with_args, stamp_syscall_entry, syscall_args,
         take_entry, take_entry_time, take_in_flight, InFlight, SyscallArgs,
     },
-    maps::config,
+    maps::{config, count},
 };
 
 // Offset of `ret` in the syscalls:sys_exit_bind record (after the 8-byte common header and the
@@ -112,6 +113,28 @@ pub fn bindtrace_kretprobe_sys_bind(ctx: RetProbeContext) -> u32 {
     }
     let returned = syscall_bind(saved.entered_ns(), saved.args, ret, Backend::Kprobe);
     complete(&ctx, caller, returned);
+    0
+}
+
+/// The kprobe backend's backstop for bind(2), on its exit tracepoint. A kretprobe has a fixed
+/// number of return instances (aya cannot raise it): with many binds sleeping at once they run
+/// out and the kernel skips the kretprobe. The entry is then still here when the syscall
+/// returns, and the bind is reported from here; when the kretprobe ran, it took the entry out
+/// and this is one map lookup. 32-bit callers (compat syscalls, socketcall) pass no syscall
+/// tracepoint: a skipped return of theirs is counted at the thread's next bind instead.
+#[tracepoint(category = "syscalls", name = "sys_exit_bind")]
+pub fn bindtrace_sys_exit_bind_backstop(ctx: TracePointContext) -> u32 {
+    let saved = take_entry(bpf_get_current_pid_tgid() as u32);
+    // Nothing there: the kretprobe reported it (or its kprobe was skipped: nothing to report).
+    if !saved.found || !saved.in_syscall {
+        return 0;
+    }
+    count(stat::RETURN_BACKSTOPPED);
+    let ret = record_word(&ctx, EXIT_RET) as i64 as i32;
+    let Some(caller) = returned_call(ret) else {
+        return 0;
+    };
+    complete(&ctx, caller, syscall_bind(saved.entered_ns(), saved.args, ret, Backend::Kprobe));
     0
 }
 
@@ -364,6 +387,26 @@ pub fn bindtrace_kretprobe_sys_listen(ctx: RetProbeContext) -> u32 {
         missing_entry();
         return 0;
     }
+    complete(&ctx, caller, listen_failure(saved.entered_ns(), saved.args.fd, ret, Backend::Kprobe));
+    0
+}
+
+/// The kprobe backend's backstop for listen(2), as [`bindtrace_sys_exit_bind_backstop`] is
+/// for bind(2).
+#[tracepoint(category = "syscalls", name = "sys_exit_listen")]
+pub fn bindtrace_sys_exit_listen_backstop(ctx: TracePointContext) -> u32 {
+    let saved = take_entry(bpf_get_current_pid_tgid() as u32);
+    if !saved.found || saved.in_syscall {
+        return 0;
+    }
+    count(stat::RETURN_BACKSTOPPED);
+    let ret = record_word(&ctx, EXIT_RET) as i64 as i32;
+    if ret >= 0 {
+        return 0;
+    }
+    let Some(caller) = returned_call(ret) else {
+        return 0;
+    };
     complete(&ctx, caller, listen_failure(saved.entered_ns(), saved.args.fd, ret, Backend::Kprobe));
     0
 }

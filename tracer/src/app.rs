@@ -306,7 +306,14 @@ fn check_main() -> ExitCode {
     println!(
         "BTF ({}): {}",
         layout::VMLINUX_BTF,
-        kernel.as_ref().map_or_else(|e| format!("no: {e:#}"), |_| "yes, every struct member resolved".to_owned())
+        kernel.as_ref().map_or_else(
+            |e| format!("no: {e:#}"),
+            |kernel| match &kernel.fd_to_socket {
+                Ok(()) => "yes, every struct member resolved".to_owned(),
+                Err(why) =>
+                    format!("yes, but {why}: the tracepoint backend cannot attach, the others see inet binds only"),
+            }
+        )
     );
     if let Ok(kernel) = &kernel {
         for helper in &layout::OPTIONAL_HELPERS {
@@ -325,7 +332,7 @@ fn check_main() -> ExitCode {
     };
     let config =
         ProbeConfig { layout: kernel.layout, filter: bindtrace_common::FilterConfig::accept_all(), wakeup_bytes: 0 };
-    let checks = probe::check_backends(&config, kernel.bind_function_ids);
+    let checks = probe::check_backends(&config, &kernel);
     let order: Vec<&str> = probe::auto_order().iter().map(|b| b.name()).collect();
     println!(
         "attach auto tries: {}{}",
@@ -368,6 +375,15 @@ fn check_main() -> ExitCode {
                         "hook {} on inet6_bind (IPv6 binds outside bind(2): io_uring, in-kernel): {}",
                         check.backend.name(),
                         coverage.inet6_bind.as_ref().map_or_else(|why| format!("no: {why}"), |()| "yes".to_owned())
+                    );
+                }
+                if check.backend == bindtrace_common::Backend::Kprobe {
+                    println!(
+                        "hook kprobe reports bind(2) calls whose kretprobe the kernel skips (many sleeping at once): {}",
+                        coverage.skipped_returns.as_ref().map_or_else(
+                            |why| format!("no, they are counted as dropped: {why}"),
+                            |()| "yes, from the syscall exit tracepoints".to_owned()
+                        )
                     );
                 }
                 println!("hook {} costs other processes: {}", check.backend.name(), collateral_cost(check.backend));
@@ -449,6 +465,13 @@ async fn run(mut plan: Plan) -> Result<()> {
         crate::say::line(&format!(
             "warning: on this PREEMPT_RT kernel {} can lose binds under load (preempted programs are skipped; \
              kretprobes run out): each is counted as dropped; --attach tracepoint loses none",
+            probe.backend.name()
+        ));
+    }
+    if let Err(why) = &probe.coverage.skipped_returns {
+        crate::say::line(&format!(
+            "warning: {} cannot report binds whose kretprobe the kernel skips ({why}): with many binds \
+             sleeping at once some are counted as dropped; --attach tracepoint loses none",
             probe.backend.name()
         ));
     }

@@ -30,6 +30,18 @@ pub const OPTIONAL_HELPERS: [OptionalHelper; 3] = [
     },
 ];
 
+/// The offsets of [`KernelTypes::fd_to_socket`]'s walk; all 0 (the probe's "no walk") when
+/// the kernel lacks one of them.
+#[derive(Clone, Copy, Default)]
+struct FdToSocket {
+    task_files: u32,
+    files_fdt: u32,
+    fdtable_max_fds: u32,
+    fdtable_fd: u32,
+    file_private_data: u32,
+    socket_file: u32,
+}
+
 /// Where one member sits inside its outermost struct.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct MemberLoc {
@@ -44,6 +56,9 @@ pub struct KernelTypes {
     structs: std::cell::RefCell<std::collections::HashMap<String, Struct>>,
     /// Every enumerator of the anonymous enums, read once on first use.
     enumerators: std::cell::OnceCell<std::collections::HashMap<String, u32>>,
+    /// Members treated as absent (`struct.member`, [`HIDE_MEMBERS_ENV`]), so that the tests
+    /// can run what a kernel without them gets.
+    hidden: Vec<String>,
 }
 
 impl KernelTypes {
@@ -52,7 +67,7 @@ impl KernelTypes {
         let btf = Btf::from_file_with_backend(path, Backend::Mmap)
             .or_else(|_| Btf::from_file(path))
             .with_context(|| format!("cannot read kernel BTF from {}", path.display()))?;
-        Ok(Self { btf, structs: Default::default(), enumerators: Default::default() })
+        Ok(Self { btf, structs: Default::default(), enumerators: Default::default(), hidden: Vec::new() })
     }
 
     fn find_struct(&self, name: &str) -> Result<Struct> {
@@ -135,6 +150,9 @@ impl KernelTypes {
 
     /// Resolves a dotted member path such as `__sk_common.skc_reuse` inside `struct_name`.
     fn member(&self, struct_name: &str, path: &str) -> Result<MemberLoc> {
+        if self.hidden.iter().any(|hidden| hidden.split_once('.') == Some((struct_name, path))) {
+            bail!("kernel BTF: struct {struct_name} has no member {path} (hidden by {HIDE_MEMBERS_ENV})");
+        }
         let mut current = self.find_struct(struct_name)?;
         let mut bit_offset = 0;
         let mut parts = path.split('.').peekable();
@@ -194,32 +212,37 @@ impl KernelTypes {
         Ok(())
     }
 
-    /// Every offset the tracepoint probe needs.
-    pub fn layout(&self) -> Result<KernelLayout> {
+    /// Every offset the probe needs. Members only some hooks read do not fail the whole
+    /// layout: without the fd-to-socket walk's, that walk is off (`fd_to_socket`, see
+    /// [`KernelBtf::fd_to_socket`]); without `pt_regs`' argument registers, the tracepoint
+    /// takes the path of kernels without `bpf_task_pt_regs` (arguments saved at entry).
+    pub fn layout(&self) -> Result<(KernelLayout, Result<(), String>)> {
         // Reach most structs through pointers from the few found by name.
-        for (parent, member) in [
-            ("task_struct", "files"),
-            ("files_struct", "fdt"),
-            ("task_struct", "nsproxy"),
-            ("nsproxy", "net_ns"),
-            ("sock", "sk_socket"),
-            ("socket", "file"),
-        ] {
+        for (parent, member) in [("task_struct", "nsproxy"), ("nsproxy", "net_ns"), ("sock", "sk_socket")] {
             self.follow(parent, member)?;
         }
-        Ok(KernelLayout {
-            task_files: self.offset("task_struct", "files")?,
+        let fd_to_socket = self.fd_to_socket();
+        let (syscall_args, pt_regs) = match self.syscall_arg_registers() {
+            Ok(registers) => (registers, 0),
+            Err(err) => {
+                log::info!("{err:#}: the tracepoint backend saves bind()'s arguments at entry instead");
+                ([0; 3], kernel_helpers::TASK_PT_REGS)
+            }
+        };
+        let fd_path = fd_to_socket.as_ref().map_or(FdToSocket::default(), |path| *path);
+        let layout = KernelLayout {
+            task_files: fd_path.task_files,
             task_nsproxy: self.offset("task_struct", "nsproxy")?,
-            files_fdt: self.offset("files_struct", "fdt")?,
-            fdtable_max_fds: self.offset("fdtable", "max_fds")?,
-            fdtable_fd: self.offset("fdtable", "fd")?,
-            file_private_data: self.offset("file", "private_data")?,
-            socket_file: self.offset("socket", "file")?,
+            files_fdt: fd_path.files_fdt,
+            fdtable_max_fds: fd_path.fdtable_max_fds,
+            fdtable_fd: fd_path.fdtable_fd,
+            file_private_data: fd_path.file_private_data,
+            socket_file: fd_path.socket_file,
             socket_sk: self.offset("socket", "sk")?,
             nsproxy_net_ns: self.offset("nsproxy", "net_ns")?,
             sock_net: self.offset("sock", "__sk_common.skc_net.net")?,
             net_inum: self.offset("net", "ns.inum")?,
-            syscall_args: self.syscall_arg_registers()?,
+            syscall_args,
             sock_rcv_saddr: self.offset("sock", "__sk_common.skc_rcv_saddr")?,
             // Absent on kernels built without IPv6: the probe then reads no IPv6 address.
             sock_v6_rcv_saddr: self.offset("sock", "__sk_common.skc_v6_rcv_saddr").unwrap_or(0),
@@ -243,7 +266,25 @@ impl KernelTypes {
             inet_freebind: self.inet_flag("freebind", "INET_FLAGS_FREEBIND")?,
             inet_transparent: self.inet_flag("transparent", "INET_FLAGS_TRANSPARENT")?,
             inet_bind_address_no_port: self.inet_flag("bind_address_no_port", "INET_FLAGS_BIND_ADDRESS_NO_PORT")?,
-            kernel_helpers: self.kernel_helpers(),
+            kernel_helpers: self.kernel_helpers() & !pt_regs,
+        };
+        Ok((layout, fd_to_socket.map(|_| ()).map_err(|err| format!("{err:#}"))))
+    }
+
+    /// The members of the walk from a bind(2)'s fd to its socket (task → files → fdtable →
+    /// file → socket), which the tracepoint and `__sys_bind` hooks need and the inet_bind
+    /// hooks (handed the socket) do not.
+    fn fd_to_socket(&self) -> Result<FdToSocket> {
+        for (parent, member) in [("task_struct", "files"), ("files_struct", "fdt"), ("socket", "file")] {
+            self.follow(parent, member)?;
+        }
+        Ok(FdToSocket {
+            task_files: self.offset("task_struct", "files")?,
+            files_fdt: self.offset("files_struct", "fdt")?,
+            fdtable_max_fds: self.offset("fdtable", "max_fds")?,
+            fdtable_fd: self.offset("fdtable", "fd")?,
+            file_private_data: self.offset("file", "private_data")?,
+            socket_file: self.offset("socket", "file")?,
         })
     }
 
@@ -352,12 +393,16 @@ fn field_loc(loc: MemberLoc) -> Result<FieldLoc> {
 }
 
 /// What bindtrace needs from the running kernel's BTF.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct KernelBtf {
     pub layout: KernelLayout,
     /// The BTF ids of the functions the fexit backend hooks (`names::INET_BIND_FUNCTIONS`
     /// order); `None` where the kernel's BTF lacks one.
     pub bind_function_ids: [Option<u32>; 2],
+    /// The walk from a bind(2)'s fd to its socket, or why the kernel's BTF does not allow it
+    /// (a member it lacks): the tracepoint backend then cannot attach, and the others attach
+    /// without their `__sys_bind` hooks (inet binds only, with their socket).
+    pub fd_to_socket: std::result::Result<(), String>,
 }
 
 /// The running kernel's layout and hook targets, from /sys/kernel/btf/vmlinux.
@@ -366,10 +411,29 @@ pub fn running_kernel_btf() -> Result<KernelBtf> {
     if !path.exists() {
         bail!("{VMLINUX_BTF} is missing: this kernel was built without CONFIG_DEBUG_INFO_BTF, which bindtrace needs");
     }
-    let types = KernelTypes::open(path)?;
-    let mut layout = types.layout()?;
+    let mut types = KernelTypes::open(path)?;
+    types.hidden = hidden_members(std::env::var(HIDE_MEMBERS_ENV).ok().as_deref());
+    let (mut layout, fd_to_socket) = types.layout()?;
     layout.kernel_helpers &= !hidden_helpers(std::env::var(HIDE_HELPERS_ENV).ok().as_deref());
-    Ok(KernelBtf { layout, bind_function_ids: names::INET_BIND_FUNCTIONS.map(|name| types.function_id(name)) })
+    Ok(KernelBtf {
+        layout,
+        bind_function_ids: names::INET_BIND_FUNCTIONS.map(|name| types.function_id(name)),
+        fd_to_socket,
+    })
+}
+
+/// Names struct members (comma-separated `struct.member`) to treat as absent from the
+/// kernel's BTF, so that the tests run what a kernel without them gets.
+pub const HIDE_MEMBERS_ENV: &str = "BINDTRACE_HIDE_MEMBERS";
+
+fn hidden_members(names: Option<&str>) -> Vec<String> {
+    names
+        .into_iter()
+        .flat_map(|names| names.split(','))
+        .map(str::trim)
+        .filter(|n| !n.is_empty())
+        .map(str::to_owned)
+        .collect()
 }
 
 /// Names optional helpers (comma-separated, as in [`OPTIONAL_HELPERS`]) to treat as missing,

@@ -52,6 +52,11 @@ pub struct Coverage {
     /// kernel with IPv6 as a module not loaded has no inet6_bind; one with it built as a
     /// module keeps its BTF in /sys/kernel/btf/ipv6, which the fexit backend does not read.
     pub inet6_bind: std::result::Result<(), String>,
+    /// The kprobe backend's backstops on bind(2)'s and listen(2)'s exit tracepoints, or why
+    /// not: they report the calls whose kretprobe the kernel skipped (out of return
+    /// instances, with many binds sleeping at once); without them those are counted as
+    /// lost. Always `Ok` on the other backends, which have no such limit.
+    pub skipped_returns: std::result::Result<(), String>,
 }
 
 const INET6_BIND: &str = "inet6_bind";
@@ -217,13 +222,16 @@ fn attach_tracepoint(ebpf: &mut Ebpf) -> Result<Coverage> {
             every_bind_syscall: true,
             failed_listen: listen.map_err(|e| format!("{e:#}")),
             inet6_bind: Ok(()),
+            skipped_returns: Ok(()),
         })
     })
 }
 
 const KPROBE_PMU: &str = "/sys/bus/event_source/devices/kprobe/type";
 
-fn attach_kprobe(ebpf: &mut Ebpf) -> Result<Coverage> {
+/// `fd_to_socket`: whether the `__sys_bind` hooks can find a bind's socket (see
+/// [`KernelBtf::fd_to_socket`]); without it they are left out.
+fn attach_kprobe(ebpf: &mut Ebpf, fd_to_socket: Result<()>) -> Result<Coverage> {
     // Without the kprobe PMU (CONFIG_KPROBES off) attaching cannot work: skip the verifier.
     if !Path::new(KPROBE_PMU).exists() {
         bail!("this kernel has no kprobes ({KPROBE_PMU} is missing)");
@@ -231,6 +239,7 @@ fn attach_kprobe(ebpf: &mut Ebpf) -> Result<Coverage> {
     // __sys_bind first (return, then entry), the inet_bind hooks after: while they attach,
     // every bind(2) is already seen once.
     let syscall = attach_optional(ebpf, Backend::Kprobe, |ebpf| {
+        fd_to_socket?;
         for name in [names::PROG_KRETPROBE_SYS_BIND, names::PROG_KPROBE_SYS_BIND] {
             let probe: &mut KProbe = program(ebpf, name)?;
             probe.load().with_context(|| format!("loading {name} failed"))?;
@@ -266,7 +275,43 @@ fn attach_kprobe(ebpf: &mut Ebpf) -> Result<Coverage> {
         log::info!("kprobe: failed listen() calls are not traced: {err:#}");
         unload_listen_hooks(ebpf, Backend::Kprobe);
     }
-    Ok(Coverage { every_bind_syscall: syscall, failed_listen: attached.map_err(|e| format!("{e:#}")), inet6_bind })
+    let mut backstops = Vec::new();
+    if syscall {
+        backstops.push((names::PROG_BACKSTOP_BIND, "sys_exit_bind"));
+    }
+    if attached.is_ok() {
+        backstops.push((names::PROG_BACKSTOP_LISTEN, "sys_exit_listen"));
+    }
+    let skipped_returns = attach_backstops(ebpf, &backstops);
+    if let Err(err) = &skipped_returns {
+        log::info!("kprobe: calls whose kretprobe is skipped are counted as lost, not reported: {err:#}");
+        unload_named(ebpf, &[], &[], &[], &[names::PROG_BACKSTOP_BIND, names::PROG_BACKSTOP_LISTEN]);
+    }
+    Ok(Coverage {
+        every_bind_syscall: syscall,
+        failed_listen: attached.map_err(|e| format!("{e:#}")),
+        inet6_bind,
+        skipped_returns: skipped_returns.map_err(|e| format!("{e:#}")),
+    })
+}
+
+/// Attaches the kprobe backend's backstops (program, syscalls tracepoint): see
+/// [`Coverage::skipped_returns`]. Not on a kernel without syscall tracepoints
+/// (CONFIG_FTRACE_SYSCALLS off), where kprobe still works without them.
+fn attach_backstops(ebpf: &mut Ebpf, backstops: &[(&str, &str)]) -> Result<()> {
+    if backstops.is_empty() {
+        return Ok(());
+    }
+    with_tracefs(|| {
+        for (name, tracepoint) in backstops {
+            let program: &mut TracePoint = program(ebpf, name)?;
+            program.load().with_context(|| format!("loading {name} failed"))?;
+            program
+                .attach("syscalls", tracepoint)
+                .with_context(|| format!("attaching to syscalls:{tracepoint} failed"))?;
+        }
+        Ok(())
+    })
 }
 
 /// Attaches a backend's optional `__sys_bind` pair. Without it (a kernel whose BTF or
@@ -298,9 +343,10 @@ fn fexit_supported(function_ids: &[Option<u32>; 2]) -> Result<()> {
     crate::hook_support::fexit_loadable(function, id)
 }
 
-fn attach_fexit(ebpf: &mut Ebpf, btf: &Btf) -> Result<Coverage> {
+fn attach_fexit(ebpf: &mut Ebpf, btf: &Btf, fd_to_socket: Result<()>) -> Result<Coverage> {
     // __sys_bind first (fexit, then fentry), then the inet_bind hooks: see attach_kprobe.
     let syscall = attach_optional(ebpf, Backend::Fexit, |ebpf| {
+        fd_to_socket?;
         let function = names::SYSCALL_BIND_FUNCTION;
         let fexit: &mut FExit = program(ebpf, names::PROG_FEXIT_SYS_BIND)?;
         fexit.load(function, btf).with_context(|| format!("loading fexit on {function} failed"))?;
@@ -338,7 +384,12 @@ fn attach_fexit(ebpf: &mut Ebpf, btf: &Btf) -> Result<Coverage> {
         log::info!("fexit: failed listen() calls are not traced: {err:#}");
         unload_listen_hooks(ebpf, Backend::Fexit);
     }
-    Ok(Coverage { every_bind_syscall: syscall, failed_listen: attached.map_err(|e| format!("{e:#}")), inet6_bind })
+    Ok(Coverage {
+        every_bind_syscall: syscall,
+        failed_listen: attached.map_err(|e| format!("{e:#}")),
+        inet6_bind,
+        skipped_returns: Ok(()),
+    })
 }
 
 /// Does the kernel's BTF describe this function?
@@ -402,7 +453,13 @@ fn unload_syscall_hooks(ebpf: &mut Ebpf, backend: Backend) {
 fn unload_backend(ebpf: &mut Ebpf, backend: Backend) {
     match backend {
         Backend::Tracepoint => unload_named(ebpf, &[], &[], &[], &[names::PROG_ENTER, names::PROG_EXIT]),
-        Backend::Kprobe => unload_named(ebpf, &[names::PROG_KPROBE, names::PROG_KRETPROBE], &[], &[], &[]),
+        Backend::Kprobe => unload_named(
+            ebpf,
+            &[names::PROG_KPROBE, names::PROG_KRETPROBE],
+            &[],
+            &[],
+            &[names::PROG_BACKSTOP_BIND, names::PROG_BACKSTOP_LISTEN],
+        ),
         Backend::Fexit => {
             let (entries, exits): (Vec<&str>, Vec<&str>) =
                 names::PROGS_FEXIT.iter().map(|(entry, exit, _)| (*entry, *exit)).unzip();
@@ -416,10 +473,13 @@ fn unload_backend(ebpf: &mut Ebpf, backend: Backend) {
 fn attach_backend(ebpf: &mut Ebpf, backend: Backend, btf: &mut BtfSource) -> Result<Coverage> {
     let attached = match backend {
         Backend::Fexit => {
-            fexit_supported(&btf.function_ids).and_then(|()| btf.get()).and_then(|btf| attach_fexit(ebpf, btf))
+            let fd_to_socket = btf.fd_to_socket();
+            fexit_supported(&btf.function_ids)
+                .and_then(|()| btf.get())
+                .and_then(|btf| attach_fexit(ebpf, btf, fd_to_socket))
         }
-        Backend::Kprobe => attach_kprobe(ebpf),
-        Backend::Tracepoint => attach_tracepoint(ebpf),
+        Backend::Kprobe => attach_kprobe(ebpf, btf.fd_to_socket()),
+        Backend::Tracepoint => btf.fd_to_socket().and_then(|()| attach_tracepoint(ebpf)),
     };
     if attached.is_err() {
         unload_backend(ebpf, backend);
@@ -434,9 +494,20 @@ pub struct BtfSource {
     parsed: Option<Btf>,
     /// The bind functions' BTF ids, from bindtrace's own (cheap) BTF reading.
     function_ids: [Option<u32>; 2],
+    /// See [`KernelBtf::fd_to_socket`].
+    fd_to_socket: std::result::Result<(), String>,
 }
 
 impl BtfSource {
+    fn new(kernel: &KernelBtf) -> Self {
+        Self { parsed: None, function_ids: kernel.bind_function_ids, fd_to_socket: kernel.fd_to_socket.clone() }
+    }
+
+    /// The hooks that find a bind's socket from its fd need the walk's members.
+    fn fd_to_socket(&self) -> Result<()> {
+        self.fd_to_socket.clone().map_err(|why| anyhow!("a bind's socket cannot be found from its fd: {why}"))
+    }
+
     fn get(&mut self) -> Result<&Btf> {
         if self.parsed.is_none() {
             self.parsed = Some(Btf::from_sys_fs().context("fexit needs the kernel's BTF")?);
@@ -466,8 +537,8 @@ pub struct BackendCheck {
 }
 
 /// Loads the object once per backend and tries to attach it, then lets it go.
-pub fn check_backends(config: &ProbeConfig, function_ids: [Option<u32>; 2]) -> Vec<BackendCheck> {
-    let mut btf = BtfSource { parsed: None, function_ids };
+pub fn check_backends(config: &ProbeConfig, kernel: &KernelBtf) -> Vec<BackendCheck> {
+    let mut btf = BtfSource::new(kernel);
     auto_order()
         .iter()
         .map(|&backend| {
@@ -496,9 +567,10 @@ pub fn candidates(attach: Attach) -> Vec<Backend> {
 }
 
 /// A hook on a return (exit tracepoint, kretprobe, fexit): one the kernel skips loses its
-/// event. A skipped entry hook shows at its exit instead (no entry), so it is not added.
+/// event. A skipped entry hook shows at its exit instead (no entry), so it is not added; nor
+/// is a skipped backstop, which only loses what its kretprobe already reported.
 fn is_return_hook(name: &str) -> bool {
-    name.contains("exit") || name.contains("kretprobe")
+    (name.contains("exit") || name.contains("kretprobe")) && !name.contains("backstop")
 }
 
 /// The fields of a BPF program's fdinfo that bindtrace reports; absent ones (older kernels,
@@ -543,7 +615,7 @@ impl AttachedProbe {
     ) -> Result<Self> {
         let started = std::time::Instant::now();
         let mut loader = loader.finish()?;
-        let mut btf = BtfSource { parsed: None, function_ids: kernel.bind_function_ids };
+        let mut btf = BtfSource::new(kernel);
         let mut ebpf = loader
             .override_global(names::CONFIG, config, true)
             .map_max_entries(names::EVENTS, ring_bytes)
@@ -664,6 +736,7 @@ mod tests {
         assert!(is_return_hook("bindtrace_sys_exit_bind") && is_return_hook("bindtrace_kretprobe_sys_bind"));
         assert!(is_return_hook("bindtrace_fexit_inet_bind") && !is_return_hook("bindtrace_fentry_inet_bind"));
         assert!(!is_return_hook("bindtrace_sys_enter_bind") && !is_return_hook("bindtrace_kprobe_sys_bind"));
+        assert!(!is_return_hook(names::PROG_BACKSTOP_BIND) && !is_return_hook(names::PROG_BACKSTOP_LISTEN));
     }
 
     #[test]
@@ -690,7 +763,14 @@ mod tests {
             );
         }
         assert_eq!(map(names::ATTACHED_AT).map_type(), BPF_MAP_TYPE_ARRAY);
-        let mut programs = vec![names::PROG_ENTER, names::PROG_EXIT, names::PROG_KPROBE, names::PROG_KRETPROBE];
+        let mut programs = vec![
+            names::PROG_ENTER,
+            names::PROG_EXIT,
+            names::PROG_KPROBE,
+            names::PROG_KRETPROBE,
+            names::PROG_BACKSTOP_BIND,
+            names::PROG_BACKSTOP_LISTEN,
+        ];
         programs.extend(names::PROGS_FEXIT.iter().flat_map(|(entry, exit, _)| [*entry, *exit]));
         for program in programs {
             assert!(object.programs.contains_key(program), "the probe has no program {program}");

@@ -37,9 +37,13 @@ pub struct KernelCounters {
     /// that CPU (the programs' `recursion_misses`, 5.12+; fentry/fexit and, on newer
     /// kernels, kprobes). An entry hook skipped this way shows at its exit instead.
     pub dropped_recursion: u64,
-    /// Lost: binds whose kretprobe never ran (out of return instances), found when the same
-    /// thread next bound (kprobe backend).
+    /// Lost: binds whose kretprobe never ran (out of return instances) and no backstop
+    /// reported (inet_bind's, 32-bit callers'), found when the same thread next bound (kprobe
+    /// backend).
     pub dropped_return_missed: u64,
+    /// Not lost: bind(2) and listen(2) calls whose kretprobe never ran, reported from the
+    /// syscall's exit tracepoint instead (kprobe backend).
+    pub returns_backstopped: u64,
 }
 
 impl KernelCounters {
@@ -56,6 +60,7 @@ impl KernelCounters {
             no_entry_time: sums[stat::NO_ENTRY_TIME as usize],
             dropped_recursion: 0,
             dropped_return_missed: sums[stat::RETURN_MISSED as usize],
+            returns_backstopped: sums[stat::RETURN_BACKSTOPPED as usize],
         }
     }
 

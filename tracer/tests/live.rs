@@ -19,24 +19,65 @@ fn addr(text: &str) -> SockAddr {
 
 /// Under every backend this kernel offers, and under the tracepoint backend as kernels
 /// without `bpf_task_pt_regs` (5.11-5.14) and without `bpf_get_current_task_btf` (5.10) run
-/// it, with those helpers hidden from bindtrace.
+/// it, with those helpers hidden from bindtrace; and as a kernel whose BTF lacks the
+/// `pt_regs` members of the syscall's argument registers runs it (the same path as without
+/// `bpf_task_pt_regs`: the arguments saved at entry).
 #[test]
 fn successes_tcp_udp_ipv4_ipv6_carry_every_field() {
     if !can_load_probe("successes_tcp_udp_ipv4_ipv6_carry_every_field") {
         return;
     }
-    let mut runs: Vec<(&str, &str)> = offered_backends().into_iter().map(|backend| (backend, "")).collect();
-    runs.push(("tracepoint", "task_pt_regs"));
-    runs.push(("tracepoint", "task_pt_regs,get_current_task_btf"));
+    let argument_register = if cfg!(target_arch = "aarch64") { "pt_regs.orig_x0" } else { "pt_regs.di" };
+    let mut runs: Vec<(&str, (&str, &str))> =
+        offered_backends().into_iter().map(|backend| (backend, ("BINDTRACE_HIDE_HELPERS", ""))).collect();
+    runs.push(("tracepoint", ("BINDTRACE_HIDE_HELPERS", "task_pt_regs")));
+    runs.push(("tracepoint", ("BINDTRACE_HIDE_HELPERS", "task_pt_regs,get_current_task_btf")));
+    runs.push(("tracepoint", ("BINDTRACE_HIDE_MEMBERS", argument_register)));
     for (backend, hidden) in runs {
-        eprintln!("backend {backend}, helpers hidden: {hidden:?}");
-        let tracer = Tracer::start_with_env(
-            &["-o", "ndjson", "-p", &my_pid().to_string(), "--attach", backend],
-            &[("BINDTRACE_HIDE_HELPERS", hidden)],
-        );
+        eprintln!("backend {backend}, hidden: {hidden:?}");
+        let tracer =
+            Tracer::start_with_env(&["-o", "ndjson", "-p", &my_pid().to_string(), "--attach", backend], &[hidden]);
         assert_eq!(tracer.backend, backend);
         successes_carry_every_field(tracer);
     }
+}
+
+/// A kernel whose BTF lacks a member of the walk from a bind(2)'s fd to its socket: only the
+/// hooks that take that walk are off, and `--check` says which member.
+#[test]
+fn a_missing_struct_member_disables_only_the_hooks_that_read_it() {
+    if !can_load_probe("a_missing_struct_member_disables_only_the_hooks_that_read_it") {
+        return;
+    }
+    let hidden = [("BINDTRACE_HIDE_MEMBERS", "fdtable.fd")];
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_bindtrace"))
+        .arg("--check")
+        .envs(hidden)
+        .output()
+        .expect("bindtrace --check runs");
+    let said = String::from_utf8_lossy(&output.stdout);
+    let line = |prefix: &str| {
+        said.lines().find(|l| l.starts_with(prefix)).unwrap_or_else(|| panic!("no {prefix:?} line: {said}")).to_owned()
+    };
+    assert!(line("BTF ").contains("struct fdtable has no member fd"), "{said}");
+    let tracepoint = line("hook tracepoint:");
+    assert!(
+        tracepoint.starts_with("hook tracepoint: no:") && tracepoint.contains("fdtable has no member fd"),
+        "{said}"
+    );
+    for backend in offered_backends().into_iter().filter(|b| *b != "tracepoint") {
+        assert_eq!(line(&format!("hook {backend}:")), format!("hook {backend}: yes"), "{said}");
+        assert!(line(&format!("hook {backend} sees:")).contains("inet binds only"), "{said}");
+    }
+
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_bindtrace"))
+        .args(["--attach", "tracepoint", "-o", "none"])
+        .envs(hidden)
+        .output()
+        .expect("bindtrace runs");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("fdtable has no member fd") && stderr.lines().count() == 1, "one line: {stderr}");
 }
 
 fn successes_carry_every_field(mut tracer: Tracer) {
@@ -259,6 +300,7 @@ fn port_and_pid_filters_drop_events_in_the_kernel() {
         "every bind the probe saw is accounted for: {kernel}"
     );
     assert_eq!(count("dropped_recursion"), 0, "no return hook was skipped: {kernel}");
+    assert_eq!(count("returns_backstopped"), 0, "only the kprobe backend has backstops: {kernel}");
     let programs = finished.summary()["programs"].as_array().cloned().unwrap_or_default();
     assert!(
         programs.iter().any(|p| p["name"] == "bindtrace_sys_exit_bind" && p["recursion_misses"] == 0),

@@ -827,6 +827,15 @@ fn report(label: &str, runs: &[GuestRun], backends: &[&str], nc_check: bool, cou
                     Some(problem) => problems.push(format!("tid_slot_collision: {problem}")),
                     None => tally.passed += 1,
                 }
+                if let Some(sleepers) = &run.sleepers {
+                    let reported: u64 =
+                        sleepers["events"].as_array().into_iter().flatten().filter_map(Value::as_u64).sum();
+                    let kernel = &sleepers["summary"]["kernel"];
+                    eprintln!(
+                        "xtask: vm {label} {backend}: sleeping binds: {reported} reported, {} backstopped, {} dropped",
+                        kernel["returns_backstopped"], sleepers["summary"]["dropped"]
+                    );
+                }
                 match sleepers_problem(run.sleepers.as_ref(), exact) {
                     Some(problem) => problems.push(format!("sleeping_binds: {problem}")),
                     None => tally.passed += 1,
@@ -915,9 +924,11 @@ fn collision_problem(counted: Option<&Value>, exact: bool) -> Option<String> {
     })
 }
 
-/// Many binds sleeping at once: each is reported, or counted as lost (never both, never
-/// neither): reported + the summary's `dropped` = binds made; not `exact` (PREEMPT_RT, where
-/// `dropped` also counts skipped inet_bind hooks that would have stood aside), at least.
+/// Many binds sleeping at once: every one reported (the kprobe backend's kretprobes run out
+/// of return instances here: its syscall-exit backstops must report what they skip); not
+/// `exact` (PREEMPT_RT, where preempted programs are skipped), each reported or counted lost,
+/// never both: reported <= made <= reported + the summary's `dropped` (which may count more:
+/// a skipped inet_bind hook is counted though it would have stood aside).
 fn sleepers_problem(counted: Option<&Value>, exact: bool) -> Option<String> {
     let (counted, binds, threads) = match counted_plan(counted) {
         Ok(plan) => plan,
@@ -928,9 +939,9 @@ fn sleepers_problem(counted: Option<&Value>, exact: bool) -> Option<String> {
     let kernel = &counted["summary"]["kernel"];
     let dropped = counted["summary"]["dropped"].as_u64().unwrap_or(0);
     let made = binds * threads;
-    let wrong = if exact { reported + dropped != made } else { reported > made || reported + dropped < made };
+    let wrong = if exact { reported != made || dropped != 0 } else { reported > made || reported + dropped < made };
     wrong
-        .then(|| format!("{reported} reported + {dropped} counted lost != {made} binds made; kernel counters {kernel}"))
+        .then(|| format!("{reported} reported ({dropped} counted lost) of {made} binds made; kernel counters {kernel}"))
 }
 
 /// `--ring-buffer-size 4K`: accepted where a page is 4K, refused with one line naming the
@@ -1276,18 +1287,20 @@ mod tests {
     }
 
     #[test]
-    fn sleeping_binds_must_be_reported_or_counted() {
+    fn sleeping_binds_must_be_reported() {
         let counted = |events: [u64; 2], missed: u64| {
             json!({"plan": {"binds_each": 10, "threads": [{"tid": 1, "family": "AF_UNIX"}, {"tid": 2, "family": "AF_UNIX"}]},
                    "events": events, "summary": {"dropped": missed, "kernel": {"dropped_return_missed": missed}}})
         };
         assert_eq!(sleepers_problem(Some(&counted([10, 10], 0)), true), None);
-        assert_eq!(sleepers_problem(Some(&counted([7, 10], 3)), true), None, "lost, but counted");
-        let silent = sleepers_problem(Some(&counted([7, 10], 0)), true).expect("a silent loss fails");
-        assert!(silent.contains("17 reported + 0 counted lost != 20 binds made"), "{silent}");
+        let counted_only = sleepers_problem(Some(&counted([7, 10], 3)), true).expect("lost, even counted, fails");
+        assert!(counted_only.contains("17 reported (3 counted lost) of 20 binds made"), "{counted_only}");
+        assert!(sleepers_problem(Some(&counted([7, 10], 0)), true).is_some(), "a silent loss fails");
         assert!(sleepers_problem(Some(&counted([10, 10], 2)), true).is_some(), "counted but reported fails");
+        assert_eq!(sleepers_problem(Some(&counted([7, 10], 3)), false), None, "PREEMPT_RT: lost, but counted");
         assert_eq!(sleepers_problem(Some(&counted([7, 10], 5)), false), None, "PREEMPT_RT: over-counted passes");
         assert!(sleepers_problem(Some(&counted([7, 10], 0)), false).is_some(), "PREEMPT_RT: a silent loss fails");
+        assert!(sleepers_problem(Some(&counted([11, 10], 0)), false).is_some(), "PREEMPT_RT: reported twice fails");
     }
 
     #[test]
