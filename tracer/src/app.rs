@@ -247,7 +247,7 @@ fn run_main() -> ExitCode {
     }
 
     if cli.check {
-        return check_main();
+        return check_main(cli.verbose);
     }
 
     let plan = match plan(cli).and_then(|plan| crate::privileges::check_can_load().map(|()| plan)) {
@@ -286,8 +286,9 @@ fn write_stdout(generate: impl FnOnce(&mut dyn io::Write) -> io::Result<()>) -> 
     }
 }
 
-/// `bindtrace --check`: one line per requirement and per hook.
-fn check_main() -> ExitCode {
+/// `bindtrace --check`: one line per requirement and per hook (`verbose`: and per program, after test
+/// binds).
+fn check_main(verbose: bool) -> ExitCode {
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     println!("kernel: {}", kernel.trim());
     let privileges = crate::privileges::check_can_load();
@@ -332,7 +333,7 @@ fn check_main() -> ExitCode {
     };
     let config =
         ProbeConfig { layout: kernel.layout, filter: bindtrace_common::FilterConfig::accept_all(), wakeup_bytes: 0 };
-    let checks = probe::check_backends(&config, &kernel);
+    let checks = probe::check_backends(&config, &kernel, verbose);
     let order: Vec<&str> = probe::auto_order().iter().map(|b| b.name()).collect();
     println!(
         "attach auto tries: {}{}",
@@ -387,6 +388,9 @@ fn check_main() -> ExitCode {
                     );
                 }
                 println!("hook {} costs other processes: {}", check.backend.name(), collateral_cost(check.backend));
+                if let Some(exercised) = &check.exercised {
+                    print_exercise(check.backend, exercised);
+                }
             }
             Err(err) => println!("hook {}: no: {err:#}", check.backend.name()),
         }
@@ -395,6 +399,39 @@ fn check_main() -> ExitCode {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(EXIT_FAILURE)
+    }
+}
+
+/// `--check --verbose`: what one backend's programs did for the test binds.
+fn print_exercise(backend: bindtrace_common::Backend, exercised: &Result<probe::Exercise>) {
+    let name = backend.name();
+    let exercise = match exercised {
+        Ok(exercise) => exercise,
+        Err(err) => {
+            println!("hook {name} test binds: not made: {err:#}");
+            return;
+        }
+    };
+    let counters = &exercise.counters;
+    println!(
+        "hook {name} test binds (127.0.0.1:{} twice, the second refused): the probe saw {} bind exits and emitted {} \
+         (binds elsewhere on this machine meanwhile count too); {} lost",
+        exercise.port,
+        counters.seen,
+        counters.emitted,
+        counters.dropped()
+    );
+    if let Err(why) = &exercise.run_stats {
+        println!("hook {name} run statistics: not counted ({why}; Linux 5.8+, or sysctl kernel.bpf_stats_enabled=1)");
+    }
+    for (program, instructions) in &exercise.programs {
+        let per_run =
+            program.run_time_ns.checked_div(program.runs).map(|ns| format!(" ({ns} ns a run)")).unwrap_or_default();
+        println!(
+            "hook {name} program {}: {} runs, {} ns in all{per_run}, {} recursion misses, {instructions} instructions \
+             verified",
+            program.name, program.runs, program.run_time_ns, program.recursion_misses
+        );
     }
 }
 
@@ -512,7 +549,7 @@ async fn run(mut plan: Plan) -> Result<()> {
         return Ok(());
     }
     let end_ns = clock.now_wall_ns();
-    let counters = probe.counters().unwrap_or_default();
+    let (counters, programs) = probe.counters().unwrap_or_default();
     let mut report = pipeline.summary.report(
         probe.backend.name(),
         time.format(start_ns),
@@ -521,7 +558,7 @@ async fn run(mut plan: Plan) -> Result<()> {
         counters,
     );
     report.diagnoses = pipeline.enricher.counters();
-    report.programs = probe.program_stats();
+    report.programs = programs;
     match pipeline.sink.report(&report) {
         Err(err) if err.kind() == io::ErrorKind::BrokenPipe => Ok(()),
         other => other.context("writing the summary"),

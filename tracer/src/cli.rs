@@ -120,6 +120,13 @@ pub struct Cli {
     #[arg(long)]
     pub check: bool,
 
+    /// With --check: also make two test binds on 127.0.0.1 (the second refused with
+    /// EADDRINUSE) under each hook that attaches, and print what the kernel counted for each
+    /// of its programs: runs, time and recursion misses (run statistics are switched on for
+    /// the check, BPF_ENABLE_STATS).
+    #[arg(short = 'v', long, requires = "check")]
+    pub verbose: bool,
+
     /// Size of the kernel ring buffer: a power of two, at least 4K and one page (4K, 256K, 1M, 16M).
     /// Raise it if bindtrace reports lost events.
     #[arg(long, value_name = "BYTES", default_value = "1M", value_parser = parse_ring_size)]

@@ -339,16 +339,18 @@ impl Pipeline<'_> {
                         reported_output_drops = dropped_lines;
                     }
                     self.clock.resync();
-                    if let Ok(now) = probe.counters() {
+                    let mut programs = Vec::new();
+                    if let Ok((now, now_programs)) = probe.counters() {
                         report_new_drops(&reported, &now);
                         reported = now;
+                        programs = now_programs;
                     }
                     let now = self.enricher.counters();
                     report_shed_diagnoses(&reported_enrich, &now);
                     reported_enrich = now;
                     if let Some(metrics) = &self.metrics {
                         metrics.update(&reported, self.summary.filter_mismatches(), now);
-                        metrics.update_programs(&probe.program_stats());
+                        metrics.update_programs(&programs);
                     }
                 }
             }

@@ -534,15 +534,30 @@ pub struct BackendCheck {
     pub backend: Backend,
     /// Whether it attached, and then what it sees.
     pub result: Result<Coverage>,
+    /// `--check --verbose`, once attached: what the test binds made its programs do.
+    pub exercised: Option<Result<Exercise>>,
 }
 
-/// Loads the object once per backend and tries to attach it, then lets it go.
-pub fn check_backends(config: &ProbeConfig, kernel: &KernelBtf) -> Vec<BackendCheck> {
+/// What one backend's programs did for `--check --verbose`'s two test binds (and whatever
+/// else bound on the machine meanwhile).
+pub struct Exercise {
+    /// The port of the test binds on 127.0.0.1.
+    pub port: u16,
+    pub counters: KernelCounters,
+    /// Each loaded program's kernel counters, with the instructions the verifier checked.
+    pub programs: Vec<(ProgramStats, u32)>,
+    /// Whether the kernel counted runs and their time (BPF_ENABLE_STATS, 5.8+), or why not.
+    pub run_stats: std::result::Result<(), String>,
+}
+
+/// Loads the object once per backend and tries to attach it, then lets it go; `exercise`:
+/// with test binds while attached (see [`Exercise`]).
+pub fn check_backends(config: &ProbeConfig, kernel: &KernelBtf, exercise: bool) -> Vec<BackendCheck> {
     let mut btf = BtfSource::new(kernel);
     auto_order()
         .iter()
         .map(|&backend| {
-            let result = PendingLoader::start()
+            let attached = PendingLoader::start()
                 .finish()
                 .and_then(|mut loader| {
                     loader
@@ -550,10 +565,45 @@ pub fn check_backends(config: &ProbeConfig, kernel: &KernelBtf) -> Vec<BackendCh
                         .load(PROBE_OBJECT)
                         .context("loading the eBPF object failed")
                 })
-                .and_then(|mut ebpf| attach_backend(&mut ebpf, backend, &mut btf));
-            BackendCheck { backend, result }
+                .and_then(|mut ebpf| attach_backend(&mut ebpf, backend, &mut btf).map(|coverage| (ebpf, coverage)));
+            match attached {
+                Ok((ebpf, coverage)) => {
+                    let exercised = exercise.then(|| exercise_hooks(&ebpf));
+                    BackendCheck { backend, result: Ok(coverage), exercised }
+                }
+                Err(err) => BackendCheck { backend, result: Err(err), exercised: None },
+            }
         })
         .collect()
+}
+
+/// Two binds on 127.0.0.1 under the attached hooks, the second refused (EADDRINUSE), with the
+/// kernel's run statistics on; then the probe's and the kernel's counters.
+fn exercise_hooks(ebpf: &Ebpf) -> Result<Exercise> {
+    let run_stats = aya::sys::enable_stats(aya::sys::Stats::RunTime);
+    let held = std::net::UdpSocket::bind("127.0.0.1:0").context("the test bind on 127.0.0.1 failed")?;
+    let port = held.local_addr().context("the test socket has no address")?.port();
+    if std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok() {
+        bail!("the second test bind on 127.0.0.1:{port} succeeded where it should have been refused");
+    }
+    drop(held);
+    let stats =
+        PerCpuArray::try_from(ebpf.map(names::STATS).ok_or_else(|| anyhow!("probe has no {} map", names::STATS))?)?;
+    let counters = KernelCounters::from_sums(&stat_sums(&stats)?);
+    let verified: std::collections::HashMap<&str, u32> = ebpf
+        .programs()
+        .filter_map(|(name, program)| Some((name, program.info().ok()?.verified_instruction_count().unwrap_or(0))))
+        .collect();
+    let mut programs = program_stats(ebpf);
+    programs.sort_by(|a, b| a.name.cmp(&b.name));
+    let programs = programs
+        .into_iter()
+        .map(|stats| {
+            let instructions = verified.get(stats.name.as_str()).copied().unwrap_or(0);
+            (stats, instructions)
+        })
+        .collect();
+    Ok(Exercise { port, counters, programs, run_stats: run_stats.map(drop).map_err(|e| format!("{e}")) })
 }
 
 /// The backends `attach` tries, in order.
@@ -683,29 +733,35 @@ impl AttachedProbe {
         self.logger.take()
     }
 
-    /// Sums the per-CPU counters, and adds the return hooks the kernel skipped.
-    pub fn counters(&self) -> Result<KernelCounters> {
-        let mut sums = [0u64; stat::COUNT as usize];
-        for (index, sum) in (0..stat::COUNT).zip(sums.iter_mut()) {
-            *sum = self.stats.get(&index, 0)?.iter().sum();
-        }
-        let mut counters = KernelCounters::from_sums(&sums);
+    /// Sums the per-CPU counters, adds the return hooks the kernel skipped, and gives the
+    /// kernel's own counters of each program (one read of each program's fdinfo for both).
+    pub fn counters(&self) -> Result<(KernelCounters, Vec<ProgramStats>)> {
+        let programs = program_stats(&self.ebpf);
+        let mut counters = KernelCounters::from_sums(&stat_sums(&self.stats)?);
         counters.dropped_recursion =
-            self.program_stats().iter().filter(|p| is_return_hook(&p.name)).map(|p| p.recursion_misses).sum();
-        Ok(counters)
+            programs.iter().filter(|p| is_return_hook(&p.name)).map(|p| p.recursion_misses).sum();
+        Ok((counters, programs))
     }
+}
 
-    /// What the kernel counts for each loaded program (runs, run time, recursion misses).
-    pub fn program_stats(&self) -> Vec<ProgramStats> {
-        self.ebpf
-            .programs()
-            .filter_map(|(name, program)| {
-                let fd = program.fd().ok()?.as_fd().as_raw_fd();
-                let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")).ok()?;
-                Some(parse_program_fdinfo(name, &info))
-            })
-            .collect()
+/// The probe's counters, summed over the CPUs, in `bindtrace_common::stat` order.
+fn stat_sums<T: std::borrow::Borrow<MapData>>(stats: &PerCpuArray<T, u64>) -> Result<[u64; stat::COUNT as usize]> {
+    let mut sums = [0u64; stat::COUNT as usize];
+    for (index, sum) in (0..stat::COUNT).zip(sums.iter_mut()) {
+        *sum = stats.get(&index, 0)?.iter().sum();
     }
+    Ok(sums)
+}
+
+/// What the kernel counts for each loaded program (runs, run time, recursion misses).
+fn program_stats(ebpf: &Ebpf) -> Vec<ProgramStats> {
+    ebpf.programs()
+        .filter_map(|(name, program)| {
+            let fd = program.fd().ok()?.as_fd().as_raw_fd();
+            let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")).ok()?;
+            Some(parse_program_fdinfo(name, &info))
+        })
+        .collect()
 }
 
 #[cfg(test)]

@@ -42,6 +42,44 @@ fn successes_tcp_udp_ipv4_ipv6_carry_every_field() {
     }
 }
 
+/// `--check --verbose` makes two test binds under each hook that attaches and shows the
+/// kernel's own counters of its programs: the return hooks ran for both.
+#[test]
+fn check_verbose_shows_each_program_running_for_the_test_binds() {
+    if !can_load_probe("check_verbose_shows_each_program_running_for_the_test_binds") {
+        return;
+    }
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_bindtrace"))
+        .args(["--check", "--verbose"])
+        .output()
+        .expect("bindtrace --check --verbose runs");
+    let said = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{said}");
+    for backend in offered_backends() {
+        let binds = said
+            .lines()
+            .find(|l| l.starts_with(&format!("hook {backend} test binds (127.0.0.1:")))
+            .unwrap_or_else(|| panic!("no test-binds line for {backend}: {said}"));
+        let number_after = |word: &str| -> u64 {
+            let rest = &binds[binds.find(word).unwrap_or_else(|| panic!("{word:?} in {binds}")) + word.len()..];
+            rest.split_whitespace().next().and_then(|n| n.parse().ok()).unwrap_or_else(|| panic!("{binds}"))
+        };
+        assert!(number_after("saw ") >= 2 && number_after("emitted ") >= 2, "{binds}");
+        assert!(
+            !said.contains(&format!("hook {backend} run statistics: not counted")),
+            "BPF_ENABLE_STATS works on every kernel bindtrace tests on: {said}"
+        );
+        let return_runs: u64 = said
+            .lines()
+            .filter_map(|l| l.strip_prefix(&format!("hook {backend} program ")))
+            .filter(|l| l.contains("exit") || l.contains("kretprobe"))
+            .filter(|l| !l.contains("backstop"))
+            .filter_map(|l| l.split_once(": ")?.1.split_whitespace().next()?.parse::<u64>().ok())
+            .sum();
+        assert!(return_runs >= 2, "the return hooks ran for both test binds: {said}");
+    }
+}
+
 /// A kernel whose BTF lacks a member of the walk from a bind(2)'s fd to its socket: only the
 /// hooks that take that walk are off, and `--check` says which member.
 #[test]
