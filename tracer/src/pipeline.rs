@@ -212,10 +212,22 @@ impl Pipeline<'_> {
     }
 
     /// Writes the rest of the run to a new file at `path` (the old one was moved away by a
-    /// log rotator): appended to when it exists, created otherwise.
+    /// log rotator): appended to when it exists, created otherwise. When it cannot be opened
+    /// (a directory that refuses, a full disk), the run goes on writing where it was, and
+    /// says so: losing the trace to a rotation would be worse than a file at its old name.
     fn reopen(&mut self, path: &std::path::Path) -> io::Result<()> {
         self.emit_ready(false)?;
-        let file = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
+        let file = match std::fs::OpenOptions::new().create(true).append(true).open(path) {
+            Ok(file) => file,
+            Err(err) => {
+                crate::say::line(&format!(
+                    "SIGHUP: cannot reopen {} ({err}): still writing to the file opened before (under its \
+                     new name, if it was rotated); the next SIGHUP tries again",
+                    path.display()
+                ));
+                return Ok(());
+            }
+        };
         self.sink.reopen(Box::new(crate::sink::writer::ThreadWriter::spawn(Box::new(file), None)?))?;
         self.summary.record_reopen();
         crate::say::line(&format!("SIGHUP: writing to a reopened {}", path.display()));

@@ -229,3 +229,45 @@ fn sighup_reopens_the_file_for_log_rotation() {
     assert_eq!(summary["file_reopens"], 1, "{summary}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A rotation whose new file cannot be opened (here a directory took its name, which refuses
+/// even root): the run goes on writing to the file it had, says so in one line, and ends with
+/// its summary and status 0. It used to end at once with status 1 and no summary.
+#[test]
+fn a_failed_reopen_on_sighup_keeps_writing_where_it_was() {
+    if !can_load_probe("a_failed_reopen_on_sighup_keeps_writing_where_it_was") {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("bindtrace-rotate-refused-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let file = dir.join("binds.ndjson");
+    let rotated = dir.join("binds.ndjson.1");
+    let (first, second) = (free_port(), free_port());
+    let tracer = Tracer::start(&["--file", file.to_str().expect("utf-8"), "-P", &format!("{first},{second}")]);
+    let _a = std::net::TcpListener::bind(("127.0.0.1", first)).expect("bind");
+    let records = |path: &PathBuf| -> Vec<Value> {
+        std::fs::read_to_string(path).unwrap_or_default().lines().filter_map(|l| serde_json::from_str(l).ok()).collect()
+    };
+    let wait_for = |path: &PathBuf, port: u16| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !records(path).iter().any(|v| v["port"] == port) {
+            assert!(Instant::now() < deadline, "no event for port {port} in {}", path.display());
+            thread::sleep(Duration::from_millis(50));
+        }
+    };
+    wait_for(&file, first);
+    std::fs::rename(&file, &rotated).expect("rotate");
+    std::fs::create_dir(&file).expect("a directory where the new file would go");
+    unsafe { libc::kill(tracer.pid() as i32, libc::SIGHUP) };
+    thread::sleep(Duration::from_millis(300));
+    let _b = std::net::TcpListener::bind(("127.0.0.1", second)).expect("bind");
+    wait_for(&rotated, second);
+    let finished = tracer.stop();
+    assert!(finished.status.success(), "a failed reopen does not end the run: {}", finished.stderr);
+    let said: Vec<&str> = finished.stderr.lines().filter(|l| l.contains("SIGHUP")).collect();
+    assert_eq!(said.len(), 1, "{}", finished.stderr);
+    assert!(said[0].contains("cannot reopen") && said[0].contains("still writing"), "{}", finished.stderr);
+    let summary = records(&rotated).into_iter().find(|r| r["type"] == "summary").expect("the summary in the old file");
+    assert_eq!(summary["file_reopens"], 0, "{summary}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
