@@ -2,9 +2,7 @@
 //! input (exit 2, one line), then load the probe, run the pipeline and print the report.
 
 use std::{
-    fs::OpenOptions,
     io::{self, IsTerminal as _, Write as _},
-    path::{Path, PathBuf},
     process::ExitCode,
 };
 
@@ -20,7 +18,7 @@ use crate::{
     layout,
     pipeline::{Ending, Limits, Pipeline, StopSignals},
     probe::{self, AttachedProbe},
-    sink::{ndjson::NdjsonSink, table::TableSink, Output, Sink},
+    sink::{file::OutputFile, ndjson::NdjsonSink, table::TableSink, Output, Sink},
     summary::Summary,
     who,
 };
@@ -54,25 +52,8 @@ struct Plan {
     color: bool,
     /// `--metrics`: bound before anything is attached, so a taken port is said at once.
     metrics: Option<std::net::TcpListener>,
-}
-
-/// Checks that `--file` can be written, without touching it: it is opened (and truncated)
-/// only once tracing has started, so a refused start leaves an existing file as it was.
-fn check_writable(path: &Path) -> Result<()> {
-    use nix::unistd::{access, AccessFlags};
-    let target = if path.exists() {
-        path.to_owned()
-    } else {
-        match path.parent() {
-            Some(parent) if !parent.as_os_str().is_empty() => parent.to_owned(),
-            _ => PathBuf::from("."),
-        }
-    };
-    let mode = if path.exists() { AccessFlags::W_OK } else { AccessFlags::W_OK | AccessFlags::X_OK };
-    if path.is_dir() {
-        anyhow::bail!("cannot write --file {}: it is a directory", path.display());
-    }
-    access(&target, mode).with_context(|| format!("cannot write --file {}", path.display()))
+    /// `--file`, opened before anything is attached (see [`OutputFile`]).
+    file: Option<OutputFile>,
 }
 
 fn plan(cli: Cli) -> Result<Plan> {
@@ -87,10 +68,8 @@ fn plan(cli: Cli) -> Result<Plan> {
     } else {
         OutputFormat::Table
     });
-    if let Some(path) = &cli.file {
-        check_writable(path)?;
-    }
-    warn_about_pids(&cli.pids);
+    let file = cli.file.as_deref().map(OutputFile::open).transpose()?;
+    check_pids(&cli.pids)?;
     let no_color_env = std::env::var_os("NO_COLOR").is_some_and(|v| !v.is_empty());
     let color = match cli.color {
         ColorChoice::Always => true,
@@ -111,13 +90,17 @@ fn plan(cli: Cli) -> Result<Plan> {
         ),
         None => None,
     };
-    Ok(Plan { cli, filter, format, color, metrics })
+    Ok(Plan { cli, filter, format, color, metrics, file })
 }
 
-/// `--pid` takes process ids that exist: one warning line for each that does not (it matches
-/// nothing unless a new process gets that id) or that names a thread (whose binds carry its
-/// process's id).
-fn warn_about_pids(pids: &[u32]) {
+/// `--pid` takes process ids that can exist: one above the system's `pid_max` is bad input.
+/// One warning line for each that does not exist now (it matches nothing unless a new
+/// process gets that id) or that names a thread (whose binds carry its process's id).
+fn check_pids(pids: &[u32]) -> Result<()> {
+    let pid_max = std::fs::read_to_string("/proc/sys/kernel/pid_max").ok().and_then(|v| v.trim().parse::<u32>().ok());
+    if let Some((pid, max)) = pid_max.and_then(|max| pids.iter().find(|&&pid| pid >= max).map(|&pid| (pid, max))) {
+        anyhow::bail!("--pid {pid} is not a process id here: this system's ids stay below {max} (kernel.pid_max)");
+    }
     for &pid in pids {
         let tgid = std::fs::read_to_string(format!("/proc/{pid}/status")).ok().and_then(|status| {
             status.lines().find_map(|l| l.strip_prefix("Tgid:")).and_then(|v| v.trim().parse::<u32>().ok())
@@ -132,19 +115,13 @@ fn warn_about_pids(pids: &[u32]) {
             Some(_) => {}
         }
     }
+    Ok(())
 }
 
 /// The sink, on stdout or on `--file` (created or truncated now, with tracing started).
-fn open_sink(plan: &Plan) -> Result<Box<dyn Sink>> {
-    let writer: Box<dyn io::Write + Send> = match &plan.cli.file {
-        Some(path) => Box::new(
-            OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .open(path)
-                .with_context(|| format!("cannot write --file {}", path.display()))?,
-        ),
+fn open_sink(plan: &Plan, file: Option<OutputFile>) -> Result<Box<dyn Sink>> {
+    let writer: Box<dyn io::Write + Send> = match file {
+        Some(file) => Box::new(file.start()?),
         None => Box::new(io::stdout()),
     };
     // stdout is watched for its reader going away; a --file has no reader to lose.
@@ -471,6 +448,7 @@ fn who_main(args: &WhoArgs) -> ExitCode {
 
 async fn run(mut plan: Plan) -> Result<()> {
     let metrics_listener = plan.metrics.take();
+    let output_file = plan.file.take();
     let Plan { cli, filter, .. } = &plan;
     let started = std::time::Instant::now();
     let loader = probe::PendingLoader::start();
@@ -481,8 +459,8 @@ async fn run(mut plan: Plan) -> Result<()> {
     let signals = StopSignals::install()?;
     let mut probe = AttachedProbe::attach(loader, cli.attach, &kernel, &config, &filter.pids, cli.ring_buffer_size)?;
     log::debug!("probe loaded and attached after {:?}", started.elapsed());
-    // Only now, with tracing started, is `--file` created or truncated.
-    let mut sink = open_sink(&plan)?;
+    // Only now, with tracing started, is `--file` truncated.
+    let mut sink = open_sink(&plan, output_file)?;
     let clock = WallClock::new();
     let mut time = Rfc3339::default();
     let start_ns = clock.now_wall_ns();

@@ -39,8 +39,8 @@ pub struct Cli {
     pub command: Option<Command>,
 
     /// Only these results: errno names in any case or numbers, comma-separated
-    /// (EADDRINUSE,eacces,22).
-    #[arg(long, value_name = "LIST", value_delimiter = ',', value_parser = errno::parse)]
+    /// (EADDRINUSE,eacces,22; -98 as `ret` shows it is 98).
+    #[arg(long, value_name = "LIST", value_delimiter = ',', value_parser = errno::parse, allow_negative_numbers = true)]
     pub errno: Vec<i32>,
 
     /// Only failed binds.
@@ -52,7 +52,14 @@ pub struct Cli {
     pub pids: Vec<u32>,
 
     /// Only binds asking for these ports: PORT or LO-HI (repeat or comma-separate).
-    #[arg(short = 'P', long = "port", value_name = "PORT|LO-HI", value_delimiter = ',', value_parser = parse_port_range)]
+    #[arg(
+        short = 'P',
+        long = "port",
+        value_name = "PORT|LO-HI",
+        value_delimiter = ',',
+        value_parser = parse_port_range,
+        allow_negative_numbers = true
+    )]
     pub ports: Vec<PortRange>,
 
     /// Only binds by processes with this name (the kernel keeps the first 15 bytes).
@@ -70,13 +77,13 @@ pub struct Cli {
 
     /// Only binds inside this container (a Docker or podman name or id, or a containerd
     /// id), applied in the kernel by its cgroup. Repeat for more.
-    #[arg(long = "container", value_name = "NAME|ID")]
+    #[arg(long = "container", value_name = "NAME|ID", value_parser = clap::builder::NonEmptyStringValueParser::new())]
     pub containers: Vec<String>,
 
     /// Only binds by processes in this cgroup v2 group or below it: a path such as
     /// /system.slice/nginx.service or a pod's kubepods slice, relative to the cgroup root or
     /// under its mount. Repeat for more.
-    #[arg(long = "cgroup", value_name = "PATH")]
+    #[arg(long = "cgroup", value_name = "PATH", value_parser = clap::builder::NonEmptyStringValueParser::new())]
     pub cgroups: Vec<String>,
 
     /// Only this address family.
@@ -281,6 +288,9 @@ pub fn parse_port_range(text: &str) -> Result<PortRange, String> {
             let port = parse_port(text)?;
             Ok(PortRange { low: port, high: port })
         }
+        Some((low, high)) if low.trim().is_empty() || high.trim().is_empty() => {
+            Err(format!("'{text}' is not a port or a range: use PORT or LO-HI (ports 1-65535)"))
+        }
         Some((low, high)) => {
             let (low, high) = (parse_port(low)?, parse_port(high)?);
             if low > high {
@@ -396,6 +406,23 @@ mod tests {
         assert_eq!(cli.errno, vec![98, 13, 22]);
         let err = parse(&["--errno", "EBOGUS"]).expect_err("invalid");
         assert!(err.to_string().contains("unknown errno name 'EBOGUS'"), "{err}");
+    }
+
+    /// clap artefacts the hardening pass found: a negative number taken for a flag, an empty
+    /// value taken for the root cgroup or sent to the container runtimes.
+    #[test]
+    fn negative_numbers_and_empty_values_are_read_as_the_user_meant() {
+        assert_eq!(parse(&["--errno", "-98"]).expect("-98 is ret's spelling of 98").errno, vec![98]);
+        assert_eq!(parse(&["--errno=-98,EACCES"]).expect("valid").errno, vec![98, 13]);
+        for args in [["-P", "-1"], ["-P=-1", ""], ["--port", "-80"]] {
+            let args: Vec<&str> = args.into_iter().filter(|a| !a.is_empty()).collect();
+            let err = parse(&args).expect_err("not a port").to_string();
+            assert!(err.contains("is not a port or a range"), "{args:?}: {err}");
+        }
+        for flag in ["--cgroup", "--container"] {
+            let err = parse(&[flag, ""]).expect_err("empty").to_string();
+            assert!(err.contains(flag), "{flag}: {err}");
+        }
     }
 
     #[test]

@@ -47,10 +47,11 @@ pub fn message(number: i32) -> Option<&'static str> {
 }
 
 /// Parses one errno as a name in any case ("EADDRINUSE", "eaddrinuse", "ADDRINUSE") or a
-/// number ("98").
+/// number ("98", or "-98" as the kernel returns it and `ret` shows it).
 pub fn parse(text: &str) -> Result<i32, String> {
     let text = text.trim();
     if let Ok(number) = text.parse::<i32>() {
+        let number = number.checked_abs().unwrap_or(number);
         return if name(number).is_some() {
             Ok(number)
         } else {

@@ -101,6 +101,10 @@ impl EventFilter {
         let mut described = Vec::new();
         for path in cgroups {
             let (id, level) = cgroup::id_of_path(path).map_err(|e| anyhow!("--cgroup {path}: {e}"))?;
+            // The same group named twice (or by two spellings) is selected, and said, once.
+            if selected.contains(&(id, level)) {
+                continue;
+            }
             selected.push((id, level));
             described.push(format!("cgroup {path}"));
         }
@@ -118,6 +122,9 @@ impl EventFilter {
                     .map(|path| cgroup::container_root(&path).unwrap_or(path))
                     .ok_or_else(|| anyhow!("--container {name}: its process {pid} has no cgroup v2 group of its own, so the kernel cannot select it"))?;
                 let (id, level) = cgroup::id_of_path(&path).map_err(|e| anyhow!("--container {name}: {e}"))?;
+                if selected.contains(&(id, level)) {
+                    continue;
+                }
                 selected.push((id, level));
                 described.push(format!("{} container {} ({path})", container.runtime.name(), container.label()));
             }

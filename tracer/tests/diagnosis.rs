@@ -1013,6 +1013,21 @@ fn the_cgroup_filter_selects_a_cgroup_and_its_descendants_in_the_kernel() {
             "{helper}: dropped in the kernel"
         );
     }
+    // The same group twice, in two spellings: selected and said once (it was listed twice).
+    let (status, _, stderr) = run_to_end(&[
+        "-o",
+        "none",
+        "--no-diagnosis",
+        "--no-summary",
+        "-d",
+        "200ms",
+        "--cgroup",
+        &format!("/{name}"),
+        "--cgroup",
+        &name,
+    ]);
+    assert!(status.success(), "{stderr}");
+    assert!(stderr.lines().any(|l| l == format!("bindtrace: only binds in cgroup /{name} (and below)")), "{stderr}");
     let _ = std::fs::remove_dir(&child_group);
     let _ = std::fs::remove_dir(&selected);
 }

@@ -501,6 +501,9 @@ fn bad_input_is_one_line_and_exit_2() {
         &["--file", "/nonexistent-dir/trace.ndjson"],
         "cannot write --file /nonexistent-dir/trace.ndjson",
     );
+    // A kernel interface opens for writing (as root) and fails every write: refused before
+    // anything attaches (it used to trace, then fail at exit with status 1).
+    assert_one_line_usage_error(&["--file", "/proc/version"], "a file of proc");
     assert_one_line_usage_error(&["--bogus-flag"], "--bogus-flag");
     // The whole first paragraph of clap's message: what is missing, and the valid values.
     assert_one_line_usage_error(&["who"], "<PORT[/tcp|/udp]>");
@@ -513,10 +516,15 @@ fn a_pid_that_does_not_exist_is_warned_about() {
     if !can_load_probe("a_pid_that_does_not_exist_is_warned_about") {
         return;
     }
-    // Above the default pid_max, so no process has it.
-    let (status, _, stderr) = run_to_end(&["-p", "4194305", "-d", "1s", "-o", "ndjson"]);
+    // Just below pid_max: a process id no process has now (the last ids are handed out last).
+    let pid_max: u32 = std::fs::read_to_string("/proc/sys/kernel/pid_max").expect("pid_max").trim().parse().expect("n");
+    let unused =
+        (1..pid_max).rev().find(|pid| !std::path::Path::new(&format!("/proc/{pid}")).exists()).expect("a free id");
+    let (status, _, stderr) = run_to_end(&["-p", &unused.to_string(), "-d", "1s", "-o", "ndjson"]);
     assert!(status.success(), "{stderr}");
-    assert!(stderr.contains("--pid 4194305: no such process now"), "{stderr}");
+    assert!(stderr.contains(&format!("--pid {unused}: no such process now")), "{stderr}");
+    // At or above pid_max no process can ever have it: bad input (it used to be a warning).
+    assert_one_line_usage_error(&["-p", &pid_max.to_string()], "kernel.pid_max");
     let (_, _, stderr) = run_to_end(&["-p", &my_pid().to_string(), "-d", "1s", "-o", "ndjson"]);
     assert!(!stderr.contains("warning"), "a live process id is not warned about: {stderr}");
 }

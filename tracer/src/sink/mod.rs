@@ -5,6 +5,7 @@
 //! event at low rates, so `bindtrace -o ndjson | jq` shows events as they happen.
 
 pub(crate) mod columns;
+pub(crate) mod file;
 pub mod ndjson;
 pub mod table;
 pub mod writer;
