@@ -67,8 +67,8 @@ pub struct Cli {
     pub comm: Option<String>,
 
     /// Serve Prometheus/OpenMetrics counters at http://ADDR/metrics while tracing
-    /// (127.0.0.1:9750, [::]:9750, 0.0.0.0:9750).
-    #[arg(long, value_name = "ADDR")]
+    /// (127.0.0.1:9750, localhost:9750, [::]:9750; :9750 is every address, as exporters take it).
+    #[arg(long, value_name = "ADDR", value_parser = parse_listen_addr)]
     pub metrics: Option<std::net::SocketAddr>,
 
     /// Ports to label the metrics by (every other port counts as port="other"); at most 64.
@@ -301,6 +301,36 @@ pub fn parse_port_range(text: &str) -> Result<PortRange, String> {
     }
 }
 
+/// A listening address as exporters take it: `HOST:PORT` with an address or a name
+/// (`localhost`), or `:PORT` for every address (IPv6 and IPv4 where the host has IPv6).
+fn parse_listen_addr(text: &str) -> Result<std::net::SocketAddr, String> {
+    use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, ToSocketAddrs as _};
+    let text = text.trim();
+    if let Ok(addr) = text.parse::<SocketAddr>() {
+        return Ok(addr);
+    }
+    let usage =
+        || format!("'{text}' is not an address to listen on: use HOST:PORT (127.0.0.1:9750, localhost:9750) or :PORT");
+    let (host, port) = text.rsplit_once(':').ok_or_else(usage)?;
+    let port: u16 = port.parse().map_err(|_| usage())?;
+    if host.is_empty() {
+        let every = if std::path::Path::new("/proc/net/if_inet6").exists() {
+            SocketAddr::from((Ipv6Addr::UNSPECIFIED, port))
+        } else {
+            SocketAddr::from((Ipv4Addr::UNSPECIFIED, port))
+        };
+        return Ok(every);
+    }
+    if host.starts_with('[') || host.contains(':') {
+        return Err(usage());
+    }
+    (host, port)
+        .to_socket_addrs()
+        .map_err(|err| format!("--metrics {text}: cannot resolve {host}: {err}"))?
+        .next()
+        .ok_or_else(|| format!("--metrics {text}: {host} has no address"))
+}
+
 fn parse_pid(text: &str) -> Result<u32, String> {
     match text.trim().parse::<u32>() {
         Ok(pid) if pid > 0 && pid <= i32::MAX as u32 => Ok(pid),
@@ -422,6 +452,21 @@ mod tests {
         for flag in ["--cgroup", "--container"] {
             let err = parse(&[flag, ""]).expect_err("empty").to_string();
             assert!(err.contains(flag), "{flag}: {err}");
+        }
+    }
+
+    #[test]
+    fn metrics_addresses_as_exporters_take_them() {
+        let addr = |text: &str| parse_listen_addr(text).map(|a| a.to_string());
+        assert_eq!(addr("127.0.0.1:9750").as_deref(), Ok("127.0.0.1:9750"));
+        assert_eq!(addr("[::1]:9750").as_deref(), Ok("[::1]:9750"));
+        let localhost = parse_listen_addr("localhost:9750").expect("localhost resolves");
+        assert!(localhost.ip().is_loopback() && localhost.port() == 9750, "{localhost}");
+        let every = parse_listen_addr(":9750").expect(":PORT");
+        assert!(every.ip().is_unspecified() && every.port() == 9750, "{every}");
+        for bad in ["9750", "localhost", ":http", "[::1:9750", "127.0.0.1:99999"] {
+            let err = parse_listen_addr(bad).expect_err(bad);
+            assert!(err.contains("not an address to listen on") || err.contains("cannot resolve"), "{bad}: {err}");
         }
     }
 
