@@ -257,13 +257,15 @@ pub enum OutputFormat {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Attach {
-    /// The best hook this kernel offers: fexit, then kprobe, then tracepoint.
+    /// The first hook this kernel accepts: fexit, then kprobe, then tracepoint (on a
+    /// PREEMPT_RT kernel tracepoint first); `--check` says the order.
     Auto,
-    /// fentry/fexit on inet_bind and inet6_bind (every bind, whatever started it).
+    /// fentry/fexit on __sys_bind (every bind(2)) and on inet_bind/inet6_bind (io_uring's and
+    /// the kernel's own binds), and on __sys_listen.
     Fexit,
-    /// kprobe/kretprobe on inet_bind and inet6_bind, for kernels without BPF trampolines.
+    /// kprobe/kretprobe on the same functions, for kernels without BPF trampolines.
     Kprobe,
-    /// syscalls:sys_enter_bind / sys_exit_bind (the bind(2) syscall only).
+    /// syscalls:sys_{enter,exit}_bind and _listen (bind(2) and listen(2) of 64-bit processes).
     Tracepoint,
 }
 

@@ -1264,7 +1264,7 @@ mod tests {
         event.ret = -libc::ENOMEM;
         let d = run(&event, &[], &BindHistory::default());
         assert_eq!(d.kind, "other");
-        assert_eq!(d.summary, "ENOMEM: Out of memory");
+        assert_eq!(d.summary, "ENOMEM: Cannot allocate memory");
         let mut ok = sample_event();
         ok.ret = 0;
         assert!(diagnose(&ok.into(), |_| None, &BindHistory::default()).is_none());
