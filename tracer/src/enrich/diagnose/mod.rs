@@ -249,7 +249,11 @@ fn in_use(
         .filter(|h| conflicts(requested, event.has(sock_flags::V6ONLY), &h.socket))
         .filter(|h| !listen || h.socket.state == TCP_LISTEN)
         .collect();
-    blocking.sort_by_key(|h| holder_rank(&h.socket));
+    // A holder of the request's own family first: when one blocks, the other family's
+    // (a dual-stack overlap) is not the reason, and fixing IPV6_V6ONLY would not be enough.
+    let other_family =
+        |h: &Holder| !matches!((event.family, h.socket.local), (AF_INET, SocketAddr::V4(_)) | (AF_INET6, SocketAddr::V6(_)));
+    blocking.sort_by_key(|h| (holder_rank(&h.socket), other_family(h)));
     let shown: Vec<&Holder> = blocking
         .iter()
         .filter(|h| !is_connection(h.socket.state))
@@ -321,7 +325,10 @@ fn in_use(
         };
     }
 
-    let live: Vec<&&Holder> = blocking.iter().filter(|h| h.socket.state != TCP_TIME_WAIT).collect();
+    let mut live: Vec<&&Holder> = blocking.iter().filter(|h| h.socket.state != TCP_TIME_WAIT).collect();
+    // The own family leads whatever the states (a dual-stack listener does not outrank a
+    // same-family bound socket as the reason).
+    live.sort_by_key(|h| other_family(h));
     let first = live.first().copied().unwrap_or(first);
     let seen = seen_for(history, key, first);
     let mut unknown = Vec::new();
@@ -1061,6 +1068,44 @@ mod tests {
         let d = run(&event, &facts, &history);
         assert!(d.summary.contains("the old listening socket did not set SO_REUSEADDR"), "{}", d.summary);
         assert_eq!(d.facts.old_socket_reuseaddr, Some(false));
+    }
+
+    /// dnsmasq holds 0.0.0.0:P and [::]:P (IPV6_V6ONLY); a [::] bind fails. The [::] holder
+    /// is the reason: "set IPV6_V6ONLY" would not have been enough (it used to be the advice).
+    #[test]
+    fn a_holder_of_the_same_family_leads_over_a_dual_stack_overlap() {
+        let mut event = sample_event();
+        event.family = AF_INET6;
+        event.addr = std::net::Ipv6Addr::UNSPECIFIED.octets();
+        let facts = vec![(
+            needed_lookups(&event.into()).remove(0),
+            holders_facts(vec![
+                Holder {
+                    socket: socket("0.0.0.0:8080", TCP_LISTEN, None),
+                    processes: vec![nginx()],
+                    owners: OwnersSeen::Complete,
+                },
+                Holder {
+                    socket: socket("[::]:8080", TCP_LISTEN, Some(true)),
+                    processes: vec![nginx()],
+                    owners: OwnersSeen::Complete,
+                },
+            ]),
+        )];
+        let d = run(&event, &facts, &BindHistory::default());
+        assert_eq!(d.kind, "in_use", "{}", d.summary);
+        assert!(!d.summary.contains("IPV6_V6ONLY"), "{}", d.summary);
+        assert!(d.holders.first().is_some_and(|h| h.addr.is_ipv6()), "the [::] holder first: {:?}", d.holders);
+        // Only the IPv4 holder: then dual-stack is the reason, and fixing it is enough.
+        let facts = vec![(
+            needed_lookups(&event.into()).remove(0),
+            holders_facts(vec![Holder {
+                socket: socket("0.0.0.0:8080", TCP_LISTEN, None),
+                processes: vec![nginx()],
+                owners: OwnersSeen::Complete,
+            }]),
+        )];
+        assert_eq!(run(&event, &facts, &BindHistory::default()).kind, "in_use_dual_stack");
     }
 
     #[test]
