@@ -94,6 +94,13 @@ impl BindHistory {
         let binds = self.seen.get(&key)?;
         binds.iter().rev().find(|b| pid.is_none_or(|p| p == b.pid))
     }
+
+    /// [`Self::latest`] for the socket bound to `addr`: a process holding 0.0.0.0:P and
+    /// [::]:P made two binds, and only the blocking socket's tells when it began.
+    pub fn latest_at(&self, key: PortKey, pid: Option<u32>, addr: IpAddr) -> Option<&SeenBind> {
+        let binds = self.seen.get(&key)?;
+        binds.iter().rev().find(|b| pid.is_none_or(|p| p == b.pid) && b.addr == Some(addr))
+    }
 }
 
 #[cfg(test)]
@@ -132,6 +139,23 @@ mod tests {
         assert!(history.latest((ok.netns_ino, 6, 10_000 + CAPACITY as u16 - 1), None).is_some(), "the newest stays");
         assert_eq!(history.order.len(), CAPACITY);
         assert!(history.seen.len() <= CAPACITY);
+    }
+
+    #[test]
+    fn the_bind_of_the_socket_at_an_address_is_found_among_the_ports_binds() {
+        let mut history = BindHistory::default();
+        let mut v4 = sample_event();
+        v4.ret = 0;
+        v4.addr = [0; 16];
+        history.record(&v4, 100);
+        let mut v6 = v4;
+        v6.family = bindtrace_common::AF_INET6;
+        history.record(&v6, 200);
+        let key = (v4.netns_ino, 6, 8080);
+        let any_v4: IpAddr = std::net::Ipv4Addr::UNSPECIFIED.into();
+        assert_eq!(history.latest(key, Some(4242)).map(|b| b.wall_ns), Some(200), "the latest of the two");
+        assert_eq!(history.latest_at(key, Some(4242), any_v4).map(|b| b.wall_ns), Some(100), "0.0.0.0's own");
+        assert!(history.latest_at(key, Some(4242), "127.0.0.1".parse().expect("ip")).is_none());
     }
 
     #[test]

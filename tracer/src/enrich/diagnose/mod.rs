@@ -126,8 +126,17 @@ pub(crate) fn holder_rank(socket: &DiagSocket) -> u8 {
 
 /// The bind bindtrace saw for a holder: by its own process if it bound the port itself, else
 /// the latest on the port (a socket handed to another process, as a supervisor does).
+/// The bind of the holder's own socket (its address) first: a process holding 0.0.0.0:P
+/// and [::]:P made two.
 fn seen_for<'a>(history: &'a BindHistory, key: (u32, u16, u16), holder: &Holder) -> Option<&'a SeenBind> {
-    holder.processes.iter().find_map(|p| history.latest(key, Some(p.pid))).or_else(|| history.latest(key, None))
+    let at = holder.socket.local.ip();
+    holder
+        .processes
+        .iter()
+        .find_map(|p| history.latest_at(key, Some(p.pid), at))
+        .or_else(|| history.latest_at(key, None, at))
+        .or_else(|| holder.processes.iter().find_map(|p| history.latest(key, Some(p.pid))))
+        .or_else(|| history.latest(key, None))
 }
 
 /// A holder list read from /proc/net (sock_diag unavailable) lacks TCP sockets that are only
@@ -251,8 +260,9 @@ fn in_use(
         .collect();
     // A holder of the request's own family first: when one blocks, the other family's
     // (a dual-stack overlap) is not the reason, and fixing IPV6_V6ONLY would not be enough.
-    let other_family =
-        |h: &Holder| !matches!((event.family, h.socket.local), (AF_INET, SocketAddr::V4(_)) | (AF_INET6, SocketAddr::V6(_)));
+    let other_family = |h: &Holder| {
+        !matches!((event.family, h.socket.local), (AF_INET, SocketAddr::V4(_)) | (AF_INET6, SocketAddr::V6(_)))
+    };
     blocking.sort_by_key(|h| (holder_rank(&h.socket), other_family(h)));
     let shown: Vec<&Holder> = blocking
         .iter()
@@ -1106,6 +1116,43 @@ mod tests {
             }]),
         )];
         assert_eq!(run(&event, &facts, &BindHistory::default()).kind, "in_use_dual_stack");
+    }
+
+    /// A process that bound 0.0.0.0:P, then [::]:P (IPV6_V6ONLY): an IPv4 failure is blocked by
+    /// the 0.0.0.0 socket, and its bind is the one reported (it was the later [::] one).
+    #[test]
+    fn the_seen_bind_is_the_blocking_sockets_own() {
+        let event = sample_event(); // IPv4 127.0.0.1:8080
+        let mut history = BindHistory::default();
+        let mut v4 = sample_event();
+        v4.ret = 0;
+        v4.tgid = 977;
+        v4.addr = [0; 16];
+        history.record(&v4, 1_000_000_000);
+        let mut v6 = v4;
+        v6.family = AF_INET6;
+        v6.sock_flags |= sock_flags::V6ONLY;
+        history.record(&v6, 2_000_000_000);
+        let facts = vec![(
+            needed_lookups(&event.into()).remove(0),
+            holders_facts(vec![
+                Holder {
+                    socket: socket("0.0.0.0:8080", TCP_LISTEN, None),
+                    processes: vec![nginx()],
+                    owners: OwnersSeen::Complete,
+                },
+                Holder {
+                    socket: socket("[::]:8080", TCP_LISTEN, Some(true)),
+                    processes: vec![nginx()],
+                    owners: OwnersSeen::Complete,
+                },
+            ]),
+        )];
+        let d = run(&event, &facts, &history);
+        let first = d.holders.first().expect("the blocking holder");
+        assert!(first.addr.is_ipv4(), "{:?}", d.holders);
+        let seen = serde_json::to_value(first).expect("json")["seen_bind"].clone();
+        assert_eq!(seen["time"], "00:00:01.000", "the 0.0.0.0 bind's time, not the [::] one's: {seen}");
     }
 
     #[test]
