@@ -180,6 +180,31 @@ fn dual_stack_clash_between_ipv6_wildcard_and_ipv4() {
     tracer.stop();
 }
 
+/// A process that binds a port twice and exits at once (Node's listen-twice crash, a script
+/// binding twice): bindtrace saw it bind the port, so the failing process held it itself,
+/// also when the lookup comes after it exited. It used to say "released ... retry the bind",
+/// or "no process bindtrace can see has it open".
+#[test]
+fn a_process_that_binds_twice_and_exits_held_the_port_itself() {
+    if !can_load_probe("a_process_that_binds_twice_and_exits_held_the_port_itself") {
+        return;
+    }
+    let port = free_port();
+    let mut tracer = Tracer::start(&["-o", "ndjson", "-P", &port.to_string()]);
+    let child = spawn_child(ChildPlan {
+        hold_first: true,
+        ..ChildPlan::bind(format!("0.0.0.0:{port}").parse().expect("addr"))
+    });
+    let child_pid = child.pid;
+    assert_eq!(child.wait(), libc::EADDRINUSE, "the second bind fails");
+    let failure = tracer.wait_for("the second bind", |e| e["pid"] == child_pid && e["errno"] == 98);
+    let d = tracer.diagnosis_of(&failure);
+    assert_eq!(d["kind"], "in_use_self", "{d}");
+    let summary = d["summary"].as_str().unwrap_or_default();
+    assert!(summary.contains("itself") && !summary.contains("retry the bind"), "{summary}");
+    tracer.stop();
+}
+
 #[test]
 fn holder_in_another_network_namespace_is_found_there() {
     if !can_load_probe("holder_in_another_network_namespace_is_found_there") {

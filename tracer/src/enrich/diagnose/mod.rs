@@ -8,6 +8,7 @@ mod report;
 mod unix;
 mod wording;
 
+use crate::clock::local_time_of_day;
 use smallvec::smallvec;
 use std::net::{IpAddr, SocketAddr};
 
@@ -276,7 +277,32 @@ fn in_use(
     let blocking_total = counted.as_ref().map_or(0, |s| s.total);
     let on_port = census.map_or(holders.len(), PortCensus::total);
     let mut facts = DiagnosisFacts::default();
+    // The failing process itself bound an overlapping address of this port before (a
+    // listen-twice crash, a script binding twice): said as such, also once it has exited and
+    // the port is free again.
+    let own_earlier_bind = history.latest(key, Some(event.tgid)).filter(|seen| {
+        seen.addr.is_some_and(|addr| conflicts_with(requested, event.has(sock_flags::V6ONLY), addr, None))
+    });
     let Some(first) = blocking.first() else {
+        if let Some(own) = own_earlier_bind {
+            return Diagnosis {
+                kind: "in_use_self",
+                summary: format!(
+                    "the failing process (pid {}) held port {port}/{} itself: it bound {} at {} on another socket; \
+                     nothing holds the port now (that socket was closed, or the process exited): bind each address \
+                     once (or set SO_REUSEPORT on both sockets)",
+                    event.tgid,
+                    proto.name(),
+                    own.addr.map(|ip| endpoint(SocketAddr::new(ip, port))).unwrap_or_default(),
+                    local_time_of_day(own.wall_ns)
+                ),
+                holders: reports,
+                facts,
+                unknown: Vec::new(),
+                unix_holders: Vec::new(),
+                holders_summary: None,
+            };
+        }
         let summary = if on_port == 0 {
             format!(
                 "nothing holds port {port}/{} any more: it was released before bindtrace looked; retry the bind",
@@ -355,7 +381,10 @@ fn in_use(
         holders_summary(proto, port, &live.iter().map(|h| (**h).clone()).collect::<Vec<_>>(), seen, blocking_total);
     let cross_family =
         matches!((event.family, first.socket.local), (AF_INET, SocketAddr::V6(_)) | (AF_INET6, SocketAddr::V4(_)));
-    let itself = first.processes.iter().any(|p| p.pid == event.tgid);
+    // Also when no process has the socket open any more but bindtrace saw the failing
+    // process bind it (it exited, leaving the socket to close).
+    let itself = first.processes.iter().any(|p| p.pid == event.tgid)
+        || (first.processes.is_empty() && seen.is_some_and(|s| s.pid == event.tgid));
     let connected = !first.socket.peer.ip().is_unspecified() && first.socket.state != TCP_LISTEN;
     let in_ephemeral_range = local_port_range.filter(|(lo, hi)| (*lo..=*hi).contains(&port));
     if let Some((lo, hi)) = in_ephemeral_range {
