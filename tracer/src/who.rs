@@ -117,8 +117,10 @@ fn open_netns(spec: Option<&str>) -> Result<Netns> {
     match spec {
         None => Ok(Netns::Own),
         Some(pid) if pid.bytes().all(|b| b.is_ascii_digit()) => {
-            Netns::open_path(Path::new(&format!("/proc/{pid}/ns/net")))
-                .with_context(|| format!("--netns {pid}: no such process"))
+            if !Path::new(&format!("/proc/{pid}")).exists() {
+                anyhow::bail!("--netns {pid}: no such process");
+            }
+            Netns::open_path(Path::new(&format!("/proc/{pid}/ns/net"))).with_context(|| format!("--netns {pid}"))
         }
         Some(path) => Netns::open_path(Path::new(path)),
     }

@@ -505,6 +505,13 @@ fn bad_input_is_one_line_and_exit_2() {
     // anything attaches (it used to trace, then fail at exit with status 1).
     assert_one_line_usage_error(&["--file", "/proc/version"], "a file of proc");
     assert_one_line_usage_error(&["--bogus-flag"], "--bogus-flag");
+    // A namespace file of another kind is bad input, not "port free" (it exited 1).
+    assert_one_line_usage_error(&["who", "8080", "--netns", "/proc/self/ns/mnt"], "is not a network namespace");
+    // PID 1 exists: whatever keeps bindtrace out of its namespace, it is not "no such process".
+    let (status, _, stderr) = run_to_end(&["who", "8080", "--netns", "1", "-o", "none"]);
+    if status.code() == Some(2) {
+        assert!(!stderr.contains("no such process") && stderr.contains("--netns 1"), "{stderr}");
+    }
     // The whole first paragraph of clap's message: what is missing, and the valid values.
     assert_one_line_usage_error(&["who"], "<PORT[/tcp|/udp]>");
     assert_one_line_usage_error(&["-o", "xml"], "possible values: table, ndjson");

@@ -42,6 +42,17 @@ fn is_namespace_file(file: &File) -> bool {
     (unsafe { libc::fstatfs(file.as_raw_fd(), &mut stat) } == 0) && stat.f_type as i64 == NSFS_MAGIC
 }
 
+/// Is this namespace file a network namespace's (not a mount or pid namespace's)? Asked with
+/// `NS_GET_NSTYPE` (4.11); a kernel without it is trusted, as setns then checks.
+fn is_network_namespace(file: &File) -> bool {
+    use std::os::fd::AsRawFd as _;
+    /// `NS_GET_NSTYPE`, `_IO(0xb7, 0x3)` in linux/nsfs.h.
+    const NS_GET_NSTYPE: libc::c_ulong = 0xb703;
+    // SAFETY: an ioctl without an argument on an open fd.
+    let kind = unsafe { libc::ioctl(file.as_raw_fd(), NS_GET_NSTYPE) };
+    kind < 0 || kind == libc::CLONE_NEWNET
+}
+
 /// Inode of bindtrace's own network namespace.
 pub fn own_inode() -> Option<u64> {
     static OWN: OnceLock<Option<u64>> = OnceLock::new();
@@ -66,7 +77,7 @@ impl Netns {
         if Some(inode) == own_inode() {
             return Ok(Self::Own);
         }
-        if !is_namespace_file(&file) {
+        if !is_namespace_file(&file) || !is_network_namespace(&file) {
             anyhow::bail!(
                 "{} is not a network namespace (give a pid, /proc/PID/ns/net or /run/netns/NAME)",
                 path.display()
