@@ -347,22 +347,27 @@ fn render_table(out: &mut String, holders: &[Holder], census: Option<&PortCensus
         let socket = &holder.socket;
         let peer = if socket.peer.ip().is_unspecified() { "-".to_owned() } else { endpoint(socket.peer) };
         let state = state_name(socket.proto, socket.state);
-        // One row per process holding the socket; one row saying so when none does.
-        let rows: Vec<(String, String, String)> = if holder.processes.is_empty() {
+        // One row per process holding the socket, with the process's own uid (a socket made
+        // by root and handed to a worker that dropped privileges differ); one row saying so
+        // when none does, with the uid of the socket.
+        let rows: Vec<(String, String, String, String)> = if holder.processes.is_empty() {
             let note = match (socket.timer_ms, holder.blind_reason()) {
                 (_, Some(_)) => "(not visible)".to_owned(),
                 (Some(ms), None) => format!("(no process; timer {} s)", ms.div_ceil(1000)),
                 (None, None) => "(no process)".to_owned(),
             };
-            vec![("-".to_owned(), note, "-".to_owned())]
+            vec![("-".to_owned(), note, format!("{} (socket)", socket.uid), "-".to_owned())]
         } else {
             holder
                 .processes
                 .iter()
-                .map(|process| (process.pid.to_string(), escaped(&process.comm), escaped(&runs_in(process))))
+                .map(|process| {
+                    let uid = process.uid.map_or_else(|| "?".to_owned(), |uid| uid.to_string());
+                    (process.pid.to_string(), escaped(&process.comm), uid, escaped(&runs_in(process)))
+                })
                 .collect()
         };
-        for (pid, comm, cgroup) in rows {
+        for (pid, comm, uid, cgroup) in rows {
             table.row([
                 socket.proto.name().to_owned(),
                 state.to_owned(),
@@ -370,7 +375,7 @@ fn render_table(out: &mut String, holders: &[Holder], census: Option<&PortCensus
                 peer.clone(),
                 pid,
                 comm,
-                socket.uid.to_string(),
+                uid,
                 cgroup,
             ]);
         }

@@ -1056,3 +1056,41 @@ fn the_cgroup_filter_selects_a_cgroup_and_its_descendants_in_the_kernel() {
     let _ = std::fs::remove_dir(&child_group);
     let _ = std::fs::remove_dir(&selected);
 }
+
+/// `who`'s table: the UID on a process row is the process's, not the socket's. A socket made
+/// by root and handed to a worker that runs as another user (nginx's workers) showed uid 0 on
+/// the worker's row.
+#[test]
+fn who_shows_each_processs_own_uid() {
+    if !can_load_probe("who_shows_each_processs_own_uid") {
+        return;
+    }
+    use std::os::{fd::AsRawFd as _, unix::process::CommandExt as _};
+    let port = free_port();
+    let listener = tcp(Domain::IPV4);
+    listener.bind(&addr(&format!("127.0.0.1:{port}"))).expect("bind");
+    listener.listen(8).expect("listen");
+    let fd = listener.as_raw_fd();
+    let mut command = std::process::Command::new("sleep");
+    command.arg("60").uid(65534).gid(65534).stdin(std::process::Stdio::null());
+    // SAFETY: dup2 and fcntl are async-signal-safe; the copy at fd 3 has no CLOEXEC.
+    unsafe {
+        command.pre_exec(move || {
+            let rc = if fd == 3 { libc::fcntl(3, libc::F_SETFD, 0) } else { libc::dup2(fd, 3) };
+            if rc < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut worker = command.spawn().expect("sleep as uid 65534");
+    drop(listener);
+    let (status, table, stderr) = run_to_end(&["who", &format!("{port}/tcp"), "-o", "table"]);
+    let _ = worker.kill();
+    let _ = worker.wait();
+    assert_eq!(status.code(), Some(0), "{stderr}");
+    let header = table.lines().next().expect("a header");
+    let uid_column = header.split_whitespace().position(|c| c == "UID").expect("a UID column");
+    let row = table.lines().find(|l| l.contains(&worker.id().to_string())).unwrap_or_else(|| panic!("{table}"));
+    assert_eq!(row.split_whitespace().nth(uid_column), Some("65534"), "{table}");
+}
