@@ -62,6 +62,8 @@ impl ProcessInfo {
                 cut -= 1;
             }
             cmdline.truncate(cut);
+            // Said as cut: "bind(('0.0.0.0',18" must not read as port 18.
+            cmdline.push('…');
         }
         let cgroup = process.cgroups().ok().and_then(|groups| {
             let groups: Vec<_> = groups.into_iter().collect();
@@ -85,7 +87,10 @@ impl ProcessInfo {
 /// UTF-8 written as `\xNN`.
 fn cmdline_text(raw: &[u8]) -> String {
     let mut text = String::with_capacity(raw.len());
-    for (i, arg) in raw.strip_suffix(b"\0").unwrap_or(raw).split(|&b| b == 0).enumerate() {
+    // A process that rewrote its title in place (redis, nginx, postgres) leaves the rest of
+    // the old argv as NULs or spaces: trailing ones are padding, not arguments.
+    let end = raw.iter().rposition(|&b| b != 0 && b != b' ').map_or(0, |last| last + 1);
+    for (i, arg) in raw[..end].split(|&b| b == 0).enumerate() {
         if i > 0 {
             text.push(' ');
         }
@@ -597,6 +602,10 @@ mod tests {
         assert_eq!(cmdline_text(b"sleep\x0060\x00"), "sleep 60");
         assert_eq!(cmdline_text(b"srv\x00--name=\xff\xfeok\x00"), "srv --name=\\xff\\xfeok");
         assert_eq!(cmdline_text(b""), "");
+        // redis rewrites its title over the old argv: the rest is padding.
+        assert_eq!(cmdline_text(b"redis-server *:6379\x00\x00\x00\x00"), "redis-server *:6379");
+        assert_eq!(cmdline_text(b"redis-server *:6379                \x00"), "redis-server *:6379");
+        assert_eq!(cmdline_text(b"nginx: worker process\x00\x00 \x00"), "nginx: worker process");
         // A live process whose argv is not UTF-8 (issue 11: its command line came out empty).
         use std::os::unix::ffi::OsStrExt as _;
         let mut child = std::process::Command::new("sh")

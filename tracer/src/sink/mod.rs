@@ -122,7 +122,15 @@ fn is_bidi_control(c: char) -> bool {
 pub fn push_escaped(out: &mut String, bytes: &[u8]) {
     for chunk in bytes.utf8_chunks() {
         for c in chunk.valid().chars() {
-            if c.is_control() || is_bidi_control(c) {
+            // The escapes a reader knows for the common controls (a newline inside a
+            // `python -c` command line), `\u{..}` for the rest.
+            if c == '\n' {
+                out.push_str("\\n");
+            } else if c == '\t' {
+                out.push_str("\\t");
+            } else if c == '\r' {
+                out.push_str("\\r");
+            } else if c.is_control() || is_bidi_control(c) {
                 let _ = write!(out, "\\u{{{:x}}}", c as u32);
             } else if c == '\\' {
                 out.push_str("\\\\");
@@ -172,7 +180,7 @@ pub(crate) mod tests {
     fn control_characters_are_escaped() {
         assert_eq!(escaped(b"nginx"), "nginx");
         assert_eq!(escaped(b"\x1b[31mred"), "\\u{1b}[31mred");
-        assert_eq!(escaped(b"a\nb\tc\x7f"), "a\\u{a}b\\u{9}c\\u{7f}");
+        assert_eq!(escaped(b"a\nb\tc\r\x7f"), "a\\nb\\tc\\r\\u{7f}");
         assert_eq!(escaped("é\u{9b}".as_bytes()), "é\\u{9b}", "C1 controls too");
         assert_eq!(escaped(b"\xff\xfe"), "\\xff\\xfe");
         assert_eq!(escaped(b"back\\slash"), "back\\\\slash");

@@ -46,7 +46,7 @@ pub(crate) fn who(holder: &Holder, seen: Option<&SeenBind>) -> String {
         },
         ([first, rest @ ..], _) => {
             let name = if first.cmdline.is_empty() { &first.comm } else { &first.cmdline };
-            let mut text = format!("pid {} ({})", first.pid, name.chars().take(80).collect::<String>());
+            let mut text = format!("pid {} ({})", first.pid, shortened(name, 80));
             if let Some(forwards) = &first.forwards {
                 // docker-proxy's own command line is noise next to what it forwards.
                 text = format!("pid {} ({}){}", first.pid, first.comm, forwards.describe());
@@ -127,4 +127,25 @@ pub(crate) fn stop_advice(holder: &Holder) -> String {
         );
     }
     first.identity.as_ref().and_then(|i| i.stop_advice()).unwrap_or_else(|| "stop it or bind another port".to_owned())
+}
+
+/// `text` cut to `chars` characters, with an ellipsis when cut: a command line cut after
+/// `bind(("0.0.0.0",18` must not read as port 18.
+pub(crate) fn shortened(text: &str, chars: usize) -> String {
+    match text.char_indices().nth(chars) {
+        Some((end, _)) => format!("{}…", &text[..end]),
+        None => text.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cut_text_says_it_was_cut() {
+        assert_eq!(shortened("python3 -c import socket", 80), "python3 -c import socket");
+        assert_eq!(shortened("a.bind((\"0.0.0.0\",18000))", 20), "a.bind((\"0.0.0.0\",18…");
+        assert_eq!(shortened("名前付き", 2), "名前…");
+    }
 }
