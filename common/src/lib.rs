@@ -28,7 +28,7 @@ pub mod names {
     pub const EVENTS: &str = "EVENTS";
     pub const IN_FLIGHT: &str = "IN_FLIGHT";
     pub const ENTRIES: &str = "ENTRIES";
-    pub const ATTACHED_AT: &str = "ATTACHED_AT";
+    pub const ATTACH_STATE: &str = "ATTACH_STATE";
     pub const STATS: &str = "STATS";
     pub const FILTER_PIDS: &str = "FILTER_PIDS";
     pub const CONFIG: &str = "BINDTRACE_CONFIG";
@@ -386,6 +386,26 @@ pub struct KernelLayout {
     /// another path where one is missing; the verifier, which sees this read-only value,
     /// never looks at the call it cannot make.
     pub kernel_helpers: u32,
+    /// Where `struct pt_regs` keeps the number of the syscall under way (x86_64 `orig_ax`,
+    /// arm64 `syscallno`; [`NO_MEMBER`]: unknown), and the numbers of bind(2) on this
+    /// architecture (native, compat, and compat socketcall; [`NO_MEMBER`] where none): with
+    /// `bpf_task_pt_regs`, the inet_bind hooks know they run inside bind(2) from these, not
+    /// from a mark an entry hook left (which a skipped entry hook never leaves).
+    pub pt_regs_syscall_nr: u32,
+    pub bind_syscall_nrs: [u32; 3],
+}
+
+/// A member the kernel's BTF does not have, or a number that does not exist.
+pub const NO_MEMBER: u32 = u32::MAX;
+
+/// Indexes of the `ATTACH_STATE` array, which the tracer writes once attached.
+pub mod attach_state {
+    /// When attaching ended (CLOCK_MONOTONIC ns; 0 before).
+    pub const ATTACHED_AT: u32 = 0;
+    /// 1 when the backend's hooks on `__sys_bind` are attached (its inet_bind hooks then
+    /// stand aside inside bind(2)).
+    pub const SYSCALL_HOOKED: u32 = 1;
+    pub const COUNT: u32 = 2;
 }
 
 impl KernelLayout {
@@ -411,7 +431,7 @@ pub mod kernel_helpers {
 
 /// Every shared layout is checked here and by the `bytemuck::Pod` derives (which refuse any
 /// implicit padding): a field added without its padding fails the build.
-const _: () = assert!(core::mem::size_of::<KernelLayout>() == 23 * 4 + 11 * 8 + 4);
+const _: () = assert!(core::mem::size_of::<KernelLayout>() == 23 * 4 + 11 * 8 + 4 + 4 * 4);
 const _: () = assert!(core::mem::size_of::<FilterConfig>() == 32 + 64 + 32 + 64 + 16 + 16 + 8);
 const _: () = assert!(
     core::mem::size_of::<ProbeConfig>()
@@ -648,6 +668,8 @@ impl ProbeConfig {
                 inet_transparent: FieldLoc::ABSENT,
                 inet_bind_address_no_port: FieldLoc::ABSENT,
                 kernel_helpers: 0,
+                pt_regs_syscall_nr: NO_MEMBER,
+                bind_syscall_nrs: [NO_MEMBER; 3],
             },
             filter: FilterConfig::accept_all(),
             wakeup_bytes: 0,

@@ -2,9 +2,9 @@
 //! them, the syscall's arguments) in a per-thread entry, or the kprobe backend's stash.
 
 use aya_ebpf::helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, generated};
-use bindtrace_common::{stat, KernelLayout};
+use bindtrace_common::{attach_state, kernel_helpers, stat, KernelLayout, NO_MEMBER};
 
-use crate::maps::{count, ATTACHED_AT, ENTRIES, IN_FLIGHT};
+use crate::maps::{config, count, ATTACH_STATE, ENTRIES, IN_FLIGHT};
 
 /// A kprobe-backend bind() between entry and exit: the kretprobe sees only the return value,
 /// so the entry stashes the arguments. Everything else is read at exit, after the result
@@ -88,17 +88,50 @@ pub(crate) fn stamp_syscall_entry(args: Option<SyscallArgs>) {
     // the kretprobe of its last bind never ran (out of return instances) and no backstop
     // reported it (a compat caller's: see `hooks::bindtrace_sys_exit_bind_backstop`). Counted
     // now, when the thread binds again.
-    if args.is_some() && inside_syscall(bpf_get_current_pid_tgid() as u32) {
+    if args.is_some() && marked_inside_syscall(bpf_get_current_pid_tgid() as u32) {
         count(stat::RETURN_MISSED);
     }
     put_entry(args.unwrap_or(NO_ARGS), 1);
 }
 
-/// Is this thread inside a hooked `__sys_bind` (so an inet_bind hook must stand aside)?
+/// Does this thread's entry carry the mark of a hooked `__sys_bind`?
 #[inline(always)]
-pub(crate) fn inside_syscall(tid: u32) -> bool {
+fn marked_inside_syscall(tid: u32) -> bool {
     // SAFETY: a value of the map, read at once.
     unsafe { ENTRIES.get(tid) }.is_some_and(|entry| entry.tid == tid && entry.in_syscall != 0)
+}
+
+/// Is this thread inside a hooked `__sys_bind` (so an inet_bind hook must stand aside)? From
+/// the number of the syscall under way where the kernel lets the probe read it (5.15): that
+/// holds even when the entry hook was skipped (a preempted program on PREEMPT_RT: the bind
+/// was reported twice) or a missed return left a stale mark. Else from the entry's mark.
+#[inline(always)]
+pub(crate) fn inside_syscall(tid: u32) -> bool {
+    let layout = &config().layout;
+    if layout.has_helper(kernel_helpers::TASK_PT_REGS)
+        && layout.pt_regs_syscall_nr != NO_MEMBER
+        && ATTACH_STATE.get(attach_state::SYSCALL_HOOKED).is_some_and(|hooked| *hooked != 0)
+    {
+        let nr = current_syscall_nr(layout);
+        // Three comparisons, no loop for the verifier to walk.
+        let [native, compat, socketcall] = layout.bind_syscall_nrs;
+        return nr == native || nr == compat || nr == socketcall;
+    }
+    marked_inside_syscall(tid)
+}
+
+/// The number of the syscall the current task is in, from its saved user registers (see
+/// [`syscall_args`]). Kernel threads (io_uring's workers, in-kernel binds) have zeroed
+/// registers: syscall 0, never bind.
+#[inline(always)]
+fn current_syscall_nr(layout: &KernelLayout) -> u32 {
+    // SAFETY: as in `syscall_args`: the current task's own registers, at a verifier-known
+    // offset. The low 32 bits (little-endian) are the number (arm64's `syscallno` is an int).
+    unsafe {
+        let task = generated::bpf_get_current_task_btf();
+        let regs = generated::bpf_task_pt_regs(task) as usize as *const u8;
+        core::ptr::read_volatile(regs.add(layout.pt_regs_syscall_nr as usize).cast::<u32>())
+    }
 }
 
 /// A thread's entry as its exit took it out. Plain, always-initialised fields rather than an
@@ -157,7 +190,7 @@ const ATTACH_WINDOW_NS: u64 = 1_000_000_000;
 /// the attach (inherent to attaching mid-call), else as lost.
 #[inline(always)]
 pub(crate) fn missing_entry() {
-    let attached_at = ATTACHED_AT.get(0).copied().unwrap_or(0);
+    let attached_at = ATTACH_STATE.get(attach_state::ATTACHED_AT).copied().unwrap_or(0);
     // SAFETY: a helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
     if attached_at == 0 || now < attached_at.saturating_add(ATTACH_WINDOW_NS) {

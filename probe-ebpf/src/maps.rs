@@ -5,7 +5,7 @@ use aya_ebpf::{
     macros::map,
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
-use bindtrace_common::{stat, ProbeConfig};
+use bindtrace_common::{attach_state, stat, ProbeConfig};
 use core::intrinsics::{atomic_xadd, AtomicOrdering};
 
 use crate::entry::{EntryStamp, InFlight};
@@ -35,10 +35,11 @@ pub(crate) const ENTRIES_MAX: u32 = 1 << 14;
 #[map(name = "IN_FLIGHT")]
 pub(crate) static IN_FLIGHT: LruHashMap<u32, InFlight> = LruHashMap::with_max_entries(ENTRIES_MAX, 0);
 
-/// When the tracer finished attaching (CLOCK_MONOTONIC ns; 0 before): an exit without its
-/// entry this soon after is a bind that was under way at attach, not a loss.
-#[map(name = "ATTACHED_AT")]
-pub(crate) static ATTACHED_AT: Array<u64> = Array::with_max_entries(1, 0);
+/// What the tracer says once attached (`bindtrace_common::attach_state`): when attaching
+/// ended (an exit without its entry this soon after is a bind that was under way at attach,
+/// not a loss), and whether `__sys_bind` is hooked.
+#[map(name = "ATTACH_STATE")]
+pub(crate) static ATTACH_STATE: Array<u64> = Array::with_max_entries(attach_state::COUNT, 0);
 
 /// Per-CPU counters, indexed by `bindtrace_common::stat`.
 #[map(name = "STATS")]

@@ -6,7 +6,7 @@
 use std::path::Path;
 
 use anyhow::{anyhow, bail, Context as _, Result};
-use bindtrace_common::{kernel_helpers, names, FieldLoc, KernelLayout};
+use bindtrace_common::{kernel_helpers, names, FieldLoc, KernelLayout, NO_MEMBER};
 use btf_rs::{Backend, Btf, Struct, Type};
 
 pub const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
@@ -41,6 +41,16 @@ struct FdToSocket {
     file_private_data: u32,
     socket_file: u32,
 }
+
+/// bind(2)'s numbers on this architecture: native, 32-bit compat, and the compat socketcall
+/// multiplexer (x86 only). The others' numbers on the native table are syscalls that never
+/// bind (x86_64 102 is getuid; arm64 282 is userfaultfd), so a match means bind.
+#[cfg(target_arch = "x86_64")]
+const BIND_SYSCALL_NRS: [u32; 3] = [49, 361, 102];
+#[cfg(target_arch = "aarch64")]
+const BIND_SYSCALL_NRS: [u32; 3] = [200, 282, NO_MEMBER];
+#[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+const BIND_SYSCALL_NRS: [u32; 3] = [NO_MEMBER; 3];
 
 /// Where one member sits inside its outermost struct.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -267,6 +277,8 @@ impl KernelTypes {
             inet_transparent: self.inet_flag("transparent", "INET_FLAGS_TRANSPARENT")?,
             inet_bind_address_no_port: self.inet_flag("bind_address_no_port", "INET_FLAGS_BIND_ADDRESS_NO_PORT")?,
             kernel_helpers: self.kernel_helpers() & !pt_regs,
+            pt_regs_syscall_nr: self.syscall_nr_register().unwrap_or(NO_MEMBER),
+            bind_syscall_nrs: BIND_SYSCALL_NRS,
         };
         Ok((layout, fd_to_socket.map(|_| ()).map_err(|err| format!("{err:#}"))))
     }
@@ -286,6 +298,12 @@ impl KernelTypes {
             file_private_data: self.offset("file", "private_data")?,
             socket_file: self.offset("socket", "file")?,
         })
+    }
+
+    /// Where `struct pt_regs` keeps the number of the syscall under way: `orig_ax` on x86_64
+    /// (`ax` holds the return value by the end), `syscallno` on arm64.
+    fn syscall_nr_register(&self) -> Result<u32> {
+        self.offset("pt_regs", "orig_ax").or_else(|_| self.offset("pt_regs", "syscallno"))
     }
 
     /// Where `struct pt_regs` keeps a syscall's first three arguments when `sys_exit` runs:
@@ -490,6 +508,9 @@ mod tests {
         assert!(layout.task_files > 0 && layout.task_nsproxy > 0);
         #[cfg(target_arch = "x86_64")]
         assert_eq!(layout.syscall_args, [112, 104, 96], "pt_regs di, si, dx (UAPI layout)");
+        #[cfg(target_arch = "x86_64")]
+        assert_eq!(layout.pt_regs_syscall_nr, 120, "pt_regs orig_ax (UAPI layout)");
+        assert_ne!(layout.pt_regs_syscall_nr, bindtrace_common::NO_MEMBER, "the syscall number's register");
         assert_eq!(layout.socket_sk % 8, 0);
         assert_eq!(layout.sock_reuse.bit_width, 4, "skc_reuse is a 4-bit field");
         assert_eq!(layout.sock_reuseport.bit_width, 1);

@@ -10,7 +10,7 @@ use aya::{
     Btf, Ebpf, EbpfLoader,
 };
 use aya_log::EbpfLogger;
-use bindtrace_common::{names, stat, Backend, ProbeConfig};
+use bindtrace_common::{attach_state, names, stat, Backend, ProbeConfig};
 
 use std::os::fd::{AsFd as _, AsRawFd as _};
 
@@ -640,15 +640,19 @@ fn parse_program_fdinfo(name: &str, info: &str) -> ProgramStats {
     }
 }
 
-/// Tells the probe when attaching ended: an exit without its entry within a second of this is
-/// a call that was under way at attach, counted apart from the lost ones.
-fn mark_attached(ebpf: &mut Ebpf) -> Result<()> {
+/// Tells the probe what attaching did (`bindtrace_common::attach_state`): when it ended (an
+/// exit without its entry within a second of this is a call that was under way at attach,
+/// counted apart from the lost ones), and whether `__sys_bind` is hooked.
+fn mark_attached(ebpf: &mut Ebpf, syscall_hooked: bool) -> Result<()> {
     let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).context("reading the monotonic clock")?;
     let ns = u64::try_from(now.tv_sec()).unwrap_or(0) * 1_000_000_000 + u64::try_from(now.tv_nsec()).unwrap_or(0);
-    let mut attached: Array<_, u64> = Array::try_from(
-        ebpf.map_mut(names::ATTACHED_AT).ok_or_else(|| anyhow!("probe has no {} map", names::ATTACHED_AT))?,
+    let mut state: Array<_, u64> = Array::try_from(
+        ebpf.map_mut(names::ATTACH_STATE).ok_or_else(|| anyhow!("probe has no {} map", names::ATTACH_STATE))?,
     )?;
-    attached.set(0, ns, 0).context("writing the attach time for the probe")?;
+    state
+        .set(attach_state::SYSCALL_HOOKED, u64::from(syscall_hooked), 0)
+        .context("writing the probe's attach state")?;
+    state.set(attach_state::ATTACHED_AT, ns, 0).context("writing the attach time for the probe")?;
     Ok(())
 }
 
@@ -713,7 +717,7 @@ impl AttachedProbe {
             bail!("--attach {} (bindtrace --check tells what this kernel supports)", refusals.join("; "));
         };
         log::debug!("programs loaded and attached in {:?}", started.elapsed());
-        mark_attached(&mut ebpf)?;
+        mark_attached(&mut ebpf, backend != Backend::Tracepoint && coverage.every_bind_syscall)?;
         log_verifier_work(&ebpf);
         let stats = PerCpuArray::try_from(
             ebpf.take_map(names::STATS).ok_or_else(|| anyhow!("probe has no {} map", names::STATS))?,
@@ -818,7 +822,8 @@ mod tests {
                 "{name}: by tid, evicting"
             );
         }
-        assert_eq!(map(names::ATTACHED_AT).map_type(), BPF_MAP_TYPE_ARRAY);
+        let state = map(names::ATTACH_STATE);
+        assert_eq!((state.map_type(), state.max_entries()), (BPF_MAP_TYPE_ARRAY, attach_state::COUNT));
         let mut programs = vec![
             names::PROG_ENTER,
             names::PROG_EXIT,
