@@ -47,7 +47,7 @@ fn is_namespace_file(file: &File) -> bool {
 fn is_network_namespace(file: &File) -> bool {
     use std::os::fd::AsRawFd as _;
     /// `NS_GET_NSTYPE`, `_IO(0xb7, 0x3)` in linux/nsfs.h.
-    const NS_GET_NSTYPE: libc::c_ulong = 0xb703;
+    const NS_GET_NSTYPE: libc::Ioctl = 0xb703;
     // SAFETY: an ioctl without an argument on an open fd.
     let kind = unsafe { libc::ioctl(file.as_raw_fd(), NS_GET_NSTYPE) };
     kind < 0 || kind == libc::CLONE_NEWNET
