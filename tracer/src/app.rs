@@ -439,9 +439,10 @@ fn who_main(args: &WhoArgs) -> ExitCode {
     match who::run(args, &netns) {
         Ok(who::Verdict::Held) => ExitCode::SUCCESS,
         Ok(who::Verdict::Free) => ExitCode::from(EXIT_FAILURE),
+        // Not 1: that says the port is free, and a lookup that failed saw nothing.
         Err(err) => {
             print_error(&format!("{err:#}"));
-            ExitCode::from(EXIT_FAILURE)
+            ExitCode::from(EXIT_USAGE)
         }
     }
 }

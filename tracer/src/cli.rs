@@ -14,7 +14,8 @@ Examples:
   sudo bindtrace --errno EADDRINUSE        only binds that failed with 'Address already in use'
   sudo bindtrace -x -P 8000-8100           failed binds on ports 8000 to 8100
   sudo bindtrace -p 4242 --proto udp       UDP binds of process 4242
-  sudo bindtrace -o ndjson > trace.ndjson  one JSON object per line (schema: docs/ndjson-schema.md)
+  sudo bindtrace -o ndjson > trace.ndjson  one JSON object per line (schema: ndjson-schema.md in
+                                           /usr/share/doc/bindtrace, or docs/ in the source)
   sudo bindtrace -d 30s --file trace.ndjson
   sudo bindtrace -o ndjson | jq 'select(.ok == false)'
   sudo bindtrace who 8080                  who holds port 8080 now (TCP and UDP)
@@ -40,7 +41,14 @@ pub struct Cli {
 
     /// Only these results: errno names in any case or numbers, comma-separated
     /// (EADDRINUSE,eacces,22; -98 as `ret` shows it is 98).
-    #[arg(long, value_name = "LIST", value_delimiter = ',', value_parser = errno::parse, allow_negative_numbers = true)]
+    #[arg(
+        long,
+        value_name = "LIST",
+        value_delimiter = ',',
+        value_parser = Completed { parse: errno::parse, values: || errno::names().collect() },
+        allow_negative_numbers = true,
+        hide_possible_values = true
+    )]
     pub errno: Vec<i32>,
 
     /// Only failed binds.
@@ -77,7 +85,12 @@ pub struct Cli {
 
     /// Only binds inside this container (a Docker or podman name or id, or a containerd
     /// id), applied in the kernel by its cgroup. Repeat for more.
-    #[arg(long = "container", value_name = "NAME|ID", value_parser = clap::builder::NonEmptyStringValueParser::new())]
+    #[arg(
+        long = "container",
+        value_name = "NAME|ID",
+        value_parser = clap::builder::NonEmptyStringValueParser::new(),
+        value_hint = clap::ValueHint::Other
+    )]
     pub containers: Vec<String>,
 
     /// Only binds by processes in this cgroup v2 group or below it: a path such as
@@ -87,7 +100,12 @@ pub struct Cli {
     pub cgroups: Vec<String>,
 
     /// Only this address family.
-    #[arg(long, value_name = "4|6|unix", value_parser = parse_family)]
+    #[arg(
+        long,
+        value_name = "4|6|unix",
+        value_parser = Completed { parse: parse_family, values: || vec!["4", "6", "unix"] },
+        hide_possible_values = true
+    )]
     pub family: Option<Family>,
 
     /// Only this protocol.
@@ -171,10 +189,90 @@ pub fn write_completions(shell: clap_complete::Shell, out: &mut dyn std::io::Wri
 }
 
 /// bindtrace(1) and a page per subcommand (bindtrace-who(1), ...), in roff, from the
-/// command-line definition, written into `dir`.
+/// command-line definition, written into `dir`; bindtrace(1) and bindtrace-who(1) with what
+/// clap does not know: exit statuses, signals, where the documents are.
 pub fn write_man_pages(dir: &std::path::Path) -> std::io::Result<()> {
-    clap_mangen::generate_to(<Cli as clap::CommandFactory>::command(), dir)
+    let mut command = <Cli as clap::CommandFactory>::command().disable_help_subcommand(true);
+    command.build();
+    clap_mangen::generate_to(command.clone(), dir)?;
+    render_man_page(&command, dir, MAN_TRACER_SECTIONS)?;
+    if let Some(who) = command.get_subcommands().find(|s| s.get_name() == "who") {
+        render_man_page(who, dir, MAN_WHO_SECTIONS)?;
+    }
+    Ok(())
 }
+
+/// The sections clap_mangen renders for `command` (as its `render` picks them), with `extra`
+/// (roff) before the version, over the page `generate_to` wrote.
+fn render_man_page(command: &clap::Command, dir: &std::path::Path, extra: &str) -> std::io::Result<()> {
+    let man = clap_mangen::Man::new(command.clone());
+    let mut out = Vec::new();
+    man.render_title(&mut out)?;
+    man.render_name_section(&mut out)?;
+    man.render_synopsis_section(&mut out)?;
+    man.render_description_section(&mut out)?;
+    if command.get_arguments().any(|a| !a.is_hide_set()) {
+        man.render_options_section(&mut out)?;
+    }
+    if command.get_subcommands().any(|s| !s.is_hide_set()) {
+        man.render_subcommands_section(&mut out)?;
+    }
+    if command.get_after_help().is_some() || command.get_after_long_help().is_some() {
+        man.render_extra_section(&mut out)?;
+    }
+    std::io::Write::write_all(&mut out, extra.as_bytes())?;
+    if command.get_version().is_some() || command.get_long_version().is_some() {
+        man.render_version_section(&mut out)?;
+    }
+    std::fs::write(dir.join(man.get_filename()), out)
+}
+
+const MAN_TRACER_SECTIONS: &str = r#".SH "EXIT STATUS"
+.TP
+0
+Tracing ended as asked: Ctrl-C, SIGTERM, \fB--duration\fR, \fB--count\fR, or the reader of the output went away.
+.TP
+1
+A failure after the input was accepted: the kernel refused every hook, or the output could not be written.
+.TP
+2
+Bad input or missing privileges, said in one line on stderr before anything is attached (an unusable \fB--file\fR too).
+.PP
+\fBbindtrace --check\fR exits 0 when at least one hook works, 1 otherwise.
+.SH SIGNALS
+.TP
+SIGINT, SIGTERM
+End the trace; the summary is printed (to stderr, or as the last NDJSON record).
+.TP
+SIGHUP
+With \fB--file\fR: log rotation. The file is opened again by name (appended to if it exists) and the trace goes on there.
+If it cannot be opened, bindtrace says so once and goes on writing to the file it had. Without \fB--file\fR SIGHUP ends the
+trace like SIGTERM.
+.SH FILES
+.TP
+/usr/share/doc/bindtrace/ndjson-schema.md
+Every field of the NDJSON output, the diagnosis kinds and the summary's counters.
+.TP
+/usr/share/doc/bindtrace/README.md
+What bindtrace sees under each kernel hook, and how to run it in containers and Kubernetes.
+.SH "SEE ALSO"
+bindtrace-who(1), ss(8), bpftool(8)
+"#;
+
+const MAN_WHO_SECTIONS: &str = r#".SH "EXIT STATUS"
+.TP
+0
+A socket holds the port (the holders are listed).
+.TP
+1
+Nothing holds the port: a bind to it would not fail with EADDRINUSE now.
+.TP
+2
+Bad input (a port, a network namespace that is not one), missing privileges, or the lookup could not be made; said in
+one line on stderr.
+.SH "SEE ALSO"
+bindtrace(1), ss(8)
+"#;
 
 #[derive(Debug, clap::Args)]
 pub struct WhoArgs {
@@ -201,6 +299,32 @@ pub struct WhoArgs {
     /// Output format [default: table on a terminal, ndjson otherwise].
     #[arg(short = 'o', long, value_enum)]
     pub output: Option<OutputFormat>,
+}
+
+/// A parser whose values shell completion offers (errno names, families) instead of file
+/// names; the help does not list them (`hide_possible_values`), and parsing stays `parse`'s
+/// (which takes more spellings than the completions offer).
+#[derive(Clone)]
+struct Completed<T> {
+    parse: fn(&str) -> Result<T, String>,
+    values: fn() -> Vec<&'static str>,
+}
+
+impl<T: Clone + Send + Sync + 'static> clap::builder::TypedValueParser for Completed<T> {
+    type Value = T;
+
+    fn parse_ref(
+        &self,
+        cmd: &clap::Command,
+        arg: Option<&clap::Arg>,
+        value: &std::ffi::OsStr,
+    ) -> Result<T, clap::Error> {
+        clap::builder::TypedValueParser::parse_ref(&self.parse, cmd, arg, value)
+    }
+
+    fn possible_values(&self) -> Option<Box<dyn Iterator<Item = clap::builder::PossibleValue> + '_>> {
+        Some(Box::new((self.values)().into_iter().map(clap::builder::PossibleValue::new)))
+    }
 }
 
 /// A port and, optionally, one protocol.
@@ -425,6 +549,41 @@ mod tests {
 
     fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
         Cli::try_parse_from(std::iter::once("bindtrace").chain(args.iter().copied()))
+    }
+
+    /// The pages say what clap cannot: exit statuses (of the trace and of `who`), signals
+    /// (SIGHUP is log rotation), and where the schema is installed.
+    #[test]
+    fn man_pages_have_exit_status_signals_and_files() {
+        let dir = std::env::temp_dir().join(format!("bindtrace-man-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        write_man_pages(&dir).expect("man pages");
+        let page = |name: &str| std::fs::read_to_string(dir.join(name)).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let tracer = page("bindtrace.1");
+        for section in [".SH \"EXIT STATUS\"", ".SH SIGNALS", "SIGHUP", "/usr/share/doc/bindtrace/ndjson-schema.md"] {
+            assert!(tracer.contains(section), "bindtrace.1 lacks {section}");
+        }
+        assert_eq!(tracer.matches("bindtrace who 8080").count(), 1, "the who example once");
+        let who = page("bindtrace-who.1");
+        assert!(who.contains(".SH \"EXIT STATUS\"") && who.contains("Nothing holds the port"), "{who}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Completions offer errno names and families, and no file names for `--container`.
+    #[test]
+    fn completions_offer_values_not_file_names() {
+        let mut script = Vec::new();
+        write_completions(clap_complete::Shell::Bash, &mut script).expect("bash completions");
+        let script = String::from_utf8(script).expect("utf-8");
+        let case = |flag: &str| {
+            let start = script.find(&format!("--{flag})")).unwrap_or_else(|| panic!("--{flag}: {script}"));
+            script[start..].split(";;").next().unwrap_or_default().to_owned()
+        };
+        assert!(case("errno").contains("EADDRINUSE EADDRNOTAVAIL"), "{}", case("errno"));
+        assert!(case("family").contains("\"4 6 unix\""), "{}", case("family"));
+        assert!(!case("container").contains("compgen -f"), "no file names: {}", case("container"));
+        let help = Cli::command().render_long_help().to_string();
+        assert!(!help.contains("EHWPOISON"), "the help does not list every errno");
     }
 
     #[test]

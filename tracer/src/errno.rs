@@ -182,6 +182,11 @@ pub fn name(number: i32) -> Option<&'static str> {
     entry(number).map(|e| e.name.as_str())
 }
 
+/// Every errno name Linux defines, in number order (for shell completion).
+pub fn names() -> impl Iterator<Item = &'static str> {
+    (1..=MAX_ERRNO).filter_map(name)
+}
+
 /// "Address already in use" for 98.
 pub fn message(number: i32) -> Option<&'static str> {
     entry(number).map(|e| e.message)

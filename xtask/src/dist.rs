@@ -210,6 +210,9 @@ fn generate_docs(bindtrace: &Path, dir: &Path) -> Result<Docs> {
     Ok(Docs { man_pages, completions })
 }
 
+/// Documents the .deb installs under /usr/share/doc/bindtrace: (name there, path in the tree).
+const SHIPPED_DOCS: [(&str, &str); 2] = [("ndjson-schema.md", "docs/ndjson-schema.md"), ("README.md", "README.md")];
+
 fn build_deb(arch: Arch, binary: &Path, docs: &Docs, dir: &Path) -> Result<PathBuf> {
     let root = dir.join(format!("deb-{}", arch.deb));
     let _ = std::fs::remove_dir_all(&root);
@@ -237,6 +240,10 @@ fn build_deb(arch: Arch, binary: &Path, docs: &Docs, dir: &Path) -> Result<PathB
     }
     let doc_dir = root.join("usr/share/doc/bindtrace");
     std::fs::create_dir_all(&doc_dir)?;
+    // What the man page points to (its FILES section): the NDJSON schema and the README.
+    for (installed, source) in SHIPPED_DOCS {
+        place(&format!("usr/share/doc/bindtrace/{installed}"), &crate::workspace_root().join(source))?;
+    }
     std::fs::write(
         doc_dir.join("copyright"),
         "Format: https://www.debian.org/doc/packaging-manuals/copyright-format/1.0/\n\
@@ -264,9 +271,13 @@ fn build_deb(arch: Arch, binary: &Path, docs: &Docs, dir: &Path) -> Result<PathB
     run(Command::new("dpkg-deb").args(["--root-owner-group", "-Zxz", "--build"]).arg(&root).arg(&deb))?;
     std::fs::remove_dir_all(&root)?;
     let contents = output(Command::new("dpkg-deb").arg("--contents").arg(&deb))?;
-    for expected in
-        ["./usr/bin/bindtrace", "./usr/share/man/man1/bindtrace.1.gz", "bash-completion/completions/bindtrace"]
-    {
+    for expected in [
+        "./usr/bin/bindtrace",
+        "./usr/share/man/man1/bindtrace.1.gz",
+        "bash-completion/completions/bindtrace",
+        "./usr/share/doc/bindtrace/ndjson-schema.md",
+        "./usr/share/doc/bindtrace/README.md",
+    ] {
         if !contents.lines().any(|l| l.contains(expected)) {
             bail!("{} lacks {expected}:\n{contents}", deb.display());
         }
