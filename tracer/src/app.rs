@@ -404,9 +404,9 @@ fn print_exercise(backend: bindtrace_common::Backend, exercised: &Result<probe::
     for (program, instructions) in &exercise.programs {
         let per_run =
             program.run_time_ns.checked_div(program.runs).map(|ns| format!(" ({ns} ns a run)")).unwrap_or_default();
+        let verified = instructions.map(|n| format!(", {n} instructions verified")).unwrap_or_default();
         println!(
-            "hook {name} program {}: {} runs, {} ns in all{per_run}, {} recursion misses, {instructions} instructions \
-             verified",
+            "hook {name} program {}: {} runs, {} ns in all{per_run}, {} recursion misses{verified}",
             program.name, program.runs, program.run_time_ns, program.recursion_misses
         );
     }

@@ -544,8 +544,9 @@ pub struct Exercise {
     /// The port of the test binds on 127.0.0.1.
     pub port: u16,
     pub counters: KernelCounters,
-    /// Each loaded program's kernel counters, with the instructions the verifier checked.
-    pub programs: Vec<(ProgramStats, u32)>,
+    /// Each loaded program's kernel counters, with the instructions the verifier checked
+    /// (the kernel tells since 5.16).
+    pub programs: Vec<(ProgramStats, Option<u32>)>,
     /// Whether the kernel counted runs and their time (BPF_ENABLE_STATS, 5.8+), or why not.
     pub run_stats: std::result::Result<(), String>,
 }
@@ -592,14 +593,15 @@ fn exercise_hooks(ebpf: &Ebpf) -> Result<Exercise> {
     let counters = KernelCounters::from_sums(&stat_sums(&stats)?);
     let verified: std::collections::HashMap<&str, u32> = ebpf
         .programs()
-        .filter_map(|(name, program)| Some((name, program.info().ok()?.verified_instruction_count().unwrap_or(0))))
+        .filter_map(|(name, program)| Some((name, program.info().ok()?.verified_instruction_count()?)))
+        .filter(|(_, count)| *count > 0)
         .collect();
     let mut programs = program_stats(ebpf);
     programs.sort_by(|a, b| a.name.cmp(&b.name));
     let programs = programs
         .into_iter()
         .map(|stats| {
-            let instructions = verified.get(stats.name.as_str()).copied().unwrap_or(0);
+            let instructions = verified.get(stats.name.as_str()).copied();
             (stats, instructions)
         })
         .collect();
