@@ -243,13 +243,13 @@ impl Identities {
     pub(crate) fn annotate(&mut self, process: &mut ProcessInfo) {
         process.identity = self.of_pid(process.pid).map(|i| (*i).clone());
         if process.comm == "docker-proxy" {
-            process.forwards = self.forwarding(&process.cmdline);
+            process.forwards = self.forwarding(&process.cmdline, process.started_boot_ns());
         }
     }
 
     /// A docker-proxy's command line (`-proto tcp -host-ip 0.0.0.0 -host-port 18500
     /// -container-ip 172.17.0.2 -container-port 8080`) and the container at that address.
-    fn forwarding(&mut self, cmdline: &str) -> Option<Forwarding> {
+    fn forwarding(&mut self, cmdline: &str, started_boot_ns: u64) -> Option<Forwarding> {
         let args: Vec<&str> = cmdline.split(' ').collect();
         let flag = |name: &str| args.windows(2).find(|w| w[0] == name).map(|w| w[1]);
         let publication = Publication {
@@ -259,7 +259,7 @@ impl Identities {
             proto: flag("-proto").unwrap_or("tcp").to_owned(),
         };
         let container_ip: IpAddr = flag("-container-ip")?.parse().ok()?;
-        let (container, unresolved) = match self.runtimes.with_address(container_ip) {
+        let (container, unresolved) = match self.runtimes.with_address(container_ip, started_boot_ns) {
             Ok(container) => (container, None),
             Err(why) => (None, Some(why)),
         };
@@ -363,7 +363,7 @@ mod tests {
         // container is "could not be named", not absent.
         let cmdline =
             "/usr/sbin/docker-proxy -proto udp -host-ip :: -host-port 5353 -container-ip 172.17.0.9 -container-port 53";
-        let forwarding = identities.forwarding(cmdline).expect("a docker-proxy command line");
+        let forwarding = identities.forwarding(cmdline, 0).expect("a docker-proxy command line");
         assert_eq!(forwarding.publication.host_port, 5353);
         assert_eq!(forwarding.publication.container_port, 53);
         assert_eq!(forwarding.publication.proto, "udp");
@@ -371,6 +371,6 @@ mod tests {
         if forwarding.container.is_none() {
             assert_eq!(forwarding.mapping, "[::]:5353 -> 172.17.0.9:53/udp");
         }
-        assert!(identities.forwarding("/usr/sbin/docker-proxy -proto tcp").is_none());
+        assert!(identities.forwarding("/usr/sbin/docker-proxy -proto tcp", 0).is_none());
     }
 }

@@ -83,6 +83,16 @@ impl ProcessInfo {
     }
 }
 
+impl ProcessInfo {
+    /// When it started, as CLOCK_BOOTTIME ns, rounded up to the next clock tick (the kernel
+    /// keeps whole ticks): no earlier than the real start.
+    pub(crate) fn started_boot_ns(&self) -> u64 {
+        // SAFETY: sysconf takes no pointer.
+        let ticks_per_second = u64::try_from(unsafe { libc::sysconf(libc::_SC_CLK_TCK) }).unwrap_or(100).max(1);
+        self.start_time.saturating_add(1).saturating_mul(1_000_000_000) / ticks_per_second
+    }
+}
+
 /// `/proc/PID/cmdline` (NUL-separated arguments) as `ps` shows it, with bytes that are not
 /// UTF-8 written as `\xNN`.
 fn cmdline_text(raw: &[u8]) -> String {

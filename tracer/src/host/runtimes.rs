@@ -193,11 +193,34 @@ struct DockerApi {
     socket: String,
     client: Option<bollard::Docker>,
     listed: Option<(Instant, Vec<Container>)>,
+    /// When the last list was asked for, as CLOCK_BOOTTIME ns (the clock of a process's start
+    /// time): see [`Freshness::MadeAfter`].
+    listed_boot_ns: u64,
+}
+
+/// How recent a list of containers must be.
+#[derive(Clone, Copy)]
+enum Freshness<'a> {
+    /// The usual [`LIST_MAX_AGE`].
+    Recent,
+    /// Recent, and listing this id unless asked again within [`LIST_MIN_AGE`] (a container
+    /// started since).
+    Listing(&'a str),
+    /// Asked for after this moment (CLOCK_BOOTTIME ns): a list made before a docker-proxy
+    /// started can miss its container, or name one that had its address before.
+    MadeAfter(u64),
+}
+
+/// CLOCK_BOOTTIME now, in ns.
+pub(crate) fn boottime_ns() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME)
+        .map(|t| u64::try_from(t.tv_sec()).unwrap_or(0) * 1_000_000_000 + u64::try_from(t.tv_nsec()).unwrap_or(0))
+        .unwrap_or(0)
 }
 
 impl DockerApi {
     fn new(runtime: Runtime, socket: String) -> Self {
-        Self { runtime, socket, client: None, listed: None }
+        Self { runtime, socket, client: None, listed: None, listed_boot_ns: 0 }
     }
 
     /// A call timed out: say so, and rest this runtime for a while.
@@ -240,16 +263,19 @@ impl DockerApi {
         Ok(client)
     }
 
-    /// The running containers, from the last list when it is recent enough.
-    async fn containers(&mut self, fresh_for: Option<&str>) -> Result<&[Container], String> {
+    /// The running containers, from the last list when it is fresh enough.
+    async fn containers(&mut self, fresh: Freshness<'_>) -> Result<&[Container], String> {
         let age = self.listed.as_ref().map(|(at, _)| at.elapsed());
-        let missing =
-            fresh_for.is_some_and(|id| self.listed.as_ref().is_some_and(|(_, list)| !list.iter().any(|c| c.id == id)));
-        let stale = match age {
-            None => true,
-            Some(age) => age > LIST_MAX_AGE || (missing && age > LIST_MIN_AGE),
+        let missing = |id: &str| self.listed.as_ref().is_some_and(|(_, list)| !list.iter().any(|c| c.id == id));
+        let stale = match (age, fresh) {
+            (None, _) => true,
+            (Some(age), _) if age > LIST_MAX_AGE => true,
+            (Some(age), Freshness::Listing(id)) => missing(id) && age > LIST_MIN_AGE,
+            (Some(_), Freshness::MadeAfter(boot_ns)) => self.listed_boot_ns <= boot_ns,
+            (Some(_), Freshness::Recent) => false,
         };
         if stale {
+            let asked_at = boottime_ns();
             let client = self.client().await?;
             let listed =
                 tokio::time::timeout(CALL_TIMEOUT, client.list_containers(None)).await.map_err(|_| self.silent());
@@ -264,6 +290,7 @@ impl DockerApi {
             };
             let containers = listed.into_iter().filter_map(|summary| self.summary_to_container(summary)).collect();
             self.listed = Some((Instant::now(), containers));
+            self.listed_boot_ns = asked_at;
         }
         Ok(self.listed.as_ref().map(|(_, list)| list.as_slice()).unwrap_or_default())
     }
@@ -300,7 +327,7 @@ impl DockerApi {
     }
 
     async fn container(&mut self, id: &str) -> Asked {
-        match self.containers(Some(id)).await {
+        match self.containers(Freshness::Listing(id)).await {
             Ok(list) => {
                 if let Some(found) = list.iter().find(|c| c.id == id) {
                     return Asked::Found(Box::new(found.clone()));
@@ -637,15 +664,22 @@ impl Runtimes {
         Self::within_budget(tokio, self.deadline, self.apis.starting(port, proto), Err)
     }
 
-    /// The container a docker-proxy forwards to, by its `-container-ip`.
-    pub(crate) fn with_address(&mut self, address: IpAddr) -> Result<Option<Container>, String> {
+    /// The container a docker-proxy forwards to, by its `-container-ip`, from a list asked for
+    /// after the proxy started (`proxy_started_boot_ns`, CLOCK_BOOTTIME): an older one may not
+    /// have the container yet (it went unnamed for seconds), or have the one that held the
+    /// address before it (named wrongly).
+    pub(crate) fn with_address(
+        &mut self,
+        address: IpAddr,
+        proxy_started_boot_ns: u64,
+    ) -> Result<Option<Container>, String> {
         let Some(tokio) = &self.tokio else { return Err(NO_TOKIO.to_owned()) };
         let docker = &mut self.apis.docker;
         if !docker.present() {
             return Err(format!("no Docker API socket at {}", docker.socket));
         }
         let find = async {
-            let list = docker.containers(None).await?;
+            let list = docker.containers(Freshness::MadeAfter(proxy_started_boot_ns)).await?;
             Ok(list.iter().find(|c| c.addresses.contains(&address)).cloned())
         };
         Self::within_budget(tokio, self.deadline, find, Err)
@@ -739,7 +773,7 @@ impl Apis {
             if !api.present() {
                 continue;
             }
-            match api.containers(None).await {
+            match api.containers(Freshness::Recent).await {
                 Ok(list) => {
                     for container in list {
                         for publication in container.published.iter().filter(|p| p.host_port == port) {
