@@ -151,6 +151,8 @@ struct Pending {
     keys: NeededLookups,
     /// The lookup of its cgroup's identity. Apart from `keys`: a success needs no vector.
     identity_key: Option<LookupKey>,
+    /// Its identity when its cgroup's path alone told it (no lookup then).
+    identity: Option<Arc<Identity>>,
     arrived: Instant,
     /// Its lookups could not even be tracked (every key slot busy): no diagnosis.
     shed: bool,
@@ -260,7 +262,13 @@ pub struct Enricher {
     /// failure on a port diagnosed within the last second is the one to shed, so that the
     /// room left goes to ports that have none.
     recently_diagnosed: HashMap<(u32, u16, u16), Instant>,
+    /// Cgroup ids whose identity their path alone tells (no container there), or that it
+    /// does not (`None`), and since when: see [`Enricher::quick_identity`].
+    quick_identities: HashMap<u64, (Instant, Option<Arc<Identity>>)>,
 }
+
+/// Cgroup ids remembered by [`Enricher::quick_identity`] at most (cleared when full).
+const QUICK_IDENTITIES_MAX: usize = 4_096;
 
 impl Enricher {
     /// `enabled: false` (`--no-diagnosis`) passes events straight through.
@@ -278,6 +286,7 @@ impl Enricher {
             workers: enabled.then(|| Supervisor::new(results_tx)),
             results: Some(results),
             memo: HashMap::default(),
+            quick_identities: HashMap::default(),
             counters: EnrichCounters::default(),
             last_sweep: now,
             lanes_full: [false; 2],
@@ -293,7 +302,8 @@ impl Enricher {
         let mut keys = if looking && event.ret < 0 { needed_lookups(&event) } else { NeededLookups::new() };
         // An id shared by unrelated processes (the root of a hierarchy, or any task on a host
         // without cgroup v2) says nothing of one process: its identity is then the pid's.
-        let mut identity_key = (looking && event.cgroup_id != 0).then(|| {
+        let quick = if looking && event.cgroup_id != 0 { self.quick_identity(event.cgroup_id, now) } else { None };
+        let mut identity_key = (looking && event.cgroup_id != 0 && quick.is_none()).then(|| {
             let per_process = !cgroup::names_one_group(event.cgroup_id);
             LookupKey::Cgroup {
                 id: event.cgroup_id,
@@ -338,7 +348,42 @@ impl Enricher {
         }
         // Lookups start in `poll`, once the whole ring-buffer batch is in: a lookup started
         // halfway through a batch would predate binds read after it.
-        self.queue.push_back(Pending { seq: self.next_seq, event, wall_ns, keys, identity_key, arrived: now, shed });
+        self.queue.push_back(Pending {
+            seq: self.next_seq,
+            event,
+            wall_ns,
+            keys,
+            identity_key,
+            identity: quick,
+            arrived: now,
+            shed,
+        });
+    }
+
+    /// The identity of a cgroup that names no container, from its path (one
+    /// `open_by_handle_at` per cgroup, then remembered): known at once, with no lookup to
+    /// wait for, so the first events of a host process are not written unresolved, and one
+    /// that exits at once (its cgroup removed) is named before it goes. Not for the
+    /// hierarchy's root, shared by unrelated processes (see `push`).
+    fn quick_identity(&mut self, id: u64, now: Instant) -> Option<Arc<Identity>> {
+        if !cgroup::names_one_group(id) {
+            return None;
+        }
+        if let Some((at, known)) = self.quick_identities.get(&id) {
+            if now < *at + IDENTITY_TTL {
+                return known.clone();
+            }
+        }
+        let known = cgroup::path_of_id(id)
+            .ok()
+            .flatten()
+            .and_then(|path| crate::host::identity::without_runtime(&path))
+            .map(Arc::new);
+        if self.quick_identities.len() >= QUICK_IDENTITIES_MAX {
+            self.quick_identities.clear();
+        }
+        self.quick_identities.insert(id, (now, known.clone()));
+        known
     }
 
     /// Starts the lookups that events wait for, each key at most every [`MIN_REFRESH`].
@@ -571,6 +616,9 @@ impl Enricher {
     fn identity_of(&self, pending: &Pending) -> Option<Arc<Identity>> {
         if !self.enabled || pending.event.cgroup_id == 0 {
             return None;
+        }
+        if let Some(known) = &pending.identity {
+            return Some(known.clone());
         }
         let unresolved = |why: String| Some(Arc::new(Identity { unresolved: Some(why), ..Identity::default() }));
         let Some(key) = &pending.identity_key else {
@@ -896,6 +944,46 @@ mod tests {
         assert_eq!(second.len(), 1, "served without a lookup");
         assert_eq!(second[0].identity, Some(identity));
         assert_eq!(enricher.counters().lookups, 1);
+    }
+
+    /// A cgroup whose path names no container (a service, a session) is known at once: the
+    /// event waits for no lookup, and its identity is there even if the process and its
+    /// cgroup are gone by the time a lookup would run.
+    #[tokio::test]
+    async fn a_host_cgroup_is_known_from_its_path_at_once() {
+        let Some(mount) = cgroup::v2_mount() else {
+            if std::env::var_os("BINDTRACE_REQUIRE_ROOT").is_some() {
+                panic!("no cgroup v2 hierarchy is mounted");
+            }
+            eprintln!("SKIPPED: no cgroup v2 hierarchy is mounted");
+            return;
+        };
+        let name = format!("bindtrace-quick-{}.scope", std::process::id());
+        let dir = mount.join(&name);
+        if let Err(err) = std::fs::create_dir(&dir) {
+            if std::env::var_os("BINDTRACE_REQUIRE_ROOT").is_some() {
+                panic!("cannot make a cgroup: {err}");
+            }
+            eprintln!("SKIPPED: cannot make a cgroup: {err}");
+            return;
+        }
+        let (id, _) = cgroup::id_of_path(&format!("/{name}")).expect("its id");
+        let mut enricher = Enricher::new(true);
+        let mut event = sample_event();
+        event.ret = 0;
+        event.tgid = u32::MAX - 9; // no such process
+        event.cgroup_id = id;
+        let start = Instant::now();
+        enricher.push(event.into(), 0, start);
+        enricher.poll(start);
+        let out = drain(&mut enricher, start);
+        let _ = std::fs::remove_dir(&dir);
+        assert_eq!(out.len(), 1, "written at once, no lookup awaited");
+        let identity = out[0].identity.clone().expect("an identity");
+        assert_eq!(identity.unresolved, None, "{identity:?}");
+        assert_eq!(identity.cgroup.as_deref(), Some(format!("/{name}").as_str()));
+        assert_eq!(identity.unit.as_deref(), Some(name.as_str()));
+        assert_eq!(enricher.counters().lookups, 0);
     }
 
     #[tokio::test]

@@ -143,6 +143,19 @@ pub(crate) struct Publishing {
     pub publication: Publication,
 }
 
+/// The identity of a cgroup path that names no container (a service, a session, a slice),
+/// known from the path alone; `None` when the path names a container, or may (two parts
+/// that are not systemd units: containerd's `namespace/id`), which only a runtime settles.
+pub(crate) fn without_runtime(path: &str) -> Option<Identity> {
+    let hints = cgroup::hints(path);
+    let systemd = |part: &str| part.ends_with(".slice") || part.ends_with(".scope") || part.ends_with(".service");
+    let maybe_containerd = hints.two_parts.as_ref().is_some_and(|(first, second)| !systemd(first) && !systemd(second));
+    if hints.container.is_some() || maybe_containerd {
+        return None;
+    }
+    Some(Identity { cgroup: Some(path.to_owned()), unit: hints.unit, ..Identity::default() })
+}
+
 /// The identity lookups' state, owned by the lookup worker (and by `who`).
 #[derive(Default)]
 pub(crate) struct Identities {

@@ -142,6 +142,11 @@ struct EncodedIdentity {
     unresolved: Option<Box<RawValue>>,
 }
 
+/// Is what the identity says of a container known: resolved, or a container even if unnamed?
+fn settled(identity: &EncodedIdentity) -> bool {
+    identity.unresolved.is_none() || identity.container.get() != "null"
+}
+
 fn raw<T: Serialize>(value: &T) -> io::Result<Box<RawValue>> {
     serde_json::value::to_raw_value(value).map_err(io::Error::other)
 }
@@ -269,9 +274,12 @@ impl Sink for NdjsonSink {
             netns: event.netns_ino,
             cgroup_id: event.cgroup_id,
             cgroup: identity.and_then(|i| i.cgroup.as_deref()),
-            container: identity.map(|i| &*i.container),
-            pod: identity.map(|i| &*i.pod),
-            unit: identity.map(|i| &*i.unit),
+            // Not settled (the lookup did not answer, the cgroup was gone): absent, as the
+            // schema says, never null ("not a container"); `identity_unresolved` says why. An
+            // unnamed container still is one, and is written.
+            container: identity.filter(|i| settled(i)).map(|i| &*i.container),
+            pod: identity.filter(|i| settled(i)).map(|i| &*i.pod),
+            unit: identity.filter(|i| settled(i)).map(|i| &*i.unit),
             identity_unresolved: identity.and_then(|i| i.unresolved.as_deref()),
             backend: event.backend_name(),
             diagnosis: match &enriched.explained {
@@ -367,6 +375,38 @@ mod tests {
         for field in ["cgroup", "container", "pod", "unit"] {
             assert!(out[2].get(field).is_none(), "absent without lookups: {field}");
         }
+    }
+
+    /// An identity not settled (the lookup did not answer) leaves `container` absent, never
+    /// null, which reads "not a container"; an unnamed container is still written.
+    #[test]
+    fn an_unsettled_identity_is_absent_not_null() {
+        use crate::host::{identity::Identity, runtimes::Container};
+        let shared = Shared::default();
+        let mut sink = NdjsonSink::new(Output::new(Box::new(shared.clone())));
+        let unresolved =
+            Arc::new(Identity { unresolved: Some("not resolved within 100 ms".into()), ..Identity::default() });
+        let unnamed = Arc::new(Identity {
+            container: Some(Container::unnamed(crate::host::runtimes::Runtime::Docker, "abc123".into())),
+            unresolved: Some("the Docker API did not answer".into()),
+            ..Identity::default()
+        });
+        for identity in [unresolved, unnamed] {
+            let enriched = Enriched {
+                seq: 1,
+                event: sample_event().into(),
+                wall_ns: 0,
+                explained: Explained::Nothing,
+                identity: Some(identity),
+            };
+            sink.event(&enriched).expect("encode");
+        }
+        sink.flush().expect("flush");
+        let out = lines(&shared);
+        assert!(out[0].get("container").is_none() && out[0].get("pod").is_none(), "{}", out[0]);
+        assert_eq!(out[0]["identity_unresolved"], "not resolved within 100 ms");
+        assert_eq!(out[1]["container"]["id"], "abc123", "{}", out[1]);
+        assert!(out[1]["identity_unresolved"].is_string());
     }
 
     #[test]
