@@ -12,6 +12,20 @@ pub const COMM_LEN: usize = 16;
 pub const MAX_PORT_RANGES: usize = 16;
 /// Most cgroups `--container` and `--cgroup` select together.
 pub const MAX_CGROUPS: usize = 8;
+/// One slot of the `SELECTED_CGROUPS` map: a task passes when its cgroup ancestor at `level`
+/// is `id` (id 0: an unused slot); or, with `parent_id` set, when that ancestor is a cgroup
+/// made after `id` (ids only grow) in the same parent: a restarted container or unit, whose
+/// new cgroup its first binds run in before the tracer can learn its id. The tracer checks
+/// those by path, and moves `id` to the new cgroup once it sees it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct CgroupSlot {
+    pub id: u64,
+    pub parent_id: u64,
+    pub level: u32,
+    pub _pad: u32,
+}
+
 /// Errnos 1..=254 have their own bit in [`FilterConfig::results`]; larger ones share bit 255.
 pub const ERRNO_BITS: usize = 256;
 
@@ -31,6 +45,7 @@ pub mod names {
     pub const ATTACH_STATE: &str = "ATTACH_STATE";
     pub const STATS: &str = "STATS";
     pub const FILTER_PIDS: &str = "FILTER_PIDS";
+    pub const SELECTED_CGROUPS: &str = "SELECTED_CGROUPS";
     pub const CONFIG: &str = "BINDTRACE_CONFIG";
     pub const PROG_ENTER: &str = "bindtrace_sys_enter_bind";
     pub const PROG_EXIT: &str = "bindtrace_sys_exit_bind";
@@ -459,7 +474,9 @@ pub struct FilterConfig {
     pub results: [u64; ERRNO_BITS / 64],
     /// cgroup v2 ids (`--container`, `--cgroup`): a task passes when its ancestor at
     /// `cgroup_levels[i]` (its own cgroup or above) is `cgroup_ids[i]`, so that descendants
-    /// match. The first `cgroup_count` are used.
+    /// match. The first `cgroup_count` are used. These are the ids at start: the probe reads
+    /// the current ones from the `SELECTED_CGROUPS` map, which the tracer fills from these and
+    /// updates when a followed container or unit restarts in a new cgroup.
     pub cgroup_ids: [u64; MAX_CGROUPS],
     pub cgroup_levels: [u32; MAX_CGROUPS],
     /// Inclusive port ranges; the first `port_range_count` are used.
@@ -684,6 +701,9 @@ unsafe impl aya::Pod for ProbeConfig {}
 // SAFETY: as above.
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for BindEvent {}
+// SAFETY: as above.
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for CgroupSlot {}
 // SAFETY: as above.
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for UnixBindEvent {}

@@ -16,7 +16,7 @@ use bindtrace_common::{
 };
 
 use crate::{
-    maps::{config, count, EVENTS, FILTER_PIDS, LAST_WAKEUP},
+    maps::{config, count, EVENTS, FILTER_PIDS, LAST_WAKEUP, SELECTED_CGROUPS},
     sock::{bound_v6, kernel_read, read_sock, sock_of_fd, SockInfo},
     sockaddr::read_requested_address,
 };
@@ -105,7 +105,8 @@ pub(crate) fn task_passes(cfg: &ProbeConfig, tgid: u32, name: &mut TaskName) -> 
 }
 
 /// Is the calling task in one of the selected cgroups, or below one? Its ancestor at each
-/// selected cgroup's level is compared with that cgroup (0 when the task sits higher up).
+/// selected cgroup's level is compared with that cgroup (0 when the task sits higher up); or
+/// it is a newer cgroup in the same parent (see `bindtrace_common::CgroupSlot`).
 #[inline(always)]
 fn in_selected_cgroup(cfg: &ProbeConfig) -> bool {
     let (filter, layout) = (&cfg.filter, &cfg.layout);
@@ -129,33 +130,50 @@ fn in_selected_cgroup(cfg: &ProbeConfig) -> bool {
         if i as u32 >= filter.cgroup_count {
             break;
         }
-        let want = filter.cgroup_levels[i];
-        let ancestor = if helper {
-            // SAFETY: a helper without memory arguments.
-            unsafe { generated::bpf_get_current_ancestor_cgroup_id(want as i32) }
-        } else if want as i64 > level as i64 {
-            0
-        } else if layout.cgroup_ancestor_ids != 0 {
-            // Before 6.1: the ancestors' ids, root first.
-            let at = layout.cgroup_ancestor_ids as usize + 8 * want as usize;
-            // SAFETY: as above.
-            unsafe { kernel_read::<u64>(cgroup.wrapping_add(at)) }
-        } else {
-            // Since 6.1: pointers to the ancestors, root first; an id is its kernfs node's.
-            let at = layout.cgroup_ancestors as usize + 8 * want as usize;
-            // SAFETY: as above.
-            unsafe {
-                let ancestor: *const u8 = kernel_read(cgroup.wrapping_add(at));
-                let node: *const u8 = kernel_read(ancestor.wrapping_add(layout.cgroup_kn as usize));
-                kernel_read::<u64>(node.wrapping_add(layout.kernfs_node_id as usize))
-            }
+        let Some(slot) = SELECTED_CGROUPS.get(i as u32).copied() else {
+            break;
         };
-        if ancestor == filter.cgroup_ids[i] {
+        let ancestor = ancestor_at(layout, helper, cgroup, level, slot.level);
+        // 0 is no cgroup (an unset slot; the ancestor of a task that sits higher up).
+        if slot.id != 0 && ancestor == slot.id {
+            return true;
+        }
+        if slot.parent_id != 0
+            && slot.level > 0
+            && ancestor > slot.id
+            && ancestor_at(layout, helper, cgroup, level, slot.level - 1) == slot.parent_id
+        {
             return true;
         }
         i += 1;
     }
     false
+}
+
+/// The id of the calling task's cgroup ancestor at depth `want` (0 when the task sits
+/// higher up): from the helper, or from `cgroup` (the task's own, at depth `level`).
+#[inline(always)]
+fn ancestor_at(layout: &KernelLayout, helper: bool, cgroup: *const u8, level: i32, want: u32) -> u64 {
+    if helper {
+        // SAFETY: a helper without memory arguments.
+        unsafe { generated::bpf_get_current_ancestor_cgroup_id(want as i32) }
+    } else if want as i64 > level as i64 {
+        0
+    } else if layout.cgroup_ancestor_ids != 0 {
+        // Before 6.1: the ancestors' ids, root first.
+        let at = layout.cgroup_ancestor_ids as usize + 8 * want as usize;
+        // SAFETY: reads of kernel memory through the helper; a fault yields 0.
+        unsafe { kernel_read::<u64>(cgroup.wrapping_add(at)) }
+    } else {
+        // Since 6.1: pointers to the ancestors, root first; an id is its kernfs node's.
+        let at = layout.cgroup_ancestors as usize + 8 * want as usize;
+        // SAFETY: as above.
+        unsafe {
+            let ancestor: *const u8 = kernel_read(cgroup.wrapping_add(at));
+            let node: *const u8 = kernel_read(ancestor.wrapping_add(layout.cgroup_kn as usize));
+            kernel_read::<u64>(node.wrapping_add(layout.kernfs_node_id as usize))
+        }
+    }
 }
 
 /// The calling thread's name, NUL-padded; read into words so that nothing is zero-filled

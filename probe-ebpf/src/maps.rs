@@ -5,7 +5,7 @@ use aya_ebpf::{
     macros::map,
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
-use bindtrace_common::{attach_state, stat, ProbeConfig};
+use bindtrace_common::{attach_state, stat, CgroupSlot, ProbeConfig, MAX_CGROUPS};
 use core::intrinsics::{atomic_xadd, AtomicOrdering};
 
 use crate::entry::{EntryStamp, InFlight};
@@ -48,6 +48,12 @@ pub(crate) static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stat::
 /// When the probe last woke the reader (ns, CLOCK_MONOTONIC).
 #[map(name = "LAST_WAKEUP")]
 pub(crate) static LAST_WAKEUP: Array<u64> = Array::with_max_entries(1, 0);
+
+/// The cgroups `--container` and `--cgroup` select, and at which depth: a map, not the
+/// read-only config, because the tracer follows a container or unit across restarts, each
+/// of which makes a new cgroup (see `bindtrace_common::CgroupSlot`).
+#[map(name = "SELECTED_CGROUPS")]
+pub(crate) static SELECTED_CGROUPS: Array<CgroupSlot> = Array::with_max_entries(MAX_CGROUPS as u32, 0);
 
 /// tgids accepted by `--pid` (value unused).
 #[map(name = "FILTER_PIDS")]

@@ -54,13 +54,16 @@ struct Plan {
     metrics: Option<std::net::TcpListener>,
     /// `--file`, opened before anything is attached (see [`OutputFile`]).
     file: Option<OutputFile>,
+    /// The cgroups of `--container` and `--cgroup`, followed across restarts.
+    followed: Vec<crate::filter::SelectedCgroup>,
 }
 
 fn plan(cli: Cli) -> Result<Plan> {
     let mut filter = EventFilter::from_cli(&cli)?;
-    let scope = filter.scope_to_cgroups(&cli.containers, &cli.cgroups)?;
-    if !scope.is_empty() {
-        crate::say::line(&format!("only binds in {} (and below)", scope.join(", ")));
+    let followed = filter.scope_to_cgroups(&cli.containers, &cli.cgroups)?;
+    if !followed.is_empty() {
+        let described: Vec<&str> = followed.iter().map(|s| s.described.as_str()).collect();
+        crate::say::line(&format!("only binds in {} (and below)", described.join(", ")));
     }
     let stdout_is_terminal = io::stdout().is_terminal();
     let format = cli.output.unwrap_or(if cli.file.is_some() || !stdout_is_terminal {
@@ -90,7 +93,7 @@ fn plan(cli: Cli) -> Result<Plan> {
         ),
         None => None,
     };
-    Ok(Plan { cli, filter, format, color, metrics, file })
+    Ok(Plan { cli, filter, format, color, metrics, file, followed })
 }
 
 /// `--pid` takes process ids that can exist: one above the system's `pid_max` is bad input.
@@ -460,6 +463,11 @@ async fn run(mut plan: Plan) -> Result<()> {
     let signals = StopSignals::install()?;
     let mut probe = AttachedProbe::attach(loader, cli.attach, &kernel, &config, &filter.pids, cli.ring_buffer_size)?;
     log::debug!("probe loaded and attached after {:?}", started.elapsed());
+    let scope = if plan.followed.is_empty() {
+        None
+    } else {
+        Some(crate::follow::spawn(plan.followed.clone(), probe.take_selected_cgroups()?)?)
+    };
     // Only now, with tracing started, is `--file` truncated.
     let mut sink = open_sink(&plan, output_file)?;
     let clock = WallClock::new();
@@ -522,6 +530,7 @@ async fn run(mut plan: Plan) -> Result<()> {
         limits: Limits { duration: cli.duration, count: cli.count },
         metrics,
         file: cli.file.clone(),
+        scope,
     };
     let ending = pipeline.run(&mut probe, signals).await?;
     if ending == Ending::OutputClosed || cli.no_summary {

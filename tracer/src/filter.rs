@@ -25,6 +25,43 @@ pub struct EventFilter {
     pid_set: HashSet<u32>,
 }
 
+/// The running container a name or id names, and its cgroup v2 path (the container's own
+/// group, above the processes' sub-groups); `None` when no runtime knows it now.
+pub(crate) fn container_cgroup(
+    identities: &mut Identities,
+    name: &str,
+) -> std::result::Result<Option<(crate::host::runtimes::Container, String)>, String> {
+    let (container, pid) = match identities.container_pid(name) {
+        Ok(Some(found)) => found,
+        Ok(None) => return Ok(None),
+        Err(why) => return Err(format!("the container runtimes could not be asked: {why}")),
+    };
+    let path = cgroup::ProcessCgroups::read(pid)
+        .and_then(|groups| groups.v2)
+        .filter(|path| path != "/")
+        .map(|path| cgroup::container_root(&path).unwrap_or(path))
+        .ok_or_else(|| {
+            format!("its process {pid} has no cgroup v2 group of its own, so the kernel cannot select it")
+        })?;
+    Ok(Some((container, path)))
+}
+
+/// A cgroup `--container` or `--cgroup` selected, in the order of the probe's slots, as the
+/// follower needs it (`crate::follow`).
+#[derive(Clone, Debug)]
+pub(crate) struct SelectedCgroup {
+    /// The flag as given: `--container web4`.
+    pub(crate) flag: String,
+    /// As the start line says it: `docker container web4 (/system.slice/docker-1f0e....scope)`.
+    pub(crate) described: String,
+    /// The cgroup path (as given, or the container's).
+    pub(crate) path: String,
+    /// Its depth, fixed in the probe's read-only config.
+    pub(crate) level: u32,
+    /// The container's name or id as given: asked for again when its cgroup path goes away.
+    pub(crate) container: Option<String>,
+}
+
 impl EventFilter {
     pub fn from_cli(cli: &Cli) -> Result<Self> {
         let mut kernel = FilterConfig::accept_all();
@@ -96,7 +133,11 @@ impl EventFilter {
     /// Limits the trace to the cgroups of `--container` and `--cgroup` (and their
     /// descendants), in the kernel. Containers are found through their runtimes' APIs; a name
     /// no runtime knows, or a runtime that cannot be asked, is an error that says so.
-    pub fn scope_to_cgroups(&mut self, containers: &[String], cgroups: &[String]) -> Result<Vec<String>> {
+    pub(crate) fn scope_to_cgroups(
+        &mut self,
+        containers: &[String],
+        cgroups: &[String],
+    ) -> Result<Vec<SelectedCgroup>> {
         let mut selected = Vec::new();
         let mut described = Vec::new();
         for path in cgroups {
@@ -106,27 +147,34 @@ impl EventFilter {
                 continue;
             }
             selected.push((id, level));
-            described.push(format!("cgroup {path}"));
+            described.push(SelectedCgroup {
+                flag: format!("--cgroup {path}"),
+                described: format!("cgroup {path}"),
+                path: path.clone(),
+                level,
+                container: None,
+            });
         }
         if !containers.is_empty() {
             let mut identities = Identities::default();
             for name in containers {
-                let (container, pid) = match identities.container_pid(name) {
+                let (container, path) = match container_cgroup(&mut identities, name) {
                     Ok(Some(found)) => found,
                     Ok(None) => bail!("--container {name}: no running container by that name or id (asked Docker, podman and containerd where their sockets exist)"),
-                    Err(why) => bail!("--container {name}: the container runtimes could not be asked: {why}"),
+                    Err(why) => bail!("--container {name}: {why}"),
                 };
-                let path = cgroup::ProcessCgroups::read(pid)
-                    .and_then(|groups| groups.v2)
-                    .filter(|path| path != "/")
-                    .map(|path| cgroup::container_root(&path).unwrap_or(path))
-                    .ok_or_else(|| anyhow!("--container {name}: its process {pid} has no cgroup v2 group of its own, so the kernel cannot select it"))?;
                 let (id, level) = cgroup::id_of_path(&path).map_err(|e| anyhow!("--container {name}: {e}"))?;
                 if selected.contains(&(id, level)) {
                     continue;
                 }
                 selected.push((id, level));
-                described.push(format!("{} container {} ({path})", container.runtime.name(), container.label()));
+                described.push(SelectedCgroup {
+                    flag: format!("--container {name}"),
+                    described: format!("{} container {} ({path})", container.runtime.name(), container.label()),
+                    path,
+                    level,
+                    container: Some(name.clone()),
+                });
             }
         }
         if selected.len() > MAX_CGROUPS {
@@ -143,7 +191,7 @@ impl EventFilter {
         Ok(described)
     }
 
-    /// The userspace mirror of the probe's decision.
+    /// The userspace mirror of the probe's decision (the cgroups are the kernel's alone).
     pub fn accepts(&self, event: &BindEvent) -> bool {
         (self.pid_set.is_empty() || self.pid_set.contains(&event.tgid)) && self.kernel.accepts_event(event)
     }

@@ -14,6 +14,7 @@ pub mod decode;
 pub mod enrich;
 pub(crate) mod errno;
 pub mod filter;
+pub(crate) mod follow;
 pub(crate) mod hook_support;
 pub(crate) mod host;
 pub(crate) mod layout;

@@ -66,6 +66,9 @@ pub struct Pipeline<'a> {
     pub metrics: Option<crate::metrics::Metrics>,
     /// `--file`, reopened on SIGHUP (log rotation); without it SIGHUP ends the run.
     pub file: Option<std::path::PathBuf>,
+    /// `--container`/`--cgroup` followed across restarts: what the kernel passed while a
+    /// selection was widened to its parent is checked here (see `follow`).
+    pub scope: Option<std::sync::Arc<crate::follow::ScopeGate>>,
 }
 
 /// SIGINT and SIGTERM handlers. Installed before the probe attaches, so that a signal sent
@@ -126,6 +129,10 @@ impl Pipeline<'_> {
                             log::warn!("an event passed the kernel's filters but not the same filters here (counted in the summary as filter_mismatches)");
                         }
                         self.summary.record_filter_mismatch();
+                        continue;
+                    }
+                    if self.scope.as_ref().is_some_and(|scope| !scope.admits(event.cgroup_id)) {
+                        self.summary.record_outside_scope();
                         continue;
                     }
                     self.summary.record(&event);

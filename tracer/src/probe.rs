@@ -10,7 +10,7 @@ use aya::{
     Btf, Ebpf, EbpfLoader,
 };
 use aya_log::EbpfLogger;
-use bindtrace_common::{attach_state, names, stat, Backend, ProbeConfig};
+use bindtrace_common::{attach_state, names, stat, Backend, CgroupSlot, ProbeConfig};
 
 use std::os::fd::{AsFd as _, AsRawFd as _};
 
@@ -698,6 +698,20 @@ impl AttachedProbe {
             }
         }
 
+        let count = (config.filter.cgroup_count as usize).min(bindtrace_common::MAX_CGROUPS);
+        if count > 0 {
+            let mut selected: Array<_, CgroupSlot> = Array::try_from(
+                ebpf.map_mut(names::SELECTED_CGROUPS)
+                    .ok_or_else(|| anyhow!("probe has no {} map", names::SELECTED_CGROUPS))?,
+            )?;
+            let filter = &config.filter;
+            for (index, (&id, &level)) in filter.cgroup_ids.iter().zip(&filter.cgroup_levels).take(count).enumerate() {
+                selected
+                    .set(index as u32, CgroupSlot { id, parent_id: 0, level, _pad: 0 }, 0)
+                    .context("filling the cgroup filter")?;
+            }
+        }
+
         let mut refusals = Vec::new();
         let mut chosen = None;
         for backend in candidates(attach) {
@@ -733,6 +747,15 @@ impl AttachedProbe {
             .take_map(names::EVENTS)
             .ok_or_else(|| anyhow!("probe has no {} map (already taken?)", names::EVENTS))?;
         Ok(RingBuf::try_from(map)?)
+    }
+
+    /// The cgroup filter's ids, for the follower that updates them (see `follow`).
+    pub fn take_selected_cgroups(&mut self) -> Result<Array<MapData, CgroupSlot>> {
+        let map = self
+            .ebpf
+            .take_map(names::SELECTED_CGROUPS)
+            .ok_or_else(|| anyhow!("probe has no {} map (already taken?)", names::SELECTED_CGROUPS))?;
+        Ok(Array::try_from(map)?)
     }
 
     pub fn take_logger(&mut self) -> Option<ProbeLogger> {

@@ -75,6 +75,7 @@ pub struct Summary {
     events: u64,
     decode_errors: u64,
     filter_mismatches: u64,
+    outside_scope: u64,
     file_reopens: u64,
     by_result: HashMap<i32, u64>,
     by_port: HashMap<(u16, &'static str), u64>,
@@ -120,6 +121,10 @@ pub struct Report {
     /// Events the kernel's filters passed and the same predicates in user space rejected:
     /// a probe/tracer mismatch, expected 0 (the events are not printed).
     pub filter_mismatches: u64,
+    /// Binds outside `--container`/`--cgroup` that the kernel passed while a followed cgroup
+    /// was gone (a restart: its parent was selected meanwhile, so that the new cgroup's first
+    /// binds are not missed), dropped here by their cgroup's path (not printed).
+    pub outside_scope: u64,
     /// Times `--file` was reopened on SIGHUP (log rotation).
     pub file_reopens: u64,
     /// Output lines dropped because the output (a blocked stdout) did not take them in time.
@@ -211,6 +216,10 @@ impl Summary {
         self.filter_mismatches += 1;
     }
 
+    pub fn record_outside_scope(&mut self) {
+        self.outside_scope += 1;
+    }
+
     pub fn filter_mismatches(&self) -> u64 {
         self.filter_mismatches
     }
@@ -262,6 +271,7 @@ impl Summary {
             dropped: kernel.dropped(),
             decode_errors: self.decode_errors,
             filter_mismatches: self.filter_mismatches,
+            outside_scope: self.outside_scope,
             file_reopens: self.file_reopens,
             output_dropped_lines: crate::sink::writer::lines_dropped(),
             kernel,

@@ -512,6 +512,22 @@ fn containers_on_both_sides_of_a_conflict() {
             "{scope:?}: the others were dropped in the kernel: {kernel}"
         );
     }
+    // A followed container restarted (a crash loop): its new cgroup is followed at once, the
+    // restarted process's bind is traced, and the departure and return are said. It went
+    // blind, silently.
+    let mut tracer = Tracer::start(&["-o", "ndjson", "--container", pod.as_str()]);
+    let restarted = run(docker_bin(), &["restart", "-t", "1", &pod]);
+    assert!(restarted.status.success(), "docker restart: {}", String::from_utf8_lossy(&restarted.stderr));
+    let again = tracer.wait_for("the restarted container's bind", |e| e["port"] == 7000 && e["ok"] == true);
+    assert_eq!(again["container"]["name"], pod.as_str(), "{again}");
+    let finished = tracer.stop();
+    assert!(
+        finished.stderr.contains(&format!("--container {pod}: its cgroup"))
+            && finished.stderr.contains(&format!("--container {pod}: back in a new cgroup")),
+        "{}",
+        finished.stderr
+    );
+
     let (status, _, stderr) = common::run_to_end(&["--container", "bt-no-such-container"]);
     assert_eq!(status.code(), Some(2), "{stderr}");
     assert_eq!(stderr.trim().lines().count(), 1, "one line: {stderr}");

@@ -1038,6 +1038,35 @@ fn the_cgroup_filter_selects_a_cgroup_and_its_descendants_in_the_kernel() {
             "{helper}: dropped in the kernel"
         );
     }
+    // The group removed and made again (a unit's restart): a new cgroup at the same path,
+    // followed, and said (the trace went blind, silently).
+    let port = free_port();
+    let tracer = Tracer::start(&["-o", "ndjson", "--no-diagnosis", "--cgroup", &format!("/{name}")]);
+    std::fs::remove_dir(&child_group).expect("rmdir the child group");
+    std::fs::remove_dir(&selected).expect("rmdir the selected group");
+    std::thread::sleep(Duration::from_millis(300));
+    std::fs::create_dir_all(&selected).expect("the group again");
+    std::thread::sleep(Duration::from_millis(300));
+    let bound = spawn_child(ChildPlan {
+        join_cgroup: Some(procs(&selected)),
+        ..ChildPlan::bind(format!("127.0.0.1:{port}").parse().expect("addr"))
+    })
+    .wait();
+    assert_eq!(bound, 0);
+    let finished = tracer.stop();
+    let ports: Vec<u64> = finished.binds().iter().filter_map(|b| b["port"].as_u64()).collect();
+    assert!(
+        ports.contains(&u64::from(port)),
+        "a bind in the group made again is traced: {ports:?} {}",
+        finished.stderr
+    );
+    assert!(finished.stderr.contains(&format!("--cgroup /{name}: its cgroup")), "{}", finished.stderr);
+    assert!(
+        finished.stderr.contains("is gone") && finished.stderr.contains("back in a new cgroup"),
+        "{}",
+        finished.stderr
+    );
+
     // The same group twice, in two spellings: selected and said once (it was listed twice).
     let (status, _, stderr) = run_to_end(&[
         "-o",

@@ -157,6 +157,18 @@ pub(crate) fn id_of_path(path: &str) -> Result<(u64, u32), String> {
                 .to_owned(),
         );
     }
+    let (full, relative) = directory_of(mount, path)?;
+    let meta = std::fs::metadata(&full).map_err(|e| format!("no cgroup {}: {e}", full.display()))?;
+    if !meta.is_dir() {
+        return Err(format!("{} is not a cgroup directory", full.display()));
+    }
+    let level = Path::new(&relative).components().count() as u32;
+    Ok((meta.ino(), level))
+}
+
+/// Where a cgroup path (relative to the hierarchy, or under its mount) is: the directory,
+/// and the path relative to the mount.
+fn directory_of(mount: &Path, path: &str) -> Result<(PathBuf, String), String> {
     if Path::new(path).components().any(|c| matches!(c, std::path::Component::ParentDir | std::path::Component::CurDir))
     {
         return Err(format!("{path}: give the path without . or .. components"));
@@ -164,13 +176,12 @@ pub(crate) fn id_of_path(path: &str) -> Result<(u64, u32), String> {
     let relative = Path::new(path)
         .strip_prefix(mount)
         .map_or_else(|_| path.trim_start_matches('/').to_owned(), |r| r.display().to_string());
-    let full = mount.join(&relative);
-    let meta = std::fs::metadata(&full).map_err(|e| format!("no cgroup {}: {e}", full.display()))?;
-    if !meta.is_dir() {
-        return Err(format!("{} is not a cgroup directory", full.display()));
-    }
-    let level = Path::new(&relative).components().count() as u32;
-    Ok((meta.ino(), level))
+    Ok((mount.join(&relative), relative))
+}
+
+/// The directory of a cgroup path, whether or not it exists now (see [`id_of_path`]).
+pub(crate) fn directory_of_path(path: &str) -> Option<PathBuf> {
+    directory_of(v2_mount()?, path).ok().map(|(full, _)| full)
 }
 
 /// Does a cgroup id as the probe records it name one group of processes? Not when cgroup v2
