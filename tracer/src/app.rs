@@ -319,8 +319,8 @@ fn check_main(verbose: bool) -> ExitCode {
         "attach auto tries: {}{}",
         order.join(", "),
         if probe::preempt_rt() {
-            " (PREEMPT_RT: BPF programs are preemptible here, and fexit and kprobe lose binds under load, counted \
-             as dropped; the tracepoints do not)"
+            " (PREEMPT_RT: BPF programs are preemptible here: fexit loses binds under load, and kprobe can outside \
+             bind(2), counted as dropped; the tracepoints do not)"
         } else {
             ""
         }
@@ -488,7 +488,7 @@ async fn run(mut plan: Plan) -> Result<()> {
     if probe.backend != bindtrace_common::Backend::Tracepoint && probe::preempt_rt() {
         crate::say::line(&format!(
             "warning: on this PREEMPT_RT kernel {} can lose binds under load (preempted programs are skipped; \
-             kretprobes run out): each is counted as dropped; --attach tracepoint loses none",
+             kretprobes run out outside bind(2)): each is counted as dropped; --attach tracepoint loses none",
             probe.backend.name()
         ));
     }

@@ -165,10 +165,11 @@ impl PendingLoader {
 pub const AUTO_ORDER: [Backend; 3] = [Backend::Fexit, Backend::Kprobe, Backend::Tracepoint];
 
 /// The order on a PREEMPT_RT kernel. There BPF programs run preemptible: the VM matrix's
-/// Debian 6.1-rt guest lost 1,157 of 40,000 binds of two threads under fexit (the
-/// trampoline's per-CPU recursion guard skipped programs whose CPU had a preempted one), and
-/// 5,177 of 6,400 sleeping AF_UNIX binds under kprobe (kretprobe return instances run out
-/// where every lock sleeps); both counted as lost, but lost. The tracepoints lost none.
+/// Debian 6.1-rt guest lost up to 1,157 of 40,000 binds of two threads under fexit (the
+/// trampoline's per-CPU recursion guard skipped programs whose CPU had a preempted one),
+/// counted as lost, but lost. kprobe lost 5,177 of 6,400 sleeping AF_UNIX binds before its
+/// syscall-exit backstops, and none since; its kretprobes can still run out on io_uring's
+/// binds. The tracepoints lost none.
 pub const AUTO_ORDER_PREEMPT_RT: [Backend; 3] = [Backend::Tracepoint, Backend::Fexit, Backend::Kprobe];
 
 /// Is the running kernel PREEMPT_RT (`/sys/kernel/realtime`, or its version string, as
