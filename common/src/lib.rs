@@ -32,6 +32,7 @@ pub const ERRNO_BITS: usize = 256;
 pub const AF_UNIX: u16 = 1;
 pub const AF_INET: u16 = 2;
 pub const AF_INET6: u16 = 10;
+pub const AF_NETLINK: u16 = 16;
 pub const IPPROTO_TCP: u16 = 6;
 pub const IPPROTO_UDP: u16 = 17;
 

@@ -133,7 +133,7 @@ fn open_sink(plan: &Plan, file: Option<OutputFile>) -> Result<Box<dyn Sink>> {
     let output = Output::new(Box::new(writer));
     Ok(match plan.format {
         OutputFormat::Ndjson => Box::new(NdjsonSink::new(output)),
-        OutputFormat::Table => Box::new(TableSink::new(output, plan.color)),
+        OutputFormat::Table => Box::new(TableSink::new(output, plan.color).hiding_netlink(plan.cli.family.is_none())),
         // The summary still goes to stderr, as in the table.
         OutputFormat::None => {
             Box::new(crate::sink::NoEvents::new(TableSink::new(Output::new(Box::new(io::sink())), false)))

@@ -6,8 +6,8 @@ use std::collections::HashSet;
 
 use anyhow::{anyhow, bail, Result};
 use bindtrace_common::{
-    filter_flags, BindEvent, FilterConfig, AF_INET, AF_INET6, AF_UNIX, COMM_LEN, IPPROTO_TCP, IPPROTO_UDP, MAX_CGROUPS,
-    MAX_PORT_RANGES,
+    filter_flags, BindEvent, FilterConfig, AF_INET, AF_INET6, AF_NETLINK, AF_UNIX, COMM_LEN, IPPROTO_TCP, IPPROTO_UDP,
+    MAX_CGROUPS, MAX_PORT_RANGES,
 };
 
 use crate::{
@@ -97,6 +97,7 @@ impl EventFilter {
                 Family::Inet => AF_INET,
                 Family::Inet6 => AF_INET6,
                 Family::Unix => AF_UNIX,
+                Family::Netlink => AF_NETLINK,
             };
             kernel.flags |= filter_flags::FAMILY;
         }

@@ -4,7 +4,7 @@
 use std::{fmt::Write as _, io};
 
 use anstyle::{AnsiColor, Style};
-use bindtrace_common::{sock_flags, BindEvent};
+use bindtrace_common::{sock_flags, BindEvent, AF_NETLINK};
 
 use super::{
     columns::{push_cell, Align, Cut},
@@ -45,11 +45,28 @@ pub struct TableSink {
     color: bool,
     header_written: bool,
     line: String,
+    /// Netlink binds are left out of the live table (`ss`, `ip` and language runtimes make
+    /// them all the time, and nobody debugs them there); counted, and said in the report.
+    hide_netlink: bool,
+    netlink_hidden: u64,
 }
 
 impl TableSink {
     pub fn new(output: Output, color: bool) -> Self {
-        Self { output, color, header_written: false, line: String::with_capacity(160) }
+        Self {
+            output,
+            color,
+            header_written: false,
+            line: String::with_capacity(160),
+            hide_netlink: false,
+            netlink_hidden: 0,
+        }
+    }
+
+    /// Leaves netlink binds out of the table (counted in the report).
+    pub fn hiding_netlink(mut self, hide: bool) -> Self {
+        self.hide_netlink = hide;
+        self
     }
 
     fn push_line(&mut self) -> io::Result<()> {
@@ -134,6 +151,10 @@ impl Sink for TableSink {
 
     fn event(&mut self, enriched: &Enriched) -> io::Result<()> {
         let (event, wall_ns) = (&enriched.event, enriched.wall_ns);
+        if self.hide_netlink && event.family == AF_NETLINK {
+            self.netlink_hidden += 1;
+            return Ok(());
+        }
         self.header()?;
         let mut comm = String::with_capacity(16);
         push_escaped(&mut comm, event.comm_bytes());
@@ -182,6 +203,9 @@ impl Sink for TableSink {
 
     fn follow_up(&mut self, follow_up: &FollowUp) -> io::Result<()> {
         let event = &follow_up.event;
+        if self.hide_netlink && event.family == AF_NETLINK {
+            return Ok(());
+        }
         self.header()?;
         let _ = write!(
             self.line,
@@ -210,6 +234,13 @@ impl Sink for TableSink {
             "\n{} bind events in {:.1}s (backend: {}); dropped: {}",
             report.events, report.duration_s, report.backend, report.dropped
         );
+        if self.netlink_hidden > 0 {
+            let _ = writeln!(
+                text,
+                "  hidden:     {} netlink binds (ss, ip, language runtimes): --family netlink or -o ndjson shows them",
+                self.netlink_hidden
+            );
+        }
         if report.output_dropped_lines > 0 {
             let _ = writeln!(
                 text,
@@ -291,6 +322,25 @@ mod tests {
         .expect("row");
         sink.flush().expect("flush");
         shared.text()
+    }
+
+    /// The live table leaves netlink binds out (counted in the report) unless asked for.
+    #[test]
+    fn netlink_binds_are_left_out_of_the_table_when_hidden() {
+        let mut netlink = sample_event();
+        netlink.family = AF_NETLINK;
+        netlink.ret = 0;
+        for (hide, rows) in [(true, 0), (false, 1)] {
+            let shared = Shared::default();
+            let mut sink = TableSink::new(Output::new(Box::new(shared.clone())), false).hiding_netlink(hide);
+            let enriched =
+                Enriched { seq: 1, event: netlink.into(), wall_ns: 0, explained: Explained::Nothing, identity: None };
+            sink.event(&enriched).expect("row");
+            sink.flush().expect("flush");
+            let text = shared.text();
+            assert_eq!(text.lines().filter(|l| !l.starts_with("TIME ")).count(), rows, "hide {hide}: {text}");
+            assert_eq!(sink.netlink_hidden, u64::from(hide));
+        }
     }
 
     #[test]
