@@ -196,24 +196,28 @@ where
     Ok(program.try_into()?)
 }
 
+/// Loads and attaches (program, syscalls tracepoint) pairs in order; tracefs must be there
+/// (see [`with_tracefs`]).
+fn attach_syscall_tracepoints(ebpf: &mut Ebpf, programs: &[(&str, &str)]) -> Result<()> {
+    for (name, tracepoint) in programs {
+        let program: &mut TracePoint = program(ebpf, name)?;
+        program.load().with_context(|| format!("loading the {tracepoint} program failed"))?;
+        program.attach("syscalls", tracepoint).with_context(|| format!("attaching to syscalls:{tracepoint} failed"))?;
+    }
+    Ok(())
+}
+
 fn attach_tracepoint(ebpf: &mut Ebpf) -> Result<Coverage> {
     with_tracefs(|| {
-        let attach = |ebpf: &mut Ebpf, pairs: [(&str, &str); 2]| -> Result<()> {
-            // Entry first: an exit without its entry is counted, an entry without its exit is
-            // overwritten by the thread's next call.
-            for (name, tracepoint) in pairs {
-                let program: &mut TracePoint = program(ebpf, name)?;
-                program.load().with_context(|| format!("loading the {tracepoint} program failed"))?;
-                program
-                    .attach("syscalls", tracepoint)
-                    .with_context(|| format!("attaching to syscalls:{tracepoint} failed"))?;
-            }
-            Ok(())
-        };
-        attach(ebpf, [(names::PROG_ENTER, "sys_enter_bind"), (names::PROG_EXIT, "sys_exit_bind")])?;
-        let listen = attach(
+        // Entry first: an exit without its entry is counted, an entry without its exit is
+        // overwritten by the thread's next call.
+        attach_syscall_tracepoints(
             ebpf,
-            [(names::PROG_ENTER_LISTEN, "sys_enter_listen"), (names::PROG_EXIT_LISTEN, "sys_exit_listen")],
+            &[(names::PROG_ENTER, "sys_enter_bind"), (names::PROG_EXIT, "sys_exit_bind")],
+        )?;
+        let listen = attach_syscall_tracepoints(
+            ebpf,
+            &[(names::PROG_ENTER_LISTEN, "sys_enter_listen"), (names::PROG_EXIT_LISTEN, "sys_exit_listen")],
         );
         if let Err(err) = &listen {
             log::info!("tracepoint: failed listen() calls are not traced: {err:#}");
@@ -303,16 +307,7 @@ fn attach_backstops(ebpf: &mut Ebpf, backstops: &[(&str, &str)]) -> Result<()> {
     if backstops.is_empty() {
         return Ok(());
     }
-    with_tracefs(|| {
-        for (name, tracepoint) in backstops {
-            let program: &mut TracePoint = program(ebpf, name)?;
-            program.load().with_context(|| format!("loading {name} failed"))?;
-            program
-                .attach("syscalls", tracepoint)
-                .with_context(|| format!("attaching to syscalls:{tracepoint} failed"))?;
-        }
-        Ok(())
-    })
+    with_tracefs(|| attach_syscall_tracepoints(ebpf, backstops))
 }
 
 /// Attaches a backend's optional `__sys_bind` pair. Without it (a kernel whose BTF or

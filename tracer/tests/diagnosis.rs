@@ -1094,26 +1094,11 @@ fn who_shows_each_processs_own_uid() {
     if !can_load_probe("who_shows_each_processs_own_uid") {
         return;
     }
-    use std::os::{fd::AsRawFd as _, unix::process::CommandExt as _};
     let port = free_port();
     let listener = tcp(Domain::IPV4);
     listener.bind(&addr(&format!("127.0.0.1:{port}"))).expect("bind");
     listener.listen(8).expect("listen");
-    let fd = listener.as_raw_fd();
-    let mut command = std::process::Command::new("sleep");
-    command.arg("60").uid(65534).gid(65534).stdin(std::process::Stdio::null());
-    // SAFETY: dup2 and fcntl are async-signal-safe; the copy at fd 3 has no CLOEXEC.
-    unsafe {
-        command.pre_exec(move || {
-            let rc = if fd == 3 { libc::fcntl(3, libc::F_SETFD, 0) } else { libc::dup2(fd, 3) };
-            if rc < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    let mut worker = command.spawn().expect("sleep as uid 65534");
-    drop(listener);
+    let mut worker = hand_to_sleep_as(listener, Some(65534));
     let (status, table, stderr) = run_to_end(&["who", &format!("{port}/tcp"), "-o", "table"]);
     let _ = worker.kill();
     let _ = worker.wait();

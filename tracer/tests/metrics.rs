@@ -183,6 +183,20 @@ fn metrics_on_a_taken_port_is_refused_before_attaching() {
     assert!(stdout.is_empty());
 }
 
+/// The NDJSON records of a `--file` so far.
+fn file_records(path: &PathBuf) -> Vec<Value> {
+    std::fs::read_to_string(path).unwrap_or_default().lines().filter_map(|l| serde_json::from_str(l).ok()).collect()
+}
+
+/// Waits (10 s at most) until a `--file` has an event for `port`.
+fn wait_for_port_in(path: &PathBuf, port: u16) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !file_records(path).iter().any(|v| v["port"] == port) {
+        assert!(Instant::now() < deadline, "no event for port {port} in {}", path.display());
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
 #[test]
 fn sighup_reopens_the_file_for_log_rotation() {
     if !can_load_probe("sighup_reopens_the_file_for_log_rotation") {
@@ -195,18 +209,7 @@ fn sighup_reopens_the_file_for_log_rotation() {
     let (first, second) = (free_port(), free_port());
     let tracer = Tracer::start(&["--file", file.to_str().expect("utf-8"), "-P", &format!("{first},{second}")]);
     let _a = std::net::TcpListener::bind(("127.0.0.1", first)).expect("bind");
-    let wait_for = |path: &PathBuf, port: u16| {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let text = std::fs::read_to_string(path).unwrap_or_default();
-            if text.lines().filter_map(|l| serde_json::from_str::<Value>(l).ok()).any(|v| v["port"] == port) {
-                return;
-            }
-            assert!(Instant::now() < deadline, "no event for port {port} in {}: {text}", path.display());
-            thread::sleep(Duration::from_millis(50));
-        }
-    };
-    wait_for(&file, first);
+    wait_for_port_in(&file, first);
     // What logrotate does: move the file away, then signal.
     std::fs::rename(&file, &rotated).expect("rotate");
     unsafe { libc::kill(tracer.pid() as i32, libc::SIGHUP) };
@@ -216,13 +219,10 @@ fn sighup_reopens_the_file_for_log_rotation() {
         thread::sleep(Duration::from_millis(20));
     }
     let _b = std::net::TcpListener::bind(("127.0.0.1", second)).expect("bind");
-    wait_for(&file, second);
+    wait_for_port_in(&file, second);
     let finished = tracer.stop();
     assert!(finished.status.success(), "SIGHUP with --file does not end the run: {}", finished.stderr);
-    let records = |path: &PathBuf| -> Vec<Value> {
-        std::fs::read_to_string(path).unwrap_or_default().lines().filter_map(|l| serde_json::from_str(l).ok()).collect()
-    };
-    let (old, new) = (records(&rotated), records(&file));
+    let (old, new) = (file_records(&rotated), file_records(&file));
     assert!(old.iter().any(|r| r["port"] == first) && !old.iter().any(|r| r["port"] == second), "{old:?}");
     assert!(new.iter().any(|r| r["port"] == second) && !new.iter().any(|r| r["port"] == first), "{new:?}");
     let summary = new.iter().find(|r| r["type"] == "summary").expect("the summary in the new file");
@@ -245,29 +245,20 @@ fn a_failed_reopen_on_sighup_keeps_writing_where_it_was() {
     let (first, second) = (free_port(), free_port());
     let tracer = Tracer::start(&["--file", file.to_str().expect("utf-8"), "-P", &format!("{first},{second}")]);
     let _a = std::net::TcpListener::bind(("127.0.0.1", first)).expect("bind");
-    let records = |path: &PathBuf| -> Vec<Value> {
-        std::fs::read_to_string(path).unwrap_or_default().lines().filter_map(|l| serde_json::from_str(l).ok()).collect()
-    };
-    let wait_for = |path: &PathBuf, port: u16| {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !records(path).iter().any(|v| v["port"] == port) {
-            assert!(Instant::now() < deadline, "no event for port {port} in {}", path.display());
-            thread::sleep(Duration::from_millis(50));
-        }
-    };
-    wait_for(&file, first);
+    wait_for_port_in(&file, first);
     std::fs::rename(&file, &rotated).expect("rotate");
     std::fs::create_dir(&file).expect("a directory where the new file would go");
     unsafe { libc::kill(tracer.pid() as i32, libc::SIGHUP) };
     thread::sleep(Duration::from_millis(300));
     let _b = std::net::TcpListener::bind(("127.0.0.1", second)).expect("bind");
-    wait_for(&rotated, second);
+    wait_for_port_in(&rotated, second);
     let finished = tracer.stop();
     assert!(finished.status.success(), "a failed reopen does not end the run: {}", finished.stderr);
     let said: Vec<&str> = finished.stderr.lines().filter(|l| l.contains("SIGHUP")).collect();
     assert_eq!(said.len(), 1, "{}", finished.stderr);
     assert!(said[0].contains("cannot reopen") && said[0].contains("still writing"), "{}", finished.stderr);
-    let summary = records(&rotated).into_iter().find(|r| r["type"] == "summary").expect("the summary in the old file");
+    let summary =
+        file_records(&rotated).into_iter().find(|r| r["type"] == "summary").expect("the summary in the old file");
     assert_eq!(summary["file_reopens"], 0, "{summary}");
     let _ = std::fs::remove_dir_all(&dir);
 }

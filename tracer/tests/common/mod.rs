@@ -430,10 +430,18 @@ pub fn bind_in_child(addr: SocketAddr, uid: Option<u32>) -> (u32, i32) {
 /// Starts `sleep 60` holding `socket` as its fd 3 (a holder process with a known comm and
 /// command line); the test's own copy is closed.
 pub fn hand_to_sleep(socket: socket2::Socket) -> std::process::Child {
+    hand_to_sleep_as(socket, None)
+}
+
+/// [`hand_to_sleep`], the sleep running as `uid` (and as that gid) when given.
+pub fn hand_to_sleep_as(socket: socket2::Socket, uid: Option<u32>) -> std::process::Child {
     use std::os::unix::process::CommandExt as _;
     let fd = socket.as_raw_fd();
     let mut command = Command::new("sleep");
     command.arg("60").stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
+    if let Some(uid) = uid {
+        command.uid(uid).gid(uid);
+    }
     // SAFETY: dup2 and fcntl are async-signal-safe. dup2's copy has no CLOEXEC, so sleep
     // inherits it; when the socket already is fd 3, dup2 is a no-op and the flag is cleared.
     unsafe {

@@ -1051,14 +1051,7 @@ mod tests {
         holder_bind.tgid = 977;
         history.record(&holder_bind, 1_795_600_931_000_000_000);
         let key = needed_lookups(&event.into()).remove(0);
-        let facts = vec![(
-            key,
-            holders_facts(vec![Holder {
-                socket: socket("0.0.0.0:8080", TCP_LISTEN, None),
-                processes: vec![nginx()],
-                owners: OwnersSeen::Complete,
-            }]),
-        )];
+        let facts = vec![(key, holders_facts(vec![nginx_listening("0.0.0.0:8080", None)]))];
         let d = run(&event, &facts, &history);
         assert_eq!(d.kind, "in_use");
         assert!(
@@ -1109,6 +1102,11 @@ mod tests {
         assert_eq!(d.facts.old_socket_reuseaddr, Some(false));
     }
 
+    /// A listener of nginx's (pid 977) at `local`.
+    fn nginx_listening(local: &str, v6only: Option<bool>) -> Holder {
+        Holder { socket: socket(local, TCP_LISTEN, v6only), processes: vec![nginx()], owners: OwnersSeen::Complete }
+    }
+
     /// dnsmasq holds 0.0.0.0:P and [::]:P (IPV6_V6ONLY); a [::] bind fails. The [::] holder
     /// is the reason: "set IPV6_V6ONLY" would not have been enough (it used to be the advice).
     #[test]
@@ -1118,32 +1116,15 @@ mod tests {
         event.addr = std::net::Ipv6Addr::UNSPECIFIED.octets();
         let facts = vec![(
             needed_lookups(&event.into()).remove(0),
-            holders_facts(vec![
-                Holder {
-                    socket: socket("0.0.0.0:8080", TCP_LISTEN, None),
-                    processes: vec![nginx()],
-                    owners: OwnersSeen::Complete,
-                },
-                Holder {
-                    socket: socket("[::]:8080", TCP_LISTEN, Some(true)),
-                    processes: vec![nginx()],
-                    owners: OwnersSeen::Complete,
-                },
-            ]),
+            holders_facts(vec![nginx_listening("0.0.0.0:8080", None), nginx_listening("[::]:8080", Some(true))]),
         )];
         let d = run(&event, &facts, &BindHistory::default());
         assert_eq!(d.kind, "in_use", "{}", d.summary);
         assert!(!d.summary.contains("IPV6_V6ONLY"), "{}", d.summary);
         assert!(d.holders.first().is_some_and(|h| h.addr.is_ipv6()), "the [::] holder first: {:?}", d.holders);
         // Only the IPv4 holder: then dual-stack is the reason, and fixing it is enough.
-        let facts = vec![(
-            needed_lookups(&event.into()).remove(0),
-            holders_facts(vec![Holder {
-                socket: socket("0.0.0.0:8080", TCP_LISTEN, None),
-                processes: vec![nginx()],
-                owners: OwnersSeen::Complete,
-            }]),
-        )];
+        let facts =
+            vec![(needed_lookups(&event.into()).remove(0), holders_facts(vec![nginx_listening("0.0.0.0:8080", None)]))];
         assert_eq!(run(&event, &facts, &BindHistory::default()).kind, "in_use_dual_stack");
     }
 
@@ -1164,18 +1145,7 @@ mod tests {
         history.record(&v6, 2_000_000_000);
         let facts = vec![(
             needed_lookups(&event.into()).remove(0),
-            holders_facts(vec![
-                Holder {
-                    socket: socket("0.0.0.0:8080", TCP_LISTEN, None),
-                    processes: vec![nginx()],
-                    owners: OwnersSeen::Complete,
-                },
-                Holder {
-                    socket: socket("[::]:8080", TCP_LISTEN, Some(true)),
-                    processes: vec![nginx()],
-                    owners: OwnersSeen::Complete,
-                },
-            ]),
+            holders_facts(vec![nginx_listening("0.0.0.0:8080", None), nginx_listening("[::]:8080", Some(true))]),
         )];
         let d = run(&event, &facts, &history);
         let first = d.holders.first().expect("the blocking holder");
