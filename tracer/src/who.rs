@@ -481,6 +481,7 @@ mod tests {
             uid: Some(0),
             identity: None,
             forwards: None,
+            socket_unit: None,
             start_time: 0,
         };
         let holders = vec![

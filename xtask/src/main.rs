@@ -8,6 +8,7 @@ mod collateral_bench;
 mod deploy;
 mod dist;
 mod host_bench;
+mod nspawn;
 mod setup;
 mod soak_bench;
 mod storm_bench;
@@ -160,6 +161,8 @@ fn test() -> Result<()> {
                 "tar",
                 "prometheus",
                 "python3",
+                "debootstrap",
+                "systemd-container",
             ]
             .map(str::to_owned),
         )?;
@@ -170,7 +173,23 @@ fn test() -> Result<()> {
     } else {
         eprintln!("xtask: not root: the tests that load the probe will be SKIPPED (run `sudo cargo xtask test`)");
     }
-    run(&mut tests)?;
+    // A systemd to boot as PID 1 for the socket-unit tests: made while the tests build.
+    let rootfs = if is_root() {
+        let (root, job) = nspawn::start_rootfs()?;
+        tests.env(nspawn::ROOT_ENV, &root);
+        job
+    } else {
+        None
+    };
+    let tested = run(&mut tests);
+    if let Some(job) = rootfs {
+        match job.join() {
+            Ok(Ok(())) => {}
+            Ok(Err(err)) => eprintln!("xtask: the systemd root filesystem: {err:#}"),
+            Err(_) => eprintln!("xtask: making the systemd root filesystem panicked"),
+        }
+    }
+    tested?;
     deploy::validate_manifests()?;
     if is_root() {
         vm_matrix(&vm::VmArgs::default())

@@ -238,7 +238,7 @@ impl PrivateApt {
 
 /// The URIs the host's apt sources use for Debian's main archive and its security archive:
 /// the matrix fetches from the same mirrors (and names none itself).
-fn host_debian_mirrors() -> Result<(String, String)> {
+pub(crate) fn host_debian_mirrors() -> Result<(String, String)> {
     let mut pairs = Vec::new();
     let mut files = vec![PathBuf::from("/etc/apt/sources.list")];
     files.extend(std::fs::read_dir("/etc/apt/sources.list.d").into_iter().flatten().flatten().map(|e| e.path()));

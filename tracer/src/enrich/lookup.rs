@@ -332,6 +332,10 @@ pub(crate) struct SocketTable {
     /// Sockets a container runtime's daemon holds for a published port, by inode: the
     /// container and mapping, from the runtime's API.
     published: HashMap<u32, Forwarding>,
+    /// Sockets a systemd manager holds for a socket unit, by inode: the unit, from systemd.
+    socket_units: HashMap<u32, crate::host::systemd::SocketUnit>,
+    /// Why a manager could not be asked (its sockets' units stay unnamed).
+    pub(crate) socket_units_unknown: Option<String>,
     /// How far the search for owners got.
     seen: OwnersSeen,
     /// Sockets whose processes were found but could not be read after (they exited, or the
@@ -367,6 +371,10 @@ impl SocketTable {
                         // what it publishes depends on the socket, not the process.
                         if process.forwards.is_none() {
                             process.forwards = self.published.get(&socket.inode).cloned();
+                        }
+                        // A manager holds many sockets: which unit depends on the socket.
+                        if crate::host::systemd::is_manager(&process) {
+                            process.socket_unit = self.socket_units.get(&socket.inode).cloned();
                         }
                         process
                     })
@@ -674,6 +682,30 @@ impl Lookups {
         for (inode, local) in held_by_dockerd {
             if let Some(forwarding) = self.identities.published_at(local, proto.name()) {
                 table.published.insert(inode, forwarding);
+            }
+        }
+        let held_by_managers: Vec<(u32, u32, std::net::SocketAddr)> = ports
+            .iter()
+            .flat_map(|&port| table.on_port(port))
+            .filter(|socket| !is_connection(socket.state) || proto == Proto::Udp)
+            .filter_map(|socket| {
+                let pids = table.owners.get(&socket.inode)?;
+                let manager =
+                    pids.iter().find(|pid| table.processes.get(pid).is_some_and(crate::host::systemd::is_manager))?;
+                Some((socket.inode, *manager, socket.local))
+            })
+            .collect();
+        for (inode, manager, local) in held_by_managers {
+            let Some(process) = table.processes.get(&manager) else { continue };
+            match crate::host::systemd::socket_unit_at(process, local, proto) {
+                Ok(Some(unit)) => {
+                    table.socket_units.insert(inode, unit);
+                }
+                Ok(None) => {}
+                Err(why) => {
+                    log::debug!("the socket unit of pid {manager}'s socket at {local} is not known: {why}");
+                    table.socket_units_unknown = Some(why);
+                }
             }
         }
         table.resolved_ports.extend(ports.iter().copied());

@@ -4,8 +4,8 @@
 //!
 //! sock_diag (`sockdiag`, `unixdiag`), /proc (`owners`: which processes hold a socket),
 //! network namespaces (`netns`), cgroupfs (`cgroup`), the container runtimes' APIs
-//! (`runtimes`), what runs where (`identity`), and what besides capabilities may refuse a
-//! bind (`policy`).
+//! (`runtimes`), systemd's socket units (`systemd`), what runs where (`identity`), and what
+//! besides capabilities may refuse a bind (`policy`).
 
 pub(crate) mod cgroup;
 pub(crate) mod identity;
@@ -14,4 +14,5 @@ pub(crate) mod owners;
 pub(crate) mod policy;
 pub(crate) mod runtimes;
 pub(crate) mod sockdiag;
+pub(crate) mod systemd;
 pub(crate) mod unixdiag;

@@ -42,6 +42,9 @@ pub struct ProcessInfo {
     /// What it forwards, when it is a `docker-proxy`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) forwards: Option<super::identity::Forwarding>,
+    /// The socket unit it holds this socket for, when it is a systemd manager.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) socket_unit: Option<super::systemd::SocketUnit>,
     /// Its start time (clock ticks after boot): with the pid, which process this is.
     #[serde(skip)]
     pub(crate) start_time: u64,
@@ -78,6 +81,7 @@ impl ProcessInfo {
             uid: process.uid().ok(),
             identity: None,
             forwards: None,
+            socket_unit: None,
             start_time: stat.starttime,
         })
     }

@@ -215,6 +215,7 @@ mod tests {
                     uid: Some(0),
                     identity: None,
                     forwards: None,
+                    socket_unit: None,
                     start_time: 0,
                 })
                 .into_iter()

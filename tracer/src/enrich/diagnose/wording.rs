@@ -50,6 +50,10 @@ pub(crate) fn who(holder: &Holder, seen: Option<&SeenBind>) -> String {
             if let Some(forwards) = &first.forwards {
                 // docker-proxy's own command line is noise next to what it forwards.
                 text = format!("pid {} ({}){}", first.pid, first.comm, forwards.describe());
+            } else if let Some(unit) = &first.socket_unit {
+                text = format!("pid {} (systemd){}", first.pid, unit.describe());
+            } else if crate::host::systemd::is_manager(first) {
+                text = format!("pid {} (systemd, for one of its socket units)", first.pid);
             } else if let Some(place) = first.identity.as_ref().and_then(|i| i.describe()) {
                 text.push(' ');
                 text.push_str(&place);
@@ -116,6 +120,16 @@ pub(crate) fn stop_advice(holder: &Holder) -> String {
     let Some(first) = holder.processes.first() else { return "stop it or bind another port".to_owned() };
     if let Some(forwards) = first.forwards.as_ref().filter(|f| f.container.is_some()) {
         return forwards.stop_advice();
+    }
+    // A systemd manager holds ports for its socket units: the unit is what to stop, never
+    // the manager (PID 1).
+    if let Some(unit) = &first.socket_unit {
+        return unit.stop_advice();
+    }
+    if crate::host::systemd::is_manager(first) {
+        return "systemd holds it for a socket unit (systemctl list-sockets names it): stop that socket unit, or bind \
+                another port"
+            .to_owned();
     }
     // Docker's own processes hold published ports for containers: stopping the daemon is
     // never the advice.

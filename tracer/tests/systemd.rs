@@ -1,0 +1,121 @@
+//! A real systemd as PID 1: `systemd-nspawn -b` of a debootstrapped Debian (made by `cargo
+//! xtask test`, `BINDTRACE_NSPAWN_ROOT`) on the host's network. The sockets it holds for its
+//! socket units are named by their unit and `Listen*=` line, and the advice is to stop the
+//! unit, never "stop it" (PID 1).
+
+mod common;
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use common::*;
+
+/// The root filesystem, once whole; `None` (said) when the tests run without it.
+fn rootfs() -> Option<PathBuf> {
+    let required = std::env::var_os("BINDTRACE_REQUIRE_ROOT").is_some();
+    let Some(root) = std::env::var_os("BINDTRACE_NSPAWN_ROOT").map(PathBuf::from) else {
+        assert!(!required, "BINDTRACE_NSPAWN_ROOT is not set: cargo xtask test makes the systemd root filesystem");
+        eprintln!("SKIPPED: BINDTRACE_NSPAWN_ROOT names no systemd root filesystem (cargo xtask test makes one)");
+        return None;
+    };
+    // xtask makes it while the tests build; it may still be downloading.
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while !root.join(".complete").exists() {
+        assert!(Instant::now() < deadline, "the root filesystem at {} was not made in 10 minutes", root.display());
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    Some(root)
+}
+
+/// A booted systemd-nspawn machine, powered off when dropped.
+struct Machine(Child);
+
+impl Machine {
+    fn boot(root: &Path) -> Machine {
+        let child = Command::new("systemd-nspawn")
+            .args(["--register=no", "--keep-unit", "--console=pipe", "-q", "-b", "-D"])
+            .arg(root)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("systemd-nspawn (apt-get install systemd-container)");
+        Machine(child)
+    }
+}
+
+impl Drop for Machine {
+    fn drop(&mut self) {
+        // nspawn turns SIGTERM into an orderly shutdown of the machine.
+        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while matches!(self.0.try_wait(), Ok(None)) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A socket unit (and the service it starts) listening on 127.0.0.1:`port`, enabled.
+fn install_socket_unit(root: &Path, name: &str, port: u16) {
+    let units = root.join("etc/systemd/system");
+    let wants = units.join("sockets.target.wants");
+    std::fs::create_dir_all(&wants).expect("unit directories");
+    std::fs::write(
+        units.join(format!("{name}.socket")),
+        format!("[Socket]\nListenStream=127.0.0.1:{port}\n\n[Install]\nWantedBy=sockets.target\n"),
+    )
+    .expect("socket unit");
+    std::fs::write(units.join(format!("{name}.service")), "[Service]\nExecStart=/bin/sleep infinity\n")
+        .expect("service unit");
+    let link = wants.join(format!("{name}.socket"));
+    let _ = std::fs::remove_file(&link);
+    std::os::unix::fs::symlink(format!("/etc/systemd/system/{name}.socket"), link).expect("enable");
+}
+
+#[test]
+fn a_socket_unit_is_named_and_never_its_manager() {
+    if !can_load_probe("a_socket_unit_is_named_and_never_its_manager") {
+        return;
+    }
+    let Some(root) = rootfs() else { return };
+    let port = free_port();
+    let unit = format!("bt-demo-{}", std::process::id());
+    install_socket_unit(&root, &unit, port);
+    let machine = Machine::boot(&root);
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let records = loop {
+        let (code, records) = who(&[&format!("{port}/tcp")]);
+        if code == Some(0) {
+            break records;
+        }
+        assert!(Instant::now() < deadline, "the machine's systemd did not listen on {port} in 90 s: {records:?}");
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    let summary = records[0]["summary"].as_str().unwrap_or_default().to_owned();
+    let named =
+        format!("(systemd) for {unit}.socket (ListenStream=127.0.0.1:{port}; it starts {unit}.service on demand)");
+    assert!(summary.contains(&named), "who names the unit: {summary}");
+    let process = &records[0]["holders"][0]["processes"][0];
+    assert_eq!(process["socket_unit"]["name"], format!("{unit}.socket"), "{process}");
+
+    // A host process's bind fails there: the advice is the unit, in the machine; never PID 1.
+    let mut tracer = Tracer::start(&["-o", "ndjson", "-P", &port.to_string()]);
+    let failed = std::net::TcpListener::bind(("127.0.0.1", port)).expect_err("systemd holds the port");
+    assert_eq!(failed.raw_os_error(), Some(libc::EADDRINUSE));
+    let event = tracer.wait_for("the failed bind", |e| e["pid"] == my_pid() && e["errno"] == 98);
+    let d = tracer.diagnosis_of(&event);
+    let summary = d["summary"].as_str().unwrap_or_default();
+    assert!(summary.contains(&format!("systemctl stop {unit}.socket")), "{summary}");
+    assert!(summary.contains(&format!("stopping {unit}.service does not free it")), "{summary}");
+    assert!(!summary.contains("stop it"), "never the manager: {summary}");
+    tracer.stop();
+    drop(machine);
+    for file in [format!("{unit}.socket"), format!("{unit}.service"), format!("sockets.target.wants/{unit}.socket")] {
+        let _ = std::fs::remove_file(root.join("etc/systemd/system").join(file));
+    }
+}
