@@ -141,6 +141,9 @@ pub struct DiagnosisFacts {
     /// The container a runtime was starting when its port publisher's bind failed.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) publishing_for: Option<crate::host::identity::Publishing>,
+    /// The socket unit a systemd manager was starting when its bind failed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) starting_unit: Option<crate::host::systemd::SocketUnit>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ip_unprivileged_port_start: Option<i64>,
     #[serde(skip_serializing_if = "Option::is_none")]

@@ -77,6 +77,8 @@ fn install_socket_unit(root: &Path, name: &str, port: u16) {
     std::os::unix::fs::symlink(format!("/etc/systemd/system/{name}.socket"), link).expect("enable");
 }
 
+/// Both sides: a host process's bind fails against a socket unit's port, and systemd's own
+/// bind fails for a socket unit whose port a host process holds.
 #[test]
 fn a_socket_unit_is_named_and_never_its_manager() {
     if !can_load_probe("a_socket_unit_is_named_and_never_its_manager") {
@@ -86,7 +88,27 @@ fn a_socket_unit_is_named_and_never_its_manager() {
     let port = free_port();
     let unit = format!("bt-demo-{}", std::process::id());
     install_socket_unit(&root, &unit, port);
+    // A second unit on a port this process holds: systemd's own bind fails at boot.
+    let held = std::net::TcpListener::bind("127.0.0.1:0").expect("a port to hold");
+    let held_port = held.local_addr().expect("addr").port();
+    let clash = format!("bt-clash-{}", std::process::id());
+    install_socket_unit(&root, &clash, held_port);
+    let mut starting = Tracer::start(&["-o", "ndjson", "-P", &held_port.to_string()]);
     let machine = Machine::boot(&root);
+    let failed = starting.wait_for("systemd's failed bind", |e| e["comm"] == "systemd" && e["errno"] == 98);
+    let d = starting.diagnosis_of(&failed);
+    let summary = d["summary"].as_str().unwrap_or_default();
+    assert!(
+        summary.starts_with(&format!(
+            "systemd could not start {clash}.socket (ListenStream=127.0.0.1:{held_port}: the address is taken): port \
+             {held_port}/tcp is held by pid {}",
+            my_pid()
+        )),
+        "the unit being started, and the holder: {summary}"
+    );
+    assert_eq!(d["facts"]["starting_unit"]["name"], format!("{clash}.socket"), "{d}");
+    starting.stop();
+    drop(held);
     let deadline = Instant::now() + Duration::from_secs(90);
     let records = loop {
         let (code, records) = who(&[&format!("{port}/tcp")]);
@@ -115,7 +137,10 @@ fn a_socket_unit_is_named_and_never_its_manager() {
     assert!(!summary.contains("stop it"), "never the manager: {summary}");
     tracer.stop();
     drop(machine);
-    for file in [format!("{unit}.socket"), format!("{unit}.service"), format!("sockets.target.wants/{unit}.socket")] {
-        let _ = std::fs::remove_file(root.join("etc/systemd/system").join(file));
+    for name in [&unit, &clash] {
+        for file in [format!("{name}.socket"), format!("{name}.service"), format!("sockets.target.wants/{name}.socket")]
+        {
+            let _ = std::fs::remove_file(root.join("etc/systemd/system").join(file));
+        }
     }
 }

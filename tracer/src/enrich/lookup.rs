@@ -44,6 +44,9 @@ pub(crate) enum LookupKey {
     /// The container a runtime's port publisher (docker-proxy, dockerd) was starting when its
     /// bind failed: the other side of a `docker run -p` conflict.
     Publisher { port: u16, proto: Proto },
+    /// The socket unit a systemd manager (`pid`) was starting when its bind to `addr`:`port`
+    /// failed: the other side of a socket-activation conflict.
+    UnitStarting { pid: u32, addr: std::net::IpAddr, port: u16, proto: Proto },
 }
 
 /// The hash that names a unix path in a [`LookupKey::UnixName`].
@@ -528,6 +531,7 @@ pub(crate) enum Facts {
     Unix(Result<UnixFacts, String>),
     Identity(std::sync::Arc<Identity>),
     Publisher(Result<Option<Publishing>, String>),
+    UnitStarting(Result<Option<crate::host::systemd::SocketUnit>, String>),
 }
 
 impl Facts {
@@ -539,6 +543,7 @@ impl Facts {
             LookupKey::Process { .. } => Self::Process(Err(ProcessUnread::Exited)),
             LookupKey::UnixName { .. } => Self::Unix(Err(why.to_owned())),
             LookupKey::Publisher { .. } => Self::Publisher(Err(why.to_owned())),
+            LookupKey::UnitStarting { .. } => Self::UnitStarting(Err(why.to_owned())),
             LookupKey::Cgroup { .. } => Self::Identity(std::sync::Arc::new(Identity {
                 unresolved: Some(why.to_owned()),
                 ..Identity::default()
@@ -843,6 +848,13 @@ impl Lookups {
                 })
             })),
             LookupKey::Publisher { port, proto } => Facts::Publisher(self.identities.starting(port, proto.name())),
+            LookupKey::UnitStarting { pid, addr, port, proto } => Facts::UnitStarting(match ProcessInfo::read(pid) {
+                Some(manager) if crate::host::systemd::is_manager(&manager) => {
+                    crate::host::systemd::socket_unit_at(&manager, std::net::SocketAddr::new(addr, port), proto)
+                }
+                Some(_) => Ok(None),
+                None => Err(format!("systemd (pid {pid}) exited before it could be asked")),
+            }),
             LookupKey::UnixName { netns, pid, .. } => Facts::Unix(match unix_path {
                 Some(path) => self.unix_facts(netns, pid, path, deadline),
                 None => Err("the unix path was not passed to the lookup".to_owned()),

@@ -50,7 +50,8 @@ impl Lane {
             LookupKey::Netns { .. }
             | LookupKey::Process { .. }
             | LookupKey::Cgroup { .. }
-            | LookupKey::Publisher { .. } => Self::Quick,
+            | LookupKey::Publisher { .. }
+            | LookupKey::UnitStarting { .. } => Self::Quick,
         }
     }
 

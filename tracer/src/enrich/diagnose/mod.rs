@@ -60,6 +60,14 @@ pub fn needed_lookups(event: &Bind) -> NeededLookups {
             Some(proto) if is_port_publisher(event.comm_bytes()) && in_own_netns(netns) => {
                 smallvec![LookupKey::Sockets { netns, proto }, LookupKey::Publisher { port: event.port, proto }]
             }
+            // A systemd manager failed to bind for a socket unit: which one, too.
+            Some(proto) if event.comm_bytes() == b"systemd" => {
+                let addr = event.requested_ip().unwrap_or(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED));
+                smallvec![
+                    LookupKey::Sockets { netns, proto },
+                    LookupKey::UnitStarting { pid: event.tgid, addr, port: event.port, proto }
+                ]
+            }
             Some(proto) => smallvec![LookupKey::Sockets { netns, proto }],
             None => NeededLookups::new(),
         },
@@ -819,6 +827,16 @@ pub fn diagnose<'a>(
                         Some(Facts::Publisher(Err(why))) => {
                             diagnosis.unknown.push(format!("the container being started could not be named: {why}"))
                         }
+                        Some(Facts::UnitStarting(Ok(Some(unit)))) => {
+                            diagnosis.summary = format!(
+                                "systemd could not start {} ({}: the address is taken): {}",
+                                unit.name, unit.listen, diagnosis.summary
+                            );
+                            diagnosis.facts.starting_unit = Some(unit.clone());
+                        }
+                        Some(Facts::UnitStarting(Err(why))) => diagnosis
+                            .unknown
+                            .push(format!("the socket unit systemd was starting could not be named: {why}")),
                         _ => {}
                     }
                     diagnosis
