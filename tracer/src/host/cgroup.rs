@@ -259,6 +259,53 @@ pub(crate) struct PathHints {
     pub unit: Option<String>,
     /// `/<first>/<second>` paths: a `ctr` container's candidate (namespace, id).
     pub two_parts: Option<(String, String)>,
+    /// A machine the path names by itself: systemd-machined's (`machine-NAME.scope`: nspawn
+    /// containers, VMs) or LXC's (`lxc.payload.NAME`, `/lxc/NAME`), outermost first.
+    pub machine: Option<(MachineKind, String)>,
+}
+
+/// Who runs a machine a cgroup path names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum MachineKind {
+    /// Registered with systemd-machined (systemd-nspawn, libvirt).
+    Machined,
+    Lxc,
+}
+
+/// The machine a path component names (`parent`: the component above it).
+fn machine_in(part: &str, parent: Option<&str>) -> Option<(MachineKind, String)> {
+    if let Some(escaped) = part.strip_prefix("machine-").and_then(|rest| rest.strip_suffix(".scope")) {
+        // systemd escapes a unit name's dashes and other bytes as \xNN.
+        return Some((MachineKind::Machined, unescape_unit_name(escaped)));
+    }
+    if let Some(name) = part.strip_prefix("lxc.payload.") {
+        return Some((MachineKind::Lxc, name.to_owned()));
+    }
+    (parent == Some("lxc") && !part.is_empty()).then(|| (MachineKind::Lxc, part.to_owned()))
+}
+
+/// A unit name's `\xNN` escapes, undone (`foo\x2dbar` is `foo-bar`).
+fn unescape_unit_name(escaped: &str) -> String {
+    let mut bytes = Vec::with_capacity(escaped.len());
+    let raw = escaped.as_bytes();
+    let mut i = 0;
+    while i < raw.len() {
+        let hex = raw
+            .get(i + 2..i + 4)
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match (raw[i], raw.get(i + 1), hex) {
+            (b'\\', Some(b'x'), Some(byte)) => {
+                bytes.push(byte);
+                i += 4;
+            }
+            (byte, ..) => {
+                bytes.push(byte);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&bytes).into_owned()
 }
 
 fn is_container_id(text: &str) -> bool {
@@ -300,6 +347,7 @@ pub(crate) fn hints(path: &str) -> PathHints {
     if let [first, second] = parts.as_slice() {
         hints.two_parts = Some(((*first).to_owned(), (*second).to_owned()));
     }
+    hints.machine = parts.iter().enumerate().find_map(|(i, part)| machine_in(part, i.checked_sub(1).map(|p| parts[p])));
     hints
 }
 
@@ -351,6 +399,17 @@ mod tests {
     use super::*;
 
     const ID: &str = "5b3a54922118b4553e36cecb3b374bb34f2fb1fbd78c33606fe29f9d9987f56b";
+
+    #[test]
+    fn machines_are_named_by_their_paths() {
+        let nspawn = hints("/machine.slice/machine-web\\x2d1.scope/payload/system.slice/nginx.service");
+        assert_eq!(nspawn.machine, Some((MachineKind::Machined, "web-1".to_owned())));
+        let lxc = hints("/lxc.payload.db/system.slice/postgresql.service");
+        assert_eq!(lxc.machine, Some((MachineKind::Lxc, "db".to_owned())));
+        assert_eq!(hints("/lxc/old-style/init.scope").machine, Some((MachineKind::Lxc, "old-style".to_owned())));
+        assert_eq!(hints("/system.slice/nginx.service").machine, None);
+        assert_eq!(unescape_unit_name("a\\x2db\\x5cc"), "a-b\\c");
+    }
 
     #[test]
     fn runtime_naming_conventions() {

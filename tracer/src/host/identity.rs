@@ -64,6 +64,10 @@ impl Identity {
             let container = pod.container.as_deref().map(|c| format!(" (container {c})")).unwrap_or_default();
             return Some(format!("in pod {namespace}{}{container}", pod.name));
         }
+        if let Some(container) = self.container.as_ref().filter(|c| c.runtime.is_machine()) {
+            let unit = self.unit.as_deref().map(|u| format!(" (its {u})")).unwrap_or_default();
+            return Some(format!("in {} {}{unit}", container.runtime.name(), container.label()));
+        }
         if let Some(container) = &self.container {
             let image = container.image.as_deref().map(|i| format!(" (image {i})")).unwrap_or_default();
             let unnamed = if container.name.is_none() { " (not named: its runtime did not answer)" } else { "" };
@@ -81,6 +85,23 @@ impl Identity {
                  hostPort or hostNetwork), or bind another port",
                 pod.name, pod.name
             ));
+        }
+        // A service inside a machine is stopped there, not the whole machine.
+        if let (Some(container), Some(unit)) =
+            (&self.container, self.unit.as_deref().filter(|u| u.ends_with(".service")))
+        {
+            match container.runtime {
+                Runtime::Machine => {
+                    return Some(format!("systemctl -M {} stop {unit}, or bind another port", container.id))
+                }
+                Runtime::Lxc => {
+                    return Some(format!(
+                        "lxc-attach -n {} -- systemctl stop {unit}, or bind another port",
+                        container.id
+                    ))
+                }
+                _ => {}
+            }
         }
         if let Some(container) = &self.container {
             return Some(format!("{}, or bind another port", container.stop_command()));
@@ -153,7 +174,8 @@ pub(crate) fn without_runtime(path: &str) -> Option<Identity> {
     if hints.container.is_some() || maybe_containerd {
         return None;
     }
-    Some(Identity { cgroup: Some(path.to_owned()), unit: hints.unit, ..Identity::default() })
+    let container = hints.machine.map(|(kind, name)| Container::machine(kind, name));
+    Some(Identity { cgroup: Some(path.to_owned()), unit: hints.unit, container, ..Identity::default() })
 }
 
 /// The identity lookups' state, owned by the lookup worker (and by `who`).
@@ -240,6 +262,14 @@ impl Identities {
         } else {
             Asked::Unknown
         };
+        // A machine (nspawn, LXC) is named by its path, with no runtime to ask; a runtime's
+        // container inside one is the innermost, and named above.
+        if let (None, Some((kind, name))) = (&identity.container, &hints.machine) {
+            if !matches!(asked, Asked::Found(_)) {
+                identity.container = Some(Container::machine(*kind, name.clone()));
+                identity.unresolved = None;
+            }
+        }
         if let Asked::Found(container) = asked {
             identity.pod = container.pod.clone().map(|mut pod| {
                 pod.uid = pod.uid.or_else(|| hints.pod_uid.clone());
@@ -324,6 +354,19 @@ impl Identities {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An nspawn machine or LXC container is named from its cgroup path, with advice for the
+    /// service inside it; they used to read as the host ("of nginx.service").
+    #[test]
+    fn machines_are_named_with_the_service_inside_them() {
+        let nspawn = without_runtime("/machine.slice/machine-web\\x2d1.scope/payload/system.slice/nginx.service")
+            .expect("known from the path");
+        assert_eq!(nspawn.describe().as_deref(), Some("in machine web-1 (its nginx.service)"));
+        assert_eq!(nspawn.stop_advice().as_deref(), Some("systemctl -M web-1 stop nginx.service, or bind another port"));
+        let lxc = without_runtime("/lxc.payload.db/init.scope").expect("known from the path");
+        assert_eq!(lxc.describe().as_deref(), Some("in lxc db (its init.scope)"));
+        assert_eq!(lxc.stop_advice().as_deref(), Some("lxc-stop -n db, or bind another port"));
+    }
 
     fn container(name: Option<&str>) -> Container {
         Container {

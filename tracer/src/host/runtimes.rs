@@ -43,6 +43,10 @@ pub(crate) enum Runtime {
     /// A Kubernetes pod's container whose runtime could not be asked (the cgroupfs driver's
     /// `kubepods/.../pod<uid>/<id>` names none).
     Cri,
+    /// A systemd-machined machine (systemd-nspawn, libvirt), named by its cgroup path.
+    Machine,
+    /// An LXC container, named by its cgroup path.
+    Lxc,
 }
 
 impl Runtime {
@@ -53,7 +57,14 @@ impl Runtime {
             Self::Containerd => "containerd",
             Self::CriO => "cri-o",
             Self::Cri => "cri",
+            Self::Machine => "machine",
+            Self::Lxc => "lxc",
         }
+    }
+
+    /// A machine named by its cgroup path (nspawn, LXC), not a runtime's container.
+    pub(crate) fn is_machine(self) -> bool {
+        matches!(self, Self::Machine | Self::Lxc)
     }
 
     /// The command that stops one of its containers.
@@ -63,6 +74,8 @@ impl Runtime {
             Self::Podman => "podman stop",
             Self::Containerd => "ctr task kill",
             Self::CriO | Self::Cri => "crictl stop",
+            Self::Machine => "machinectl poweroff",
+            Self::Lxc => "lxc-stop -n",
         }
     }
 }
@@ -137,6 +150,15 @@ impl Container {
             Some(name) => name.clone(),
             None => self.id.chars().take(12).collect(),
         }
+    }
+
+    /// A machine its cgroup path names (no runtime to ask): its name is its id.
+    pub(crate) fn machine(kind: super::cgroup::MachineKind, name: String) -> Self {
+        let runtime = match kind {
+            super::cgroup::MachineKind::Machined => Runtime::Machine,
+            super::cgroup::MachineKind::Lxc => Runtime::Lxc,
+        };
+        Self::from_labels(runtime, name.clone(), Some(name), None, &HashMap::new())
     }
 
     /// A container known by its id only (its runtime could not name it).
@@ -728,7 +750,7 @@ impl Apis {
                     }
                     found
                 }
-                Runtime::CriO | Runtime::Cri => Asked::Unknown,
+                Runtime::CriO | Runtime::Cri | Runtime::Machine | Runtime::Lxc => Asked::Unknown,
             };
             match asked {
                 Asked::Found(_) => return asked,
