@@ -362,7 +362,10 @@ mod tests {
         let nspawn = without_runtime("/machine.slice/machine-web\\x2d1.scope/payload/system.slice/nginx.service")
             .expect("known from the path");
         assert_eq!(nspawn.describe().as_deref(), Some("in machine web-1 (its nginx.service)"));
-        assert_eq!(nspawn.stop_advice().as_deref(), Some("systemctl -M web-1 stop nginx.service, or bind another port"));
+        assert_eq!(
+            nspawn.stop_advice().as_deref(),
+            Some("systemctl -M web-1 stop nginx.service, or bind another port")
+        );
         let lxc = without_runtime("/lxc.payload.db/init.scope").expect("known from the path");
         assert_eq!(lxc.describe().as_deref(), Some("in lxc db (its init.scope)"));
         assert_eq!(lxc.stop_advice().as_deref(), Some("lxc-stop -n db, or bind another port"));
