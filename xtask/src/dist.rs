@@ -102,6 +102,23 @@ impl Arch {
     }
 }
 
+/// Builds `bin` of `package` for every architecture in one cargo run, so that the two
+/// fat-LTO links (single-threaded each) run at once on a machine with two cores instead of
+/// one after the other; later per-architecture builds find them done.
+pub fn build_static_all(package: &str, bin: &str) -> Result<()> {
+    let mut command = cargo();
+    command.args(["build", "--release", "--package", package, "--bin", bin]);
+    for arch in ARCHES {
+        arch.ensure_toolchain()?;
+        command.args(["--target", arch.musl_target]);
+        if let Some(linker) = arch.linker {
+            let variable = format!("CARGO_TARGET_{}_LINKER", arch.musl_target.to_uppercase().replace('-', "_"));
+            command.env(variable, linker);
+        }
+    }
+    run(&mut command)
+}
+
 /// Does this ELF file (64- or 32-bit, little-endian) name a dynamic loader (PT_INTERP)? A
 /// static binary does not.
 fn has_interpreter(path: &Path) -> Result<bool> {

@@ -168,7 +168,9 @@ fn test() -> Result<()> {
         )?;
         // The kernel tests must run, not skip, when they can.
         tests.env("BINDTRACE_REQUIRE_ROOT", "1");
-        // The container test builds the image from the static binary and runs it.
+        // The container test builds the image from the static binary and runs it. Every
+        // architecture's is built now, at once (the VM matrix takes them later).
+        dist::build_static_all("bindtrace", "bindtrace")?;
         tests.env("BINDTRACE_STATIC_BINARY", deploy::host_static_binary()?);
     } else {
         eprintln!("xtask: not root: the tests that load the probe will be SKIPPED (run `sudo cargo xtask test`)");
