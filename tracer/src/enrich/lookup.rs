@@ -337,8 +337,6 @@ pub(crate) struct SocketTable {
     published: HashMap<u32, Forwarding>,
     /// Sockets a systemd manager holds for a socket unit, by inode: the unit, from systemd.
     socket_units: HashMap<u32, crate::host::systemd::SocketUnit>,
-    /// Why a manager could not be asked (its sockets' units stay unnamed).
-    pub(crate) socket_units_unknown: Option<String>,
     /// How far the search for owners got.
     seen: OwnersSeen,
     /// Sockets whose processes were found but could not be read after (they exited, or the
@@ -707,10 +705,8 @@ impl Lookups {
                     table.socket_units.insert(inode, unit);
                 }
                 Ok(None) => {}
-                Err(why) => {
-                    log::debug!("the socket unit of pid {manager}'s socket at {local} is not known: {why}");
-                    table.socket_units_unknown = Some(why);
-                }
+                // The holder is still said to be systemd, for a socket unit (never "stop it").
+                Err(why) => log::debug!("the socket unit of pid {manager}'s socket at {local} is not known: {why}"),
             }
         }
         table.resolved_ports.extend(ports.iter().copied());
