@@ -104,6 +104,8 @@ pub struct Metrics {
     lookup_timeouts: Counter,
     diagnoses_followed: Counter,
     diagnoses_shed: Counter,
+    ports_shared: Counter,
+    sharing_unchecked: Counter,
     programs: ProgramSeries,
     /// The totals already added, so that each tick adds only what is new.
     last_kernel_dropped: AtomicU64,
@@ -154,6 +156,19 @@ impl Metrics {
         registry.register("diagnoses_followed", "Diagnoses written after their event", diagnoses_followed.clone());
         let diagnoses_shed = Counter::default();
         registry.register("diagnoses_shed", "Failures that got no diagnosis (overload)", diagnoses_shed.clone());
+        let ports_shared = Counter::default();
+        registry.register(
+            "ports_shared",
+            "Successful binds that joined a port another service, container or process tree holds \
+             (SO_REUSEPORT, or SO_REUSEADDR on UDP)",
+            ports_shared.clone(),
+        );
+        let sharing_unchecked = Counter::default();
+        registry.register(
+            "sharing_unchecked",
+            "Successful SO_REUSEPORT (or UDP SO_REUSEADDR) binds whose sharing could not be checked (overload)",
+            sharing_unchecked.clone(),
+        );
         let programs = ProgramSeries::default();
         registry.register(
             "probe_runs",
@@ -184,6 +199,8 @@ impl Metrics {
             lookup_timeouts,
             diagnoses_followed,
             diagnoses_shed,
+            ports_shared,
+            sharing_unchecked,
             programs,
             last_kernel_dropped: AtomicU64::new(0),
             last_enrich: std::sync::Mutex::new(EnrichCounters::default()),
@@ -314,6 +331,8 @@ impl Metrics {
             self.lookup_timeouts.inc_by(enrich.lookup_timeouts.saturating_sub(last.lookup_timeouts));
             self.diagnoses_followed.inc_by(enrich.followed.saturating_sub(last.followed));
             self.diagnoses_shed.inc_by(enrich.shed.saturating_sub(last.shed));
+            self.ports_shared.inc_by(enrich.ports_shared.saturating_sub(last.ports_shared));
+            self.sharing_unchecked.inc_by(enrich.sharing_unchecked.saturating_sub(last.sharing_unchecked));
             *last = enrich;
         }
     }

@@ -180,6 +180,10 @@ pub struct DiagnosisFacts {
     /// Ports of that range taken for the requested address (bind to port 0).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ports_taken: Option<usize>,
+    /// A successful bind that shares its port (`port_shared`): `SO_REUSEPORT` or
+    /// `SO_REUSEADDR` (UDP).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub shared_through: Option<&'static str>,
     /// AF_UNIX EADDRINUSE: what is at the path.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub unix_file: Option<UnixFileReport>,

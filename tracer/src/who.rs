@@ -483,6 +483,7 @@ mod tests {
             forwards: None,
             socket_unit: None,
             start_time: 0,
+            session: 0,
         };
         let holders = vec![
             holder("[::]:8080", 10, None, vec![process("名前付きプロセス"), process("a\u{1b}b")]),

@@ -1108,3 +1108,120 @@ fn who_shows_each_processs_own_uid() {
     let row = table.lines().find(|l| l.contains(&worker.id().to_string())).unwrap_or_else(|| panic!("{table}"));
     assert_eq!(row.split_whitespace().nth(uid_column), Some("65534"), "{table}");
 }
+
+fn kill_child(child: ForkedChild) {
+    unsafe {
+        libc::kill(child.pid as i32, libc::SIGKILL);
+        libc::waitpid(child.pid as i32, std::ptr::null_mut(), 0);
+    }
+}
+
+/// The report on a successful bind, if any: on the event, or in a `diagnosis` record that
+/// followed it (all of them are in once the tracer has stopped).
+fn report_on(finished: &Finished, event: &Value) -> Option<Value> {
+    if event["diagnosis"].is_object() {
+        return Some(event["diagnosis"].clone());
+    }
+    finished
+        .json()
+        .into_iter()
+        .find(|r| r["type"] == "diagnosis" && r["seq"] == event["seq"])
+        .map(|r| r["diagnosis"].clone())
+}
+
+/// A second copy of a server joining a SO_REUSEPORT port from another session is reported
+/// with whom it now shares the port; sockets of one process tree (one session, one cgroup)
+/// share on purpose and are not; a socket of another uid cannot join at all.
+#[test]
+fn a_port_joined_through_so_reuseport_by_another_process_tree_is_reported() {
+    if !can_load_probe("a_port_joined_through_so_reuseport_by_another_process_tree_is_reported") {
+        return;
+    }
+    let port = free_port();
+    let at: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+    let mut tracer = Tracer::start(&["-o", "ndjson", "-P", &port.to_string()]);
+    let shared = |new_session: bool, uid: Option<u32>| ChildPlan {
+        hold_first: true,
+        reuse: Some(libc::SO_REUSEPORT),
+        new_session,
+        uid,
+        linger: Duration::from_secs(30),
+        ..ChildPlan::bind(at)
+    };
+    // A worker of this process tree listens first.
+    let worker = spawn_child(shared(false, None));
+    let worker_pid = worker.pid;
+    tracer.wait_for("the worker's listener", |e| e["pid"] == worker_pid && e["ok"] == true);
+    // A second worker joins it: the same session and cgroup, sharing on purpose. (Forked, so
+    // that the stranger below inherits no socket of this process.)
+    let second = spawn_child(shared(false, None));
+    let second_pid = second.pid;
+    let second_bind = tracer.wait_for("the second worker's bind", |e| e["pid"] == second_pid && e["ok"] == true);
+    // A copy started apart (its own session) joins too.
+    let stranger = spawn_child(shared(true, None));
+    let stranger_pid = stranger.pid;
+    let joined = tracer.wait_for("the stranger's bind", |e| e["pid"] == stranger_pid && e["ok"] == true);
+    // Another user's socket may not join: the kernel refuses, and the failure says why.
+    let other_uid = spawn_child(ChildPlan { hold_first: false, linger: Duration::ZERO, ..shared(true, Some(65534)) });
+    let other_pid = other_uid.pid;
+    let failure = tracer.wait_for("the other uid's bind", |e| e["pid"] == other_pid);
+    assert_eq!(failure["errno"], libc::EADDRINUSE, "{failure}");
+    let d = tracer.diagnosis_of(&failure);
+    assert_eq!(d["kind"], "in_use_reuseport", "{d}");
+    assert!(d["summary"].as_str().is_some_and(|s| s.contains("uid")), "{d}");
+    assert_eq!(other_uid.wait(), libc::EADDRINUSE);
+    kill_child(worker);
+    kill_child(second);
+    kill_child(stranger);
+    let finished = tracer.stop();
+
+    assert_eq!(report_on(&finished, &second_bind), None, "one process tree shares on purpose");
+    let report = report_on(&finished, &joined).unwrap_or_else(|| panic!("no report on {joined}"));
+    assert_eq!(report["kind"], "port_shared", "{report}");
+    assert_eq!(report["facts"]["shared_through"], "SO_REUSEPORT", "{report}");
+    let holders = report["holders"].as_array().expect("holders");
+    let names =
+        |pid: u32| holders.iter().any(|h| h["processes"].as_array().is_some_and(|p| p.iter().any(|p| p["pid"] == pid)));
+    assert!(names(worker_pid) && names(second_pid), "both listeners of the other tree are named: {report}");
+    assert!(!names(stranger_pid), "its own sockets are not sharers: {report}");
+    let summary = report["summary"].as_str().unwrap_or_default();
+    assert!(summary.starts_with(&format!("port {port}/tcp is now shared through SO_REUSEPORT with pid ")), "{summary}");
+    assert!(summary.contains("since ") && summary.contains("uid 0 may join"), "{summary}");
+    let summary_record = finished.summary();
+    assert!(summary_record["diagnoses"]["ports_shared"].as_u64().is_some_and(|n| n >= 1), "{summary_record}");
+}
+
+/// UDP ports shared through SO_REUSEADDR are reported the same way.
+#[test]
+fn a_udp_port_joined_through_so_reuseaddr_is_reported() {
+    if !can_load_probe("a_udp_port_joined_through_so_reuseaddr_is_reported") {
+        return;
+    }
+    let port = free_port();
+    let at: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+    let mut tracer = Tracer::start(&["-o", "ndjson", "-P", &port.to_string()]);
+    let holder = spawn_child(ChildPlan {
+        sock_type: libc::SOCK_DGRAM,
+        hold_first: true,
+        reuse: Some(libc::SO_REUSEADDR),
+        new_session: true,
+        linger: Duration::from_secs(30),
+        ..ChildPlan::bind(at)
+    });
+    let holder_pid = holder.pid;
+    tracer.wait_for("the holder's bind", |e| e["pid"] == holder_pid && e["ok"] == true);
+    let own = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP)).expect("socket");
+    own.set_reuse_address(true).expect("SO_REUSEADDR");
+    own.bind(&SockAddr::from(at)).expect("SO_REUSEADDR lets it join");
+    let joined = tracer.wait_for("this process's bind", |e| e["pid"] == my_pid() && e["ok"] == true);
+    kill_child(holder);
+    let finished = tracer.stop();
+    let report = report_on(&finished, &joined).unwrap_or_else(|| panic!("no report on {joined}"));
+    assert_eq!(report["kind"], "port_shared", "{report}");
+    assert_eq!(report["facts"]["shared_through"], "SO_REUSEADDR", "{report}");
+    assert!(
+        report["holders"][0]["processes"].as_array().is_some_and(|p| p.iter().any(|p| p["pid"] == holder_pid)),
+        "{report}"
+    );
+    assert!(report["summary"].as_str().is_some_and(|s| s.contains("unicast datagram")), "{report}");
+}

@@ -38,7 +38,7 @@ pub struct BindHistory {
 }
 
 /// The port a successful bind ended up on (the kernel's pick for port 0).
-fn effective_port(event: &BindEvent) -> u16 {
+pub(crate) fn effective_port(event: &BindEvent) -> u16 {
     if event.port == 0 && event.bound_port != 0 {
         event.bound_port
     } else {

@@ -504,12 +504,16 @@ fn ipv6_states() -> Vec<Ipv6State> {
         .collect()
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub(crate) struct ProcessCaps {
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(crate) struct ProcessFacts {
     /// CapEff from /proc/PID/status.
     pub effective: u64,
     /// What else may refuse its binds: cgroup BPF programs, LSMs.
     pub policy: BindPolicy,
+    /// Its session and cgroup, which tell whether another socket on its port belongs to the
+    /// same service (see `diagnose::sharing`).
+    pub session: Option<u32>,
+    pub cgroup: Option<String>,
 }
 
 /// Why a process's details could not be read.
@@ -525,7 +529,7 @@ pub(crate) enum ProcessUnread {
 pub(crate) enum Facts {
     Sockets(Result<SocketTable, String>),
     Netns(Result<NetnsFacts, String>),
-    Process(Result<ProcessCaps, ProcessUnread>),
+    Process(Result<ProcessFacts, ProcessUnread>),
     Unix(Result<UnixFacts, String>),
     Identity(std::sync::Arc<Identity>),
     Publisher(Result<Option<Publishing>, String>),
@@ -871,8 +875,14 @@ impl Lookups {
             }
             LookupKey::Process { pid } => Facts::Process(
                 procfs::process::Process::new(pid as i32)
-                    .and_then(|p| p.status())
-                    .map(|status| ProcessCaps { effective: status.capeff, policy: bind_policy(pid) })
+                    .and_then(|process| Ok((process.status()?, process.stat().ok())))
+                    .map(|(status, stat)| ProcessFacts {
+                        effective: status.capeff,
+                        policy: bind_policy(pid),
+                        session: stat.and_then(|stat| u32::try_from(stat.session).ok()),
+                        cgroup: crate::host::cgroup::ProcessCgroups::read(pid)
+                            .and_then(|c| c.best().map(str::to_owned)),
+                    })
                     .map_err(|_| ProcessUnread::Exited),
             ),
         }

@@ -202,6 +202,11 @@ pub struct EnrichCounters {
     pub followed: u64,
     /// Failures that got no diagnosis.
     pub shed: u64,
+    /// Successful binds reported as sharing their port with another service or container.
+    pub ports_shared: u64,
+    /// Successful binds with SO_REUSEPORT (or UDP SO_REUSEADDR) whose sharing could not be
+    /// checked (overload).
+    pub sharing_unchecked: u64,
 }
 
 /// What makes two failures get the same diagnosis from the same answers.
@@ -299,7 +304,8 @@ impl Enricher {
         self.next_seq += 1;
         self.history.record(&event, wall_ns);
         let looking = self.enabled;
-        let mut keys = if looking && event.ret < 0 { needed_lookups(&event) } else { NeededLookups::new() };
+        // A failure's diagnosis, or whom a success shares its port with (SO_REUSEPORT).
+        let mut keys = if looking { needed_lookups(&event) } else { NeededLookups::new() };
         // An id shared by unrelated processes (the root of a hierarchy, or any task on a host
         // without cgroup v2) says nothing of one process: its identity is then the pid's.
         let quick = if looking && event.cgroup_id != 0 { self.quick_identity(event.cgroup_id, now) } else { None };
@@ -576,7 +582,9 @@ impl Enricher {
     /// at once with `force` (at exit, saying what did not finish).
     pub fn pop(&mut self, now: Instant, force: bool) -> Option<Enriched> {
         let front = self.queue.front()?;
-        let needs_diagnosis = front.event.ret < 0 && self.enabled;
+        let failed = front.event.ret < 0;
+        // A success is checked for a shared port only when it may share one (keys then).
+        let needs_diagnosis = self.enabled && (failed || !front.keys.is_empty());
         let answered = self.answered(front);
         let due = now >= front.arrived + EMIT_DEADLINE || self.queue.len() > QUEUE_MAX;
         if !answered && !due && !force {
@@ -587,28 +595,47 @@ impl Enricher {
         let explained = if !needs_diagnosis {
             Explained::Nothing
         } else if pending.shed {
-            self.counters.shed += 1;
+            self.count_shed(&pending.event);
             Explained::Shed(SHED_OVERLOAD)
         } else if answered || force || pending.keys.is_empty() {
             match self.diagnosis_of(&pending, force && !answered) {
                 Some(diagnosis) => {
-                    self.note_diagnosed(&pending.event, now);
+                    self.note_diagnosed(&pending.event, &diagnosis, now);
                     Explained::Now(diagnosis)
                 }
                 None => Explained::Nothing,
             }
         } else if self.following.len() >= FOLLOWING_MAX / 2 && self.diagnosed_within_a_second(&pending.event, now) {
             // Under pressure: this port already has a recent diagnosis.
-            self.counters.shed += 1;
+            self.count_shed(&pending.event);
             Explained::Shed(SHED_OVERLOAD)
         } else if self.following.len() < FOLLOWING_MAX {
             self.following.push_back(pending);
-            return Some(self.follows_marker());
+            let mut marker = self.follows_marker();
+            // A success is written as it is: a report follows only if it shares its port.
+            if !failed {
+                marker.explained = Explained::Nothing;
+            }
+            return Some(marker);
         } else {
-            self.counters.shed += 1;
+            self.count_shed(&pending.event);
             Explained::Shed(SHED_OVERLOAD)
         };
+        // A success whose check was shed is written as it is; the summary counts it.
+        let explained = match explained {
+            Explained::Shed(_) if !failed => Explained::Nothing,
+            other => other,
+        };
         Some(Enriched { seq: pending.seq, event: pending.event, wall_ns: pending.wall_ns, explained, identity })
+    }
+
+    /// Counts a failure's diagnosis, or a success's check for a shared port, not made.
+    fn count_shed(&mut self, event: &BindEvent) {
+        if event.ret < 0 {
+            self.counters.shed += 1;
+        } else {
+            self.counters.sharing_unchecked += 1;
+        }
     }
 
     /// The identity an event's cgroup lookup found, or why there is none; `None` only when
@@ -669,7 +696,7 @@ impl Enricher {
             }
             if let Some(diagnosis) = self.diagnosis_of(&pending, !answered) {
                 self.counters.followed += 1;
-                self.note_diagnosed(&pending.event, now);
+                self.note_diagnosed(&pending.event, &diagnosis, now);
                 out.push(FollowUp { seq: pending.seq, event: pending.event, wall_ns: pending.wall_ns, diagnosis });
             }
         }
@@ -682,7 +709,14 @@ impl Enricher {
         (event.netns_ino, event.protocol, event.port)
     }
 
-    fn note_diagnosed(&mut self, event: &BindEvent, now: Instant) {
+    fn note_diagnosed(&mut self, event: &BindEvent, diagnosis: &Diagnosis, now: Instant) {
+        if event.ret >= 0 {
+            // A success's report: a shared port (see diagnose::sharing).
+            if diagnosis.kind == "port_shared" {
+                self.counters.ports_shared += 1;
+            }
+            return;
+        }
         if self.recently_diagnosed.len() >= RECENT_MAX {
             self.recently_diagnosed.clear();
         }
@@ -696,7 +730,6 @@ impl Enricher {
     }
 
     fn diagnosis_of(&mut self, pending: &Pending, incomplete: bool) -> Option<Arc<Diagnosis>> {
-        pending.event.errno()?;
         let answers: Vec<Option<(&Arc<Facts>, Instant)>> =
             pending.keys.iter().map(|k| self.keys.get(k).and_then(|s| s.answer_for(pending.arrived))).collect();
         let stamps: Option<Vec<Instant>> = answers.iter().map(|a| a.map(|(_, at)| at)).collect();

@@ -48,6 +48,10 @@ pub struct ProcessInfo {
     /// Its start time (clock ticks after boot): with the pid, which process this is.
     #[serde(skip)]
     pub(crate) start_time: u64,
+    /// Its session (`setsid`): workers forked by one server share it, a copy started from
+    /// another shell does not.
+    #[serde(skip)]
+    pub(crate) session: u32,
 }
 
 impl ProcessInfo {
@@ -83,6 +87,7 @@ impl ProcessInfo {
             forwards: None,
             socket_unit: None,
             start_time: stat.starttime,
+            session: u32::try_from(stat.session).unwrap_or(0),
         })
     }
 }

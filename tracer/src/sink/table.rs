@@ -294,6 +294,13 @@ impl Sink for TableSink {
                 d.lookups, d.followed, d.shed, d.lookup_timeouts
             );
         }
+        if d.ports_shared + d.sharing_unchecked > 0 {
+            let _ = writeln!(
+                text,
+                "  sharing:    {} binds joined a port another service holds (SO_REUSEPORT/SO_REUSEADDR); {} could not be checked (overload)",
+                d.ports_shared, d.sharing_unchecked
+            );
+        }
         // The report is for the operator: stderr, whatever stdout is.
         use io::Write as _;
         // After the lines already queued for stderr, in order.

@@ -298,6 +298,10 @@ pub struct ChildPlan {
     /// A cgroup's `cgroup.procs` to move into first.
     pub join_cgroup: Option<std::ffi::CString>,
     pub hold_first: bool,
+    /// A socket option set on every socket before its bind (`SO_REUSEPORT`, `SO_REUSEADDR`).
+    pub reuse: Option<i32>,
+    /// `setsid` first: a process started apart, as from another shell.
+    pub new_session: bool,
     pub linger: Duration,
 }
 
@@ -311,6 +315,8 @@ impl ChildPlan {
             join_netns: None,
             join_cgroup: None,
             hold_first: false,
+            reuse: None,
+            new_session: false,
             linger: Duration::ZERO,
         }
     }
@@ -370,10 +376,26 @@ pub fn spawn_child(plan: ChildPlan) -> ForkedChild {
     let (sockaddr, len) = raw_sockaddr(plan.addr);
     let family = if plan.addr.is_ipv4() { libc::AF_INET } else { libc::AF_INET6 };
     let linger = libc::timespec { tv_sec: plan.linger.as_secs() as i64, tv_nsec: plan.linger.subsec_nanos() as i64 };
+    let one: libc::c_int = 1;
     let pid = unsafe { libc::fork() };
     assert!(pid >= 0, "fork failed");
     if pid == 0 {
         unsafe {
+            let set_reuse = |fd: libc::c_int| match plan.reuse {
+                Some(option) => {
+                    libc::setsockopt(
+                        fd,
+                        libc::SOL_SOCKET,
+                        option,
+                        (&raw const one).cast(),
+                        std::mem::size_of::<libc::c_int>() as u32,
+                    ) == 0
+                }
+                None => true,
+            };
+            if plan.new_session && libc::setsid() < 0 {
+                libc::_exit(206);
+            }
             if plan.new_netns && libc::unshare(libc::CLONE_NEWNET) != 0 {
                 libc::_exit(202);
             }
@@ -400,6 +422,7 @@ pub fn spawn_child(plan: ChildPlan) -> ForkedChild {
             if plan.hold_first {
                 let holder = libc::socket(family, plan.sock_type, 0);
                 if holder < 0
+                    || !set_reuse(holder)
                     || libc::bind(holder, (&raw const sockaddr).cast(), len) != 0
                     || (plan.sock_type == libc::SOCK_STREAM && libc::listen(holder, 1) != 0)
                 {
@@ -407,7 +430,7 @@ pub fn spawn_child(plan: ChildPlan) -> ForkedChild {
                 }
             }
             let fd = libc::socket(family, plan.sock_type, 0);
-            if fd < 0 {
+            if fd < 0 || !set_reuse(fd) {
                 libc::_exit(201);
             }
             let rc = libc::bind(fd, (&raw const sockaddr).cast(), len);

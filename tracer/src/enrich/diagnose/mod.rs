@@ -5,6 +5,7 @@
 //! the output types, `wording` the sentences shared with `bindtrace who`.
 
 mod report;
+mod sharing;
 mod unix;
 mod wording;
 
@@ -22,7 +23,7 @@ pub(crate) use self::{
 use super::{
     history::{BindHistory, SeenBind},
     lookup::{
-        is_connection, unix_name_key, Facts, Holder, LookupKey, NetnsFacts, PortCensus, ProcessCaps, ProcessUnread,
+        is_connection, unix_name_key, Facts, Holder, LookupKey, NetnsFacts, PortCensus, ProcessFacts, ProcessUnread,
         SocketTable, IFA_F_DADFAILED, IFA_F_OPTIMISTIC, IFA_F_TENTATIVE,
     },
 };
@@ -76,6 +77,8 @@ pub fn needed_lookups(event: &Bind) -> NeededLookups {
             smallvec![LookupKey::Netns { netns }, LookupKey::Process { pid: event.tgid }]
         }
         Some(libc::EADDRNOTAVAIL) => smallvec![LookupKey::Netns { netns }],
+        // A success: whom it shares its port with, when it may share it.
+        None => sharing::needed_lookups(event),
         _ => NeededLookups::new(),
     }
 }
@@ -476,7 +479,7 @@ fn has_cap(effective: u64, cap: u32) -> bool {
 fn access(
     event: &BindEvent,
     netns: Option<&NetnsFacts>,
-    process: Option<Result<&ProcessCaps, ProcessUnread>>,
+    process: Option<Result<&ProcessFacts, ProcessUnread>>,
 ) -> Diagnosis {
     let caps = process.map(|p| p.map(|c| c.effective));
     let mut facts = DiagnosisFacts::default();
@@ -780,7 +783,9 @@ pub fn diagnose<'a>(
     facts: impl Fn(&LookupKey) -> Option<&'a Facts>,
     history: &BindHistory,
 ) -> Option<Diagnosis> {
-    let errno = event.errno()?;
+    let Some(errno) = event.errno() else {
+        return sharing::port_shared(event, facts, history);
+    };
     let lookup_error = |key: &LookupKey| match facts(key) {
         Some(Facts::Sockets(Err(e))) | Some(Facts::Netns(Err(e))) => Some(e.clone()),
         _ => None,
@@ -936,7 +941,7 @@ mod tests {
     use super::*;
     use crate::{
         decode::tests::sample_event,
-        enrich::lookup::{OwnersSeen, ProcessCaps, SocketTable},
+        enrich::lookup::{OwnersSeen, ProcessFacts, SocketTable},
         host::owners::ProcessInfo,
     };
 
@@ -964,6 +969,7 @@ mod tests {
             forwards: None,
             socket_unit: None,
             start_time: 0,
+            session: 0,
         }
     }
 
@@ -1239,7 +1245,7 @@ mod tests {
             (LookupKey::Netns { netns: event.netns_ino }, netns.clone()),
             (
                 LookupKey::Process { pid: event.tgid },
-                Facts::Process(Ok(ProcessCaps { effective: 0, policy: BindPolicy::default() })),
+                Facts::Process(Ok(ProcessFacts { effective: 0, ..ProcessFacts::default() })),
             ),
         ];
         let d = run(&event, &facts, &BindHistory::default());
@@ -1253,7 +1259,7 @@ mod tests {
             (LookupKey::Netns { netns: event.netns_ino }, netns.clone()),
             (
                 LookupKey::Process { pid: event.tgid },
-                Facts::Process(Ok(ProcessCaps { effective: 1 << 10, policy: BindPolicy::default() })),
+                Facts::Process(Ok(ProcessFacts { effective: 1 << 10, ..ProcessFacts::default() })),
             ),
         ];
         assert_eq!(run(&event, &with_cap, &BindHistory::default()).kind, "refused_by_policy");
@@ -1298,7 +1304,10 @@ mod tests {
         let with = |policy: BindPolicy| {
             let facts = vec![
                 (LookupKey::Netns { netns: event.netns_ino }, netns.clone()),
-                (LookupKey::Process { pid: event.tgid }, Facts::Process(Ok(ProcessCaps { effective: 0, policy }))),
+                (
+                    LookupKey::Process { pid: event.tgid },
+                    Facts::Process(Ok(ProcessFacts { effective: 0, policy, ..ProcessFacts::default() })),
+                ),
             ];
             run(&event, &facts, &BindHistory::default())
         };
@@ -1317,9 +1326,10 @@ mod tests {
             (LookupKey::Netns { netns: eacces.netns_ino }, netns.clone()),
             (
                 LookupKey::Process { pid: eacces.tgid },
-                Facts::Process(Ok(ProcessCaps {
+                Facts::Process(Ok(ProcessFacts {
                     effective: 0,
                     policy: BindPolicy { bind4_programs: Ok(vec![42]), ..BindPolicy::default() },
+                    ..ProcessFacts::default()
                 })),
             ),
         ];

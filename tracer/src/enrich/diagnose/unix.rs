@@ -217,6 +217,7 @@ mod tests {
                     forwards: None,
                     socket_unit: None,
                     start_time: 0,
+                    session: 0,
                 })
                 .into_iter()
                 .collect(),
