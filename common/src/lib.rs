@@ -151,6 +151,9 @@ pub mod sock_flags {
     pub const ADDR_NULL: u32 = 1 << 11;
     /// Copying the sockaddr from the caller's memory faulted (an unmapped pointer: EFAULT).
     pub const ADDR_FAULT: u32 = 1 << 12;
+    /// `mnt_ns_ino` and `cap_effective` were read (a failure, on a kernel whose BTF has the
+    /// members).
+    pub const TASK_FACTS: u32 = 1 << 13;
 }
 
 /// One bind attempt, as the probe writes it into the ring buffer.
@@ -209,11 +212,19 @@ pub struct BindEvent {
     /// which a wrong sockaddr may contradict.
     pub sock_family: u16,
     pub _reserved: [u8; 2],
+    /// Inode of the calling task's mount namespace (with [`sock_flags::TASK_FACTS`], failures
+    /// only): where its AF_UNIX path is, even after it has exited.
+    pub mnt_ns_ino: u32,
+    pub _reserved2: u32,
+    /// The calling task's effective capabilities (`cred.cap_effective`) when bind() returned
+    /// (with [`sock_flags::TASK_FACTS`], failures only): what the kernel checked, not what
+    /// /proc says later (or nothing, once it has exited).
+    pub cap_effective: u64,
 }
 
 /// Size of one ring-buffer record of an inet (or any non-AF_UNIX) bind.
 pub const BIND_EVENT_SIZE: usize = core::mem::size_of::<BindEvent>();
-const _: () = assert!(BIND_EVENT_SIZE == 120);
+const _: () = assert!(BIND_EVENT_SIZE == 136);
 
 /// `sizeof(((struct sockaddr_un *)0)->sun_path)`.
 pub const UNIX_PATH_MAX: usize = 108;
@@ -266,6 +277,9 @@ impl BindEvent {
             bound_addr4: [0; 4],
             sock_family: 0,
             _reserved: [0; 2],
+            mnt_ns_ino: 0,
+            _reserved2: 0,
+            cap_effective: 0,
         }
     }
 }
@@ -409,6 +423,13 @@ pub struct KernelLayout {
     /// from a mark an entry hook left (which a skipped entry hook never leaves).
     pub pt_regs_syscall_nr: u32,
     pub bind_syscall_nrs: [u32; 3],
+    /// What a failure records of its task ([`sock_flags::TASK_FACTS`]): `nsproxy.mnt_ns`,
+    /// `mnt_namespace.ns.inum`, `task_struct.cred`, `cred.cap_effective` ([`NO_MEMBER`]: not
+    /// recorded).
+    pub nsproxy_mnt_ns: u32,
+    pub mnt_ns_inum: u32,
+    pub task_cred: u32,
+    pub cred_cap_effective: u32,
 }
 
 /// A member the kernel's BTF does not have, or a number that does not exist.
@@ -447,7 +468,7 @@ pub mod kernel_helpers {
 
 /// Every shared layout is checked here and by the `bytemuck::Pod` derives (which refuse any
 /// implicit padding): a field added without its padding fails the build.
-const _: () = assert!(core::mem::size_of::<KernelLayout>() == 23 * 4 + 11 * 8 + 4 + 4 * 4);
+const _: () = assert!(core::mem::size_of::<KernelLayout>() == 23 * 4 + 11 * 8 + 4 + 4 * 4 + 4 * 4);
 const _: () = assert!(core::mem::size_of::<FilterConfig>() == 32 + 64 + 32 + 64 + 16 + 16 + 8);
 const _: () = assert!(
     core::mem::size_of::<ProbeConfig>()
@@ -688,6 +709,10 @@ impl ProbeConfig {
                 kernel_helpers: 0,
                 pt_regs_syscall_nr: NO_MEMBER,
                 bind_syscall_nrs: [NO_MEMBER; 3],
+                nsproxy_mnt_ns: NO_MEMBER,
+                mnt_ns_inum: NO_MEMBER,
+                task_cred: NO_MEMBER,
+                cred_cap_effective: NO_MEMBER,
             },
             filter: FilterConfig::accept_all(),
             wakeup_bytes: 0,

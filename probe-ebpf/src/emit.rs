@@ -4,14 +4,15 @@ use core::mem::MaybeUninit;
 
 use aya_ebpf::{
     helpers::{
-        bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_get_current_uid_gid, bpf_ktime_get_ns, generated,
+        bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_get_current_task, bpf_get_current_uid_gid,
+        bpf_ktime_get_ns, generated,
     },
     EbpfContext,
 };
 use aya_log_ebpf::debug;
 use bindtrace_common::{
     filter_flags, kernel_helpers, op, sock_flags, sockaddr::Requested, stat, Backend, BindEvent, KernelLayout,
-    ProbeConfig, UnixBindEvent, AF_INET, AF_INET6, AF_UNIX, COMM_LEN, MAX_CGROUPS, UNIX_PATH_MAX,
+    ProbeConfig, UnixBindEvent, AF_INET, AF_INET6, AF_UNIX, COMM_LEN, MAX_CGROUPS, NO_MEMBER, UNIX_PATH_MAX,
     WAKEUP_BYTES_MIN_INTERVAL_NS, WAKEUP_INTERVAL_NS,
 };
 
@@ -268,10 +269,12 @@ pub(crate) fn complete<C: EbpfContext>(ctx: &C, caller: Caller, r: Returned) {
     };
     let uid_gid = bpf_get_current_uid_gid();
     let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
+    // A failure keeps what its diagnosis reads of the task, which may exit at once.
+    let task = if r.ret < 0 { task_facts(&cfg.layout) } else { TaskFacts::default() };
     // SAFETY: same size; any bytes are valid u8s.
     let addr: [u8; 16] = unsafe { core::mem::transmute(req.addr) };
     // A macro, not a value: each branch writes the literal straight into its ring-buffer
-    // record, with no copy of the 120 bytes on the stack first.
+    // record, with no copy of the 136 bytes on the stack first.
     macro_rules! event {
         () => {
             BindEvent {
@@ -290,7 +293,7 @@ pub(crate) fn complete<C: EbpfContext>(ctx: &C, caller: Caller, r: Returned) {
                 addrlen: r.addrlen,
                 scope_id: req.scope_id,
                 bound_dev_if: sock.bound_dev_if,
-                sock_flags: req.flags | sock.flags | entry_flag,
+                sock_flags: req.flags | sock.flags | entry_flag | task.flag,
                 family: req.family,
                 port: req.port,
                 sock_type: sock.sock_type,
@@ -301,6 +304,9 @@ pub(crate) fn complete<C: EbpfContext>(ctx: &C, caller: Caller, r: Returned) {
                 bound_addr4: sock.bound_addr4.to_le_bytes(),
                 sock_family: sock.family,
                 _reserved: [0; 2],
+                mnt_ns_ino: task.mnt_ns_ino,
+                _reserved2: 0,
+                cap_effective: task.cap_effective,
             }
         };
     }
@@ -350,6 +356,37 @@ pub(crate) fn complete<C: EbpfContext>(ctx: &C, caller: Caller, r: Returned) {
     entry.write(event!());
     entry.submit(wakeup_flags(cfg, now));
     count(stat::EMITTED);
+}
+
+/// What a failure's diagnosis needs of the calling task after it may have exited.
+#[derive(Default)]
+struct TaskFacts {
+    mnt_ns_ino: u32,
+    cap_effective: u64,
+    /// [`sock_flags::TASK_FACTS`] once read.
+    flag: u32,
+}
+
+/// The task's mount namespace and effective capabilities (`cred.cap_effective`: the
+/// kernel's `kernel_cap_t`, two u32 words before 6.3 and one u64 since, the same 8 bytes on
+/// little-endian).
+#[inline(always)]
+fn task_facts(layout: &KernelLayout) -> TaskFacts {
+    if layout.task_cred == NO_MEMBER || layout.nsproxy_mnt_ns == NO_MEMBER {
+        return TaskFacts::default();
+    }
+    // SAFETY: every dereference goes through bpf_probe_read_kernel.
+    unsafe {
+        let task = bpf_get_current_task() as *const u8;
+        let nsproxy: *const u8 = kernel_read(task.wrapping_add(layout.task_nsproxy as usize));
+        let mnt_ns: *const u8 = kernel_read(nsproxy.wrapping_add(layout.nsproxy_mnt_ns as usize));
+        let cred: *const u8 = kernel_read(task.wrapping_add(layout.task_cred as usize));
+        TaskFacts {
+            mnt_ns_ino: kernel_read(mnt_ns.wrapping_add(layout.mnt_ns_inum as usize)),
+            cap_effective: kernel_read(cred.wrapping_add(layout.cred_cap_effective as usize)),
+            flag: sock_flags::TASK_FACTS,
+        }
+    }
 }
 
 /// Where a socket is bound, as the address of a failed listen(): its family, local port and

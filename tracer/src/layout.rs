@@ -279,7 +279,20 @@ impl KernelTypes {
             kernel_helpers: self.kernel_helpers() & !pt_regs,
             pt_regs_syscall_nr: self.syscall_nr_register().unwrap_or(NO_MEMBER),
             bind_syscall_nrs: BIND_SYSCALL_NRS,
+            // Failures record these when the kernel's BTF has them (every supported kernel
+            // does); without them a diagnosis reads /proc, as long as the process lives.
+            nsproxy_mnt_ns: self.offset("nsproxy", "mnt_ns").unwrap_or(NO_MEMBER),
+            mnt_ns_inum: self.offset("mnt_namespace", "ns.inum").unwrap_or(NO_MEMBER),
+            task_cred: self.offset("task_struct", "cred").unwrap_or(NO_MEMBER),
+            cred_cap_effective: self.offset("cred", "cap_effective").unwrap_or(NO_MEMBER),
         };
+        let mut layout = layout;
+        let task_facts = [layout.nsproxy_mnt_ns, layout.mnt_ns_inum, layout.task_cred, layout.cred_cap_effective];
+        if task_facts.contains(&NO_MEMBER) {
+            log::info!("the kernel's BTF lacks a member of the task's mount namespace or credentials: failures are diagnosed from /proc");
+            layout.nsproxy_mnt_ns = NO_MEMBER;
+            layout.task_cred = NO_MEMBER;
+        }
         Ok((layout, fd_to_socket.map(|_| ()).map_err(|err| format!("{err:#}"))))
     }
 

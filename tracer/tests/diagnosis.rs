@@ -1225,3 +1225,53 @@ fn a_udp_port_joined_through_so_reuseaddr_is_reported() {
     );
     assert!(report["summary"].as_str().is_some_and(|s| s.contains("unicast datagram")), "{report}");
 }
+
+/// A process that exits right after its failed bind (the common crash at start) is diagnosed
+/// as if it had stayed: the probe records its mount namespace (its AF_UNIX path is looked at
+/// through another process that shares it) and the capabilities the kernel checked.
+#[test]
+fn a_process_that_exits_at_once_after_its_failed_bind_gets_the_full_diagnosis() {
+    if !can_load_probe("a_process_that_exits_at_once_after_its_failed_bind_gets_the_full_diagnosis") {
+        return;
+    }
+    let dir = TempDir::new("crash-at-start");
+    let stale = dir.0.join("stale.sock");
+    let gone = unix_stream();
+    gone.bind(&SockAddr::unix(&stale).expect("path")).expect("bind");
+    drop(gone); // the file stays: what a crashed server leaves behind
+    let mut tracer = Tracer::start(&["-o", "ndjson", "--failed"]);
+    // bindtrace is stopped while the processes fail and exit, so that they are surely gone
+    // when it looks (the ring buffer keeps their events meanwhile).
+    unsafe { libc::kill(tracer.pid() as i32, libc::SIGSTOP) };
+    let path = std::ffi::CString::new(stale.display().to_string()).expect("path");
+    let unix =
+        spawn_child(ChildPlan { unix_path: Some(path), ..ChildPlan::bind("127.0.0.1:1".parse().expect("addr")) });
+    let unix_pid = unix.pid;
+    assert_eq!(unix.wait(), libc::EADDRINUSE, "the stale file is in the way");
+    let privileged =
+        spawn_child(ChildPlan { uid: Some(65534), ..ChildPlan::bind("127.0.0.1:80".parse().expect("addr")) });
+    let privileged_pid = privileged.pid;
+    assert_eq!(privileged.wait(), libc::EACCES);
+    unsafe { libc::kill(tracer.pid() as i32, libc::SIGCONT) };
+
+    let event = tracer.wait_for("the stale path", |e| e["pid"] == unix_pid);
+    assert_eq!(event["unix_path"], stale.display().to_string(), "{event}");
+    let d = tracer.diagnosis_of(&event);
+    assert_eq!(d["kind"], "stale_socket_file", "{d}");
+    assert_eq!(d["facts"]["unix_file"]["kind"], "socket", "{d}");
+    let looked_at = d["facts"]["unix_file"]["looked_at"].as_str().unwrap_or_default();
+    assert!(!looked_at.starts_with(&format!("/proc/{unix_pid}/")), "looked at through a live process: {d}");
+
+    let event = tracer.wait_for("the privileged port", |e| e["pid"] == privileged_pid);
+    let d = tracer.diagnosis_of(&event);
+    assert_eq!(d["kind"], "privileged_port", "{d}");
+    assert_eq!(d["facts"]["cap_net_bind_service"], false, "{d}");
+    assert_eq!(d["facts"]["cap_eff"], "0000000000000000", "{d}");
+    assert!(
+        d["unknown"]
+            .as_array()
+            .is_none_or(|u| !u.iter().any(|u| u.as_str().is_some_and(|u| u.contains("capabilities")))),
+        "{d}"
+    );
+    tracer.stop();
+}

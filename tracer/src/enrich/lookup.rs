@@ -33,7 +33,8 @@ pub(crate) enum LookupKey {
     /// An AF_UNIX name (EADDRINUSE): the file at the path as the failing process sees it, and
     /// the sockets bound to it. `name` is a hash of the `sun_path` asked for (the path itself
     /// travels with the job); `pid` resolves a relative path and the process's mount view.
-    UnixName { netns: u32, pid: u32, name: u64 },
+    /// `mnt_ns` (0: not recorded) finds the process's view of the path after it has exited.
+    UnixName { netns: u32, pid: u32, mnt_ns: u32, name: u64 },
     /// Who runs in a cgroup (the id the probe records): container, pod or unit. It does not
     /// change while the cgroup exists, so any answer serves.
     /// `pid` is set when the id does not name one group of processes (a hierarchy's root,
@@ -741,9 +742,16 @@ impl Lookups {
     /// socket's network namespace; when none is there and the file is a socket, in every
     /// other namespace bindtrace can enter (a socket file on a shared filesystem can be
     /// bound from any of them), before calling the file stale.
-    fn unix_facts(&mut self, netns: u32, pid: u32, path: &UnixPath, deadline: Instant) -> Result<UnixFacts, String> {
+    fn unix_facts(
+        &mut self,
+        netns: u32,
+        pid: u32,
+        mnt_ns: u32,
+        path: &UnixPath,
+        deadline: Instant,
+    ) -> Result<UnixFacts, String> {
         let dumped_at = Instant::now();
-        let (file, looked_at) = unix_file(pid, path);
+        let (file, looked_at) = unix_file(pid, mnt_ns, path);
         // With /proc/net/unix (no unix_diag) sockets match by name only: a holder that bound
         // another spelling of the path (relative, through a bind mount) is missed.
         let by_name_only = std::sync::atomic::AtomicBool::new(false);
@@ -855,8 +863,8 @@ impl Lookups {
                 Some(_) => Ok(None),
                 None => Err(format!("systemd (pid {pid}) exited before it could be asked")),
             }),
-            LookupKey::UnixName { netns, pid, .. } => Facts::Unix(match unix_path {
-                Some(path) => self.unix_facts(netns, pid, path, deadline),
+            LookupKey::UnixName { netns, pid, mnt_ns, .. } => Facts::Unix(match unix_path {
+                Some(path) => self.unix_facts(netns, pid, mnt_ns, path, deadline),
                 None => Err("the unix path was not passed to the lookup".to_owned()),
             }),
             LookupKey::Sockets { netns, proto } => Facts::Sockets(
@@ -889,12 +897,35 @@ impl Lookups {
     }
 }
 
+/// The mount namespace inode of a process (`/proc/PID/ns/mnt`), if it can be read.
+fn mount_namespace_of(pid: &str) -> Option<u64> {
+    use std::os::unix::fs::MetadataExt as _;
+    std::fs::metadata(format!("/proc/{pid}/ns/mnt")).ok().map(|m| m.ino())
+}
+
+/// A live process whose files are seen as in mount namespace `mnt_ns`: bindtrace itself when
+/// it shares it (the host's, usually), else the first process found in it.
+fn process_in_mount_namespace(mnt_ns: u32) -> Option<String> {
+    let wanted = u64::from(mnt_ns);
+    if mount_namespace_of("self") == Some(wanted) {
+        return Some(std::process::id().to_string());
+    }
+    let entries = std::fs::read_dir("/proc").ok()?;
+    entries
+        .flatten()
+        .filter_map(|entry| entry.file_name().into_string().ok())
+        .filter(|name| name.bytes().all(|b| b.is_ascii_digit()))
+        .find(|pid| mount_namespace_of(pid) == Some(wanted))
+}
+
 /// The file at `path` as process `pid` sees it: resolved inside its root
 /// (`/proc/PID/root`, with `openat2(RESOLVE_IN_ROOT)`, so that absolute symlinks on the way
 /// such as `/var/run -> /run` stay in the process's view), a relative path from its working
 /// directory. The last component is not followed: bind() refuses a symlink as it refuses any
-/// existing file. When the process cannot be looked at, the file is not called missing.
-fn unix_file(pid: u32, path: &UnixPath) -> (UnixFile, Option<String>) {
+/// existing file. A process that exited at once (a crash at start) is looked through another
+/// process of the mount namespace the probe recorded, `mnt_ns`. When no view of its files is
+/// left, the file is not called missing.
+fn unix_file(pid: u32, mnt_ns: u32, path: &UnixPath) -> (UnixFile, Option<String>) {
     use std::os::unix::fs::{FileTypeExt as _, MetadataExt as _};
     let Some(file) = path.filesystem_path() else {
         return (UnixFile::NoFile, None);
@@ -908,10 +939,46 @@ fn unix_file(pid: u32, path: &UnixPath) -> (UnixFile, Option<String>) {
             None,
         );
     }
+    let own_pid = pid.to_string();
+    // The process itself while it lives (and is still the one that failed: its mount
+    // namespace is the recorded one), else a stand-in sharing its mount namespace.
+    let alive = match mount_namespace_of(&own_pid) {
+        Some(ns) => mnt_ns == 0 || ns == u64::from(mnt_ns),
+        None => false,
+    };
+    let viewer = if alive {
+        own_pid.clone()
+    } else if mnt_ns == 0 {
+        return (
+            UnixFile::Unreadable(format!("{}: pid {pid} exited before its files could be looked at", file.display())),
+            None,
+        );
+    } else if !file.is_absolute() {
+        return (
+            UnixFile::Unreadable(format!(
+                "{}: a relative path, and pid {pid} exited: its working directory is not known",
+                file.display()
+            )),
+            None,
+        );
+    } else {
+        match process_in_mount_namespace(mnt_ns) {
+            Some(viewer) => viewer,
+            None => {
+                return (
+                    UnixFile::Unreadable(format!(
+                        "{}: pid {pid} exited, and no process is left in its mount namespace (mnt:[{mnt_ns}])",
+                        file.display()
+                    )),
+                    None,
+                )
+            }
+        }
+    };
     let in_root = if file.is_absolute() {
         file.clone()
     } else {
-        match std::fs::read_link(format!("/proc/{pid}/cwd")) {
+        match std::fs::read_link(format!("/proc/{viewer}/cwd")) {
             Ok(cwd) => cwd.join(&file),
             Err(err) => {
                 return (
@@ -924,8 +991,8 @@ fn unix_file(pid: u32, path: &UnixPath) -> (UnixFile, Option<String>) {
             }
         }
     };
-    let shown = format!("/proc/{pid}/root{}", in_root.display());
-    let metadata = std::fs::File::open(format!("/proc/{pid}/root"))
+    let shown = format!("/proc/{viewer}/root{}", in_root.display());
+    let metadata = std::fs::File::open(format!("/proc/{viewer}/root"))
         .and_then(|root| {
             use nix::fcntl::{openat2, OFlag, OpenHow, ResolveFlag};
             let how = OpenHow::new()
@@ -948,8 +1015,8 @@ fn unix_file(pid: u32, path: &UnixPath) -> (UnixFile, Option<String>) {
                 _ => "regular file",
             },
         },
-        // Missing only when the process's root could be entered and the path was not there.
-        Err((std::io::ErrorKind::NotFound, _)) if std::path::Path::new(&format!("/proc/{pid}")).exists() => {
+        // Missing only when the viewer's root could be entered and the path was not there.
+        Err((std::io::ErrorKind::NotFound, _)) if std::path::Path::new(&format!("/proc/{viewer}")).exists() => {
             UnixFile::Missing
         }
         Err((_, err)) => UnixFile::Unreadable(format!("{shown}: {err}")),

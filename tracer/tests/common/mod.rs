@@ -302,6 +302,8 @@ pub struct ChildPlan {
     pub reuse: Option<i32>,
     /// `setsid` first: a process started apart, as from another shell.
     pub new_session: bool,
+    /// Bind an AF_UNIX stream socket to this path instead of `addr`.
+    pub unix_path: Option<std::ffi::CString>,
     pub linger: Duration,
 }
 
@@ -317,6 +319,7 @@ impl ChildPlan {
             hold_first: false,
             reuse: None,
             new_session: false,
+            unix_path: None,
             linger: Duration::ZERO,
         }
     }
@@ -373,8 +376,26 @@ fn raw_sockaddr(addr: SocketAddr) -> (libc::sockaddr_storage, u32) {
 /// Forks the child of `plan`. It runs only raw syscalls between fork and _exit: this process
 /// has other threads, so nothing that allocates or locks may run there.
 pub fn spawn_child(plan: ChildPlan) -> ForkedChild {
-    let (sockaddr, len) = raw_sockaddr(plan.addr);
-    let family = if plan.addr.is_ipv4() { libc::AF_INET } else { libc::AF_INET6 };
+    let (sockaddr, len, family) = match &plan.unix_path {
+        Some(path) => {
+            // SAFETY: all-zero is a valid sockaddr_storage; sockaddr_un is written over it.
+            let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+            let mut un: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+            un.sun_family = libc::AF_UNIX as u16;
+            let bytes = path.as_bytes();
+            assert!(bytes.len() < un.sun_path.len(), "path too long");
+            for (to, from) in un.sun_path.iter_mut().zip(bytes) {
+                *to = *from as libc::c_char;
+            }
+            // SAFETY: sockaddr_storage is larger than sockaddr_un and suitably aligned.
+            unsafe { std::ptr::write((&raw mut storage).cast(), un) };
+            (storage, (2 + bytes.len() + 1) as u32, libc::AF_UNIX)
+        }
+        None => {
+            let (sockaddr, len) = raw_sockaddr(plan.addr);
+            (sockaddr, len, if plan.addr.is_ipv4() { libc::AF_INET } else { libc::AF_INET6 })
+        }
+    };
     let linger = libc::timespec { tv_sec: plan.linger.as_secs() as i64, tv_nsec: plan.linger.subsec_nanos() as i64 };
     let one: libc::c_int = 1;
     let pid = unsafe { libc::fork() };

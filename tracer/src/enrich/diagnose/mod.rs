@@ -52,7 +52,9 @@ pub fn needed_lookups(event: &Bind) -> NeededLookups {
         Some(libc::EADDRINUSE) if event.family == AF_UNIX => match &event.unix_path {
             // Autobind picks a free abstract name: EADDRINUSE there has no holder to name.
             Some(path) if !path.is_autobind() => {
-                smallvec![LookupKey::UnixName { netns, pid: event.tgid, name: unix_name_key(path) }]
+                // The mount namespace the probe recorded finds the path after a crash at start.
+                let mnt_ns = if event.has(sock_flags::TASK_FACTS) { event.mnt_ns_ino } else { 0 };
+                smallvec![LookupKey::UnixName { netns, pid: event.tgid, mnt_ns, name: unix_name_key(path) }]
             }
             _ => NeededLookups::new(),
         },
@@ -481,7 +483,10 @@ fn access(
     netns: Option<&NetnsFacts>,
     process: Option<Result<&ProcessFacts, ProcessUnread>>,
 ) -> Diagnosis {
-    let caps = process.map(|p| p.map(|c| c.effective));
+    // What the kernel checked, as the probe recorded it when bind() returned; /proc only on
+    // kernels where it could not (a process that exited at once is then not known).
+    let recorded = event.has(sock_flags::TASK_FACTS);
+    let caps = if recorded { Some(Ok(event.cap_effective)) } else { process.map(|p| p.map(|c| c.effective)) };
     let mut facts = DiagnosisFacts::default();
     let mut unknown = Vec::new();
     let port = event.port;
@@ -515,6 +520,9 @@ fn access(
     let privileged = port != 0 && i64::from(port) < start && event.errno() == Some(libc::EACCES);
     let explained_by_caps = privileged && facts.cap_net_bind_service != Some(true);
     if !explained_by_caps {
+        if recorded && matches!(process, Some(Err(ProcessUnread::Exited))) {
+            unknown.push(format!("{who} exited before the bind programs of its cgroup could be read"));
+        }
         if let Some(Ok(process)) = process {
             if let Some(policy) = policy_refusal(event, &process.policy, &mut facts, &mut unknown) {
                 return Diagnosis {
@@ -1272,6 +1280,13 @@ mod tests {
         event.port = 80;
         let d = run(&event, &exited, &BindHistory::default());
         assert!(d.unknown[0].contains("exited"), "{:?}", d.unknown);
+        // The capabilities the probe recorded at the failure serve after the exit.
+        event.sock_flags |= sock_flags::TASK_FACTS;
+        event.cap_effective = 0x3f;
+        let d = run(&event, &exited, &BindHistory::default());
+        assert_eq!(d.kind, "privileged_port", "{d:?}");
+        assert_eq!(d.facts.cap_eff.as_deref(), Some("000000000000003f"));
+        assert!(d.unknown.is_empty(), "{:?}", d.unknown);
     }
 
     #[test]
