@@ -263,10 +263,12 @@ bindtrace-who(1), ss(8), bpftool(8)
 const MAN_WHO_SECTIONS: &str = r#".SH "EXIT STATUS"
 .TP
 0
-A socket holds the port (the holders are listed).
+Something holds the port: a socket (the holders are listed), a container runtime's port table, or a NAT rule (DNAT,
+REDIRECT) that takes its traffic before any socket.
 .TP
 1
-Nothing holds the port: a bind to it would not fail with EADDRINUSE now.
+Nothing holds the port: a bind to it would not fail with EADDRINUSE now, and no NAT rule bindtrace could read takes its
+traffic.
 .TP
 2
 Bad input (a port, a network namespace that is not one), missing privileges, or the lookup could not be made; said in

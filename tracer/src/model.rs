@@ -184,6 +184,9 @@ pub struct DiagnosisFacts {
     /// `SO_REUSEADDR` (UDP).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub shared_through: Option<&'static str>,
+    /// NAT rules (DNAT, REDIRECT) that take the port's traffic before any socket sees it.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub(crate) forwarded_by: Vec<crate::host::nat::NatClaim>,
     /// AF_UNIX EADDRINUSE: what is at the path.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub unix_file: Option<UnixFileReport>,

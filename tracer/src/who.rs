@@ -17,6 +17,7 @@ use crate::{
         lookup::{is_connection, Holder, Lookups, PortCensus},
     },
     host::{
+        nat::NatRules,
         netns::{other_namespaces, Netns},
         owners::ProcessInfo,
         runtimes::{Container, Publication},
@@ -45,6 +46,9 @@ struct WhoRecord<'a> {
     /// or only reserved in the runtime's own port table.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     published_by: Vec<PublishedBy>,
+    /// NAT rules (DNAT, REDIRECT) that take the port's traffic before any socket sees it.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    forwarded_by: Vec<crate::host::nat::NatClaim>,
 }
 
 /// One socket on the port (`who --all -o ndjson`).
@@ -183,7 +187,22 @@ pub fn run(args: &WhoArgs, netns: &Netns) -> Result<Verdict> {
     }
     for namespace in namespaces {
         let on_host = matches!(namespace, Netns::Own);
+        // A port may be claimed by a NAT rule with no socket on it at all.
+        let nat = match namespace.run(NatRules::read) {
+            Ok(mut rules) => {
+                lookups.identities.name_nat_destinations(&mut rules);
+                for why in &rules.unread {
+                    crate::say::line(&format!("{why}: a NAT rule there that claims port {port} is not shown"));
+                }
+                rules
+            }
+            Err(err) => {
+                crate::say::line(&format!("the NAT rules could not be read: {err:#}"));
+                NatRules::default()
+            }
+        };
         for &proto in protos {
+            let forwarded_by: Vec<_> = nat.on_port(proto, port, None).into_iter().cloned().collect();
             let found = lookups
                 .port_table(namespace, proto, port, Instant::now() + SEARCH_BUDGET, args.all)
                 .map_err(anyhow::Error::msg)?;
@@ -200,21 +219,31 @@ pub fn run(args: &WhoArgs, netns: &Netns) -> Result<Verdict> {
                 })
                 .collect();
             let quiet = args.target.proto.is_none() || args.all_netns;
-            if holders.is_empty() && published_by.is_empty() && quiet && table {
+            if holders.is_empty() && published_by.is_empty() && forwarded_by.is_empty() && quiet && table {
                 continue;
             }
-            held |= !holders.is_empty() || !published_by.is_empty();
+            held |= !holders.is_empty() || !published_by.is_empty() || !forwarded_by.is_empty();
             if let Some(why) = holders.iter().filter(|h| h.processes.is_empty()).find_map(|h| h.blind_reason()) {
                 if !blind_said {
                     crate::say::line(&format!("{why}: a socket shown without a process may still have one"));
                     blind_said = true;
                 }
             }
-            let summary = if holders.is_empty() && !published_by.is_empty() {
+            let mut summary = if holders.is_empty() && !published_by.is_empty() {
                 allocator_only(proto, port, &published_by)
+            } else if holders.is_empty() && !forwarded_by.is_empty() {
+                format!("no socket holds port {port}/{}, but NAT takes its traffic", proto.name())
             } else {
                 holders_summary(proto, port, &holders, None, total)
             };
+            if let Some(first) = forwarded_by.first() {
+                let joint = if holders.is_empty() && published_by.is_empty() { ":" } else { "; also," };
+                summary = format!("{summary}{joint} {}", first.describe());
+                let more = forwarded_by.len() - 1;
+                if more > 0 {
+                    summary.push_str(&format!(" (+{more} more rule{})", if more == 1 { "" } else { "s" }));
+                }
+            }
             if table {
                 if args.all_netns {
                     out.push_str(&format!("network namespace {}:\n", namespace.inode().unwrap_or(0)));
@@ -233,6 +262,11 @@ pub fn run(args: &WhoArgs, netns: &Netns) -> Result<Verdict> {
                     push_escaped(&mut out, line.as_bytes());
                     out.push('\n');
                 }
+                for claim in &forwarded_by {
+                    out.push_str("  └ ");
+                    push_escaped(&mut out, claim.describe().as_bytes());
+                    out.push('\n');
+                }
             } else {
                 // With --all every socket has a line of its own below; the record lists those
                 // that bind the port and counts the rest, as without it.
@@ -246,6 +280,7 @@ pub fn run(args: &WhoArgs, netns: &Netns) -> Result<Verdict> {
                     holders: listed.iter().map(|h| holder_report(h, None)).collect(),
                     holders_summary: counted(proto, found.census(port), listed.len(), total),
                     published_by,
+                    forwarded_by,
                 };
                 // Every line under 16 KiB (docs/ndjson-schema.md): the list is cut, and said so.
                 let mut line = serde_json::to_string(&record)?;

@@ -23,26 +23,6 @@ const CONTAINERD_SOCKET: &str = "/run/containerd/containerd.sock";
 /// The namespace Kubernetes' CRI plugin uses.
 const K8S_NAMESPACE: &str = "k8s.io";
 
-/// Debian's docker client, not another one earlier in PATH (a newer client may refuse the
-/// daemon's API version).
-fn docker_bin() -> &'static str {
-    if Path::new("/usr/bin/docker").exists() {
-        "/usr/bin/docker"
-    } else {
-        "docker"
-    }
-}
-
-fn run(program: &str, args: &[&str]) -> std::process::Output {
-    Command::new(program).args(args).output().unwrap_or_else(|e| panic!("{program} {args:?}: {e}"))
-}
-
-fn run_ok(program: &str, args: &[&str]) -> String {
-    let out = run(program, args);
-    assert!(out.status.success(), "{program} {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout).trim().to_owned()
-}
-
 fn docker(args: &[&str]) -> String {
     run_ok(docker_bin(), args)
 }
@@ -51,18 +31,6 @@ fn ctr(args: &[&str]) -> String {
     let mut all = vec!["-n", K8S_NAMESPACE];
     all.extend_from_slice(args);
     run_ok("ctr", &all)
-}
-
-fn answers(program: &str, args: &[&str]) -> bool {
-    Command::new(program).args(args).stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok_and(|s| s.success())
-}
-
-fn wait_until(what: &str, limit: Duration, ready: impl Fn() -> bool) {
-    let deadline = Instant::now() + limit;
-    while !ready() {
-        assert!(Instant::now() < deadline, "{what} within {limit:?}");
-        thread::sleep(Duration::from_millis(200));
-    }
 }
 
 /// The daemons and everything this test made, undone on drop (also when a scenario fails).
@@ -132,27 +100,7 @@ impl Containers {
 
     /// A root with a static busybox and the applets the scenarios run.
     fn import_image(&mut self) {
-        let root = self.dir.join("root");
-        let bin = root.join("bin");
-        std::fs::create_dir_all(&bin).expect("image root");
-        let busybox = run_ok("sh", &["-c", "command -v busybox"]);
-        std::fs::copy(&busybox, bin.join("busybox")).expect("copy busybox");
-        for applet in ["sh", "nc", "sleep", "timeout", "cat", "true"] {
-            std::os::unix::fs::symlink("busybox", bin.join(applet)).expect("applet link");
-        }
-        let mut tar = Command::new("tar")
-            .args(["-C", root.to_str().expect("utf-8 path"), "-c", "."])
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("tar");
-        let status = Command::new(docker_bin())
-            .args(["import", "-", &self.image])
-            .stdin(tar.stdout.take().expect("tar stdout"))
-            .stdout(Stdio::null())
-            .status()
-            .expect("docker import");
-        assert!(tar.wait().expect("tar").success(), "tar failed");
-        assert!(status.success(), "docker import failed");
+        import_busybox_image(&self.dir.join("root"), &self.image, &[]);
     }
 
     /// `docker run -d --name NAME ARGS...`, remembered for removal.

@@ -146,8 +146,9 @@ fn test() -> Result<()> {
     if is_root() {
         // The integration tests drive ip (veth, netns, vxlan), setpriv, unshare, mountpoint and
         // mount, and start Debian's dockerd, containerd (with an image built from a static
-        // busybox) and prometheus, and Python helpers hold the connections and fds of the
-        // production-host tests: a fresh machine gets them here, not by hand.
+        // busybox) and prometheus, nft writes NAT rules, and Python helpers hold the
+        // connections and fds of the production-host tests: a fresh machine gets them here,
+        // not by hand.
         setup::apt_install(
             &[
                 "iproute2",
@@ -163,6 +164,7 @@ fn test() -> Result<()> {
                 "python3",
                 "debootstrap",
                 "systemd-container",
+                "nftables",
             ]
             .map(str::to_owned),
         )?;

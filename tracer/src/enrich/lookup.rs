@@ -13,6 +13,7 @@ use serde::Serialize;
 use crate::decode::UnixPath;
 use crate::host::{
     identity::{Forwarding, Identities, Identity, Publishing},
+    nat::NatRules,
     netns::{read_port_range, read_sysctl, Netns},
     owners::{find_owners, in_own_pid_namespace, Blind, ProcessInfo, SharedOwnerIndex},
     policy::{bind_policy, BindPolicy},
@@ -48,6 +49,9 @@ pub(crate) enum LookupKey {
     /// The socket unit a systemd manager (`pid`) was starting when its bind to `addr`:`port`
     /// failed: the other side of a socket-activation conflict.
     UnitStarting { pid: u32, addr: std::net::IpAddr, port: u16, proto: Proto },
+    /// The NAT rules of a namespace (DNAT, REDIRECT): a port they claim sends its traffic
+    /// elsewhere before any socket sees it.
+    Nat { netns: u32 },
 }
 
 /// The hash that names a unix path in a [`LookupKey::UnixName`].
@@ -535,6 +539,7 @@ pub(crate) enum Facts {
     Identity(std::sync::Arc<Identity>),
     Publisher(Result<Option<Publishing>, String>),
     UnitStarting(Result<Option<crate::host::systemd::SocketUnit>, String>),
+    Nat(Result<std::sync::Arc<NatRules>, String>),
 }
 
 impl Facts {
@@ -547,6 +552,7 @@ impl Facts {
             LookupKey::UnixName { .. } => Self::Unix(Err(why.to_owned())),
             LookupKey::Publisher { .. } => Self::Publisher(Err(why.to_owned())),
             LookupKey::UnitStarting { .. } => Self::UnitStarting(Err(why.to_owned())),
+            LookupKey::Nat { .. } => Self::Nat(Err(why.to_owned())),
             LookupKey::Cgroup { .. } => Self::Identity(std::sync::Arc::new(Identity {
                 unresolved: Some(why.to_owned()),
                 ..Identity::default()
@@ -585,12 +591,19 @@ impl<'a> Ask<'a> {
 pub(crate) struct Lookups {
     owners: SharedOwnerIndex,
     pub(crate) identities: Identities,
+    /// NAT rules by namespace, and when they were read: reading them runs nft and
+    /// iptables-save, too much for every successful bind of a busy host.
+    nat: HashMap<u32, (Instant, std::sync::Arc<NatRules>)>,
 }
+
+/// How long NAT rules read once serve later binds (a rule added since is missed for that
+/// long: a bind is then not warned about, never wrongly warned).
+const NAT_RULES_TTL: std::time::Duration = std::time::Duration::from_secs(2);
 
 impl Lookups {
     /// A worker's lookups over the shared owner index.
     pub(crate) fn sharing(owners: SharedOwnerIndex) -> Self {
-        Self { owners, identities: Identities::default() }
+        Self { owners, identities: Identities::default(), nat: HashMap::default() }
     }
 }
 
@@ -720,6 +733,28 @@ impl Lookups {
             None => OwnersSeen::Complete,
         };
         Ok(table)
+    }
+
+    /// The NAT rules of a namespace, read at most every [`NAT_RULES_TTL`], with the
+    /// containers they forward to named.
+    pub(crate) fn nat_rules(&mut self, netns: u32, pid_hint: Option<u32>) -> Result<std::sync::Arc<NatRules>, String> {
+        if let Some((at, rules)) = self.nat.get(&netns) {
+            if at.elapsed() < NAT_RULES_TTL {
+                return Ok(rules.clone());
+            }
+        }
+        let mut rules = Netns::find(u64::from(netns), pid_hint)
+            .and_then(|ns| ns.run(NatRules::read))
+            .map_err(|e| format!("{e:#}"))?;
+        if !rules.claims.is_empty() {
+            self.identities.name_nat_destinations(&mut rules);
+        }
+        let rules = std::sync::Arc::new(rules);
+        if self.nat.len() >= 64 {
+            self.nat.clear();
+        }
+        self.nat.insert(netns, (Instant::now(), rules.clone()));
+        Ok(rules)
     }
 
     /// Reads `pid` into `processes` once, if it is still the process the index read its fds
@@ -863,6 +898,7 @@ impl Lookups {
                 Some(_) => Ok(None),
                 None => Err(format!("systemd (pid {pid}) exited before it could be asked")),
             }),
+            LookupKey::Nat { netns } => Facts::Nat(self.nat_rules(netns, pid_hint)),
             LookupKey::UnixName { netns, pid, mnt_ns, .. } => Facts::Unix(match unix_path {
                 Some(path) => self.unix_facts(netns, pid, mnt_ns, path, deadline),
                 None => Err("the unix path was not passed to the lookup".to_owned()),

@@ -51,7 +51,8 @@ impl Lane {
             | LookupKey::Process { .. }
             | LookupKey::Cgroup { .. }
             | LookupKey::Publisher { .. }
-            | LookupKey::UnitStarting { .. } => Self::Quick,
+            | LookupKey::UnitStarting { .. }
+            | LookupKey::Nat { .. } => Self::Quick,
         }
     }
 

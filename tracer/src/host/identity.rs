@@ -316,6 +316,21 @@ impl Identities {
         })
     }
 
+    /// Names the containers that NAT rules send traffic to, by their addresses (Docker's API;
+    /// a destination no runtime knows stays an address).
+    pub(crate) fn name_nat_destinations(&mut self, rules: &mut super::nat::NatRules) {
+        for claim in &mut rules.claims {
+            for to in &claim.to {
+                let Ok(addr) = to.parse::<std::net::SocketAddr>() else { continue };
+                if let Ok(Some(container)) = self.runtimes.with_address(addr.ip(), 0) {
+                    if !claim.containers.iter().any(|c: &Container| c.id == container.id) {
+                        claim.containers.push(container);
+                    }
+                }
+            }
+        }
+    }
+
     /// The container whose published port a runtime daemon's socket at `local` serves.
     pub(crate) fn published_at(&mut self, local: std::net::SocketAddr, proto: &str) -> Option<Forwarding> {
         let (found, _) = self.runtimes.publishing(local.port());

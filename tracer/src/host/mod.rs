@@ -4,11 +4,13 @@
 //!
 //! sock_diag (`sockdiag`, `unixdiag`), /proc (`owners`: which processes hold a socket),
 //! network namespaces (`netns`), cgroupfs (`cgroup`), the container runtimes' APIs
-//! (`runtimes`), systemd's socket units (`systemd`), what runs where (`identity`), and what
-//! besides capabilities may refuse a bind (`policy`).
+//! (`runtimes`), systemd's socket units (`systemd`), what runs where (`identity`), what
+//! besides capabilities may refuse a bind (`policy`), and the NAT rules that take a port's
+//! traffic before any socket (`nat`).
 
 pub(crate) mod cgroup;
 pub(crate) mod identity;
+pub(crate) mod nat;
 pub(crate) mod netns;
 pub(crate) mod owners;
 pub(crate) mod policy;

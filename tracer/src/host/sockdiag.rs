@@ -34,6 +34,15 @@ impl Proto {
             Self::Udp => "udp",
         }
     }
+
+    /// From a protocol's name as iptables and nft write it (`tcp`, `udp`, or their numbers).
+    pub fn from_name(name: &str) -> Option<Self> {
+        match name {
+            "tcp" | "6" => Some(Self::Tcp),
+            "udp" | "17" => Some(Self::Udp),
+            _ => None,
+        }
+    }
 }
 
 /// One socket as inet_diag reports it.

@@ -14,6 +14,10 @@ use std::{
 
 use serde_json::Value;
 
+mod tools;
+#[allow(unused_imports)] // not every test binary runs these programs
+pub use tools::*;
+
 pub const BINDTRACE: &str = env!("CARGO_BIN_EXE_bindtrace");
 /// Every backend, in the order `--attach auto` tries them.
 pub const BACKENDS: [&str; 3] = ["fexit", "kprobe", "tracepoint"];

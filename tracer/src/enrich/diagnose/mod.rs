@@ -4,6 +4,7 @@
 //! This module classifies (which case a failure is, by the kernel's rules); `report` holds
 //! the output types, `wording` the sentences shared with `bindtrace who`.
 
+mod nat;
 mod report;
 mod sharing;
 mod unix;
@@ -61,15 +62,24 @@ pub fn needed_lookups(event: &Bind) -> NeededLookups {
         Some(libc::EADDRINUSE) => match Proto::from_ipproto(event.protocol) {
             // A runtime's port publisher failed: which container it was starting, too.
             Some(proto) if is_port_publisher(event.comm_bytes()) && in_own_netns(netns) => {
-                smallvec![LookupKey::Sockets { netns, proto }, LookupKey::Publisher { port: event.port, proto }]
+                smallvec![
+                    LookupKey::Sockets { netns, proto },
+                    LookupKey::Publisher { port: event.port, proto },
+                    LookupKey::Nat { netns }
+                ]
             }
             // A systemd manager failed to bind for a socket unit: which one, too.
             Some(proto) if event.comm_bytes() == b"systemd" => {
                 let addr = event.requested_ip().unwrap_or(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED));
                 smallvec![
                     LookupKey::Sockets { netns, proto },
-                    LookupKey::UnitStarting { pid: event.tgid, addr, port: event.port, proto }
+                    LookupKey::UnitStarting { pid: event.tgid, addr, port: event.port, proto },
+                    LookupKey::Nat { netns }
                 ]
+            }
+            // Whether a NAT rule also claims the port (the bind port 0 asked for has none).
+            Some(proto) if event.port != 0 => {
+                smallvec![LookupKey::Sockets { netns, proto }, LookupKey::Nat { netns }]
             }
             Some(proto) => smallvec![LookupKey::Sockets { netns, proto }],
             None => NeededLookups::new(),
@@ -79,8 +89,13 @@ pub fn needed_lookups(event: &Bind) -> NeededLookups {
             smallvec![LookupKey::Netns { netns }, LookupKey::Process { pid: event.tgid }]
         }
         Some(libc::EADDRNOTAVAIL) => smallvec![LookupKey::Netns { netns }],
-        // A success: whom it shares its port with, when it may share it.
-        None => sharing::needed_lookups(event),
+        // A success: whom it shares its port with, when it may share it, and whether a NAT
+        // rule takes its traffic.
+        None => {
+            let mut keys = sharing::needed_lookups(event);
+            keys.extend(nat::needed_lookup(event));
+            keys
+        }
         _ => NeededLookups::new(),
     }
 }
@@ -792,7 +807,18 @@ pub fn diagnose<'a>(
     history: &BindHistory,
 ) -> Option<Diagnosis> {
     let Some(errno) = event.errno() else {
-        return sharing::port_shared(event, facts, history);
+        // A success: reported when a NAT rule takes its traffic, or it shares its port.
+        let forwarded = nat::port_forwarded(event, &facts);
+        let shared = sharing::port_shared(event, &facts, history);
+        return match (forwarded, shared) {
+            (Some(mut forwarded), Some(shared)) => {
+                forwarded.summary = format!("{}; also, {}", forwarded.summary, shared.summary);
+                forwarded.holders = shared.holders;
+                forwarded.facts.shared_through = shared.facts.shared_through;
+                Some(forwarded)
+            }
+            (forwarded, shared) => forwarded.or(shared),
+        };
     };
     let lookup_error = |key: &LookupKey| match facts(key) {
         Some(Facts::Sockets(Err(e))) | Some(Facts::Netns(Err(e))) => Some(e.clone()),
@@ -851,6 +877,9 @@ pub fn diagnose<'a>(
                             .unknown
                             .push(format!("the socket unit systemd was starting could not be named: {why}")),
                         _ => {}
+                    }
+                    if let Some(Facts::Nat(rules)) = facts(&LookupKey::Nat { netns: event.netns_ino }) {
+                        nat::note_claims(&mut diagnosis, event, rules);
                     }
                     diagnosis
                 }

@@ -100,14 +100,14 @@ fn group_of(cgroup_path: Option<&str>, session: Option<u32>) -> Option<Group> {
 /// gone, or the port's sockets could not be read).
 pub(super) fn port_shared<'a>(
     event: &Bind,
-    facts: impl Fn(&LookupKey) -> Option<&'a Facts>,
+    facts: &impl Fn(&LookupKey) -> Option<&'a Facts>,
     history: &BindHistory,
 ) -> Option<Diagnosis> {
     let option = sharing_option(event)?;
     let proto = Proto::from_ipproto(event.protocol)?;
     let keys = needed_lookups(event);
-    let Some(Facts::Sockets(Ok(table))) = keys.first().and_then(&facts) else { return None };
-    let Some(Facts::Process(Ok(binder))) = keys.get(1).and_then(&facts) else { return None };
+    let Some(Facts::Sockets(Ok(table))) = keys.first().and_then(facts) else { return None };
+    let Some(Facts::Process(Ok(binder))) = keys.get(1).and_then(facts) else { return None };
     let own = group_of(binder.cgroup.as_deref(), binder.session)?;
     let port = effective_port(event);
     let requested: Option<IpAddr> = event.requested_ip();

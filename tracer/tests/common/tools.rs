@@ -1,0 +1,66 @@
+//! Running the real programs the tests drive (Debian's dockerd and docker, nft, ctr).
+
+use std::{
+    path::Path,
+    process::{Command, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+/// Debian's docker client, not another one earlier in PATH (a newer client may refuse the
+/// daemon's API version).
+pub fn docker_bin() -> &'static str {
+    if Path::new("/usr/bin/docker").exists() {
+        "/usr/bin/docker"
+    } else {
+        "docker"
+    }
+}
+
+pub fn run(program: &str, args: &[&str]) -> std::process::Output {
+    Command::new(program).args(args).output().unwrap_or_else(|e| panic!("{program} {args:?}: {e}"))
+}
+
+pub fn run_ok(program: &str, args: &[&str]) -> String {
+    let out = run(program, args);
+    assert!(out.status.success(), "{program} {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+pub fn answers(program: &str, args: &[&str]) -> bool {
+    Command::new(program).args(args).stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok_and(|s| s.success())
+}
+
+pub fn wait_until(what: &str, limit: Duration, ready: impl Fn() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !ready() {
+        assert!(Instant::now() < deadline, "{what} within {limit:?}");
+        thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// `docker import`s a root made at `root` of a static busybox and the applets the scenarios
+/// run, as `image`; `env` reaches another daemon (`DOCKER_HOST`).
+pub fn import_busybox_image(root: &Path, image: &str, env: &[(&str, &str)]) {
+    let bin = root.join("bin");
+    std::fs::create_dir_all(&bin).expect("image root");
+    let busybox = run_ok("sh", &["-c", "command -v busybox"]);
+    std::fs::copy(&busybox, bin.join("busybox")).expect("copy busybox");
+    for applet in ["sh", "nc", "sleep", "timeout", "cat", "true"] {
+        std::os::unix::fs::symlink("busybox", bin.join(applet)).expect("applet link");
+    }
+    let mut tar = Command::new("tar")
+        .args(["-C", root.to_str().expect("utf-8 path"), "-c", "."])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("tar");
+    let status = Command::new(docker_bin())
+        .args(["import", "-", image])
+        .envs(env.iter().copied())
+        .stdin(tar.stdout.take().expect("tar stdout"))
+        .stdout(Stdio::null())
+        .status()
+        .expect("docker import");
+    assert!(tar.wait().expect("tar").success(), "tar failed");
+    assert!(status.success(), "docker import failed");
+}
