@@ -591,14 +591,16 @@ impl<'a> Ask<'a> {
 pub(crate) struct Lookups {
     owners: SharedOwnerIndex,
     pub(crate) identities: Identities,
-    /// NAT rules by namespace, and when they were read: reading them runs nft and
+    /// NAT rules by namespace, and until when they serve: reading them runs nft and
     /// iptables-save, too much for every successful bind of a busy host.
     nat: HashMap<u32, (Instant, std::sync::Arc<NatRules>)>,
 }
 
-/// How long NAT rules read once serve later binds (a rule added since is missed for that
-/// long: a bind is then not warned about, never wrongly warned).
-const NAT_RULES_TTL: std::time::Duration = std::time::Duration::from_secs(2);
+/// How long NAT rules read once serve later binds, at least: a rule added or removed since is
+/// seen that much later. A ruleset slow to read (kube-proxy's iptables mode on a big cluster)
+/// is read at most once per ten times its reading took, so that it never takes more than a
+/// tenth of a lookup worker.
+pub(crate) const NAT_RULES_TTL: std::time::Duration = std::time::Duration::from_secs(2);
 
 impl Lookups {
     /// A worker's lookups over the shared owner index.
@@ -738,14 +740,16 @@ impl Lookups {
     /// The NAT rules of a namespace, read at most every [`NAT_RULES_TTL`], with the
     /// containers they forward to named.
     pub(crate) fn nat_rules(&mut self, netns: u32, pid_hint: Option<u32>) -> Result<std::sync::Arc<NatRules>, String> {
-        if let Some((at, rules)) = self.nat.get(&netns) {
-            if at.elapsed() < NAT_RULES_TTL {
+        if let Some((until, rules)) = self.nat.get(&netns) {
+            if Instant::now() < *until {
                 return Ok(rules.clone());
             }
         }
+        let started = Instant::now();
         let mut rules = Netns::find(u64::from(netns), pid_hint)
             .and_then(|ns| ns.run(NatRules::read))
             .map_err(|e| format!("{e:#}"))?;
+        let until = Instant::now() + NAT_RULES_TTL.max(started.elapsed() * 10);
         if !rules.claims.is_empty() {
             self.identities.name_nat_destinations(&mut rules);
         }
@@ -753,7 +757,7 @@ impl Lookups {
         if self.nat.len() >= 64 {
             self.nat.clear();
         }
-        self.nat.insert(netns, (Instant::now(), rules.clone()));
+        self.nat.insert(netns, (until, rules.clone()));
         Ok(rules)
     }
 

@@ -121,14 +121,13 @@ impl KeyState {
         }
     }
 
-    /// The answer, if it was asked for after an event that arrived at `arrived`; or, for a
-    /// cgroup's identity that was fully resolved, one asked for up to [`IDENTITY_TTL`] before
-    /// (who runs in a cgroup does not change while it exists; a name may, rarely).
+    /// The answer, if it was asked for after an event that arrived at `arrived`; or, for an
+    /// answer that lasts (see [`lasts_for`]), one asked for within its time before.
     fn answer_for(&self, arrived: Instant) -> Option<(&Arc<Facts>, Instant)> {
         self.answer
             .as_ref()
             .filter(|(facts, requested)| {
-                *requested >= arrived || (lasting(facts) && arrived <= *requested + IDENTITY_TTL)
+                *requested >= arrived || lasts_for(facts).is_some_and(|ttl| arrived <= *requested + ttl)
             })
             .map(|(facts, at)| (facts, *at))
     }
@@ -137,10 +136,16 @@ impl KeyState {
 /// A resolved identity serves the later events of its cgroup this long.
 const IDENTITY_TTL: Duration = Duration::from_secs(30);
 
-/// Is this an answer that serves events that arrive after it was asked for: a cgroup's
-/// identity with nothing left unresolved?
-fn lasting(facts: &Facts) -> bool {
-    matches!(facts, Facts::Identity(identity) if identity.unresolved.is_none())
+/// How long an answer serves events that arrive after it was asked for, if it does: a
+/// cgroup's identity with nothing left unresolved (who runs in a cgroup does not change
+/// while it exists; a name may, rarely), and a namespace's NAT rules, which the lookups read
+/// no more often than that anyway (a rule added or removed since is seen that much later).
+fn lasts_for(facts: &Facts) -> Option<Duration> {
+    match facts {
+        Facts::Identity(identity) if identity.unresolved.is_none() => Some(IDENTITY_TTL),
+        Facts::Nat(Ok(_)) => Some(lookup::NAT_RULES_TTL),
+        _ => None,
+    }
 }
 
 struct Pending {
@@ -483,8 +488,8 @@ impl Enricher {
             state.in_flight = None;
         }
         if state.answer.as_ref().is_none_or(|(_, at)| *at <= done.requested) {
-            // A resolved identity also serves the events that came while it was looked up.
-            if lasting(&done.facts) {
+            // A lasting answer also serves the events that came while it was looked up.
+            if lasts_for(&done.facts).is_some() {
                 state.wanted = false;
             }
             state.answer = Some((done.facts, done.requested));
@@ -791,6 +796,23 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(10), results.recv()).await.expect("lookup answers").expect("worker")
     }
 
+    /// Stores the answers of the `n` lookups started (a failure asks for its port's sockets
+    /// and the namespace's NAT rules).
+    async fn complete(enricher: &mut Enricher, results: &mut UnboundedReceiver<Done>, n: u64) {
+        for _ in 0..n {
+            enricher.complete(next_done(results).await);
+        }
+    }
+
+    /// A success whose socket was not read: only its identity is looked up (no NAT rules,
+    /// no sharing).
+    fn success_without_socket() -> BindEvent {
+        let mut event = sample_event();
+        event.ret = 0;
+        event.sock_flags &= !bindtrace_common::sock_flags::SOCK_INFO;
+        event
+    }
+
     #[tokio::test]
     async fn a_storm_of_identical_failures_costs_one_lookup_and_keeps_order() {
         let mut enricher = Enricher::new(true);
@@ -806,11 +828,15 @@ mod tests {
         }
         assert_eq!(enricher.counters().lookups, 0, "lookups start once the batch is in");
         enricher.poll(start);
-        assert_eq!(enricher.counters().lookups, 1, "one lookup for 8,001 identical failures");
+        assert_eq!(
+            enricher.counters().lookups,
+            2,
+            "one socket dump and one read of the NAT rules for 8,001 identical failures and a success"
+        );
         assert!(enricher.pop(start, false).is_none(), "the first failure waits for its lookup");
-        // The lookup was requested as the first event arrived: it serves the events that
+        // The lookups were requested as the first event arrived: they serve the events that
         // arrived with it, at the same instant.
-        enricher.complete(next_done(&mut results).await);
+        complete(&mut enricher, &mut results, 2).await;
         let out = drain(&mut enricher, start);
         assert_eq!(out.len(), 8_002);
         assert!(out.windows(2).all(|w| w[0].seq + 1 == w[1].seq), "events leave in order");
@@ -839,7 +865,8 @@ mod tests {
         assert_eq!(out.len(), 2, "the failure and the success behind it both leave at the deadline");
         assert_eq!((out[0].seq, &out[0].explained), (1, &Explained::Follows));
         assert!(enricher.follow_ups(late, false, usize::MAX).is_empty(), "nothing answered yet");
-        enricher.complete(next_done(&mut results).await);
+        let started = enricher.counters().lookups;
+        complete(&mut enricher, &mut results, started).await;
         let follow_ups = enricher.follow_ups(late, false, usize::MAX);
         assert_eq!(follow_ups.len(), 1);
         assert_eq!(follow_ups[0].seq, 1, "linked to its event");
@@ -891,7 +918,7 @@ mod tests {
         let start = Instant::now();
         enricher.push(sample_event().into(), 1, start);
         enricher.poll(start);
-        enricher.complete(next_done(&mut results).await);
+        complete(&mut enricher, &mut results, 2).await;
         assert!(matches!(enricher.pop(start, false).map(|e| e.explained), Some(Explained::Now(_))));
         // The same failure again, later: the old answer predates it, and a new lookup starts
         // once MIN_REFRESH has passed.
@@ -899,11 +926,11 @@ mod tests {
         enricher.push(sample_event().into(), 2, later);
         enricher.poll(later);
         assert!(enricher.pop(later, false).is_none());
-        assert_eq!(enricher.counters().lookups, 1, "not before MIN_REFRESH");
+        assert_eq!(enricher.counters().lookups, 2, "not before MIN_REFRESH");
         assert!(enricher.next_wake().is_some_and(|at| at <= start + MIN_REFRESH));
         enricher.poll(start + MIN_REFRESH);
-        assert_eq!(enricher.counters().lookups, 2);
-        enricher.complete(next_done(&mut results).await);
+        assert_eq!(enricher.counters().lookups, 3, "the sockets again; the NAT rules' answer lasts");
+        complete(&mut enricher, &mut results, 1).await;
         assert!(matches!(enricher.pop(later, false).map(|e| e.explained), Some(Explained::Now(_))));
     }
 
@@ -938,15 +965,17 @@ mod tests {
         assert_eq!(out.len(), total, "every event is written");
         let follows = out.iter().filter(|e| e.explained == Explained::Follows).count();
         let shed = out.iter().filter(|e| e.explained == Explained::Shed(SHED_OVERLOAD)).count();
-        assert_eq!((follows, shed), (FOLLOWING_MAX, 10));
-        assert_eq!(enricher.counters().shed, 10);
+        // Each failure takes two keys (its sockets, its namespace's NAT rules): the keys run
+        // out before the follow-up queue does.
+        assert_eq!(follows + shed, total, "each one follows or is shed");
+        assert!(follows <= FOLLOWING_MAX && shed >= 10, "{follows} follow, {shed} shed");
+        assert_eq!(enricher.counters().shed, shed as u64);
         assert!(enricher.keys.len() <= KEYS_MAX);
     }
 
     /// A success of this process, in its own cgroup.
     fn own_success() -> BindEvent {
-        let mut event = sample_event();
-        event.ret = 0;
+        let mut event = success_without_socket();
         event.tgid = std::process::id();
         event.cgroup_id = cgroup::ProcessCgroups::read(event.tgid)
             .and_then(|c| c.v2)
@@ -1002,8 +1031,7 @@ mod tests {
         }
         let (id, _) = cgroup::id_of_path(&format!("/{name}")).expect("its id");
         let mut enricher = Enricher::new(true);
-        let mut event = sample_event();
-        event.ret = 0;
+        let mut event = success_without_socket();
         event.tgid = u32::MAX - 9; // no such process
         event.cgroup_id = id;
         let start = Instant::now();
@@ -1024,8 +1052,7 @@ mod tests {
         let mut enricher = Enricher::new(true);
         let mut results = enricher.take_results().expect("results");
         // A cgroup that does not exist, of a process that does not either.
-        let mut event = sample_event();
-        event.ret = 0;
+        let mut event = success_without_socket();
         event.tgid = u32::MAX - 7;
         event.cgroup_id = u64::MAX - 7;
         let start = Instant::now();
