@@ -146,7 +146,7 @@ fn test() -> Result<()> {
     if is_root() {
         // The integration tests drive ip (veth, netns, vxlan), setpriv, unshare, mountpoint and
         // mount, and start Debian's dockerd, containerd (with an image built from a static
-        // busybox) and prometheus, nft writes NAT rules, and Python helpers hold the
+        // busybox), podman and prometheus, nft writes NAT rules, and Python helpers hold the
         // connections and fds of the production-host tests: a fresh machine gets them here,
         // not by hand.
         setup::apt_install(
@@ -165,6 +165,7 @@ fn test() -> Result<()> {
                 "debootstrap",
                 "systemd-container",
                 "nftables",
+                "podman",
             ]
             .map(str::to_owned),
         )?;

@@ -689,7 +689,7 @@ impl Lookups {
             }
             table.owners.insert(inode, pids);
         }
-        let held_by_dockerd: Vec<(u32, std::net::SocketAddr)> = ports
+        let held_by_runtime: Vec<(u32, std::net::SocketAddr)> = ports
             .iter()
             .flat_map(|&port| table.on_port(port))
             .filter(|socket| {
@@ -698,11 +698,11 @@ impl Lookups {
                     .get(&socket.inode)
                     .into_iter()
                     .flatten()
-                    .any(|pid| table.processes.get(pid).is_some_and(|p| p.comm == "dockerd"))
+                    .any(|pid| table.processes.get(pid).is_some_and(|p| p.comm == "dockerd" || p.comm == "conmon"))
             })
             .map(|socket| (socket.inode, socket.local))
             .collect();
-        for (inode, local) in held_by_dockerd {
+        for (inode, local) in held_by_runtime {
             if let Some(forwarding) = self.identities.published_at(local, proto.name()) {
                 table.published.insert(inode, forwarding);
             }

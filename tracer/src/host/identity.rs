@@ -178,6 +178,33 @@ pub(crate) fn without_runtime(path: &str) -> Option<Identity> {
     Some(Identity { cgroup: Some(path.to_owned()), unit: hints.unit, container, ..Identity::default() })
 }
 
+/// The podman container a `conmon` process monitors, from its command line (`-c ID -n NAME`,
+/// and the `podman` that its exit command runs); CRI-O's conmon is left to the cgroup.
+fn conmon_container(process: &ProcessInfo) -> Option<Container> {
+    if process.comm != "conmon" {
+        return None;
+    }
+    // The whole command line: the one kept for display is cut before `--exit-command`.
+    let raw = std::fs::read(format!("/proc/{}/cmdline", process.pid)).ok()?;
+    let text = String::from_utf8_lossy(&raw);
+    let args: Vec<&str> = text.split('\0').collect();
+    let flag = |name: &str| args.windows(2).find(|w| w[0] == name).map(|w| w[1]);
+    if !flag("--exit-command").is_some_and(|command| command.ends_with("/podman") || command == "podman") {
+        return None;
+    }
+    let id = flag("-c").filter(|id| !id.is_empty())?;
+    Some(Container {
+        runtime: Runtime::Podman,
+        id: id.to_owned(),
+        name: flag("-n").map(str::to_owned),
+        image: None,
+        namespace: None,
+        pod: None,
+        published: Vec::new(),
+        addresses: Vec::new(),
+    })
+}
+
 /// The identity lookups' state, owned by the lookup worker (and by `who`).
 #[derive(Default)]
 pub(crate) struct Identities {
@@ -287,6 +314,13 @@ impl Identities {
         process.identity = self.of_pid(process.pid).map(|i| (*i).clone());
         if process.comm == "docker-proxy" {
             process.forwards = self.forwarding(&process.cmdline, process.started_boot_ns());
+        }
+        // podman's conmon runs beside its container (its own cgroup), and holds the host
+        // ports the container publishes: it is named as that container's.
+        if let Some(container) = conmon_container(process) {
+            let identity = process.identity.get_or_insert_with(Identity::default);
+            identity.container = Some(container);
+            identity.unit = None;
         }
     }
 

@@ -18,6 +18,12 @@ use serde::Serialize;
 /// One call to a runtime may take this long; the lookup as a whole is bounded by the
 /// enrich stage's timeout.
 const CALL_TIMEOUT: Duration = Duration::from_millis(500);
+/// Agreeing on an API version, once per connection, may take longer: podman answers
+/// `/version` after it has gathered its host's details (0.47 s measured on an idle 2-core
+/// machine, `curl --unix-socket /run/podman/podman.sock http://d/version`), and timing out
+/// there rested podman for every lookup. Below [`LOOKUP_BUDGET`], so that a hung daemon is
+/// found silent (and rested) by this call, not by the lookup's budget.
+const VERSION_TIMEOUT: Duration = Duration::from_millis(1_200);
 /// The list of a Docker-API runtime's containers is reused for this long, or until an id is
 /// missing from it (then at most every [`LIST_MIN_AGE`]).
 const LIST_MAX_AGE: Duration = Duration::from_secs(5);
@@ -250,10 +256,9 @@ impl DockerApi {
         rest(&self.socket);
         self.client = None;
         format!(
-            "{} API at {} did not answer within {} ms (not asked again for {} s)",
+            "{} API at {} did not answer in time (not asked again for {} s)",
             self.runtime.name(),
             self.socket,
-            CALL_TIMEOUT.as_millis(),
             QUIET_AFTER_TIMEOUT.as_secs()
         )
     }
@@ -271,13 +276,14 @@ impl DockerApi {
         }
         let client = bollard::Docker::connect_with_unix(
             &self.socket,
-            CALL_TIMEOUT.as_secs().max(1),
+            // bollard's own timeout, past ours: ours says the runtime is silent and rests it.
+            VERSION_TIMEOUT.as_secs() + 1,
             bollard::API_DEFAULT_VERSION,
         )
         .map_err(|e| format!("{} API at {}: {e}", self.runtime.name(), self.socket))?;
         // The daemon may be older (Docker 20.10 speaks 1.41) or refuse old versions (29+
         // needs 1.44): agree on one first.
-        let client = tokio::time::timeout(CALL_TIMEOUT, client.negotiate_version())
+        let client = tokio::time::timeout(VERSION_TIMEOUT, client.negotiate_version())
             .await
             .map_err(|_| self.silent())?
             .map_err(|e| format!("{} API at {}: {e}", self.runtime.name(), self.socket))?;
@@ -298,18 +304,7 @@ impl DockerApi {
         };
         if stale {
             let asked_at = boottime_ns();
-            let client = self.client().await?;
-            let listed =
-                tokio::time::timeout(CALL_TIMEOUT, client.list_containers(None)).await.map_err(|_| self.silent());
-            let listed = match listed {
-                Ok(Ok(listed)) => listed,
-                Ok(Err(err)) => {
-                    // A daemon restarted since: connect again next time.
-                    self.client = None;
-                    return Err(format!("{} API at {}: {err}", self.runtime.name(), self.socket));
-                }
-                Err(err) => return Err(err),
-            };
+            let listed: Vec<ListedContainer> = self.get_json("/containers/json").await?.unwrap_or_default();
             let containers = listed.into_iter().filter_map(|summary| self.summary_to_container(summary)).collect();
             self.listed = Some((Instant::now(), containers));
             self.listed_boot_ns = asked_at;
@@ -317,7 +312,7 @@ impl DockerApi {
         Ok(self.listed.as_ref().map(|(_, list)| list.as_slice()).unwrap_or_default())
     }
 
-    fn summary_to_container(&self, summary: bollard::models::ContainerSummary) -> Option<Container> {
+    fn summary_to_container(&self, summary: ListedContainer) -> Option<Container> {
         let id = summary.id?;
         let name = summary.names.unwrap_or_default().into_iter().next().map(|n| n.trim_start_matches('/').to_owned());
         let labels = summary.labels.unwrap_or_default();
@@ -332,7 +327,7 @@ impl DockerApi {
                     host_ip: port.ip.as_deref().and_then(|ip| ip.parse().ok()),
                     host_port: port.public_port?,
                     container_port: port.private_port,
-                    proto: port.typ.map_or_else(|| "tcp".to_owned(), |t| t.to_string()),
+                    proto: port.proto.unwrap_or_else(|| "tcp".to_owned()),
                 })
             })
             .collect();
@@ -346,6 +341,51 @@ impl DockerApi {
             .filter_map(|ip| ip.parse().ok())
             .collect();
         Some(container)
+    }
+
+    /// GETs `path` of the API (under the version agreed on) and reads its JSON; `None` for a
+    /// 404. Made on hyper's client rather than with bollard's typed calls: bollard's models
+    /// refuse a whole answer over one state their enums do not list, and podman reports such
+    /// states (a container "stopped" on its way out failed every list while it lasted).
+    async fn get_json<T: serde::de::DeserializeOwned>(&mut self, path: &str) -> Result<Option<T>, String> {
+        let client = self.client().await?;
+        let version = client.client_version();
+        let uri = format!("/v{}.{}{path}", version.major_version, version.minor_version);
+        let name = self.runtime.name();
+        let socket = self.socket.clone();
+        let call = async {
+            let stream = tokio::net::UnixStream::connect(&socket).await.map_err(|e| e.to_string())?;
+            let (mut sender, connection) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                .await
+                .map_err(|e| e.to_string())?;
+            let driver = tokio::spawn(connection);
+            let request = hyper::Request::get(uri.as_str())
+                .header(hyper::header::HOST, "localhost")
+                .body(http_body_util::Empty::<hyper::body::Bytes>::new())
+                .map_err(|e| e.to_string())?;
+            let response = sender.send_request(request).await.map_err(|e| e.to_string())?;
+            let status = response.status();
+            let body =
+                http_body_util::BodyExt::collect(response.into_body()).await.map_err(|e| e.to_string())?.to_bytes();
+            driver.abort();
+            Ok::<_, String>((status, body))
+        };
+        let (status, body) = match tokio::time::timeout(CALL_TIMEOUT, call).await {
+            Err(_) => return Err(self.silent()),
+            Ok(Err(err)) => {
+                // A daemon restarted since: connect again next time.
+                self.client = None;
+                return Err(format!("{name} API at {socket}: {err}"));
+            }
+            Ok(Ok(answer)) => answer,
+        };
+        if status == hyper::StatusCode::NOT_FOUND {
+            return Ok(None);
+        }
+        if !status.is_success() {
+            return Err(format!("{name} API at {socket}: {path} answered {status}"));
+        }
+        serde_json::from_slice(&body).map(Some).map_err(|e| format!("{name} API at {socket}: {path}: {e}"))
     }
 
     async fn container(&mut self, id: &str) -> Asked {
@@ -367,26 +407,20 @@ impl DockerApi {
     }
 
     /// One container by name or id, in any state; `None` when the runtime has none.
-    async fn inspect(&mut self, name_or_id: &str) -> Result<Option<bollard::models::ContainerInspectResponse>, String> {
-        let client = self.client().await?;
-        let inspected = tokio::time::timeout(CALL_TIMEOUT, client.inspect_container(name_or_id, None))
-            .await
-            .map_err(|_| self.silent())?;
-        match inspected {
-            Ok(inspected) => Ok(Some(inspected)),
-            Err(bollard::errors::Error::DockerResponseServerError { status_code: 404, .. }) => Ok(None),
-            Err(err) => Err(format!("{} API at {}: {err}", self.runtime.name(), self.socket)),
+    async fn inspect(&mut self, name_or_id: &str) -> Result<Option<InspectedContainer>, String> {
+        if name_or_id.is_empty() || !name_or_id.bytes().all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b)) {
+            return Ok(None); // not a name or id a runtime gives
         }
+        self.get_json(&format!("/containers/{name_or_id}/json")).await
     }
 
-    fn inspected_to_container(&self, inspected: bollard::models::ContainerInspectResponse) -> Container {
-        let config = inspected.config.unwrap_or_default();
+    fn inspected_to_container(&self, inspected: InspectedContainer) -> Container {
         Container::from_labels(
             self.runtime,
             inspected.id.unwrap_or_default(),
             inspected.name.map(|n| n.trim_start_matches('/').to_owned()),
-            config.image,
-            &config.labels.unwrap_or_default(),
+            inspected.config.as_ref().and_then(|c| c.image.clone()),
+            &inspected.config.and_then(|c| c.labels).unwrap_or_default(),
         )
     }
 
@@ -395,17 +429,11 @@ impl DockerApi {
     async fn starting(&mut self, port: u16, proto: &str) -> Result<Vec<(Container, Publication)>, String> {
         /// Created containers inspected at most per lookup, newest first: each is a call.
         const INSPECT_MAX: usize = 4;
-        let client = self.client().await?;
-        let filters = HashMap::from([("status".to_owned(), vec!["created".to_owned()])]);
-        let options = bollard::query_parameters::ListContainersOptions {
-            all: true,
-            filters: Some(filters),
-            ..Default::default()
-        };
-        let created = tokio::time::timeout(CALL_TIMEOUT, client.list_containers(Some(options)))
-            .await
-            .map_err(|_| self.silent())?
-            .map_err(|e| format!("{} API at {}: {e}", self.runtime.name(), self.socket))?;
+        // all=true&filters={"status":["created"]}
+        let created: Vec<ListedContainer> = self
+            .get_json("/containers/json?all=true&filters=%7B%22status%22%3A%5B%22created%22%5D%7D")
+            .await?
+            .unwrap_or_default();
         let mut found = Vec::new();
         for summary in created.into_iter().take(INSPECT_MAX) {
             let Some(id) = summary.id.clone() else { continue };
@@ -449,6 +477,84 @@ impl DockerApi {
         };
         Ok(pid.map(|pid| (container, pid)))
     }
+}
+
+/// A container as `GET /containers/json` lists it (Docker's API, and podman's compatible
+/// one): only the fields read here, and no enum that a state unknown to it would break.
+#[derive(Clone, Default, serde::Deserialize)]
+#[serde(rename_all = "PascalCase", default)]
+struct ListedContainer {
+    id: Option<String>,
+    names: Option<Vec<String>>,
+    image: Option<String>,
+    labels: Option<HashMap<String, String>>,
+    ports: Option<Vec<ListedPort>>,
+    network_settings: Option<ListedNetworks>,
+}
+
+#[derive(Clone, Default, serde::Deserialize)]
+#[serde(default)]
+struct ListedPort {
+    #[serde(rename = "IP")]
+    ip: Option<String>,
+    #[serde(rename = "PrivatePort")]
+    private_port: u16,
+    #[serde(rename = "PublicPort")]
+    public_port: Option<u16>,
+    #[serde(rename = "Type")]
+    proto: Option<String>,
+}
+
+#[derive(Clone, Default, serde::Deserialize)]
+#[serde(rename_all = "PascalCase", default)]
+struct ListedNetworks {
+    networks: Option<HashMap<String, ListedEndpoint>>,
+}
+
+#[derive(Clone, Default, serde::Deserialize)]
+#[serde(default)]
+struct ListedEndpoint {
+    #[serde(rename = "IPAddress")]
+    ip_address: Option<String>,
+    #[serde(rename = "GlobalIPv6Address")]
+    global_ipv6_address: Option<String>,
+}
+
+/// A container as `GET /containers/{id}/json` describes it, as [`ListedContainer`].
+#[derive(Default, serde::Deserialize)]
+#[serde(rename_all = "PascalCase", default)]
+struct InspectedContainer {
+    id: Option<String>,
+    name: Option<String>,
+    config: Option<InspectedConfig>,
+    state: Option<InspectedState>,
+    host_config: Option<InspectedHostConfig>,
+}
+
+#[derive(Default, serde::Deserialize)]
+#[serde(rename_all = "PascalCase", default)]
+struct InspectedConfig {
+    image: Option<String>,
+    labels: Option<HashMap<String, String>>,
+}
+
+#[derive(Default, serde::Deserialize)]
+#[serde(rename_all = "PascalCase", default)]
+struct InspectedState {
+    pid: Option<i64>,
+}
+
+#[derive(Default, serde::Deserialize)]
+#[serde(rename_all = "PascalCase", default)]
+struct InspectedHostConfig {
+    port_bindings: Option<HashMap<String, Option<Vec<PortBinding>>>>,
+}
+
+#[derive(Default, serde::Deserialize)]
+#[serde(rename_all = "PascalCase", default)]
+struct PortBinding {
+    host_ip: Option<String>,
+    host_port: Option<String>,
 }
 
 /// containerd's gRPC API.
@@ -696,13 +802,33 @@ impl Runtimes {
         proxy_started_boot_ns: u64,
     ) -> Result<Option<Container>, String> {
         let Some(tokio) = &self.tokio else { return Err(NO_TOKIO.to_owned()) };
-        let docker = &mut self.apis.docker;
-        if !docker.present() {
-            return Err(format!("no Docker API socket at {}", docker.socket));
+        let apis = &mut self.apis;
+        if !apis.docker.present() && !apis.podman.present() {
+            return Err(format!(
+                "no Docker API socket at {} and no podman API socket at {}",
+                apis.docker.socket, apis.podman.socket
+            ));
         }
         let find = async {
-            let list = docker.containers(Freshness::MadeAfter(proxy_started_boot_ns)).await?;
-            Ok(list.iter().find(|c| c.addresses.contains(&address)).cloned())
+            let mut errors = Vec::new();
+            for api in [&mut apis.docker, &mut apis.podman] {
+                if !api.present() {
+                    continue;
+                }
+                match api.containers(Freshness::MadeAfter(proxy_started_boot_ns)).await {
+                    Ok(list) => {
+                        if let Some(found) = list.iter().find(|c| c.addresses.contains(&address)) {
+                            return Ok(Some(found.clone()));
+                        }
+                    }
+                    Err(why) => errors.push(why),
+                }
+            }
+            if errors.is_empty() {
+                Ok(None)
+            } else {
+                Err(errors.join("; "))
+            }
         };
         Self::within_budget(tokio, self.deadline, find, Err)
     }
@@ -901,7 +1027,11 @@ mod tests {
         let started = Instant::now();
         let first = runtimes.container(&super::super::cgroup::RuntimeHint::Docker, &id);
         assert!(matches!(&first, Asked::Unreachable(why) if why.contains("did not answer")), "{first:?}");
-        assert!(started.elapsed() < Duration::from_millis(1_500), "one timeout: {:?}", started.elapsed());
+        assert!(
+            started.elapsed() < VERSION_TIMEOUT + Duration::from_millis(250),
+            "one timeout: {:?}",
+            started.elapsed()
+        );
         let again = Instant::now();
         let second = runtimes.container(&super::super::cgroup::RuntimeHint::Docker, &id);
         assert!(matches!(&second, Asked::Unreachable(why) if why.contains("recently")), "{second:?}");

@@ -42,6 +42,11 @@ pub fn wait_until(what: &str, limit: Duration, ready: impl Fn() -> bool) {
 /// `docker import`s a root made at `root` of a static busybox and the applets the scenarios
 /// run, as `image`; `env` reaches another daemon (`DOCKER_HOST`).
 pub fn import_busybox_image(root: &Path, image: &str, env: &[(&str, &str)]) {
+    import_busybox_image_with(docker_bin(), root, image, env);
+}
+
+/// [`import_busybox_image`] with another importer (`podman`).
+pub fn import_busybox_image_with(importer: &str, root: &Path, image: &str, env: &[(&str, &str)]) {
     let bin = root.join("bin");
     std::fs::create_dir_all(&bin).expect("image root");
     let busybox = run_ok("sh", &["-c", "command -v busybox"]);
@@ -54,7 +59,7 @@ pub fn import_busybox_image(root: &Path, image: &str, env: &[(&str, &str)]) {
         .stdout(Stdio::piped())
         .spawn()
         .expect("tar");
-    let status = Command::new(docker_bin())
+    let status = Command::new(importer)
         .args(["import", "-", image])
         .envs(env.iter().copied())
         .stdin(tar.stdout.take().expect("tar stdout"))
@@ -62,5 +67,5 @@ pub fn import_busybox_image(root: &Path, image: &str, env: &[(&str, &str)]) {
         .status()
         .expect("docker import");
     assert!(tar.wait().expect("tar").success(), "tar failed");
-    assert!(status.success(), "docker import failed");
+    assert!(status.success(), "{importer} import failed");
 }

@@ -11,7 +11,10 @@ use crate::{
         history::effective_port,
         lookup::{Facts, LookupKey},
     },
-    host::{nat::NatRules, sockdiag::Proto},
+    host::{
+        nat::{NatClaim, NatRules},
+        sockdiag::Proto,
+    },
     model::{Diagnosis, DiagnosisFacts},
 };
 
@@ -66,10 +69,27 @@ pub(super) fn note_claims(diagnosis: &mut Diagnosis, event: &Bind, rules: &Resul
     match rules {
         Ok(rules) => {
             let claims = rules.on_port(proto, event.port, event.requested_ip());
-            if let Some(first) = claims.first() {
+            // The containers the holders already stand for (a docker-proxy, podman's conmon):
+            // a rule that forwards to them only says again what the sentence says.
+            let named: Vec<&str> = diagnosis
+                .holders
+                .iter()
+                .flat_map(|h| &h.processes)
+                .flat_map(|p| {
+                    let forwarded = p.forwards.as_ref().and_then(|f| f.container.as_ref());
+                    let own = p.identity.as_ref().and_then(|i| i.container.as_ref());
+                    [forwarded, own]
+                })
+                .flatten()
+                .map(|c| c.id.as_str())
+                .collect();
+            let news = |claim: &&&NatClaim| {
+                claim.containers.is_empty() || claim.containers.iter().any(|c| !named.contains(&c.id.as_str()))
+            };
+            if let Some(first) = claims.iter().find(news) {
                 diagnosis.summary = format!("{}; also, {}", diagnosis.summary, first.describe());
-                diagnosis.facts.forwarded_by = claims.into_iter().cloned().collect();
             }
+            diagnosis.facts.forwarded_by = claims.into_iter().cloned().collect();
         }
         Err(why) => diagnosis.unknown.push(format!("the NAT rules could not be read: {why}")),
     }
