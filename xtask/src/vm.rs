@@ -32,6 +32,10 @@ pub struct VmArgs {
     /// Run the scenarios on this machine instead of in VMs.
     #[arg(long)]
     host: bool,
+    /// Also measure what tracing costs in the newest guest of each architecture (emulated:
+    /// indicative only; about a minute a guest, so not part of `cargo xtask test`).
+    #[arg(long)]
+    costs: bool,
 }
 
 impl VmArgs {
@@ -81,7 +85,8 @@ pub struct GuestKernel {
     pub preempt_rt: bool,
 }
 
-/// The series whose guests also measure the emulated costs (one per architecture).
+/// The series whose guests also measure the emulated costs with `--costs` (one per
+/// architecture).
 const NEWEST_SERIES: &str = "6.12";
 
 /// The kernels × architectures the matrix boots: README's requirements table is this one.
@@ -1079,10 +1084,13 @@ pub fn vm(args: &VmArgs, binaries: &[GuestBinaries]) -> Result<()> {
             [&bin.syscall_loop, &bin.bind_storm],
         )?;
         for guest in args.guests()?.into_iter().filter(|g| g.arch == arch) {
-            costs.extend(run_guest(&apt, guest, &initramfs, &mut tally)?);
+            let measures_costs = args.costs && guest.series == NEWEST_SERIES;
+            costs.extend(run_guest(&apt, guest, &initramfs, measures_costs, &mut tally)?);
         }
     }
-    report_costs(&costs)?;
+    if args.costs {
+        report_costs(&costs)?;
+    }
     for failure in &tally.failures {
         eprintln!("xtask: vm: {failure}");
     }
@@ -1100,11 +1108,16 @@ fn finish(tally: &Tally) -> Result<()> {
     }
 }
 
-fn run_guest(apt: &PrivateApt, guest: &GuestKernel, initramfs: &Path, tally: &mut Tally) -> Result<Vec<Cost>> {
+fn run_guest(
+    apt: &PrivateApt,
+    guest: &GuestKernel,
+    initramfs: &Path,
+    measures_costs: bool,
+    tally: &mut Tally,
+) -> Result<Vec<Cost>> {
     let name = format!("{}-{}", guest.arch.name, guest.series);
     let kernel = guest_kernel(apt, guest)?;
     let booted = std::time::Instant::now();
-    let measures_costs = guest.series == NEWEST_SERIES;
     let mut console = boot(guest.arch, &kernel, initramfs, measures_costs)?;
     if !console.contains("@@BEGIN ") {
         // The kernel never reached the init (a TCG boot once panicked in an interrupt before
