@@ -1139,7 +1139,8 @@ fn a_port_joined_through_so_reuseport_by_another_process_tree_is_reported() {
     }
     let port = free_port();
     let at: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
-    let mut tracer = Tracer::start(&["-o", "ndjson", "-P", &port.to_string()]);
+    let metrics = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let mut tracer = Tracer::start(&["-o", "ndjson", "-P", &port.to_string(), "--metrics", &metrics.to_string()]);
     let shared = |new_session: bool, uid: Option<u32>| ChildPlan {
         hold_first: true,
         reuse: Some(libc::SO_REUSEPORT),
@@ -1170,6 +1171,16 @@ fn a_port_joined_through_so_reuseport_by_another_process_tree_is_reported() {
     assert_eq!(d["kind"], "in_use_reuseport", "{d}");
     assert!(d["summary"].as_str().is_some_and(|s| s.contains("uid")), "{d}");
     assert_eq!(other_uid.wait(), libc::EADDRINUSE);
+    // Counted in /metrics (updated each tick).
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = http_get(metrics, "/metrics").unwrap_or_default();
+        if text.lines().any(|l| l.starts_with("bindtrace_ports_shared_total ") && !l.ends_with(" 0")) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "bindtrace_ports_shared_total stays 0: {text}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
     kill_child(worker);
     kill_child(second);
     kill_child(stranger);

@@ -1,6 +1,8 @@
 //! Running the real programs the tests drive (Debian's dockerd and docker, nft, ctr).
 
 use std::{
+    io::{Read as _, Write as _},
+    net::{SocketAddr, TcpStream},
     path::Path,
     process::{Command, Stdio},
     thread,
@@ -68,4 +70,16 @@ pub fn import_busybox_image_with(importer: &str, root: &Path, image: &str, env: 
         .expect("docker import");
     assert!(tar.wait().expect("tar").success(), "tar failed");
     assert!(status.success(), "{importer} import failed");
+}
+
+/// A plain HTTP/1.0 GET on loopback (test-only: the servers here are local and answer with
+/// a body and a close).
+pub fn http_get(addr: SocketAddr, path: &str) -> Option<String> {
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    let (head, body) = response.split_once("\r\n\r\n")?;
+    head.starts_with("HTTP/1.").then(|| body.to_owned()).filter(|_| head.contains(" 200 "))
 }
