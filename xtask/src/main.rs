@@ -113,8 +113,60 @@ fn build(release: bool) -> Result<PathBuf> {
     Ok(workspace_root().join("target").join(if release { "release" } else { "debug" }).join("bindtrace"))
 }
 
+/// The Debian packages the integration tests drive: ip (veth, netns, vxlan), setpriv,
+/// unshare, mountpoint and mount, Debian's dockerd, containerd (with an image built from a
+/// static busybox), podman and prometheus, nft for NAT rules, debootstrap and
+/// systemd-nspawn for a systemd as PID 1, and Python helpers that hold the connections and
+/// fds of the production-host tests: a fresh machine gets them here, not by hand.
+const TEST_PACKAGES: [&str; 15] = [
+    "iproute2",
+    "util-linux",
+    "mount",
+    "docker.io",
+    "containerd",
+    "runc",
+    "iptables",
+    "busybox-static",
+    "tar",
+    "prometheus",
+    "python3",
+    "debootstrap",
+    "systemd-container",
+    "nftables",
+    "podman",
+];
+
+/// What `cargo xtask test` fetches while the builds run (as root): the packages, the systemd
+/// root filesystem (debootstrap, in a thread of its own), the VM matrix's kernels.
+struct Fetching {
+    /// The packages are in, and the root filesystem: where, and its job while it is made.
+    installed: std::sync::mpsc::Receiver<Result<nspawn::Rootfs>>,
+    /// The VM matrix's downloads, once the packages are in.
+    guests: std::thread::JoinHandle<Result<()>>,
+}
+
+impl Fetching {
+    /// Starts it: network and disk bound, so it runs beside fmt, clippy and the builds,
+    /// which take the CPUs (on a fresh machine this took minutes off the critical path).
+    fn start() -> Self {
+        let (tell, installed) = std::sync::mpsc::channel();
+        let guests = std::thread::spawn(move || {
+            let packages = TEST_PACKAGES.iter().chain(&vm::APT_PACKAGES).map(|p| (*p).to_owned()).collect::<Vec<_>>();
+            let ready = setup::apt_install(&packages).and_then(|()| nspawn::start_rootfs());
+            let failed = ready.is_err();
+            let _ = tell.send(ready);
+            if failed {
+                return Ok(());
+            }
+            vm::prefetch(&vm::VmArgs::default())
+        });
+        Self { installed, guests }
+    }
+}
+
 fn test() -> Result<()> {
     setup::ensure()?;
+    let fetching = is_root().then(Fetching::start);
     run(cargo().args(["fmt", "--all", "--", "--check"]))?;
     run(cargo().args([
         "clippy",
@@ -143,49 +195,22 @@ fn test() -> Result<()> {
     ]))?;
     let mut tests = cargo();
     tests.args(["test", "--workspace", "--exclude", "bindtrace-probe"]);
-    if is_root() {
-        // The integration tests drive ip (veth, netns, vxlan), setpriv, unshare, mountpoint and
-        // mount, and start Debian's dockerd, containerd (with an image built from a static
-        // busybox), podman and prometheus, nft writes NAT rules, and Python helpers hold the
-        // connections and fds of the production-host tests: a fresh machine gets them here,
-        // not by hand.
-        setup::apt_install(
-            &[
-                "iproute2",
-                "util-linux",
-                "mount",
-                "docker.io",
-                "containerd",
-                "runc",
-                "iptables",
-                "busybox-static",
-                "tar",
-                "prometheus",
-                "python3",
-                "debootstrap",
-                "systemd-container",
-                "nftables",
-                "podman",
-            ]
-            .map(str::to_owned),
-        )?;
+    let mut rootfs = None;
+    if let Some(fetching) = &fetching {
         // The kernel tests must run, not skip, when they can.
         tests.env("BINDTRACE_REQUIRE_ROOT", "1");
         // The container test builds the image from the static binary and runs it. Every
         // architecture's is built now, at once (the VM matrix takes them later).
         dist::build_static_all("bindtrace", "bindtrace")?;
         tests.env("BINDTRACE_STATIC_BINARY", deploy::host_static_binary()?);
+        // A systemd to boot as PID 1 for the socket-unit tests: made while the tests build.
+        let (root, job) =
+            fetching.installed.recv().map_err(|_| anyhow::anyhow!("the package installs stopped without a word"))??;
+        tests.env(nspawn::ROOT_ENV, &root);
+        rootfs = job;
     } else {
         eprintln!("xtask: not root: the tests that load the probe will be SKIPPED (run `sudo cargo xtask test`)");
     }
-    // A systemd to boot as PID 1 for the socket-unit tests: made while the tests build.
-    let rootfs = if is_root() {
-        let (root, job) = nspawn::start_rootfs()?;
-        tests.env(nspawn::ROOT_ENV, &root);
-        job
-    } else {
-        None
-    };
     let tested = run(&mut tests);
     if let Some(job) = rootfs {
         match job.join() {
@@ -196,11 +221,20 @@ fn test() -> Result<()> {
     }
     tested?;
     deploy::validate_manifests()?;
-    if is_root() {
-        vm_matrix(&vm::VmArgs::default())
-    } else {
-        eprintln!("xtask: not root: the VM matrix is SKIPPED (it installs QEMU and kernels with apt-get)");
-        Ok(())
+    match fetching {
+        Some(fetching) => {
+            // A failed download is said; the matrix then fetches (and fails) on its own.
+            match fetching.guests.join() {
+                Ok(Ok(())) => {}
+                Ok(Err(err)) => eprintln!("xtask: fetching the VM matrix's kernels: {err:#}"),
+                Err(_) => eprintln!("xtask: fetching the VM matrix's kernels panicked"),
+            }
+            vm_matrix(&vm::VmArgs::default())
+        }
+        None => {
+            eprintln!("xtask: not root: the VM matrix is SKIPPED (it installs QEMU and kernels with apt-get)");
+            Ok(())
+        }
     }
 }
 

@@ -80,9 +80,12 @@ pub fn apt_install(packages: &[String]) -> Result<()> {
     if missing.is_empty() {
         return Ok(());
     }
-    run(Command::new("apt-get").args(["update", "-qq"]))
+    // Another install may hold dpkg's lock (xtask test installs beside the builds): wait.
+    let lock_wait = ["-o", "DPkg::Lock::Timeout=600"];
+    run(Command::new("apt-get").args(lock_wait).args(["update", "-qq"]))
         .map_err(|e| anyhow!("{e:#}; install them by hand: apt-get install {}", packages.join(" ")))?;
     run(Command::new("apt-get")
+        .args(lock_wait)
         .args(["install", "-y", "-qq", "--no-install-recommends"])
         .args(missing.iter().map(|s| s.as_str()))
         .env("DEBIAN_FRONTEND", "noninteractive"))
