@@ -297,8 +297,9 @@ impl Sink for TableSink {
         if d.ports_shared + d.sharing_unchecked > 0 {
             let _ = writeln!(
                 text,
-                "  sharing:    {} binds joined a port another service holds (SO_REUSEPORT/SO_REUSEADDR); {} could not be checked (overload)",
-                d.ports_shared, d.sharing_unchecked
+                "  sharing:    {} joined a port another service holds (SO_REUSEPORT/SO_REUSEADDR); {} could not be checked (overload)",
+                if d.ports_shared == 1 { "1 bind".to_owned() } else { format!("{} binds", d.ports_shared) },
+                d.sharing_unchecked
             );
         }
         // The report is for the operator: stderr, whatever stdout is.
