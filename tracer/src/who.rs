@@ -202,7 +202,7 @@ pub fn run(args: &WhoArgs, netns: &Netns) -> Result<Verdict> {
             }
         };
         for &proto in protos {
-            let forwarded_by: Vec<_> = nat.on_port(proto, port, None).into_iter().cloned().collect();
+            let forwarded_by: Vec<_> = nat.on_port(proto, port, None, false).into_iter().cloned().collect();
             let found = lookups
                 .port_table(namespace, proto, port, Instant::now() + SEARCH_BUDGET, args.all)
                 .map_err(anyhow::Error::msg)?;

@@ -1158,8 +1158,10 @@ fn a_port_joined_through_so_reuseport_by_another_process_tree_is_reported() {
     let second = spawn_child(shared(false, None));
     let second_pid = second.pid;
     let second_bind = tracer.wait_for("the second worker's bind", |e| e["pid"] == second_pid && e["ok"] == true);
-    // A copy started apart (its own session) joins too.
-    let stranger = spawn_child(shared(true, None));
+    // A copy started apart (its own session, and its own cgroup: wherever the tests run, in a
+    // service or a container, it is another process tree) joins too.
+    let Some(apart) = TestCgroup::new("bindtrace-stranger") else { return };
+    let stranger = spawn_child(ChildPlan { join_cgroup: Some(apart.procs()), ..shared(true, None) });
     let stranger_pid = stranger.pid;
     let joined = tracer.wait_for("the stranger's bind", |e| e["pid"] == stranger_pid && e["ok"] == true);
     // Another user's socket may not join: the kernel refuses, and the failure says why.
@@ -1184,6 +1186,7 @@ fn a_port_joined_through_so_reuseport_by_another_process_tree_is_reported() {
     kill_child(worker);
     kill_child(second);
     kill_child(stranger);
+    drop(apart);
     let finished = tracer.stop();
 
     assert_eq!(report_on(&finished, &second_bind), None, "one process tree shares on purpose");
@@ -1211,11 +1214,13 @@ fn a_udp_port_joined_through_so_reuseaddr_is_reported() {
     let port = free_port();
     let at: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
     let mut tracer = Tracer::start(&["-o", "ndjson", "-P", &port.to_string()]);
+    let Some(apart) = TestCgroup::new("bindtrace-udp-holder") else { return };
     let holder = spawn_child(ChildPlan {
         sock_type: libc::SOCK_DGRAM,
         hold_first: true,
         reuse: Some(libc::SO_REUSEADDR),
         new_session: true,
+        join_cgroup: Some(apart.procs()),
         linger: Duration::from_secs(30),
         ..ChildPlan::bind(at)
     });
@@ -1226,6 +1231,7 @@ fn a_udp_port_joined_through_so_reuseaddr_is_reported() {
     own.bind(&SockAddr::from(at)).expect("SO_REUSEADDR lets it join");
     let joined = tracer.wait_for("this process's bind", |e| e["pid"] == my_pid() && e["ok"] == true);
     kill_child(holder);
+    drop(apart);
     let finished = tracer.stop();
     let report = report_on(&finished, &joined).unwrap_or_else(|| panic!("no report on {joined}"));
     assert_eq!(report["kind"], "port_shared", "{report}");

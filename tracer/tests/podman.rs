@@ -42,7 +42,10 @@ impl Podman {
         std::fs::create_dir_all(&dir).expect("temp dir");
         let mut this =
             Self { service: None, dir, image: format!("localhost/bindtrace-podman-{tag}:1"), containers: Vec::new() };
-        if !Path::new(SOCKET).exists() {
+        // A socket file left by an earlier run that was killed answers nothing: only one
+        // that accepts a connection is a running service.
+        if std::os::unix::net::UnixStream::connect(SOCKET).is_err() {
+            let _ = std::fs::remove_file(SOCKET);
             std::fs::create_dir_all("/run/podman").expect("/run/podman");
             let log = std::fs::File::create(this.dir.join("service.log")).expect("log");
             let service = Command::new("podman")
@@ -104,7 +107,10 @@ fn podman_containers_are_named_on_both_sides_of_a_conflict() {
     let (web, blocked) = (format!("bindtrace-pm-web-{tag}"), format!("bindtrace-pm-blocked-{tag}"));
     let image = podman.image.clone();
     podman.run_detached(&web, &["-p", &format!("{published}:80"), &image, "sleep", "300"]);
-    let mut tracer = Tracer::start(&["-o", "ndjson", "-P", &format!("{published},{held}")]);
+    let mut tracer = Tracer::start_with_env(
+        &["-o", "ndjson", "-P", &format!("{published},{held}")],
+        &[("RUST_LOG", "bindtrace::enrich=debug")],
+    );
 
     // The host's side: its bind fails on the published port.
     let err = tcp().bind(&SockAddr::from(SocketAddr::from(([0, 0, 0, 0], published)))).expect_err("published");
@@ -134,6 +140,10 @@ fn podman_containers_are_named_on_both_sides_of_a_conflict() {
     assert!(!out.status.success(), "nc cannot listen on a held port");
     let event = tracer.wait_for("the container's bind", |e| e["port"] == held && e["comm"] == "nc");
     assert_eq!(event["errno"], libc::EADDRINUSE, "{event}");
+    if event["container"].is_null() {
+        let finished = tracer.stop();
+        panic!("{event}\n{}", finished.stderr.lines().filter(|l| l.contains("lookup")).collect::<Vec<_>>().join("\n"));
+    }
     assert_eq!(event["container"]["runtime"], "podman", "{event}");
     assert_eq!(event["container"]["name"], blocked.as_str(), "{event}");
     let d = tracer.diagnosis_of(&event);

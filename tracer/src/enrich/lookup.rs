@@ -923,13 +923,16 @@ impl Lookups {
             }
             LookupKey::Process { pid } => Facts::Process(
                 procfs::process::Process::new(pid as i32)
-                    .and_then(|process| Ok((process.status()?, process.stat().ok())))
-                    .map(|(status, stat)| ProcessFacts {
+                    .and_then(|process| {
+                        let cgroup = crate::host::owners::cgroup_of(&process);
+                        Ok((process.status()?, process.stat().ok(), cgroup))
+                    })
+                    .map(|(status, stat, cgroup)| ProcessFacts {
                         effective: status.capeff,
                         policy: bind_policy(pid),
                         session: stat.and_then(|stat| u32::try_from(stat.session).ok()),
-                        cgroup: crate::host::cgroup::ProcessCgroups::read(pid)
-                            .and_then(|c| c.best().map(str::to_owned)),
+                        // Chosen as the holders' are (see `cgroup_of`): the two are compared.
+                        cgroup,
                     })
                     .map_err(|_| ProcessUnread::Exited),
             ),
@@ -1055,7 +1058,12 @@ fn unix_file(pid: u32, mnt_ns: u32, path: &UnixPath) -> (UnixFile, Option<String
                 _ => "regular file",
             },
         },
-        // Missing only when the viewer's root could be entered and the path was not there.
+        // Missing only when the process's own root could be entered and the path was not
+        // there: a stand-in may see another root (a chroot of the exited process's own).
+        Err((std::io::ErrorKind::NotFound, _)) if viewer != own_pid => UnixFile::Unreadable(format!(
+            "{shown}: not there for pid {viewer}, which shares the mount namespace of pid {pid} (exited); a root of \
+             its own (chroot) would not be seen"
+        )),
         Err((std::io::ErrorKind::NotFound, _)) if std::path::Path::new(&format!("/proc/{viewer}")).exists() => {
             UnixFile::Missing
         }

@@ -39,10 +39,13 @@ pub(crate) enum Lane {
     Search,
     /// Identities, namespaces' sysctls, capabilities, the container being started.
     Quick,
+    /// NAT rules: nft and iptables-save, which can take a while on a big ruleset, apart from
+    /// the identities that every event waits for.
+    Rules,
 }
 
 impl Lane {
-    pub(crate) const ALL: [Lane; 2] = [Lane::Search, Lane::Quick];
+    pub(crate) const ALL: [Lane; 3] = [Lane::Search, Lane::Quick, Lane::Rules];
 
     pub(crate) fn of(key: &LookupKey) -> Self {
         match key {
@@ -51,8 +54,8 @@ impl Lane {
             | LookupKey::Process { .. }
             | LookupKey::Cgroup { .. }
             | LookupKey::Publisher { .. }
-            | LookupKey::UnitStarting { .. }
-            | LookupKey::Nat { .. } => Self::Quick,
+            | LookupKey::UnitStarting { .. } => Self::Quick,
+            LookupKey::Nat { .. } => Self::Rules,
         }
     }
 
@@ -60,6 +63,7 @@ impl Lane {
         match self {
             Self::Search => 0,
             Self::Quick => 1,
+            Self::Rules => 2,
         }
     }
 
@@ -67,6 +71,7 @@ impl Lane {
         match self {
             Self::Search => "bindtrace-search",
             Self::Quick => "bindtrace-attrib",
+            Self::Rules => "bindtrace-rules",
         }
     }
 }
@@ -108,6 +113,12 @@ fn work(jobs: mpsc::Receiver<Job>, results: UnboundedSender<Done>, current: Curr
         let facts = std::panic::catch_unwind(AssertUnwindSafe(|| lookups.run(&job.key, &ask)))
             .unwrap_or_else(|_| Facts::failed(&job.key, "the lookup panicked"));
         *current.lock().unwrap_or_else(PoisonError::into_inner) = None;
+        log::debug!(
+            "lookup {:?} took {:?} (waited {:?})",
+            job.key,
+            started.elapsed(),
+            started.saturating_duration_since(job.requested)
+        );
         if results.send(Done { key: job.key, requested: job.requested, facts: Arc::new(facts) }).is_err() {
             break;
         }
@@ -142,7 +153,7 @@ pub(crate) enum Sent {
 
 /// The lanes' workers, replaced when they hang, within a budget that recovers.
 pub(crate) struct Supervisor {
-    lanes: [LaneState; 2],
+    lanes: [LaneState; Lane::ALL.len()],
     results: UnboundedSender<Done>,
     owners: SharedOwnerIndex,
     pub(crate) restarts: u64,

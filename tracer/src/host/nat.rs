@@ -7,11 +7,15 @@
 //! - `nft -j list ruleset`: native nftables rules (kube-proxy's nftables mode, firewalld, rules
 //!   written by hand), whose `dnat`/`redirect` statements the JSON spells out.
 //! - `iptables-nft-save -t nat` and `iptables-legacy-save -t nat` (and ip6tables'): rules made
-//!   with iptables. nft's JSON shows an iptables-nft DNAT target only as `xt DNAT`, without its
+//!   with iptables (legacy ones when the namespace has a legacy nat table). nft's JSON shows an iptables-nft DNAT target only as `xt DNAT`, without its
 //!   destination, and cannot see iptables-legacy at all; the `-save` output is the format
 //!   `iptables-restore` reads back (one rule a line, options as written), not `iptables -L`'s
 //!   listing. The nft tables that iptables-nft owns (`ip nat`, `ip6 nat`) are then read from
 //!   it only.
+//!
+//! What neither decodes (nft verdict maps, an `xt` target with no iptables-nft-save to read it)
+//! is said in `unread`, never taken for "no rule". Each tool runs within a deadline, and its
+//! output is capped: a lookup thread must not hang on a huge or stuck ruleset.
 //!
 //! Rules are followed from the nat base chains (prerouting: traffic from other hosts; output:
 //! traffic from this host) through jumps and gotos, so that a port matched in one chain and
@@ -21,7 +25,8 @@
 use std::{
     collections::{HashMap, HashSet},
     net::IpAddr,
-    process::Command,
+    process::{Command, Stdio},
+    time::{Duration, Instant},
 };
 
 use serde::Serialize;
@@ -87,6 +92,8 @@ struct Rule {
 struct Table {
     /// How the table is named in its tool (`nftables ip bindtrace`, `iptables nat`).
     name: String,
+    /// `ipv4`, `ipv6` or `any`.
+    family: &'static str,
     chains: HashMap<String, Vec<Rule>>,
     /// (chain, hook) of the base chains: `prerouting` or `output`.
     bases: Vec<(String, &'static str)>,
@@ -97,6 +104,8 @@ struct Table {
 pub(crate) struct NatClaim {
     /// `nftables ip nat`, `iptables nat`, `iptables-legacy nat`, `ip6tables nat`.
     pub table: String,
+    /// The address family the rule sees: `ipv4`, `ipv6`, or `any` (an nftables inet table).
+    pub family: &'static str,
     /// The chains from the base chain to the rule that matched the port.
     pub chains: Vec<String>,
     /// Traffic it applies to: `prerouting` (from other hosts), `output` (from this host).
@@ -148,8 +157,12 @@ impl NatClaim {
             ),
         };
         let comment = self.comment.as_ref().map(|c| format!(" \"{c}\"")).unwrap_or_default();
+        let daddr = match &self.daddr {
+            Some(d) => format!(" to {}{}/{}", if d.negated { "any address but " } else { "" }, d.net, d.prefix),
+            None => String::new(),
+        };
         format!(
-            "a NAT rule{comment} ({}, chain {chain}) sends {} port {} {from} to {to}",
+            "a NAT rule{comment} ({}, chain {chain}) sends {} port {}{daddr} {from} to {to}",
             self.table,
             self.proto.map_or("any", Proto::name),
             self.ports
@@ -161,59 +174,165 @@ impl NatClaim {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub(crate) struct NatRules {
     pub claims: Vec<NatClaim>,
-    /// Why a source could not be read (not installed, refused): a port found in no rule may
-    /// still be claimed by one of them.
+    /// Why a source could not be read (not installed, refused, too slow) or what it holds
+    /// that could not be decoded: a port found in no rule may still be claimed there.
     pub unread: Vec<String>,
+    /// The namespace's own addresses: a rule for another destination (a Service's ClusterIP)
+    /// does not take a wildcard bind's traffic, and one that sends the port to this host
+    /// keeps it here.
+    pub local: Vec<IpAddr>,
 }
+
+/// How long the tools may run, all together (below the lookups' 5 s, past which a lookup
+/// thread is taken for hung), and how much of each one's output is read.
+const READ_BUDGET: Duration = Duration::from_secs(3);
+const TOOL_OUTPUT_MAX: usize = 64 << 20;
 
 impl NatRules {
     /// Reads the rules of the calling thread's network namespace.
     pub(crate) fn read() -> Self {
+        let deadline = Instant::now() + READ_BUDGET;
         let mut tables = Vec::new();
         let mut unread = Vec::new();
         let mut iptables_nft_read = Vec::new();
         for (tool, family) in [("iptables-nft-save", "ip"), ("ip6tables-nft-save", "ip6")] {
-            match save_output(tool) {
+            match save_output(tool, deadline) {
                 Ok(Some(text)) => {
                     iptables_nft_read.push(family);
                     let label = if family == "ip" { "iptables nat" } else { "ip6tables nat" };
-                    tables.extend(parse_save(&text, label));
+                    // A nat table iptables cannot show (one written with nft): read from nft.
+                    if text.contains("is incompatible") {
+                        iptables_nft_read.pop();
+                    }
+                    tables.extend(parse_save(&text, label, if family == "ip" { "ipv4" } else { "ipv6" }));
                 }
                 Ok(None) => {}
                 Err(why) => unread.push(why),
             }
         }
-        // iptables-legacy's tables exist only once something loaded them.
-        let legacy = std::fs::read_to_string("/proc/net/ip_tables_names").unwrap_or_default();
-        if legacy.lines().any(|l| l.trim() == "nat") {
-            match save_output("iptables-legacy-save") {
-                Ok(Some(text)) => tables.extend(parse_save(&text, "iptables-legacy nat")),
-                Ok(None) => {}
+        // iptables-legacy's tables exist only once something loaded them; the namespace is
+        // the thread's (the lookups enter others with setns).
+        for (names, tool, family) in [
+            ("/proc/thread-self/net/ip_tables_names", "iptables-legacy-save", "ipv4"),
+            ("/proc/thread-self/net/ip6_tables_names", "ip6tables-legacy-save", "ipv6"),
+        ] {
+            let loaded = std::fs::read_to_string(names).unwrap_or_default();
+            if !loaded.lines().any(|l| l.trim() == "nat") {
+                continue;
+            }
+            let label = if family == "ipv4" { "iptables-legacy nat" } else { "ip6tables-legacy nat" };
+            match save_output(tool, deadline) {
+                Ok(Some(text)) => tables.extend(parse_save(&text, label, family)),
+                Ok(None) => unread.push(format!("a legacy {label} table is loaded, but {tool} is not installed")),
                 Err(why) => unread.push(why),
             }
         }
-        match nft_ruleset() {
-            Ok(json) => tables.extend(parse_nft(&json, &iptables_nft_read)),
+        match nft_ruleset(deadline) {
+            Ok(json) => tables.extend(parse_nft(&json, &iptables_nft_read, &mut unread)),
             Err(why) => unread.push(why),
         }
         let claims = tables.iter().flat_map(claims_of).collect();
-        Self { claims, unread }
+        Self { claims, unread, local: local_addresses() }
     }
 
-    /// The claims on `port` of `proto` for traffic to `addr` (any address when `None`). A
-    /// loopback address sees only this host's own traffic (the output hook).
-    pub(crate) fn on_port(&self, proto: Proto, port: u16, addr: Option<IpAddr>) -> Vec<&NatClaim> {
+    /// The claims on `port` of `proto` for traffic to `addr` (a wildcard: any of the
+    /// namespace's addresses), of the family a socket bound there receives (`v6only`: IPv6
+    /// alone). A loopback address sees only this host's own traffic (the output hook).
+    pub(crate) fn on_port(&self, proto: Proto, port: u16, addr: Option<IpAddr>, v6only: bool) -> Vec<&NatClaim> {
+        let ipv4 = match addr {
+            Some(IpAddr::V4(_)) => true,
+            Some(IpAddr::V6(v6)) => v6.is_unspecified() && !v6only || v6.to_ipv4_mapped().is_some(),
+            None => true,
+        };
+        let ipv6 = !matches!(addr, Some(IpAddr::V4(_)));
         self.claims
             .iter()
             .filter(|c| c.proto.is_none_or(|p| p == proto))
+            .filter(|c| match c.family {
+                "ipv4" => ipv4,
+                "ipv6" => ipv6,
+                _ => true,
+            })
             .filter(|c| c.hook == "output" || !addr.is_some_and(|a| a.is_loopback()))
             .filter(|c| covers(&c.ports, port))
             .filter(|c| match (&c.daddr, addr) {
                 (Some(daddr), Some(addr)) if !addr.is_unspecified() => daddr.matches(addr),
+                // A wildcard takes every local address: a rule for others does not concern it.
+                (Some(daddr), _) if !daddr.negated => self.local.iter().any(|a| daddr.matches(*a)),
                 _ => true,
             })
+            // Sent to this host on the same port: the socket still gets it.
+            .filter(|c| !c.to.iter().all(|to| self.stays_here(to, port)) || c.to.is_empty())
             .collect()
     }
+
+    fn stays_here(&self, to: &str, port: u16) -> bool {
+        if to == format!("port {port} of this host") {
+            return true;
+        }
+        to.parse::<std::net::SocketAddr>().is_ok_and(|at| at.port() == port && self.local.contains(&at.ip()))
+    }
+}
+
+/// The addresses of the calling thread's network namespace.
+fn local_addresses() -> Vec<IpAddr> {
+    let Ok(addresses) = nix::ifaddrs::getifaddrs() else { return Vec::new() };
+    addresses
+        .filter_map(|a| {
+            let address = a.address?;
+            if let Some(v4) = address.as_sockaddr_in() {
+                return Some(IpAddr::V4(v4.ip()));
+            }
+            address.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip()))
+        })
+        .collect()
+}
+
+/// Runs `program ARGS` until `deadline` at most, reading at most [`TOOL_OUTPUT_MAX`] of its
+/// output: (status, stdout, stderr). Killed past the deadline.
+fn run_within(
+    program: &str,
+    args: &[&str],
+    deadline: Instant,
+) -> std::io::Result<(std::process::ExitStatus, Vec<u8>, String)> {
+    if Instant::now() >= deadline {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("{program} was not run: reading the rules took {} s already", READ_BUDGET.as_secs()),
+        ));
+    }
+    use std::io::Read as _;
+    let mut child =
+        Command::new(program).args(args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()?;
+    let (Some(stdout), Some(mut stderr)) = (child.stdout.take(), child.stderr.take()) else {
+        let _ = child.kill();
+        let _ = child.wait();
+        return Err(std::io::Error::other("no pipes to the tool"));
+    };
+    // Read beside the wait, so that a large output never fills the pipe and stalls it.
+    let reader = std::thread::spawn(move || {
+        let mut out = Vec::new();
+        let _ = stdout.take(TOOL_OUTPUT_MAX as u64).read_to_end(&mut out);
+        out
+    });
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("{program} did not finish within the {} s the rules may take", READ_BUDGET.as_secs()),
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    let out = reader.join().unwrap_or_default();
+    let mut err = String::new();
+    let _ = stderr.read_to_string(&mut err);
+    Ok((status, out, err))
 }
 
 fn covers(ports: &str, port: u16) -> bool {
@@ -225,15 +344,14 @@ fn covers(ports: &str, port: u16) -> bool {
 
 /// A `*-save -t nat` run: `Ok(None)` when the tool is not installed (nothing of it to read),
 /// `Err` when it is and failed.
-fn save_output(tool: &str) -> Result<Option<String>, String> {
-    match Command::new(tool).args(["-t", "nat"]).output() {
+fn save_output(tool: &str, deadline: Instant) -> Result<Option<String>, String> {
+    match run_within(tool, &["-t", "nat"], deadline) {
         Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(err) => Err(format!("{tool} could not be run: {err}")),
-        Ok(out) if out.status.success() => Ok(Some(String::from_utf8_lossy(&out.stdout).into_owned())),
-        Ok(out) => {
-            let stderr = String::from_utf8_lossy(&out.stderr);
+        Ok((status, out, _)) if status.success() => Ok(Some(String::from_utf8_lossy(&out).into_owned())),
+        Ok((_, _, stderr)) => {
             // No nat table in this namespace: nothing to read.
-            if stderr.contains("does not exist") || stderr.contains("Table does not exist") {
+            if stderr.contains("does not exist") {
                 return Ok(None);
             }
             Err(format!("{tool} -t nat failed: {}", stderr.lines().next().unwrap_or("").trim()))
@@ -241,19 +359,18 @@ fn save_output(tool: &str) -> Result<Option<String>, String> {
     }
 }
 
-fn nft_ruleset() -> Result<Value, String> {
-    let out = Command::new("nft").args(["-j", "list", "ruleset"]).output().map_err(|err| {
+fn nft_ruleset(deadline: Instant) -> Result<Value, String> {
+    let (status, out, stderr) = run_within("nft", &["-j", "list", "ruleset"], deadline).map_err(|err| {
         if err.kind() == std::io::ErrorKind::NotFound {
             "nftables rules were not read: nft is not installed (apt-get install nftables)".to_owned()
         } else {
             format!("nft could not be run: {err}")
         }
     })?;
-    if !out.status.success() {
-        let stderr = String::from_utf8_lossy(&out.stderr);
+    if !status.success() {
         return Err(format!("nft -j list ruleset failed: {}", stderr.lines().next().unwrap_or("").trim()));
     }
-    serde_json::from_slice(&out.stdout).map_err(|err| format!("nft's JSON could not be read: {err}"))
+    serde_json::from_slice(&out).map_err(|err| format!("nft's JSON could not be read: {err}"))
 }
 
 /// Splits an iptables-save line into words, keeping quoted strings (`--comment "a b"`) whole.
@@ -308,8 +425,8 @@ fn parse_ports(text: &str) -> Vec<(u16, u16)> {
 }
 
 /// The tables of one `*-save -t nat` output.
-fn parse_save(text: &str, label: &str) -> Option<Table> {
-    let mut table = Table { name: label.to_owned(), ..Table::default() };
+fn parse_save(text: &str, label: &str, family: &'static str) -> Option<Table> {
+    let mut table = Table { name: label.to_owned(), family, ..Table::default() };
     let mut in_nat = false;
     for line in text.lines() {
         if let Some(name) = line.strip_prefix('*') {
@@ -386,7 +503,7 @@ fn parse_save(text: &str, label: &str) -> Option<Table> {
 
 /// The native nftables tables with a nat chain; those iptables-nft owns (read from
 /// iptables-nft-save) are left out.
-fn parse_nft(json: &Value, iptables_nft_read: &[&str]) -> Vec<Table> {
+fn parse_nft(json: &Value, iptables_nft_read: &[&str], unread: &mut Vec<String>) -> Vec<Table> {
     let Some(items) = json.get("nftables").and_then(Value::as_array) else { return Vec::new() };
     let mut tables: HashMap<(String, String), Table> = HashMap::new();
     let key = |object: &Value| -> Option<(String, String)> {
@@ -400,9 +517,7 @@ fn parse_nft(json: &Value, iptables_nft_read: &[&str]) -> Vec<Table> {
                 continue;
             }
             let Some(name) = chain.get("name").and_then(Value::as_str) else { continue };
-            let entry = tables
-                .entry((family.clone(), table.clone()))
-                .or_insert_with(|| Table { name: format!("nftables {family} {table}"), ..Table::default() });
+            let entry = tables.entry((family.clone(), table.clone())).or_insert_with(|| nft_table(&family, &table));
             entry.chains.entry(name.to_owned()).or_default();
             let is_nat = chain.get("type").and_then(Value::as_str) == Some("nat");
             match chain.get("hook").and_then(Value::as_str) {
@@ -418,13 +533,35 @@ fn parse_nft(json: &Value, iptables_nft_read: &[&str]) -> Vec<Table> {
             }
             let Some(chain) = rule.get("chain").and_then(Value::as_str) else { continue };
             let parsed = parse_nft_rule(rule);
-            let entry = tables
-                .entry((family.clone(), table.clone()))
-                .or_insert_with(|| Table { name: format!("nftables {family} {table}"), ..Table::default() });
+            let exprs = rule.get("expr").and_then(Value::as_array).map(Vec::as_slice).unwrap_or_default();
+            let undecoded = if exprs.iter().any(|e| e.get("vmap").is_some() || e.get("map").is_some()) {
+                Some("a verdict map")
+            } else if exprs.iter().any(|e| e.get("xt").is_some()) && parsed.verdict == Verdict::Other {
+                Some("an iptables target")
+            } else {
+                None
+            };
+            if let Some(what) = undecoded {
+                let note =
+                    format!("nftables table {family} {table}, chain {chain}, has {what} bindtrace does not decode");
+                if !unread.contains(&note) {
+                    unread.push(note);
+                }
+            }
+            let entry = tables.entry((family.clone(), table.clone())).or_insert_with(|| nft_table(&family, &table));
             entry.chains.entry(chain.to_owned()).or_default().push(parsed);
         }
     }
     tables.into_values().filter(|t| !t.bases.is_empty()).collect()
+}
+
+fn nft_table(family: &str, table: &str) -> Table {
+    let family_seen = match family {
+        "ip" => "ipv4",
+        "ip6" => "ipv6",
+        _ => "any",
+    };
+    Table { name: format!("nftables {family} {table}"), family: family_seen, ..Table::default() }
 }
 
 fn nft_ports(right: &Value) -> Vec<(u16, u16)> {
@@ -563,7 +700,7 @@ fn walk(
         }
         match &rule.verdict {
             Verdict::Dnat(_) | Verdict::Redirect(_) if !here.ports.is_empty() => {
-                push_claims(claims, &table.name, hook, &here, vec![destination(&rule.verdict)]);
+                push_claims(claims, table, hook, &here, vec![destination(&rule.verdict)]);
             }
             Verdict::Jump(next) if path.len() < DEPTH_MAX && !path.contains(next) => {
                 path.push(next.clone());
@@ -576,7 +713,7 @@ fn walk(
                 if found.is_empty() {
                     walk(table, next, hook, &here, path, claims);
                 } else {
-                    push_claims(claims, &table.name, hook, &here, found);
+                    push_claims(claims, table, hook, &here, found);
                 }
                 path.pop();
             }
@@ -613,12 +750,13 @@ fn destinations_below(table: &Table, chain: &str, path: &mut Vec<String>, found:
     }
 }
 
-fn push_claims(claims: &mut Vec<NatClaim>, table: &str, hook: &'static str, m: &Context, found: Vec<Option<String>>) {
+fn push_claims(claims: &mut Vec<NatClaim>, table: &Table, hook: &'static str, m: &Context, found: Vec<Option<String>>) {
     let mut seen = HashSet::new();
     let to: Vec<String> = found.into_iter().flatten().filter(|t| seen.insert(t.clone())).collect();
     let truncated = to.len() > DESTINATIONS_MAX;
     claims.push(NatClaim {
-        table: table.to_owned(),
+        table: table.name.clone(),
+        family: table.family,
         chains: m.chains.clone(),
         hook,
         proto: m.proto,
@@ -671,10 +809,10 @@ COMMIT
 
     #[test]
     fn docker_without_its_userland_proxy() {
-        let table = parse_save(DOCKER, "iptables nat").expect("a table");
+        let table = parse_save(DOCKER, "iptables nat", "ipv4").expect("a table");
         let claims = claims_of(&table);
-        let rules = NatRules { claims, unread: Vec::new() };
-        let found = rules.on_port(Proto::Tcp, 18777, None);
+        let rules = NatRules { claims, ..NatRules::default() };
+        let found = rules.on_port(Proto::Tcp, 18777, None, false);
         assert_eq!(found.len(), 2, "from other hosts and from this one: {found:?}");
         assert!(found
             .iter()
@@ -682,24 +820,26 @@ COMMIT
                 || c.chains == ["OUTPUT", "DOCKER"]));
         let output = found.iter().find(|c| c.hook == "output").expect("output");
         // OUTPUT skips 127.0.0.0/8: a bind to 127.0.0.1 sees this host's own connections.
-        assert!(rules
-            .on_port(Proto::Tcp, 18777, Some("127.0.0.1".parse().expect("ip")))
-            .iter()
-            .all(|c| c.hook != "output"));
+        assert!(rules.on_port(Proto::Tcp, 18777, Some("127.0.0.1".parse().expect("ip")), false).is_empty());
+        // An IPv6-only socket does not get IPv4 traffic.
+        assert!(rules.on_port(Proto::Tcp, 18777, Some("::".parse().expect("ip")), true).is_empty());
+        assert_eq!(rules.on_port(Proto::Tcp, 18777, Some("::".parse().expect("ip")), false).len(), 2);
         assert!(
-            output.describe().contains("sends tcp port 18777 from this host to 10.213.0.2:80"),
+            output
+                .describe()
+                .contains("sends tcp port 18777 to any address but 127.0.0.0/8 from this host to 10.213.0.2:80"),
             "{}",
             output.describe()
         );
-        assert!(rules.on_port(Proto::Udp, 18777, None).is_empty());
-        assert!(rules.on_port(Proto::Tcp, 18778, None).is_empty());
+        assert!(rules.on_port(Proto::Udp, 18777, None, false).is_empty());
+        assert!(rules.on_port(Proto::Tcp, 18778, None, false).is_empty());
     }
 
     #[test]
     fn kube_proxy_nodeports_name_the_service_and_its_endpoints() {
-        let table = parse_save(KUBE_PROXY, "iptables nat").expect("a table");
-        let rules = NatRules { claims: claims_of(&table), unread: Vec::new() };
-        let found = rules.on_port(Proto::Tcp, 30080, None);
+        let table = parse_save(KUBE_PROXY, "iptables nat", "ipv4").expect("a table");
+        let rules = NatRules { claims: claims_of(&table), ..NatRules::default() };
+        let found = rules.on_port(Proto::Tcp, 30080, None, false);
         assert_eq!(found.len(), 1, "{found:?}");
         assert_eq!(found[0].comment.as_deref(), Some("shop/web:http"));
         assert_eq!(found[0].to, ["10.244.1.5:8080", "10.244.2.7:8080"]);
@@ -728,18 +868,25 @@ COMMIT
             ]}"#,
         )
         .expect("json");
-        let tables = parse_nft(&json, &["ip"]);
+        let mut unread = Vec::new();
+        let tables = parse_nft(&json, &["ip"], &mut unread);
         assert_eq!(tables.len(), 1, "the iptables-nft table is read from iptables-nft-save");
-        let rules = NatRules { claims: tables.iter().flat_map(claims_of).collect(), unread: Vec::new() };
-        let web = rules.on_port(Proto::Tcp, 9005, None);
+        assert!(unread.is_empty(), "{unread:?}");
+        let local = vec!["192.0.2.1".parse().expect("ip")];
+        let rules = NatRules { claims: tables.iter().flat_map(claims_of).collect(), local, ..NatRules::default() };
+        let web = rules.on_port(Proto::Tcp, 9005, None, false);
         assert_eq!(web.len(), 1, "{:?}", rules.claims);
         assert_eq!(web[0].to, ["10.88.0.9:443"]);
         assert_eq!(web[0].comment.as_deref(), Some("hostPort web"));
         assert_eq!(web[0].ports, "8443,9000-9010");
-        let dns = rules.on_port(Proto::Udp, 53, Some("192.0.2.1".parse().expect("ip")));
+        let dns = rules.on_port(Proto::Udp, 53, Some("192.0.2.1".parse().expect("ip")), false);
         assert_eq!(dns.len(), 1);
         assert_eq!(dns[0].to, ["port 5353 of this host"]);
-        assert!(rules.on_port(Proto::Udp, 53, Some("192.0.2.2".parse().expect("ip"))).is_empty());
+        assert!(rules.on_port(Proto::Udp, 53, Some("192.0.2.2".parse().expect("ip")), false).is_empty());
+        // A wildcard bind: the rule is for a local address, so it applies.
+        assert_eq!(rules.on_port(Proto::Udp, 53, None, false).len(), 1);
+        // Redirected to the same port of this host: the socket still gets it.
+        assert!(rules.on_port(Proto::Udp, 5353, None, false).is_empty());
     }
 
     #[test]

@@ -54,6 +54,14 @@ pub struct ProcessInfo {
     pub(crate) session: u32,
 }
 
+/// The cgroup a process is shown in: the unified (v2) hierarchy's path (number 0), or on
+/// v1-only hosts the first hierarchy's. One choice for every reader, so that two processes'
+/// paths compare.
+pub(crate) fn cgroup_of(process: &Process) -> Option<String> {
+    let groups: Vec<_> = process.cgroups().ok()?.into_iter().collect();
+    groups.iter().find(|g| g.hierarchy == 0).or(groups.first()).map(|g| g.pathname.clone())
+}
+
 impl ProcessInfo {
     /// Reads a process from /proc; `None` when it has exited.
     pub fn read(pid: u32) -> Option<Self> {
@@ -72,11 +80,7 @@ impl ProcessInfo {
             // Said as cut: "bind(('0.0.0.0',18" must not read as port 18.
             cmdline.push('…');
         }
-        let cgroup = process.cgroups().ok().and_then(|groups| {
-            let groups: Vec<_> = groups.into_iter().collect();
-            // The unified (v2) hierarchy is number 0; on v1-only hosts take the first.
-            groups.iter().find(|g| g.hierarchy == 0).or(groups.first()).map(|g| g.pathname.clone())
-        });
+        let cgroup = cgroup_of(&process);
         Some(Self {
             pid,
             comm: stat.comm,

@@ -1,7 +1,7 @@
 //! The container runtimes' own APIs: what a container id from a cgroup path is called, which
 //! image it runs, its Kubernetes pod, its addresses and the host ports it publishes.
 //!
-//! Docker Engine API (bollard) on Docker's socket, the same API on podman's socket, and
+//! Docker Engine API (hyper, over the unix socket) on Docker's socket, the same API on podman's socket, and
 //! containerd's gRPC API (containerd-client; Kubernetes names from the CRI labels). Every
 //! call has a deadline; a runtime that does not answer is said to be unreachable, and its
 //! containers are then "not named", never "not a container".
@@ -18,12 +18,6 @@ use serde::Serialize;
 /// One call to a runtime may take this long; the lookup as a whole is bounded by the
 /// enrich stage's timeout.
 const CALL_TIMEOUT: Duration = Duration::from_millis(500);
-/// Agreeing on an API version, once per connection, may take longer: podman answers
-/// `/version` after it has gathered its host's details (0.47 s measured on an idle 2-core
-/// machine, `curl --unix-socket /run/podman/podman.sock http://d/version`), and timing out
-/// there rested podman for every lookup. Below [`LOOKUP_BUDGET`], so that a hung daemon is
-/// found silent (and rested) by this call, not by the lookup's budget.
-const VERSION_TIMEOUT: Duration = Duration::from_millis(1_200);
 /// The list of a Docker-API runtime's containers is reused for this long, or until an id is
 /// missing from it (then at most every [`LIST_MIN_AGE`]).
 const LIST_MAX_AGE: Duration = Duration::from_secs(5);
@@ -215,11 +209,10 @@ fn resting(socket: &str) -> bool {
         .is_ok_and(|resting| resting.as_ref().and_then(|r| r.get(socket)).is_some_and(|until| Instant::now() < *until))
 }
 
-/// A Docker-API runtime (Docker, podman): a client and its last list of containers.
+/// A Docker-API runtime (Docker, podman): its socket and its last list of containers.
 struct DockerApi {
     runtime: Runtime,
     socket: String,
-    client: Option<bollard::Docker>,
     listed: Option<(Instant, Vec<Container>)>,
     /// When the last list was asked for, as CLOCK_BOOTTIME ns (the clock of a process's start
     /// time): see [`Freshness::MadeAfter`].
@@ -248,13 +241,12 @@ pub(crate) fn boottime_ns() -> u64 {
 
 impl DockerApi {
     fn new(runtime: Runtime, socket: String) -> Self {
-        Self { runtime, socket, client: None, listed: None, listed_boot_ns: 0 }
+        Self { runtime, socket, listed: None, listed_boot_ns: 0 }
     }
 
     /// A call timed out: say so, and rest this runtime for a while.
     fn silent(&mut self) -> String {
         rest(&self.socket);
-        self.client = None;
         format!(
             "{} API at {} did not answer in time (not asked again for {} s)",
             self.runtime.name(),
@@ -265,30 +257,6 @@ impl DockerApi {
 
     fn present(&self) -> bool {
         Path::new(&self.socket).exists()
-    }
-
-    async fn client(&mut self) -> Result<bollard::Docker, String> {
-        if resting(&self.socket) {
-            return Err(format!("{} API at {} did not answer recently", self.runtime.name(), self.socket));
-        }
-        if let Some(client) = &self.client {
-            return Ok(client.clone());
-        }
-        let client = bollard::Docker::connect_with_unix(
-            &self.socket,
-            // bollard's own timeout, past ours: ours says the runtime is silent and rests it.
-            VERSION_TIMEOUT.as_secs() + 1,
-            bollard::API_DEFAULT_VERSION,
-        )
-        .map_err(|e| format!("{} API at {}: {e}", self.runtime.name(), self.socket))?;
-        // The daemon may be older (Docker 20.10 speaks 1.41) or refuse old versions (29+
-        // needs 1.44): agree on one first.
-        let client = tokio::time::timeout(VERSION_TIMEOUT, client.negotiate_version())
-            .await
-            .map_err(|_| self.silent())?
-            .map_err(|e| format!("{} API at {}: {e}", self.runtime.name(), self.socket))?;
-        self.client = Some(client.clone());
-        Ok(client)
     }
 
     /// The running containers, from the last list when it is fresh enough.
@@ -343,14 +311,18 @@ impl DockerApi {
         Some(container)
     }
 
-    /// GETs `path` of the API (under the version agreed on) and reads its JSON; `None` for a
-    /// 404. Made on hyper's client rather than with bollard's typed calls: bollard's models
-    /// refuse a whole answer over one state their enums do not list, and podman reports such
-    /// states (a container "stopped" on its way out failed every list while it lasted).
+    /// GETs `path` of the API and reads its JSON; `None` for a 404. The path carries no API
+    /// version: both daemons then answer in their own (a versioned path must be agreed on
+    /// first, and podman's `/version` takes half a second; Docker 29 refuses versions before
+    /// 1.44), and the fields read here are the same in every version. Made on hyper's client,
+    /// not with a Docker client crate's typed calls: their models refuse a whole answer over
+    /// one state their enums do not list, and podman reports such states (a container
+    /// "stopped" on its way out failed every list while it lasted).
     async fn get_json<T: serde::de::DeserializeOwned>(&mut self, path: &str) -> Result<Option<T>, String> {
-        let client = self.client().await?;
-        let version = client.client_version();
-        let uri = format!("/v{}.{}{path}", version.major_version, version.minor_version);
+        if resting(&self.socket) {
+            return Err(format!("{} API at {} did not answer recently", self.runtime.name(), self.socket));
+        }
+        let uri = path.to_owned();
         let name = self.runtime.name();
         let socket = self.socket.clone();
         let call = async {
@@ -372,11 +344,7 @@ impl DockerApi {
         };
         let (status, body) = match tokio::time::timeout(CALL_TIMEOUT, call).await {
             Err(_) => return Err(self.silent()),
-            Ok(Err(err)) => {
-                // A daemon restarted since: connect again next time.
-                self.client = None;
-                return Err(format!("{name} API at {socket}: {err}"));
-            }
+            Ok(Err(err)) => return Err(format!("{name} API at {socket}: {err}")),
             Ok(Ok(answer)) => answer,
         };
         if status == hyper::StatusCode::NOT_FOUND {
@@ -1027,11 +995,7 @@ mod tests {
         let started = Instant::now();
         let first = runtimes.container(&super::super::cgroup::RuntimeHint::Docker, &id);
         assert!(matches!(&first, Asked::Unreachable(why) if why.contains("did not answer")), "{first:?}");
-        assert!(
-            started.elapsed() < VERSION_TIMEOUT + Duration::from_millis(250),
-            "one timeout: {:?}",
-            started.elapsed()
-        );
+        assert!(started.elapsed() < CALL_TIMEOUT * 2, "one timeout: {:?}", started.elapsed());
         let again = Instant::now();
         let second = runtimes.container(&super::super::cgroup::RuntimeHint::Docker, &id);
         assert!(matches!(&second, Asked::Unreachable(why) if why.contains("recently")), "{second:?}");

@@ -3,7 +3,7 @@
 use std::{
     io::{Read as _, Write as _},
     net::{SocketAddr, TcpStream},
-    path::Path,
+    path::{Path, PathBuf},
     process::{Command, Stdio},
     thread,
     time::{Duration, Instant},
@@ -82,4 +82,44 @@ pub fn http_get(addr: SocketAddr, path: &str) -> Option<String> {
     stream.read_to_string(&mut response).ok()?;
     let (head, body) = response.split_once("\r\n\r\n")?;
     head.starts_with("HTTP/1.").then(|| body.to_owned()).filter(|_| head.contains(" 200 "))
+}
+
+/// The cgroup v2 hierarchy's mount point (its root), if one is mounted.
+pub fn cgroup2_root() -> Option<PathBuf> {
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    mountinfo.lines().find_map(|line| {
+        let (left, right) = line.split_once(" - ")?;
+        let fields: Vec<&str> = left.split_whitespace().collect();
+        (right.split_whitespace().next()? == "cgroup2" && fields.get(3) == Some(&"/"))
+            .then(|| fields.get(4).map(PathBuf::from))
+            .flatten()
+    })
+}
+
+/// A cgroup v2 group of the test's own (at the hierarchy's root), removed on drop.
+pub struct TestCgroup(pub PathBuf);
+
+impl TestCgroup {
+    /// `None` (said) without a cgroup v2 hierarchy, unless the tests must run: then a panic.
+    pub fn new(name: &str) -> Option<Self> {
+        let Some(root) = cgroup2_root() else {
+            assert!(std::env::var_os("BINDTRACE_REQUIRE_ROOT").is_none(), "no cgroup v2 hierarchy is mounted");
+            eprintln!("SKIPPED: no cgroup v2 hierarchy is mounted");
+            return None;
+        };
+        let dir = root.join(format!("{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("a cgroup");
+        Some(Self(dir))
+    }
+
+    /// Its `cgroup.procs`, for `ChildPlan::join_cgroup`.
+    pub fn procs(&self) -> std::ffi::CString {
+        std::ffi::CString::new(self.0.join("cgroup.procs").into_os_string().into_encoded_bytes()).expect("path")
+    }
+}
+
+impl Drop for TestCgroup {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir(&self.0);
+    }
 }

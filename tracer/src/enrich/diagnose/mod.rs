@@ -19,6 +19,7 @@ use bindtrace_common::{sock_flags, BindEvent, AF_INET, AF_INET6, AF_UNIX};
 use self::report::comm_text;
 pub(crate) use self::{
     report::holder_report,
+    sharing::sharing_option,
     wording::{endpoint, holders_summary, stop_advice},
 };
 use super::{
@@ -814,7 +815,9 @@ pub fn diagnose<'a>(
             (Some(mut forwarded), Some(shared)) => {
                 forwarded.summary = format!("{}; also, {}", forwarded.summary, shared.summary);
                 forwarded.holders = shared.holders;
+                forwarded.holders_summary = shared.holders_summary;
                 forwarded.facts.shared_through = shared.facts.shared_through;
+                forwarded.unknown.extend(shared.unknown);
                 Some(forwarded)
             }
             (forwarded, shared) => forwarded.or(shared),

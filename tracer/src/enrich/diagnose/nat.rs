@@ -34,7 +34,7 @@ pub(super) fn port_forwarded<'a>(event: &Bind, facts: &impl Fn(&LookupKey) -> Op
     let Some(Facts::Nat(Ok(rules))) = facts(&key) else { return None };
     let proto = Proto::from_ipproto(event.protocol)?;
     let port = effective_port(event);
-    let claims = rules.on_port(proto, port, event.requested_ip());
+    let claims = rules.on_port(proto, port, event.requested_ip(), event.has(sock_flags::V6ONLY));
     let first = claims.first()?;
     let from = if claims.iter().any(|c| c.hook == "prerouting") && claims.iter().any(|c| c.hook == "output") {
         "from other hosts and from this one"
@@ -68,7 +68,7 @@ pub(super) fn note_claims(diagnosis: &mut Diagnosis, event: &Bind, rules: &Resul
     let Some(proto) = Proto::from_ipproto(event.protocol) else { return };
     match rules {
         Ok(rules) => {
-            let claims = rules.on_port(proto, event.port, event.requested_ip());
+            let claims = rules.on_port(proto, event.port, event.requested_ip(), event.has(sock_flags::V6ONLY));
             // The containers the holders already stand for (a docker-proxy, podman's conmon):
             // a rule that forwards to them only says again what the sentence says.
             let named: Vec<&str> = diagnosis

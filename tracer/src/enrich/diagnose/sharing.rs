@@ -40,8 +40,9 @@ use crate::{
 const SHARERS_SHOWN_MAX: usize = 8;
 
 /// The option a successful bind may have joined others with, if any.
-pub(super) fn sharing_option(event: &BindEvent) -> Option<&'static str> {
-    if event.ret != 0 || event.op != op::BIND || !event.has(sock_flags::SOCK_INFO) || effective_port(event) == 0 {
+pub(crate) fn sharing_option(event: &BindEvent) -> Option<&'static str> {
+    // A port the bind chose (port 0's pick joins no group: the kernel picks a free port).
+    if event.ret != 0 || event.op != op::BIND || !event.has(sock_flags::SOCK_INFO) || event.port == 0 {
         return None;
     }
     let proto = Proto::from_ipproto(event.protocol)?;
@@ -145,10 +146,23 @@ pub(super) fn port_shared<'a>(
         None => "since before bindtrace saw it".to_owned(),
     };
     let more = sharers.len() - 1;
-    let effect = match (proto, option) {
-        (Proto::Tcp, _) => "the kernel now splits new connections between them",
-        (Proto::Udp, "SO_REUSEPORT") => "the kernel now splits datagrams between them (by a hash of the sender)",
-        (Proto::Udp, _) => "each unicast datagram now reaches only one of them",
+    // Sockets on different addresses (127.0.0.1 beside 0.0.0.0) split nothing: the more
+    // specific one gets all the traffic to its address.
+    let same_address = requested == Some(first.socket.local.ip());
+    let effect = match (proto, option, same_address) {
+        (_, _, false) => format!(
+            "traffic to {} goes to the socket bound to that address, the rest to the other",
+            if requested.is_some_and(|r| r.is_unspecified()) {
+                first.socket.local.ip()
+            } else {
+                requested.unwrap_or(first.socket.local.ip())
+            }
+        ),
+        (Proto::Tcp, _, true) => "once it listens, the kernel splits new connections between them".to_owned(),
+        (Proto::Udp, "SO_REUSEPORT", true) => {
+            "the kernel now splits datagrams between them (by a hash of the sender)".to_owned()
+        }
+        (Proto::Udp, _, true) => "each unicast datagram now reaches only one of them".to_owned(),
     };
     let joinable = if option == "SO_REUSEPORT" {
         format!("any process of uid {} may join this port", event.uid)
