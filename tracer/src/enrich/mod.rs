@@ -277,6 +277,9 @@ pub struct Enricher {
     /// Cgroup ids whose identity their path alone tells (no container there), or that it
     /// does not (`None`), and since when: see [`Enricher::quick_identity`].
     quick_identities: HashMap<u64, (Instant, Option<Arc<Identity>>)>,
+    /// What cgroups' paths alone said of events whose identity was not answered in time, and
+    /// when (see [`Enricher::identity_of`]).
+    provisional: HashMap<u64, (Instant, Arc<Identity>)>,
 }
 
 /// Cgroup ids remembered by [`Enricher::quick_identity`] at most (cleared when full).
@@ -299,6 +302,7 @@ impl Enricher {
             results: Some(results),
             memo: HashMap::default(),
             quick_identities: HashMap::default(),
+            provisional: HashMap::default(),
             counters: EnrichCounters::default(),
             last_sweep: now,
             lanes_full: [false; supervise::Lane::ALL.len()],
@@ -599,7 +603,7 @@ impl Enricher {
             return None;
         }
         let pending = self.queue.pop_front()?;
-        let identity = self.identity_of(&pending);
+        let identity = self.identity_of(&pending, now);
         let explained = if !needs_diagnosis {
             Explained::Nothing
         } else if pending.shed {
@@ -618,12 +622,15 @@ impl Enricher {
             self.count_shed(&pending.event);
             Explained::Shed(SHED_OVERLOAD)
         } else if self.following.len() < FOLLOWING_MAX {
+            let marker = Enriched {
+                seq: pending.seq,
+                event: pending.event.clone(),
+                wall_ns: pending.wall_ns,
+                // A success is written as it is: a report follows only if there is one.
+                explained: if failed { Explained::Follows } else { Explained::Nothing },
+                identity,
+            };
             self.following.push_back(pending);
-            let mut marker = self.follows_marker();
-            // A success is written as it is: a report follows only if it shares its port.
-            if !failed {
-                marker.explained = Explained::Nothing;
-            }
             return Some(marker);
         } else {
             self.count_shed(&pending.event);
@@ -648,7 +655,7 @@ impl Enricher {
 
     /// The identity an event's cgroup lookup found, or why there is none; `None` only when
     /// lookups are off (`--no-diagnosis`) or the kernel gave no cgroup.
-    fn identity_of(&self, pending: &Pending) -> Option<Arc<Identity>> {
+    fn identity_of(&mut self, pending: &Pending, now: Instant) -> Option<Arc<Identity>> {
         if !self.enabled || pending.event.cgroup_id == 0 {
             return None;
         }
@@ -664,19 +671,28 @@ impl Enricher {
                 Facts::Identity(identity) => Some(identity.clone()),
                 _ => None,
             },
-            None => unresolved(format!("not resolved within {} ms of the event", EMIT_DEADLINE.as_millis())),
-        }
-    }
-
-    /// The event just moved to `following`, as written now.
-    fn follows_marker(&self) -> Enriched {
-        let last = self.following.back().expect("just pushed");
-        Enriched {
-            seq: last.seq,
-            event: last.event.clone(),
-            wall_ns: last.wall_ns,
-            explained: Explained::Follows,
-            identity: self.identity_of(last),
+            None => {
+                let why = format!("not resolved within {} ms of the event", EMIT_DEADLINE.as_millis());
+                // What the cgroup's path says by itself: a container's runtime and id, a
+                // machine, a unit (the name may come on later events). One syscall per cgroup
+                // and second, remembered: a storm of such events must not make one each.
+                let id = pending.event.cgroup_id;
+                if let Some((at, known)) = self.provisional.get(&id) {
+                    if now < *at + Duration::from_secs(1) {
+                        return Some(known.clone());
+                    }
+                }
+                let path = cgroup::names_one_group(id).then(|| cgroup::path_of_id(id).ok().flatten()).flatten();
+                let identity = match path {
+                    Some(path) => Arc::new(crate::host::identity::from_path_alone(&path, why)),
+                    None => return unresolved(why),
+                };
+                if self.provisional.len() >= QUICK_IDENTITIES_MAX {
+                    self.provisional.clear();
+                }
+                self.provisional.insert(id, (now, identity.clone()));
+                Some(identity)
+            }
         }
     }
 
@@ -789,6 +805,7 @@ impl Enricher {
 mod tests {
     use super::*;
     use crate::decode::tests::sample_event;
+    use crate::host::runtimes::Runtime;
 
     /// Pops everything ready now.
     fn drain(enricher: &mut Enricher, now: Instant) -> Vec<Enriched> {
@@ -1047,6 +1064,40 @@ mod tests {
         assert_eq!(identity.cgroup.as_deref(), Some(format!("/{name}").as_str()));
         assert_eq!(identity.unit.as_deref(), Some(name.as_str()));
         assert_eq!(enricher.counters().lookups, 0);
+    }
+
+    /// A container's identity not answered by the event's deadline still says what its
+    /// cgroup's path says: the runtime and the container's id (its name unknown, and why).
+    #[test]
+    fn past_its_deadline_a_containers_event_still_names_the_container_by_its_path() {
+        let Some(mount) = cgroup::v2_mount() else {
+            assert!(std::env::var_os("BINDTRACE_REQUIRE_ROOT").is_none(), "no cgroup v2 hierarchy is mounted");
+            eprintln!("SKIPPED: no cgroup v2 hierarchy is mounted");
+            return;
+        };
+        let id_text = format!("{:064x}", u64::from(std::process::id()));
+        let dir = mount.join(format!("docker-{id_text}.scope"));
+        if let Err(err) = std::fs::create_dir(&dir) {
+            assert!(std::env::var_os("BINDTRACE_REQUIRE_ROOT").is_none(), "cannot make a cgroup: {err}");
+            eprintln!("SKIPPED: cannot make a cgroup: {err}");
+            return;
+        }
+        let (id, _) = cgroup::id_of_path(&format!("/docker-{id_text}.scope")).expect("its id");
+        let mut enricher = Enricher::new(true);
+        let mut event = success_without_socket();
+        event.cgroup_id = id;
+        let start = Instant::now();
+        enricher.push(event.into(), 0, start);
+        // No poll: the lookup never starts, as if the runtime were slow.
+        let out = drain(&mut enricher, start + EMIT_DEADLINE);
+        let _ = std::fs::remove_dir(&dir);
+        let identity = out[0].identity.clone().expect("an identity");
+        let container = identity.container.as_ref().expect("the container its path names");
+        assert_eq!(
+            (container.runtime, container.id.as_str(), container.name.as_deref()),
+            (Runtime::Docker, id_text.as_str(), None)
+        );
+        assert!(identity.unresolved.as_deref().is_some_and(|why| why.contains("100 ms")), "{identity:?}");
     }
 
     #[tokio::test]

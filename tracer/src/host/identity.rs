@@ -205,6 +205,36 @@ fn conmon_container(process: &ProcessInfo) -> Option<Container> {
     })
 }
 
+/// The container a cgroup path names, unnamed (its runtime not asked, or not answering).
+fn unnamed_container(hint: &cgroup::RuntimeHint, id: &str) -> Container {
+    let (runtime, namespace) = match hint {
+        cgroup::RuntimeHint::Docker => (Runtime::Docker, None),
+        cgroup::RuntimeHint::Podman => (Runtime::Podman, None),
+        cgroup::RuntimeHint::CriO => (Runtime::CriO, None),
+        cgroup::RuntimeHint::Containerd { namespace } => (Runtime::Containerd, namespace.clone()),
+        cgroup::RuntimeHint::AnyCri => (Runtime::Cri, None),
+    };
+    let mut container = Container::unnamed(runtime, id.to_owned());
+    container.namespace = namespace;
+    container
+}
+
+/// What a cgroup path says by itself when its lookup did not answer in time (`why`): the
+/// container it names (runtime and id, no name) or machine, else its unit; never "none".
+pub(crate) fn from_path_alone(path: &str, why: String) -> Identity {
+    let hints = cgroup::hints(path);
+    let mut identity = Identity { cgroup: Some(path.to_owned()), unresolved: Some(why), ..Identity::default() };
+    if let Some((hint, id)) = &hints.container {
+        identity.container = Some(unnamed_container(hint, id));
+    } else if let Some((kind, name)) = hints.machine {
+        identity.container = Some(Container::machine(kind, name));
+        identity.unit = hints.unit;
+    } else {
+        identity.unit = hints.unit;
+    }
+    identity
+}
+
 /// The identity lookups' state, owned by the lookup worker (and by `who`).
 #[derive(Default)]
 pub(crate) struct Identities {
@@ -266,16 +296,7 @@ impl Identities {
             };
             if let Some(why) = why {
                 // The path names a container: say which, unnamed, and why; never "none".
-                let (runtime, namespace) = match hint {
-                    cgroup::RuntimeHint::Docker => (Runtime::Docker, None),
-                    cgroup::RuntimeHint::Podman => (Runtime::Podman, None),
-                    cgroup::RuntimeHint::CriO => (Runtime::CriO, None),
-                    cgroup::RuntimeHint::Containerd { namespace } => (Runtime::Containerd, namespace.clone()),
-                    cgroup::RuntimeHint::AnyCri => (Runtime::Cri, None),
-                };
-                let mut container = Container::unnamed(runtime, id.clone());
-                container.namespace = namespace;
-                identity.container = Some(container);
+                identity.container = Some(unnamed_container(hint, id));
                 identity.unit = None;
                 identity.unresolved = Some(why);
             }
