@@ -106,6 +106,7 @@ pub struct Metrics {
     diagnoses_shed: Counter,
     ports_shared: Counter,
     sharing_unchecked: Counter,
+    ports_forwarded: Counter,
     programs: ProgramSeries,
     /// The totals already added, so that each tick adds only what is new.
     last_kernel_dropped: AtomicU64,
@@ -163,6 +164,12 @@ impl Metrics {
              (SO_REUSEPORT, or SO_REUSEADDR on UDP)",
             ports_shared.clone(),
         );
+        let ports_forwarded = Counter::default();
+        registry.register(
+            "ports_forwarded",
+            "Successful binds to a port a NAT rule (DNAT, REDIRECT) takes before any socket",
+            ports_forwarded.clone(),
+        );
         let sharing_unchecked = Counter::default();
         registry.register(
             "sharing_unchecked",
@@ -201,6 +208,7 @@ impl Metrics {
             diagnoses_shed,
             ports_shared,
             sharing_unchecked,
+            ports_forwarded,
             programs,
             last_kernel_dropped: AtomicU64::new(0),
             last_enrich: std::sync::Mutex::new(EnrichCounters::default()),
@@ -333,6 +341,7 @@ impl Metrics {
             self.diagnoses_shed.inc_by(enrich.shed.saturating_sub(last.shed));
             self.ports_shared.inc_by(enrich.ports_shared.saturating_sub(last.ports_shared));
             self.sharing_unchecked.inc_by(enrich.sharing_unchecked.saturating_sub(last.sharing_unchecked));
+            self.ports_forwarded.inc_by(enrich.ports_forwarded.saturating_sub(last.ports_forwarded));
             *last = enrich;
         }
     }

@@ -214,6 +214,8 @@ pub struct EnrichCounters {
     /// Successful binds with SO_REUSEPORT (or UDP SO_REUSEADDR) whose sharing could not be
     /// checked (overload).
     pub sharing_unchecked: u64,
+    /// Successful binds to a port a NAT rule takes (`port_forwarded`).
+    pub ports_forwarded: u64,
 }
 
 /// What makes two failures get the same diagnosis from the same answers.
@@ -738,6 +740,9 @@ impl Enricher {
             // A success's report: a shared port (see diagnose::sharing), NAT or both.
             if diagnosis.facts.shared_through.is_some() {
                 self.counters.ports_shared += 1;
+            }
+            if diagnosis.kind == "port_forwarded" {
+                self.counters.ports_forwarded += 1;
             }
             return;
         }

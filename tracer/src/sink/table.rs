@@ -294,6 +294,13 @@ impl Sink for TableSink {
                 d.lookups, d.followed, d.shed, d.lookup_timeouts
             );
         }
+        if d.ports_forwarded > 0 {
+            let _ = writeln!(
+                text,
+                "  NAT:        {} to a port a NAT rule takes before any socket (see their reports)",
+                if d.ports_forwarded == 1 { "1 bind".to_owned() } else { format!("{} binds", d.ports_forwarded) },
+            );
+        }
         if d.ports_shared + d.sharing_unchecked > 0 {
             let _ = writeln!(
                 text,

@@ -86,8 +86,14 @@ pub(super) fn note_claims(diagnosis: &mut Diagnosis, event: &Bind, rules: &Resul
             let news = |claim: &&&NatClaim| {
                 claim.containers.is_empty() || claim.containers.iter().any(|c| !named.contains(&c.id.as_str()))
             };
-            if let Some(first) = claims.iter().find(news) {
-                diagnosis.summary = format!("{}; also, {}", diagnosis.summary, first.describe());
+            let new: Vec<&&NatClaim> = claims.iter().filter(news).collect();
+            if let Some(first) = new.first() {
+                let more = match new.len() - 1 {
+                    0 => String::new(),
+                    1 => " (+1 more rule)".to_owned(),
+                    n => format!(" (+{n} more rules)"),
+                };
+                diagnosis.summary = format!("{}; also, {}{more}", diagnosis.summary, first.describe());
             }
             diagnosis.facts.forwarded_by = claims.into_iter().cloned().collect();
         }

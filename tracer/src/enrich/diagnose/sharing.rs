@@ -138,7 +138,17 @@ pub(super) fn port_shared<'a>(
             sharers.push(holder);
         }
     }
-    let first = *sharers.first()?;
+    // Each socket's oldest process first: a server whose forked worker shares its socket is
+    // named, not the worker.
+    let sharers: Vec<Holder> = sharers
+        .into_iter()
+        .map(|holder| {
+            let mut holder = holder.clone();
+            holder.processes.sort_by_key(|p| p.start_time);
+            holder
+        })
+        .collect();
+    let first = sharers.first()?;
     let key = (event.netns_ino, event.protocol, port);
     let seen = seen_for(history, key, first);
     let since = match seen {
@@ -162,7 +172,11 @@ pub(super) fn port_shared<'a>(
         (Proto::Udp, "SO_REUSEPORT", true) => {
             "the kernel now splits datagrams between them (by a hash of the sender)".to_owned()
         }
-        (Proto::Udp, _, true) => "each unicast datagram now reaches only one of them".to_owned(),
+        (Proto::Udp, _, true) => {
+            "unicast datagrams now reach one of them only (on Linux the socket bound last: this one), multicast and \
+             broadcast all of them"
+                .to_owned()
+        }
     };
     let joinable = if option == "SO_REUSEPORT" {
         format!("any process of uid {} may join this port", event.uid)
@@ -176,9 +190,9 @@ pub(super) fn port_shared<'a>(
         proto.name(),
         who(first, seen),
         endpoint(first.socket.local),
-        if more > 0 { format!(" (+{more} more socket{} of other services)", if more == 1 { "" } else { "s" }) } else { String::new() },
+        if more > 0 { format!(" (+{more} more sharing socket{})", if more == 1 { "" } else { "s" }) } else { String::new() },
     );
-    let shown: Vec<&Holder> = sharers.iter().take(SHARERS_SHOWN_MAX).copied().collect();
+    let shown: Vec<&Holder> = sharers.iter().take(SHARERS_SHOWN_MAX).collect();
     let reports = shown.iter().map(|h| holder_report(h, seen_for(history, key, h))).collect();
     let holders_summary = (sharers.len() > shown.len()).then(|| HoldersSummary {
         total: sharers.len(),

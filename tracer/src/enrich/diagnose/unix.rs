@@ -121,10 +121,18 @@ pub(super) fn unix_in_use(event: &Bind, answer: Option<&Facts>) -> Diagnosis {
             ),
             UnixFile::Unreadable(why) => {
                 unknown_facts.push(why.clone());
-                ("unknown", format!("{shown} is in use, and the file there could not be looked at"))
+                ("unknown", format!("bind() found {shown} taken (a file is there, or a socket holds the name), and it could not be looked at: {why}"))
             }
             UnixFile::Socket { uid, mtime_s, .. } => {
                 let (when, _) = modified(*mtime_s);
+                // The command to run names the file as the process saw it: a relative path
+                // from its working directory, not the reader's.
+                let rm = facts
+                    .looked_at
+                    .as_deref()
+                    .and_then(|at| at.strip_prefix("/proc/")?.split_once("/root").map(|(_, path)| path.to_owned()))
+                    .filter(|path| path.starts_with('/'))
+                    .unwrap_or_else(|| shown.clone());
                 let searched = facts.namespaces_searched;
                 if facts.namespaces_unsearchable == 0 {
                     (
@@ -132,7 +140,7 @@ pub(super) fn unix_in_use(event: &Bind, answer: Option<&Facts>) -> Diagnosis {
                         format!(
                             "{shown} is a stale socket file (owner uid {uid}, modified {when}): no socket is bound to it, \
                              the server that created it exited without removing it; removing it before binding is safe \
-                             (rm {shown}, or unlink() the path before bind())"
+                             (rm {rm}, or unlink() the path before bind())"
                         ),
                     )
                 } else {
@@ -146,7 +154,7 @@ pub(super) fn unix_in_use(event: &Bind, answer: Option<&Facts>) -> Diagnosis {
                         format!(
                             "{shown} is a socket file (owner uid {uid}, modified {when}) that no socket bindtrace can see is \
                              bound to ({searched} network namespace(s) searched): most likely stale, left by a server that \
-                             exited; removing it before binding is then safe (rm {shown})"
+                             exited; removing it before binding is then safe (rm {rm})"
                         ),
                     )
                 }
