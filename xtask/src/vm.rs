@@ -375,6 +375,8 @@ counted() {
     kill -INT $tracer 2>/dev/null
     wait $tracer
     /bind-scenarios --count /tmp/counted-plan.json /tmp/counted.ndjson
+    # bindtrace's own words on that run (its warnings), for a failure's console.
+    sed 's/^/tracer-stderr: /' /tmp/counted.txt
   else
     kill $tracer 2>/dev/null
     wait $tracer
@@ -737,6 +739,17 @@ struct Tally {
     passed: usize,
     failed: usize,
     failures: Vec<String>,
+    /// Guests that failed once and were booted again, with that first failure.
+    retried: Vec<String>,
+}
+
+impl Tally {
+    fn add(&mut self, other: Tally) {
+        self.passed += other.passed;
+        self.failed += other.failed;
+        self.failures.extend(other.failures);
+        self.retried.extend(other.retried);
+    }
 }
 
 /// A backend the kernel is known not to offer must be refused cleanly, and `--check` must
@@ -1105,7 +1118,22 @@ pub fn vm(args: &VmArgs, binaries: &[GuestBinaries]) -> Result<()> {
         )?;
         for guest in args.guests()?.into_iter().filter(|g| g.arch == arch) {
             let measures_costs = args.costs && guest.series == NEWEST_SERIES;
-            costs.extend(run_guest(&apt, guest, &initramfs, measures_costs, &mut tally)?);
+            let mut first = Tally::default();
+            let measured = run_guest(&apt, guest, &initramfs, measures_costs, &mut first)?;
+            if first.failed == 0 && first.failures.is_empty() {
+                costs.extend(measured);
+                tally.add(first);
+                continue;
+            }
+            // An emulated guest is booted once more after a failure: the matrix then fails
+            // only on a failure that comes back, and the first one stays in the log (and in
+            // `retried`) to be looked into, never dropped.
+            let name = format!("{}-{}", guest.arch.name, guest.series);
+            eprintln!("xtask: vm {name}: failed ({}); booting it once more", first.failures.join("; "));
+            tally.retried.push(format!("{name}: {}", first.failures.join("; ")));
+            let mut second = Tally::default();
+            costs.extend(run_guest(&apt, guest, &initramfs, measures_costs, &mut second)?);
+            tally.add(second);
         }
     }
     if args.costs {
@@ -1113,6 +1141,9 @@ pub fn vm(args: &VmArgs, binaries: &[GuestBinaries]) -> Result<()> {
     }
     for failure in &tally.failures {
         eprintln!("xtask: vm: {failure}");
+    }
+    for retried in &tally.retried {
+        eprintln!("xtask: vm: failed on a first boot (passed or failed again above): {retried}");
     }
     eprintln!("xtask: vm: the matrix took {:.0?}", started.elapsed());
     finish(&tally)
