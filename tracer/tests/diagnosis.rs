@@ -1116,19 +1116,6 @@ fn kill_child(child: ForkedChild) {
     }
 }
 
-/// The report on a successful bind, if any: on the event, or in a `diagnosis` record that
-/// followed it (all of them are in once the tracer has stopped).
-fn report_on(finished: &Finished, event: &Value) -> Option<Value> {
-    if event["diagnosis"].is_object() {
-        return Some(event["diagnosis"].clone());
-    }
-    finished
-        .json()
-        .into_iter()
-        .find(|r| r["type"] == "diagnosis" && r["seq"] == event["seq"])
-        .map(|r| r["diagnosis"].clone())
-}
-
 /// A second copy of a server joining a SO_REUSEPORT port from another session is reported
 /// with whom it now shares the port; sockets of one process tree (one session, one cgroup)
 /// share on purpose and are not; a socket of another uid cannot join at all.
@@ -1189,8 +1176,8 @@ fn a_port_joined_through_so_reuseport_by_another_process_tree_is_reported() {
     drop(apart);
     let finished = tracer.stop();
 
-    assert_eq!(report_on(&finished, &second_bind), None, "one process tree shares on purpose");
-    let report = report_on(&finished, &joined).unwrap_or_else(|| panic!("no report on {joined}"));
+    assert_eq!(finished.report_on(&second_bind), None, "one process tree shares on purpose");
+    let report = finished.report_on(&joined).unwrap_or_else(|| panic!("no report on {joined}"));
     assert_eq!(report["kind"], "port_shared", "{report}");
     assert_eq!(report["facts"]["shared_through"], "SO_REUSEPORT", "{report}");
     let holders = report["holders"].as_array().expect("holders");
@@ -1233,7 +1220,7 @@ fn a_udp_port_joined_through_so_reuseaddr_is_reported() {
     kill_child(holder);
     drop(apart);
     let finished = tracer.stop();
-    let report = report_on(&finished, &joined).unwrap_or_else(|| panic!("no report on {joined}"));
+    let report = finished.report_on(&joined).unwrap_or_else(|| panic!("no report on {joined}"));
     assert_eq!(report["kind"], "port_shared", "{report}");
     assert_eq!(report["facts"]["shared_through"], "SO_REUSEADDR", "{report}");
     assert!(

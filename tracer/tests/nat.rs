@@ -114,16 +114,7 @@ fn a_port_claimed_by_a_dnat_rule_is_named_with_the_rule() {
     let finished = tracer.stop();
     drop(table);
 
-    let report = if bound["diagnosis"].is_object() {
-        bound["diagnosis"].clone()
-    } else {
-        finished
-            .json()
-            .into_iter()
-            .find(|r| r["type"] == "diagnosis" && r["seq"] == bound["seq"])
-            .map(|r| r["diagnosis"].clone())
-            .unwrap_or_else(|| panic!("no report on {bound}"))
-    };
+    let report = finished.report_on(&bound).unwrap_or_else(|| panic!("no report on {bound}"));
     assert_eq!(report["kind"], "port_forwarded", "{report}");
     let summary = report["summary"].as_str().unwrap_or_default();
     // Bound to 127.0.0.1: only this host's own connections could reach it, and the output
@@ -268,16 +259,7 @@ fn docker_without_its_userland_proxy_is_named_through_its_nat_rules() {
         // A Docker that reserves nothing: the bind succeeds, and is told NAT takes its port.
         Ok(()) => {
             let finished = tracer.stop();
-            let d = if event["diagnosis"].is_object() {
-                event["diagnosis"].clone()
-            } else {
-                finished
-                    .json()
-                    .into_iter()
-                    .find(|r| r["type"] == "diagnosis" && r["seq"] == event["seq"])
-                    .map(|r| r["diagnosis"].clone())
-                    .unwrap_or_else(|| panic!("no report on {event}"))
-            };
+            let d = finished.report_on(&event).unwrap_or_else(|| panic!("no report on {event}"));
             assert_eq!(d["kind"], "port_forwarded", "{d}");
             assert!(d["summary"].as_str().is_some_and(|s| s.contains(&format!("(docker container {name})"))), "{d}");
             d

@@ -67,6 +67,18 @@ pub struct Finished {
 }
 
 impl Finished {
+    /// The report on a bind event, if any: on the event itself, or in the `diagnosis` record
+    /// that followed it (a success's report comes unannounced; all are in once stopped).
+    pub fn report_on(&self, event: &Value) -> Option<Value> {
+        if event["diagnosis"].is_object() {
+            return Some(event["diagnosis"].clone());
+        }
+        self.json()
+            .into_iter()
+            .find(|r| r["type"] == "diagnosis" && r["seq"] == event["seq"])
+            .map(|r| r["diagnosis"].clone())
+    }
+
     pub fn json(&self) -> Vec<Value> {
         self.lines
             .iter()
