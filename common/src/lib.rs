@@ -47,6 +47,10 @@ pub mod names {
     pub const STATS: &str = "STATS";
     pub const FILTER_PIDS: &str = "FILTER_PIDS";
     pub const SELECTED_CGROUPS: &str = "SELECTED_CGROUPS";
+    pub const FOLLOWED: &str = "FOLLOWED";
+    /// The process-tree programs (`bindtrace -- CMD`, `--tree PID`) on `sched:` tracepoints.
+    pub const PROG_TREE_FORK: &str = "bindtrace_sched_process_fork";
+    pub const PROG_TREE_EXIT: &str = "bindtrace_sched_process_exit";
     pub const CONFIG: &str = "BINDTRACE_CONFIG";
     pub const PROG_ENTER: &str = "bindtrace_sys_enter_bind";
     pub const PROG_EXIT: &str = "bindtrace_sys_exit_bind";
@@ -154,6 +158,22 @@ pub mod sock_flags {
     /// `mnt_ns_ino` and `cap_effective` were read (a failure, on a kernel whose BTF has the
     /// members).
     pub const TASK_FACTS: u32 = 1 << 13;
+    /// The caller belongs to the followed process tree (`bindtrace -- CMD`, `--tree PID`):
+    /// [`BindEvent::tree_parent`](super::BindEvent::tree_parent) and
+    /// [`BindEvent::tree_depth`](super::BindEvent::tree_depth) say where.
+    pub const IN_TREE: u32 = 1 << 14;
+}
+
+/// Where a process sits in the followed tree: the value of the `FOLLOWED` map, keyed by tgid
+/// (and by the tid of each thread the tree creates, so that its exit can remove it).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct TreePlace {
+    /// The process that forked it (kept when it is re-parented, a daemon's double fork); for
+    /// the tree's root, its parent when following began.
+    pub parent: u32,
+    /// 0 for the root, 1 for its children, ...
+    pub depth: u32,
 }
 
 /// One bind attempt, as the probe writes it into the ring buffer.
@@ -211,11 +231,14 @@ pub struct BindEvent {
     /// The socket's own family (`skc_family`, with SOCK_INFO): the domain it was created in,
     /// which a wrong sockaddr may contradict.
     pub sock_family: u16,
-    pub _reserved: [u8; 2],
+    /// Depth in the followed process tree (with [`sock_flags::IN_TREE`]): 0 is its root.
+    pub tree_depth: u16,
     /// Inode of the calling task's mount namespace (with [`sock_flags::TASK_FACTS`], failures
     /// only): where its AF_UNIX path is, even after it has exited.
     pub mnt_ns_ino: u32,
-    pub _reserved2: u32,
+    /// The process that forked the caller's process (with [`sock_flags::IN_TREE`]; see
+    /// [`TreePlace::parent`]).
+    pub tree_parent: u32,
     /// The calling task's effective capabilities (`cred.cap_effective`) when bind() returned
     /// (with [`sock_flags::TASK_FACTS`], failures only): what the kernel checked, not what
     /// /proc says later (or nothing, once it has exited).
@@ -276,9 +299,9 @@ impl BindEvent {
             op: 0,
             bound_addr4: [0; 4],
             sock_family: 0,
-            _reserved: [0; 2],
+            tree_depth: 0,
             mnt_ns_ino: 0,
-            _reserved2: 0,
+            tree_parent: 0,
             cap_effective: 0,
         }
     }
@@ -318,7 +341,10 @@ pub mod stat {
     /// tracepoint (the kprobe backend's backstop): not lost, counted to show the backstop at
     /// work.
     pub const RETURN_BACKSTOPPED: u32 = 9;
-    pub const COUNT: u32 = 10;
+    /// Processes (or threads) of the followed tree that could not be added to the `FOLLOWED`
+    /// map (it was full): their binds are not traced.
+    pub const TREE_FULL: u32 = 10;
+    pub const COUNT: u32 = 11;
 }
 
 /// Where a struct member lives, resolved from the running kernel's BTF by the tracer.
@@ -430,6 +456,14 @@ pub struct KernelLayout {
     pub mnt_ns_inum: u32,
     pub task_cred: u32,
     pub cred_cap_effective: u32,
+    /// The process tree (`bindtrace -- CMD`, `--tree PID`): `task_struct.signal` and
+    /// `signal_struct.live` (a thread group's live threads: 0 once its last thread exits;
+    /// [`NO_MEMBER`]: absent), and the offset of `child_pid` in the `sched:sched_process_fork`
+    /// record (from tracefs: the record's layout differs by kernel; 0 when not following).
+    pub task_signal: u32,
+    pub signal_live: u32,
+    pub fork_child_pid: u32,
+    pub _reserved: u32,
 }
 
 /// A member the kernel's BTF does not have, or a number that does not exist.
@@ -468,7 +502,7 @@ pub mod kernel_helpers {
 
 /// Every shared layout is checked here and by the `bytemuck::Pod` derives (which refuse any
 /// implicit padding): a field added without its padding fails the build.
-const _: () = assert!(core::mem::size_of::<KernelLayout>() == 23 * 4 + 11 * 8 + 4 + 4 * 4 + 4 * 4);
+const _: () = assert!(core::mem::size_of::<KernelLayout>() == 23 * 4 + 11 * 8 + 4 + 4 * 4 + 4 * 4 + 4 * 4);
 const _: () = assert!(core::mem::size_of::<FilterConfig>() == 32 + 64 + 32 + 64 + 16 + 16 + 8);
 const _: () = assert!(
     core::mem::size_of::<ProbeConfig>()
@@ -485,6 +519,8 @@ pub mod filter_flags {
     pub const PROTOCOL: u32 = 1 << 4;
     pub const COMM: u32 = 1 << 5;
     pub const CGROUPS: u32 = 1 << 6;
+    /// Only the followed process tree (the `FOLLOWED` map).
+    pub const TREE: u32 = 1 << 7;
 }
 
 /// Filters applied in the kernel, so that a rejected event costs no ring-buffer space.
@@ -713,6 +749,10 @@ impl ProbeConfig {
                 mnt_ns_inum: NO_MEMBER,
                 task_cred: NO_MEMBER,
                 cred_cap_effective: NO_MEMBER,
+                task_signal: NO_MEMBER,
+                signal_live: NO_MEMBER,
+                fork_child_pid: 0,
+                _reserved: 0,
             },
             filter: FilterConfig::accept_all(),
             wakeup_bytes: 0,
@@ -730,6 +770,9 @@ unsafe impl aya::Pod for BindEvent {}
 // SAFETY: as above.
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for CgroupSlot {}
+// SAFETY: as above.
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for TreePlace {}
 // SAFETY: as above.
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for UnixBindEvent {}

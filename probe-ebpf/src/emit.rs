@@ -12,7 +12,7 @@ use aya_ebpf::{
 use aya_log_ebpf::debug;
 use bindtrace_common::{
     filter_flags, kernel_helpers, op, sock_flags, sockaddr::Requested, stat, Backend, BindEvent, KernelLayout,
-    ProbeConfig, UnixBindEvent, AF_INET, AF_INET6, AF_UNIX, COMM_LEN, MAX_CGROUPS, NO_MEMBER, UNIX_PATH_MAX,
+    ProbeConfig, TreePlace, UnixBindEvent, AF_INET, AF_INET6, AF_UNIX, COMM_LEN, MAX_CGROUPS, NO_MEMBER, UNIX_PATH_MAX,
     WAKEUP_BYTES_MIN_INTERVAL_NS, WAKEUP_INTERVAL_NS,
 };
 
@@ -20,6 +20,7 @@ use crate::{
     maps::{config, count, EVENTS, FILTER_PIDS, LAST_WAKEUP, SELECTED_CGROUPS},
     sock::{bound_v6, kernel_read, read_sock, sock_of_fd, SockInfo},
     sockaddr::read_requested_address,
+    tree::place_of,
 };
 
 /// How a backend reaches the bound socket. A separate variant per backend, not a nullable
@@ -80,7 +81,7 @@ impl TaskName {
     }
 }
 
-/// Task-based filters (pid, comm). The name is fetched only when a --comm filter needs it
+/// Task-based filters (pid, process tree, cgroup, comm). The name is fetched only when a --comm filter needs it
 /// (the verifier prunes this otherwise), and left in `name` for the event.
 #[inline(always)]
 pub(crate) fn task_passes(cfg: &ProbeConfig, tgid: u32, name: &mut TaskName) -> bool {
@@ -90,6 +91,9 @@ pub(crate) fn task_passes(cfg: &ProbeConfig, tgid: u32, name: &mut TaskName) -> 
     }
     // SAFETY: the value is never dereferenced, only tested for presence.
     if filter.is_active(filter_flags::PIDS) && unsafe { FILTER_PIDS.get(tgid) }.is_none() {
+        return false;
+    }
+    if filter.is_active(filter_flags::TREE) && place_of(tgid).is_none() {
         return false;
     }
     if filter.is_active(filter_flags::CGROUPS) && !in_selected_cgroup(cfg) {
@@ -271,6 +275,12 @@ pub(crate) fn complete<C: EbpfContext>(ctx: &C, caller: Caller, r: Returned) {
     let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
     // A failure keeps what its diagnosis reads of the task, which may exit at once.
     let task = if r.ret < 0 { task_facts(&cfg.layout) } else { TaskFacts::default() };
+    // A second lookup of what `task_passes` found (it cannot hand it here through the
+    // kprobe entries), only when following a tree.
+    let (tree, tree_flag) = match filter.is_active(filter_flags::TREE).then(|| place_of((pid_tgid >> 32) as u32)) {
+        Some(Some(place)) => (place, sock_flags::IN_TREE),
+        _ => (TreePlace::default(), 0),
+    };
     // SAFETY: same size; any bytes are valid u8s.
     let addr: [u8; 16] = unsafe { core::mem::transmute(req.addr) };
     // A macro, not a value: each branch writes the literal straight into its ring-buffer
@@ -293,7 +303,7 @@ pub(crate) fn complete<C: EbpfContext>(ctx: &C, caller: Caller, r: Returned) {
                 addrlen: r.addrlen,
                 scope_id: req.scope_id,
                 bound_dev_if: sock.bound_dev_if,
-                sock_flags: req.flags | sock.flags | entry_flag | task.flag,
+                sock_flags: req.flags | sock.flags | entry_flag | task.flag | tree_flag,
                 family: req.family,
                 port: req.port,
                 sock_type: sock.sock_type,
@@ -303,9 +313,9 @@ pub(crate) fn complete<C: EbpfContext>(ctx: &C, caller: Caller, r: Returned) {
                 op: r.op,
                 bound_addr4: sock.bound_addr4.to_le_bytes(),
                 sock_family: sock.family,
-                _reserved: [0; 2],
+                tree_depth: tree.depth.min(u32::from(u16::MAX)) as u16,
                 mnt_ns_ino: task.mnt_ns_ino,
-                _reserved2: 0,
+                tree_parent: tree.parent,
                 cap_effective: task.cap_effective,
             }
         };

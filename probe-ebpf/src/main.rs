@@ -10,7 +10,8 @@
 //!
 //! Modules, in the order an event passes them: `hooks` (the attached programs) → `entry`
 //! (entry-to-exit state) → `sockaddr` (the requested address) → `sock` (the socket) → `emit`
-//! (filters, record, ring buffer); `maps` holds the shared state.
+//! (filters, record, ring buffer); `maps` holds the shared state, and `tree` follows the
+//! process tree of `bindtrace -- CMD`.
 #![no_std]
 #![no_main]
 // The atomic add of `maps::count` (see there).
@@ -23,6 +24,7 @@ mod hooks;
 mod maps;
 mod sock;
 mod sockaddr;
+mod tree;
 
 #[cfg(not(test))]
 #[panic_handler]

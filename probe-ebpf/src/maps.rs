@@ -5,7 +5,7 @@ use aya_ebpf::{
     macros::map,
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
-use bindtrace_common::{attach_state, stat, CgroupSlot, ProbeConfig, MAX_CGROUPS};
+use bindtrace_common::{attach_state, stat, CgroupSlot, ProbeConfig, TreePlace, MAX_CGROUPS};
 use core::intrinsics::{atomic_xadd, AtomicOrdering};
 
 use crate::entry::{EntryStamp, InFlight};
@@ -58,6 +58,15 @@ pub(crate) static SELECTED_CGROUPS: Array<CgroupSlot> = Array::with_max_entries(
 /// tgids accepted by `--pid` (value unused).
 #[map(name = "FILTER_PIDS")]
 pub(crate) static FILTER_PIDS: HashMap<u32, u8> = HashMap::with_max_entries(1024, 0);
+
+/// The followed process tree (`bindtrace -- CMD`, `--tree PID`): tgids, and the tids of
+/// threads the tree made, with their place in it (see `tree`). A hash map, not an LRU: a
+/// followed process is never evicted silently; a full map is counted (`stat::TREE_FULL`).
+/// The tracer shrinks it to one entry when it does not follow a tree.
+#[map(name = "FOLLOWED")]
+pub(crate) static FOLLOWED: HashMap<u32, TreePlace> = HashMap::with_max_entries(FOLLOWED_MAX, 0);
+
+pub(crate) const FOLLOWED_MAX: u32 = 1 << 16;
 
 /// The configuration, read through an opaque pointer: `BINDTRACE_CONFIG` is an immutable
 /// static, so without this the compiler would fold its (all-zero) initial value into the code.

@@ -13,6 +13,7 @@ use clap::{error::ErrorKind, Parser as _};
 use crate::{
     cli::{self, Cli, ColorChoice, Command, OutputFormat, WhoArgs},
     clock::{Rfc3339, WallClock},
+    command::RunAs,
     enrich::Enricher,
     filter::EventFilter,
     layout,
@@ -56,16 +57,53 @@ struct Plan {
     file: Option<OutputFile>,
     /// The cgroups of `--container` and `--cgroup`, followed across restarts.
     followed: Vec<crate::filter::SelectedCgroup>,
+    /// `-- CMD` or `--tree PID`: the process tree traced.
+    tree: Option<TreeRoot>,
+    /// With `-- CMD`: the events go to stderr (CMD owns stdout).
+    to_stderr: bool,
 }
 
-fn plan(cli: Cli) -> Result<Plan> {
+/// The root of the traced process tree.
+enum TreeRoot {
+    /// `-- CMD`: started by bindtrace, as `run_as`, with the signal mask `child_mask`.
+    Command { argv: Vec<std::ffi::OsString>, run_as: Option<RunAs>, child_mask: nix::sys::signal::SigSet },
+    /// `--tree PID`: running already, with this parent.
+    Running { pid: u32, parent: u32 },
+}
+
+fn plan(cli: Cli, child_mask: Option<nix::sys::signal::SigSet>) -> Result<Plan> {
     let mut filter = EventFilter::from_cli(&cli)?;
+    let tree = match (cli.tree, child_mask) {
+        (Some(pid), _) => Some(TreeRoot::Running { pid, parent: crate::tree::parent_of(pid)? }),
+        (None, Some(child_mask)) => {
+            let argv = cli.command_line.clone();
+            let program = argv.first().ok_or_else(|| anyhow::anyhow!("no command after --"))?;
+            crate::command::find_program(program, std::env::var_os("PATH"))?;
+            let run_as = crate::command::run_as(
+                cli.user.as_deref(),
+                std::env::var_os("SUDO_UID"),
+                std::env::var_os("SUDO_GID"),
+            )?;
+            if let Some(user) = run_as.as_ref().filter(|u| u.uid != nix::unistd::geteuid().as_raw()) {
+                if !nix::unistd::geteuid().is_root() {
+                    anyhow::bail!("running CMD as {} needs root (run bindtrace with sudo)", user.described);
+                }
+            }
+            Some(TreeRoot::Command { argv, run_as, child_mask })
+        }
+        (None, None) => None,
+    };
+    if tree.is_some() {
+        filter.kernel.flags |= bindtrace_common::filter_flags::TREE;
+    }
+    let to_stderr = matches!(tree, Some(TreeRoot::Command { .. })) && cli.file.is_none();
     let followed = filter.scope_to_cgroups(&cli.containers, &cli.cgroups)?;
     if !followed.is_empty() {
         let described: Vec<&str> = followed.iter().map(|s| s.described.as_str()).collect();
         crate::say::line(&format!("only binds in {} (and below)", described.join(", ")));
     }
-    let stdout_is_terminal = io::stdout().is_terminal();
+    // With `-- CMD` the events go to stderr: decide by what they go to.
+    let stdout_is_terminal = if to_stderr { io::stderr().is_terminal() } else { io::stdout().is_terminal() };
     let format = cli.output.unwrap_or(if cli.file.is_some() || !stdout_is_terminal {
         OutputFormat::Ndjson
     } else {
@@ -93,7 +131,7 @@ fn plan(cli: Cli) -> Result<Plan> {
         ),
         None => None,
     };
-    Ok(Plan { cli, filter, format, color, metrics, file, followed })
+    Ok(Plan { cli, filter, format, color, metrics, file, followed, tree, to_stderr })
 }
 
 /// `--pid` takes process ids that can exist: one above the system's `pid_max` is bad input.
@@ -125,15 +163,21 @@ fn check_pids(pids: &[u32]) -> Result<()> {
 fn open_sink(plan: &Plan, file: Option<OutputFile>) -> Result<Box<dyn Sink>> {
     let writer: Box<dyn io::Write + Send> = match file {
         Some(file) => Box::new(file.start()?),
+        None if plan.to_stderr => Box::new(io::stderr()),
         None => Box::new(io::stdout()),
     };
-    // stdout is watched for its reader going away; a --file has no reader to lose.
-    let watched = plan.cli.file.is_none().then_some(libc::STDOUT_FILENO);
+    // stdout is watched for its reader going away; a --file has no reader to lose, and
+    // stderr (with `-- CMD`) is CMD's too.
+    let watched = (plan.cli.file.is_none() && !plan.to_stderr).then_some(libc::STDOUT_FILENO);
     let writer = crate::sink::writer::ThreadWriter::spawn(writer, watched).context("cannot start the output thread")?;
     let output = Output::new(Box::new(writer));
     Ok(match plan.format {
         OutputFormat::Ndjson => Box::new(NdjsonSink::new(output)),
-        OutputFormat::Table => Box::new(TableSink::new(output, plan.color).hiding_netlink(plan.cli.family.is_none())),
+        OutputFormat::Table => Box::new(
+            TableSink::new(output, plan.color)
+                .hiding_netlink(plan.cli.family.is_none())
+                .showing_tree(plan.filter.kernel.is_active(bindtrace_common::filter_flags::TREE)),
+        ),
         // The summary still goes to stderr, as in the table.
         OutputFormat::None => {
             Box::new(crate::sink::NoEvents::new(TableSink::new(Output::new(Box::new(io::sink())), false)))
@@ -230,7 +274,20 @@ fn run_main() -> ExitCode {
         return check_main(cli.verbose);
     }
 
-    let plan = match plan(cli).and_then(|plan| crate::privileges::check_can_load().map(|()| plan)) {
+    // Before any thread exists, so that none of them takes CMD's signals (see `command`).
+    let child_mask = if cli.command_line.is_empty() {
+        None
+    } else {
+        match crate::command::block_relayed_signals() {
+            Ok(mask) => Some(mask),
+            Err(err) => {
+                print_error(&format!("{err:#}"));
+                return ExitCode::from(EXIT_FAILURE);
+            }
+        }
+    };
+
+    let plan = match plan(cli, child_mask).and_then(|plan| crate::privileges::check_can_load().map(|()| plan)) {
         Ok(plan) => plan,
         Err(err) => {
             print_error(&format!("{err:#}"));
@@ -246,7 +303,7 @@ fn run_main() -> ExitCode {
         }
     };
     match runtime.block_on(run(plan)) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(Finished { status }) => ExitCode::from(status),
         Err(err) => {
             print_error(&format!("{err:#}"));
             ExitCode::from(EXIT_FAILURE)
@@ -450,19 +507,110 @@ fn who_main(args: &WhoArgs) -> ExitCode {
     }
 }
 
-async fn run(mut plan: Plan) -> Result<()> {
+/// How a run ended: the exit status (CMD's with `-- CMD`).
+struct Finished {
+    status: u8,
+}
+
+impl Finished {
+    const OK: Self = Self { status: 0 };
+}
+
+/// The traced tree's root, followed by the kernel: CMD held before exec, or `--tree`'s
+/// process.
+struct StartedTree {
+    tree: crate::tree::FollowedTree,
+    /// `-- CMD`, and how it is shown.
+    held: Option<(crate::command::Held, String)>,
+    root_pid: u32,
+}
+
+/// Gives the tree its root in the kernel (for `-- CMD`, forked and held before exec).
+fn start_tree(root: TreeRoot, probe: &mut AttachedProbe) -> Result<StartedTree> {
+    let map = probe.take_followed()?;
+    match root {
+        TreeRoot::Command { argv, run_as, child_mask } => {
+            let shown = shown_command(&argv);
+            let held = crate::command::launch(&argv, run_as.clone(), child_mask)?;
+            let tree = crate::tree::FollowedTree::new(map, held.pid(), std::process::id())?;
+            crate::say::line(&format!(
+                "tracing the binds of `{shown}` (pid {}{}) and every process it starts",
+                held.pid(),
+                run_as.as_ref().map(|u| format!(", as {}", u.described)).unwrap_or_default()
+            ));
+            let root_pid = held.pid();
+            Ok(StartedTree { tree, held: Some((held, shown)), root_pid })
+        }
+        TreeRoot::Running { pid, parent } => {
+            let mut tree = crate::tree::FollowedTree::new(map, pid, parent)?;
+            let adopted = tree.adopt_descendants();
+            crate::say::line(&format!(
+                "tracing the binds of process {pid} and every process it starts ({adopted} it had already); ends when \
+                 it exits"
+            ));
+            Ok(StartedTree { tree, held: None, root_pid: pid })
+        }
+    }
+}
+
+/// Lets a held CMD run, its signals relayed. Err(Finished): it could not be run (said on
+/// stderr), and bindtrace exits as a shell would.
+fn release_command(
+    held: Option<(crate::command::Held, String)>,
+) -> Result<std::result::Result<Option<(crate::command::Running, String)>, Finished>> {
+    let Some((held, shown)) = held else { return Ok(Ok(None)) };
+    crate::say::flush();
+    match held.release() {
+        Ok(running) => {
+            running.relay_signals()?;
+            Ok(Ok(Some((running, shown))))
+        }
+        Err(failed) => {
+            print_error(&failed.why);
+            Ok(Err(Finished { status: failed.status }))
+        }
+    }
+}
+
+/// CMD as one line for the messages (each argument as the shell would need it quoted).
+fn shown_command(argv: &[std::ffi::OsString]) -> String {
+    argv.iter()
+        .map(|arg| {
+            let arg = arg.to_string_lossy();
+            if !arg.is_empty() && arg.chars().all(|c| c.is_ascii_alphanumeric() || "-_./=:,+@%".contains(c)) {
+                arg.into_owned()
+            } else {
+                format!("'{}'", arg.replace('\'', "'\\''"))
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+async fn run(mut plan: Plan) -> Result<Finished> {
     let metrics_listener = plan.metrics.take();
     let output_file = plan.file.take();
+    let tree_root = plan.tree.take();
     let Plan { cli, filter, .. } = &plan;
     let started = std::time::Instant::now();
     let loader = probe::PendingLoader::start();
     let kernel = layout::running_kernel_btf()?;
-    let config =
+    let mut config =
         ProbeConfig { layout: kernel.layout, filter: filter.kernel, wakeup_bytes: u64::from(cli.ring_buffer_size / 4) };
+    if tree_root.is_some() {
+        config.layout.fork_child_pid = crate::tree::fork_child_pid_offset()?;
+    }
     log::debug!("kernel layout from BTF in {:?}", started.elapsed());
-    let signals = StopSignals::install()?;
+    // With `-- CMD` the signals are CMD's (see `command`).
+    let signals =
+        if matches!(tree_root, Some(TreeRoot::Command { .. })) { StopSignals::none() } else { StopSignals::install()? };
     let mut probe = AttachedProbe::attach(loader, cli.attach, &kernel, &config, &filter.pids, cli.ring_buffer_size)?;
     log::debug!("probe loaded and attached after {:?}", started.elapsed());
+    // `--tree`: watched before it is followed, so that a root gone meanwhile is said now.
+    let tree_handle = match &tree_root {
+        Some(TreeRoot::Running { pid, .. }) => Some(crate::tree::ProcessHandle::open(*pid)?),
+        _ => None,
+    };
     let scope = if plan.followed.is_empty() {
         None
     } else {
@@ -473,10 +621,16 @@ async fn run(mut plan: Plan) -> Result<()> {
     let clock = WallClock::new();
     let mut time = Rfc3339::default();
     let start_ns = clock.now_wall_ns();
+    let other_filters = filter.kernel.flags & !bindtrace_common::filter_flags::TREE != 0 || !filter.pids.is_empty();
     crate::say::line(&format!(
-        "attached ({}); tracing binds{}. Ctrl-C to stop.",
+        "attached ({}); tracing binds{}.{}",
         probe.backend.name(),
-        if filter.kernel.flags != 0 || !filter.pids.is_empty() { " matching the filters" } else { "" }
+        if other_filters { " matching the filters" } else { "" },
+        match &tree_root {
+            Some(TreeRoot::Command { .. }) => " The trace ends when CMD exits.",
+            Some(TreeRoot::Running { .. }) => " Ctrl-C to stop early.",
+            None => " Ctrl-C to stop.",
+        }
     ));
     if !probe.coverage.every_bind_syscall {
         crate::say::line(&format!(
@@ -511,7 +665,19 @@ async fn run(mut plan: Plan) -> Result<()> {
             crate::say::line(&format!("warning: {limit}"));
         }
     }
+    let mut started_tree = tree_root.map(|root| start_tree(root, &mut probe)).transpose()?;
     sink.start().context("writing to the output")?;
+    // CMD last, once everything is in place: its first instruction runs traced.
+    let command = match release_command(started_tree.as_mut().and_then(|started| started.held.take()))? {
+        Ok(command) => command,
+        Err(finished) => return Ok(finished),
+    };
+    let root_exit: Option<std::pin::Pin<Box<dyn std::future::Future<Output = Result<()>>>>> =
+        match (&command, tree_handle) {
+            (Some((running, _)), _) => Some(Box::pin(running.handle().try_clone()?.exited())),
+            (_, Some(handle)) => Some(Box::pin(handle.exited())),
+            _ => None,
+        };
     let metrics = metrics_listener.map(|listener| {
         let metrics = crate::metrics::Metrics::new(probe.backend.name(), &cli.metrics_ports);
         if let Ok(addr) = listener.local_addr() {
@@ -531,10 +697,20 @@ async fn run(mut plan: Plan) -> Result<()> {
         metrics,
         file: cli.file.clone(),
         scope,
+        root_exit,
     };
-    let ending = pipeline.run(&mut probe, signals).await?;
+    let ending = pipeline.run(&mut probe, signals).await;
+    // CMD's status, whatever became of the trace: bindtrace exits with it.
+    let (tree_report, finished) = match started_tree {
+        Some(started) => {
+            let root_exited = ending.as_ref().ok() == Some(&Ending::RootExited);
+            end_tree(started, command, root_exited, &pipeline.summary).await?
+        }
+        None => (None, Finished::OK),
+    };
+    let ending = ending?;
     if ending == Ending::OutputClosed || cli.no_summary {
-        return Ok(());
+        return Ok(finished);
     }
     let end_ns = clock.now_wall_ns();
     let (counters, programs) = probe.counters().unwrap_or_default();
@@ -547,8 +723,39 @@ async fn run(mut plan: Plan) -> Result<()> {
     );
     report.diagnoses = pipeline.enricher.counters();
     report.programs = programs;
+    report.tree = tree_report;
     match pipeline.sink.report(&report) {
-        Err(err) if err.kind() == io::ErrorKind::BrokenPipe => Ok(()),
-        other => other.context("writing the summary"),
+        Err(err) if err.kind() == io::ErrorKind::BrokenPipe => Ok(finished),
+        other => other.context("writing the summary").map(|()| finished),
     }
+}
+
+/// The end of a traced tree: CMD's status (waited for when the trace ended first: a CI step
+/// must not go on while CMD runs), what still runs, and the tree's part of the report.
+async fn end_tree(
+    started: StartedTree,
+    command: Option<(crate::command::Running, String)>,
+    root_exited: bool,
+    summary: &Summary,
+) -> Result<(Option<crate::summary::TreeReport>, Finished)> {
+    let StartedTree { tree, root_pid, .. } = started;
+    let mut report = summary.tree_report();
+    report.root_pid = root_pid;
+    report.still_running = tree.still_running();
+    let mut finished = Finished::OK;
+    if let Some((running, shown)) = command {
+        if !root_exited {
+            crate::say::line(&format!("waiting for `{shown}` (pid {root_pid}) to exit"));
+            running.handle().try_clone()?.exited().await?;
+        }
+        let status = running.status()?;
+        let code = crate::command::exit_code(status);
+        report.ended = Some(crate::command::describe(status));
+        report.exit_status = Some(code);
+        report.command = Some(shown);
+        finished = Finished { status: code };
+    } else if root_exited {
+        report.ended = Some("exited".to_owned());
+    }
+    Ok((Some(report), finished))
 }

@@ -21,6 +21,10 @@ Examples:
   sudo bindtrace who 8080                  who holds port 8080 now (TCP and UDP)
   sudo bindtrace who 53/udp --netns 4242   ... in the network namespace of process 4242
   sudo bindtrace --check                   which hooks this kernel supports
+  sudo bindtrace -- make test              the binds of `make test` and everything it starts
+                                           (as the user who ran sudo; exits with its status)
+  sudo bindtrace -x -- ./run-tests.sh      only the failed binds of a test suite's processes
+  sudo bindtrace --tree 4242               process 4242 and everything it starts from now on
 
 Table OPTS: a=SO_REUSEADDR p=SO_REUSEPORT 6=IPV6_V6ONLY f=IP_FREEBIND t=IP_TRANSPARENT
             n=IP_BIND_ADDRESS_NO_PORT, - none, ? socket not read";
@@ -69,6 +73,25 @@ pub struct Cli {
         allow_negative_numbers = true
     )]
     pub ports: Vec<PortRange>,
+
+    /// Only binds by process PID and the processes it starts from now on (children,
+    /// grandchildren, daemons they leave behind), followed in the kernel; with the ones it
+    /// already has. Ends when PID exits.
+    #[arg(long = "tree", value_name = "PID", value_parser = parse_pid, conflicts_with = "command_line")]
+    pub tree: Option<u32>,
+
+    /// Run CMD (after `--`) as this user (a name or uid; its group and supplementary groups
+    /// from the user database) instead of the user who ran sudo (SUDO_UID, SUDO_GID).
+    #[arg(short = 'u', long, value_name = "USER", requires = "command_line")]
+    pub user: Option<String>,
+
+    /// Starts CMD and traces only its process tree, from its first instruction: the
+    /// command, everything it forks or execs, their threads, and daemons they leave. CMD runs
+    /// as the user who ran sudo (or --user), keeps the terminal, gets SIGINT, SIGTERM and
+    /// SIGHUP, and bindtrace exits with its status (128+N for signal N) after the summary.
+    /// The events go to stderr (or --file), never into CMD's output.
+    #[arg(last = true, value_name = "CMD", num_args = 1.., value_hint = clap::ValueHint::CommandWithArguments)]
+    pub command_line: Vec<std::ffi::OsString>,
 
     /// Only binds by processes with this name (the kernel keeps the first 15 bytes).
     #[arg(long, value_name = "NAME", value_parser = parse_comm)]
@@ -231,7 +254,11 @@ fn render_man_page(command: &clap::Command, dir: &std::path::Path, extra: &str) 
 const MAN_TRACER_SECTIONS: &str = r#".SH "EXIT STATUS"
 .TP
 0
-Tracing ended as asked: Ctrl-C, SIGTERM, \fB--duration\fR, \fB--count\fR, or the reader of the output went away.
+Tracing ended as asked: Ctrl-C, SIGTERM, \fB--duration\fR, \fB--count\fR, the end of \fB--tree\fR's process, or the
+reader of the output went away.
+.TP
+CMD's status
+With \fB-- CMD\fR: CMD's exit status, or 128+N when signal N ended it, after the summary (a prefix for a CI step).
 .TP
 1
 A failure after the input was accepted: the kernel refused every hook, or the output could not be written.
@@ -243,7 +270,9 @@ Bad input or missing privileges, said in one line on stderr before anything is a
 .SH SIGNALS
 .TP
 SIGINT, SIGTERM
-End the trace; the summary is printed (to stderr, or as the last NDJSON record).
+End the trace; the summary is printed (to stderr, or as the last NDJSON record). With \fB-- CMD\fR they are CMD's: a
+SIGINT, SIGTERM or SIGHUP sent to bindtrace is passed on to CMD, Ctrl-C reaches CMD from the terminal (bindtrace does
+not act on it), and the trace ends when CMD exits.
 .TP
 SIGHUP
 With \fB--file\fR: log rotation. The file is opened again by name (appended to if it exists) and the trace goes on there.

@@ -166,6 +166,9 @@ pub trait BindEventExt {
     /// `bind`, or `listen` for a failed listen() (its address is where the socket is bound).
     fn op_name(&self) -> &'static str;
     fn is_listen(&self) -> bool;
+    /// With `-- CMD` or `--tree`: the process that started the caller's, and its depth
+    /// below the tree's root.
+    fn tree_place(&self) -> Option<(u32, u16)>;
 }
 
 impl BindEventExt for BindEvent {
@@ -179,6 +182,10 @@ impl BindEventExt for BindEvent {
 
     fn is_listen(&self) -> bool {
         self.op == bindtrace_common::op::LISTEN
+    }
+
+    fn tree_place(&self) -> Option<(u32, u16)> {
+        self.has(sock_flags::IN_TREE).then_some((self.tree_parent, self.tree_depth))
     }
 
     /// The address asked for; `None` for other families or when it could not be read.

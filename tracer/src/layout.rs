@@ -285,6 +285,11 @@ impl KernelTypes {
             mnt_ns_inum: self.offset("mnt_namespace", "ns.inum").unwrap_or(NO_MEMBER),
             task_cred: self.offset("task_struct", "cred").unwrap_or(NO_MEMBER),
             cred_cap_effective: self.offset("cred", "cap_effective").unwrap_or(NO_MEMBER),
+            // The tree's exit program tells a process's end from a thread's by these.
+            task_signal: self.offset("task_struct", "signal").unwrap_or(NO_MEMBER),
+            signal_live: self.offset("signal_struct", "live").unwrap_or(NO_MEMBER),
+            fork_child_pid: 0,
+            _reserved: 0,
         };
         let mut layout = layout;
         let task_facts = [layout.nsproxy_mnt_ns, layout.mnt_ns_inum, layout.task_cred, layout.cred_cap_effective];

@@ -10,6 +10,7 @@
 pub mod app;
 pub mod cli;
 pub(crate) mod clock;
+pub(crate) mod command;
 pub mod decode;
 pub mod enrich;
 pub(crate) mod errno;
@@ -27,4 +28,5 @@ pub(crate) mod probe;
 pub(crate) mod say;
 pub mod sink;
 pub(crate) mod summary;
+pub(crate) mod tree;
 pub(crate) mod who;

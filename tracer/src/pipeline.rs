@@ -31,6 +31,8 @@ pub enum Ending {
     Count,
     /// The reader of our output went away (`| head`): end quietly.
     OutputClosed,
+    /// The followed tree's root exited (`-- CMD`, `--tree PID`).
+    RootExited,
 }
 
 #[derive(Clone, Copy, Debug, Default)]
@@ -69,24 +71,55 @@ pub struct Pipeline<'a> {
     /// `--container`/`--cgroup` followed across restarts: what the kernel passed while a
     /// selection was widened to its parent is checked here (see `follow`).
     pub scope: Option<std::sync::Arc<crate::follow::ScopeGate>>,
+    /// Resolves when the followed tree's root exits (`-- CMD`, `--tree PID`).
+    pub root_exit: Option<std::pin::Pin<Box<dyn std::future::Future<Output = Result<()>>>>>,
 }
 
 /// SIGINT and SIGTERM handlers. Installed before the probe attaches, so that a signal sent
-/// as soon as bindtrace says "attached" still ends it cleanly.
+/// as soon as bindtrace says "attached" still ends it cleanly. None with `-- CMD`: the
+/// signals are CMD's then (see `command`), and its exit ends the trace.
 pub struct StopSignals {
-    interrupt: Signal,
-    terminate: Signal,
+    interrupt: Option<Signal>,
+    terminate: Option<Signal>,
     /// The terminal closed (an ssh drop): end as cleanly as on SIGTERM, losing nothing.
-    hangup: Signal,
+    hangup: Option<Signal>,
 }
 
 impl StopSignals {
     pub fn install() -> Result<Self> {
         Ok(Self {
-            interrupt: signal(SignalKind::interrupt()).context("installing the SIGINT handler")?,
-            terminate: signal(SignalKind::terminate()).context("installing the SIGTERM handler")?,
-            hangup: signal(SignalKind::hangup()).context("installing the SIGHUP handler")?,
+            interrupt: Some(signal(SignalKind::interrupt()).context("installing the SIGINT handler")?),
+            terminate: Some(signal(SignalKind::terminate()).context("installing the SIGTERM handler")?),
+            hangup: Some(signal(SignalKind::hangup()).context("installing the SIGHUP handler")?),
         })
+    }
+
+    /// No handlers: the signals are someone else's (`-- CMD`).
+    pub fn none() -> Self {
+        Self { interrupt: None, terminate: None, hangup: None }
+    }
+}
+
+/// The next delivery of a signal that has a handler; never for one that has none.
+async fn received(signal: &mut Option<Signal>) {
+    match signal {
+        Some(signal) => {
+            signal.recv().await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
+/// The root's exit, if a tree is followed; never otherwise. A failure to watch it ends the
+/// trace too (said on stderr): waiting would never end.
+async fn root_exited(root_exit: &mut Option<std::pin::Pin<Box<dyn std::future::Future<Output = Result<()>>>>>) {
+    match root_exit {
+        Some(exit) => {
+            if let Err(err) = exit.as_mut().await {
+                crate::say::line(&format!("warning: {err:#}"));
+            }
+        }
+        None => std::future::pending().await,
     }
 }
 
@@ -136,6 +169,7 @@ impl Pipeline<'_> {
                         continue;
                     }
                     self.summary.record(&event);
+                    self.summary.record_tree_failure(&event);
                     let wall_ns = self.clock.wall_ns(event.timestamp_ns);
                     self.enricher.push(event, wall_ns, arrived);
                     if self.limits.count.is_some_and(|limit| self.summary.events() >= limit) {
@@ -268,9 +302,9 @@ impl Pipeline<'_> {
                         break;
                     }
                 }
-                _ = signals.interrupt.recv() => break,
-                _ = signals.terminate.recv() => break,
-                _ = signals.hangup.recv() => break,
+                _ = received(&mut signals.interrupt) => break,
+                _ = received(&mut signals.terminate) => break,
+                _ = received(&mut signals.hangup) => break,
             }
             self.emit_ready(false)?;
         }
@@ -293,14 +327,16 @@ impl Pipeline<'_> {
         let mut results = self.enricher.take_results();
         let mut polling = Polling { last_records: Instant::now(), recheck: None };
         let mut reported_enrich = self.enricher.counters();
+        let mut root_exit = self.root_exit.take();
 
         let ending = loop {
             let enrich_wake = self.enrich_wake();
             let recheck = polling.recheck;
             tokio::select! {
-                _ = signals.interrupt.recv() => break Ending::Signal,
-                _ = signals.terminate.recv() => break Ending::Signal,
-                _ = signals.hangup.recv() => {
+                _ = received(&mut signals.interrupt) => break Ending::Signal,
+                _ = received(&mut signals.terminate) => break Ending::Signal,
+                _ = root_exited(&mut root_exit) => break Ending::RootExited,
+                _ = received(&mut signals.hangup) => {
                     // With --file, SIGHUP is log rotation: the file is opened again by name.
                     let Some(path) = self.file.clone() else { break Ending::Signal };
                     self.reopen(&path).with_context(|| format!("reopening {} on SIGHUP", path.display()))?;
@@ -381,7 +417,7 @@ impl Pipeline<'_> {
         // Records already in the ring when a signal or the deadline arrived are still printed,
         // so every bind that completed before the stop is in the output.
         let mut finished = Ok(());
-        if matches!(ending, Ending::Signal | Ending::Duration) {
+        if matches!(ending, Ending::Signal | Ending::Duration | Ending::RootExited) {
             finished = self.pump(ring.get_mut()).map(|_| ());
         }
         let finished = match finished {
@@ -480,6 +516,13 @@ fn report_shed_diagnoses(before: &EnrichCounters, now: &EnrichCounters) {
 
 /// One stderr line whenever events were lost since the last tick: never silently.
 fn report_new_drops(before: &KernelCounters, now: &KernelCounters) {
+    let unfollowed = now.tree_not_followed.saturating_sub(before.tree_not_followed);
+    if unfollowed > 0 {
+        crate::say::line(&format!(
+            "{unfollowed} new processes or threads of the tree were not followed (the kernel's map of the tree is \
+             full): their binds are missing"
+        ));
+    }
     let lost = now.dropped().saturating_sub(before.dropped());
     if lost == 0 {
         return;

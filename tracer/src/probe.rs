@@ -10,7 +10,7 @@ use aya::{
     Btf, Ebpf, EbpfLoader,
 };
 use aya_log::EbpfLogger;
-use bindtrace_common::{attach_state, names, stat, Backend, CgroupSlot, ProbeConfig};
+use bindtrace_common::{attach_state, filter_flags, names, stat, Backend, CgroupSlot, ProbeConfig, TreePlace};
 
 use std::os::fd::{AsFd as _, AsRawFd as _};
 
@@ -115,6 +115,21 @@ fn with_tracefs<T: Send>(attach: impl FnOnce() -> Result<T> + Send) -> Result<T>
             })
             .join()
             .map_err(|_| anyhow!("the thread attaching the tracepoints panicked"))?
+    })
+}
+
+/// A file of tracefs (`events/sched/sched_process_fork/format`), mounted privately for the
+/// read when the host has not mounted it (see [`with_tracefs`]).
+pub(crate) fn read_tracefs(relative: &str) -> Result<String> {
+    with_tracefs(|| {
+        let mut last = None;
+        for root in [TRACEFS, "/sys/kernel/debug/tracing"] {
+            match std::fs::read_to_string(Path::new(root).join(relative)) {
+                Ok(text) => return Ok(text),
+                Err(err) => last = Some(format!("{root}/{relative}: {err}")),
+            }
+        }
+        bail!("cannot read {}", last.unwrap_or_default())
     })
 }
 
@@ -229,6 +244,21 @@ fn attach_tracepoint(ebpf: &mut Ebpf) -> Result<Coverage> {
             inet6_bind: Ok(()),
             skipped_returns: Ok(()),
         })
+    })
+}
+
+/// The process tree's programs on `sched:sched_process_fork` and `sched_process_exit`: exit
+/// first, so that nothing the fork program adds outlives its process.
+fn attach_tree_programs(ebpf: &mut Ebpf) -> Result<()> {
+    with_tracefs(|| {
+        for (name, tracepoint) in
+            [(names::PROG_TREE_EXIT, "sched_process_exit"), (names::PROG_TREE_FORK, "sched_process_fork")]
+        {
+            let program: &mut TracePoint = program(ebpf, name)?;
+            program.load().with_context(|| format!("loading the {tracepoint} program failed"))?;
+            program.attach("sched", tracepoint).with_context(|| format!("attaching to sched:{tracepoint} failed"))?;
+        }
+        Ok(())
     })
 }
 
@@ -668,6 +698,11 @@ impl AttachedProbe {
         let started = std::time::Instant::now();
         let mut loader = loader.finish()?;
         let mut btf = BtfSource::new(kernel);
+        let following_tree = config.filter.is_active(filter_flags::TREE);
+        if !following_tree {
+            // Preallocated: its 65,536 entries cost memory only a traced tree uses.
+            loader.map_max_entries(names::FOLLOWED, 1);
+        }
         let mut ebpf = loader
             .override_global(names::CONFIG, config, true)
             .map_max_entries(names::EVENTS, ring_bytes)
@@ -728,6 +763,11 @@ impl AttachedProbe {
             }
             bail!("--attach {} (bindtrace --check tells what this kernel supports)", refusals.join("; "));
         };
+        if following_tree {
+            // After the bind hooks, before the tree's root is added (see `tree`): nothing is
+            // followed until then, so the order loses nothing.
+            attach_tree_programs(&mut ebpf).context("following the process tree (sched: tracepoints)")?;
+        }
         log::debug!("programs loaded and attached in {:?}", started.elapsed());
         mark_attached(&mut ebpf, backend != Backend::Tracepoint && coverage.every_bind_syscall)?;
         log_verifier_work(&ebpf);
@@ -752,6 +792,15 @@ impl AttachedProbe {
             .take_map(names::SELECTED_CGROUPS)
             .ok_or_else(|| anyhow!("probe has no {} map (already taken?)", names::SELECTED_CGROUPS))?;
         Ok(Array::try_from(map)?)
+    }
+
+    /// The followed process tree's map, for the tracer's side of it (see `tree`).
+    pub(crate) fn take_followed(&mut self) -> Result<HashMap<MapData, u32, TreePlace>> {
+        let map = self
+            .ebpf
+            .take_map(names::FOLLOWED)
+            .ok_or_else(|| anyhow!("probe has no {} map (already taken?)", names::FOLLOWED))?;
+        Ok(HashMap::try_from(map)?)
     }
 
     pub fn take_logger(&mut self) -> Option<ProbeLogger> {
@@ -843,6 +892,12 @@ mod tests {
                 "{name}: by tid, evicting"
             );
         }
+        let followed = map(names::FOLLOWED);
+        assert_eq!(
+            (followed.map_type(), followed.key_size(), followed.value_size()),
+            (BPF_MAP_TYPE_HASH, 4, std::mem::size_of::<TreePlace>() as u32),
+            "tgid -> TreePlace, never evicted"
+        );
         let state = map(names::ATTACH_STATE);
         assert_eq!((state.map_type(), state.max_entries()), (BPF_MAP_TYPE_ARRAY, attach_state::COUNT));
         let mut programs = vec![
@@ -852,6 +907,8 @@ mod tests {
             names::PROG_KRETPROBE,
             names::PROG_BACKSTOP_BIND,
             names::PROG_BACKSTOP_LISTEN,
+            names::PROG_TREE_FORK,
+            names::PROG_TREE_EXIT,
         ];
         programs.extend(names::PROGS_FEXIT.iter().flat_map(|(entry, exit, _)| [*entry, *exit]));
         for program in programs {

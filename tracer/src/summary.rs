@@ -44,6 +44,9 @@ pub struct KernelCounters {
     /// Not lost: bind(2) and listen(2) calls whose kretprobe never ran, reported from the
     /// syscall's exit tracepoint instead (kprobe backend).
     pub returns_backstopped: u64,
+    /// Processes (and threads) of the followed tree the kernel could not add to its map (it
+    /// was full): their binds were not traced.
+    pub tree_not_followed: u64,
 }
 
 impl KernelCounters {
@@ -61,6 +64,7 @@ impl KernelCounters {
             dropped_recursion: 0,
             dropped_return_missed: sums[stat::RETURN_MISSED as usize],
             returns_backstopped: sums[stat::RETURN_BACKSTOPPED as usize],
+            tree_not_followed: sums[stat::TREE_FULL as usize],
         }
     }
 
@@ -80,7 +84,50 @@ pub struct Summary {
     by_result: HashMap<i32, u64>,
     by_port: HashMap<(u16, &'static str), u64>,
     by_process: HashMap<u32, ([u8; COMM_LEN], u64)>,
+    /// The followed tree's processes that failed to bind (`-- CMD`, `--tree`).
+    /// By pid: the order of its first failure, and the process.
+    tree_failures: HashMap<u32, (usize, FailedProcess)>,
+    tree_failures_unlisted: u64,
 }
+
+/// A process of the followed tree that failed to bind: where it sits, and its first failure.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct FailedProcess {
+    pub pid: u32,
+    pub comm: String,
+    /// The process that started it, and its depth below the tree's root (0: the root).
+    pub ppid: u32,
+    pub depth: u16,
+    pub failures: u64,
+    /// The first failure: its errno's name and the address asked for.
+    pub first_errno: String,
+    pub first_address: String,
+}
+
+/// The followed process tree at the end of the run (`-- CMD`, `--tree PID`).
+#[derive(Clone, Debug, Default, Serialize, PartialEq, Eq)]
+pub struct TreeReport {
+    pub root_pid: u32,
+    /// CMD as given (`-- CMD`); absent for `--tree`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub command: Option<String>,
+    /// CMD's exit status (128+N for signal N), as bindtrace exits with it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub exit_status: Option<u8>,
+    /// How the root ended, in words ("exited with status 3", "was killed by SIGTERM"); absent
+    /// when the trace ended first.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ended: Option<String>,
+    /// Processes of the tree still running when the trace ended (daemons it left).
+    pub still_running: Vec<u32>,
+    /// Processes of the tree that failed to bind, in the order of their first failure.
+    pub failed_processes: Vec<FailedProcess>,
+    /// Failed processes past the first [`TREE_FAILURES_LISTED`], counted only.
+    pub failed_processes_unlisted: u64,
+}
+
+/// How many failed processes of the tree the report names.
+pub const TREE_FAILURES_LISTED: usize = 64;
 
 #[derive(Debug, Serialize, PartialEq, Eq)]
 pub struct ResultCount {
@@ -135,6 +182,9 @@ pub struct Report {
     pub diagnoses: EnrichCounters,
     /// What each attached program cost, from the kernel's own counters.
     pub programs: Vec<ProgramStats>,
+    /// The followed process tree (`-- CMD`, `--tree PID`); absent otherwise.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tree: Option<TreeReport>,
 }
 
 /// One attached program, from `/proc/self/fdinfo` of its fd: what the kernel counts for it.
@@ -198,6 +248,51 @@ impl Summary {
     /// of the busiest since the last pruning.
     fn forget_small_processes(&mut self) {
         forget_small(&mut self.by_process, |(_, count)| *count, PROCESSES_KEPT);
+    }
+
+    /// A failed bind of the followed tree (the event has `IN_TREE`): its process is named in
+    /// the report.
+    pub fn record_tree_failure(&mut self, bind: &crate::decode::Bind) {
+        if bind.ret >= 0 || !bind.has(bindtrace_common::sock_flags::IN_TREE) {
+            return;
+        }
+        if let Some((_, known)) = self.tree_failures.get_mut(&bind.tgid) {
+            known.failures += 1;
+            return;
+        }
+        if self.tree_failures.len() >= TREE_FAILURES_LISTED {
+            self.tree_failures_unlisted += 1;
+            return;
+        }
+        let end = bind.comm.iter().position(|&b| b == 0).unwrap_or(COMM_LEN);
+        let order = self.tree_failures.len();
+        self.tree_failures.insert(
+            bind.tgid,
+            (
+                order,
+                FailedProcess {
+                    pid: bind.tgid,
+                    comm: String::from_utf8_lossy(&bind.comm[..end]).into_owned(),
+                    ppid: bind.tree_parent,
+                    depth: bind.tree_depth,
+                    failures: 1,
+                    first_errno: result_label(bind.ret),
+                    first_address: bind.endpoint(),
+                },
+            ),
+        );
+    }
+
+    /// The tree's part of the report: its failed processes, first failure first.
+    pub fn tree_report(&self) -> TreeReport {
+        let mut failed: Vec<&(usize, FailedProcess)> = self.tree_failures.values().collect();
+        failed.sort_by_key(|(order, _)| *order);
+        let failed = failed.into_iter().map(|(_, process)| process.clone()).collect();
+        TreeReport {
+            failed_processes: failed,
+            failed_processes_unlisted: self.tree_failures_unlisted,
+            ..Default::default()
+        }
     }
 
     pub fn record_reopen(&mut self) {
@@ -277,6 +372,7 @@ impl Summary {
             kernel,
             diagnoses: EnrichCounters::default(),
             programs: Vec::new(),
+            tree: None,
         }
     }
 }

@@ -33,6 +33,12 @@ struct EventRecord<'a> {
     op: &'static str,
     pid: u32,
     tid: u32,
+    /// With `-- CMD` or `--tree`: the process that started this one (kept when it was
+    /// re-parented) and its depth below the traced root (0: the root).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ppid: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    depth: Option<u16>,
     comm: Cow<'a, str>,
     uid: u32,
     gid: u32,
@@ -242,6 +248,8 @@ impl Sink for NdjsonSink {
             op: event.op_name(),
             pid: event.tgid,
             tid: event.tid,
+            ppid: event.tree_place().map(|(ppid, _)| ppid),
+            depth: event.tree_place().map(|(_, depth)| depth),
             comm: String::from_utf8_lossy(event.comm_bytes()),
             uid: event.uid,
             gid: event.gid,

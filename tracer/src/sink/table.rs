@@ -32,17 +32,28 @@ const COLUMNS: [(&str, usize, Align, Cut); 7] = [
     ("ADDRESS", 40, Align::Left, Cut::Middle),
 ];
 
-/// Appends the cells of one row (the titles, or an event's values), each followed by a space.
-fn push_cells(line: &mut String, values: [&str; 7]) {
-    for ((_, columns, align, cut), value) in COLUMNS.iter().zip(values) {
+/// Appends the cells of one row (the titles, or an event's values), each followed by a space;
+/// `ppid`, when following a process tree, after PID.
+fn push_cells(line: &mut String, values: [&str; 7], ppid: Option<&str>) {
+    for (index, ((_, columns, align, cut), value)) in COLUMNS.iter().zip(values).enumerate() {
         push_cell(line, value, *columns, *align, *cut);
         line.push(' ');
+        if let (1, Some(ppid)) = (index, ppid) {
+            push_cell(line, ppid, PPID_WIDTH, Align::Right, Cut::End);
+            line.push(' ');
+        }
     }
 }
+
+const PPID_WIDTH: usize = 7;
+/// COMM is indented a column per level of the tree, up to this many.
+const TREE_INDENT_MAX: u16 = 8;
 
 pub struct TableSink {
     output: Output,
     color: bool,
+    /// With `-- CMD` or `--tree`: a PPID column, and COMM indented by depth.
+    tree: bool,
     header_written: bool,
     line: String,
     /// Netlink binds are left out of the live table (`ss`, `ip` and language runtimes make
@@ -56,11 +67,18 @@ impl TableSink {
         Self {
             output,
             color,
+            tree: false,
             header_written: false,
             line: String::with_capacity(160),
             hide_netlink: false,
             netlink_hidden: 0,
         }
+    }
+
+    /// Shows each event's place in the followed process tree.
+    pub fn showing_tree(mut self, tree: bool) -> Self {
+        self.tree = tree;
+        self
     }
 
     /// Leaves netlink binds out of the table (counted in the report).
@@ -80,12 +98,64 @@ impl TableSink {
     pub fn header(&mut self) -> io::Result<()> {
         if !self.header_written {
             self.header_written = true;
-            push_cells(&mut self.line, COLUMNS.map(|(title, ..)| title));
+            push_cells(&mut self.line, COLUMNS.map(|(title, ..)| title), self.tree.then_some("PPID"));
             self.line.push_str("RESULT");
             self.push_line()?;
             self.output.flush()?;
         }
         Ok(())
+    }
+}
+
+/// The followed tree's lines of the report: how its root ended, which of its processes failed
+/// to bind (where they sit, their first failure), which still run.
+fn push_tree_report(text: &mut String, tree: &crate::summary::TreeReport) {
+    let mut root = match &tree.command {
+        Some(command) => {
+            let mut shown = String::new();
+            push_escaped(&mut shown, command.as_bytes());
+            format!("`{shown}` (pid {})", tree.root_pid)
+        }
+        None => format!("pid {}", tree.root_pid),
+    };
+    if let Some(ended) = &tree.ended {
+        let _ = write!(root, " {ended}");
+    }
+    let failed = tree.failed_processes.len() as u64 + tree.failed_processes_unlisted;
+    let _ = writeln!(
+        text,
+        "  tree:       {root}; {}",
+        match failed {
+            0 => "no process of it failed to bind".to_owned(),
+            1 => "1 process of it failed to bind:".to_owned(),
+            n => format!("{n} processes of it failed to bind:"),
+        }
+    );
+    for process in &tree.failed_processes {
+        let mut comm = String::new();
+        push_escaped(&mut comm, process.comm.as_bytes());
+        let mut address = String::new();
+        push_escaped(&mut address, process.first_address.as_bytes());
+        let _ = writeln!(
+            text,
+            "              pid {} ({comm}, depth {}, started by {}): {} {} on {address}",
+            process.pid,
+            process.depth,
+            process.ppid,
+            if process.failures == 1 {
+                "failed with".to_owned()
+            } else {
+                format!("{} failures, first", process.failures)
+            },
+            process.first_errno,
+        );
+    }
+    if tree.failed_processes_unlisted > 0 {
+        let _ = writeln!(text, "              ... and {} more processes (not listed)", tree.failed_processes_unlisted);
+    }
+    if !tree.still_running.is_empty() {
+        let pids: Vec<String> = tree.still_running.iter().map(u32::to_string).collect();
+        let _ = writeln!(text, "  tree:       still running (not traced further): pid {}", pids.join(", "));
     }
 }
 
@@ -157,6 +227,10 @@ impl Sink for TableSink {
         }
         self.header()?;
         let mut comm = String::with_capacity(16);
+        let place = event.tree_place();
+        if let Some((_, depth)) = place {
+            comm.extend(std::iter::repeat_n(' ', usize::from(depth.min(TREE_INDENT_MAX))));
+        }
         push_escaped(&mut comm, event.comm_bytes());
         // Escaped like comm: an AF_UNIX path (later) is a name a process chose.
         let mut address = String::with_capacity(48);
@@ -182,6 +256,7 @@ impl Sink for TableSink {
                 &options(event),
                 &address,
             ],
+            self.tree.then(|| place.map_or_else(|| "?".to_owned(), |(ppid, _)| ppid.to_string())).as_deref(),
         );
         let result = result_text(event.ret);
         if event.ret < 0 && self.color {
@@ -268,6 +343,17 @@ impl Sink for TableSink {
                 })
                 .collect();
             let _ = writeln!(text, "  processes:  {}", processes.join(", "));
+        }
+        if let Some(tree) = &report.tree {
+            push_tree_report(&mut text, tree);
+            if report.kernel.tree_not_followed > 0 {
+                let _ = writeln!(
+                    text,
+                    "  tree:       {} processes or threads of it were not followed (the kernel's map of the tree was \
+                     full): their binds are missing",
+                    report.kernel.tree_not_followed
+                );
+            }
         }
         let k = &report.kernel;
         if report.dropped > 0 || report.decode_errors > 0 || k.address_unreadable > 0 {
