@@ -418,6 +418,19 @@ for backend in $BACKENDS; do
   kill -INT $tracer 2>/dev/null
   wait $tracer
   echo "@@SCOPE exit=$?"; cat /tmp/scope.txt /tmp/scope.ndjson
+  # -- CMD: the tree's binds (a child, a grandchild, a daemon left behind, an exec chain),
+  # and its exit status (3); a bind outside the tree meanwhile is not reported.
+  rm -f /tmp/tree.ndjson /tmp/daemon-done
+  (sleep 0.3; /bind-scenarios --bind 41301) &
+  /bindtrace --attach "$backend" --no-diagnosis -o ndjson --file /tmp/tree.ndjson -- /bin/sh -c '
+    sleep 0.6
+    /bind-scenarios --bind 41302
+    sh -c "/bind-scenarios --bind 41303"
+    sh -c "(sleep 0.2; /bind-scenarios --bind 41304; echo > /tmp/daemon-done) &"
+    sh -c "exec sh -c \"exec /bind-scenarios --bind 41305\""
+    while [ ! -e /tmp/daemon-done ]; do sleep 0.1; done
+    exit 3' 2>/tmp/tree.txt
+  echo "@@TREE exit=$?"; cat /tmp/tree.txt /tmp/tree.ndjson
   # Per-thread state, counted here (the events are too many for the console): two threads
   # whose tids once shared an entry slot bind at the same time (every bind reported once);
   # many AF_UNIX binds sleep at once in one directory's lock (each reported, or counted lost
@@ -527,6 +540,10 @@ struct GuestRun {
     scope_exit: String,
     scope: Vec<Value>,
     scope_stderr: Vec<String>,
+    /// The `-- CMD` run: its exit, and its NDJSON records and stderr lines.
+    tree_exit: String,
+    tree: Vec<Value>,
+    tree_stderr: Vec<String>,
     /// `bind-scenarios --count` of the colliding threads' run, when it ran.
     collision: Option<Value>,
     /// The same for the sleeping binds' run.
@@ -598,10 +615,18 @@ fn parse_console(console: &str) -> Vec<GuestRun> {
                 scope_exit: String::new(),
                 scope: Vec::new(),
                 scope_stderr: Vec::new(),
+                tree_exit: String::new(),
+                tree: Vec::new(),
+                tree_stderr: Vec::new(),
                 collision: None,
                 sleepers: None,
             });
             section = "";
+        } else if let Some(exit) = line.strip_prefix("@@TREE ") {
+            if let Some(current) = runs.last_mut() {
+                current.tree_exit = exit.trim().to_owned();
+            }
+            section = "tree";
         } else if let Some(exit) = line.strip_prefix("@@SCOPE ") {
             if let Some(current) = runs.last_mut() {
                 current.scope_exit = exit.trim().to_owned();
@@ -630,6 +655,10 @@ fn parse_console(console: &str) -> Vec<GuestRun> {
                 "scope" => match serde_json::from_str::<Value>(line) {
                     Ok(record) => current.scope.push(record),
                     Err(_) => current.scope_stderr.push(line.to_owned()),
+                },
+                "tree" => match serde_json::from_str::<Value>(line) {
+                    Ok(record) => current.tree.push(record),
+                    Err(_) => current.tree_stderr.push(line.to_owned()),
                 },
                 _ => {}
             }
@@ -876,6 +905,10 @@ fn report(label: &str, runs: &[GuestRun], backends: &[&str], nc_check: bool, cou
                     tally.passed += 1;
                 }
                 if nc_check {
+                    match tree_problem(run) {
+                        Some(problem) => problems.push(format!("process_tree: {problem}")),
+                        None => tally.passed += 1,
+                    }
                     match scope_problem(run) {
                         Some(problem) => problems.push(format!("cgroup_scope: {problem}")),
                         None => tally.passed += 1,
@@ -932,6 +965,35 @@ fn scope_problem(run: &GuestRun) -> Option<String> {
         return Some(format!("the listener outside the cgroup was reported: {binds:?}"));
     }
     None
+}
+
+/// The `-- CMD` run: bindtrace exits with CMD's status (3); each bind of the tree is reported
+/// with its depth (the daemon's after its parent exited), the one outside it is not (the
+/// kernel dropped it), and the summary names the command's end.
+fn tree_problem(run: &GuestRun) -> Option<String> {
+    if run.tree_exit != "exit=3" {
+        return Some(format!("bindtrace -- CMD ended with {} (CMD exits 3): {:?}", run.tree_exit, run.tree_stderr));
+    }
+    let binds: Vec<&Value> = run.tree.iter().filter(|r| r["type"] == "bind").collect();
+    // (port, depths it may have): sh -c runs its last command by exec on some shells.
+    let expected: [(u64, &[u64]); 4] = [(41302, &[1]), (41303, &[1, 2]), (41304, &[2, 3]), (41305, &[1])];
+    for (port, depths) in expected {
+        let Some(bind) = binds.iter().find(|b| b["port"] == port) else {
+            return Some(format!("no event for the tree's bind of port {port}: {binds:?}"));
+        };
+        if bind["ok"] != true || !bind["depth"].as_u64().is_some_and(|d| depths.contains(&d)) || !bind["ppid"].is_u64()
+        {
+            return Some(format!("the bind of port {port} should be ok at depth {depths:?} with its ppid: {bind}"));
+        }
+    }
+    if binds.iter().any(|b| b["port"] == 41301) {
+        return Some(format!("a bind outside the tree was reported: {binds:?}"));
+    }
+    let summary = run.tree.iter().find(|r| r["type"] == "summary");
+    match summary.map(|s| &s["tree"]) {
+        Some(tree) if tree["exit_status"] == 3 => None,
+        other => Some(format!("the summary does not give CMD's exit status 3: {other:?}")),
+    }
 }
 
 /// What `bind-scenarios --count` printed: the count, the binds each thread made, and the
@@ -1302,6 +1364,9 @@ fn run_on_host(bindtrace: &Path, scenarios: &Path, tally: &mut Tally) -> Result<
         scope_exit: String::new(),
         scope: Vec::new(),
         scope_stderr: Vec::new(),
+        tree_exit: String::new(),
+        tree: Vec::new(),
+        tree_stderr: Vec::new(),
         collision: serde_json::from_str(counted.trim()).ok(),
         sleepers: serde_json::from_str(sleepers.trim()).ok(),
     }];
@@ -1510,6 +1575,9 @@ mod tests {
                 scope_exit: String::new(),
                 scope: Vec::new(),
                 scope_stderr: Vec::new(),
+                tree_exit: String::new(),
+                tree: Vec::new(),
+                tree_stderr: Vec::new(),
                 collision: None,
                 sleepers: None,
             }
@@ -1565,6 +1633,22 @@ mod tests {
         assert_eq!(scope_problem(&run), None);
         assert!(scope_problem(&scoped(&format!("{inside}{outside}"))).is_some_and(|p| p.contains("outside")));
         assert!(scope_problem(&scoped("")).is_some_and(|p| p.contains("inside")));
+        let tree = |exit: &str, records: &str| {
+            let console =
+                format!("@@BACKEND kprobe exit=0\n@@TREE exit={exit}\nbindtrace: attached (kprobe)\n{records}@@END\n");
+            parse_console(&console).remove(0)
+        };
+        let bind = |port: u32, depth: u32| {
+            format!("{{\"type\":\"bind\",\"port\":{port},\"ok\":true,\"ppid\":7,\"depth\":{depth}}}\n")
+        };
+        let all = [bind(41302, 1), bind(41303, 2), bind(41304, 3), bind(41305, 1)].concat();
+        let summary = "{\"type\":\"summary\",\"tree\":{\"exit_status\":3}}\n";
+        assert_eq!(tree_problem(&tree("3", &format!("{all}{summary}"))), None);
+        assert!(tree_problem(&tree("0", &format!("{all}{summary}"))).is_some_and(|p| p.contains("exits 3")));
+        assert!(tree_problem(&tree("3", &format!("{all}{}{summary}", bind(41301, 1))))
+            .is_some_and(|p| p.contains("outside")));
+        assert!(tree_problem(&tree("3", &format!("{}{summary}", bind(41302, 1)))).is_some_and(|p| p.contains("41303")));
+        assert!(tree_problem(&tree("3", &all)).is_some_and(|p| p.contains("summary")));
         assert_eq!(version_key("linux-image-6.12.117+deb12"), vec![6, 12, 117, 12]);
         assert!(version_key("6.12.117") > version_key("6.12.99"));
     }

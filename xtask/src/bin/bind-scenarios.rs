@@ -463,6 +463,17 @@ fn main() {
             sleepers(SLEEPER_THREADS, SLEEPER_BINDS);
             return;
         }
+        Some("--bind") => {
+            // One TCP bind of 127.0.0.1:PORT, its errno as the exit status: the process tree's
+            // scenario runs it in children, grandchildren, a daemon and an exec chain.
+            let Some(port) = args.get(2).and_then(|p| p.parse::<u16>().ok()) else {
+                eprintln!("usage: bind-scenarios --bind PORT");
+                std::process::exit(2);
+            };
+            // SAFETY: a plain socket; bind_raw is given its true family.
+            let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
+            std::process::exit(bind_raw(fd, libc::AF_INET, "127.0.0.1", port));
+        }
         Some("--count") => {
             let (Some(plan), Some(events)) = (args.get(2), args.get(3)) else {
                 eprintln!("usage: bind-scenarios --count PLAN.json EVENTS.ndjson");
