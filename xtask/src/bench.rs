@@ -36,9 +36,9 @@ pub struct BenchArgs {
     /// storms: output delay, memory and diagnosis coverage), `collateral` (what staying
     /// attached costs processes that never bind) and `hosts` (a port with 18,000
     /// connections, hosts with 100k/500k/1M open fds: time to each diagnosis, peak RSS,
-    /// longest line); `soak` (not by default: `--soak-seconds` of churn, RSS sampled every
+    /// longest line); `tree` (what following a process tree costs a fork storm); `soak` (not by default: `--soak-seconds` of churn, RSS sampled every
     /// 10 s).
-    #[arg(long, value_delimiter = ',', default_value = "rate,storms,collateral,hosts")]
+    #[arg(long, value_delimiter = ',', default_value = "rate,storms,collateral,hosts,tree")]
     parts: Vec<String>,
     /// How long the soak part runs.
     #[arg(long, default_value_t = 600)]
@@ -270,8 +270,8 @@ fn available(program: &str) -> bool {
 
 pub fn bench(args: &BenchArgs, bindtrace: &Path, storm_bin: &Path, release_dir: &Path) -> Result<()> {
     for part in &args.parts {
-        if !["rate", "storms", "collateral", "hosts", "soak"].contains(&part.as_str()) {
-            bail!("unknown bench part {part}: use rate, storms, collateral, hosts, soak");
+        if !["rate", "storms", "collateral", "hosts", "tree", "soak"].contains(&part.as_str()) {
+            bail!("unknown bench part {part}: use rate, storms, collateral, hosts, tree, soak");
         }
     }
     let run_rate = args.parts.iter().any(|p| p == "rate");
@@ -403,6 +403,12 @@ pub fn bench(args: &BenchArgs, bindtrace: &Path, storm_bin: &Path, release_dir: 
         markdown.push_str(&table);
         collateral = json;
     }
+    let mut tree = Value::Null;
+    if args.parts.iter().any(|p| p == "tree") {
+        let (table, json) = crate::tree_bench::tree(bindtrace, &release_dir.join("syscall-loop"), args.rounds)?;
+        markdown.push_str(&table);
+        tree = json;
+    }
     let mut storms = Value::Null;
     if args.parts.iter().any(|p| p == "storms") {
         let (table, json) = crate::storm_bench::failure_storms(
@@ -441,6 +447,7 @@ pub fn bench(args: &BenchArgs, bindtrace: &Path, storm_bin: &Path, release_dir: 
             "modes": results,
             "failure_storms": storms,
             "collateral": collateral,
+            "tree": tree,
             "hosts": hosts,
             "soak": soak,
         }))?,

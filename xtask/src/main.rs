@@ -12,6 +12,7 @@ mod nspawn;
 mod setup;
 mod soak_bench;
 mod storm_bench;
+mod tree_bench;
 mod vm;
 
 use std::{
