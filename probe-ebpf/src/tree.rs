@@ -60,6 +60,11 @@ pub fn bindtrace_sched_process_fork(ctx: TracePointContext) -> u32 {
 pub fn bindtrace_sched_process_exit(_ctx: TracePointContext) -> u32 {
     let pid_tgid = bpf_get_current_pid_tgid();
     let (tgid, tid) = ((pid_tgid >> 32) as u32, pid_tgid as u32);
+    // Not followed (nearly every exit on the host): one lookup. A followed process keeps its
+    // tgid until its last thread exits, so its threads' tids are found through it.
+    if place_of(tgid).is_none() {
+        return 0;
+    }
     if tid != tgid {
         let _ = FOLLOWED.remove(tid);
     }
