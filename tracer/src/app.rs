@@ -666,6 +666,8 @@ async fn run(mut plan: Plan) -> Result<Finished> {
         }
     }
     let mut started_tree = tree_root.map(|root| start_tree(root, &mut probe)).transpose()?;
+    // What is being traced comes before the table's header.
+    crate::say::flush();
     sink.start().context("writing to the output")?;
     // CMD last, once everything is in place: its first instruction runs traced.
     let command = match release_command(started_tree.as_mut().and_then(|started| started.held.take()))? {

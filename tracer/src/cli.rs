@@ -136,7 +136,8 @@ pub struct Cli {
     #[arg(long, value_enum)]
     pub proto: Option<Proto>,
 
-    /// Output format [default: table on a terminal, ndjson otherwise or with --file].
+    /// Output format [default: table on a terminal, ndjson otherwise or with --file; with
+    /// -- CMD the events go to stderr, and the terminal is stderr].
     #[arg(short = 'o', long, value_enum)]
     pub output: Option<OutputFormat>,
 
