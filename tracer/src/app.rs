@@ -388,6 +388,15 @@ fn check_main(verbose: bool) -> ExitCode {
         Err(err) => !err.to_string().starts_with("loading the eBPF object failed"),
     });
     println!("ring buffer: {}", if ring { "yes" } else { "no (the object did not load)" });
+    println!(
+        "process tree (-- CMD, --tree PID): {}",
+        match crate::tree::fork_child_pid_offset() {
+            Ok(offset) => format!(
+                "yes (sched:sched_process_fork and sched_process_exit; child_pid at offset {offset} of the fork record)"
+            ),
+            Err(err) => format!("no: {err:#}"),
+        }
+    );
     for check in &checks {
         match &check.result {
             Ok(coverage) => {
