@@ -72,6 +72,9 @@ enum TreeRoot {
 }
 
 fn plan(cli: Cli, child_mask: Option<nix::sys::signal::SigSet>) -> Result<Plan> {
+    if cli.user.is_some() && cli.command_line.is_empty() {
+        anyhow::bail!("--user says whom CMD runs as: give the command after --, e.g. --user alice -- make test");
+    }
     let mut filter = EventFilter::from_cli(&cli)?;
     let tree = match (cli.tree, child_mask) {
         (Some(pid), _) => Some(TreeRoot::Running { pid, parent: crate::tree::parent_of(pid)? }),
@@ -79,11 +82,15 @@ fn plan(cli: Cli, child_mask: Option<nix::sys::signal::SigSet>) -> Result<Plan> 
             let argv = cli.command_line.clone();
             let program = argv.first().ok_or_else(|| anyhow::anyhow!("no command after --"))?;
             crate::command::find_program(program, std::env::var_os("PATH"))?;
-            let run_as = crate::command::run_as(
+            let (run_as, note) = crate::command::run_as(
                 cli.user.as_deref(),
                 std::env::var_os("SUDO_UID"),
                 std::env::var_os("SUDO_GID"),
+                crate::command::started_by_sudo(),
             )?;
+            if let Some(note) = note {
+                crate::say::line(&format!("warning: {note}"));
+            }
             if let Some(user) = run_as.as_ref().filter(|u| u.uid != nix::unistd::geteuid().as_raw()) {
                 if !nix::unistd::geteuid().is_root() {
                     anyhow::bail!("running CMD as {} needs root (run bindtrace with sudo)", user.described);
@@ -104,7 +111,9 @@ fn plan(cli: Cli, child_mask: Option<nix::sys::signal::SigSet>) -> Result<Plan> 
     }
     // With `-- CMD` the events go to stderr: decide by what they go to.
     let stdout_is_terminal = if to_stderr { io::stderr().is_terminal() } else { io::stdout().is_terminal() };
-    let format = cli.output.unwrap_or(if cli.file.is_some() || !stdout_is_terminal {
+    // With `-- CMD` the events share stderr with CMD's: a table is what a person (or a CI
+    // log) reads there; NDJSON goes to --file.
+    let format = cli.output.unwrap_or(if cli.file.is_some() || (!stdout_is_terminal && !to_stderr) {
         OutputFormat::Ndjson
     } else {
         OutputFormat::Table
@@ -176,7 +185,8 @@ fn open_sink(plan: &Plan, file: Option<OutputFile>) -> Result<Box<dyn Sink>> {
         OutputFormat::Table => Box::new(
             TableSink::new(output, plan.color)
                 .hiding_netlink(plan.cli.family.is_none())
-                .showing_tree(plan.filter.kernel.is_active(bindtrace_common::filter_flags::TREE)),
+                .showing_tree(plan.filter.kernel.is_active(bindtrace_common::filter_flags::TREE))
+                .events_on_stderr(plan.to_stderr),
         ),
         // The summary still goes to stderr, as in the table.
         OutputFormat::None => {
@@ -272,6 +282,11 @@ fn run_main() -> ExitCode {
 
     if cli.check {
         return check_main(cli.verbose);
+    }
+    // `bindtrace --` with nothing after it (an empty $CMD) would trace the whole host.
+    if cli.command_line.is_empty() && std::env::args_os().skip(1).any(|arg| arg == "--") {
+        print_error("no command after --: give the command to run, e.g. bindtrace -- make test");
+        return ExitCode::from(EXIT_USAGE);
     }
 
     // Before any thread exists, so that none of them takes CMD's signals (see `command`).
@@ -554,8 +569,8 @@ fn start_tree(root: TreeRoot, probe: &mut AttachedProbe) -> Result<StartedTree> 
             let mut tree = crate::tree::FollowedTree::new(map, pid, parent)?;
             let adopted = tree.adopt_descendants();
             crate::say::line(&format!(
-                "tracing the binds of process {pid} and every process it starts ({adopted} it had already); ends when \
-                 it exits"
+                "tracing the binds of process {pid}, the {adopted} processes below it now, and every process they start; \
+                 ends when it exits"
             ));
             Ok(StartedTree { tree, held: None, root_pid: pid })
         }
@@ -752,7 +767,6 @@ async fn end_tree(
     let StartedTree { tree, root_pid, .. } = started;
     let mut report = summary.tree_report();
     report.root_pid = root_pid;
-    report.still_running = tree.still_running();
     let mut finished = Finished::OK;
     if let Some((running, shown)) = command {
         if !root_exited {
@@ -768,5 +782,7 @@ async fn end_tree(
     } else if root_exited {
         report.ended = Some("exited".to_owned());
     }
+    // Once CMD is gone: what it left running.
+    report.still_running = tree.still_running();
     Ok((Some(report), finished))
 }

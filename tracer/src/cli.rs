@@ -86,10 +86,10 @@ pub struct Cli {
     pub user: Option<String>,
 
     /// Starts CMD and traces only its process tree, from its first instruction: the
-    /// command, everything it forks or execs, their threads, and daemons they leave. CMD runs
-    /// as the user who ran sudo (or --user), keeps the terminal, gets SIGINT, SIGTERM and
-    /// SIGHUP, and bindtrace exits with its status (128+N for signal N) after the summary.
-    /// The events go to stderr (or --file), never into CMD's output.
+    /// command, everything it forks or execs, their threads, and daemons they start, until
+    /// CMD exits. CMD runs as the user who ran sudo (or --user), keeps the terminal, gets
+    /// SIGINT, SIGTERM and SIGHUP, and bindtrace exits with its status (128+N for signal N)
+    /// after the summary. The events go to stderr (or --file), never into CMD's output.
     #[arg(last = true, value_name = "CMD", num_args = 1.., value_hint = clap::ValueHint::CommandWithArguments)]
     pub command_line: Vec<std::ffi::OsString>,
 
@@ -137,7 +137,7 @@ pub struct Cli {
     pub proto: Option<Proto>,
 
     /// Output format [default: table on a terminal, ndjson otherwise or with --file; with
-    /// -- CMD the events go to stderr, and the terminal is stderr].
+    /// -- CMD a table on stderr, unless --file].
     #[arg(short = 'o', long, value_enum)]
     pub output: Option<OutputFormat>,
 

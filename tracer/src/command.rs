@@ -56,15 +56,34 @@ pub(crate) struct RunAs {
     pub(crate) groups: Vec<u32>,
     /// "alice (uid 1000)" for the messages.
     pub(crate) described: String,
+    /// The user's name and home, for CMD's `USER`, `LOGNAME` and `HOME` (sudo left root's).
+    name: Option<String>,
+    home: Option<PathBuf>,
 }
 
-/// `--user`, or the user who ran sudo (`SUDO_UID`, `SUDO_GID`), or nobody else (`None`: CMD
-/// runs as bindtrace does, root without sudo).
+/// Is bindtrace's parent sudo? Only then do `SUDO_UID` and `SUDO_GID` say who asked: a root
+/// shell started by `sudo -i` or `sudo -s` passes them on to everything it runs.
+pub(crate) fn started_by_sudo() -> bool {
+    let parent = std::fs::read_to_string("/proc/self/stat").ok().and_then(|stat| {
+        // The fields after the command name, which may hold spaces and parentheses.
+        let after = stat.rsplit_once(')')?.1.to_owned();
+        after.split_whitespace().nth(1)?.parse::<u32>().ok()
+    });
+    parent
+        .and_then(|ppid| std::fs::read_to_string(format!("/proc/{ppid}/comm")).ok())
+        .is_some_and(|comm| comm.trim() == "sudo")
+}
+
+/// `--user`; or the user who ran sudo (`SUDO_UID`, `SUDO_GID`) when sudo started bindtrace
+/// (`by_sudo`); or nobody else (`None`: CMD runs as bindtrace does, root without sudo). The
+/// second value is a note for stderr: the sudo variables were set, but not by a sudo that
+/// started bindtrace.
 pub(crate) fn run_as(
     user: Option<&str>,
     sudo_uid: Option<OsString>,
     sudo_gid: Option<OsString>,
-) -> Result<Option<RunAs>> {
+    by_sudo: bool,
+) -> Result<(Option<RunAs>, Option<String>)> {
     if let Some(user) = user {
         let found = match user.parse::<u32>() {
             Ok(uid) => User::from_uid(Uid::from_raw(uid)),
@@ -74,9 +93,17 @@ pub(crate) fn run_as(
         let Some(found) = found else {
             bail!("--user {user}: no such user here (a name from /etc/passwd, or a uid)");
         };
-        return Ok(Some(for_user(found.uid.as_raw(), found.gid.as_raw(), Some(&found.name))));
+        return Ok((Some(for_user(found.uid.as_raw(), found.gid.as_raw(), Some(&found))), None));
     }
-    let Some(uid) = sudo_uid else { return Ok(None) };
+    let Some(uid) = sudo_uid else { return Ok((None, None)) };
+    if !by_sudo {
+        let note = format!(
+            "SUDO_UID={} is set, but sudo did not start bindtrace (a shell from sudo -i or sudo -s?): CMD runs as \
+             root; --user USER runs it as someone else",
+            uid.to_string_lossy()
+        );
+        return Ok((None, Some(note)));
+    }
     let parse = |name: &str, value: &OsString| {
         value
             .to_str()
@@ -85,7 +112,7 @@ pub(crate) fn run_as(
     };
     let uid = parse("SUDO_UID", &uid)?;
     if uid == 0 {
-        return Ok(None);
+        return Ok((None, None));
     }
     let user = User::from_uid(Uid::from_raw(uid)).ok().flatten();
     let gid = match &sudo_gid {
@@ -94,14 +121,16 @@ pub(crate) fn run_as(
             anyhow!("SUDO_UID={uid} has no SUDO_GID and no entry in the user database: say who with --user")
         })?,
     };
-    Ok(Some(for_user(uid, gid, user.as_ref().map(|u| u.name.as_str()))))
+    Ok((Some(for_user(uid, gid, user.as_ref())), None))
 }
 
 /// A user's groups: its own, and the supplementary ones the database gives its name (none for
-/// a uid without a name).
-fn for_user(uid: u32, gid: u32, name: Option<&str>) -> RunAs {
+/// a uid without an entry).
+fn for_user(uid: u32, gid: u32, user: Option<&User>) -> RunAs {
+    let name = user.map(|u| u.name.clone());
     let mut groups = vec![gid];
     if let Some(list) = name
+        .as_deref()
         .and_then(|name| CString::new(name).ok())
         .and_then(|name| nix::unistd::getgrouplist(&name, Gid::from_raw(gid)).ok())
     {
@@ -111,11 +140,11 @@ fn for_user(uid: u32, gid: u32, name: Option<&str>) -> RunAs {
             }
         }
     }
-    let described = match name {
+    let described = match &name {
         Some(name) => format!("{name} (uid {uid})"),
         None => format!("uid {uid}"),
     };
-    RunAs { uid, gid, groups, described }
+    RunAs { uid, gid, groups, described, name, home: user.map(|u| u.dir.clone()) }
 }
 
 /// The program CMD names, found as exec will find it: a path, or a name in `PATH`. Missing
@@ -163,6 +192,16 @@ pub(crate) fn launch(argv: &[OsString], run_as: Option<RunAs>, child_mask: SigSe
     let (gate_read, gate_write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).context("making a pipe")?;
     let mut command = std::process::Command::new(program);
     command.args(args);
+    // The environment sudo left, but the user's own name and home: tools that write to
+    // ~/.cache as alice must not be pointed at /root.
+    if let Some(user) = &run_as {
+        if let Some(name) = &user.name {
+            command.env("USER", name).env("LOGNAME", name);
+        }
+        if let Some(home) = &user.home {
+            command.env("HOME", home);
+        }
+    }
     let (pid_fd, gate_fd) = (pid_write.as_raw_fd(), gate_read.as_raw_fd());
     // SAFETY: the closure runs in the child between fork and exec and makes only
     // async-signal-safe calls (getpid, write, read, setgroups, setgid, setuid,
@@ -328,16 +367,24 @@ mod tests {
     #[test]
     fn sudo_variables_name_the_user_and_root_is_no_one_else() {
         let os = |s: &str| Some(OsString::from(s));
-        let nobody = run_as(None, os("65534"), os("65534")).expect("valid").expect("a user");
+        let nobody = run_as(None, os("65534"), os("65534"), true).expect("valid").0.expect("a user");
         assert_eq!((nobody.uid, nobody.gid), (65534, 65534));
         assert!(nobody.groups.contains(&65534));
-        assert_eq!(run_as(None, os("0"), os("0")).expect("valid"), None, "sudo from root: CMD stays root");
-        assert_eq!(run_as(None, None, None).expect("valid"), None, "no sudo: CMD runs as bindtrace does");
-        let err = run_as(None, os("alice"), os("1")).expect_err("not a number");
+        assert_eq!(nobody.name.as_deref(), Some("nobody"));
+        assert_eq!(
+            run_as(None, os("0"), os("0"), true).expect("valid"),
+            (None, None),
+            "sudo from root: CMD stays root"
+        );
+        assert_eq!(run_as(None, None, None, false).expect("valid"), (None, None), "no sudo: CMD runs as bindtrace");
+        let (who, note) = run_as(None, os("65534"), os("65534"), false).expect("valid");
+        assert_eq!(who, None, "a shell from sudo -i passes the variables on: CMD stays root");
+        assert!(note.is_some_and(|n| n.contains("sudo did not start bindtrace")));
+        let err = run_as(None, os("alice"), os("1"), true).expect_err("not a number");
         assert!(err.to_string().contains("SUDO_UID=alice is not a number"), "{err}");
-        let root = run_as(Some("root"), os("65534"), os("65534")).expect("valid").expect("a user");
+        let root = run_as(Some("root"), os("65534"), os("65534"), true).expect("valid").0.expect("a user");
         assert_eq!((root.uid, root.gid), (0, 0), "--user wins over sudo's variables");
-        let err = run_as(Some("no-such-user-bindtrace"), None, None).expect_err("unknown");
+        let err = run_as(Some("no-such-user-bindtrace"), None, None, false).expect_err("unknown");
         assert!(err.to_string().contains("no such user"), "{err}");
     }
 

@@ -118,8 +118,9 @@ fn build(release: bool) -> Result<PathBuf> {
 /// unshare, mountpoint and mount, Debian's dockerd, containerd (with an image built from a
 /// static busybox), podman and prometheus, nft for NAT rules, debootstrap and
 /// systemd-nspawn for a systemd as PID 1, and Python helpers that hold the connections and
-/// fds of the production-host tests: a fresh machine gets them here, not by hand.
-const TEST_PACKAGES: [&str; 15] = [
+/// fds of the production-host tests, and sudo (`bindtrace -- CMD` runs CMD as the user who ran
+/// it): a fresh machine gets them here, not by hand.
+const TEST_PACKAGES: [&str; 16] = [
     "iproute2",
     "util-linux",
     "mount",
@@ -135,6 +136,7 @@ const TEST_PACKAGES: [&str; 15] = [
     "systemd-container",
     "nftables",
     "podman",
+    "sudo",
 ];
 
 /// What `cargo xtask test` fetches while the builds run (as root): the packages, the systemd

@@ -47,13 +47,15 @@ fn push_cells(line: &mut String, values: [&str; 7], ppid: Option<&str>) {
 
 const PPID_WIDTH: usize = 7;
 /// COMM is indented a column per level of the tree, up to this many.
-const TREE_INDENT_MAX: u16 = 8;
+const TREE_INDENT_MAX: u16 = 4;
 
 pub struct TableSink {
     output: Output,
     color: bool,
     /// With `-- CMD` or `--tree`: a PPID column, and COMM indented by depth.
     tree: bool,
+    /// The events' output is stderr (`-- CMD`), where the report goes too.
+    events_on_stderr: bool,
     header_written: bool,
     line: String,
     /// Netlink binds are left out of the live table (`ss`, `ip` and language runtimes make
@@ -68,11 +70,18 @@ impl TableSink {
             output,
             color,
             tree: false,
+            events_on_stderr: false,
             header_written: false,
             line: String::with_capacity(160),
             hide_netlink: false,
             netlink_hidden: 0,
         }
+    }
+
+    /// The events go to stderr (`-- CMD`): the report is written after them, in the same queue.
+    pub fn events_on_stderr(mut self, yes: bool) -> Self {
+        self.events_on_stderr = yes;
+        self
     }
 
     /// Shows each event's place in the followed process tree.
@@ -126,7 +135,7 @@ fn push_tree_report(text: &mut String, tree: &crate::summary::TreeReport) {
         text,
         "  tree:       {root}; {}",
         match failed {
-            0 => "no process of it failed to bind".to_owned(),
+            0 => "no traced bind of it failed".to_owned(),
             1 => "1 process of it failed to bind:".to_owned(),
             n => format!("{n} processes of it failed to bind:"),
         }
@@ -395,10 +404,16 @@ impl Sink for TableSink {
                 d.sharing_unchecked
             );
         }
-        // The report is for the operator: stderr, whatever stdout is.
-        use io::Write as _;
         // After the lines already queued for stderr, in order.
         crate::say::flush();
+        if self.events_on_stderr {
+            // The events go to stderr too (`-- CMD`), through the output thread: the report
+            // follows them there, never ahead of an event still queued.
+            self.output.buffer().extend_from_slice(text.as_bytes());
+            return self.output.flush();
+        }
+        // The report is for the operator: stderr, whatever stdout is.
+        use io::Write as _;
         let mut stderr = io::stderr().lock();
         stderr.write_all(text.as_bytes())?;
         stderr.flush()

@@ -57,6 +57,8 @@ pub struct Tracer {
     pub stderr: Receiver<String>,
     /// The backend bindtrace said it attached ("attached (tracepoint); ...").
     pub backend: String,
+    /// stderr lines up to and including "attached", kept for [`Finished::stderr`].
+    early_stderr: Vec<String>,
 }
 
 pub struct Finished {
@@ -160,6 +162,7 @@ impl Tracer {
             match stderr.recv_timeout(left) {
                 Ok(line) if line.contains("attached") => {
                     let named = line.split_once("attached (").and_then(|(_, rest)| rest.split_once(')'));
+                    early.push(line.clone());
                     break named.map(|(backend, _)| backend.to_owned()).unwrap_or_default();
                 }
                 Ok(line) => early.push(line),
@@ -170,7 +173,7 @@ impl Tracer {
             }
         };
         assert!(BACKENDS.contains(&backend.as_str()), "bindtrace named no known backend: {backend:?}");
-        Tracer { child, lines, seen: Vec::new(), stderr, backend }
+        Tracer { child, lines, seen: Vec::new(), stderr, backend, early_stderr: early }
     }
 
     /// The `fd` an event of a bind(2) on `fd` carries: every backend sees bind(2) with its fd
@@ -254,7 +257,8 @@ impl Tracer {
         };
         let mut lines = std::mem::take(&mut self.seen);
         lines.extend(self.lines.iter());
-        let stderr: Vec<String> = self.stderr.iter().collect();
+        let mut stderr = std::mem::take(&mut self.early_stderr);
+        stderr.extend(self.stderr.iter());
         Finished { status, lines, stderr: stderr.join("\n") }
     }
 }
