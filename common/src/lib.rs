@@ -51,6 +51,7 @@ pub mod names {
     /// The process-tree programs (`bindtrace -- CMD`, `--tree PID`) on `sched:` tracepoints.
     pub const PROG_TREE_FORK: &str = "bindtrace_sched_process_fork";
     pub const PROG_TREE_EXIT: &str = "bindtrace_sched_process_exit";
+    pub const PROG_TREE_EXEC: &str = "bindtrace_sched_process_exec";
     pub const CONFIG: &str = "BINDTRACE_CONFIG";
     pub const PROG_ENTER: &str = "bindtrace_sys_enter_bind";
     pub const PROG_EXIT: &str = "bindtrace_sys_exit_bind";
@@ -458,12 +459,13 @@ pub struct KernelLayout {
     pub cred_cap_effective: u32,
     /// The process tree (`bindtrace -- CMD`, `--tree PID`): `task_struct.signal` and
     /// `signal_struct.live` (a thread group's live threads: 0 once its last thread exits;
-    /// [`NO_MEMBER`]: absent), and the offset of `child_pid` in the `sched:sched_process_fork`
-    /// record (from tracefs: the record's layout differs by kernel; 0 when not following).
+    /// [`NO_MEMBER`]: absent), and the offsets of `child_pid` in the `sched:sched_process_fork`
+    /// record and of `old_pid` in `sched:sched_process_exec`'s (from tracefs: the records'
+    /// layouts differ by kernel; 0 when not following).
     pub task_signal: u32,
     pub signal_live: u32,
     pub fork_child_pid: u32,
-    pub _reserved: u32,
+    pub exec_old_pid: u32,
 }
 
 /// A member the kernel's BTF does not have, or a number that does not exist.
@@ -752,7 +754,7 @@ impl ProbeConfig {
                 task_signal: NO_MEMBER,
                 signal_live: NO_MEMBER,
                 fork_child_pid: 0,
-                _reserved: 0,
+                exec_old_pid: 0,
             },
             filter: FilterConfig::accept_all(),
             wakeup_bytes: 0,

@@ -54,19 +54,38 @@ pub fn bindtrace_sched_process_fork(ctx: TracePointContext) -> u32 {
     0
 }
 
+/// `sched:sched_process_exec`: a thread other than the leader that execs takes the leader's
+/// pid, and its own tid is freed without an exit of its own: its entry goes here.
+#[tracepoint(category = "sched", name = "sched_process_exec")]
+pub fn bindtrace_sched_process_exec(ctx: TracePointContext) -> u32 {
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    if place_of(tgid).is_none() {
+        return 0;
+    }
+    // SAFETY: reads through bpf_probe_read_kernel (the offset comes from tracefs).
+    let old_pid: u32 =
+        unsafe { kernel_read(ctx.as_ptr().cast::<u8>().wrapping_add(config().layout.exec_old_pid as usize)) };
+    if old_pid != 0 && old_pid != tgid {
+        let _ = FOLLOWED.remove(old_pid);
+    }
+    0
+}
+
 /// `sched:sched_process_exit`: a thread's own entry goes, and its process's once the
 /// process's last thread exits (`signal->live`, decremented before this tracepoint, is 0).
 #[tracepoint(category = "sched", name = "sched_process_exit")]
 pub fn bindtrace_sched_process_exit(_ctx: TracePointContext) -> u32 {
     let pid_tgid = bpf_get_current_pid_tgid();
     let (tgid, tid) = ((pid_tgid >> 32) as u32, pid_tgid as u32);
-    // Not followed (nearly every exit on the host): one lookup. A followed process keeps its
-    // tgid until its last thread exits, so its threads' tids are found through it.
-    if place_of(tgid).is_none() {
-        return 0;
-    }
+    // A thread's own entry first, whatever became of its process's: the threads of an
+    // exit_group() exit together, and the one that sees the group dead removes the tgid
+    // before the others get here.
     if tid != tgid {
         let _ = FOLLOWED.remove(tid);
+    }
+    // Not followed (nearly every exit on the host): one lookup more.
+    if place_of(tgid).is_none() {
+        return 0;
     }
     let layout = &config().layout;
     let group_dead = if layout.task_signal == NO_MEMBER || layout.signal_live == NO_MEMBER {

@@ -65,20 +65,33 @@ struct Plan {
 
 /// The root of the traced process tree.
 enum TreeRoot {
-    /// `-- CMD`: started by bindtrace, as `run_as`, with the signal mask `child_mask`.
-    Command { argv: Vec<std::ffi::OsString>, run_as: Option<RunAs>, child_mask: nix::sys::signal::SigSet },
-    /// `--tree PID`: running already, with this parent.
-    Running { pid: u32, parent: u32 },
+    /// `-- CMD`: started by bindtrace, as `run_as`, with the signal mask `child_mask` and the
+    /// open-file limit `fd_limit`.
+    Command {
+        argv: Vec<std::ffi::OsString>,
+        run_as: Option<RunAs>,
+        child_mask: Box<nix::sys::signal::SigSet>,
+        fd_limit: Option<libc::rlimit>,
+    },
+    /// `--tree PID`: running already, with this parent; watched for its exit.
+    Running { pid: u32, parent: u32, handle: crate::tree::ProcessHandle },
 }
 
-fn plan(cli: Cli, child_mask: Option<nix::sys::signal::SigSet>) -> Result<Plan> {
+/// `child`: with `-- CMD`, the signal mask and open-file limit CMD gets back.
+fn plan(cli: Cli, child: Option<(nix::sys::signal::SigSet, Option<libc::rlimit>)>) -> Result<Plan> {
     if cli.user.is_some() && cli.command_line.is_empty() {
         anyhow::bail!("--user says whom CMD runs as: give the command after --, e.g. --user alice -- make test");
     }
     let mut filter = EventFilter::from_cli(&cli)?;
-    let tree = match (cli.tree, child_mask) {
-        (Some(pid), _) => Some(TreeRoot::Running { pid, parent: crate::tree::parent_of(pid)? }),
-        (None, Some(child_mask)) => {
+    let tree = match (cli.tree, child) {
+        (Some(pid), _) => {
+            let parent = crate::tree::parent_of(pid)?;
+            // Now, so that the pid cannot be another process's by the time it is followed.
+            let handle =
+                crate::tree::ProcessHandle::open(pid).map_err(|_| anyhow::anyhow!("--tree {pid}: no such process"))?;
+            Some(TreeRoot::Running { pid, parent, handle })
+        }
+        (None, Some((child_mask, fd_limit))) => {
             let argv = cli.command_line.clone();
             let program = argv.first().ok_or_else(|| anyhow::anyhow!("no command after --"))?;
             crate::command::find_program(program, std::env::var_os("PATH"))?;
@@ -96,7 +109,7 @@ fn plan(cli: Cli, child_mask: Option<nix::sys::signal::SigSet>) -> Result<Plan> 
                     anyhow::bail!("running CMD as {} needs root (run bindtrace with sudo)", user.described);
                 }
             }
-            Some(TreeRoot::Command { argv, run_as, child_mask })
+            Some(TreeRoot::Command { argv, run_as, child_mask: Box::new(child_mask), fd_limit })
         }
         (None, None) => None,
     };
@@ -229,15 +242,20 @@ fn fill_closed_standard_fds() {
 
 /// Raises the soft limit on open files to the hard one: runtimes start processes at 1,024,
 /// and the lookups (netlink sockets, /proc files, namespaces) and `/metrics` connections must
-/// not run out of fds on a busy host.
-fn raise_fd_limit() {
+/// not run out of fds on a busy host. Returns the limit before, which `-- CMD` gets back.
+fn raise_fd_limit() -> Option<libc::rlimit> {
     let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
     // SAFETY: get/setrlimit with a valid struct.
     unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return None;
+        }
+        let before = limit;
+        if limit.rlim_cur < limit.rlim_max {
             limit.rlim_cur = limit.rlim_max;
             let _ = libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
         }
+        Some(before)
     }
 }
 
@@ -250,7 +268,7 @@ pub fn main() -> ExitCode {
 
 fn run_main() -> ExitCode {
     fill_closed_standard_fds();
-    raise_fd_limit();
+    let fd_limit = raise_fd_limit();
     crate::say::init_log();
 
     let cli = match Cli::try_parse() {
@@ -302,7 +320,9 @@ fn run_main() -> ExitCode {
         }
     };
 
-    let plan = match plan(cli, child_mask).and_then(|plan| crate::privileges::check_can_load().map(|()| plan)) {
+    let plan = match plan(cli, child_mask.map(|mask| (mask, fd_limit)))
+        .and_then(|plan| crate::privileges::check_can_load().map(|()| plan))
+    {
         Ok(plan) => plan,
         Err(err) => {
             print_error(&format!("{err:#}"));
@@ -318,7 +338,13 @@ fn run_main() -> ExitCode {
         }
     };
     match runtime.block_on(run(plan)) {
-        Ok(Finished { status }) => ExitCode::from(status),
+        Ok(Finished { status, signal }) => {
+            if let Some(signal) = signal {
+                crate::say::flush();
+                crate::command::die_of(signal);
+            }
+            ExitCode::from(status)
+        }
         Err(err) => {
             print_error(&format!("{err:#}"));
             ExitCode::from(EXIT_FAILURE)
@@ -405,9 +431,9 @@ fn check_main(verbose: bool) -> ExitCode {
     println!("ring buffer: {}", if ring { "yes" } else { "no (the object did not load)" });
     println!(
         "process tree (-- CMD, --tree PID): {}",
-        match crate::tree::fork_child_pid_offset() {
-            Ok(offset) => format!(
-                "yes (sched:sched_process_fork and sched_process_exit; child_pid at offset {offset} of the fork record)"
+        match crate::tree::record_offsets() {
+            Ok((offset, _)) => format!(
+                "yes (sched:sched_process_fork, _exec and _exit; child_pid at offset {offset} of the fork record)"
             ),
             Err(err) => format!("no: {err:#}"),
         }
@@ -531,13 +557,15 @@ fn who_main(args: &WhoArgs) -> ExitCode {
     }
 }
 
-/// How a run ended: the exit status (CMD's with `-- CMD`).
+/// How a run ended: the exit status (CMD's with `-- CMD`), and the signal that ended CMD,
+/// which bindtrace then ends with too.
 struct Finished {
     status: u8,
+    signal: Option<i32>,
 }
 
 impl Finished {
-    const OK: Self = Self { status: 0 };
+    const OK: Self = Self { status: 0, signal: None };
 }
 
 /// The traced tree's root, followed by the kernel: CMD held before exec, or `--tree`'s
@@ -553,9 +581,9 @@ struct StartedTree {
 fn start_tree(root: TreeRoot, probe: &mut AttachedProbe) -> Result<StartedTree> {
     let map = probe.take_followed()?;
     match root {
-        TreeRoot::Command { argv, run_as, child_mask } => {
+        TreeRoot::Command { argv, run_as, child_mask, fd_limit } => {
             let shown = shown_command(&argv);
-            let held = crate::command::launch(&argv, run_as.clone(), child_mask)?;
+            let held = crate::command::launch(&argv, run_as.clone(), *child_mask, fd_limit)?;
             let tree = crate::tree::FollowedTree::new(map, held.pid(), std::process::id())?;
             crate::say::line(&format!(
                 "tracing the binds of `{shown}` (pid {}{}) and every process it starts",
@@ -565,7 +593,7 @@ fn start_tree(root: TreeRoot, probe: &mut AttachedProbe) -> Result<StartedTree> 
             let root_pid = held.pid();
             Ok(StartedTree { tree, held: Some((held, shown)), root_pid })
         }
-        TreeRoot::Running { pid, parent } => {
+        TreeRoot::Running { pid, parent, .. } => {
             let mut tree = crate::tree::FollowedTree::new(map, pid, parent)?;
             let adopted = tree.adopt_descendants();
             crate::say::line(&format!(
@@ -586,12 +614,16 @@ fn release_command(
     crate::say::flush();
     match held.release() {
         Ok(running) => {
-            running.relay_signals()?;
+            // CMD runs now: a relay that cannot start leaves CMD its signals from the
+            // terminal, said, rather than abandoning it.
+            if let Err(err) = running.relay_signals() {
+                crate::say::line(&format!("warning: signals sent to bindtrace will not reach CMD: {err:#}"));
+            }
             Ok(Ok(Some((running, shown))))
         }
         Err(failed) => {
             print_error(&failed.why);
-            Ok(Err(Finished { status: failed.status }))
+            Ok(Err(Finished { status: failed.status, signal: None }))
         }
     }
 }
@@ -622,7 +654,7 @@ async fn run(mut plan: Plan) -> Result<Finished> {
     let mut config =
         ProbeConfig { layout: kernel.layout, filter: filter.kernel, wakeup_bytes: u64::from(cli.ring_buffer_size / 4) };
     if tree_root.is_some() {
-        config.layout.fork_child_pid = crate::tree::fork_child_pid_offset()?;
+        (config.layout.fork_child_pid, config.layout.exec_old_pid) = crate::tree::record_offsets()?;
     }
     log::debug!("kernel layout from BTF in {:?}", started.elapsed());
     // With `-- CMD` the signals are CMD's (see `command`).
@@ -630,9 +662,8 @@ async fn run(mut plan: Plan) -> Result<Finished> {
         if matches!(tree_root, Some(TreeRoot::Command { .. })) { StopSignals::none() } else { StopSignals::install()? };
     let mut probe = AttachedProbe::attach(loader, cli.attach, &kernel, &config, &filter.pids, cli.ring_buffer_size)?;
     log::debug!("probe loaded and attached after {:?}", started.elapsed());
-    // `--tree`: watched before it is followed, so that a root gone meanwhile is said now.
     let tree_handle = match &tree_root {
-        Some(TreeRoot::Running { pid, .. }) => Some(crate::tree::ProcessHandle::open(*pid)?),
+        Some(TreeRoot::Running { handle, .. }) => Some(handle.try_clone()?),
         _ => None,
     };
     let scope = if plan.followed.is_empty() {
@@ -726,6 +757,10 @@ async fn run(mut plan: Plan) -> Result<Finished> {
         root_exit,
     };
     let ending = pipeline.run(&mut probe, signals).await;
+    let end_ns = clock.now_wall_ns();
+    // Before waiting for CMD (after --count or --duration): the ring is no longer read, and
+    // what the kernel drops meanwhile is not the trace's.
+    let (counters, programs) = probe.counters().unwrap_or_default();
     // CMD's status, whatever became of the trace: bindtrace exits with it.
     let (tree_report, finished) = match started_tree {
         Some(started) => {
@@ -734,12 +769,18 @@ async fn run(mut plan: Plan) -> Result<Finished> {
         }
         None => (None, Finished::OK),
     };
-    let ending = ending?;
+    let ending = match ending {
+        Ok(ending) => ending,
+        // The trace failed; CMD's failure, if it failed, is the one a CI step reports.
+        Err(err) if finished.status != 0 => {
+            print_error(&format!("{err:#}"));
+            return Ok(finished);
+        }
+        Err(err) => return Err(err),
+    };
     if ending == Ending::OutputClosed || cli.no_summary {
         return Ok(finished);
     }
-    let end_ns = clock.now_wall_ns();
-    let (counters, programs) = probe.counters().unwrap_or_default();
     let mut report = pipeline.summary.report(
         probe.backend.name(),
         time.format(start_ns),
@@ -778,7 +819,7 @@ async fn end_tree(
         report.ended = Some(crate::command::describe(status));
         report.exit_status = Some(code);
         report.command = Some(shown);
-        finished = Finished { status: code };
+        finished = Finished { status: code, signal: std::os::unix::process::ExitStatusExt::signal(&status) };
     } else if root_exited {
         report.ended = Some("exited".to_owned());
     }

@@ -272,13 +272,14 @@ Bad input or missing privileges, said in one line on stderr before anything is a
 .TP
 SIGINT, SIGTERM
 End the trace; the summary is printed (to stderr, or as the last NDJSON record). With \fB-- CMD\fR they are CMD's: a
-SIGINT, SIGTERM or SIGHUP sent to bindtrace is passed on to CMD, Ctrl-C reaches CMD from the terminal (bindtrace does
-not act on it), and the trace ends when CMD exits.
+SIGINT, SIGTERM or SIGHUP a process outside bindtrace's process group sends it is passed on to CMD (one from its own
+group, such as \fBtimeout\fR's, reached CMD too), Ctrl-C reaches CMD from the terminal (bindtrace does not act on it),
+the trace ends when CMD exits, and bindtrace ends as CMD did: with its status, or by the same signal.
 .TP
 SIGHUP
 With \fB--file\fR: log rotation. The file is opened again by name (appended to if it exists) and the trace goes on there.
 If it cannot be opened, bindtrace says so once and goes on writing to the file it had. Without \fB--file\fR SIGHUP ends the
-trace like SIGTERM.
+trace like SIGTERM. With \fB-- CMD\fR SIGHUP is CMD's: passed on to it, not a rotation.
 .SH FILES
 .TP
 /usr/share/doc/bindtrace/ndjson-schema.md

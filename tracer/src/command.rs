@@ -186,7 +186,12 @@ pub(crate) struct Held {
 /// Forks CMD. The child tells its pid through one pipe and waits on another (both close on
 /// exec); once released it takes the user's groups and ids, gets the signal mask bindtrace
 /// had, and execs.
-pub(crate) fn launch(argv: &[OsString], run_as: Option<RunAs>, child_mask: SigSet) -> Result<Held> {
+pub(crate) fn launch(
+    argv: &[OsString],
+    run_as: Option<RunAs>,
+    child_mask: SigSet,
+    fd_limit: Option<libc::rlimit>,
+) -> Result<Held> {
     let (program, args) = argv.split_first().ok_or_else(|| anyhow!("no command after --"))?;
     let (pid_read, pid_write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).context("making a pipe")?;
     let (gate_read, gate_write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).context("making a pipe")?;
@@ -203,11 +208,16 @@ pub(crate) fn launch(argv: &[OsString], run_as: Option<RunAs>, child_mask: SigSe
         }
     }
     let (pid_fd, gate_fd) = (pid_write.as_raw_fd(), gate_read.as_raw_fd());
+    // bindtrace's ends, which the fork copies: closed in the child at once, or its read of
+    // the gate would never see the end of a bindtrace that gave up.
+    let (parent_ends, gate_end) = (pid_read.as_raw_fd(), gate_write.as_raw_fd());
     // SAFETY: the closure runs in the child between fork and exec and makes only
-    // async-signal-safe calls (getpid, write, read, setgroups, setgid, setuid,
-    // pthread_sigmask) on values prepared before the fork.
+    // async-signal-safe calls (close, getpid, write, read, setgroups, setgid, setuid,
+    // pthread_sigmask, setrlimit) on values prepared before the fork.
     unsafe {
         command.pre_exec(move || {
+            libc::close(parent_ends);
+            libc::close(gate_end);
             let pid = libc::getpid().to_ne_bytes();
             if libc::write(pid_fd, pid.as_ptr().cast(), pid.len()) != pid.len() as isize {
                 return Err(io::Error::last_os_error());
@@ -231,6 +241,10 @@ pub(crate) fn launch(argv: &[OsString], run_as: Option<RunAs>, child_mask: SigSe
             }
             if libc::pthread_sigmask(libc::SIG_SETMASK, child_mask.as_ref(), std::ptr::null_mut()) != 0 {
                 return Err(io::Error::last_os_error());
+            }
+            // The open-file limit CMD would have had: bindtrace raised its own.
+            if let Some(limit) = &fd_limit {
+                libc::setrlimit(libc::RLIMIT_NOFILE, limit);
             }
             Ok(())
         });
@@ -325,6 +339,15 @@ impl Running {
                     log::debug!("signal {signal} from the terminal, left to CMD");
                     continue;
                 }
+                // SAFETY: a signal sent by a process (not the kernel's) carries its pid.
+                let sender = unsafe { info.si_pid() };
+                // SAFETY: plain queries of process groups.
+                if sender > 0 && unsafe { libc::getpgid(sender) == libc::getpgrp() } {
+                    // From our own process group (`timeout`, `kill 0`, a group kill): likely
+                    // sent to the whole group, CMD included, so not sent twice (sudo's rule).
+                    log::debug!("signal {signal} from pid {sender} of bindtrace's process group, left to CMD");
+                    continue;
+                }
                 if let Err(err) = target.signal(signal) {
                     log::debug!("passing signal {signal} on to CMD: {err}");
                 }
@@ -345,6 +368,24 @@ pub(crate) fn exit_code(status: ExitStatus) -> u8 {
         (Some(code), _) => u8::try_from(code & 0xff).unwrap_or(1),
         (None, Some(signal)) => u8::try_from(128 + (signal & 0x7f)).unwrap_or(255),
         (None, None) => 1,
+    }
+}
+
+/// Ends bindtrace the way CMD ended when a signal ended it (after the summary), so that a
+/// shell loop around bindtrace stops on Ctrl-C as it would around CMD: the signal's default
+/// action, unblocked, without a core dump. Returns if the signal did not end bindtrace.
+pub(crate) fn die_of(signal: i32) {
+    let no_core = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: plain calls on this process: the core limit, the signal's default action, its
+    // unblocking, then the signal itself.
+    unsafe {
+        libc::setrlimit(libc::RLIMIT_CORE, &no_core);
+        libc::signal(signal, libc::SIG_DFL);
+        let mut set = std::mem::zeroed::<libc::sigset_t>();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, signal);
+        libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
+        libc::raise(signal);
     }
 }
 

@@ -289,7 +289,7 @@ impl KernelTypes {
             task_signal: self.offset("task_struct", "signal").unwrap_or(NO_MEMBER),
             signal_live: self.offset("signal_struct", "live").unwrap_or(NO_MEMBER),
             fork_child_pid: 0,
-            _reserved: 0,
+            exec_old_pid: 0,
         };
         let mut layout = layout;
         let task_facts = [layout.nsproxy_mnt_ns, layout.mnt_ns_inum, layout.task_cred, layout.cred_cap_effective];

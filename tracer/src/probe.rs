@@ -247,13 +247,15 @@ fn attach_tracepoint(ebpf: &mut Ebpf) -> Result<Coverage> {
     })
 }
 
-/// The process tree's programs on `sched:sched_process_fork` and `sched_process_exit`: exit
-/// first, so that nothing the fork program adds outlives its process.
+/// The process tree's programs on `sched:sched_process_fork`, `_exec` and `_exit`: exit and
+/// exec first, so that nothing the fork program adds outlives its process.
 fn attach_tree_programs(ebpf: &mut Ebpf) -> Result<()> {
     with_tracefs(|| {
-        for (name, tracepoint) in
-            [(names::PROG_TREE_EXIT, "sched_process_exit"), (names::PROG_TREE_FORK, "sched_process_fork")]
-        {
+        for (name, tracepoint) in [
+            (names::PROG_TREE_EXIT, "sched_process_exit"),
+            (names::PROG_TREE_EXEC, "sched_process_exec"),
+            (names::PROG_TREE_FORK, "sched_process_fork"),
+        ] {
             let program: &mut TracePoint = program(ebpf, name)?;
             program.load().with_context(|| format!("loading the {tracepoint} program failed"))?;
             program.attach("sched", tracepoint).with_context(|| format!("attaching to sched:{tracepoint} failed"))?;
@@ -909,6 +911,7 @@ mod tests {
             names::PROG_BACKSTOP_LISTEN,
             names::PROG_TREE_FORK,
             names::PROG_TREE_EXIT,
+            names::PROG_TREE_EXEC,
         ];
         programs.extend(names::PROGS_FEXIT.iter().flat_map(|(entry, exit, _)| [*entry, *exit]));
         for program in programs {

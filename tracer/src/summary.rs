@@ -87,6 +87,8 @@ pub struct Summary {
     /// The followed tree's processes that failed to bind (`-- CMD`, `--tree`).
     /// By pid: the order of its first failure, and the process.
     tree_failures: HashMap<u32, (usize, FailedProcess)>,
+    /// Failed processes past the listed ones (their pids, bounded; then only counted).
+    tree_unlisted_pids: std::collections::HashSet<u32>,
     tree_failures_unlisted: u64,
 }
 
@@ -261,7 +263,12 @@ impl Summary {
             return;
         }
         if self.tree_failures.len() >= TREE_FAILURES_LISTED {
-            self.tree_failures_unlisted += 1;
+            // Counted once per process: a set up to a bound, past it every new failure.
+            if self.tree_unlisted_pids.len() < PROCESSES_MAX {
+                self.tree_unlisted_pids.insert(bind.tgid);
+            } else if !self.tree_unlisted_pids.contains(&bind.tgid) {
+                self.tree_failures_unlisted += 1;
+            }
             return;
         }
         let end = bind.comm.iter().position(|&b| b == 0).unwrap_or(COMM_LEN);

@@ -20,16 +20,21 @@ use aya::maps::{HashMap, MapData};
 use bindtrace_common::TreePlace;
 use tokio::io::unix::AsyncFd;
 
-/// The tracefs file that says where `child_pid` is in a fork record.
+/// The tracefs files that say where `child_pid` is in a fork record, and `old_pid` in an
+/// exec record.
 const FORK_FORMAT: &str = "events/sched/sched_process_fork/format";
+const EXEC_FORMAT: &str = "events/sched/sched_process_exec/format";
 
-/// Offset of `child_pid` in the `sched:sched_process_fork` record on this kernel: 44 where
-/// the names are inline `char[16]` (Debian's 5.10 to 6.12), 20 where they are `__data_loc`
-/// (6.18).
-pub(crate) fn fork_child_pid_offset() -> Result<u32> {
-    let format = crate::probe::read_tracefs(FORK_FORMAT)?;
-    field_offset(&format, "child_pid")
-        .with_context(|| format!("{FORK_FORMAT} has no 4-byte child_pid field: this kernel's fork record is unknown"))
+/// Offsets of `child_pid` in the `sched:sched_process_fork` record and of `old_pid` in
+/// `sched:sched_process_exec`'s on this kernel. `child_pid` is at 44 where the names are
+/// inline `char[16]` (Debian's 5.10 to 6.12), at 20 where they are `__data_loc` (6.18).
+pub(crate) fn record_offsets() -> Result<(u32, u32)> {
+    let offset = |file: &str, field: &str| -> Result<u32> {
+        let format = crate::probe::read_tracefs(file)?;
+        field_offset(&format, field)
+            .with_context(|| format!("{file} has no 4-byte {field} field: this kernel's record is unknown"))
+    };
+    Ok((offset(FORK_FORMAT, "child_pid")?, offset(EXEC_FORMAT, "old_pid")?))
 }
 
 /// The offset of a 4-byte field from a tracepoint's format file (`field:pid_t child_pid;
@@ -69,8 +74,8 @@ impl FollowedTree {
     }
 
     /// `--tree`: adds the processes the root already has below it (from /proc), until a
-    /// walk finds none new: one of them forking between two walks is caught by the next
-    /// (or, once added, by the kernel). Returns how many were added.
+    /// walk finds none new (at most 5 walks): one of them forking between two walks is caught
+    /// by the next (or, once added, by the kernel). Returns how many were added.
     pub(crate) fn adopt_descendants(&mut self) -> usize {
         let mut adopted = 0;
         for _ in 0..5 {
@@ -101,7 +106,13 @@ impl FollowedTree {
                 known.insert(pid, place);
                 progress = true;
                 if self.map.get(&pid, 0).is_err() && self.map.insert(pid, place, 0).is_ok() {
-                    added += 1;
+                    // Gone between the walk and the insert: its exit went by unseen, and its
+                    // entry would follow whatever gets the pid next.
+                    if is_process(pid) {
+                        added += 1;
+                    } else {
+                        let _ = self.map.remove(&pid);
+                    }
                 }
             }
             if !progress {
@@ -114,10 +125,11 @@ impl FollowedTree {
     /// Processes of the tree, other than the root, that still run (a daemon the command
     /// left): each key of the map that is a live process's id.
     pub(crate) fn still_running(&self) -> Vec<u32> {
-        let mut alive: Vec<u32> = self
-            .map
-            .keys()
-            .filter_map(Result::ok)
+        let keys: Vec<u32> = self.map.keys().filter_map(Result::ok).collect();
+        let stale = keys.iter().filter(|&&pid| !std::path::Path::new(&format!("/proc/{pid}")).exists()).count();
+        log::debug!("the tree's map holds {} entries at the end, {stale} of tasks gone", keys.len());
+        let mut alive: Vec<u32> = keys
+            .into_iter()
             .filter(|&pid| pid != self.root && is_process(pid))
             .collect::<HashSet<u32>>()
             .into_iter()
