@@ -122,8 +122,26 @@ fn storm(storm_bin: &Path, mode: &str, threads: usize, binds: u64, wrapper: &[&s
     serde_json::from_str(line).with_context(|| format!("bind-storm output: {line}"))
 }
 
-/// Peak RSS of a running process (VmHWM). Not wait4's ru_maxrss: that one also counts the
-/// forked copy of this (large) process from before exec.
+/// Runs `load` while `bindtrace ARGS` is attached and idle beside it (no output, no summary),
+/// then stops bindtrace: what staying attached costs a load bindtrace does not trace.
+pub(crate) fn beside<T>(bindtrace: &Path, args: &[&str], load: impl FnOnce() -> Result<T>) -> Result<T> {
+    let mut child = std::process::Command::new(bindtrace)
+        .args(["--no-diagnosis", "-o", "none", "--no-summary"])
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    let stderr = child.stderr.take().ok_or_else(|| anyhow!("no stderr"))?;
+    // Kept open until the tracer is stopped: its stderr must not become a closed pipe.
+    let _stderr = wait_attached(stderr).map_err(|e| anyhow!("bindtrace {args:?}: {e}"))?;
+    let result = load();
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    child.wait()?;
+    result
+}
+
 /// Reads bindtrace's stderr until it says it is attached; the rest of its lines follow.
 pub(crate) fn wait_attached(
     stderr: std::process::ChildStderr,
@@ -138,6 +156,8 @@ pub(crate) fn wait_attached(
     }
 }
 
+/// Peak RSS of a running process (VmHWM). Not wait4's ru_maxrss: that one also counts the
+/// forked copy of this (large) process from before exec.
 pub(crate) fn peak_rss_kb(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     status

@@ -3,10 +3,7 @@
 //! nothing in the loop matches, no lookups, no output) on each backend this kernel offers,
 //! alternating configurations round by round; medians are reported.
 
-use std::{
-    path::Path,
-    process::{Command, Stdio},
-};
+use std::{path::Path, process::Command};
 
 use anyhow::{anyhow, bail, Result};
 use serde_json::{json, Value};
@@ -33,22 +30,10 @@ fn syscall_loop(loop_bin: &Path) -> Result<f64> {
     result["calls_per_second"].as_f64().ok_or_else(|| anyhow!("syscall-loop printed no rate"))
 }
 
-/// The loop's rate with bindtrace attached on `backend`, idle.
+/// The loop's rate with bindtrace attached on `backend`, idle (a filter nothing in the loop
+/// matches).
 fn attached(bindtrace: &Path, backend: &str, loop_bin: &Path) -> Result<f64> {
-    let mut child = Command::new(bindtrace)
-        .args(["--attach", backend, "--errno", "EADDRINUSE", "--no-diagnosis", "-o", "none", "--no-summary"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()?;
-    let stderr = child.stderr.take().ok_or_else(|| anyhow!("no stderr"))?;
-    // Kept open until the tracer is stopped: its stderr must not become a closed pipe.
-    let _stderr = crate::bench::wait_attached(stderr).map_err(|e| anyhow!("--attach {backend}: {e}"))?;
-    let rate = syscall_loop(loop_bin);
-    // SAFETY: signalling our own child.
-    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
-    child.wait()?;
-    rate
+    crate::bench::beside(bindtrace, &["--attach", backend, "--errno", "EADDRINUSE"], || syscall_loop(loop_bin))
 }
 
 fn median(mut values: Vec<f64>) -> f64 {

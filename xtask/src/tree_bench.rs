@@ -31,24 +31,6 @@ fn fork_loop(loop_bin: &Path) -> Result<f64> {
     rate_of(&out.stdout)
 }
 
-/// bindtrace with `args`, attached and idle, while the loop runs untraced by it.
-fn beside(bindtrace: &Path, args: &[&str], loop_bin: &Path) -> Result<f64> {
-    let mut child = Command::new(bindtrace)
-        .args(["--no-diagnosis", "-o", "none", "--no-summary"])
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()?;
-    let stderr = child.stderr.take().ok_or_else(|| anyhow!("no stderr"))?;
-    let _stderr = crate::bench::wait_attached(stderr).map_err(|e| anyhow!("bindtrace {args:?}: {e}"))?;
-    let rate = fork_loop(loop_bin);
-    // SAFETY: signalling our own child.
-    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
-    child.wait()?;
-    rate
-}
-
 /// `bindtrace -- LOOP`: the loop's own tree followed; its rate from its stdout.
 fn followed(bindtrace: &Path, loop_bin: &Path) -> Result<f64> {
     let out = Command::new(bindtrace)
@@ -87,7 +69,7 @@ pub fn tree(bindtrace: &Path, loop_bin: &Path, rounds: usize) -> Result<(String,
             eprintln!("xtask: bench tree round {round}/{rounds}");
             untraced.push(fork_loop(loop_bin)?);
             for (i, (_, args)) in configs.iter().enumerate() {
-                rates[i].push(beside(bindtrace, args, loop_bin)?);
+                rates[i].push(crate::bench::beside(bindtrace, args, || fork_loop(loop_bin))?);
             }
             rates[configs.len()].push(followed(bindtrace, loop_bin)?);
         }
