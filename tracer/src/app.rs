@@ -585,8 +585,11 @@ fn start_tree(root: TreeRoot, probe: &mut AttachedProbe) -> Result<StartedTree> 
             let shown = shown_command(&argv);
             let held = crate::command::launch(&argv, run_as.clone(), *child_mask, fd_limit)?;
             let tree = crate::tree::FollowedTree::new(map, held.pid(), std::process::id())?;
+            // A command line is text anyone chose: escaped like a process name.
+            let mut escaped = String::new();
+            crate::sink::push_escaped(&mut escaped, shown.as_bytes());
             crate::say::line(&format!(
-                "tracing the binds of `{shown}` (pid {}{}) and every process it starts",
+                "tracing the binds of `{escaped}` (pid {}{}) and every process it starts",
                 held.pid(),
                 run_as.as_ref().map(|u| format!(", as {}", u.described)).unwrap_or_default()
             ));

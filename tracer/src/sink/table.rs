@@ -315,8 +315,12 @@ impl Sink for TableSink {
         let mut text = String::new();
         let _ = writeln!(
             text,
-            "\n{} bind events in {:.1}s (backend: {}); dropped: {}",
-            report.events, report.duration_s, report.backend, report.dropped
+            "\n{} bind event{} in {:.1}s (backend: {}); dropped: {}",
+            report.events,
+            if report.events == 1 { "" } else { "s" },
+            report.duration_s,
+            report.backend,
+            report.dropped
         );
         if self.netlink_hidden > 0 {
             let _ = writeln!(
