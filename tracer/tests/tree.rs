@@ -425,6 +425,11 @@ fn ctrl_c_from_the_terminal_is_cmds() {
                     if libc::setsid() < 0 || libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
                         return Err(std::io::Error::last_os_error());
                     }
+                    // As a terminal's shell has them: a test run started in the background
+                    // by a non-interactive shell inherits SIGINT ignored, and a shell cannot
+                    // trap a signal ignored on entry (CI found it).
+                    libc::signal(libc::SIGINT, libc::SIG_DFL);
+                    libc::signal(libc::SIGQUIT, libc::SIG_DFL);
                     Ok(())
                 });
         }
