@@ -419,16 +419,19 @@ for backend in $BACKENDS; do
   wait $tracer
   echo "@@SCOPE exit=$?"; cat /tmp/scope.txt /tmp/scope.ndjson
   # -- CMD: the tree's binds (a child, a grandchild, a daemon left behind, an exec chain),
-  # and its exit status (3); a bind outside the tree meanwhile is not reported.
-  rm -f /tmp/tree.ndjson /tmp/daemon-done
-  (sleep 0.3; /bind-scenarios --bind 41301) &
+  # and its exit status (3); a bind outside the tree while CMD runs (once CMD says it has
+  # started) is not reported. Every wait is bounded.
+  rm -f /tmp/tree.ndjson /tmp/daemon-done /tmp/tree-started /tmp/outside-done
+  (i=0; while [ ! -e /tmp/tree-started ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i + 1)); done
+   /bind-scenarios --bind 41301; echo > /tmp/outside-done) &
   /bindtrace --attach "$backend" --no-diagnosis -o ndjson --file /tmp/tree.ndjson -- /bin/sh -c '
-    sleep 0.6
+    echo > /tmp/tree-started
+    i=0; while [ ! -e /tmp/outside-done ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
     /bind-scenarios --bind 41302
     sh -c "/bind-scenarios --bind 41303"
     sh -c "(sleep 0.2; /bind-scenarios --bind 41304; echo > /tmp/daemon-done) &"
     sh -c "exec sh -c \"exec /bind-scenarios --bind 41305\""
-    while [ ! -e /tmp/daemon-done ]; do sleep 0.1; done
+    i=0; while [ ! -e /tmp/daemon-done ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
     exit 3' 2>/tmp/tree.txt
   echo "@@TREE exit=$?"; cat /tmp/tree.txt /tmp/tree.ndjson
   # Per-thread state, counted here (the events are too many for the console): two threads
@@ -990,6 +993,12 @@ fn tree_problem(run: &GuestRun) -> Option<String> {
         return Some(format!("a bind outside the tree was reported: {binds:?}"));
     }
     let summary = run.tree.iter().find(|r| r["type"] == "summary");
+    // The bind outside ran while CMD did: the probe saw it and its filter dropped it.
+    if summary.and_then(|s| s["kernel"]["filtered"].as_u64()).is_none_or(|f| f == 0) {
+        return Some(format!(
+            "the kernel filtered no bind: the one outside the tree was not made meanwhile: {summary:?}"
+        ));
+    }
     match summary.map(|s| &s["tree"]) {
         Some(tree) if tree["exit_status"] == 3 => None,
         other => Some(format!("the summary does not give CMD's exit status 3: {other:?}")),
@@ -1642,13 +1651,17 @@ mod tests {
             format!("{{\"type\":\"bind\",\"port\":{port},\"ok\":true,\"ppid\":7,\"depth\":{depth}}}\n")
         };
         let all = [bind(41302, 1), bind(41303, 2), bind(41304, 3), bind(41305, 1)].concat();
-        let summary = "{\"type\":\"summary\",\"tree\":{\"exit_status\":3}}\n";
+        let summary = "{\"type\":\"summary\",\"kernel\":{\"filtered\":1},\"tree\":{\"exit_status\":3}}\n";
         assert_eq!(tree_problem(&tree("3", &format!("{all}{summary}"))), None);
         assert!(tree_problem(&tree("0", &format!("{all}{summary}"))).is_some_and(|p| p.contains("exits 3")));
         assert!(tree_problem(&tree("3", &format!("{all}{}{summary}", bind(41301, 1))))
             .is_some_and(|p| p.contains("outside")));
         assert!(tree_problem(&tree("3", &format!("{}{summary}", bind(41302, 1)))).is_some_and(|p| p.contains("41303")));
-        assert!(tree_problem(&tree("3", &all)).is_some_and(|p| p.contains("summary")));
+        assert!(tree_problem(&tree("3", &all)).is_some_and(|p| p.contains("filtered no bind")));
+        let unfiltered = "{\"type\":\"summary\",\"kernel\":{\"filtered\":0},\"tree\":{\"exit_status\":3}}\n";
+        assert!(tree_problem(&tree("3", &format!("{all}{unfiltered}"))).is_some_and(|p| p.contains("filtered no bind")));
+        let no_status = "{\"type\":\"summary\",\"kernel\":{\"filtered\":1},\"tree\":{}}\n";
+        assert!(tree_problem(&tree("3", &format!("{all}{no_status}"))).is_some_and(|p| p.contains("exit status 3")));
         assert_eq!(version_key("linux-image-6.12.117+deb12"), vec![6, 12, 117, 12]);
         assert!(version_key("6.12.117") > version_key("6.12.99"));
     }
