@@ -1,0 +1,141 @@
+//! Cutting a guest's console into what each run printed between the init's `@@` markers.
+
+use serde_json::Value;
+
+/// One backend's run, cut out of the console output.
+pub(super) struct GuestRun {
+    pub(super) backend: String,
+    pub(super) exit: String,
+    pub(super) stderr: Vec<String>,
+    pub(super) events: Vec<Value>,
+    pub(super) scenarios: Vec<Value>,
+    /// The `--cgroup /bt-scope` run: its exit, and its NDJSON records and stderr lines.
+    pub(super) scope_exit: String,
+    pub(super) scope: Vec<Value>,
+    pub(super) scope_stderr: Vec<String>,
+    /// The `-- CMD` run: its exit, and its NDJSON records and stderr lines.
+    pub(super) tree_exit: String,
+    pub(super) tree: Vec<Value>,
+    pub(super) tree_stderr: Vec<String>,
+    /// `bind-scenarios --count` of the colliding threads' run, when it ran.
+    pub(super) collision: Option<Value>,
+    /// The same for the sleeping binds' run.
+    pub(super) sleepers: Option<Value>,
+}
+
+/// What the guest's `bindtrace --check` and `--attach auto` runs said.
+#[derive(Default)]
+pub(super) struct GuestChecks {
+    pub(super) check_lines: Vec<String>,
+    pub(super) check_exit: String,
+    pub(super) auto_exit: String,
+    /// The backend the auto run's summary names.
+    pub(super) auto_backend: Option<String>,
+    pub(super) auto_output: Vec<String>,
+}
+
+impl GuestChecks {
+    /// What `--check` said of a backend: `Some(Ok)` yes, `Some(Err(reason))` no.
+    pub(super) fn hook(&self, backend: &str) -> Option<std::result::Result<(), String>> {
+        let prefix = format!("hook {backend}: ");
+        let answer = self.check_lines.iter().find_map(|l| l.strip_prefix(&prefix))?;
+        Some(if answer == "yes" { Ok(()) } else { Err(answer.trim_start_matches("no: ").to_owned()) })
+    }
+}
+
+pub(super) fn parse_checks(console: &str) -> GuestChecks {
+    let mut checks = GuestChecks::default();
+    let mut section = "";
+    for line in console.lines() {
+        if line == "@@CHECK" {
+            section = "check";
+        } else if let Some(exit) = line.strip_prefix("@@CHECK_EXIT ") {
+            checks.check_exit = exit.trim().to_owned();
+            section = "";
+        } else if let Some(exit) = line.strip_prefix("@@AUTO ") {
+            checks.auto_exit = exit.trim().to_owned();
+            section = "auto";
+        } else if line.starts_with("@@") {
+            if section == "auto" {
+                break;
+            }
+            section = "";
+        } else if section == "check" {
+            checks.check_lines.push(line.to_owned());
+        } else if section == "auto" {
+            let summary = serde_json::from_str::<Value>(line).ok().filter(|v| v["type"] == "summary");
+            if let Some(backend) = summary.as_ref().and_then(|v| v["backend"].as_str()) {
+                checks.auto_backend = Some(backend.to_owned());
+            }
+            checks.auto_output.push(line.to_owned());
+        }
+    }
+    checks
+}
+
+pub(super) fn parse_console(console: &str) -> Vec<GuestRun> {
+    let mut runs = Vec::new();
+    let mut section = "";
+    for line in console.lines() {
+        if let Some(rest) = line.strip_prefix("@@BACKEND ") {
+            let mut words = rest.split_whitespace();
+            runs.push(GuestRun {
+                backend: words.next().unwrap_or("?").to_owned(),
+                exit: words.next().unwrap_or("").to_owned(),
+                stderr: Vec::new(),
+                events: Vec::new(),
+                scenarios: Vec::new(),
+                scope_exit: String::new(),
+                scope: Vec::new(),
+                scope_stderr: Vec::new(),
+                tree_exit: String::new(),
+                tree: Vec::new(),
+                tree_stderr: Vec::new(),
+                collision: None,
+                sleepers: None,
+            });
+            section = "";
+        } else if let Some(exit) = line.strip_prefix("@@TREE ") {
+            if let Some(current) = runs.last_mut() {
+                current.tree_exit = exit.trim().to_owned();
+            }
+            section = "tree";
+        } else if let Some(exit) = line.strip_prefix("@@SCOPE ") {
+            if let Some(current) = runs.last_mut() {
+                current.scope_exit = exit.trim().to_owned();
+            }
+            section = "scope";
+        } else if let Some(marker) = line.strip_prefix("@@") {
+            section = match marker {
+                "STDERR" => "stderr",
+                "EVENTS" => "events",
+                "SCENARIOS" => "scenarios",
+                "COLLISION" => "collision",
+                "SLEEPERS" => "sleepers",
+                _ => "",
+            };
+        } else if let Some(current) = runs.last_mut() {
+            match section {
+                "stderr" => current.stderr.push(line.to_owned()),
+                "events" => current.events.extend(serde_json::from_str::<Value>(line).ok()),
+                "scenarios" => current.scenarios.extend(serde_json::from_str::<Value>(line).ok()),
+                "collision" | "sleepers" => {
+                    if let Ok(counted) = serde_json::from_str::<Value>(line) {
+                        *if section == "collision" { &mut current.collision } else { &mut current.sleepers } =
+                            Some(counted);
+                    }
+                }
+                "scope" => match serde_json::from_str::<Value>(line) {
+                    Ok(record) => current.scope.push(record),
+                    Err(_) => current.scope_stderr.push(line.to_owned()),
+                },
+                "tree" => match serde_json::from_str::<Value>(line) {
+                    Ok(record) => current.tree.push(record),
+                    Err(_) => current.tree_stderr.push(line.to_owned()),
+                },
+                _ => {}
+            }
+        }
+    }
+    runs
+}
