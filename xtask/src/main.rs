@@ -79,11 +79,29 @@ pub fn run(command: &mut Command) -> Result<()> {
     if command.get_current_dir().is_none() {
         command.current_dir(workspace_root());
     }
+    let started = std::time::Instant::now();
     let status = command.status().with_context(|| format!("cannot start {}", describe(command)))?;
+    // Every step's time in the log, so a slow suite says where its minutes went.
+    let took = started.elapsed();
+    if took.as_secs() >= 2 {
+        eprintln!("xtask: {:.0?} for {}", took, program_and_first_args(command));
+    }
     if !status.success() {
         bail!("{} failed ({status})", describe(command));
     }
     Ok(())
+}
+
+/// The program and its first four arguments: enough to tell the steps apart.
+fn program_and_first_args(command: &Command) -> String {
+    let mut words: Vec<String> = std::iter::once(command.get_program())
+        .chain(command.get_args().take(4))
+        .map(|s| s.to_string_lossy().into_owned())
+        .collect();
+    if command.get_args().len() > 4 {
+        words.push("...".to_owned());
+    }
+    words.join(" ")
 }
 
 pub fn describe(command: &Command) -> String {
@@ -168,6 +186,13 @@ impl Fetching {
 }
 
 fn test() -> Result<()> {
+    let started = std::time::Instant::now();
+    let tested = test_steps();
+    eprintln!("xtask: cargo xtask test took {:.0?}", started.elapsed());
+    tested
+}
+
+fn test_steps() -> Result<()> {
     setup::ensure()?;
     let fetching = is_root().then(Fetching::start);
     run(cargo().args(["fmt", "--all", "--", "--check"]))?;

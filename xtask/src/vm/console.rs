@@ -46,7 +46,7 @@ impl GuestChecks {
 pub(super) fn parse_checks(console: &str) -> GuestChecks {
     let mut checks = GuestChecks::default();
     let mut section = "";
-    for line in console.lines() {
+    for line in console.lines().filter(|l| !is_stamp(l)) {
         if line == "@@CHECK" {
             section = "check";
         } else if let Some(exit) = line.strip_prefix("@@CHECK_EXIT ") {
@@ -76,7 +76,7 @@ pub(super) fn parse_checks(console: &str) -> GuestChecks {
 pub(super) fn parse_console(console: &str) -> Vec<GuestRun> {
     let mut runs = Vec::new();
     let mut section = "";
-    for line in console.lines() {
+    for line in console.lines().filter(|l| !is_stamp(l)) {
         if let Some(rest) = line.strip_prefix("@@BACKEND ") {
             let mut words = rest.split_whitespace();
             runs.push(GuestRun {
@@ -138,4 +138,42 @@ pub(super) fn parse_console(console: &str) -> Vec<GuestRun> {
         }
     }
     runs
+}
+
+/// `@@AT UPTIME STAGE`: the init's time stamps, which cut no section.
+fn is_stamp(line: &str) -> bool {
+    line.starts_with("@@AT ")
+}
+
+/// How long each stage of the init took (from its stamp to the next), and the boot before
+/// the first (the guest's uptime then): where a guest's minutes go.
+pub(super) fn stages(console: &str) -> Vec<(String, f64)> {
+    let stamps: Vec<(f64, &str)> = console
+        .lines()
+        .filter_map(|l| l.strip_prefix("@@AT "))
+        .filter_map(|rest| {
+            let (uptime, stage) = rest.split_once(' ')?;
+            Some((uptime.parse().ok()?, stage))
+        })
+        .collect();
+    let boot = stamps.first().map(|(at, _)| ("boot".to_owned(), *at));
+    boot.into_iter().chain(stamps.windows(2).map(|pair| (pair[0].1.to_owned(), pair[1].0 - pair[0].0))).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stamps_tell_each_stage_its_time_and_cut_no_section() {
+        let console = "@@BEGIN 6.1\n@@AT 10.5 check\n@@CHECK\nhook kprobe: yes\n@@AT 14.0 check_inner\n@@CHECK_EXIT 0\n@@AT 20.0 end\n@@END\n";
+        assert_eq!(
+            stages(console),
+            vec![("boot".to_owned(), 10.5), ("check".to_owned(), 3.5), ("check_inner".to_owned(), 6.0)]
+        );
+        let checks = parse_checks(console);
+        assert_eq!((checks.check_lines.len(), checks.check_exit.as_str()), (1, "0"));
+        let console = "@@BACKEND kprobe exit=0\n@@EVENTS\n{\"type\":\"bind\"}\n@@AT 3.0 kprobe cgroup_scope\n{\"type\":\"bind\"}\n";
+        assert_eq!(parse_console(console)[0].events.len(), 2);
+    }
 }

@@ -7,12 +7,17 @@ mount -t tmpfs tmpfs /tmp
 mkdir -p /sys/fs/cgroup && mount -t cgroup2 none /sys/fs/cgroup
 ip link set lo up
 echo "@@BEGIN $(uname -r) $(uname -m)"
+# at STAGE: the guest's uptime as STAGE starts (the host tells where a guest's minutes go).
+at() { echo "@@AT $(cut -d' ' -f1 /proc/uptime) $*"; }
+at check
 echo "@@CHECK"
 /bindtrace --check --verbose
 echo "@@CHECK_EXIT $?"
+at auto
 /bindtrace --attach auto --no-diagnosis -d 1s -o ndjson --file /tmp/auto.ndjson 2>/tmp/auto.txt
 echo "@@AUTO exit=$?"
 cat /tmp/auto.ndjson /tmp/auto.txt
+at ring_4k
 # A ring of 4K: one page on most kernels, less than one on 16K/64K-page kernels, where it
 # must be refused with one line and status 2.
 /bindtrace --ring-buffer-size 4K --no-diagnosis -d 1s -o none --no-summary 2>/tmp/ring.txt
@@ -50,6 +55,7 @@ counted() {
   fi
 }
 for backend in $BACKENDS; do
+  at "$backend" scenarios
   rm -f /tmp/events.ndjson
   if attach /tmp/stderr.txt --attach "$backend" -o ndjson --file /tmp/events.ndjson; then
     /bind-scenarios > /tmp/scenarios.ndjson
@@ -72,6 +78,7 @@ for backend in $BACKENDS; do
   echo "@@STDERR"; cat /tmp/stderr.txt
   echo "@@EVENTS"; cat /tmp/events.ndjson
   echo "@@SCENARIOS"; cat /tmp/scenarios.ndjson
+  at "$backend" cgroup_scope
   # --cgroup in the kernel: a listener inside /bt-scope is reported, one outside is not.
   rm -f /tmp/scope.ndjson
   mkdir -p /sys/fs/cgroup/bt-scope
@@ -85,6 +92,7 @@ for backend in $BACKENDS; do
   kill -INT $tracer 2>/dev/null
   wait $tracer
   echo "@@SCOPE exit=$?"; cat /tmp/scope.txt /tmp/scope.ndjson
+  at "$backend" process_tree
   # -- CMD: the tree's binds (a child, a grandchild, a daemon left behind, an exec chain),
   # and its exit status (3); a bind outside the tree while CMD runs (once CMD says it has
   # started) is not reported. Every wait is bounded.
@@ -105,13 +113,16 @@ for backend in $BACKENDS; do
   # whose tids once shared an entry slot bind at the same time (every bind reported once);
   # many AF_UNIX binds sleep at once in one directory's lock (each reported, or counted lost
   # when a kretprobe's return instances run out).
+  at "$backend" tid_slot_collision
   counted COLLISION --collide
+  at "$backend" sleeping_binds
   counted SLEEPERS --sleepers
 done
 # What tracing costs here (emulated: indicative only), when the host asks for it on the kernel
 # command line: a getppid loop (collateral) and a bind storm, untraced and with bindtrace
 # attached on fexit and kprobe (the hooks the project's host refuses; it measures the
 # tracepoint itself), three rounds.
+at costs
 echo "@@COSTS"
 grep -q bindtrace.costs /proc/cmdline && for round in 1 2 3; do
   echo "collateral untraced $(/syscall-loop 500000)"
@@ -127,5 +138,6 @@ grep -q bindtrace.costs /proc/cmdline && for round in 1 2 3; do
     kill -INT $tracer 2>/dev/null; wait $tracer
   done
 done
+at end
 echo "@@END"
 poweroff -f

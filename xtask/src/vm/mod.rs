@@ -13,7 +13,7 @@ mod initramfs;
 mod matrix;
 mod report;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::{anyhow, bail, Result};
 
@@ -22,7 +22,7 @@ use self::{
     apt::{ensure_packages, guest_busybox, guest_kernel, PrivateApt},
     boot::boot,
     check::compare_backends,
-    console::{parse_checks, parse_console, GuestRun},
+    console::{parse_checks, parse_console, stages, GuestRun},
     costs::{parse_costs, report_costs, Cost},
     initramfs::build_initramfs,
     matrix::{GuestKernel, BACKENDS, MATRIX, NEWEST_SERIES},
@@ -46,6 +46,10 @@ pub struct VmArgs {
     /// indicative only; about a minute a guest, so not part of `cargo xtask test`).
     #[arg(long)]
     costs: bool,
+    /// Guests booted at once [default: 2, the CPUs of the machines this runs on; 1 with
+    /// --costs, whose figures another guest beside would distort].
+    #[arg(long)]
+    jobs: Option<usize>,
 }
 
 impl VmArgs {
@@ -73,6 +77,16 @@ impl VmArgs {
             }
         }
         Ok(arches)
+    }
+
+    /// Under TCG most of a guest's time is one busy vCPU (the verifier, bindtrace's
+    /// start-up, the scenarios one at a time), so two guests side by side take little more
+    /// than one: the matrix took 1,346 s one at a time on the 2-CPU CI machine.
+    fn parallel_guests(&self) -> usize {
+        if self.costs {
+            return 1;
+        }
+        self.jobs.unwrap_or(2).max(1)
     }
 
     pub fn host(&self) -> bool {
@@ -108,10 +122,10 @@ pub fn prefetch(args: &VmArgs) -> Result<()> {
 
 /// Boots every selected guest and checks it; `binaries` has one entry per architecture.
 pub fn vm(args: &VmArgs, binaries: &[GuestBinaries]) -> Result<()> {
-    let mut tally = Tally::default();
-    let mut costs = Vec::new();
     ensure_packages()?;
     let started = std::time::Instant::now();
+    // Everything fetched and built first (apt's state is not to be shared by two guests).
+    let mut guests = Vec::new();
     for arch in args.arches()? {
         let bin = binaries
             .iter()
@@ -127,24 +141,44 @@ pub fn vm(args: &VmArgs, binaries: &[GuestBinaries]) -> Result<()> {
             [&bin.syscall_loop, &bin.bind_storm],
         )?;
         for guest in args.guests()?.into_iter().filter(|g| g.arch == arch) {
-            let measures_costs = args.costs && guest.series == NEWEST_SERIES;
-            let mut first = Tally::default();
-            let measured = run_guest(&apt, guest, &initramfs, measures_costs, &mut first)?;
-            if first.failed == 0 && first.failures.is_empty() {
-                costs.extend(measured);
-                tally.add(first);
-                continue;
-            }
-            // An emulated guest is booted once more after a failure: the matrix then fails
-            // only on a failure that comes back, and the first one stays in the log (and in
-            // `retried`) to be looked into, never dropped.
-            let name = format!("{}-{}", guest.arch.name, guest.series);
-            eprintln!("xtask: vm {name}: failed ({}); booting it once more", first.failures.join("; "));
-            tally.retried.push(format!("{name}: {}", first.failures.join("; ")));
-            let mut second = Tally::default();
-            costs.extend(run_guest(&apt, guest, &initramfs, measures_costs, &mut second)?);
-            tally.add(second);
+            guests.push(GuestJob {
+                guest,
+                kernel: guest_kernel(&apt, guest)?,
+                initramfs: initramfs.clone(),
+                measures_costs: args.costs && guest.series == NEWEST_SERIES,
+            });
         }
+    }
+    // The longest first, so that the last to start is a short one.
+    let mut queue: Vec<usize> = (0..guests.len()).collect();
+    queue.sort_by_key(|&i| std::cmp::Reverse(guests[i].guest.typical_secs));
+    let queue = std::sync::Mutex::new(std::collections::VecDeque::from(queue));
+    let results = std::sync::Mutex::new(Vec::new());
+    let workers = args.parallel_guests();
+    eprintln!("xtask: vm: {} guests, {workers} at a time", guests.len());
+    std::thread::scope(|scope| {
+        for _ in 0..workers {
+            scope.spawn(|| {
+                while let Some(index) = queue.lock().ok().and_then(|mut q| q.pop_front()) {
+                    let result = run_guest_once_more_on_failure(&guests[index]);
+                    if let Ok(mut results) = results.lock() {
+                        results.push((index, result));
+                    }
+                }
+            });
+        }
+    });
+    let mut results = results.into_inner().map_err(|_| anyhow!("a guest's thread panicked"))?;
+    if results.len() != guests.len() {
+        bail!("{} of {} guests ran (a guest's thread panicked)", results.len(), guests.len());
+    }
+    results.sort_by_key(|(index, _)| *index);
+    let mut tally = Tally::default();
+    let mut costs = Vec::new();
+    for (_, result) in results {
+        let (guest_tally, guest_costs) = result?;
+        tally.add(guest_tally);
+        costs.extend(guest_costs);
     }
     if args.costs {
         report_costs(&costs)?;
@@ -159,26 +193,48 @@ pub fn vm(args: &VmArgs, binaries: &[GuestBinaries]) -> Result<()> {
     finish(&tally)
 }
 
-fn run_guest(
-    apt: &PrivateApt,
-    guest: &GuestKernel,
-    initramfs: &Path,
+/// One guest to boot, with everything it boots from.
+struct GuestJob {
+    guest: &'static GuestKernel,
+    kernel: PathBuf,
+    initramfs: PathBuf,
     measures_costs: bool,
-    tally: &mut Tally,
-) -> Result<Vec<Cost>> {
+}
+
+/// An emulated guest is booted once more after a failure: the matrix then fails only on a
+/// failure that comes back, and the first one stays in the log (and in `retried`) to be
+/// looked into, never dropped.
+fn run_guest_once_more_on_failure(job: &GuestJob) -> Result<(Tally, Vec<Cost>)> {
+    let mut first = Tally::default();
+    let measured = run_guest(job, &mut first)?;
+    if first.failed == 0 && first.failures.is_empty() {
+        return Ok((first, measured));
+    }
+    let name = format!("{}-{}", job.guest.arch.name, job.guest.series);
+    eprintln!("xtask: vm {name}: failed ({}); booting it once more", first.failures.join("; "));
+    let mut second = Tally::default();
+    let measured = run_guest(job, &mut second)?;
+    second.retried.push(format!("{name}: {}", first.failures.join("; ")));
+    Ok((second, measured))
+}
+
+fn run_guest(job: &GuestJob, tally: &mut Tally) -> Result<Vec<Cost>> {
+    let GuestJob { guest, kernel, initramfs, measures_costs } = job;
+    let measures_costs = *measures_costs;
     let name = format!("{}-{}", guest.arch.name, guest.series);
-    let kernel = guest_kernel(apt, guest)?;
     let booted = std::time::Instant::now();
-    let mut console = boot(guest.arch, &kernel, initramfs, measures_costs)?;
+    let mut console = boot(guest.arch, kernel, initramfs, measures_costs)?;
     if !console.contains("@@BEGIN ") {
         // The kernel never reached the init (a TCG boot once panicked in an interrupt before
         // it): nothing of bindtrace ran, so the guest is booted once more, and says so.
         eprintln!("xtask: vm {name}: the kernel did not reach the init; booting it once more");
-        console = boot(guest.arch, &kernel, initramfs, measures_costs)?;
+        console = boot(guest.arch, kernel, initramfs, measures_costs)?;
     }
     let log = workspace_root().join(format!("target/vm/console-{name}.txt"));
     std::fs::write(&log, &console)?;
     eprintln!("xtask: vm {name}: {:.0?}, console in {}", booted.elapsed(), log.display());
+    let stages: Vec<String> = stages(&console).iter().map(|(stage, secs)| format!("{stage} {secs:.0}s")).collect();
+    eprintln!("xtask: vm {name}: stages: {}", stages.join(", "));
     let release = console
         .lines()
         // The firmware's terminal escapes may precede the first line.
