@@ -41,8 +41,8 @@ pub mod sockaddr;
 /// Names of the maps and globals in the probe object, used by the loader to find them.
 pub mod names {
     pub const EVENTS: &str = "EVENTS";
-    pub const IN_FLIGHT: &str = "IN_FLIGHT";
-    pub const ENTRIES: &str = "ENTRIES";
+    pub const INET_BIND_ARGS: &str = "INET_BIND_ARGS";
+    pub const THREAD_ENTRIES: &str = "THREAD_ENTRIES";
     pub const ATTACH_STATE: &str = "ATTACH_STATE";
     pub const STATS: &str = "STATS";
     pub const FILTER_PIDS: &str = "FILTER_PIDS";
@@ -53,15 +53,15 @@ pub mod names {
     pub const PROG_TREE_EXIT: &str = "bindtrace_sched_process_exit";
     pub const PROG_TREE_EXEC: &str = "bindtrace_sched_process_exec";
     pub const CONFIG: &str = "BINDTRACE_CONFIG";
-    pub const PROG_ENTER: &str = "bindtrace_sys_enter_bind";
-    pub const PROG_EXIT: &str = "bindtrace_sys_exit_bind";
-    pub const PROG_KPROBE: &str = "bindtrace_kprobe_inet_bind";
-    pub const PROG_KRETPROBE: &str = "bindtrace_kretprobe_inet_bind";
-    /// (fentry program, fexit program, kernel function)
-    pub const PROGS_FEXIT: [(&str, &str, &str); 2] = [
-        ("bindtrace_fentry_inet_bind", "bindtrace_fexit_inet_bind", "inet_bind"),
-        ("bindtrace_fentry_inet6_bind", "bindtrace_fexit_inet6_bind", "inet6_bind"),
-    ];
+    pub const PROG_ENTER_BIND: &str = "bindtrace_sys_enter_bind";
+    pub const PROG_EXIT_BIND: &str = "bindtrace_sys_exit_bind";
+    pub const PROG_KPROBE_INET_BIND: &str = "bindtrace_kprobe_inet_bind";
+    pub const PROG_KRETPROBE_INET_BIND: &str = "bindtrace_kretprobe_inet_bind";
+    /// The fexit backend: a program pair per inet_bind function.
+    pub const PROG_FENTRY_INET_BIND: &str = "bindtrace_fentry_inet_bind";
+    pub const PROG_FEXIT_INET_BIND: &str = "bindtrace_fexit_inet_bind";
+    pub const PROG_FENTRY_INET6_BIND: &str = "bindtrace_fentry_inet6_bind";
+    pub const PROG_FEXIT_INET6_BIND: &str = "bindtrace_fexit_inet6_bind";
     /// The kernel functions the inet_bind backends hook.
     pub const INET_BIND_FUNCTIONS: [&str; 2] = ["inet_bind", "inet6_bind"];
     /// What every bind(2) goes through, whatever the family and the outcome (compat and

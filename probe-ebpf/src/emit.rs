@@ -120,16 +120,14 @@ fn in_selected_cgroup(cfg: &ProbeConfig) -> bool {
     let cgroup: *const u8 = if helper {
         core::ptr::null()
     } else {
-        // SAFETY: reads of kernel memory through the helper; a fault yields null, and the
-        // ids read through null are 0, which no cgroup has.
-        unsafe {
-            let task = generated::bpf_get_current_task() as *const u8;
-            let css_set: *const u8 = kernel_read(task.wrapping_add(layout.task_cgroups as usize));
-            kernel_read(css_set.wrapping_add(layout.css_set_dfl_cgrp as usize))
-        }
+        // A read that faults yields null, and the ids read through null are 0, which no
+        // cgroup has.
+        // SAFETY: a helper without arguments.
+        let task = unsafe { generated::bpf_get_current_task() } as *const u8;
+        let css_set: *const u8 = kernel_read(task.wrapping_add(layout.task_cgroups as usize));
+        kernel_read(css_set.wrapping_add(layout.css_set_dfl_cgrp as usize))
     };
-    // SAFETY: as above.
-    let level: i32 = if helper { 0 } else { unsafe { kernel_read(cgroup.wrapping_add(layout.cgroup_level as usize)) } };
+    let level: i32 = if helper { 0 } else { kernel_read(cgroup.wrapping_add(layout.cgroup_level as usize)) };
     let mut i = 0;
     while i < MAX_CGROUPS {
         if i as u32 >= filter.cgroup_count {
@@ -167,17 +165,14 @@ fn ancestor_at(layout: &KernelLayout, helper: bool, cgroup: *const u8, level: i3
     } else if layout.cgroup_ancestor_ids != 0 {
         // Before 6.1: the ancestors' ids, root first.
         let at = layout.cgroup_ancestor_ids as usize + 8 * want as usize;
-        // SAFETY: reads of kernel memory through the helper; a fault yields 0.
-        unsafe { kernel_read::<u64>(cgroup.wrapping_add(at)) }
+        // A read that faults yields 0.
+        kernel_read::<u64>(cgroup.wrapping_add(at))
     } else {
         // Since 6.1: pointers to the ancestors, root first; an id is its kernfs node's.
         let at = layout.cgroup_ancestors as usize + 8 * want as usize;
-        // SAFETY: as above.
-        unsafe {
-            let ancestor: *const u8 = kernel_read(cgroup.wrapping_add(at));
-            let node: *const u8 = kernel_read(ancestor.wrapping_add(layout.cgroup_kn as usize));
-            kernel_read::<u64>(node.wrapping_add(layout.kernfs_node_id as usize))
-        }
+        let ancestor: *const u8 = kernel_read(cgroup.wrapping_add(at));
+        let node: *const u8 = kernel_read(ancestor.wrapping_add(layout.cgroup_kn as usize));
+        kernel_read::<u64>(node.wrapping_add(layout.kernfs_node_id as usize))
     }
 }
 
@@ -245,8 +240,7 @@ pub(crate) fn complete<C: EbpfContext>(ctx: &C, caller: Caller, r: Returned) {
             let socket_fd = if r.ret == -ENOTSOCK || r.ret == -EBADF { -1 } else { fd };
             sock_of_fd(&cfg.layout, socket_fd)
         }
-        // SAFETY: reads go through bpf_probe_read_kernel.
-        SocketRef::Socket(socket) => unsafe { kernel_read(socket.wrapping_add(cfg.layout.socket_sk as usize)) },
+        SocketRef::Socket(socket) => kernel_read(socket.wrapping_add(cfg.layout.socket_sk as usize)),
     };
     let sock = read_sock(&cfg.layout, sk);
     let req = if listen {
@@ -263,6 +257,7 @@ pub(crate) fn complete<C: EbpfContext>(ctx: &C, caller: Caller, r: Returned) {
         count(stat::FILTERED);
         return;
     }
+    // SAFETY: a helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
     let (timestamp_ns, duration_ns, entry_flag) = match r.entered_ns {
         Some(entered_ns) => (entered_ns, now.saturating_sub(entered_ns), 0),
@@ -272,6 +267,7 @@ pub(crate) fn complete<C: EbpfContext>(ctx: &C, caller: Caller, r: Returned) {
         }
     };
     let uid_gid = bpf_get_current_uid_gid();
+    // SAFETY: a helper without arguments.
     let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
     // A failure keeps what its diagnosis reads of the task, which may exit at once.
     let task = if r.ret < 0 { task_facts(&cfg.layout) } else { TaskFacts::default() };
@@ -326,10 +322,10 @@ pub(crate) fn complete<C: EbpfContext>(ctx: &C, caller: Caller, r: Returned) {
             return;
         };
         let record = entry.as_mut_ptr();
+        let event = event!();
         // SAFETY: `record` is the reserved, exclusively owned ring-buffer slot; the path is
         // copied into it directly (bounded by UNIX_PATH_MAX) and bytes past `path_len` are
         // never read.
-        let event = event!();
         unsafe {
             (*record).event = event;
             let path_len = unix_path_len(r.addrlen);
@@ -337,13 +333,13 @@ pub(crate) fn complete<C: EbpfContext>(ctx: &C, caller: Caller, r: Returned) {
             (*record)._reserved = 0;
             let copied = if r.addr_in_kernel {
                 generated::bpf_probe_read_kernel(
-                    (*record).path.as_mut_ptr().cast(),
+                    (&raw mut (*record).path).cast(),
                     path_len,
                     r.addr.wrapping_add(2).cast(),
                 )
             } else {
                 generated::bpf_probe_read_user(
-                    (*record).path.as_mut_ptr().cast(),
+                    (&raw mut (*record).path).cast(),
                     path_len,
                     r.addr.wrapping_add(2).cast(),
                 )
@@ -385,17 +381,15 @@ fn task_facts(layout: &KernelLayout) -> TaskFacts {
     if layout.task_cred == NO_MEMBER || layout.nsproxy_mnt_ns == NO_MEMBER {
         return TaskFacts::default();
     }
-    // SAFETY: every dereference goes through bpf_probe_read_kernel.
-    unsafe {
-        let task = bpf_get_current_task() as *const u8;
-        let nsproxy: *const u8 = kernel_read(task.wrapping_add(layout.task_nsproxy as usize));
-        let mnt_ns: *const u8 = kernel_read(nsproxy.wrapping_add(layout.nsproxy_mnt_ns as usize));
-        let cred: *const u8 = kernel_read(task.wrapping_add(layout.task_cred as usize));
-        TaskFacts {
-            mnt_ns_ino: kernel_read(mnt_ns.wrapping_add(layout.mnt_ns_inum as usize)),
-            cap_effective: kernel_read(cred.wrapping_add(layout.cred_cap_effective as usize)),
-            flag: sock_flags::TASK_FACTS,
-        }
+    // SAFETY: a helper without arguments; every dereference below is a kernel_read.
+    let task = unsafe { bpf_get_current_task() } as *const u8;
+    let nsproxy: *const u8 = kernel_read(task.wrapping_add(layout.task_nsproxy as usize));
+    let mnt_ns: *const u8 = kernel_read(nsproxy.wrapping_add(layout.nsproxy_mnt_ns as usize));
+    let cred: *const u8 = kernel_read(task.wrapping_add(layout.task_cred as usize));
+    TaskFacts {
+        mnt_ns_ino: kernel_read(mnt_ns.wrapping_add(layout.mnt_ns_inum as usize)),
+        cap_effective: kernel_read(cred.wrapping_add(layout.cred_cap_effective as usize)),
+        flag: sock_flags::TASK_FACTS,
     }
 }
 

@@ -4,14 +4,14 @@
 use aya_ebpf::helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, generated};
 use bindtrace_common::{attach_state, kernel_helpers, stat, KernelLayout, NO_MEMBER};
 
-use crate::maps::{config, count, ATTACH_STATE, ENTRIES, IN_FLIGHT};
+use crate::maps::{config, count, ATTACH_STATE, INET_BIND_ARGS, THREAD_ENTRIES};
 
 /// A kprobe-backend bind() between entry and exit: the kretprobe sees only the return value,
 /// so the entry stashes the arguments. Everything else is read at exit, after the result
 /// filter.
 #[repr(C)]
 #[derive(Clone, Copy)]
-pub(crate) struct InFlight {
+pub(crate) struct InetBindArgs {
     pub(crate) entered_ns: u64,
     /// The kernel's copy of the sockaddr.
     pub(crate) addr: u64,
@@ -21,7 +21,7 @@ pub(crate) struct InFlight {
     pub(crate) _pad: u32,
 }
 
-/// What a thread's entry into bind() or listen() leaves for its exit, in [`ENTRIES`] under
+/// What a thread's entry into bind() or listen() leaves for its exit, in [`THREAD_ENTRIES`] under
 /// its tid: the time (tracepoint and fentry/fexit backends, whose exits have the arguments
 /// themselves) and, where the exit cannot reach them (kprobe; the tracepoint before 5.15, no
 /// `bpf_task_pt_regs`), the arguments. The exit takes it out. Only the thread itself writes
@@ -29,7 +29,7 @@ pub(crate) struct InFlight {
 /// all the same, because an LRU map may reuse an evicted entry while it is read.
 #[repr(C)]
 #[derive(Clone, Copy)]
-pub(crate) struct EntryStamp {
+pub(crate) struct SyscallEntry {
     pub(crate) tid: u32,
     pub(crate) fd: i32,
     pub(crate) entered_ns: u64,
@@ -54,7 +54,7 @@ const NO_ARGS: SyscallArgs = SyscallArgs { fd: -1, addr: 0, addrlen: 0 };
 #[inline(always)]
 fn put_entry(args: SyscallArgs, in_syscall: u32) {
     let tid = bpf_get_current_pid_tgid() as u32;
-    let stamp = EntryStamp {
+    let stamp = SyscallEntry {
         tid,
         fd: args.fd,
         // SAFETY: a helper without arguments.
@@ -64,7 +64,7 @@ fn put_entry(args: SyscallArgs, in_syscall: u32) {
         in_syscall,
     };
     // An insert that fails (no memory) leaves no entry: the exit counts that call.
-    let _ = ENTRIES.insert(tid, stamp, 0);
+    let _ = THREAD_ENTRIES.insert(tid, stamp, 0);
 }
 
 /// The entry hooks of the tracepoint and fentry backends only stamp the time: the exit hook
@@ -98,7 +98,7 @@ pub(crate) fn stamp_syscall_entry(args: Option<SyscallArgs>) {
 #[inline(always)]
 fn marked_inside_syscall(tid: u32) -> bool {
     // SAFETY: a value of the map, read at once.
-    unsafe { ENTRIES.get(tid) }.is_some_and(|entry| entry.tid == tid && entry.in_syscall != 0)
+    unsafe { THREAD_ENTRIES.get(tid) }.is_some_and(|entry| entry.tid == tid && entry.in_syscall != 0)
 }
 
 /// Is this thread inside a hooked `__sys_bind` (so an inet_bind hook must stand aside)? From
@@ -144,7 +144,7 @@ pub(crate) struct Taken {
     pub(crate) found: bool,
     pub(crate) entered_ns: u64,
     pub(crate) args: SyscallArgs,
-    /// It was a `__sys_bind` entry (see [`EntryStamp::in_syscall`]), not a listen()'s.
+    /// It was a `__sys_bind` entry (see [`SyscallEntry::in_syscall`]), not a listen()'s.
     pub(crate) in_syscall: bool,
 }
 
@@ -163,10 +163,10 @@ impl Taken {
 #[inline(always)]
 pub(crate) fn take_entry(tid: u32) -> Taken {
     // SAFETY: a value of the map, copied out at once.
-    let Some(entry) = (unsafe { ENTRIES.get(tid) }).copied() else {
+    let Some(entry) = (unsafe { THREAD_ENTRIES.get(tid) }).copied() else {
         return Taken { found: false, entered_ns: 0, args: NO_ARGS, in_syscall: false };
     };
-    let _ = ENTRIES.remove(tid);
+    let _ = THREAD_ENTRIES.remove(tid);
     Taken {
         found: entry.tid == tid,
         entered_ns: entry.entered_ns,
@@ -220,23 +220,23 @@ pub(crate) fn syscall_args(layout: &KernelLayout) -> SyscallArgs {
 
 /// The kprobe backend's inet_bind entry: the arguments, for the kretprobe.
 #[inline(always)]
-pub(crate) fn remember(tid: u32, in_flight: InFlight) {
+pub(crate) fn remember(tid: u32, args: InetBindArgs) {
     // A stash still there: the kretprobe of this thread's last inet_bind never ran.
-    if IN_FLIGHT.get_ptr(tid).is_some() {
+    if INET_BIND_ARGS.get_ptr(tid).is_some() {
         count(stat::RETURN_MISSED);
     }
     // An insert that fails (no memory) leaves nothing: the kretprobe counts that call.
-    let _ = IN_FLIGHT.insert(tid, in_flight, 0);
+    let _ = INET_BIND_ARGS.insert(tid, args, 0);
 }
 
 /// The kprobe backend's inet_bind return: what the entry stashed, taken out of the map;
 /// `entered_ns` 0 when nothing was (always initialised: see [`Taken`]).
 #[inline(always)]
-pub(crate) fn take_in_flight(tid: u32) -> InFlight {
+pub(crate) fn take_inet_bind_args(tid: u32) -> InetBindArgs {
     // SAFETY: a value of the map, copied out at once.
-    let Some(stashed) = (unsafe { IN_FLIGHT.get(tid) }).copied() else {
-        return InFlight { entered_ns: 0, addr: 0, socket: 0, addrlen: 0, _pad: 0 };
+    let Some(stashed) = (unsafe { INET_BIND_ARGS.get(tid) }).copied() else {
+        return InetBindArgs { entered_ns: 0, addr: 0, socket: 0, addrlen: 0, _pad: 0 };
     };
-    let _ = IN_FLIGHT.remove(tid);
+    let _ = INET_BIND_ARGS.remove(tid);
     stashed
 }

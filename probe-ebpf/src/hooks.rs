@@ -20,7 +20,7 @@ use crate::{
     emit::{complete, returned_call, task_passes, Returned, SocketRef, TaskName},
     entry::{
         inside_syscall, missing_entry, remember, stamp_entry, stamp_entry_with_args, stamp_syscall_entry, syscall_args,
-        take_entry, take_entry_time, take_in_flight, InFlight, SyscallArgs,
+        take_entry, take_entry_time, take_inet_bind_args, InetBindArgs, SyscallArgs,
     },
     maps::{config, count},
 };
@@ -34,11 +34,11 @@ pub(crate) const ENTER_ADDR: usize = 24;
 pub(crate) const ENTER_ADDRLEN: usize = 32;
 
 #[tracepoint(category = "syscalls", name = "sys_enter_bind")]
-pub fn bindtrace_sys_enter_bind(ctx: TracePointContext) -> u32 {
+pub(crate) fn bindtrace_sys_enter_bind(ctx: TracePointContext) -> u32 {
     if config().layout.has_helper(kernel_helpers::TASK_PT_REGS) {
         stamp_entry();
     } else {
-        // Before 5.15 the exit cannot reach the arguments: keep them (see EntryStamp).
+        // Before 5.15 the exit cannot reach the arguments: keep them (see SyscallEntry).
         stamp_entry_with_args(SyscallArgs {
             fd: record_word(&ctx, ENTER_FD) as i32,
             addr: record_word(&ctx, ENTER_ADDR),
@@ -49,7 +49,7 @@ pub fn bindtrace_sys_enter_bind(ctx: TracePointContext) -> u32 {
 }
 
 #[tracepoint(category = "syscalls", name = "sys_exit_bind")]
-pub fn bindtrace_sys_exit_bind(ctx: TracePointContext) -> u32 {
+pub(crate) fn bindtrace_sys_exit_bind(ctx: TracePointContext) -> u32 {
     on_exit(&ctx);
     0
 }
@@ -74,19 +74,20 @@ pub(crate) fn on_kprobe_entry(socket: u64, addr: u64, addrlen: u64) {
     if !task_passes(cfg, (pid_tgid >> 32) as u32, &mut TaskName::unread()) {
         return;
     }
+    // SAFETY: a helper without arguments.
     let entered_ns = unsafe { bpf_ktime_get_ns() };
-    remember(pid_tgid as u32, InFlight { entered_ns, addr, socket, addrlen: addrlen as u32, _pad: 0 });
+    remember(pid_tgid as u32, InetBindArgs { entered_ns, addr, socket, addrlen: addrlen as u32, _pad: 0 });
 }
 
 #[kprobe]
-pub fn bindtrace_kprobe_inet_bind(ctx: ProbeContext) -> u32 {
+pub(crate) fn bindtrace_kprobe_inet_bind(ctx: ProbeContext) -> u32 {
     let arg = |n| ctx.arg::<u64>(n).unwrap_or(0);
     on_kprobe_entry(arg(0), arg(1), arg(2));
     0
 }
 
 #[kretprobe]
-pub fn bindtrace_kretprobe_inet_bind(ctx: RetProbeContext) -> u32 {
+pub(crate) fn bindtrace_kretprobe_inet_bind(ctx: RetProbeContext) -> u32 {
     on_kretprobe(&ctx);
     0
 }
@@ -94,14 +95,14 @@ pub fn bindtrace_kretprobe_inet_bind(ctx: RetProbeContext) -> u32 {
 /// `__sys_bind(int fd, struct sockaddr __user *umyaddr, int addrlen)`: the arguments,
 /// saved for the kretprobe.
 #[kprobe]
-pub fn bindtrace_kprobe_sys_bind(ctx: ProbeContext) -> u32 {
+pub(crate) fn bindtrace_kprobe_sys_bind(ctx: ProbeContext) -> u32 {
     let arg = |n| ctx.arg::<u64>(n).unwrap_or(0);
     stamp_syscall_entry(Some(SyscallArgs { fd: arg(0) as i32, addr: arg(1), addrlen: arg(2) as u32 }));
     0
 }
 
 #[kretprobe]
-pub fn bindtrace_kretprobe_sys_bind(ctx: RetProbeContext) -> u32 {
+pub(crate) fn bindtrace_kretprobe_sys_bind(ctx: RetProbeContext) -> u32 {
     let ret = ctx.ret::<u64>() as i64 as i32;
     let saved = take_entry(bpf_get_current_pid_tgid() as u32);
     let Some(caller) = returned_call(ret) else {
@@ -123,7 +124,7 @@ pub fn bindtrace_kretprobe_sys_bind(ctx: RetProbeContext) -> u32 {
 /// and this is one map lookup. 32-bit callers (compat syscalls, socketcall) pass no syscall
 /// tracepoint: a skipped return of theirs is counted at the thread's next bind instead.
 #[tracepoint(category = "syscalls", name = "sys_exit_bind")]
-pub fn bindtrace_sys_exit_bind_backstop(ctx: TracePointContext) -> u32 {
+pub(crate) fn bindtrace_sys_exit_bind_backstop(ctx: TracePointContext) -> u32 {
     let saved = take_entry(bpf_get_current_pid_tgid() as u32);
     // Nothing there: the kretprobe reported it (or its kprobe was skipped: nothing to report).
     if !saved.found || !saved.in_syscall {
@@ -139,7 +140,7 @@ pub fn bindtrace_sys_exit_bind_backstop(ctx: TracePointContext) -> u32 {
 }
 
 #[fentry(function = "__sys_bind")]
-pub fn bindtrace_fentry_sys_bind(_ctx: FEntryContext) -> u32 {
+pub(crate) fn bindtrace_fentry_sys_bind(_ctx: FEntryContext) -> u32 {
     stamp_syscall_entry(None);
     0
 }
@@ -147,7 +148,7 @@ pub fn bindtrace_fentry_sys_bind(_ctx: FEntryContext) -> u32 {
 /// fexit of `__sys_bind`: the arguments and the result together; the socket is found from
 /// the fd, as the tracepoint backend does.
 #[fexit(function = "__sys_bind")]
-pub fn bindtrace_fexit_sys_bind(ctx: FExitContext) -> u32 {
+pub(crate) fn bindtrace_fexit_sys_bind(ctx: FExitContext) -> u32 {
     let entered_ns = take_entry_time(bpf_get_current_pid_tgid() as u32);
     let ret: i64 = ctx.arg(3);
     let Some(caller) = returned_call(ret as i32) else {
@@ -168,25 +169,25 @@ fn on_inet_fentry() {
 }
 
 #[fentry(function = "inet_bind")]
-pub fn bindtrace_fentry_inet_bind(_ctx: FEntryContext) -> u32 {
+pub(crate) fn bindtrace_fentry_inet_bind(_ctx: FEntryContext) -> u32 {
     on_inet_fentry();
     0
 }
 
 #[fentry(function = "inet6_bind")]
-pub fn bindtrace_fentry_inet6_bind(_ctx: FEntryContext) -> u32 {
+pub(crate) fn bindtrace_fentry_inet6_bind(_ctx: FEntryContext) -> u32 {
     on_inet_fentry();
     0
 }
 
 #[fexit(function = "inet_bind")]
-pub fn bindtrace_fexit_inet_bind(ctx: FExitContext) -> u32 {
+pub(crate) fn bindtrace_fexit_inet_bind(ctx: FExitContext) -> u32 {
     on_fexit(&ctx);
     0
 }
 
 #[fexit(function = "inet6_bind")]
-pub fn bindtrace_fexit_inet6_bind(ctx: FExitContext) -> u32 {
+pub(crate) fn bindtrace_fexit_inet6_bind(ctx: FExitContext) -> u32 {
     on_fexit(&ctx);
     0
 }
@@ -227,7 +228,7 @@ pub(crate) fn on_kretprobe(ctx: &RetProbeContext) {
     if inside_syscall(tid) {
         return;
     }
-    let stashed = take_in_flight(tid);
+    let stashed = take_inet_bind_args(tid);
     let Some(caller) = returned_call(ret) else {
         return;
     };
@@ -278,7 +279,7 @@ pub(crate) fn on_exit(ctx: &TracePointContext) {
 // succeed, the second listen() does not).
 
 #[tracepoint(category = "syscalls", name = "sys_enter_listen")]
-pub fn bindtrace_sys_enter_listen(ctx: TracePointContext) -> u32 {
+pub(crate) fn bindtrace_sys_enter_listen(ctx: TracePointContext) -> u32 {
     if config().layout.has_helper(kernel_helpers::TASK_PT_REGS) {
         stamp_entry();
     } else {
@@ -288,7 +289,7 @@ pub fn bindtrace_sys_enter_listen(ctx: TracePointContext) -> u32 {
 }
 
 #[tracepoint(category = "syscalls", name = "sys_exit_listen")]
-pub fn bindtrace_sys_exit_listen(ctx: TracePointContext) -> u32 {
+pub(crate) fn bindtrace_sys_exit_listen(ctx: TracePointContext) -> u32 {
     let ret = record_word(&ctx, EXIT_RET) as i64 as i32;
     let saved = take_entry(bpf_get_current_pid_tgid() as u32);
     if ret >= 0 {
@@ -345,14 +346,14 @@ fn listen_failure(entered_ns: Option<u64>, fd: i32, ret: i32, backend: Backend) 
 }
 
 #[fentry(function = "__sys_listen")]
-pub fn bindtrace_fentry_sys_listen(_ctx: FEntryContext) -> u32 {
+pub(crate) fn bindtrace_fentry_sys_listen(_ctx: FEntryContext) -> u32 {
     stamp_entry();
     0
 }
 
 /// fexit of `__sys_listen(int fd, int backlog)`.
 #[fexit(function = "__sys_listen")]
-pub fn bindtrace_fexit_sys_listen(ctx: FExitContext) -> u32 {
+pub(crate) fn bindtrace_fexit_sys_listen(ctx: FExitContext) -> u32 {
     // An `int`: only its low 32 bits are the value (the slot's upper half is not a sign).
     let ret = ctx.arg::<u64>(2) as i32;
     let entered_ns = take_entry_time(bpf_get_current_pid_tgid() as u32);
@@ -368,13 +369,13 @@ pub fn bindtrace_fexit_sys_listen(ctx: FExitContext) -> u32 {
 }
 
 #[kprobe]
-pub fn bindtrace_kprobe_sys_listen(ctx: ProbeContext) -> u32 {
+pub(crate) fn bindtrace_kprobe_sys_listen(ctx: ProbeContext) -> u32 {
     stamp_entry_with_args(SyscallArgs { fd: ctx.arg::<u64>(0).unwrap_or(0) as i32, addr: 0, addrlen: 0 });
     0
 }
 
 #[kretprobe]
-pub fn bindtrace_kretprobe_sys_listen(ctx: RetProbeContext) -> u32 {
+pub(crate) fn bindtrace_kretprobe_sys_listen(ctx: RetProbeContext) -> u32 {
     let ret = ctx.ret::<u64>() as i64 as i32;
     let saved = take_entry(bpf_get_current_pid_tgid() as u32);
     if ret >= 0 {
@@ -394,7 +395,7 @@ pub fn bindtrace_kretprobe_sys_listen(ctx: RetProbeContext) -> u32 {
 /// The kprobe backend's backstop for listen(2), as [`bindtrace_sys_exit_bind_backstop`] is
 /// for bind(2).
 #[tracepoint(category = "syscalls", name = "sys_exit_listen")]
-pub fn bindtrace_sys_exit_listen_backstop(ctx: TracePointContext) -> u32 {
+pub(crate) fn bindtrace_sys_exit_listen_backstop(ctx: TracePointContext) -> u32 {
     let saved = take_entry(bpf_get_current_pid_tgid() as u32);
     if !saved.found || saved.in_syscall {
         return 0;

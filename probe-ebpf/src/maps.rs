@@ -8,7 +8,7 @@ use aya_ebpf::{
 use bindtrace_common::{attach_state, stat, CgroupSlot, ProbeConfig, TreePlace, MAX_CGROUPS};
 use core::intrinsics::{atomic_xadd, AtomicOrdering};
 
-use crate::entry::{EntryStamp, InFlight};
+use crate::entry::{InetBindArgs, SyscallEntry};
 
 /// Written by the tracer before load (aya rewrites .rodata); read only through [`config`].
 #[unsafe(no_mangle)]
@@ -22,18 +22,18 @@ pub(crate) static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 20, 0);
 /// so two threads never share one (an array slot per `tid % N` lost or duplicated binds when
 /// two threads of the same slot bound at once). LRU: an entry whose exit never ran (a
 /// kretprobe out of instances) is evicted in time instead of filling the map; a live one is
-/// evicted only with more than `ENTRIES_MAX` binds under way at once, and its exit then counts
+/// evicted only with more than `THREADS_MAX` binds under way at once, and its exit then counts
 /// it lost. Task-local storage would be cheaper on 5.11+, but its maps need BTF definitions
 /// that aya-ebpf 0.2 cannot emit.
-#[map(name = "ENTRIES")]
-pub(crate) static ENTRIES: LruHashMap<u32, EntryStamp> = LruHashMap::with_max_entries(ENTRIES_MAX, 0);
+#[map(name = "THREAD_ENTRIES")]
+pub(crate) static THREAD_ENTRIES: LruHashMap<u32, SyscallEntry> = LruHashMap::with_max_entries(THREADS_MAX, 0);
 
-pub(crate) const ENTRIES_MAX: u32 = 1 << 14;
+pub(crate) const THREADS_MAX: u32 = 1 << 14;
 
 /// The kprobe backend's inet_bind calls between entry and return (arguments the kretprobe
-/// cannot see), keyed by thread id; LRU for the same reasons as [`ENTRIES`].
-#[map(name = "IN_FLIGHT")]
-pub(crate) static IN_FLIGHT: LruHashMap<u32, InFlight> = LruHashMap::with_max_entries(ENTRIES_MAX, 0);
+/// cannot see), keyed by thread id; LRU for the same reasons as [`THREAD_ENTRIES`].
+#[map(name = "INET_BIND_ARGS")]
+pub(crate) static INET_BIND_ARGS: LruHashMap<u32, InetBindArgs> = LruHashMap::with_max_entries(THREADS_MAX, 0);
 
 /// What the tracer says once attached (`bindtrace_common::attach_state`): when attaching
 /// ended (an exit without its entry this soon after is a bind that was under way at attach,

@@ -7,14 +7,40 @@ use core::mem::{size_of, MaybeUninit};
 use aya_ebpf::helpers::{bpf_get_current_task, generated};
 use bindtrace_common::{kernel_helpers, sock_flags, FieldLoc, KernelLayout, AF_INET, AF_INET6};
 
+/// A type every bit pattern is a valid value of, which a kernel read may fill in: integers,
+/// arrays of them, raw pointers (any address is a valid raw pointer; what it points to is read
+/// through [`kernel_read`] again). bytemuck's `AnyBitPattern` leaves raw pointers out.
+///
+/// # Safety
+/// Implement it only for such types.
+pub(crate) unsafe trait KernelValue: Copy {}
+
+// SAFETY: integers, their arrays and raw pointers: any bits are a valid value.
+unsafe impl KernelValue for u8 {}
+// SAFETY: as above.
+unsafe impl KernelValue for u16 {}
+// SAFETY: as above.
+unsafe impl KernelValue for u32 {}
+// SAFETY: as above.
+unsafe impl KernelValue for u64 {}
+// SAFETY: as above.
+unsafe impl KernelValue for i32 {}
+// SAFETY: as above.
+unsafe impl KernelValue for *const u8 {}
+// SAFETY: as above.
+unsafe impl<T: KernelValue, const N: usize> KernelValue for [T; N] {}
+
 /// Reads kernel memory at `src` as a `T`, or zeros: the helper clears the destination itself
 /// when the read faults, so callers need no branch per read. Every branch on a read's result
 /// multiplies the paths the verifier walks (it dominated load time), and a zero is what the
-/// event wants for a field it could not read.
+/// event wants for a field it could not read. Safe for any address: the helper checks it, and
+/// `T` is a type every bit pattern is a valid value of (integers, raw pointers, arrays of
+/// them), so whatever the kernel's bytes were, the value is one.
 #[inline(always)]
-pub(crate) unsafe fn kernel_read<T: Copy>(src: *const u8) -> T {
+pub(crate) fn kernel_read<T: KernelValue>(src: *const u8) -> T {
     let mut value = MaybeUninit::<T>::uninit();
-    // SAFETY: the helper copes with any address and fills all of `value` either way.
+    // SAFETY: the helper copes with any address and fills all of `value` either way (the
+    // bytes read, or zeros when the read faults), and any bytes are a valid `T`.
     unsafe {
         generated::bpf_probe_read_kernel(value.as_mut_ptr().cast(), size_of::<T>() as u32, src.cast());
         value.assume_init()
@@ -54,7 +80,7 @@ pub(crate) fn sock_of_fd(layout: &KernelLayout, fd: i32) -> *const u8 {
 pub(crate) trait MemberRead {
     /// # Safety
     /// As [`btf_load`] for `TypedLoad`; `ProbeRead` copes with any address.
-    unsafe fn member<T: Copy>(base: *const u8, offset: u32) -> T;
+    unsafe fn member<T: KernelValue>(base: *const u8, offset: u32) -> T;
 }
 
 pub(crate) struct TypedLoad;
@@ -62,7 +88,7 @@ pub(crate) struct ProbeRead;
 
 impl MemberRead for TypedLoad {
     #[inline(always)]
-    unsafe fn member<T: Copy>(base: *const u8, offset: u32) -> T {
+    unsafe fn member<T: KernelValue>(base: *const u8, offset: u32) -> T {
         // SAFETY: the caller's contract.
         unsafe { btf_load(base, offset) }
     }
@@ -70,9 +96,8 @@ impl MemberRead for TypedLoad {
 
 impl MemberRead for ProbeRead {
     #[inline(always)]
-    unsafe fn member<T: Copy>(base: *const u8, offset: u32) -> T {
-        // SAFETY: kernel_read copes with any address.
-        unsafe { kernel_read(base.wrapping_add(offset as usize)) }
+    unsafe fn member<T: KernelValue>(base: *const u8, offset: u32) -> T {
+        kernel_read(base.wrapping_add(offset as usize))
     }
 }
 
@@ -122,6 +147,8 @@ pub(crate) unsafe fn socket_of_fd<R: MemberRead>(task: *const u8, layout: &Kerne
     if fd < 0 || layout.file_private_data == 0 {
         return core::ptr::null();
     }
+    // SAFETY: `R::member` as its caller's contract allows (see [`MemberRead`]); the rest are
+    // kernel_read, safe for any address.
     unsafe {
         let files: *const u8 = R::member(task, layout.task_files);
         let fdt: *const u8 = R::member(files, layout.files_fdt);
@@ -177,8 +204,8 @@ pub(crate) fn bound_v6(layout: &KernelLayout, sk: *const u8) -> [u64; 2] {
     if layout.sock_v6_rcv_saddr == 0 {
         return [0; 2];
     }
-    // SAFETY: kernel_read copes with any address (a null `sk` reads zeros).
-    unsafe { kernel_read(sk.wrapping_add(layout.sock_v6_rcv_saddr as usize)) }
+    // A null `sk` reads zeros.
+    kernel_read(sk.wrapping_add(layout.sock_v6_rcv_saddr as usize))
 }
 
 /// 1 if `value` is non-zero, else 0.
@@ -204,8 +231,7 @@ pub(crate) const SOCK_HEAD: usize = 32;
 impl SockReader {
     #[inline(always)]
     fn new(sk: *const u8) -> Self {
-        // SAFETY: kernel_read copes with any address.
-        let head = unsafe { kernel_read(sk) };
+        let head = kernel_read(sk);
         Self { sk, head, last_offset: u32::MAX, last_value: 0 }
     }
 
@@ -213,15 +239,13 @@ impl SockReader {
     fn word(&mut self, offset: u32) -> u32 {
         let at = offset as usize;
         if at + 4 <= SOCK_HEAD {
-            // SAFETY: same size, any bytes are valid u8s.
-            let head: &[u8; SOCK_HEAD] = unsafe { &*(&raw const self.head).cast() };
+            let head: &[u8; SOCK_HEAD] = bytemuck::cast_ref(&self.head);
             if let Some(bytes) = head.get(at..at + 4) {
                 return u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
             }
         }
         if self.last_offset != offset {
-            // SAFETY: kernel_read copes with any address.
-            self.last_value = unsafe { kernel_read(self.sk.wrapping_add(at)) };
+            self.last_value = kernel_read(self.sk.wrapping_add(at));
             self.last_offset = offset;
         }
         self.last_value

@@ -31,7 +31,7 @@ pub(crate) fn place_of(tgid: u32) -> Option<TreePlace> {
 /// `sched:sched_process_fork`, in the parent: a followed process's child (or new thread)
 /// joins the tree one level down.
 #[tracepoint(category = "sched", name = "sched_process_fork")]
-pub fn bindtrace_sched_process_fork(ctx: TracePointContext) -> u32 {
+pub(crate) fn bindtrace_sched_process_fork(ctx: TracePointContext) -> u32 {
     let parent = (bpf_get_current_pid_tgid() >> 32) as u32;
     let Some(place) = place_of(parent) else {
         return 0;
@@ -39,9 +39,7 @@ pub fn bindtrace_sched_process_fork(ctx: TracePointContext) -> u32 {
     // The record's layout differs between kernels (6.x made the names `__data_loc`), so the
     // offset comes from tracefs through the config. A probe read, not a context load: the
     // verifier allows only constant offsets into a tracepoint's context.
-    // SAFETY: reads through bpf_probe_read_kernel.
-    let child: u32 =
-        unsafe { kernel_read(ctx.as_ptr().cast::<u8>().wrapping_add(config().layout.fork_child_pid as usize)) };
+    let child: u32 = kernel_read(ctx.as_ptr().cast::<u8>().wrapping_add(config().layout.fork_child_pid as usize));
     if child == 0 {
         return 0;
     }
@@ -57,14 +55,13 @@ pub fn bindtrace_sched_process_fork(ctx: TracePointContext) -> u32 {
 /// `sched:sched_process_exec`: a thread other than the leader that execs takes the leader's
 /// pid, and its own tid is freed without an exit of its own: its entry goes here.
 #[tracepoint(category = "sched", name = "sched_process_exec")]
-pub fn bindtrace_sched_process_exec(ctx: TracePointContext) -> u32 {
+pub(crate) fn bindtrace_sched_process_exec(ctx: TracePointContext) -> u32 {
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
     if place_of(tgid).is_none() {
         return 0;
     }
-    // SAFETY: reads through bpf_probe_read_kernel (the offset comes from tracefs).
-    let old_pid: u32 =
-        unsafe { kernel_read(ctx.as_ptr().cast::<u8>().wrapping_add(config().layout.exec_old_pid as usize)) };
+    // The offset comes from tracefs.
+    let old_pid: u32 = kernel_read(ctx.as_ptr().cast::<u8>().wrapping_add(config().layout.exec_old_pid as usize));
     if old_pid != 0 && old_pid != tgid {
         let _ = FOLLOWED.remove(old_pid);
     }
@@ -74,7 +71,7 @@ pub fn bindtrace_sched_process_exec(ctx: TracePointContext) -> u32 {
 /// `sched:sched_process_exit`: a thread's own entry goes, and its process's once the
 /// process's last thread exits (`signal->live`, decremented before this tracepoint, is 0).
 #[tracepoint(category = "sched", name = "sched_process_exit")]
-pub fn bindtrace_sched_process_exit(_ctx: TracePointContext) -> u32 {
+pub(crate) fn bindtrace_sched_process_exit(_ctx: TracePointContext) -> u32 {
     let pid_tgid = bpf_get_current_pid_tgid();
     let (tgid, tid) = ((pid_tgid >> 32) as u32, pid_tgid as u32);
     // A thread's own entry first, whatever became of its process's: the threads of an

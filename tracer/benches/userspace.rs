@@ -1,22 +1,15 @@
 //! The userspace hot path, per event: decode the ring-buffer record, apply the filter, push it
 //! through the enrich stage and encode it as NDJSON into the output buffer. One core.
 //!
-//!     cargo bench -p bindtrace --bench userspace
+//!     cargo bench -p bindtrace --features bench --bench userspace
 //!
 //! Successes (no diagnosis) are the common case; failures in a storm reuse one memoized
 //! diagnosis after the first lookup, measured by the second group.
 
-use std::{hint::black_box, io, time::Duration};
+use std::{hint::black_box, time::Duration};
 
-use bindtrace::{
-    cli::Cli,
-    decode::decode,
-    enrich::Enricher,
-    filter::EventFilter,
-    sink::{ndjson::NdjsonSink, Output, Sink},
-};
+use bindtrace::bench_api::Stages;
 use bindtrace_common::{sock_flags, Backend, BindEvent, AF_INET, BIND_EVENT_SIZE};
-use clap::Parser as _;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 
 fn record(ret: i32) -> Vec<u8> {
@@ -59,41 +52,18 @@ fn own_cgroup_id() -> u64 {
 }
 
 fn pipeline(c: &mut Criterion) {
-    let filter = EventFilter::from_cli(&Cli::parse_from(["bindtrace"])).expect("filter");
     let mut group = c.benchmark_group("decode+filter+enrich+ndjson");
     group.throughput(Throughput::Elements(1));
     group.measurement_time(Duration::from_secs(5));
 
     for (name, ret) in [("success", 0), ("failure_memoized", -98)] {
         let bytes = record(ret);
-        let mut sink = NdjsonSink::new(Output::new(Box::new(io::sink())));
         // Attribution on, as in `bindtrace` by default: a storm of identical failures costs one
         // lookup (on the worker thread) per cache period, then reuses the diagnosis.
-        let mut enricher = Enricher::new(true);
-        let mut results = enricher.take_results().expect("results channel");
-        let mut n: i128 = 0;
+        let mut stages = Stages::new().expect("the stages start");
         // One arrival instant for all: a window's failures share one lookup.
         let arrived = std::time::Instant::now();
-        group.bench_function(name, |b| {
-            b.iter(|| {
-                let event = decode(black_box(&bytes)).expect("valid");
-                if filter.accepts(&event) {
-                    n += 1;
-                    enricher.push(event, n, arrived);
-                    while let Ok(done) = results.try_recv() {
-                        enricher.complete(done);
-                    }
-                    enricher.poll(arrived);
-                    while let Some(ready) = enricher.pop(arrived, false) {
-                        sink.event(&ready).expect("encode");
-                    }
-                }
-                // The real loop writes once per ring-buffer batch; 64 events is a small one.
-                if n % 64 == 0 {
-                    sink.flush().expect("flush");
-                }
-            })
-        });
+        group.bench_function(name, |b| b.iter(|| stages.record(black_box(&bytes), arrived).expect("written")));
     }
     group.finish();
 }

@@ -14,10 +14,11 @@ use crate::{
     cli::{self, Cli, ColorChoice, Command, OutputFormat, WhoArgs},
     clock::{Rfc3339, WallClock},
     command::RunAs,
+    config::Config,
     enrich::Enricher,
     filter::EventFilter,
     layout,
-    pipeline::{Ending, Limits, Pipeline, StopSignals},
+    pipeline::{Ending, Pipeline, StopSignals},
     probe::{self, AttachedProbe},
     sink::{file::OutputFile, ndjson::NdjsonSink, table::TableSink, Output, Sink},
     summary::Summary,
@@ -46,7 +47,7 @@ fn print_error(message: &str) {
 
 /// Everything decided before anything touches the kernel.
 struct Plan {
-    cli: Cli,
+    config: Config,
     filter: EventFilter,
     format: OutputFormat,
     /// Colour in the table.
@@ -78,12 +79,12 @@ enum TreeRoot {
 }
 
 /// `child`: with `-- CMD`, the signal mask and open-file limit CMD gets back.
-fn plan(cli: Cli, child: Option<(nix::sys::signal::SigSet, Option<libc::rlimit>)>) -> Result<Plan> {
-    if cli.user.is_some() && cli.command_line.is_empty() {
+fn plan(config: Config, child: Option<(nix::sys::signal::SigSet, Option<libc::rlimit>)>) -> Result<Plan> {
+    if config.user.is_some() && config.command_line.is_empty() {
         anyhow::bail!("--user says whom CMD runs as: give the command after --, e.g. --user alice -- make test");
     }
-    let mut filter = EventFilter::from_cli(&cli)?;
-    let tree = match (cli.tree, child) {
+    let mut filter = EventFilter::new(&config.selection)?;
+    let tree = match (config.tree, child) {
         (Some(pid), _) => {
             let parent = crate::tree::parent_of(pid)?;
             // Now, so that the pid cannot be another process's by the time it is followed.
@@ -92,11 +93,11 @@ fn plan(cli: Cli, child: Option<(nix::sys::signal::SigSet, Option<libc::rlimit>)
             Some(TreeRoot::Running { pid, parent, handle })
         }
         (None, Some((child_mask, fd_limit))) => {
-            let argv = cli.command_line.clone();
+            let argv = config.command_line.clone();
             let program = argv.first().ok_or_else(|| anyhow::anyhow!("no command after --"))?;
             crate::command::find_program(program, std::env::var_os("PATH"))?;
             let (run_as, note) = crate::command::run_as(
-                cli.user.as_deref(),
+                config.user.as_deref(),
                 std::env::var_os("SUDO_UID"),
                 std::env::var_os("SUDO_GID"),
                 crate::command::started_by_sudo(),
@@ -116,8 +117,8 @@ fn plan(cli: Cli, child: Option<(nix::sys::signal::SigSet, Option<libc::rlimit>)
     if tree.is_some() {
         filter.kernel.flags |= bindtrace_common::filter_flags::TREE;
     }
-    let to_stderr = matches!(tree, Some(TreeRoot::Command { .. })) && cli.file.is_none();
-    let followed = filter.scope_to_cgroups(&cli.containers, &cli.cgroups)?;
+    let to_stderr = matches!(tree, Some(TreeRoot::Command { .. })) && config.file.is_none();
+    let followed = filter.scope_to_cgroups(&config.containers, &config.cgroups)?;
     if !followed.is_empty() {
         let described: Vec<&str> = followed.iter().map(|s| s.described.as_str()).collect();
         crate::say::line(&format!("only binds in {} (and below)", described.join(", ")));
@@ -126,34 +127,34 @@ fn plan(cli: Cli, child: Option<(nix::sys::signal::SigSet, Option<libc::rlimit>)
     let stdout_is_terminal = if to_stderr { io::stderr().is_terminal() } else { io::stdout().is_terminal() };
     // With `-- CMD` the events share stderr with CMD's: a table is what a person (or a CI
     // log) reads there; NDJSON goes to --file.
-    let format = cli.output.unwrap_or(if cli.file.is_some() || (!stdout_is_terminal && !to_stderr) {
+    let format = config.format.unwrap_or(if config.file.is_some() || (!stdout_is_terminal && !to_stderr) {
         OutputFormat::Ndjson
     } else {
         OutputFormat::Table
     });
-    let file = cli.file.as_deref().map(OutputFile::open).transpose()?;
-    check_pids(&cli.pids)?;
+    let file = config.file.as_deref().map(OutputFile::open).transpose()?;
+    check_pids(&config.selection.pids)?;
     let no_color_env = std::env::var_os("NO_COLOR").is_some_and(|v| !v.is_empty());
-    let color = match cli.color {
+    let color = match config.color {
         ColorChoice::Always => true,
         ColorChoice::Never => false,
-        ColorChoice::Auto => cli.file.is_none() && stdout_is_terminal && !no_color_env,
+        ColorChoice::Auto => config.file.is_none() && stdout_is_terminal && !no_color_env,
     };
-    if cli.metrics_ports.len() > crate::metrics::PORT_LABELS_MAX {
+    if config.metrics_ports.len() > crate::metrics::PORT_LABELS_MAX {
         anyhow::bail!(
             "--metrics-port takes at most {} ports (each is a label value), got {}",
             crate::metrics::PORT_LABELS_MAX,
-            cli.metrics_ports.len()
+            config.metrics_ports.len()
         );
     }
-    let metrics = match cli.metrics {
+    let metrics = match config.metrics {
         Some(addr) => Some(
             crate::metrics::listen(addr)
                 .with_context(|| format!("--metrics {addr}: cannot listen there (is the port taken?)"))?,
         ),
         None => None,
     };
-    Ok(Plan { cli, filter, format, color, metrics, file, followed, tree, to_stderr })
+    Ok(Plan { config, filter, format, color, metrics, file, followed, tree, to_stderr })
 }
 
 /// `--pid` takes process ids that can exist: one above the system's `pid_max` is bad input.
@@ -190,14 +191,14 @@ fn open_sink(plan: &Plan, file: Option<OutputFile>) -> Result<Box<dyn Sink>> {
     };
     // stdout is watched for its reader going away; a --file has no reader to lose, and
     // stderr (with `-- CMD`) is CMD's too.
-    let watched = (plan.cli.file.is_none() && !plan.to_stderr).then_some(libc::STDOUT_FILENO);
+    let watched = (plan.config.file.is_none() && !plan.to_stderr).then_some(libc::STDOUT_FILENO);
     let writer = crate::sink::writer::ThreadWriter::spawn(writer, watched).context("cannot start the output thread")?;
     let output = Output::new(Box::new(writer));
     Ok(match plan.format {
         OutputFormat::Ndjson => Box::new(NdjsonSink::new(output)),
         OutputFormat::Table => Box::new(
             TableSink::new(output, plan.color)
-                .hiding_netlink(plan.cli.family.is_none())
+                .hiding_netlink(!plan.config.show_netlink)
                 .showing_tree(plan.filter.kernel.is_active(bindtrace_common::filter_flags::TREE))
                 .events_on_stderr(plan.to_stderr),
         ),
@@ -320,7 +321,7 @@ fn run_main() -> ExitCode {
         }
     };
 
-    let plan = match plan(cli, child_mask.map(|mask| (mask, fd_limit)))
+    let plan = match plan(Config::from_cli(cli), child_mask.map(|mask| (mask, fd_limit)))
         .and_then(|plan| crate::privileges::check_can_load().map(|()| plan))
     {
         Ok(plan) => plan,
@@ -650,20 +651,21 @@ async fn run(mut plan: Plan) -> Result<Finished> {
     let metrics_listener = plan.metrics.take();
     let output_file = plan.file.take();
     let tree_root = plan.tree.take();
-    let Plan { cli, filter, .. } = &plan;
+    let Plan { config, filter, .. } = &plan;
     let started = std::time::Instant::now();
     let loader = probe::PendingLoader::start();
     let kernel = layout::running_kernel_btf()?;
-    let mut config =
-        ProbeConfig { layout: kernel.layout, filter: filter.kernel, wakeup_bytes: u64::from(cli.ring_buffer_size / 4) };
+    let mut probe_config =
+        ProbeConfig { layout: kernel.layout, filter: filter.kernel, wakeup_bytes: u64::from(config.ring_bytes / 4) };
     if tree_root.is_some() {
-        (config.layout.fork_child_pid, config.layout.exec_old_pid) = crate::tree::record_offsets()?;
+        (probe_config.layout.fork_child_pid, probe_config.layout.exec_old_pid) = crate::tree::record_offsets()?;
     }
     log::debug!("kernel layout from BTF in {:?}", started.elapsed());
     // With `-- CMD` the signals are CMD's (see `command`).
     let signals =
         if matches!(tree_root, Some(TreeRoot::Command { .. })) { StopSignals::none() } else { StopSignals::install()? };
-    let mut probe = AttachedProbe::attach(loader, cli.attach, &kernel, &config, &filter.pids, cli.ring_buffer_size)?;
+    let mut probe =
+        AttachedProbe::attach(loader, config.backend, &kernel, &probe_config, &filter.pids, config.ring_bytes)?;
     log::debug!("probe loaded and attached after {:?}", started.elapsed());
     let tree_handle = match &tree_root {
         Some(TreeRoot::Running { handle, .. }) => Some(handle.try_clone()?),
@@ -718,7 +720,7 @@ async fn run(mut plan: Plan) -> Result<Finished> {
             probe.backend.name()
         ));
     }
-    if !cli.no_diagnosis {
+    if config.diagnoses {
         for limit in crate::enrich::blind_spots() {
             crate::say::line(&format!("warning: {limit}"));
         }
@@ -739,7 +741,7 @@ async fn run(mut plan: Plan) -> Result<Finished> {
             _ => None,
         };
     let metrics = metrics_listener.map(|listener| {
-        let metrics = crate::metrics::Metrics::new(probe.backend.name(), &cli.metrics_ports);
+        let metrics = crate::metrics::Metrics::new(probe.backend.name(), &config.metrics_ports);
         if let Ok(addr) = listener.local_addr() {
             crate::say::line(&format!("metrics at http://{addr}/metrics"));
         }
@@ -749,13 +751,13 @@ async fn run(mut plan: Plan) -> Result<Finished> {
 
     let mut pipeline = Pipeline {
         filter,
-        enricher: Enricher::new(!cli.no_diagnosis),
+        enricher: Enricher::new(config.diagnoses),
         sink: sink.as_mut(),
         summary: Summary::default(),
         clock,
-        limits: Limits { duration: cli.duration, count: cli.count },
+        limits: config.limits,
         metrics,
-        file: cli.file.clone(),
+        file: config.file.clone(),
         scope,
         root_exit,
     };
@@ -781,7 +783,7 @@ async fn run(mut plan: Plan) -> Result<Finished> {
         }
         Err(err) => return Err(err),
     };
-    if ending == Ending::OutputClosed || cli.no_summary {
+    if ending == Ending::OutputClosed || !config.summary {
         return Ok(finished);
     }
     let mut report = pipeline.summary.report(

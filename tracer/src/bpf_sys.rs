@@ -1,5 +1,6 @@
-//! Asks the kernel whether it loads an fexit program at all, with a two-instruction program,
-//! before bindtrace commits to the fexit backend. With aya 0.14 that backend needs its own
+//! The raw bpf(2) syscall, for what aya 0.14 does not expose (the cgroup program query of
+//! `host::policy`), and the feature probe built on it: does the kernel load an fexit program
+//! at all (a two-instruction program), asked before bindtrace commits to the fexit backend. With aya 0.14 that backend needs its own
 //! parse of the whole kernel BTF (about 20 ms and 6 MB of peak RSS, `cargo xtask bench`), which
 //! is wasted on kernels that refuse tracing programs: EPERM where an LSM or lockdown forbids
 //! them (this project's CI host), EINVAL or ENOTSUPP without BPF trampolines.
@@ -39,7 +40,7 @@ pub(crate) unsafe fn bpf_syscall(cmd: bpf_cmd, attr: &mut bpf_attr) -> io::Resul
 
 /// Loads (and at once closes) a do-nothing fexit program on the kernel function whose BTF id
 /// is `function_btf_id`. Errors say what the kernel answered.
-pub fn fexit_loadable(function: &str, function_btf_id: u32) -> Result<()> {
+pub(crate) fn fexit_loadable(function: &str, function_btf_id: u32) -> Result<()> {
     const LICENSE: &[u8] = b"GPL\0";
     // SAFETY: bpf_attr is plain data; all-zero is its documented "unset" state.
     let mut attr: bpf_attr = unsafe { std::mem::zeroed() };
@@ -65,7 +66,7 @@ pub fn fexit_loadable(function: &str, function_btf_id: u32) -> Result<()> {
 /// (its number is in the kernel's `enum bpf_func_id`) and still be refused to tracing
 /// programs: `bpf_get_current_ancestor_cgroup_id` was, before 5.14. Asked with a
 /// four-instruction program: `r1 = 0; call helper; r0 = 0; exit`.
-pub fn tracing_may_call(helper: u32) -> bool {
+pub(crate) fn tracing_may_call(helper: u32) -> bool {
     const LICENSE: &[u8] = b"GPL\0";
     let program: [u64; 4] = [0x01b7, 0x85 | (u64::from(helper) << 32), 0xb7, 0x95];
     // SAFETY: bpf_attr is plain data; all-zero is its documented "unset" state.
@@ -78,8 +79,8 @@ pub fn tracing_may_call(helper: u32) -> bool {
     load.license = LICENSE.as_ptr() as u64;
     // SAFETY: BPF_PROG_LOAD reads `attr` (and what it points to, alive for the call) only.
     match unsafe { bpf_syscall(bpf_cmd::BPF_PROG_LOAD, &mut attr) } {
-        // SAFETY: the syscall returned a new file descriptor that nothing else owns.
         Ok(fd) => {
+            // SAFETY: the syscall returned a new file descriptor that nothing else owns.
             drop(unsafe { OwnedFd::from_raw_fd(fd as i32) });
             true
         }

@@ -39,7 +39,7 @@ Table OPTS: a=SO_REUSEADDR p=SO_REUSEPORT 6=IPV6_V6ONLY f=IP_FREEBIND t=IP_TRANS
     after_help = EXAMPLES,
     args_conflicts_with_subcommands = true
 )]
-pub struct Cli {
+pub(crate) struct Cli {
     #[command(subcommand)]
     pub command: Option<Command>,
 
@@ -188,7 +188,7 @@ pub struct Cli {
 }
 
 #[derive(Debug, clap::Subcommand)]
-pub enum Command {
+pub(crate) enum Command {
     /// Who holds a port right now: sockets, states, processes, containers, and a hint.
     Who(WhoArgs),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell) to stdout.
@@ -207,7 +207,7 @@ pub enum Command {
 
 /// `bindtrace completions SHELL`: the script for `shell`, from the same definition that parses
 /// the command line, so it never falls behind a flag.
-pub fn write_completions(shell: clap_complete::Shell, out: &mut dyn std::io::Write) -> std::io::Result<()> {
+pub(crate) fn write_completions(shell: clap_complete::Shell, out: &mut dyn std::io::Write) -> std::io::Result<()> {
     let mut command = <Cli as clap::CommandFactory>::command();
     clap_complete::generate(shell, &mut command, "bindtrace", out);
     Ok(())
@@ -216,7 +216,7 @@ pub fn write_completions(shell: clap_complete::Shell, out: &mut dyn std::io::Wri
 /// bindtrace(1) and a page per subcommand (bindtrace-who(1), ...), in roff, from the
 /// command-line definition, written into `dir`; bindtrace(1) and bindtrace-who(1) with what
 /// clap does not know: exit statuses, signals, where the documents are.
-pub fn write_man_pages(dir: &std::path::Path) -> std::io::Result<()> {
+pub(crate) fn write_man_pages(dir: &std::path::Path) -> std::io::Result<()> {
     let mut command = <Cli as clap::CommandFactory>::command().disable_help_subcommand(true);
     command.build();
     clap_mangen::generate_to(command.clone(), dir)?;
@@ -309,7 +309,7 @@ bindtrace(1), ss(8)
 "#;
 
 #[derive(Debug, clap::Args)]
-pub struct WhoArgs {
+pub(crate) struct WhoArgs {
     /// PORT, PORT/tcp or PORT/udp (both protocols without a suffix).
     #[arg(value_name = "PORT[/tcp|/udp]", value_parser = parse_port_spec)]
     pub target: PortSpec,
@@ -363,12 +363,12 @@ impl<T: Clone + Send + Sync + 'static> clap::builder::TypedValueParser for Compl
 
 /// A port and, optionally, one protocol.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct PortSpec {
+pub(crate) struct PortSpec {
     pub port: u16,
     pub proto: Option<Proto>,
 }
 
-pub fn parse_port_spec(text: &str) -> Result<PortSpec, String> {
+pub(crate) fn parse_port_spec(text: &str) -> Result<PortSpec, String> {
     let (port, proto) = match text.split_once('/') {
         Some((port, proto)) => {
             let proto = match proto.to_ascii_lowercase().as_str() {
@@ -385,13 +385,13 @@ pub fn parse_port_spec(text: &str) -> Result<PortSpec, String> {
 
 /// An inclusive port range; a single port has `low == high`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct PortRange {
+pub(crate) struct PortRange {
     pub low: u16,
     pub high: u16,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Family {
+pub(crate) enum Family {
     Inet,
     Inet6,
     Unix,
@@ -399,13 +399,13 @@ pub enum Family {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum Proto {
+pub(crate) enum Proto {
     Tcp,
     Udp,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum OutputFormat {
+pub(crate) enum OutputFormat {
     Table,
     /// One JSON object per line (`json` is accepted for it).
     #[value(alias = "json")]
@@ -415,7 +415,7 @@ pub enum OutputFormat {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum Attach {
+pub(crate) enum Attach {
     /// The first hook this kernel accepts: fexit, then kprobe, then tracepoint (on a
     /// PREEMPT_RT kernel tracepoint first); `--check` says the order.
     Auto,
@@ -429,7 +429,7 @@ pub enum Attach {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum ColorChoice {
+pub(crate) enum ColorChoice {
     Auto,
     Always,
     Never,
@@ -443,7 +443,7 @@ fn parse_port(text: &str) -> Result<u16, String> {
     }
 }
 
-pub fn parse_port_range(text: &str) -> Result<PortRange, String> {
+pub(crate) fn parse_port_range(text: &str) -> Result<PortRange, String> {
     match text.split_once('-') {
         None => {
             let port = parse_port(text)?;

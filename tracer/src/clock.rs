@@ -10,7 +10,7 @@ use nix::time::{clock_gettime, ClockId};
 /// Maps monotonic nanoseconds to Unix-epoch nanoseconds. The offset is re-sampled by
 /// [`WallClock::resync`] so that NTP steps during a long trace are followed.
 #[derive(Clone, Copy, Debug)]
-pub struct WallClock {
+pub(crate) struct WallClock {
     offset_ns: i128,
 }
 
@@ -26,24 +26,24 @@ impl Default for WallClock {
 }
 
 impl WallClock {
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         let mut clock = Self { offset_ns: 0 };
         clock.resync();
         clock
     }
 
-    pub fn resync(&mut self) {
+    pub(crate) fn resync(&mut self) {
         let mono = now_ns(ClockId::CLOCK_MONOTONIC);
         let real = now_ns(ClockId::CLOCK_REALTIME);
         self.offset_ns = real - mono;
     }
 
     /// Unix-epoch nanoseconds for a monotonic timestamp.
-    pub fn wall_ns(&self, monotonic_ns: u64) -> i128 {
+    pub(crate) fn wall_ns(&self, monotonic_ns: u64) -> i128 {
         self.offset_ns + monotonic_ns as i128
     }
 
-    pub fn now_wall_ns(&self) -> i128 {
+    pub(crate) fn now_wall_ns(&self) -> i128 {
         now_ns(ClockId::CLOCK_REALTIME)
     }
 }
@@ -57,14 +57,14 @@ fn split(epoch_ns: i128) -> (i64, u32) {
 /// RFC 3339 formatter that formats the date and time of day once per second and only the
 /// nanoseconds per event: a chrono format per event would dominate the NDJSON encoder.
 #[derive(Default)]
-pub struct Rfc3339 {
+pub(crate) struct Rfc3339 {
     cached_second: Option<i64>,
     prefix: Vec<u8>,
 }
 
 impl Rfc3339 {
     /// Appends e.g. `2026-11-25T10:02:11.123456789Z`.
-    pub fn write(&mut self, out: &mut Vec<u8>, epoch_ns: i128) {
+    pub(crate) fn write(&mut self, out: &mut Vec<u8>, epoch_ns: i128) {
         let (secs, nanos) = split(epoch_ns);
         if self.cached_second != Some(secs) {
             self.prefix.clear();
@@ -84,7 +84,7 @@ impl Rfc3339 {
         out.push(b'Z');
     }
 
-    pub fn format(&mut self, epoch_ns: i128) -> String {
+    pub(crate) fn format(&mut self, epoch_ns: i128) -> String {
         let mut out = Vec::with_capacity(32);
         self.write(&mut out, epoch_ns);
         String::from_utf8(out).unwrap_or_default()
@@ -92,7 +92,7 @@ impl Rfc3339 {
 }
 
 /// `10:02:11.123` in the local time zone, for the table.
-pub fn local_time_of_day(epoch_ns: i128) -> String {
+pub(crate) fn local_time_of_day(epoch_ns: i128) -> String {
     let (secs, nanos) = split(epoch_ns);
     match Local.timestamp_opt(secs, nanos).single() {
         Some(time) => time.format("%H:%M:%S%.3f").to_string(),

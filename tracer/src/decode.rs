@@ -17,7 +17,7 @@ use bindtrace_common::{
 };
 
 #[derive(Debug, PartialEq, Eq)]
-pub enum DecodeError {
+pub(crate) enum DecodeError {
     WrongSize { got: usize },
     UnknownBackend(u8),
 }
@@ -38,16 +38,16 @@ impl std::error::Error for DecodeError {}
 
 /// The `sun_path` an AF_UNIX bind asked for, as the caller passed it.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub struct UnixPath(Box<[u8]>);
+pub(crate) struct UnixPath(Box<[u8]>);
 
 impl UnixPath {
-    pub fn new(sun_path: &[u8]) -> Self {
+    pub(crate) fn new(sun_path: &[u8]) -> Self {
         Self(sun_path.into())
     }
 
     /// The name as the kernel keeps it: a path without its trailing NULs, an abstract
     /// name with all its bytes.
-    pub fn as_bytes(&self) -> &[u8] {
+    pub(crate) fn as_bytes(&self) -> &[u8] {
         if self.is_abstract() {
             &self.0
         } else {
@@ -56,18 +56,18 @@ impl UnixPath {
     }
 
     /// An abstract name (Linux): `sun_path` starts with NUL; no file is involved.
-    pub fn is_abstract(&self) -> bool {
+    pub(crate) fn is_abstract(&self) -> bool {
         self.0.first() == Some(&0)
     }
 
     /// No path at all (`addrlen` of 2): the kernel picks an abstract name (autobind).
-    pub fn is_autobind(&self) -> bool {
+    pub(crate) fn is_autobind(&self) -> bool {
         self.0.is_empty()
     }
 
     /// The bytes as `ss` shows them: a path up to its first NUL; an abstract name as `@`
     /// followed by the name, its NULs shown as `@`. Not escaped: the sinks escape it.
-    pub fn display_bytes(&self) -> Vec<u8> {
+    pub(crate) fn display_bytes(&self) -> Vec<u8> {
         if self.is_abstract() {
             std::iter::once(b'@').chain(self.0[1..].iter().map(|&b| if b == 0 { b'@' } else { b })).collect()
         } else {
@@ -77,7 +77,7 @@ impl UnixPath {
 
     /// [`Self::display_bytes`] as text, bytes that are not UTF-8 written as `\xNN` (NDJSON,
     /// and the table before its own escaping).
-    pub fn display_text(&self) -> String {
+    pub(crate) fn display_text(&self) -> String {
         let mut text = String::new();
         for chunk in self.display_bytes().utf8_chunks() {
             text.push_str(chunk.valid());
@@ -93,7 +93,7 @@ impl UnixPath {
 
     /// The file a path-named socket is bound at (relative paths are the caller's: resolve
     /// them against its cwd); `None` for abstract names and autobind.
-    pub fn filesystem_path(&self) -> Option<PathBuf> {
+    pub(crate) fn filesystem_path(&self) -> Option<PathBuf> {
         use std::os::unix::ffi::OsStrExt as _;
         if self.is_abstract() || self.is_autobind() {
             return None;
@@ -105,7 +105,7 @@ impl UnixPath {
 /// A decoded bind: the fixed record, and the path of an AF_UNIX bind. Derefs to the record,
 /// which is what nearly every stage reads.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Bind {
+pub(crate) struct Bind {
     pub event: BindEvent,
     /// The path asked for, for an AF_UNIX bind whose sockaddr could be read.
     pub unix_path: Option<UnixPath>,
@@ -128,7 +128,7 @@ impl From<BindEvent> for Bind {
 impl Bind {
     /// The address asked for, as the table and the diagnoses show it: `127.0.0.1:8080`,
     /// `[::1]:8080`, a unix path or `@name`.
-    pub fn endpoint(&self) -> String {
+    pub(crate) fn endpoint(&self) -> String {
         match &self.unix_path {
             Some(path) => path.display_text(),
             None => requested_endpoint(&self.event),
@@ -136,7 +136,7 @@ impl Bind {
     }
 }
 
-pub fn decode(bytes: &[u8]) -> Result<Bind, DecodeError> {
+pub(crate) fn decode(bytes: &[u8]) -> Result<Bind, DecodeError> {
     let bind = match bytes.len() {
         BIND_EVENT_SIZE => Bind::from(bytemuck::pod_read_unaligned::<BindEvent>(bytes)),
         UNIX_BIND_EVENT_SIZE => {
@@ -155,7 +155,7 @@ pub fn decode(bytes: &[u8]) -> Result<Bind, DecodeError> {
 }
 
 /// Typed views of the raw fields, shared by the filter, the sinks and the summary.
-pub trait BindEventExt {
+pub(crate) trait BindEventExt {
     fn requested_ip(&self) -> Option<IpAddr>;
     fn bound_ip(&self) -> Option<IpAddr>;
     fn errno(&self) -> Option<i32>;
@@ -245,7 +245,7 @@ impl BindEventExt for BindEvent {
 }
 
 /// "AF_INET" for 2; the number for families without a name here.
-pub fn family_name(family: u16) -> Option<&'static str> {
+pub(crate) fn family_name(family: u16) -> Option<&'static str> {
     Some(match family {
         0 => "AF_UNSPEC",
         1 => "AF_UNIX",
@@ -260,7 +260,7 @@ pub fn family_name(family: u16) -> Option<&'static str> {
 
 /// The requested address as `127.0.0.1:8080` or `[::1]:8080` (`[fe80::1%2]:80` with a scope),
 /// or a description when there is none.
-pub fn requested_endpoint(event: &BindEvent) -> String {
+pub(crate) fn requested_endpoint(event: &BindEvent) -> String {
     match event.requested_ip() {
         Some(IpAddr::V4(ip)) => format!("{ip}:{}", event.port),
         Some(IpAddr::V6(ip)) if event.scope_id != 0 => format!("[{ip}%{}]:{}", event.scope_id, event.port),

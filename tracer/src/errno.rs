@@ -178,23 +178,23 @@ fn entry(number: i32) -> Option<&'static Entry> {
 }
 
 /// "EADDRINUSE" for 98; `None` for numbers Linux does not define.
-pub fn name(number: i32) -> Option<&'static str> {
+pub(crate) fn name(number: i32) -> Option<&'static str> {
     entry(number).map(|e| e.name.as_str())
 }
 
 /// Every errno name Linux defines, in number order (for shell completion).
-pub fn names() -> impl Iterator<Item = &'static str> {
+pub(crate) fn names() -> impl Iterator<Item = &'static str> {
     (1..=MAX_ERRNO).filter_map(name)
 }
 
 /// "Address already in use" for 98.
-pub fn message(number: i32) -> Option<&'static str> {
+pub(crate) fn message(number: i32) -> Option<&'static str> {
     entry(number).map(|e| e.message)
 }
 
 /// Parses one errno as a name in any case ("EADDRINUSE", "eaddrinuse", "ADDRINUSE") or a
 /// number ("98", or "-98" as the kernel returns it and `ret` shows it).
-pub fn parse(text: &str) -> Result<i32, String> {
+pub(crate) fn parse(text: &str) -> Result<i32, String> {
     let text = text.trim();
     if let Ok(number) = text.parse::<i32>() {
         let number = number.checked_abs().unwrap_or(number);

@@ -5,21 +5,42 @@
 use std::collections::HashSet;
 
 use anyhow::{anyhow, bail, Result};
-use bindtrace_common::{
-    filter_flags, BindEvent, FilterConfig, AF_INET, AF_INET6, AF_NETLINK, AF_UNIX, COMM_LEN, IPPROTO_TCP, IPPROTO_UDP,
-    MAX_CGROUPS, MAX_PORT_RANGES,
-};
+use bindtrace_common::{filter_flags, BindEvent, FilterConfig, COMM_LEN, MAX_CGROUPS, MAX_PORT_RANGES};
 
-use crate::{
-    cli::{Cli, Family, Proto},
-    host::{cgroup, identity::Identities},
-};
+use crate::host::{cgroup, identity::Identities};
 
 /// Most pids `--pid` takes (the size of the probe's FILTER_PIDS map).
-pub const MAX_PIDS: usize = 1024;
+pub(crate) const MAX_PIDS: usize = 1024;
+
+/// Which results to keep.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(crate) enum Results {
+    #[default]
+    All,
+    /// Failures only.
+    Failed,
+    /// These errnos only (positive numbers).
+    Errnos(Vec<i32>),
+}
+
+/// What to keep, in the domain's terms (the command line resolves into it once, in
+/// `config`): each field `None` or empty keeps everything.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Selection {
+    pub(crate) results: Results,
+    /// Inclusive port ranges.
+    pub(crate) ports: Vec<(u16, u16)>,
+    /// An address family (`AF_*`).
+    pub(crate) family: Option<u16>,
+    /// A protocol (`IPPROTO_*`).
+    pub(crate) protocol: Option<u16>,
+    /// A task name (the kernel keeps 15 bytes of it).
+    pub(crate) comm: Option<String>,
+    pub(crate) pids: Vec<u32>,
+}
 
 #[derive(Clone, Debug)]
-pub struct EventFilter {
+pub(crate) struct EventFilter {
     pub kernel: FilterConfig,
     pub pids: Vec<u32>,
     pid_set: HashSet<u32>,
@@ -63,7 +84,7 @@ pub(crate) struct SelectedCgroup {
 }
 
 impl EventFilter {
-    pub fn from_cli(cli: &Cli) -> Result<Self> {
+    pub(crate) fn new(selection: &Selection) -> Result<Self> {
         let mut kernel = FilterConfig::accept_all();
         // bindtrace's own binds (the netlink sockets of its lookups) are not the host's. In a
         // PID namespace of its own its pid is not the one the kernel reports: nothing to exclude.
@@ -71,46 +92,43 @@ impl EventFilter {
             kernel.exclude_tgid = std::process::id();
         }
 
-        if !cli.errno.is_empty() {
-            for &errno in &cli.errno {
-                kernel.accept_result_bit(errno as usize);
+        match &selection.results {
+            Results::All => {}
+            Results::Failed => {
+                for bit in 1..bindtrace_common::ERRNO_BITS {
+                    kernel.accept_result_bit(bit);
+                }
             }
-        } else if cli.failed {
-            for bit in 1..bindtrace_common::ERRNO_BITS {
-                kernel.accept_result_bit(bit);
+            Results::Errnos(errnos) => {
+                for &errno in errnos {
+                    kernel.accept_result_bit(errno as usize);
+                }
             }
         }
 
-        if cli.ports.len() > MAX_PORT_RANGES {
-            bail!("at most {MAX_PORT_RANGES} ports or port ranges can be given, got {}", cli.ports.len());
+        let ports = &selection.ports;
+        if ports.len() > MAX_PORT_RANGES {
+            bail!("at most {MAX_PORT_RANGES} ports or port ranges can be given, got {}", ports.len());
         }
-        if !cli.ports.is_empty() {
-            for (slot, range) in kernel.port_ranges.iter_mut().zip(&cli.ports) {
-                *slot = [range.low, range.high];
+        if !ports.is_empty() {
+            for (slot, &(low, high)) in kernel.port_ranges.iter_mut().zip(ports) {
+                *slot = [low, high];
             }
-            kernel.port_range_count = cli.ports.len() as u32;
+            kernel.port_range_count = ports.len() as u32;
             kernel.flags |= filter_flags::PORTS;
         }
 
-        if let Some(family) = cli.family {
-            kernel.family = match family {
-                Family::Inet => AF_INET,
-                Family::Inet6 => AF_INET6,
-                Family::Unix => AF_UNIX,
-                Family::Netlink => AF_NETLINK,
-            };
+        if let Some(family) = selection.family {
+            kernel.family = family;
             kernel.flags |= filter_flags::FAMILY;
         }
 
-        if let Some(proto) = cli.proto {
-            kernel.protocol = match proto {
-                Proto::Tcp => IPPROTO_TCP,
-                Proto::Udp => IPPROTO_UDP,
-            };
+        if let Some(protocol) = selection.protocol {
+            kernel.protocol = protocol;
             kernel.flags |= filter_flags::PROTOCOL;
         }
 
-        if let Some(comm) = &cli.comm {
+        if let Some(comm) = &selection.comm {
             // The kernel keeps 15 bytes of a task name; match what it can hold.
             let bytes = comm.as_bytes();
             let len = bytes.len().min(COMM_LEN - 1);
@@ -118,7 +136,7 @@ impl EventFilter {
             kernel.flags |= filter_flags::COMM;
         }
 
-        let mut pids = cli.pids.clone();
+        let mut pids = selection.pids.clone();
         pids.sort_unstable();
         pids.dedup();
         if pids.len() > MAX_PIDS {
@@ -193,7 +211,7 @@ impl EventFilter {
     }
 
     /// The userspace mirror of the probe's decision (the cgroups are the kernel's alone).
-    pub fn accepts(&self, event: &BindEvent) -> bool {
+    pub(crate) fn accepts(&self, event: &BindEvent) -> bool {
         (self.pid_set.is_empty() || self.pid_set.contains(&event.tgid)) && self.kernel.accepts_event(event)
     }
 }
@@ -202,12 +220,14 @@ impl EventFilter {
 mod tests {
     use clap::Parser;
 
+    use crate::cli::Cli;
+
     use super::*;
     use crate::decode::tests::sample_event;
 
     fn filter(args: &[&str]) -> EventFilter {
         let cli = Cli::try_parse_from(std::iter::once("bindtrace").chain(args.iter().copied())).expect("valid args");
-        EventFilter::from_cli(&cli).expect("valid filter")
+        EventFilter::new(&crate::config::selection(&cli)).expect("valid filter")
     }
 
     #[test]
@@ -252,7 +272,7 @@ mod tests {
         let ports: Vec<String> = (1..=17).map(|p| p.to_string()).collect();
         let joined = ports.join(",");
         let cli = Cli::try_parse_from(["bindtrace", "-P", joined.as_str()]).expect("parses");
-        let err = EventFilter::from_cli(&cli).expect_err("17 ranges");
+        let err = EventFilter::new(&crate::config::selection(&cli)).expect_err("17 ranges");
         assert!(err.to_string().contains("at most 16"), "{err}");
     }
 }

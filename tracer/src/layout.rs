@@ -9,10 +9,10 @@ use anyhow::{anyhow, bail, Context as _, Result};
 use bindtrace_common::{kernel_helpers, names, FieldLoc, KernelLayout, NO_MEMBER};
 use btf_rs::{Backend, Btf, Struct, Type};
 
-pub const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
+pub(crate) const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
 
 /// A BPF helper the probe uses where the kernel has it, and works around where it does not.
-pub struct OptionalHelper {
+pub(crate) struct OptionalHelper {
     /// Its name without the `bpf_` prefix, as in `enum bpf_func_id` (`BPF_FUNC_<name>`).
     pub name: &'static str,
     pub bit: u32,
@@ -20,7 +20,7 @@ pub struct OptionalHelper {
     pub since: &'static str,
 }
 
-pub const OPTIONAL_HELPERS: [OptionalHelper; 3] = [
+pub(crate) const OPTIONAL_HELPERS: [OptionalHelper; 3] = [
     OptionalHelper { name: "get_current_task_btf", bit: kernel_helpers::TASK_BTF, since: "5.11" },
     OptionalHelper { name: "task_pt_regs", bit: kernel_helpers::TASK_PT_REGS, since: "5.15" },
     OptionalHelper {
@@ -60,7 +60,7 @@ struct MemberLoc {
     bits: u32,
 }
 
-pub struct KernelTypes {
+pub(crate) struct KernelTypes {
     btf: Btf,
     /// Structs already found by name: each lookup by name scans the type table.
     structs: std::cell::RefCell<std::collections::HashMap<String, Struct>>,
@@ -73,7 +73,7 @@ pub struct KernelTypes {
 
 impl KernelTypes {
     /// Opens a BTF file, mapping it instead of parsing it whole: only a few structs are read.
-    pub fn open(path: &Path) -> Result<Self> {
+    pub(crate) fn open(path: &Path) -> Result<Self> {
         let btf = Btf::from_file_with_backend(path, Backend::Mmap)
             .or_else(|_| Btf::from_file(path))
             .with_context(|| format!("cannot read kernel BTF from {}", path.display()))?;
@@ -226,7 +226,7 @@ impl KernelTypes {
     /// layout: without the fd-to-socket walk's, that walk is off (`fd_to_socket`, see
     /// [`KernelBtf::fd_to_socket`]); without `pt_regs`' argument registers, the tracepoint
     /// takes the path of kernels without `bpf_task_pt_regs` (arguments saved at entry).
-    pub fn layout(&self) -> Result<(KernelLayout, Result<(), String>)> {
+    pub(crate) fn layout(&self) -> Result<(KernelLayout, Result<(), String>)> {
         // Reach most structs through pointers from the few found by name.
         for (parent, member) in [("task_struct", "nsproxy"), ("nsproxy", "net_ns"), ("sock", "sk_socket")] {
             self.follow(parent, member)?;
@@ -351,7 +351,7 @@ impl KernelTypes {
         // This one existed before tracing programs were allowed to call it: ask the kernel.
         if bits & kernel_helpers::ANCESTOR_CGROUP_ID != 0 {
             let number = known.get("BPF_FUNC_get_current_ancestor_cgroup_id").copied().unwrap_or(0);
-            if !crate::hook_support::tracing_may_call(number) {
+            if !crate::bpf_sys::tracing_may_call(number) {
                 bits &= !kernel_helpers::ANCESTOR_CGROUP_ID;
             }
         }
@@ -430,7 +430,7 @@ fn field_loc(loc: MemberLoc) -> Result<FieldLoc> {
 
 /// What bindtrace needs from the running kernel's BTF.
 #[derive(Clone, Debug)]
-pub struct KernelBtf {
+pub(crate) struct KernelBtf {
     pub layout: KernelLayout,
     /// The BTF ids of the functions the fexit backend hooks (`names::INET_BIND_FUNCTIONS`
     /// order); `None` where the kernel's BTF lacks one.
@@ -442,7 +442,7 @@ pub struct KernelBtf {
 }
 
 /// The running kernel's layout and hook targets, from /sys/kernel/btf/vmlinux.
-pub fn running_kernel_btf() -> Result<KernelBtf> {
+pub(crate) fn running_kernel_btf() -> Result<KernelBtf> {
     let path = Path::new(VMLINUX_BTF);
     if !path.exists() {
         bail!("{VMLINUX_BTF} is missing: this kernel was built without CONFIG_DEBUG_INFO_BTF, which bindtrace needs");
@@ -460,7 +460,7 @@ pub fn running_kernel_btf() -> Result<KernelBtf> {
 
 /// Names struct members (comma-separated `struct.member`) to treat as absent from the
 /// kernel's BTF, so that the tests run what a kernel without them gets.
-pub const HIDE_MEMBERS_ENV: &str = "BINDTRACE_HIDE_MEMBERS";
+pub(crate) const HIDE_MEMBERS_ENV: &str = "BINDTRACE_HIDE_MEMBERS";
 
 fn hidden_members(names: Option<&str>) -> Vec<String> {
     names
@@ -474,7 +474,7 @@ fn hidden_members(names: Option<&str>) -> Vec<String> {
 
 /// Names optional helpers (comma-separated, as in [`OPTIONAL_HELPERS`]) to treat as missing,
 /// so that a new kernel runs the paths an old one takes: the tests use it.
-pub const HIDE_HELPERS_ENV: &str = "BINDTRACE_HIDE_HELPERS";
+pub(crate) const HIDE_HELPERS_ENV: &str = "BINDTRACE_HIDE_HELPERS";
 
 fn hidden_helpers(names: Option<&str>) -> u32 {
     let Some(names) = names else { return 0 };

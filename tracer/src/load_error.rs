@@ -30,7 +30,7 @@ const HELPERS: [(u32, &str, &str); 19] = [
 
 /// The verifier's reason, in words, from its log: a helper it does not have, named with the
 /// release that added it; otherwise the last line that is not a statistic.
-pub fn cause_of(log: &str) -> Option<String> {
+pub(crate) fn cause_of(log: &str) -> Option<String> {
     if let Some(id) = log.lines().find_map(unknown_helper_id) {
         return Some(match HELPERS.iter().find(|(number, ..)| *number == id) {
             Some((_, name, since)) => {
@@ -68,7 +68,7 @@ const ENOTSUPP: i32 = 524;
 
 /// Replaces a program-load error by one naming its cause, and logs the whole verifier log
 /// at debug level; names ENOTSUPP on attach. Other errors pass unchanged.
-pub fn explain(err: anyhow::Error) -> anyhow::Error {
+pub(crate) fn explain(err: anyhow::Error) -> anyhow::Error {
     let os_error = |e: &(dyn std::error::Error + 'static)| e.downcast_ref::<std::io::Error>()?.raw_os_error();
     if err.chain().any(|e| os_error(e) == Some(ENOTSUPP)) {
         return anyhow::anyhow!(

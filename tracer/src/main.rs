@@ -1,3 +1,3 @@
 fn main() -> std::process::ExitCode {
-    bindtrace::app::main()
+    bindtrace::main()
 }

@@ -28,15 +28,15 @@ use crate::{
     enrich::{EnrichCounters, Enriched},
     errno,
     host::identity::Identity,
-    summary::{KernelCounters, ProgramStats},
+    probe::{KernelCounters, ProgramStats},
 };
 
 /// Distinct (container, pod, namespace) label values at once; past this, the set used least
 /// recently is removed from the registry (its series end), so that pods that come and go
 /// over months never freeze the labels nor grow the registry.
-pub const CONTAINER_LABELS_MAX: usize = 256;
+pub(crate) const CONTAINER_LABELS_MAX: usize = 256;
 /// Ports `--metrics-port` may name.
-pub const PORT_LABELS_MAX: usize = 64;
+pub(crate) const PORT_LABELS_MAX: usize = 64;
 /// Counter handles remembered per distinct event shape; cleared when full (the counters
 /// themselves live on in the registry).
 const HANDLES_MAX: usize = 4_096;
@@ -95,7 +95,7 @@ struct HandleKey {
 }
 
 /// The registry and the counters the pipeline updates.
-pub struct Metrics {
+pub(crate) struct Metrics {
     registry: Arc<Registry>,
     binds: Family<BindLabels, Counter>,
     dropped: Counter,
@@ -125,7 +125,7 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    pub fn new(backend: &str, ports: &[u16]) -> Self {
+    pub(crate) fn new(backend: &str, ports: &[u16]) -> Self {
         let mut registry = Registry::with_prefix("bindtrace");
         let binds = Family::<BindLabels, Counter>::default();
         registry.register(
@@ -221,12 +221,12 @@ impl Metrics {
     }
 
     /// The registry, for the HTTP server.
-    pub fn registry(&self) -> Arc<Registry> {
+    pub(crate) fn registry(&self) -> Arc<Registry> {
         self.registry.clone()
     }
 
     /// Counts one written event.
-    pub fn observe(&mut self, enriched: &Enriched) {
+    pub(crate) fn observe(&mut self, enriched: &Enriched) {
         let event = &enriched.event;
         let key = HandleKey {
             op: event.op,
@@ -328,7 +328,7 @@ impl Metrics {
     }
 
     /// Brings the totals that other stages keep up to date (each tick, and at the end).
-    pub fn update(&self, kernel: &KernelCounters, filter_mismatches: u64, enrich: EnrichCounters) {
+    pub(crate) fn update(&self, kernel: &KernelCounters, filter_mismatches: u64, enrich: EnrichCounters) {
         let dropped = kernel.dropped();
         let before = self.last_kernel_dropped.swap(dropped, Ordering::Relaxed);
         self.dropped.inc_by(dropped.saturating_sub(before));
@@ -349,7 +349,7 @@ impl Metrics {
 
 impl Metrics {
     /// Adds what the kernel counted for each program since the last call.
-    pub fn update_programs(&self, programs: &[ProgramStats]) {
+    pub(crate) fn update_programs(&self, programs: &[ProgramStats]) {
         let series = &self.programs;
         let Ok(mut last) = series.last.lock() else { return };
         for program in programs {
@@ -368,7 +368,7 @@ impl Metrics {
 }
 
 /// The OpenMetrics text of `registry`.
-pub fn render(registry: &Registry) -> String {
+pub(crate) fn render(registry: &Registry) -> String {
     let mut text = String::with_capacity(4096);
     // Writing into a String cannot fail.
     let _ = prometheus_client::encoding::text::encode(&mut text, registry);
@@ -385,14 +385,14 @@ const CONNECTION_LIFETIME: std::time::Duration = std::time::Duration::from_secs(
 const ACCEPT_BACKOFF: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// Binds the metrics address now (a port in use is said before anything is attached).
-pub fn listen(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+pub(crate) fn listen(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
     let listener = std::net::TcpListener::bind(addr)?;
     listener.set_nonblocking(true)?;
     Ok(listener)
 }
 
 /// Serves `/metrics` (anything else: 404) on the current runtime until the task is dropped.
-pub async fn serve(listener: std::net::TcpListener, registry: Arc<Registry>) {
+pub(crate) async fn serve(listener: std::net::TcpListener, registry: Arc<Registry>) {
     use http_body_util::Full;
     use hyper::{body::Bytes, server::conn::http1, service::service_fn, Request, Response, StatusCode};
     let Ok(listener) = tokio::net::TcpListener::from_std(listener) else {

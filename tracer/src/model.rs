@@ -12,7 +12,7 @@ use serde::Serialize;
 use crate::host::{owners::ProcessInfo, sockdiag::Proto};
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
-pub struct Diagnosis {
+pub(crate) struct Diagnosis {
     /// A stable label of the case: `in_use`, `in_use_dual_stack`, `in_use_reuseport`,
     /// `in_use_self`, `in_use_ephemeral`, `ephemeral_exhausted`, `stale_socket_file`,
     /// `path_exists`, `unix_path_permission`, `listen_in_use`, `refused_by_cgroup_bpf`, `refused_by_lsm`, `address_tentative`, `address_dad_failed`, `time_wait`,
@@ -41,7 +41,7 @@ pub struct Diagnosis {
 
 /// The sockets in the way, all of them, when a diagnosis lists some.
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
-pub struct HoldersSummary {
+pub(crate) struct HoldersSummary {
     /// Sockets in the way.
     pub total: usize,
     /// How many of them `holders` lists (in rank order: listeners, bound and UDP sockets,
@@ -66,7 +66,7 @@ pub(crate) const DIAGNOSIS_BYTES_MAX: usize = 12 * 1024;
 const CMDLINE_CUT: usize = 120;
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
-pub struct HolderReport {
+pub(crate) struct HolderReport {
     pub proto: Proto,
     pub addr: IpAddr,
     pub port: u16,
@@ -95,7 +95,7 @@ pub struct HolderReport {
 
 /// An AF_UNIX socket bound to the path or abstract name a failed bind asked for.
 #[derive(Clone, Debug, PartialEq, Serialize)]
-pub struct UnixHolderReport {
+pub(crate) struct UnixHolderReport {
     /// `stream`, `dgram`, `seqpacket`.
     #[serde(rename = "type")]
     pub sock_type: &'static str,
@@ -112,7 +112,7 @@ pub struct UnixHolderReport {
 
 /// The file at an AF_UNIX path, for EADDRINUSE.
 #[derive(Clone, Debug, PartialEq, Serialize)]
-pub struct UnixFileReport {
+pub(crate) struct UnixFileReport {
     /// `socket`, `missing`, `regular file`, `directory`, ...
     pub kind: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -126,7 +126,7 @@ pub struct UnixFileReport {
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
-pub struct SeenBindReport {
+pub(crate) struct SeenBindReport {
     /// Local time of day, as in the table.
     pub time: String,
     pub pid: u32,
@@ -137,7 +137,7 @@ pub struct SeenBindReport {
 
 /// Facts behind the verdict, each present only where it was relevant and known.
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
-pub struct DiagnosisFacts {
+pub(crate) struct DiagnosisFacts {
     /// The container a runtime was starting when its port publisher's bind failed.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) publishing_for: Option<crate::host::identity::Publishing>,

@@ -18,14 +18,15 @@ use crate::{
     decode::decode,
     enrich::{Done, EnrichCounters, Enricher},
     filter::EventFilter,
+    probe::KernelCounters,
     probe::{AttachedProbe, ProbeLogger},
     sink::Sink,
-    summary::{KernelCounters, Summary},
+    summary::Summary,
 };
 
 /// Why the run ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Ending {
+pub(crate) enum Ending {
     Signal,
     Duration,
     Count,
@@ -36,7 +37,7 @@ pub enum Ending {
 }
 
 #[derive(Clone, Copy, Debug, Default)]
-pub struct Limits {
+pub(crate) struct Limits {
     pub duration: Option<Duration>,
     pub count: Option<u64>,
 }
@@ -57,7 +58,7 @@ const EMIT_SLICE: usize = 512;
 const READ_MAX: usize = 8_192;
 const PUMP_ROUNDS: usize = 64;
 
-pub struct Pipeline<'a> {
+pub(crate) struct Pipeline<'a> {
     pub filter: &'a EventFilter,
     pub enricher: Enricher,
     pub sink: &'a mut dyn Sink,
@@ -78,7 +79,7 @@ pub struct Pipeline<'a> {
 /// SIGINT and SIGTERM handlers. Installed before the probe attaches, so that a signal sent
 /// as soon as bindtrace says "attached" still ends it cleanly. None with `-- CMD`: the
 /// signals are CMD's then (see `command`), and its exit ends the trace.
-pub struct StopSignals {
+pub(crate) struct StopSignals {
     interrupt: Option<Signal>,
     terminate: Option<Signal>,
     /// The terminal closed (an ssh drop): end as cleanly as on SIGTERM, losing nothing.
@@ -86,7 +87,7 @@ pub struct StopSignals {
 }
 
 impl StopSignals {
-    pub fn install() -> Result<Self> {
+    pub(crate) fn install() -> Result<Self> {
         Ok(Self {
             interrupt: Some(signal(SignalKind::interrupt()).context("installing the SIGINT handler")?),
             terminate: Some(signal(SignalKind::terminate()).context("installing the SIGTERM handler")?),
@@ -95,7 +96,7 @@ impl StopSignals {
     }
 
     /// No handlers: the signals are someone else's (`-- CMD`).
-    pub fn none() -> Self {
+    pub(crate) fn none() -> Self {
         Self { interrupt: None, terminate: None, hangup: None }
     }
 }
@@ -311,7 +312,7 @@ impl Pipeline<'_> {
         self.emit_ready(true)
     }
 
-    pub async fn run(&mut self, probe: &mut AttachedProbe, mut signals: StopSignals) -> Result<Ending> {
+    pub(crate) async fn run(&mut self, probe: &mut AttachedProbe, mut signals: StopSignals) -> Result<Ending> {
         let mut ring = poll(probe.take_ring_buffer()?).context("polling the ring buffer")?;
         let mut logger = match probe.take_logger() {
             Some(logger) => Some(poll(logger).context("polling the eBPF log")?),

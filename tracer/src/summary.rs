@@ -4,78 +4,20 @@
 use crate::enrich::EnrichCounters;
 use std::collections::HashMap;
 
-use bindtrace_common::{stat, BindEvent, COMM_LEN};
+use bindtrace_common::{BindEvent, COMM_LEN};
 use serde::Serialize;
 
-use crate::{decode::BindEventExt as _, errno};
+use crate::{
+    decode::BindEventExt as _,
+    errno,
+    probe::{KernelCounters, ProgramStats},
+};
 
 /// How many ports and processes the report lists.
 const TOP: usize = 10;
 
-/// The probe's per-CPU counters, summed over CPUs.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
-pub struct KernelCounters {
-    /// bind() exits the probe saw.
-    pub seen: u64,
-    /// Rejected by the in-kernel filters.
-    pub filtered: u64,
-    /// Written to the ring buffer.
-    pub emitted: u64,
-    /// Lost: the ring buffer was full.
-    pub dropped_ring_buffer_full: u64,
-    /// Lost: the exit found no entry where only the entry knew the arguments (kprobe; the
-    /// tracepoint before 5.15), more than a second after attach.
-    pub dropped_entry_lost: u64,
-    /// Exits without their entry within a second of attach: binds already under way when
-    /// the probe attached, not emitted (their arguments unknown), and not counted as lost.
-    pub in_progress_at_attach: u64,
-    /// Emitted without an address: the caller's sockaddr could not be read.
-    pub address_unreadable: u64,
-    /// Emitted without a duration: the probe did not see the bind's entry.
-    pub no_entry_time: u64,
-    /// Lost: a return hook the kernel skipped because another BPF program was running on
-    /// that CPU (the programs' `recursion_misses`, 5.12+; fentry/fexit and, on newer
-    /// kernels, kprobes). An entry hook skipped this way shows at its exit instead.
-    pub dropped_recursion: u64,
-    /// Lost: binds whose kretprobe never ran (out of return instances) and no backstop
-    /// reported (inet_bind's, 32-bit callers'), found when the same thread next bound (kprobe
-    /// backend).
-    pub dropped_return_missed: u64,
-    /// Not lost: bind(2) and listen(2) calls whose kretprobe never ran, reported from the
-    /// syscall's exit tracepoint instead (kprobe backend).
-    pub returns_backstopped: u64,
-    /// Processes (and threads) of the followed tree the kernel could not add to its map (it
-    /// was full): their binds were not traced.
-    pub tree_not_followed: u64,
-}
-
-impl KernelCounters {
-    /// Builds the counters from per-index sums, in `bindtrace_common::stat` order.
-    pub fn from_sums(sums: &[u64; stat::COUNT as usize]) -> Self {
-        Self {
-            seen: sums[stat::SEEN as usize],
-            filtered: sums[stat::FILTERED as usize],
-            emitted: sums[stat::EMITTED as usize],
-            dropped_ring_buffer_full: sums[stat::RINGBUF_FULL as usize],
-            dropped_entry_lost: sums[stat::ENTRY_LOST as usize],
-            in_progress_at_attach: sums[stat::AT_ATTACH as usize],
-            address_unreadable: sums[stat::ADDR_READ_FAILED as usize],
-            no_entry_time: sums[stat::NO_ENTRY_TIME as usize],
-            dropped_recursion: 0,
-            dropped_return_missed: sums[stat::RETURN_MISSED as usize],
-            returns_backstopped: sums[stat::RETURN_BACKSTOPPED as usize],
-            tree_not_followed: sums[stat::TREE_FULL as usize],
-        }
-    }
-
-    /// Events the kernel saw but bindtrace will never print.
-    pub fn dropped(&self) -> u64 {
-        self.dropped_ring_buffer_full + self.dropped_entry_lost + self.dropped_recursion + self.dropped_return_missed
-    }
-}
-
 #[derive(Default)]
-pub struct Summary {
+pub(crate) struct Summary {
     events: u64,
     decode_errors: u64,
     filter_mismatches: u64,
@@ -94,7 +36,7 @@ pub struct Summary {
 
 /// A process of the followed tree that failed to bind: where it sits, and its first failure.
 #[derive(Clone, Debug, Serialize, PartialEq, Eq)]
-pub struct FailedProcess {
+pub(crate) struct FailedProcess {
     pub pid: u32,
     pub comm: String,
     /// The process that started it, and its depth below the tree's root (0: the root).
@@ -108,7 +50,7 @@ pub struct FailedProcess {
 
 /// The followed process tree at the end of the run (`-- CMD`, `--tree PID`).
 #[derive(Clone, Debug, Default, Serialize, PartialEq, Eq)]
-pub struct TreeReport {
+pub(crate) struct TreeReport {
     pub root_pid: u32,
     /// CMD as given (`-- CMD`); absent for `--tree`.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -129,24 +71,24 @@ pub struct TreeReport {
 }
 
 /// How many failed processes of the tree the report names.
-pub const TREE_FAILURES_LISTED: usize = 64;
+pub(crate) const TREE_FAILURES_LISTED: usize = 64;
 
 #[derive(Debug, Serialize, PartialEq, Eq)]
-pub struct ResultCount {
+pub(crate) struct ResultCount {
     pub result: String,
     pub errno: i32,
     pub count: u64,
 }
 
 #[derive(Debug, Serialize, PartialEq, Eq)]
-pub struct PortCount {
+pub(crate) struct PortCount {
     pub port: u16,
     pub proto: &'static str,
     pub count: u64,
 }
 
 #[derive(Debug, Serialize, PartialEq, Eq)]
-pub struct ProcessCount {
+pub(crate) struct ProcessCount {
     pub pid: u32,
     pub comm: String,
     pub count: u64,
@@ -154,7 +96,7 @@ pub struct ProcessCount {
 
 /// The finished report, in the shape both sinks print.
 #[derive(Debug, Serialize)]
-pub struct Report {
+pub(crate) struct Report {
     pub backend: &'static str,
     pub start: String,
     pub end: String,
@@ -189,18 +131,6 @@ pub struct Report {
     pub tree: Option<TreeReport>,
 }
 
-/// One attached program, from `/proc/self/fdinfo` of its fd: what the kernel counts for it.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
-pub struct ProgramStats {
-    pub name: String,
-    /// Runs and their total time: counted only while `kernel.bpf_stats_enabled` is 1 (0
-    /// otherwise).
-    pub runs: u64,
-    pub run_time_ns: u64,
-    /// Runs the kernel skipped because another BPF program was running on that CPU (5.12+).
-    pub recursion_misses: u64,
-}
-
 /// Processes counted at most, and how many of the busiest stay when that is reached.
 const PROCESSES_MAX: usize = 4_096;
 const PROCESSES_KEPT: usize = 256;
@@ -210,7 +140,7 @@ const PORTS_MAX: usize = 4_096;
 const PORTS_KEPT: usize = 256;
 
 /// Text label of a result: "ok", "EADDRINUSE", or "errno 300" for unnamed numbers.
-pub fn result_label(ret: i32) -> String {
+pub(crate) fn result_label(ret: i32) -> String {
     if ret >= 0 {
         return "ok".to_owned();
     }
@@ -227,7 +157,7 @@ fn forget_small<K, V>(map: &mut HashMap<K, V>, count: impl Fn(&V) -> u64, kept: 
 }
 
 impl Summary {
-    pub fn record(&mut self, event: &BindEvent) {
+    pub(crate) fn record(&mut self, event: &BindEvent) {
         self.events += 1;
         *self.by_result.entry(event.ret.min(0)).or_default() += 1;
         // Ports are inet's: an AF_UNIX path is not counted as one.
@@ -254,7 +184,7 @@ impl Summary {
 
     /// A failed bind of the followed tree (the event has `IN_TREE`): its process is named in
     /// the report.
-    pub fn record_tree_failure(&mut self, bind: &crate::decode::Bind) {
+    pub(crate) fn record_tree_failure(&mut self, bind: &crate::decode::Bind) {
         if bind.ret >= 0 || !bind.has(bindtrace_common::sock_flags::IN_TREE) {
             return;
         }
@@ -291,7 +221,7 @@ impl Summary {
     }
 
     /// The tree's part of the report: its failed processes, first failure first.
-    pub fn tree_report(&self) -> TreeReport {
+    pub(crate) fn tree_report(&self) -> TreeReport {
         let mut failed: Vec<&(usize, FailedProcess)> = self.tree_failures.values().collect();
         failed.sort_by_key(|(order, _)| *order);
         let failed = failed.into_iter().map(|(_, process)| process.clone()).collect();
@@ -302,35 +232,35 @@ impl Summary {
         }
     }
 
-    pub fn record_reopen(&mut self) {
+    pub(crate) fn record_reopen(&mut self) {
         self.file_reopens += 1;
     }
 
-    pub fn record_decode_error(&mut self) {
+    pub(crate) fn record_decode_error(&mut self) {
         self.decode_errors += 1;
     }
 
-    pub fn events(&self) -> u64 {
+    pub(crate) fn events(&self) -> u64 {
         self.events
     }
 
-    pub fn record_filter_mismatch(&mut self) {
+    pub(crate) fn record_filter_mismatch(&mut self) {
         self.filter_mismatches += 1;
     }
 
-    pub fn record_outside_scope(&mut self) {
+    pub(crate) fn record_outside_scope(&mut self) {
         self.outside_scope += 1;
     }
 
-    pub fn filter_mismatches(&self) -> u64 {
+    pub(crate) fn filter_mismatches(&self) -> u64 {
         self.filter_mismatches
     }
 
-    pub fn decode_errors(&self) -> u64 {
+    pub(crate) fn decode_errors(&self) -> u64 {
         self.decode_errors
     }
 
-    pub fn report(
+    pub(crate) fn report(
         &self,
         backend: &'static str,
         start: String,

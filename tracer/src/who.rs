@@ -112,7 +112,7 @@ struct PublishedBy {
 const SEARCH_BUDGET: Duration = Duration::from_secs(5);
 
 /// Whether anything holds the port (exit status 0) or not (1).
-pub enum Verdict {
+pub(crate) enum Verdict {
     Held,
     Free,
 }
@@ -131,7 +131,7 @@ fn open_netns(spec: Option<&str>) -> Result<Netns> {
 }
 
 /// Resolves the namespace; an unknown one is bad input (exit 2), so this runs first.
-pub fn prepare(args: &WhoArgs) -> Result<Netns> {
+pub(crate) fn prepare(args: &WhoArgs) -> Result<Netns> {
     open_netns(args.netns.as_deref())
 }
 
@@ -154,7 +154,7 @@ fn every_namespace() -> (Vec<Netns>, usize) {
     (namespaces, unreadable)
 }
 
-pub fn run(args: &WhoArgs, netns: &Netns) -> Result<Verdict> {
+pub(crate) fn run(args: &WhoArgs, netns: &Netns) -> Result<Verdict> {
     let protos: &[Proto] = match args.target.proto {
         Some(cli::Proto::Tcp) => &[Proto::Tcp],
         Some(cli::Proto::Udp) => &[Proto::Udp],

@@ -145,6 +145,7 @@ impl Drop for Containers {
         }
         // The daemons this test started, dockerd before its containerd.
         for (_, child) in self.daemons.iter_mut().rev() {
+            // SAFETY: signalling a daemon this test started.
             unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
             let deadline = Instant::now() + Duration::from_secs(20);
             while matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {
@@ -358,6 +359,7 @@ fn containers_on_both_sides_of_a_conflict() {
 
     // 2. The same port when no socket holds it any more: only Docker's allocator does.
     for pid in docker_proxies(published) {
+        // SAFETY: kill has no memory preconditions.
         unsafe { libc::kill(pid, libc::SIGKILL) };
     }
     wait_until("the docker-proxy processes are gone", Duration::from_secs(10), || docker_proxies(published).is_empty());

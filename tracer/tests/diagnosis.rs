@@ -474,6 +474,7 @@ fn unix_path_in_use_names_its_holder_and_a_stale_file_is_called_stale() {
     let d = tracer.diagnosis_of(&event);
     assert_eq!(d["kind"], "stale_socket_file", "{d}");
     assert_eq!(d["facts"]["unix_file"]["kind"], "socket");
+    // SAFETY: geteuid has no preconditions.
     assert_eq!(d["facts"]["unix_file"]["owner_uid"], unsafe { libc::geteuid() });
     let summary = d["summary"].as_str().expect("summary");
     assert!(summary.contains("removing it before binding is") && summary.contains("safe"), "{summary}");
@@ -787,6 +788,7 @@ impl DenyingCgroup {
         let license = b"GPL\0";
         // SAFETY: all-zero is bpf_attr's unset state; the load member is written.
         let mut attr: bpf_attr = unsafe { std::mem::zeroed() };
+        // SAFETY: writing plain integers into the union member BPF_PROG_LOAD reads.
         unsafe {
             let load = &mut attr.__bindgen_anon_3;
             load.prog_type = bpf_prog_type::BPF_PROG_TYPE_CGROUP_SOCK_ADDR as u32;
@@ -799,7 +801,9 @@ impl DenyingCgroup {
         // SAFETY: a new fd from the kernel, owned here.
         let program = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) };
         let cgroup = std::fs::File::open(&dir).expect("open cgroup");
+        // SAFETY: all-zero is a valid value of this plain-data C struct.
         let mut attr: bpf_attr = unsafe { std::mem::zeroed() };
+        // SAFETY: writing plain integers into the union member BPF_PROG_ATTACH reads.
         unsafe {
             let attach = &mut attr.__bindgen_anon_5;
             attach.__bindgen_anon_1.target_fd = cgroup.as_raw_fd() as u32;
@@ -1110,6 +1114,7 @@ fn who_shows_each_processs_own_uid() {
 }
 
 fn kill_child(child: ForkedChild) {
+    // SAFETY: kill has no memory preconditions; the pid is a process this code started.
     unsafe {
         libc::kill(child.pid as i32, libc::SIGKILL);
         libc::waitpid(child.pid as i32, std::ptr::null_mut(), 0);
@@ -1246,6 +1251,7 @@ fn a_process_that_exits_at_once_after_its_failed_bind_gets_the_full_diagnosis() 
     let mut tracer = Tracer::start(&["-o", "ndjson", "--failed"]);
     // bindtrace is stopped while the processes fail and exit, so that they are surely gone
     // when it looks (the ring buffer keeps their events meanwhile).
+    // SAFETY: kill has no memory preconditions; the pid is a process this code started.
     unsafe { libc::kill(tracer.pid() as i32, libc::SIGSTOP) };
     let path = std::ffi::CString::new(stale.display().to_string()).expect("path");
     let unix =
@@ -1256,6 +1262,7 @@ fn a_process_that_exits_at_once_after_its_failed_bind_gets_the_full_diagnosis() 
         spawn_child(ChildPlan { uid: Some(65534), ..ChildPlan::bind("127.0.0.1:80".parse().expect("addr")) });
     let privileged_pid = privileged.pid;
     assert_eq!(privileged.wait(), libc::EACCES);
+    // SAFETY: kill has no memory preconditions; the pid is a process this code started.
     unsafe { libc::kill(tracer.pid() as i32, libc::SIGCONT) };
 
     let event = tracer.wait_for("the stale path", |e| e["pid"] == unix_pid);

@@ -224,6 +224,7 @@ fn inet_flags_and_the_port_the_kernel_chose() {
     let flagged = socket(Domain::IPV4, Type::STREAM);
     for option in [libc::IP_FREEBIND, libc::IP_TRANSPARENT, libc::IP_BIND_ADDRESS_NO_PORT] {
         let on: libc::c_int = 1;
+        // SAFETY: setsockopt reads an int that is alive for the call.
         let rc = unsafe {
             libc::setsockopt(
                 raw_fd(&flagged) as i32,
@@ -426,6 +427,7 @@ fn table_output_aligns_colours_failures_and_escapes_names() {
     // A thread whose name would clear the operator's screen if printed raw.
     std::thread::spawn(move || {
         let name = c"evil\x1b[2J";
+        // SAFETY: PR_SET_NAME reads a NUL-terminated string that is alive for the call.
         unsafe { libc::prctl(libc::PR_SET_NAME, name.as_ptr()) };
         let holder = socket(Domain::IPV4, Type::STREAM);
         holder.bind(&addr(&format!("127.0.0.1:{port}"))).expect("bind");
@@ -542,6 +544,7 @@ fn a_pid_that_does_not_exist_is_warned_about() {
 fn without_privileges_it_says_to_use_sudo() {
     let mut command = std::process::Command::new(BINDTRACE);
     command.args(["-d", "1s"]);
+    // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } == 0 {
         use std::os::unix::process::CommandExt as _;
         command.uid(65534).gid(65534);
@@ -569,6 +572,7 @@ fn a_full_ring_buffer_is_counted_and_reported_never_silent() {
     // 4 KiB holds 32 records of 128 bytes.
     let tracer = Tracer::start(&["-o", "ndjson", "--ring-buffer-size", "4K", "-P", &port.to_string()]);
     // Freeze the reader so the ring buffer fills up.
+    // SAFETY: kill has no memory preconditions; the pid is a process this code started.
     unsafe { libc::kill(tracer.pid() as i32, libc::SIGSTOP) };
     let holder = socket(Domain::IPV4, Type::STREAM);
     holder.bind(&addr(&format!("127.0.0.1:{port}"))).expect("bind");
@@ -577,6 +581,7 @@ fn a_full_ring_buffer_is_counted_and_reported_never_silent() {
     for _ in 0..FAILURES {
         let _ = socket(Domain::IPV4, Type::STREAM).bind(&addr(&format!("127.0.0.1:{port}")));
     }
+    // SAFETY: kill has no memory preconditions; the pid is a process this code started.
     unsafe { libc::kill(tracer.pid() as i32, libc::SIGCONT) };
     // Past the next once-a-second drop check.
     std::thread::sleep(std::time::Duration::from_millis(1500));
@@ -650,6 +655,7 @@ fn sigterm_and_sighup_end_cleanly_with_a_summary() {
         holder.listen(1).expect("listen");
         let _ = socket(Domain::IPV4, Type::STREAM).bind(&addr(&format!("127.0.0.1:{port}"))).expect_err("in use");
         tracer.wait_for("the failure", |e| e["errno"] == 98);
+        // SAFETY: kill has no memory preconditions; the pid is a process this code started.
         unsafe { libc::kill(tracer.pid() as i32, signal) };
         let finished = tracer.wait();
         assert!(finished.status.success(), "signal {signal}: {:?}", finished.status);
@@ -668,6 +674,7 @@ fn a_refused_start_leaves_the_output_file_untouched() {
     std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o666)).expect("chmod");
     let mut command = std::process::Command::new(BINDTRACE);
     command.args(["-d", "1s", "--file"]).arg(&path);
+    // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } == 0 {
         use std::os::unix::process::CommandExt as _;
         command.uid(65534).gid(65534);

@@ -199,6 +199,7 @@ fn sighup_reopens_the_file_for_log_rotation() {
     wait_for_port_in(&file, first);
     // What logrotate does: move the file away, then signal.
     std::fs::rename(&file, &rotated).expect("rotate");
+    // SAFETY: kill has no memory preconditions; the pid is a process this code started.
     unsafe { libc::kill(tracer.pid() as i32, libc::SIGHUP) };
     let deadline = Instant::now() + Duration::from_secs(10);
     while !file.exists() {
@@ -235,6 +236,7 @@ fn a_failed_reopen_on_sighup_keeps_writing_where_it_was() {
     wait_for_port_in(&file, first);
     std::fs::rename(&file, &rotated).expect("rotate");
     std::fs::create_dir(&file).expect("a directory where the new file would go");
+    // SAFETY: kill has no memory preconditions; the pid is a process this code started.
     unsafe { libc::kill(tracer.pid() as i32, libc::SIGHUP) };
     thread::sleep(Duration::from_millis(300));
     let _b = std::net::TcpListener::bind(("127.0.0.1", second)).expect("bind");

@@ -188,6 +188,7 @@ impl Drop for PrivateDocker {
             let _ = Command::new(docker_bin()).args(["rm", "-f", name]).env("DOCKER_HOST", &self.host).output();
         }
         let _ = Command::new(docker_bin()).args(["rmi", "-f", &self.image]).env("DOCKER_HOST", &self.host).output();
+        // SAFETY: kill has no memory preconditions; the pid is a process this code started.
         unsafe { libc::kill(self.daemon.id() as i32, libc::SIGTERM) };
         let deadline = std::time::Instant::now() + Duration::from_secs(20);
         while matches!(self.daemon.try_wait(), Ok(None)) && std::time::Instant::now() < deadline {

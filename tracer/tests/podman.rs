@@ -79,6 +79,7 @@ impl Drop for Podman {
         }
         let _ = run("podman", &["rmi", "-f", &self.image]);
         if let Some(service) = &mut self.service {
+            // SAFETY: kill has no memory preconditions; the pid is a process this code started.
             unsafe { libc::kill(service.id() as i32, libc::SIGTERM) };
             let _ = service.wait();
             let _ = std::fs::remove_file(SOCKET);

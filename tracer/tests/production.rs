@@ -268,6 +268,7 @@ fn a_blocked_stdout_holds_up_neither_signals_nor_metrics() {
     assert!(started.elapsed() < Duration::from_secs(2), "/metrics took {:?}", started.elapsed());
     // A signal ends the run promptly, though stdout takes nothing.
     let signalled = Instant::now();
+    // SAFETY: kill has no memory preconditions; the pid is a process this code started.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     let status = loop {
         if let Some(status) = child.try_wait().expect("wait") {

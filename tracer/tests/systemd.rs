@@ -82,6 +82,7 @@ impl Machine {
 impl Drop for Machine {
     fn drop(&mut self) {
         // nspawn turns SIGTERM into an orderly shutdown of the machine.
+        // SAFETY: kill has no memory preconditions; the pid is a process this code started.
         unsafe { libc::kill(self.nspawn.id() as i32, libc::SIGTERM) };
         let deadline = Instant::now() + Duration::from_secs(15);
         while matches!(self.nspawn.try_wait(), Ok(None)) && Instant::now() < deadline {

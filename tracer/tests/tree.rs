@@ -438,6 +438,7 @@ fn ctrl_c_from_the_terminal_is_cmds() {
         drop(command);
         // SAFETY: our copy of the slave is no longer needed; the master is read below.
         unsafe { libc::close(slave) };
+        // SAFETY: an fd opened here, owned by nothing else.
         let mut terminal = unsafe { std::fs::File::from_raw_fd(master) };
         let mut reader = terminal.try_clone().expect("master");
         let output = std::thread::spawn(move || {

@@ -13,7 +13,7 @@ use anyhow::{anyhow, bail, Context as _, Result};
 use serde_json::{json, Value};
 
 #[derive(clap::Args)]
-pub struct BenchArgs {
+pub(crate) struct BenchArgs {
     /// Binds per run for the untraced and bindtrace configurations.
     #[arg(long, default_value_t = 1_000_000)]
     binds: u64,
@@ -171,6 +171,7 @@ fn wait_with_usage(pid: u32) -> Result<f64> {
     let mut status = 0;
     // SAFETY: rusage is plain data filled by the kernel.
     let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: waiting for our own child, into locals.
     let rc = unsafe { libc::wait4(pid as i32, &mut status, 0, &mut usage) };
     if rc < 0 {
         bail!("wait4: {}", std::io::Error::last_os_error());
@@ -260,6 +261,7 @@ fn run_bpftrace(script: &str, storm_bin: &Path, mode: &str, threads: usize, bind
     let printed = std::thread::spawn(move || lines.map_while(Result::ok).count());
     std::thread::sleep(Duration::from_millis(500));
     let result = storm(storm_bin, mode, threads, binds, &[]);
+    // SAFETY: kill has no memory preconditions; the pid is a process this code started.
     unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
     let _ = child.wait();
     let _ = printed.join();
@@ -288,7 +290,7 @@ fn available(program: &str) -> bool {
         .is_ok_and(|s| s.success())
 }
 
-pub fn bench(args: &BenchArgs, bindtrace: &Path, storm_bin: &Path, release_dir: &Path) -> Result<()> {
+pub(crate) fn bench(args: &BenchArgs, bindtrace: &Path, storm_bin: &Path, release_dir: &Path) -> Result<()> {
     for part in &args.parts {
         if !["rate", "storms", "collateral", "hosts", "tree", "soak"].contains(&part.as_str()) {
             bail!("unknown bench part {part}: use rate, storms, collateral, hosts, tree, soak");

@@ -42,7 +42,7 @@ fn median(mut values: Vec<f64>) -> f64 {
 }
 
 /// Runs the collateral scenario; returns its markdown table and JSON.
-pub fn collateral(bindtrace: &Path, loop_bin: &Path, rounds: usize) -> Result<(String, Value)> {
+pub(crate) fn collateral(bindtrace: &Path, loop_bin: &Path, rounds: usize) -> Result<(String, Value)> {
     let backends = offered_backends(bindtrace)?;
     let mut untraced = Vec::new();
     let mut traced: Vec<Vec<f64>> = vec![Vec::new(); backends.len()];

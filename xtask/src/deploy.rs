@@ -49,7 +49,7 @@ fn validate(path: &Path, version: Option<&str>) -> Result<()> {
 
 /// Every manifest validates (strictly: no unknown fields) against the oldest and the newest
 /// schema; and a copy with one misspelt field does not, so the check is known to bite.
-pub fn validate_manifests() -> Result<()> {
+pub(crate) fn validate_manifests() -> Result<()> {
     ensure_validator()?;
     let manifests = manifests()?;
     for manifest in &manifests {
@@ -78,14 +78,14 @@ pub fn validate_manifests() -> Result<()> {
 }
 
 /// The static binary of this machine's architecture, for the image and its test.
-pub fn host_static_binary() -> Result<PathBuf> {
+pub(crate) fn host_static_binary() -> Result<PathBuf> {
     let arch = dist::Arch::by_name(std::env::consts::ARCH)?;
     arch.ensure_toolchain()?;
     arch.build_static("bindtrace", "bindtrace")
 }
 
 /// `cargo xtask image`: bindtrace:VERSION from deploy/Dockerfile and the static binary.
-pub fn image() -> Result<()> {
+pub(crate) fn image() -> Result<()> {
     let binary = host_static_binary()?;
     let context = workspace_root().join("target/image");
     std::fs::create_dir_all(&context)?;

@@ -19,7 +19,7 @@ use crate::{
 
 /// A CPU architecture bindtrace ships for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Arch {
+pub(crate) struct Arch {
     /// Rust's name (`target_arch`).
     pub name: &'static str,
     pub musl_target: &'static str,
@@ -32,7 +32,7 @@ pub struct Arch {
     strip: &'static str,
 }
 
-pub const X86_64: Arch = Arch {
+pub(crate) const X86_64: Arch = Arch {
     name: "x86_64",
     musl_target: "x86_64-unknown-linux-musl",
     deb: "amd64",
@@ -43,7 +43,7 @@ pub const X86_64: Arch = Arch {
 
 /// 32-bit x86 (ia32 compat on an x86_64 kernel): only for the VM matrix's compat scenario,
 /// not a release architecture.
-pub const I686_COMPAT: Arch = Arch {
+pub(crate) const I686_COMPAT: Arch = Arch {
     name: "i686",
     musl_target: "i686-unknown-linux-musl",
     deb: "i386",
@@ -52,7 +52,7 @@ pub const I686_COMPAT: Arch = Arch {
     strip: "strip",
 };
 
-pub const AARCH64: Arch = Arch {
+pub(crate) const AARCH64: Arch = Arch {
     name: "aarch64",
     musl_target: "aarch64-unknown-linux-musl",
     deb: "arm64",
@@ -61,10 +61,10 @@ pub const AARCH64: Arch = Arch {
     strip: "aarch64-linux-gnu-strip",
 };
 
-pub const ARCHES: [Arch; 2] = [X86_64, AARCH64];
+pub(crate) const ARCHES: [Arch; 2] = [X86_64, AARCH64];
 
 impl Arch {
-    pub fn by_name(name: &str) -> Result<Arch> {
+    pub(crate) fn by_name(name: &str) -> Result<Arch> {
         ARCHES
             .into_iter()
             .find(|a| a.name == name || a.deb == name)
@@ -72,7 +72,7 @@ impl Arch {
     }
 
     /// Installs the rustup target and the cross tools this architecture's build needs.
-    pub fn ensure_toolchain(&self) -> Result<()> {
+    pub(crate) fn ensure_toolchain(&self) -> Result<()> {
         setup::ensure()?;
         let installed = output(Command::new("rustup").args(["target", "list", "--installed"]))?;
         if !installed.lines().any(|l| l.trim() == self.musl_target) {
@@ -86,7 +86,7 @@ impl Arch {
     }
 
     /// Builds `bin` of `package` as a static release binary for this architecture.
-    pub fn build_static(&self, package: &str, bin: &str) -> Result<PathBuf> {
+    pub(crate) fn build_static(&self, package: &str, bin: &str) -> Result<PathBuf> {
         let mut command = cargo();
         command.args(["build", "--release", "--package", package, "--bin", bin, "--target", self.musl_target]);
         if let Some(linker) = self.linker {
@@ -105,7 +105,7 @@ impl Arch {
 /// Builds `bin` of `package` for every architecture in one cargo run, so that the two
 /// fat-LTO links (single-threaded each) run at once on a machine with two cores instead of
 /// one after the other; later per-architecture builds find them done.
-pub fn build_static_all(package: &str, bin: &str) -> Result<()> {
+pub(crate) fn build_static_all(package: &str, bin: &str) -> Result<()> {
     let mut command = cargo();
     command.args(["build", "--release", "--package", package, "--bin", bin]);
     for arch in ARCHES {
@@ -143,13 +143,13 @@ fn has_interpreter(path: &Path) -> Result<bool> {
 }
 
 /// What `dist` produced.
-pub struct Dist {
+pub(crate) struct Dist {
     /// The stripped static binary of each architecture, in [`ARCHES`] order.
     pub binaries: Vec<(Arch, PathBuf)>,
 }
 
 impl Dist {
-    pub fn binary(&self, arch: Arch) -> Result<&Path> {
+    pub(crate) fn binary(&self, arch: Arch) -> Result<&Path> {
         self.binaries
             .iter()
             .find(|(a, _)| *a == arch)
@@ -161,7 +161,7 @@ impl Dist {
 const VERSION: &str = env!("CARGO_PKG_VERSION");
 
 /// Builds everything into `target/dist/`.
-pub fn dist(arches: &[Arch]) -> Result<Dist> {
+pub(crate) fn dist(arches: &[Arch]) -> Result<Dist> {
     let dir = workspace_root().join("target/dist");
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;

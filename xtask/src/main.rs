@@ -202,6 +202,9 @@ fn test_steps() -> Result<()> {
         "--exclude",
         "bindtrace-probe",
         "--all-targets",
+        // The userspace benchmark's access to the stages (`bench_api`).
+        "--features",
+        "bindtrace/bench",
         "--",
         "-D",
         "warnings",

@@ -8,16 +8,16 @@ use std::{path::PathBuf, process::Command, thread::JoinHandle};
 use anyhow::{anyhow, bail, Context as _, Result};
 
 /// Where the root filesystem is, and what the tests read to find it.
-pub const ROOT_ENV: &str = "BINDTRACE_NSPAWN_ROOT";
+pub(crate) const ROOT_ENV: &str = "BINDTRACE_NSPAWN_ROOT";
 /// Written last: the tree is whole.
-pub const COMPLETE_MARK: &str = ".complete";
+pub(crate) const COMPLETE_MARK: &str = ".complete";
 
 /// The root filesystem's place, and the job making it (none when it is there already).
-pub type Rootfs = (PathBuf, Option<JoinHandle<Result<()>>>);
+pub(crate) type Rootfs = (PathBuf, Option<JoinHandle<Result<()>>>);
 
 /// Starts making the root filesystem unless it is there; its path, and the job (`None`:
 /// already made).
-pub fn start_rootfs() -> Result<Rootfs> {
+pub(crate) fn start_rootfs() -> Result<Rootfs> {
     let root = crate::workspace_root().join("target/nspawn/bookworm");
     if root.join(COMPLETE_MARK).exists() {
         return Ok((root, None));

@@ -13,7 +13,7 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 const NIGHTLY: &str = "nightly";
 
 /// Runs a command and returns its stdout; fails with its stderr.
-pub fn output(command: &mut Command) -> Result<String> {
+pub(crate) fn output(command: &mut Command) -> Result<String> {
     let out = command.output().with_context(|| format!("cannot run {}", describe(command)))?;
     if !out.status.success() {
         bail!("{} failed: {}", describe(command), String::from_utf8_lossy(&out.stderr).trim());
@@ -67,7 +67,7 @@ fn bpf_linker_llvm_major() -> Option<Option<u32>> {
 }
 
 /// Installs the Debian packages that dpkg does not list as installed.
-pub fn apt_install(packages: &[String]) -> Result<()> {
+pub(crate) fn apt_install(packages: &[String]) -> Result<()> {
     let missing: Vec<&String> = packages
         .iter()
         .filter(|p| {
@@ -127,7 +127,7 @@ fn ensure_protoc() -> Result<()> {
     apt_install(&["protobuf-compiler".to_owned()])
 }
 
-pub fn ensure() -> Result<()> {
+pub(crate) fn ensure() -> Result<()> {
     ensure_nightly_with_rust_src()?;
     ensure_protoc()?;
     ensure_bpf_linker()

@@ -21,7 +21,7 @@ use anyhow::{anyhow, bail, Context as _, Result};
 use serde_json::{json, Value};
 
 /// (label, holders, rounds): every round fails once on each held port.
-pub const SCENARIOS: [(&str, usize, usize); 2] = [
+pub(crate) const SCENARIOS: [(&str, usize, usize); 2] = [
     ("(i) 1,000 holders, 600 rounds x 1,000 ports", 1_000, 600),
     ("(ii) 10,000 listeners, 50 rounds x 10,000 ports", 10_000, 50),
 ];
@@ -110,7 +110,7 @@ fn run_scenario(bindtrace: &Path, generator: &Path, meter: &Path, holders: usize
 }
 
 /// Runs every scenario; returns the markdown table and the JSON results.
-pub fn failure_storms(bindtrace: &Path, generator: &Path, meter: &Path) -> Result<(String, Value)> {
+pub(crate) fn failure_storms(bindtrace: &Path, generator: &Path, meter: &Path) -> Result<(String, Value)> {
     let mut markdown = String::from(
         "\n### failure storms (release build, no filter, output to a pipe read as it comes)\n\n\
          | scenario | failures in | lines by storm end | bind→line p50 / p99 / max | unrelated bind→line | peak RSS | (port, second) diagnosed naming a holder | events lost | diagnoses followed / shed |\n\

@@ -51,7 +51,7 @@ fn median(mut values: Vec<f64>) -> f64 {
 }
 
 /// Runs the fork storm; returns its markdown table and JSON.
-pub fn tree(bindtrace: &Path, loop_bin: &Path, rounds: usize) -> Result<(String, Value)> {
+pub(crate) fn tree(bindtrace: &Path, loop_bin: &Path, rounds: usize) -> Result<(String, Value)> {
     // An idle process whose tree is followed: nothing it does forks.
     let mut idle: Child = Command::new("sleep").arg("3600").spawn()?;
     let idle_pid = idle.id().to_string();

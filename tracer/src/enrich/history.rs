@@ -16,10 +16,10 @@ use crate::decode::BindEventExt as _;
 const CAPACITY: usize = 16_384;
 
 /// (netns inode, IP protocol, port)
-pub type PortKey = (u32, u16, u16);
+pub(crate) type PortKey = (u32, u16, u16);
 
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct SeenBind {
+pub(crate) struct SeenBind {
     pub wall_ns: i128,
     pub pid: u32,
     pub comm: [u8; COMM_LEN],
@@ -30,7 +30,7 @@ pub struct SeenBind {
 }
 
 #[derive(Default)]
-pub struct BindHistory {
+pub(crate) struct BindHistory {
     /// Per port, oldest first.
     seen: HashMap<PortKey, Vec<SeenBind>>,
     /// The port of every remembered bind, oldest first.
@@ -47,7 +47,7 @@ pub(crate) fn effective_port(event: &BindEvent) -> u16 {
 }
 
 impl BindHistory {
-    pub fn record(&mut self, event: &BindEvent, wall_ns: i128) {
+    pub(crate) fn record(&mut self, event: &BindEvent, wall_ns: i128) {
         if event.ret != 0 || !event.has(sock_flags::SOCK_INFO) || event.requested_ip().is_none() {
             return;
         }
@@ -85,19 +85,19 @@ impl BindHistory {
     }
 
     /// The processes seen binding this port, latest first.
-    pub fn binders(&self, key: PortKey) -> impl Iterator<Item = u32> + '_ {
+    pub(crate) fn binders(&self, key: PortKey) -> impl Iterator<Item = u32> + '_ {
         self.seen.get(&key).into_iter().flat_map(|binds| binds.iter().rev().map(|b| b.pid))
     }
 
     /// The latest bind seen on this port by `pid` (when given) or by anyone.
-    pub fn latest(&self, key: PortKey, pid: Option<u32>) -> Option<&SeenBind> {
+    pub(crate) fn latest(&self, key: PortKey, pid: Option<u32>) -> Option<&SeenBind> {
         let binds = self.seen.get(&key)?;
         binds.iter().rev().find(|b| pid.is_none_or(|p| p == b.pid))
     }
 
     /// [`Self::latest`] for the socket bound to `addr`: a process holding 0.0.0.0:P and
     /// [::]:P made two binds, and only the blocking socket's tells when it began.
-    pub fn latest_at(&self, key: PortKey, pid: Option<u32>, addr: IpAddr) -> Option<&SeenBind> {
+    pub(crate) fn latest_at(&self, key: PortKey, pid: Option<u32>, addr: IpAddr) -> Option<&SeenBind> {
         let binds = self.seen.get(&key)?;
         binds.iter().rev().find(|b| pid.is_none_or(|p| p == b.pid) && b.addr == Some(addr))
     }

@@ -34,7 +34,7 @@ use bindtrace_common::BindEvent;
 use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 
-pub use self::supervise::Done;
+pub(crate) use self::supervise::Done;
 use self::{
     diagnose::{diagnose, needed_lookups, NeededLookups},
     history::BindHistory,
@@ -63,7 +63,7 @@ pub(crate) fn blind_spots() -> Vec<String> {
 }
 
 /// The longest an event waits for its diagnosis before it is written without it.
-pub const EMIT_DEADLINE: Duration = Duration::from_millis(100);
+pub(crate) const EMIT_DEADLINE: Duration = Duration::from_millis(100);
 /// The longest a diagnosis may follow its event; after that it says what did not finish.
 const FOLLOW_UP_LIMIT: Duration = Duration::from_secs(5);
 /// Lookups of one key start at most this often: the failures of a window share one.
@@ -167,7 +167,7 @@ struct Pending {
 
 /// What an event carries about its diagnosis when it is written.
 #[derive(Clone, Debug, PartialEq)]
-pub enum Explained {
+pub(crate) enum Explained {
     /// A success, or diagnoses are off.
     Nothing,
     Now(Arc<Diagnosis>),
@@ -178,7 +178,7 @@ pub enum Explained {
 }
 
 /// An event ready for the sinks.
-pub struct Enriched {
+pub(crate) struct Enriched {
     /// 1 for the first event of the run, then one more for each.
     pub seq: u64,
     pub event: Bind,
@@ -189,7 +189,7 @@ pub struct Enriched {
 }
 
 /// The diagnosis of an event written earlier with [`Explained::Follows`].
-pub struct FollowUp {
+pub(crate) struct FollowUp {
     pub seq: u64,
     pub event: Bind,
     pub wall_ns: i128,
@@ -197,11 +197,11 @@ pub struct FollowUp {
 }
 
 /// Why diagnoses were shed.
-pub const SHED_OVERLOAD: &str = "overload: too many diagnoses waiting";
+pub(crate) const SHED_OVERLOAD: &str = "overload: too many diagnoses waiting";
 
 /// Counters for the live report and the summary.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
-pub struct EnrichCounters {
+pub(crate) struct EnrichCounters {
     pub lookups: u64,
     pub lookup_timeouts: u64,
     pub worker_restarts: u64,
@@ -253,7 +253,7 @@ impl MemoKey {
     }
 }
 
-pub struct Enricher {
+pub(crate) struct Enricher {
     enabled: bool,
     next_seq: u64,
     queue: VecDeque<Pending>,
@@ -289,7 +289,7 @@ const QUICK_IDENTITIES_MAX: usize = 4_096;
 
 impl Enricher {
     /// `enabled: false` (`--no-diagnosis`) passes events straight through.
-    pub fn new(enabled: bool) -> Self {
+    pub(crate) fn new(enabled: bool) -> Self {
         let (results_tx, results) = unbounded_channel();
         let now = Instant::now();
         Self {
@@ -313,7 +313,7 @@ impl Enricher {
     }
 
     /// Takes an event in arrival order and asks for the lookups it needs.
-    pub fn push(&mut self, event: Bind, wall_ns: i128, now: Instant) {
+    pub(crate) fn push(&mut self, event: Bind, wall_ns: i128, now: Instant) {
         self.next_seq += 1;
         self.history.record(&event, wall_ns);
         let looking = self.enabled;
@@ -490,7 +490,7 @@ impl Enricher {
     }
 
     /// Stores a finished lookup.
-    pub fn complete(&mut self, done: Done) {
+    pub(crate) fn complete(&mut self, done: Done) {
         let Some(state) = self.keys.get_mut(&done.key) else { return };
         if state.in_flight == Some(done.requested) {
             state.in_flight = None;
@@ -509,13 +509,13 @@ impl Enricher {
 
     /// The channel finished lookups arrive on, for the event loop to wait on; pass each to
     /// [`Enricher::complete`].
-    pub fn take_results(&mut self) -> Option<UnboundedReceiver<Done>> {
+    pub(crate) fn take_results(&mut self) -> Option<UnboundedReceiver<Done>> {
         self.results.take()
     }
 
     /// Time-driven work: lookups whose refresh interval has passed, lookups that hung, and
     /// forgetting idle keys. Call it at [`Enricher::next_wake`] and after any change.
-    pub fn poll(&mut self, now: Instant) {
+    pub(crate) fn poll(&mut self, now: Instant) {
         let hung = self.workers.as_mut().map(|w| w.hung(now)).unwrap_or_default();
         for (lane, key, requested) in hung {
             if let Some(state) = self.keys.get_mut(&key) {
@@ -560,7 +560,7 @@ impl Enricher {
     }
 
     /// When [`Enricher::poll`] or the pops next have something to do.
-    pub fn next_wake(&self) -> Option<Instant> {
+    pub(crate) fn next_wake(&self) -> Option<Instant> {
         let deadline = self
             .queue
             .front()
@@ -593,7 +593,7 @@ impl Enricher {
 
     /// The next event in order: once its answers are in, at its deadline without them, or
     /// at once with `force` (at exit, saying what did not finish).
-    pub fn pop(&mut self, now: Instant, force: bool) -> Option<Enriched> {
+    pub(crate) fn pop(&mut self, now: Instant, force: bool) -> Option<Enriched> {
         let front = self.queue.front()?;
         let failed = front.event.ret < 0;
         // A success is checked (a shared port, NAT) only when it may be concerned (keys then,
@@ -703,7 +703,7 @@ impl Enricher {
     /// answer can complete tens of thousands at once (a storm on 10,000 ports), and building
     /// all their diagnoses before writing any held them all in memory together (`heaptrack`:
     /// 13 MB at the peak of `cargo xtask bench --parts storms`).
-    pub fn follow_ups(&mut self, now: Instant, force: bool, max: usize) -> Vec<FollowUp> {
+    pub(crate) fn follow_ups(&mut self, now: Instant, force: bool, max: usize) -> Vec<FollowUp> {
         let mut out = Vec::new();
         // In place: each waiting one is taken from the front and put back at the end. A
         // second deque per call cost a megabyte a call under a storm (`heaptrack`).
@@ -787,22 +787,17 @@ impl Enricher {
     }
 
     /// How many events wait beyond the queue's cap (they leave at the next pops).
-    pub fn over_cap(&self) -> usize {
+    pub(crate) fn over_cap(&self) -> usize {
         self.queue.len().saturating_sub(QUEUE_MAX)
     }
 
     /// Events not written yet, or diagnoses not written yet.
-    pub fn has_pending(&self) -> bool {
+    pub(crate) fn has_pending(&self) -> bool {
         !self.queue.is_empty() || !self.following.is_empty()
     }
 
-    pub fn counters(&self) -> EnrichCounters {
+    pub(crate) fn counters(&self) -> EnrichCounters {
         self.counters
-    }
-
-    /// The owner index's size (processes, socket inodes): for the benchmark.
-    pub fn owner_index_size(&self) -> (usize, usize) {
-        self.workers.as_ref().map_or((0, 0), Supervisor::index_size)
     }
 }
 

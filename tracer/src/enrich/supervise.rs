@@ -88,7 +88,7 @@ pub(crate) struct Job {
 }
 
 /// A finished lookup, from a worker.
-pub struct Done {
+pub(crate) struct Done {
     pub(crate) key: LookupKey,
     pub(crate) requested: Instant,
     pub(crate) facts: Arc<Facts>,
@@ -270,11 +270,6 @@ impl Supervisor {
             .filter_map(|w| w.current.lock().unwrap_or_else(PoisonError::into_inner).map(|(_, _, started)| started))
             .min()
             .map(|started| started + LOOKUP_TIMEOUT)
-    }
-
-    /// The owner index's size (processes, socket inodes), for the benchmark.
-    pub(crate) fn index_size(&self) -> (usize, usize) {
-        self.owners.lock().unwrap_or_else(PoisonError::into_inner).size()
     }
 }
 

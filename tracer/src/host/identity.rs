@@ -27,7 +27,7 @@ const CACHE_MAX: usize = 4_096;
 
 /// Who runs in one cgroup.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
-pub struct Identity {
+pub(crate) struct Identity {
     /// The cgroup v2 path (or the v1 `name=systemd` one on hosts without v2); written by the
     /// records themselves (`cgroup`).
     #[serde(skip)]

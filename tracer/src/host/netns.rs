@@ -20,7 +20,7 @@ use super::owners::{in_own_pid_namespace, Blind};
 
 /// A network namespace bindtrace can enter.
 #[derive(Debug)]
-pub enum Netns {
+pub(crate) enum Netns {
     /// bindtrace's own: work runs on the calling thread.
     Own,
     /// An open `/proc/PID/ns/net` or `/run/netns/NAME`.
@@ -37,8 +37,9 @@ fn is_namespace_file(file: &File) -> bool {
     use std::os::fd::AsRawFd as _;
     /// `NSFS_MAGIC` from linux/magic.h.
     const NSFS_MAGIC: i64 = 0x6e73_6673;
-    // SAFETY: statfs is plain data that fstatfs fills; the fd is open.
+    // SAFETY: statfs is plain data (integers), for which all zeroes is a valid value.
     let mut stat: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: the fd is open for the call, and fstatfs writes only into `stat`.
     (unsafe { libc::fstatfs(file.as_raw_fd(), &mut stat) } == 0) && stat.f_type as i64 == NSFS_MAGIC
 }
 
@@ -54,13 +55,13 @@ fn is_network_namespace(file: &File) -> bool {
 }
 
 /// Inode of bindtrace's own network namespace.
-pub fn own_inode() -> Option<u64> {
+pub(crate) fn own_inode() -> Option<u64> {
     static OWN: OnceLock<Option<u64>> = OnceLock::new();
     *OWN.get_or_init(|| inode_of(Path::new("/proc/self/ns/net")))
 }
 
 impl Netns {
-    pub fn inode(&self) -> Option<u64> {
+    pub(crate) fn inode(&self) -> Option<u64> {
         match self {
             Self::Own => own_inode(),
             Self::Foreign { inode, .. } => Some(*inode),
@@ -70,7 +71,7 @@ impl Netns {
     /// Opens a namespace file given by the user (`who --netns PATH`).
     /// Opened first, then looked at: the inode is the open file's, so a pid reused between a
     /// check and an open can never lead into another namespace.
-    pub fn open_path(path: &Path) -> Result<Self> {
+    pub(crate) fn open_path(path: &Path) -> Result<Self> {
         use std::os::unix::fs::MetadataExt as _;
         let file = File::open(path).with_context(|| format!("cannot open network namespace {}", path.display()))?;
         let inode = file.metadata().with_context(|| format!("cannot read network namespace {}", path.display()))?.ino();
@@ -93,7 +94,7 @@ impl Netns {
 
     /// Finds the namespace with this inode: first through `pid` (the process that failed to
     /// bind, if it still lives), then `ip netns` names, then any process inside it.
-    pub fn find(inode: u64, pid: Option<u32>) -> Result<Self> {
+    pub(crate) fn find(inode: u64, pid: Option<u32>) -> Result<Self> {
         if Some(inode) == own_inode() || inode == 0 {
             return Ok(Self::Own);
         }
@@ -132,7 +133,7 @@ impl Netns {
     }
 
     /// Runs `work` inside this namespace.
-    pub fn run<T: Send>(&self, work: impl FnOnce() -> T + Send) -> Result<T> {
+    pub(crate) fn run<T: Send>(&self, work: impl FnOnce() -> T + Send) -> Result<T> {
         match self {
             Self::Own => Ok(work()),
             Self::Foreign { file, path, .. } => std::thread::scope(|scope| {
@@ -152,7 +153,7 @@ impl Netns {
 /// Every network namespace other than `except` that a visible process is in, one path
 /// each (`/proc/PID/ns/net`), at most 256; and how many processes' namespaces could not be
 /// read (their namespaces may be missing from the list).
-pub fn other_namespaces(except: u64) -> (Vec<PathBuf>, usize) {
+pub(crate) fn other_namespaces(except: u64) -> (Vec<PathBuf>, usize) {
     const MAX: usize = 256;
     let mut seen = std::collections::HashMap::new();
     let mut unreadable = 0;
@@ -176,12 +177,12 @@ pub fn other_namespaces(except: u64) -> (Vec<PathBuf>, usize) {
 
 /// Reads an integer sysctl (`net/ipv4/ip_unprivileged_port_start`) of the calling thread's
 /// network namespace: the kernel resolves /proc/sys/net against the reading task's namespace.
-pub fn read_sysctl(name: &str) -> Option<i64> {
+pub(crate) fn read_sysctl(name: &str) -> Option<i64> {
     std::fs::read_to_string(format!("/proc/sys/{name}")).ok().and_then(|text| text.trim().parse().ok())
 }
 
 /// A sysctl holding two ports (`net/ipv4/ip_local_port_range`: "32768\t60999").
-pub fn read_port_range(name: &str) -> Option<(u16, u16)> {
+pub(crate) fn read_port_range(name: &str) -> Option<(u16, u16)> {
     let text = std::fs::read_to_string(format!("/proc/sys/{name}")).ok()?;
     let mut ports = text.split_whitespace().map(|p| p.parse::<u16>().ok());
     Some((ports.next()??, ports.next()??))

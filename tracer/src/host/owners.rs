@@ -28,7 +28,7 @@ const CMDLINE_MAX: usize = 512;
 
 /// A process holding a socket.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-pub struct ProcessInfo {
+pub(crate) struct ProcessInfo {
     pub pid: u32,
     pub comm: String,
     /// Arguments joined by spaces (what `ps` shows), cut at 512 bytes.
@@ -64,7 +64,7 @@ pub(crate) fn cgroup_of(process: &Process) -> Option<String> {
 
 impl ProcessInfo {
     /// Reads a process from /proc; `None` when it has exited.
-    pub fn read(pid: u32) -> Option<Self> {
+    pub(crate) fn read(pid: u32) -> Option<Self> {
         let process = Process::new(pid as i32).ok()?;
         let stat = process.stat().ok()?;
         // Read raw: procfs's cmdline() fails on arguments that are not UTF-8, which left the
@@ -531,11 +531,6 @@ impl OwnerIndex {
     pub(crate) fn visits(&self) -> u64 {
         self.visits
     }
-
-    /// The index's size: processes and socket inodes held.
-    pub(crate) fn size(&self) -> (usize, usize) {
-        (self.procs.len(), self.procs.values().map(|e| e.sockets.len()).sum())
-    }
 }
 
 #[cfg(test)]
@@ -567,7 +562,9 @@ mod tests {
         let inode = inode_of(listener.as_raw_fd());
         let index = SharedOwnerIndex::default();
         let far = Instant::now() + std::time::Duration::from_secs(10);
-        let found = find_owners(&index, &[inode], &[], &[unsafe { libc::geteuid() }], Instant::now(), far);
+        // SAFETY: geteuid has no preconditions.
+        let euid = unsafe { libc::geteuid() };
+        let found = find_owners(&index, &[inode], &[], &[euid], Instant::now(), far);
         assert_eq!(found.owners.get(&inode), Some(&vec![std::process::id()]));
         // Known now: a search within HIT_TRUST takes the entry as it is; a later one confirms
         // it with one read of that process alone.

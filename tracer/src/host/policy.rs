@@ -47,7 +47,7 @@ fn effective_programs(dir: &Path, attach_type: bpf_attach_type) -> io::Result<Ve
     query.prog_ids = ids.as_mut_ptr() as u64;
     query.__bindgen_anon_2.prog_cnt = ids.len() as u32;
     // SAFETY: BPF_PROG_QUERY writes at most prog_cnt ids into `ids`, alive for the call.
-    unsafe { crate::hook_support::bpf_syscall(bpf_cmd::BPF_PROG_QUERY, &mut attr) }?;
+    unsafe { crate::bpf_sys::bpf_syscall(bpf_cmd::BPF_PROG_QUERY, &mut attr) }?;
     // SAFETY: the kernel set prog_cnt to the number of ids it wrote.
     let count = unsafe { attr.query.__bindgen_anon_2.prog_cnt } as usize;
     ids.truncate(count.min(ids.len()));

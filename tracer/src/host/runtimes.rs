@@ -245,7 +245,7 @@ impl DockerApi {
     }
 
     /// A call timed out: say so, and rest this runtime for a while.
-    fn silent(&mut self) -> String {
+    fn mark_unresponsive(&mut self) -> String {
         rest(&self.socket);
         format!(
             "{} API at {} did not answer in time (not asked again for {} s)",
@@ -343,7 +343,7 @@ impl DockerApi {
             Ok::<_, String>((status, body))
         };
         let (status, body) = match tokio::time::timeout(CALL_TIMEOUT, call).await {
-            Err(_) => return Err(self.silent()),
+            Err(_) => return Err(self.mark_unresponsive()),
             Ok(Err(err)) => return Err(format!("{name} API at {socket}: {err}")),
             Ok(Ok(answer)) => answer,
         };
@@ -538,7 +538,7 @@ impl Containerd {
     }
 
     /// A call timed out: say so, and rest containerd for a while.
-    fn silent(&mut self) -> String {
+    fn mark_unresponsive(&mut self) -> String {
         rest(&self.socket);
         self.channel = None;
         format!(
@@ -558,7 +558,7 @@ impl Containerd {
         }
         let channel = tokio::time::timeout(CALL_TIMEOUT, containerd_client::connect(&self.socket))
             .await
-            .map_err(|_| self.silent())?
+            .map_err(|_| self.mark_unresponsive())?
             .map_err(|e| format!("containerd at {}: {e}", self.socket))?;
         self.channel = Some(channel.clone());
         Ok(channel)
@@ -585,7 +585,7 @@ impl Containerd {
         request.set_timeout(CALL_TIMEOUT);
         let reply = tokio::time::timeout(CALL_TIMEOUT, client.list(request))
             .await
-            .map_err(|_| self.silent())?
+            .map_err(|_| self.mark_unresponsive())?
             .map_err(|e| {
                 self.channel = None;
                 format!("containerd at {}: {}", self.socket, e.message())
@@ -607,7 +607,7 @@ impl Containerd {
         };
         let reply = tokio::time::timeout(CALL_TIMEOUT, ContainersClient::new(channel).get(request)).await;
         match reply {
-            Err(_) => Asked::Unreachable(self.silent()),
+            Err(_) => Asked::Unreachable(self.mark_unresponsive()),
             Ok(Err(status)) if status.code() == containerd_client::tonic::Code::NotFound => Asked::Unknown,
             Ok(Err(status)) => {
                 self.channel = None;
@@ -641,7 +641,7 @@ impl Containerd {
                 Self::request(GetRequest { container_id: id.to_owned(), exec_id: String::new() }, &namespace)?;
             let reply = tokio::time::timeout(CALL_TIMEOUT, TasksClient::new(self.channel().await?).get(request))
                 .await
-                .map_err(|_| self.silent())?;
+                .map_err(|_| self.mark_unresponsive())?;
             let pid = reply.ok().and_then(|r| r.into_inner().process).map(|p| p.pid).filter(|&pid| pid != 0);
             return Ok(pid.map(|pid| (*container, pid)));
         }

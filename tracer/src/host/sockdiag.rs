@@ -14,13 +14,13 @@ use serde::Serialize;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "lowercase")]
-pub enum Proto {
+pub(crate) enum Proto {
     Tcp,
     Udp,
 }
 
 impl Proto {
-    pub fn from_ipproto(protocol: u16) -> Option<Self> {
+    pub(crate) fn from_ipproto(protocol: u16) -> Option<Self> {
         match protocol {
             6 => Some(Self::Tcp),
             17 => Some(Self::Udp),
@@ -28,7 +28,7 @@ impl Proto {
         }
     }
 
-    pub fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             Self::Tcp => "tcp",
             Self::Udp => "udp",
@@ -36,7 +36,7 @@ impl Proto {
     }
 
     /// From a protocol's name as iptables and nft write it (`tcp`, `udp`, or their numbers).
-    pub fn from_name(name: &str) -> Option<Self> {
+    pub(crate) fn from_name(name: &str) -> Option<Self> {
         match name {
             "tcp" | "6" => Some(Self::Tcp),
             "udp" | "17" => Some(Self::Udp),
@@ -47,7 +47,7 @@ impl Proto {
 
 /// One socket as inet_diag reports it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-pub struct DiagSocket {
+pub(crate) struct DiagSocket {
     pub proto: Proto,
     pub local: SocketAddr,
     /// The remote end; unspecified for listening and unconnected sockets.
@@ -64,14 +64,14 @@ pub struct DiagSocket {
     pub v6only: Option<bool>,
 }
 
-pub const TCP_TIME_WAIT: u8 = 6;
-pub const TCP_CLOSE: u8 = 7;
-pub const TCP_LISTEN: u8 = 10;
+pub(crate) const TCP_TIME_WAIT: u8 = 6;
+pub(crate) const TCP_CLOSE: u8 = 7;
+pub(crate) const TCP_LISTEN: u8 = 10;
 /// Bound, neither listening nor connected (sock_diag reports it from 6.8).
-pub const TCP_BOUND: u8 = 13;
+pub(crate) const TCP_BOUND: u8 = 13;
 
 /// The state's name as `ss` prints it.
-pub fn state_name(proto: Proto, state: u8) -> &'static str {
+pub(crate) fn state_name(proto: Proto, state: u8) -> &'static str {
     match (proto, state) {
         (Proto::Udp, TCP_CLOSE) => "UNCONN",
         (_, 1) => "ESTABLISHED",
@@ -205,7 +205,7 @@ fn dump(proto: Proto, family: u8, port: Option<u16>, out: &mut dyn SocketSink) -
 /// able to load it: ENOENT), from `/proc/net/{tcp,udp}{,6}` instead, which lists the same
 /// sockets without IPV6_V6ONLY.
 #[cfg(test)]
-pub fn sockets_on_port(proto: Proto, port: Option<u16>) -> io::Result<Vec<DiagSocket>> {
+pub(crate) fn sockets_on_port(proto: Proto, port: Option<u16>) -> io::Result<Vec<DiagSocket>> {
     let mut out = Vec::new();
     collect_sockets(proto, port, &mut out)?;
     Ok(out)
@@ -328,6 +328,7 @@ mod tests {
         assert_eq!(mine.len(), 1, "{found:#?}");
         assert_eq!(mine[0].local, listener.local_addr().expect("addr"));
         assert_eq!(mine[0].inode, inode_of_fd(listener.as_raw_fd()));
+        // SAFETY: geteuid has no preconditions.
         assert_eq!(mine[0].uid, unsafe { libc::geteuid() });
         assert_eq!(state_name(Proto::Tcp, mine[0].state), "LISTEN");
     }

@@ -31,7 +31,7 @@ pub(crate) struct UnixSocket {
 }
 
 impl UnixSocket {
-    pub fn type_name(&self) -> &'static str {
+    pub(crate) fn type_name(&self) -> &'static str {
         match self.sock_type {
             1 => "stream",
             2 => "dgram",
@@ -40,7 +40,7 @@ impl UnixSocket {
         }
     }
 
-    pub fn state_name(&self) -> &'static str {
+    pub(crate) fn state_name(&self) -> &'static str {
         match self.state {
             10 => "LISTEN",
             1 => "ESTAB",

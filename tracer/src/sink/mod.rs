@@ -4,11 +4,13 @@
 //! (or when it grows past [`Output::HIGH_WATER`]): one write per batch under load, one per
 //! event at low rates, so `bindtrace -o ndjson | jq` shows events as they happen.
 
+#[cfg(test)]
+mod arbitrary_records;
 pub(crate) mod columns;
 pub(crate) mod file;
-pub mod ndjson;
-pub mod table;
-pub mod writer;
+pub(crate) mod ndjson;
+pub(crate) mod table;
+pub(crate) mod writer;
 
 use std::{
     fmt::Write as _,
@@ -22,7 +24,7 @@ use crate::{
     summary::Report,
 };
 
-pub trait Sink {
+pub(crate) trait Sink {
     /// Called once the probe is attached (the table prints its header then).
     fn start(&mut self) -> io::Result<()> {
         Ok(())
@@ -41,12 +43,12 @@ pub trait Sink {
 }
 
 /// `-o none`: no events; the exit report as the table prints it, on stderr.
-pub struct NoEvents {
+pub(crate) struct NoEvents {
     report: table::TableSink,
 }
 
 impl NoEvents {
-    pub fn new(report: table::TableSink) -> Self {
+    pub(crate) fn new(report: table::TableSink) -> Self {
         Self { report }
     }
 }
@@ -70,7 +72,7 @@ impl Sink for NoEvents {
 }
 
 /// A writer with a reusable buffer in front of it.
-pub struct Output {
+pub(crate) struct Output {
     buffer: BytesMut,
     writer: Box<dyn Write + Send>,
 }
@@ -79,22 +81,22 @@ impl Output {
     /// Buffered bytes that trigger a write in the middle of a batch.
     const HIGH_WATER: usize = 256 * 1024;
 
-    pub fn new(writer: Box<dyn Write + Send>) -> Self {
+    pub(crate) fn new(writer: Box<dyn Write + Send>) -> Self {
         Self { buffer: BytesMut::with_capacity(Self::HIGH_WATER + 4096), writer }
     }
 
-    pub fn buffer(&mut self) -> &mut BytesMut {
+    pub(crate) fn buffer(&mut self) -> &mut BytesMut {
         &mut self.buffer
     }
 
-    pub fn write_if_full(&mut self) -> io::Result<()> {
+    pub(crate) fn write_if_full(&mut self) -> io::Result<()> {
         if self.buffer.len() >= Self::HIGH_WATER {
             self.flush()?;
         }
         Ok(())
     }
 
-    pub fn flush(&mut self) -> io::Result<()> {
+    pub(crate) fn flush(&mut self) -> io::Result<()> {
         if !self.buffer.is_empty() {
             self.writer.write_all(&self.buffer)?;
             self.buffer.clear();
@@ -103,7 +105,7 @@ impl Output {
     }
 
     /// Flushes what is buffered to the old writer, then writes to `writer`.
-    pub fn replace(&mut self, writer: Box<dyn Write + Send>) -> io::Result<()> {
+    pub(crate) fn replace(&mut self, writer: Box<dyn Write + Send>) -> io::Result<()> {
         let flushed = self.flush();
         self.writer = writer;
         flushed
@@ -119,7 +121,7 @@ fn is_bidi_control(c: char) -> bool {
     matches!(c, '\u{061c}' | '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
 }
 
-pub fn push_escaped(out: &mut String, bytes: &[u8]) {
+pub(crate) fn push_escaped(out: &mut String, bytes: &[u8]) {
     for chunk in bytes.utf8_chunks() {
         for c in chunk.valid().chars() {
             // The escapes a reader knows for the common controls (a newline inside a

@@ -126,7 +126,7 @@ struct SummaryRecord<'a> {
     report: &'a Report,
 }
 
-pub struct NdjsonSink {
+pub(crate) struct NdjsonSink {
     output: Output,
     time: Rfc3339,
     scratch: Vec<u8>,
@@ -184,7 +184,7 @@ fn encoded_identity<'c>(
 const ENCODED_MAX: usize = 256;
 
 impl NdjsonSink {
-    pub fn new(output: Output) -> Self {
+    pub(crate) fn new(output: Output) -> Self {
         Self {
             output,
             time: Rfc3339::default(),
@@ -341,11 +341,7 @@ impl Sink for NdjsonSink {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{
-        decode::tests::sample_event,
-        sink::tests::Shared,
-        summary::{KernelCounters, Summary},
-    };
+    use crate::{decode::tests::sample_event, probe::KernelCounters, sink::tests::Shared, summary::Summary};
 
     fn lines(shared: &Shared) -> Vec<serde_json::Value> {
         shared.text().lines().map(|l| serde_json::from_str(l).expect("every line is JSON")).collect()

@@ -49,7 +49,7 @@ const PPID_WIDTH: usize = 7;
 /// COMM is indented a column per level of the tree, up to this many.
 const TREE_INDENT_MAX: u16 = 4;
 
-pub struct TableSink {
+pub(crate) struct TableSink {
     output: Output,
     color: bool,
     /// With `-- CMD` or `--tree`: a PPID column, and COMM indented by depth.
@@ -65,7 +65,7 @@ pub struct TableSink {
 }
 
 impl TableSink {
-    pub fn new(output: Output, color: bool) -> Self {
+    pub(crate) fn new(output: Output, color: bool) -> Self {
         Self {
             output,
             color,
@@ -79,19 +79,19 @@ impl TableSink {
     }
 
     /// The events go to stderr (`-- CMD`): the report is written after them, in the same queue.
-    pub fn events_on_stderr(mut self, yes: bool) -> Self {
+    pub(crate) fn events_on_stderr(mut self, yes: bool) -> Self {
         self.events_on_stderr = yes;
         self
     }
 
     /// Shows each event's place in the followed process tree.
-    pub fn showing_tree(mut self, tree: bool) -> Self {
+    pub(crate) fn showing_tree(mut self, tree: bool) -> Self {
         self.tree = tree;
         self
     }
 
     /// Leaves netlink binds out of the table (counted in the report).
-    pub fn hiding_netlink(mut self, hide: bool) -> Self {
+    pub(crate) fn hiding_netlink(mut self, hide: bool) -> Self {
         self.hide_netlink = hide;
         self
     }
@@ -104,7 +104,7 @@ impl TableSink {
     }
 
     /// Writes the column titles now, so the operator sees bindtrace is ready before any bind.
-    pub fn header(&mut self) -> io::Result<()> {
+    pub(crate) fn header(&mut self) -> io::Result<()> {
         if !self.header_written {
             self.header_written = true;
             push_cells(&mut self.line, COLUMNS.map(|(title, ..)| title), self.tree.then_some("PPID"));
@@ -170,7 +170,7 @@ fn push_tree_report(text: &mut String, tree: &crate::summary::TreeReport) {
 
 /// Socket options as letters (the legend is in --help); "-" for none, "?" when the socket was
 /// not read.
-pub fn options(event: &BindEvent) -> String {
+pub(crate) fn options(event: &BindEvent) -> String {
     if !event.has(sock_flags::SOCK_INFO) {
         return "?".to_owned();
     }
@@ -193,12 +193,8 @@ pub fn options(event: &BindEvent) -> String {
     }
 }
 
-/// What the OPTS letters mean (also in --help).
-pub const OPTIONS_LEGEND: &str =
-    "a=SO_REUSEADDR p=SO_REUSEPORT 6=IPV6_V6ONLY f=IP_FREEBIND t=IP_TRANSPARENT n=IP_BIND_ADDRESS_NO_PORT";
-
 /// "ok" or "EADDRINUSE (Address already in use)".
-pub fn result_text(ret: i32) -> String {
+pub(crate) fn result_text(ret: i32) -> String {
     if ret >= 0 {
         return "ok".to_owned();
     }

@@ -39,7 +39,7 @@ struct State {
 }
 
 /// An `io::Write` that hands each write to the writer thread and returns at once.
-pub struct ThreadWriter {
+pub(crate) struct ThreadWriter {
     chunks: Option<SyncSender<Vec<u8>>>,
     state: Arc<State>,
     done: Receiver<()>,
@@ -51,7 +51,7 @@ pub struct ThreadWriter {
 impl ThreadWriter {
     /// Starts a thread writing to `inner`. `watched_fd`: stdout's fd, to notice its reader
     /// going away (as `journalctl -f` does) without waiting for the next event.
-    pub fn spawn(inner: Box<dyn Write + Send>, watched_fd: Option<RawFd>) -> io::Result<Self> {
+    pub(crate) fn spawn(inner: Box<dyn Write + Send>, watched_fd: Option<RawFd>) -> io::Result<Self> {
         let (chunks, receiver) = mpsc::sync_channel::<Vec<u8>>(QUEUE_CHUNKS_MAX);
         let (done_tx, done) = mpsc::channel();
         let state = Arc::new(State::default());
@@ -213,6 +213,7 @@ mod tests {
         let mut fds = [0; 2];
         // SAFETY: a fresh pipe.
         assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+        // SAFETY: the pipe's write end, owned by nothing else.
         let writer_end = unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fds[1]) };
         let mut writer = ThreadWriter::spawn(Box::new(writer_end), Some(fds[1])).expect("thread");
         writer.flush().expect("the reader is there");

@@ -16,14 +16,14 @@ use serde_json::Value;
 
 mod tools;
 #[allow(unused_imports)] // not every test binary runs these programs
-pub use tools::*;
+pub(crate) use tools::*;
 
-pub const BINDTRACE: &str = env!("CARGO_BIN_EXE_bindtrace");
+pub(crate) const BINDTRACE: &str = env!("CARGO_BIN_EXE_bindtrace");
 /// Every backend, in the order `--attach auto` tries them.
-pub const BACKENDS: [&str; 3] = ["fexit", "kprobe", "tracepoint"];
+pub(crate) const BACKENDS: [&str; 3] = ["fexit", "kprobe", "tracepoint"];
 
 /// The backends `bindtrace --check` says this kernel accepts, in auto's order.
-pub fn offered_backends() -> Vec<&'static str> {
+pub(crate) fn offered_backends() -> Vec<&'static str> {
     let out = Command::new(BINDTRACE).arg("--check").output().expect("run bindtrace --check");
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     let offered: Vec<&str> =
@@ -38,7 +38,8 @@ const EXIT_TIMEOUT: Duration = Duration::from_secs(15);
 /// True when the probe can be loaded. Otherwise says why on stderr, and fails the test when
 /// `BINDTRACE_REQUIRE_ROOT` is set (`cargo xtask test` sets it when run as root, and CI runs
 /// as root), so a kernel test never passes without having run.
-pub fn can_load_probe(test: &str) -> bool {
+pub(crate) fn can_load_probe(test: &str) -> bool {
+    // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } == 0 {
         return true;
     }
@@ -49,7 +50,7 @@ pub fn can_load_probe(test: &str) -> bool {
     false
 }
 
-pub struct Tracer {
+pub(crate) struct Tracer {
     pub child: Child,
     /// stdout lines not read yet; dropping it closes the pipe after the next line.
     pub lines: Receiver<String>,
@@ -61,7 +62,7 @@ pub struct Tracer {
     early_stderr: Vec<String>,
 }
 
-pub struct Finished {
+pub(crate) struct Finished {
     pub status: ExitStatus,
     /// Every stdout line, in order.
     pub lines: Vec<String>,
@@ -71,7 +72,7 @@ pub struct Finished {
 impl Finished {
     /// The report on a bind event, if any: on the event itself, or in the `diagnosis` record
     /// that followed it (a success's report comes unannounced; all are in once stopped).
-    pub fn report_on(&self, event: &Value) -> Option<Value> {
+    pub(crate) fn report_on(&self, event: &Value) -> Option<Value> {
         if event["diagnosis"].is_object() {
             return Some(event["diagnosis"].clone());
         }
@@ -81,18 +82,18 @@ impl Finished {
             .map(|r| r["diagnosis"].clone())
     }
 
-    pub fn json(&self) -> Vec<Value> {
+    pub(crate) fn json(&self) -> Vec<Value> {
         self.lines
             .iter()
             .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("line is not JSON ({e}): {l}")))
             .collect()
     }
 
-    pub fn binds(&self) -> Vec<Value> {
+    pub(crate) fn binds(&self) -> Vec<Value> {
         self.json().into_iter().filter(|v| v["type"] == "bind").collect()
     }
 
-    pub fn summary(&self) -> Value {
+    pub(crate) fn summary(&self) -> Value {
         let json = self.json();
         let last = json.last().cloned().unwrap_or(Value::Null);
         assert_eq!(last["type"], "summary", "last line is the summary record: {:?}", self.lines.last());
@@ -141,17 +142,17 @@ fn spawn_line_reader<R: std::io::Read + Send + 'static>(reader: R) -> Receiver<S
 
 impl Tracer {
     /// Starts `bindtrace ARGS` and returns once it says it is attached.
-    pub fn start(args: &[&str]) -> Tracer {
+    pub(crate) fn start(args: &[&str]) -> Tracer {
         Self::start_with_env(args, &[])
     }
 
     /// [`Tracer::start`] with extra environment variables.
-    pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Tracer {
+    pub(crate) fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Tracer {
         Self::start_under(&[], args, env)
     }
 
     /// [`Tracer::start`] run by a wrapper (see [`spawn_under`]).
-    pub fn start_under(wrapper: &[&str], args: &[&str], env: &[(&str, &str)]) -> Tracer {
+    pub(crate) fn start_under(wrapper: &[&str], args: &[&str], env: &[(&str, &str)]) -> Tracer {
         let mut child = spawn_under(wrapper, args, env);
         let lines = spawn_line_reader(child.stdout.take().expect("stdout"));
         let stderr = spawn_line_reader(child.stderr.take().expect("stderr"));
@@ -179,23 +180,23 @@ impl Tracer {
     /// The `fd` an event of a bind(2) on `fd` carries: every backend sees bind(2) with its fd
     /// (the tracepoints, or fexit/kprobe on `__sys_bind`, which every supported kernel has; a
     /// backend without that hook warns "inet binds only", and then these checks fail).
-    pub fn event_fd(&self, fd: i64) -> i64 {
+    pub(crate) fn event_fd(&self, fd: i64) -> i64 {
         fd
     }
 
-    pub fn pid(&self) -> u32 {
+    pub(crate) fn pid(&self) -> u32 {
         self.child.id()
     }
 
     /// Waits for a bind event matching `pred` (the events come live, while the tracer runs).
-    pub fn wait_for(&mut self, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+    pub(crate) fn wait_for(&mut self, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
         self.wait_for_record(what, |v| v["type"] == "bind" && pred(v))
     }
 
     /// The diagnosis of a failed bind event: on the event, or, when it says
     /// `diagnosis_follows`, in the `diagnosis` record with its `seq` (waited for). An event
     /// with neither fails the test.
-    pub fn diagnosis_of(&mut self, event: &Value) -> Value {
+    pub(crate) fn diagnosis_of(&mut self, event: &Value) -> Value {
         if event["diagnosis"].is_object() {
             return event["diagnosis"].clone();
         }
@@ -208,7 +209,7 @@ impl Tracer {
     }
 
     /// Waits for any NDJSON record matching `pred`.
-    pub fn wait_for_record(&mut self, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+    pub(crate) fn wait_for_record(&mut self, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
         let deadline = Instant::now() + EVENT_TIMEOUT;
         let matches = |line: &String| serde_json::from_str::<Value>(line).ok().filter(&pred);
         if let Some(found) = self.seen.iter().find_map(matches) {
@@ -230,20 +231,21 @@ impl Tracer {
     }
 
     /// Sends SIGINT and collects everything.
-    pub fn stop(self) -> Finished {
+    pub(crate) fn stop(self) -> Finished {
+        // SAFETY: signalling our own child.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
         self.wait()
     }
 
     /// Drops the reader of stdout: like `| head` going away, the pipe closes after the next line.
-    pub fn close_stdout(&mut self) {
+    pub(crate) fn close_stdout(&mut self) {
         let (_, closed) = mpsc::channel();
         self.lines = closed;
         drop(self.child.stdout.take());
     }
 
     /// Waits for the tracer to end on its own (--count, --duration).
-    pub fn wait(mut self) -> Finished {
+    pub(crate) fn wait(mut self) -> Finished {
         let deadline = Instant::now() + EXIT_TIMEOUT;
         let status = loop {
             if let Some(status) = self.child.try_wait().expect("wait") {
@@ -275,7 +277,7 @@ impl Drop for Tracer {
 }
 
 /// Runs bindtrace to completion with no stdin, returning (status, stdout, stderr).
-pub fn run_to_end(args: &[&str]) -> (ExitStatus, String, String) {
+pub(crate) fn run_to_end(args: &[&str]) -> (ExitStatus, String, String) {
     let mut child = spawn(args, &[]);
     let mut stdout = String::new();
     let mut stderr = String::new();
@@ -285,21 +287,22 @@ pub fn run_to_end(args: &[&str]) -> (ExitStatus, String, String) {
 }
 
 /// A TCP port that was free a moment ago (the kernel picked it), to request explicitly.
-pub fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("ephemeral port")
 }
 
-pub fn my_pid() -> u32 {
+pub(crate) fn my_pid() -> u32 {
     std::process::id()
 }
 
-pub fn my_tid() -> u32 {
+pub(crate) fn my_tid() -> u32 {
+    // SAFETY: gettid has no preconditions.
     unsafe { libc::gettid() as u32 }
 }
 
 /// The calling thread's name as the kernel has it (the test harness names threads after
 /// the tests).
-pub fn my_comm() -> String {
+pub(crate) fn my_comm() -> String {
     std::fs::read_to_string("/proc/thread-self/comm").expect("comm").trim_end().to_owned()
 }
 
@@ -307,7 +310,7 @@ pub fn my_comm() -> String {
 /// `uid`, optionally bind and listen on `addr` first (a holder), then bind `addr` with a new
 /// socket, stay alive for `linger` (so its process and namespace can be looked up), and exit
 /// with that bind's errno (0 on success).
-pub struct ChildPlan {
+pub(crate) struct ChildPlan {
     pub addr: SocketAddr,
     /// SOCK_STREAM (the default) or SOCK_DGRAM.
     pub sock_type: i32,
@@ -328,7 +331,7 @@ pub struct ChildPlan {
 }
 
 impl ChildPlan {
-    pub fn bind(addr: SocketAddr) -> Self {
+    pub(crate) fn bind(addr: SocketAddr) -> Self {
         ChildPlan {
             addr,
             sock_type: libc::SOCK_STREAM,
@@ -345,14 +348,15 @@ impl ChildPlan {
     }
 }
 
-pub struct ForkedChild {
+pub(crate) struct ForkedChild {
     pub pid: u32,
 }
 
 impl ForkedChild {
     /// Waits for the child and returns the errno of its bind.
-    pub fn wait(self) -> i32 {
+    pub(crate) fn wait(self) -> i32 {
         let mut status = 0;
+        // SAFETY: waiting for our own child, into a local.
         unsafe { libc::waitpid(self.pid as i32, &mut status, 0) };
         assert!(libc::WIFEXITED(status), "child did not exit normally");
         let code = libc::WEXITSTATUS(status);
@@ -395,11 +399,12 @@ fn raw_sockaddr(addr: SocketAddr) -> (libc::sockaddr_storage, u32) {
 
 /// Forks the child of `plan`. It runs only raw syscalls between fork and _exit: this process
 /// has other threads, so nothing that allocates or locks may run there.
-pub fn spawn_child(plan: ChildPlan) -> ForkedChild {
+pub(crate) fn spawn_child(plan: ChildPlan) -> ForkedChild {
     let (sockaddr, len, family) = match &plan.unix_path {
         Some(path) => {
             // SAFETY: all-zero is a valid sockaddr_storage; sockaddr_un is written over it.
             let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+            // SAFETY: all-zero is a valid sockaddr_un.
             let mut un: libc::sockaddr_un = unsafe { std::mem::zeroed() };
             un.sun_family = libc::AF_UNIX as u16;
             let bytes = path.as_bytes();
@@ -418,9 +423,12 @@ pub fn spawn_child(plan: ChildPlan) -> ForkedChild {
     };
     let linger = libc::timespec { tv_sec: plan.linger.as_secs() as i64, tv_nsec: plan.linger.subsec_nanos() as i64 };
     let one: libc::c_int = 1;
+    // SAFETY: the child only makes raw syscalls and `_exit`s (no allocation, no locks): safe
+    // after fork in a threaded test binary.
     let pid = unsafe { libc::fork() };
     assert!(pid >= 0, "fork failed");
     if pid == 0 {
+        // SAFETY: see the fork; every pointer passed is to a local or to `plan`, alive here.
         unsafe {
             let set_reuse = |fd: libc::c_int| match plan.reuse {
                 Some(option) => {
@@ -485,7 +493,7 @@ pub fn spawn_child(plan: ChildPlan) -> ForkedChild {
 
 /// Forks a child that (optionally) drops to `uid`, binds a TCP socket to `addr` and exits
 /// with the bind's errno. Returns (child pid, errno).
-pub fn bind_in_child(addr: SocketAddr, uid: Option<u32>) -> (u32, i32) {
+pub(crate) fn bind_in_child(addr: SocketAddr, uid: Option<u32>) -> (u32, i32) {
     let child = spawn_child(ChildPlan { uid, ..ChildPlan::bind(addr) });
     let pid = child.pid;
     (pid, child.wait())
@@ -493,12 +501,12 @@ pub fn bind_in_child(addr: SocketAddr, uid: Option<u32>) -> (u32, i32) {
 
 /// Starts `sleep 60` holding `socket` as its fd 3 (a holder process with a known comm and
 /// command line); the test's own copy is closed.
-pub fn hand_to_sleep(socket: socket2::Socket) -> std::process::Child {
+pub(crate) fn hand_to_sleep(socket: socket2::Socket) -> std::process::Child {
     hand_to_sleep_as(socket, None)
 }
 
 /// [`hand_to_sleep`], the sleep running as `uid` (and as that gid) when given.
-pub fn hand_to_sleep_as(socket: socket2::Socket, uid: Option<u32>) -> std::process::Child {
+pub(crate) fn hand_to_sleep_as(socket: socket2::Socket, uid: Option<u32>) -> std::process::Child {
     use std::os::unix::process::CommandExt as _;
     let fd = socket.as_raw_fd();
     let mut command = Command::new("sleep");
@@ -523,7 +531,7 @@ pub fn hand_to_sleep_as(socket: socket2::Socket, uid: Option<u32>) -> std::proce
 }
 
 /// Runs `bindtrace who ARGS -o ndjson` and returns (exit code, records).
-pub fn who(args: &[&str]) -> (Option<i32>, Vec<Value>) {
+pub(crate) fn who(args: &[&str]) -> (Option<i32>, Vec<Value>) {
     let mut all = vec!["who"];
     all.extend_from_slice(args);
     all.extend_from_slice(&["-o", "ndjson"]);
@@ -538,10 +546,10 @@ pub fn who(args: &[&str]) -> (Option<i32>, Vec<Value>) {
 /// Does a diagnosis name `pid` among its first holder's processes? Every process with the
 /// socket open is a holder: a sibling test's fork that inherited the socket while it was open
 /// in this process (tests run in parallel threads) is named too, and may come first.
-pub fn first_holder_names(diagnosis: &Value, pid: u32) -> bool {
+pub(crate) fn first_holder_names(diagnosis: &Value, pid: u32) -> bool {
     diagnosis["holders"][0]["processes"].as_array().is_some_and(|processes| processes.iter().any(|p| p["pid"] == pid))
 }
 
-pub fn raw_fd(socket: &socket2::Socket) -> i64 {
+pub(crate) fn raw_fd(socket: &socket2::Socket) -> i64 {
     socket.as_raw_fd() as i64
 }

@@ -11,7 +11,7 @@ use std::{
 
 /// Debian's docker client, not another one earlier in PATH (a newer client may refuse the
 /// daemon's API version).
-pub fn docker_bin() -> &'static str {
+pub(crate) fn docker_bin() -> &'static str {
     if Path::new("/usr/bin/docker").exists() {
         "/usr/bin/docker"
     } else {
@@ -19,21 +19,21 @@ pub fn docker_bin() -> &'static str {
     }
 }
 
-pub fn run(program: &str, args: &[&str]) -> std::process::Output {
+pub(crate) fn run(program: &str, args: &[&str]) -> std::process::Output {
     Command::new(program).args(args).output().unwrap_or_else(|e| panic!("{program} {args:?}: {e}"))
 }
 
-pub fn run_ok(program: &str, args: &[&str]) -> String {
+pub(crate) fn run_ok(program: &str, args: &[&str]) -> String {
     let out = run(program, args);
     assert!(out.status.success(), "{program} {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
 
-pub fn answers(program: &str, args: &[&str]) -> bool {
+pub(crate) fn answers(program: &str, args: &[&str]) -> bool {
     Command::new(program).args(args).stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok_and(|s| s.success())
 }
 
-pub fn wait_until(what: &str, limit: Duration, ready: impl Fn() -> bool) {
+pub(crate) fn wait_until(what: &str, limit: Duration, ready: impl Fn() -> bool) {
     let deadline = Instant::now() + limit;
     while !ready() {
         assert!(Instant::now() < deadline, "{what} within {limit:?}");
@@ -43,12 +43,12 @@ pub fn wait_until(what: &str, limit: Duration, ready: impl Fn() -> bool) {
 
 /// `docker import`s a root made at `root` of a static busybox and the applets the scenarios
 /// run, as `image`; `env` reaches another daemon (`DOCKER_HOST`).
-pub fn import_busybox_image(root: &Path, image: &str, env: &[(&str, &str)]) {
+pub(crate) fn import_busybox_image(root: &Path, image: &str, env: &[(&str, &str)]) {
     import_busybox_image_with(docker_bin(), root, image, env);
 }
 
 /// [`import_busybox_image`] with another importer (`podman`).
-pub fn import_busybox_image_with(importer: &str, root: &Path, image: &str, env: &[(&str, &str)]) {
+pub(crate) fn import_busybox_image_with(importer: &str, root: &Path, image: &str, env: &[(&str, &str)]) {
     let bin = root.join("bin");
     std::fs::create_dir_all(&bin).expect("image root");
     let busybox = run_ok("sh", &["-c", "command -v busybox"]);
@@ -74,7 +74,7 @@ pub fn import_busybox_image_with(importer: &str, root: &Path, image: &str, env: 
 
 /// A plain HTTP/1.0 GET on loopback (test-only: the servers here are local and answer with
 /// a body and a close).
-pub fn http_get(addr: SocketAddr, path: &str) -> Option<String> {
+pub(crate) fn http_get(addr: SocketAddr, path: &str) -> Option<String> {
     let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
     stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
     write!(stream, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").ok()?;
@@ -85,7 +85,7 @@ pub fn http_get(addr: SocketAddr, path: &str) -> Option<String> {
 }
 
 /// The cgroup v2 hierarchy's mount point (its root), if one is mounted.
-pub fn cgroup2_root() -> Option<PathBuf> {
+pub(crate) fn cgroup2_root() -> Option<PathBuf> {
     let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
     mountinfo.lines().find_map(|line| {
         let (left, right) = line.split_once(" - ")?;
@@ -97,11 +97,11 @@ pub fn cgroup2_root() -> Option<PathBuf> {
 }
 
 /// A cgroup v2 group of the test's own (at the hierarchy's root), removed on drop.
-pub struct TestCgroup(pub PathBuf);
+pub(crate) struct TestCgroup(pub PathBuf);
 
 impl TestCgroup {
     /// `None` (said) without a cgroup v2 hierarchy, unless the tests must run: then a panic.
-    pub fn new(name: &str) -> Option<Self> {
+    pub(crate) fn new(name: &str) -> Option<Self> {
         let Some(root) = cgroup2_root() else {
             assert!(std::env::var_os("BINDTRACE_REQUIRE_ROOT").is_none(), "no cgroup v2 hierarchy is mounted");
             eprintln!("SKIPPED: no cgroup v2 hierarchy is mounted");
@@ -113,7 +113,7 @@ impl TestCgroup {
     }
 
     /// Its `cgroup.procs`, for `ChildPlan::join_cgroup`.
-    pub fn procs(&self) -> std::ffi::CString {
+    pub(crate) fn procs(&self) -> std::ffi::CString {
         std::ffi::CString::new(self.0.join("cgroup.procs").into_os_string().into_encoded_bytes()).expect("path")
     }
 }

@@ -31,7 +31,7 @@ use self::{
 use crate::{dist::Arch, workspace_root};
 
 #[derive(clap::Args, Default)]
-pub struct VmArgs {
+pub(crate) struct VmArgs {
     /// Kernel series to boot (Debian cloud kernels): 5.10, 6.1, 6.12 [default: every one in
     /// the matrix].
     #[arg(long, value_delimiter = ',')]
@@ -69,7 +69,7 @@ impl VmArgs {
     }
 
     /// The architectures whose static binaries the selected guests need.
-    pub fn arches(&self) -> Result<Vec<Arch>> {
+    pub(crate) fn arches(&self) -> Result<Vec<Arch>> {
         let mut arches: Vec<Arch> = Vec::new();
         for guest in self.guests()? {
             if !arches.contains(&guest.arch) {
@@ -89,13 +89,13 @@ impl VmArgs {
         self.jobs.unwrap_or(2).max(1)
     }
 
-    pub fn host(&self) -> bool {
+    pub(crate) fn host(&self) -> bool {
         self.host
     }
 }
 
 /// The static binaries the guests of one architecture run.
-pub struct GuestBinaries {
+pub(crate) struct GuestBinaries {
     pub arch: Arch,
     pub bindtrace: PathBuf,
     pub scenarios: PathBuf,
@@ -108,7 +108,7 @@ pub struct GuestBinaries {
 
 /// Downloads what the selected guests boot (QEMU, their kernels, the guest busybox) ahead of
 /// [`vm`], which then finds them in the cache.
-pub fn prefetch(args: &VmArgs) -> Result<()> {
+pub(crate) fn prefetch(args: &VmArgs) -> Result<()> {
     ensure_packages()?;
     for arch in args.arches()? {
         let apt = PrivateApt::new(arch)?;
@@ -121,7 +121,7 @@ pub fn prefetch(args: &VmArgs) -> Result<()> {
 }
 
 /// Boots every selected guest and checks it; `binaries` has one entry per architecture.
-pub fn vm(args: &VmArgs, binaries: &[GuestBinaries]) -> Result<()> {
+pub(crate) fn vm(args: &VmArgs, binaries: &[GuestBinaries]) -> Result<()> {
     ensure_packages()?;
     let started = std::time::Instant::now();
     // Everything fetched and built first (apt's state is not to be shared by two guests).

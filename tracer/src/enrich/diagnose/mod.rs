@@ -45,10 +45,10 @@ const CAP_NET_BIND_SERVICE: u32 = 10;
 
 /// What a failure's diagnosis needs looked up: two at most, kept inline (one allocation less
 /// per failure in the enrich queue, which holds thousands under a storm).
-pub type NeededLookups = smallvec::SmallVec<[LookupKey; 2]>;
+pub(crate) type NeededLookups = smallvec::SmallVec<[LookupKey; 2]>;
 
 /// The lookups a failed bind needs, if any.
-pub fn needed_lookups(event: &Bind) -> NeededLookups {
+pub(crate) fn needed_lookups(event: &Bind) -> NeededLookups {
     let netns = event.netns_ino;
     match event.errno() {
         Some(libc::EADDRINUSE) if event.family == AF_UNIX => match &event.unix_path {
@@ -116,7 +116,7 @@ fn is_port_publisher(comm: &[u8]) -> bool {
 /// Does a socket on the requested port stand in the way, by the kernel's address rules?
 /// Equal addresses and the wildcards 0.0.0.0 and :: conflict; an IPv6 socket without
 /// IPV6_V6ONLY also covers IPv4 (:: all of it, ::ffff:a.b.c.d that one address).
-pub fn conflicts(requested: Option<IpAddr>, requested_v6only: bool, holder: &DiagSocket) -> bool {
+pub(crate) fn conflicts(requested: Option<IpAddr>, requested_v6only: bool, holder: &DiagSocket) -> bool {
     conflicts_with(requested, requested_v6only, holder.local.ip(), holder.v6only)
 }
 
@@ -640,7 +640,7 @@ fn policy_refusal(
 
 /// Is `addr` local in a namespace with these interface addresses? 127.0.0.0/8 is local as a
 /// whole when loopback is up; multicast addresses may always be bound.
-pub fn is_local_address(addr: IpAddr, addresses: &[IpAddr]) -> bool {
+pub(crate) fn is_local_address(addr: IpAddr, addresses: &[IpAddr]) -> bool {
     addr.is_unspecified()
         || addr.is_multicast()
         || addresses.contains(&addr)
@@ -802,7 +802,7 @@ fn invalid(event: &BindEvent) -> Diagnosis {
 
 /// The diagnosis of a failed bind from the facts its lookups produced (`facts` answers
 /// for each key of [`needed_lookups`]).
-pub fn diagnose<'a>(
+pub(crate) fn diagnose<'a>(
     event: &Bind,
     facts: impl Fn(&LookupKey) -> Option<&'a Facts>,
     history: &BindHistory,

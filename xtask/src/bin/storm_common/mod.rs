@@ -3,7 +3,7 @@
 
 use anyhow::{bail, Result};
 
-pub fn sockaddr(port: u16) -> libc::sockaddr_in {
+pub(crate) fn sockaddr(port: u16) -> libc::sockaddr_in {
     libc::sockaddr_in {
         sin_family: libc::AF_INET as u16,
         sin_port: port.to_be(),
@@ -12,10 +12,10 @@ pub fn sockaddr(port: u16) -> libc::sockaddr_in {
     }
 }
 
-pub const SOCKADDR_LEN: u32 = std::mem::size_of::<libc::sockaddr_in>() as u32;
+pub(crate) const SOCKADDR_LEN: u32 = std::mem::size_of::<libc::sockaddr_in>() as u32;
 
 /// A listener on an ephemeral port of 127.0.0.1: (fd, port).
-pub fn listener() -> Result<(i32, u16)> {
+pub(crate) fn listener() -> Result<(i32, u16)> {
     // SAFETY: plain socket calls on memory we own.
     unsafe {
         let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);

@@ -7,13 +7,14 @@ use std::{
     sync::{Arc, Mutex},
 };
 
-use bindtrace::{
+use bindtrace_common::{BindEvent, AF_UNIX, BIND_EVENT_SIZE, UNIX_BIND_EVENT_SIZE};
+use proptest::prelude::*;
+
+use crate::{
     decode::decode,
     enrich::{Enriched, Explained},
     sink::{ndjson::NdjsonSink, table::TableSink, Output, Sink},
 };
-use bindtrace_common::{BindEvent, AF_UNIX, BIND_EVENT_SIZE, UNIX_BIND_EVENT_SIZE};
-use proptest::prelude::*;
 
 #[derive(Clone, Default)]
 struct Shared(Arc<Mutex<Vec<u8>>>);
