@@ -11,15 +11,87 @@ use serde::Serialize;
 
 use crate::host::{owners::ProcessInfo, sockdiag::Proto};
 
+/// The case a diagnosis is, as the NDJSON schema's `diagnosis.kind` names it (snake case):
+/// a stable label a script can match on; docs/ndjson-schema.md says what each means.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub(crate) enum DiagnosisKind {
+    InUse,
+    InUseDualStack,
+    InUseReuseport,
+    InUseSelf,
+    InUseEphemeral,
+    EphemeralExhausted,
+    StaleSocketFile,
+    PathExists,
+    UnixPathPermission,
+    ListenInUse,
+    RefusedByCgroupBpf,
+    RefusedByLsm,
+    AddressTentative,
+    AddressDadFailed,
+    TimeWait,
+    Released,
+    PrivilegedPort,
+    RefusedByPolicy,
+    AddressNotAvailable,
+    AlreadyBound,
+    InvalidAddress,
+    /// EFAULT.
+    BadAddress,
+    /// EBADF.
+    BadFd,
+    /// ENOTSOCK.
+    NotASocket,
+    /// On a successful bind: it joined a port others hold.
+    PortShared,
+    /// On a successful bind: a NAT rule takes its port's traffic.
+    PortForwarded,
+    /// Any other errno.
+    Other,
+    /// The facts could not be gathered.
+    Unknown,
+}
+
+impl DiagnosisKind {
+    /// Every kind, for the test that the schema documents each.
+    #[cfg(test)]
+    pub(crate) const ALL: [DiagnosisKind; 28] = [
+        Self::InUse,
+        Self::InUseDualStack,
+        Self::InUseReuseport,
+        Self::InUseSelf,
+        Self::InUseEphemeral,
+        Self::EphemeralExhausted,
+        Self::StaleSocketFile,
+        Self::PathExists,
+        Self::UnixPathPermission,
+        Self::ListenInUse,
+        Self::RefusedByCgroupBpf,
+        Self::RefusedByLsm,
+        Self::AddressTentative,
+        Self::AddressDadFailed,
+        Self::TimeWait,
+        Self::Released,
+        Self::PrivilegedPort,
+        Self::RefusedByPolicy,
+        Self::AddressNotAvailable,
+        Self::AlreadyBound,
+        Self::InvalidAddress,
+        Self::BadAddress,
+        Self::BadFd,
+        Self::NotASocket,
+        Self::PortShared,
+        Self::PortForwarded,
+        Self::Other,
+        Self::Unknown,
+    ];
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub(crate) struct Diagnosis {
-    /// A stable label of the case: `in_use`, `in_use_dual_stack`, `in_use_reuseport`,
-    /// `in_use_self`, `in_use_ephemeral`, `ephemeral_exhausted`, `stale_socket_file`,
-    /// `path_exists`, `unix_path_permission`, `listen_in_use`, `refused_by_cgroup_bpf`, `refused_by_lsm`, `address_tentative`, `address_dad_failed`, `time_wait`,
-    /// `released`, `privileged_port`, `refused_by_policy`,
-    /// `address_not_available`, `already_bound`, `invalid_address`, `bad_address` (EFAULT),
-    /// `bad_fd` (EBADF), `not_a_socket` (ENOTSOCK), `other`, `unknown`.
-    pub kind: &'static str,
+    /// A stable label of the case.
+    pub kind: DiagnosisKind,
     /// One sentence for a person: who is in the way and what to do.
     pub summary: String,
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -307,5 +379,28 @@ impl Diagnosis {
             summary.shown = self.holders.len() + self.unix_holders.len();
             summary.truncated = true;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The schema is the type: every kind serialises to the snake-case label that
+    /// docs/ndjson-schema.md explains, and no two share one.
+    #[test]
+    fn every_diagnosis_kind_is_documented_in_the_schema() {
+        let schema = include_str!("../../docs/ndjson-schema.md");
+        let mut labels = Vec::new();
+        for kind in DiagnosisKind::ALL {
+            let label = serde_json::to_value(kind).expect("serialises");
+            let label = label.as_str().expect("a string").to_owned();
+            assert!(schema.contains(&format!("`{label}`")), "{label} is not in docs/ndjson-schema.md");
+            labels.push(label);
+        }
+        assert_eq!(serde_json::to_value(DiagnosisKind::NotASocket).expect("serialises"), "not_a_socket");
+        labels.sort();
+        labels.dedup();
+        assert_eq!(labels.len(), DiagnosisKind::ALL.len());
     }
 }

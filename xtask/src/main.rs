@@ -4,15 +4,10 @@
 //! gets from clone to a green test run with one command.
 
 mod bench;
-mod collateral_bench;
 mod deploy;
 mod dist;
-mod host_bench;
 mod nspawn;
 mod setup;
-mod soak_bench;
-mod storm_bench;
-mod tree_bench;
 mod vm;
 
 use std::{
@@ -68,6 +63,9 @@ enum Task {
     /// built with the local Docker; nothing is pulled.
     Image,
 }
+
+/// The crate of the programs the tests and benchmarks trace (fixtures/).
+const FIXTURES: &str = "bindtrace-fixtures";
 
 fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."))
@@ -274,7 +272,7 @@ fn test_steps() -> Result<()> {
 fn vm_matrix(args: &vm::VmArgs) -> Result<()> {
     if args.host() {
         let bindtrace = build(false)?;
-        run(cargo().args(["build", "--package", "xtask", "--bin", "bind-scenarios"]))?;
+        run(cargo().args(["build", "--package", FIXTURES, "--bin", "bind-scenarios"]))?;
         return vm::vm_on_host(&bindtrace, &workspace_root().join("target/debug/bind-scenarios"));
     }
     let arches = args.arches()?;
@@ -285,17 +283,17 @@ fn vm_matrix(args: &vm::VmArgs) -> Result<()> {
         // compat syscalls, which the syscall tracepoints do not see.
         let compat_scenarios = if arch == dist::X86_64 {
             dist::I686_COMPAT.ensure_toolchain()?;
-            Some(dist::I686_COMPAT.build_static("xtask", "bind-scenarios")?)
+            Some(dist::I686_COMPAT.build_static(FIXTURES, "bind-scenarios")?)
         } else {
             None
         };
         binaries.push(vm::GuestBinaries {
             arch,
             bindtrace: dist.binary(arch)?.to_path_buf(),
-            scenarios: arch.build_static("xtask", "bind-scenarios")?,
+            scenarios: arch.build_static(FIXTURES, "bind-scenarios")?,
             compat_scenarios,
-            syscall_loop: arch.build_static("xtask", "syscall-loop")?,
-            bind_storm: arch.build_static("xtask", "bind-storm")?,
+            syscall_loop: arch.build_static(FIXTURES, "syscall-loop")?,
+            bind_storm: arch.build_static(FIXTURES, "bind-storm")?,
         });
     }
     vm::vm(args, &binaries)
@@ -327,7 +325,7 @@ fn main() -> ExitCode {
                 "build",
                 "--release",
                 "--package",
-                "xtask",
+                FIXTURES,
                 "--bin",
                 "bind-storm",
                 "--bin",

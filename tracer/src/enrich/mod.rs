@@ -44,7 +44,7 @@ use self::{
 use crate::{
     decode::{Bind, BindEventExt as _, UnixPath},
     host::{cgroup, identity::Identity, owners, sockdiag},
-    model::Diagnosis,
+    model::{Diagnosis, DiagnosisKind},
 };
 
 /// What the lookups cannot see from where bindtrace runs, one line each, to say once at
@@ -741,7 +741,7 @@ impl Enricher {
             if diagnosis.facts.shared_through.is_some() {
                 self.counters.ports_shared += 1;
             }
-            if diagnosis.kind == "port_forwarded" {
+            if diagnosis.kind == DiagnosisKind::PortForwarded {
                 self.counters.ports_forwarded += 1;
             }
             return;
@@ -1165,7 +1165,7 @@ mod tests {
         on.push(sample_event().into(), 1, start);
         let forced = on.pop(start, true).expect("forced");
         let Explained::Now(diagnosis) = forced.explained else { panic!("a diagnosis even without facts") };
-        assert_eq!(diagnosis.kind, "unknown");
+        assert_eq!(diagnosis.kind, DiagnosisKind::Unknown);
         assert!(diagnosis.unknown.iter().any(|u| u.contains("did not finish")), "{diagnosis:?}");
         assert!(!on.has_pending());
     }

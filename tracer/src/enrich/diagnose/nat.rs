@@ -15,7 +15,7 @@ use crate::{
         nat::{NatClaim, NatRules},
         sockdiag::Proto,
     },
-    model::{Diagnosis, DiagnosisFacts},
+    model::{Diagnosis, DiagnosisFacts, DiagnosisKind},
 };
 
 /// A successful bind to a port it chose (not port 0's pick) asks for the NAT rules.
@@ -45,7 +45,7 @@ pub(super) fn port_forwarded<'a>(event: &Bind, facts: &impl Fn(&LookupKey) -> Op
     };
     let more = claims.len() - 1;
     Some(Diagnosis {
-        kind: "port_forwarded",
+        kind: DiagnosisKind::PortForwarded,
         summary: format!(
             "port {port}/{} is taken by NAT before any socket: {}{}; connections to it {from} never reach this socket: \
              remove the rule (or stop what made it: a container publishing the port, a Service's NodePort or hostPort), \

@@ -18,8 +18,8 @@ use smallvec::smallvec;
 use bindtrace_common::{op, sock_flags, BindEvent};
 
 use super::{
+    in_use::seen_for,
     report::holder_report,
-    seen_for,
     wording::{endpoint, who},
     NeededLookups,
 };
@@ -33,7 +33,7 @@ use crate::{
         cgroup,
         sockdiag::{Proto, TCP_LISTEN},
     },
-    model::{Diagnosis, DiagnosisFacts, HoldersSummary},
+    model::{Diagnosis, DiagnosisFacts, DiagnosisKind, HoldersSummary},
 };
 
 /// The most sharing sockets a report lists; the rest are counted.
@@ -207,7 +207,7 @@ pub(super) fn port_shared<'a>(
         ));
     }
     Some(Diagnosis {
-        kind: "port_shared",
+        kind: DiagnosisKind::PortShared,
         summary,
         holders: reports,
         unix_holders: Vec::new(),

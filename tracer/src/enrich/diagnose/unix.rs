@@ -3,11 +3,11 @@
 
 use super::super::lookup::{Facts, OwnersSeen, UnixFacts, UnixFile, UnixHolder};
 use crate::decode::{Bind, UnixPath};
-use crate::model::{Diagnosis, DiagnosisFacts, UnixFileReport, UnixHolderReport, PROCESSES_SHOWN_MAX};
+use crate::model::{Diagnosis, DiagnosisFacts, DiagnosisKind, UnixFileReport, UnixHolderReport, PROCESSES_SHOWN_MAX};
 
 fn unknown(summary: String, why: String) -> Diagnosis {
     Diagnosis {
-        kind: "unknown",
+        kind: DiagnosisKind::Unknown,
         summary,
         holders: Vec::new(),
         unix_holders: Vec::new(),
@@ -102,26 +102,26 @@ pub(super) fn unix_in_use(event: &Bind, answer: Option<&Facts>) -> Diagnosis {
                 "stop it or bind another path"
             }
         );
-        (if itself { "in_use_self" } else { "in_use" }, summary)
+        (if itself { DiagnosisKind::InUseSelf } else { DiagnosisKind::InUse }, summary)
     } else {
         match &facts.file {
             UnixFile::NoFile => (
-                "released",
+                DiagnosisKind::Released,
                 format!("nothing holds {shown} now: the socket that had it was closed since; retry the bind"),
             ),
             UnixFile::Missing => (
-                "released",
+                DiagnosisKind::Released,
                 format!("nothing is at {shown} now: the file was removed since the bind failed; retry the bind"),
             ),
             UnixFile::NotSocket { kind } => (
-                "path_exists",
+                DiagnosisKind::PathExists,
                 format!(
                     "{shown} exists and is a {kind}, not a socket: bind() never replaces an existing file; bind another path"
                 ),
             ),
             UnixFile::Unreadable(why) => {
                 unknown_facts.push(why.clone());
-                ("unknown", format!("bind() found {shown} taken (a file is there, or a socket holds the name), and it could not be looked at: {why}"))
+                (DiagnosisKind::Unknown, format!("bind() found {shown} taken (a file is there, or a socket holds the name), and it could not be looked at: {why}"))
             }
             UnixFile::Socket { uid, mtime_s, .. } => {
                 let (when, _) = modified(*mtime_s);
@@ -136,7 +136,7 @@ pub(super) fn unix_in_use(event: &Bind, answer: Option<&Facts>) -> Diagnosis {
                 let searched = facts.namespaces_searched;
                 if facts.namespaces_unsearchable == 0 {
                     (
-                        "stale_socket_file",
+                        DiagnosisKind::StaleSocketFile,
                         format!(
                             "{shown} is a stale socket file (owner uid {uid}, modified {when}): no socket is bound to it, \
                              the server that created it exited without removing it; removing it before binding is safe \
@@ -150,7 +150,7 @@ pub(super) fn unix_in_use(event: &Bind, answer: Option<&Facts>) -> Diagnosis {
                         facts.namespaces_unsearchable
                     ));
                     (
-                        "stale_socket_file",
+                        DiagnosisKind::StaleSocketFile,
                         format!(
                             "{shown} is a socket file (owner uid {uid}, modified {when}) that no socket bindtrace can see is \
                              bound to ({searched} network namespace(s) searched): most likely stale, left by a server that \
@@ -241,7 +241,7 @@ mod tests {
             &event(b"/run/app.sock"),
             Some(&facts(b"/run/app.sock", SOCKET_FILE, vec![holder(Some(977), OwnersSeen::Complete)], 0)),
         );
-        assert_eq!(d.kind, "in_use");
+        assert_eq!(d.kind, DiagnosisKind::InUse);
         assert!(
             d.summary.starts_with("/run/app.sock is held by pid 977 (/usr/bin/app --serve) (stream, LISTEN)"),
             "{}",
@@ -259,14 +259,14 @@ mod tests {
             &event(b"/run/app.sock"),
             Some(&facts(b"/run/app.sock", SOCKET_FILE, vec![holder(Some(4242), OwnersSeen::Complete)], 0)),
         );
-        assert_eq!(d.kind, "in_use_self");
+        assert_eq!(d.kind, DiagnosisKind::InUseSelf);
         assert!(d.summary.contains("pid 4242 itself"), "{}", d.summary);
     }
 
     #[test]
     fn a_socket_file_nothing_is_bound_to_is_stale_and_safe_to_remove() {
         let d = unix_in_use(&event(b"/run/app.sock"), Some(&facts(b"/run/app.sock", SOCKET_FILE, vec![], 0)));
-        assert_eq!(d.kind, "stale_socket_file");
+        assert_eq!(d.kind, DiagnosisKind::StaleSocketFile);
         assert!(d.summary.contains("stale socket file (owner uid 1000, modified "), "{}", d.summary);
         assert!(d.summary.contains("removing it before binding is safe"), "{}", d.summary);
         assert_eq!(d.facts.unix_file.as_ref().and_then(|f| f.owner_uid), Some(1000));
@@ -275,7 +275,7 @@ mod tests {
     #[test]
     fn a_socket_file_with_unsearched_namespaces_is_not_called_certainly_stale() {
         let d = unix_in_use(&event(b"/run/app.sock"), Some(&facts(b"/run/app.sock", SOCKET_FILE, vec![], 2)));
-        assert_eq!(d.kind, "stale_socket_file");
+        assert_eq!(d.kind, DiagnosisKind::StaleSocketFile);
         assert!(
             d.summary.contains("no socket bindtrace can see") && d.summary.contains("most likely stale"),
             "{}",
@@ -301,18 +301,18 @@ mod tests {
             &event(b"/run/app.sock"),
             Some(&facts(b"/run/app.sock", UnixFile::NotSocket { kind: "regular file" }, vec![], 0)),
         );
-        assert_eq!(d.kind, "path_exists");
+        assert_eq!(d.kind, DiagnosisKind::PathExists);
         assert!(d.summary.contains("is a regular file, not a socket"), "{}", d.summary);
         let d = unix_in_use(&event(b"/run/app.sock"), Some(&facts(b"/run/app.sock", UnixFile::Missing, vec![], 0)));
-        assert_eq!(d.kind, "released");
+        assert_eq!(d.kind, DiagnosisKind::Released);
     }
 
     #[test]
     fn abstract_names_and_answers_for_another_path() {
         let d = unix_in_use(&event(b"\0app"), Some(&facts(b"\0app", UnixFile::NoFile, vec![], 0)));
-        assert_eq!(d.kind, "released");
+        assert_eq!(d.kind, DiagnosisKind::Released);
         assert!(d.summary.contains("@app"), "{}", d.summary);
         let d = unix_in_use(&event(b"/run/a.sock"), Some(&facts(b"/run/b.sock", SOCKET_FILE, vec![], 0)));
-        assert_eq!(d.kind, "unknown", "an answer for another path is not used");
+        assert_eq!(d.kind, DiagnosisKind::Unknown, "an answer for another path is not used");
     }
 }

@@ -9,6 +9,15 @@ use std::{
     time::{Duration, Instant},
 };
 
+mod collateral;
+mod host;
+mod soak;
+mod storm;
+mod tracer;
+mod tree;
+
+use self::tracer::{peak_rss_kb, wait_attached, wait_with_usage};
+
 use anyhow::{anyhow, bail, Context as _, Result};
 use serde_json::{json, Value};
 
@@ -120,64 +129,6 @@ fn storm(storm_bin: &Path, mode: &str, threads: usize, binds: u64, wrapper: &[&s
     let text = String::from_utf8_lossy(&out.stdout);
     let line = text.lines().last().ok_or_else(|| anyhow!("bind-storm printed nothing"))?;
     serde_json::from_str(line).with_context(|| format!("bind-storm output: {line}"))
-}
-
-/// Runs `load` while `bindtrace ARGS` is attached and idle beside it (no output, no summary),
-/// then stops bindtrace: what staying attached costs a load bindtrace does not trace.
-pub(crate) fn beside<T>(bindtrace: &Path, args: &[&str], load: impl FnOnce() -> Result<T>) -> Result<T> {
-    let mut child = std::process::Command::new(bindtrace)
-        .args(["--no-diagnosis", "-o", "none", "--no-summary"])
-        .args(args)
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()?;
-    let stderr = child.stderr.take().ok_or_else(|| anyhow!("no stderr"))?;
-    // Kept open until the tracer is stopped: its stderr must not become a closed pipe.
-    let _stderr = wait_attached(stderr).map_err(|e| anyhow!("bindtrace {args:?}: {e}"))?;
-    let result = load();
-    // SAFETY: signalling our own child.
-    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
-    child.wait()?;
-    result
-}
-
-/// Reads bindtrace's stderr until it says it is attached; the rest of its lines follow.
-pub(crate) fn wait_attached(
-    stderr: std::process::ChildStderr,
-) -> Result<std::io::Lines<BufReader<std::process::ChildStderr>>> {
-    let mut lines = BufReader::new(stderr).lines();
-    loop {
-        match lines.next() {
-            Some(Ok(line)) if line.contains("attached") => return Ok(lines),
-            Some(Ok(_)) => {}
-            _ => bail!("bindtrace exited before attaching"),
-        }
-    }
-}
-
-/// Peak RSS of a running process (VmHWM). Not wait4's ru_maxrss: that one also counts the
-/// forked copy of this (large) process from before exec.
-pub(crate) fn peak_rss_kb(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
-}
-
-/// CPU time of a child, from wait4(2).
-fn wait_with_usage(pid: u32) -> Result<f64> {
-    let mut status = 0;
-    // SAFETY: rusage is plain data filled by the kernel.
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: waiting for our own child, into locals.
-    let rc = unsafe { libc::wait4(pid as i32, &mut status, 0, &mut usage) };
-    if rc < 0 {
-        bail!("wait4: {}", std::io::Error::last_os_error());
-    }
-    let seconds = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
-    Ok(seconds(usage.ru_utime) + seconds(usage.ru_stime))
 }
 
 fn run_bindtrace(
@@ -420,36 +371,32 @@ pub(crate) fn bench(args: &BenchArgs, bindtrace: &Path, storm_bin: &Path, releas
     }
     let mut collateral = Value::Null;
     if args.parts.iter().any(|p| p == "collateral") {
-        let (table, json) =
-            crate::collateral_bench::collateral(bindtrace, &release_dir.join("syscall-loop"), args.rounds)?;
+        let (table, json) = collateral::collateral(bindtrace, &release_dir.join("syscall-loop"), args.rounds)?;
         markdown.push_str(&table);
         collateral = json;
     }
     let mut tree = Value::Null;
     if args.parts.iter().any(|p| p == "tree") {
-        let (table, json) = crate::tree_bench::tree(bindtrace, &release_dir.join("syscall-loop"), args.rounds)?;
+        let (table, json) = tree::tree(bindtrace, &release_dir.join("syscall-loop"), args.rounds)?;
         markdown.push_str(&table);
         tree = json;
     }
     let mut storms = Value::Null;
     if args.parts.iter().any(|p| p == "storms") {
-        let (table, json) = crate::storm_bench::failure_storms(
-            bindtrace,
-            &release_dir.join("fail-storm"),
-            &release_dir.join("ndjson-meter"),
-        )?;
+        let (table, json) =
+            storm::failure_storms(bindtrace, &release_dir.join("fail-storm"), &release_dir.join("ndjson-meter"))?;
         markdown.push_str(&table);
         storms = json;
     }
     let mut hosts = Value::Null;
     if args.parts.iter().any(|p| p == "hosts") {
-        let (table, json) = crate::host_bench::hosts(bindtrace)?;
+        let (table, json) = host::hosts(bindtrace)?;
         markdown.push_str(&table);
         hosts = json;
     }
     let mut soak = Value::Null;
     if args.parts.iter().any(|p| p == "soak") {
-        let (table, json) = crate::soak_bench::soak(bindtrace, args.soak_seconds, args.soak_stall_seconds)?;
+        let (table, json) = soak::soak(bindtrace, args.soak_seconds, args.soak_stall_seconds)?;
         markdown.push_str(&table);
         soak = json;
     }

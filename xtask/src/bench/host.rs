@@ -73,7 +73,7 @@ impl Traced {
             .spawn()
             .context("bindtrace")?;
         let stderr = child.stderr.take().context("stderr")?;
-        let rest = crate::bench::wait_attached(stderr)?;
+        let rest = super::tracer::wait_attached(stderr)?;
         std::thread::spawn(move || rest.for_each(drop));
         let stdout = child.stdout.take().context("stdout")?;
         let (tx, lines) = mpsc::channel();
@@ -118,7 +118,7 @@ impl Traced {
     }
 
     fn peak_rss_kb(&self) -> u64 {
-        crate::bench::peak_rss_kb(self.child.id()).unwrap_or(0)
+        super::tracer::peak_rss_kb(self.child.id()).unwrap_or(0)
     }
 
     fn stop(mut self) -> Result<usize> {
@@ -202,7 +202,7 @@ fn busy_port(bindtrace: &Path, connections: usize) -> Result<Value> {
 }
 
 /// The part's markdown table and JSON.
-pub(crate) fn hosts(bindtrace: &Path) -> Result<(String, Value)> {
+pub(super) fn hosts(bindtrace: &Path) -> Result<(String, Value)> {
     let mut markdown = String::from(
         "\n### Production hosts (issue 19)\n\n| host | holder | time to its diagnosis | named | peak RSS | longest line |\n|---|---|---|---|---|---|\n",
     );

@@ -33,7 +33,7 @@ fn syscall_loop(loop_bin: &Path) -> Result<f64> {
 /// The loop's rate with bindtrace attached on `backend`, idle (a filter nothing in the loop
 /// matches).
 fn attached(bindtrace: &Path, backend: &str, loop_bin: &Path) -> Result<f64> {
-    crate::bench::beside(bindtrace, &["--attach", backend, "--errno", "EADDRINUSE"], || syscall_loop(loop_bin))
+    super::tracer::beside(bindtrace, &["--attach", backend, "--errno", "EADDRINUSE"], || syscall_loop(loop_bin))
 }
 
 fn median(mut values: Vec<f64>) -> f64 {
@@ -42,7 +42,7 @@ fn median(mut values: Vec<f64>) -> f64 {
 }
 
 /// Runs the collateral scenario; returns its markdown table and JSON.
-pub(crate) fn collateral(bindtrace: &Path, loop_bin: &Path, rounds: usize) -> Result<(String, Value)> {
+pub(super) fn collateral(bindtrace: &Path, loop_bin: &Path, rounds: usize) -> Result<(String, Value)> {
     let backends = offered_backends(bindtrace)?;
     let mut untraced = Vec::new();
     let mut traced: Vec<Vec<f64>> = vec![Vec::new(); backends.len()];

@@ -81,7 +81,7 @@ fn churn_once(parent: &Path, n: u64) -> Result<()> {
     Ok(())
 }
 
-pub(crate) fn soak(bindtrace: &Path, seconds: u64, stall_seconds: u64) -> Result<(String, Value)> {
+pub(super) fn soak(bindtrace: &Path, seconds: u64, stall_seconds: u64) -> Result<(String, Value)> {
     let mount = cgroup2_mount().context("the soak needs a cgroup v2 hierarchy")?;
     let parent = mount.join(format!("bindtrace-soak-{}", std::process::id()));
     std::fs::create_dir_all(&parent)?;
@@ -96,7 +96,7 @@ pub(crate) fn soak(bindtrace: &Path, seconds: u64, stall_seconds: u64) -> Result
         .spawn()
         .context("starting bindtrace")?;
     let stderr = tracer.stderr.take().context("stderr")?;
-    let rest = crate::bench::wait_attached(stderr)?;
+    let rest = super::tracer::wait_attached(stderr)?;
     let stderr_lines = std::thread::spawn(move || rest.map_while(Result::ok).collect::<Vec<String>>());
     let stdout = tracer.stdout.take().context("stdout")?;
     let stalled = Arc::new(AtomicBool::new(false));
@@ -145,7 +145,7 @@ pub(crate) fn soak(bindtrace: &Path, seconds: u64, stall_seconds: u64) -> Result
         }
     }
     stalled.store(false, Ordering::Relaxed);
-    let peak = crate::bench::peak_rss_kb(tracer.id()).unwrap_or(0);
+    let peak = super::tracer::peak_rss_kb(tracer.id()).unwrap_or(0);
     // SAFETY: a signal to our own child.
     unsafe { libc::kill(tracer.id() as i32, libc::SIGINT) };
     let _ = tracer.wait();

@@ -51,7 +51,7 @@ fn median(mut values: Vec<f64>) -> f64 {
 }
 
 /// Runs the fork storm; returns its markdown table and JSON.
-pub(crate) fn tree(bindtrace: &Path, loop_bin: &Path, rounds: usize) -> Result<(String, Value)> {
+pub(super) fn tree(bindtrace: &Path, loop_bin: &Path, rounds: usize) -> Result<(String, Value)> {
     // An idle process whose tree is followed: nothing it does forks.
     let mut idle: Child = Command::new("sleep").arg("3600").spawn()?;
     let idle_pid = idle.id().to_string();
@@ -69,7 +69,7 @@ pub(crate) fn tree(bindtrace: &Path, loop_bin: &Path, rounds: usize) -> Result<(
             eprintln!("xtask: bench tree round {round}/{rounds}");
             untraced.push(fork_loop(loop_bin)?);
             for (i, (_, args)) in configs.iter().enumerate() {
-                rates[i].push(crate::bench::beside(bindtrace, args, || fork_loop(loop_bin))?);
+                rates[i].push(super::tracer::beside(bindtrace, args, || fork_loop(loop_bin))?);
             }
             rates[configs.len()].push(followed(bindtrace, loop_bin)?);
         }

@@ -1,6 +1,6 @@
 //! The failure-storm part of `cargo xtask bench`: does bindtrace keep its output prompt and
 //! its memory bounded while thousands of binds fail per second against thousands of
-//! holders? `fail-storm` (xtask/src/bin/fail-storm.rs) holds the ports and makes the
+//! holders? `fail-storm` (fixtures/src/bin/fail-storm.rs) holds the ports and makes the
 //! failures; bindtrace traces everything (no filter) to a pipe read here, and each line is
 //! timestamped as it arrives.
 //!
@@ -65,7 +65,7 @@ fn run_scenario(bindtrace: &Path, generator: &Path, meter: &Path, holders: usize
         .spawn()
         .with_context(|| format!("starting {}", meter.display()))?;
     let stderr = tracer.stderr.take().ok_or_else(|| anyhow!("no stderr"))?;
-    let stderr_lines = crate::bench::wait_attached(stderr)?;
+    let stderr_lines = super::tracer::wait_attached(stderr)?;
     let messages = std::thread::spawn(move || stderr_lines.map_while(Result::ok).collect::<Vec<_>>());
 
     let mut go = storm.stdin.take().ok_or_else(|| anyhow!("no stdin"))?;
@@ -80,7 +80,7 @@ fn run_scenario(bindtrace: &Path, generator: &Path, meter: &Path, holders: usize
     let result: Value = serde_json::from_str(&result_line).with_context(|| format!("fail-storm: {result_line}"))?;
     // Lookups still under way finish; then the peak is read and the tracer stopped.
     std::thread::sleep(Duration::from_secs(2));
-    let rss_kb = crate::bench::peak_rss_kb(tracer.id()).unwrap_or(0);
+    let rss_kb = super::tracer::peak_rss_kb(tracer.id()).unwrap_or(0);
     // SAFETY: signalling our own child.
     unsafe { libc::kill(tracer.id() as i32, libc::SIGINT) };
     let tracer_status = tracer.wait()?;
@@ -110,7 +110,7 @@ fn run_scenario(bindtrace: &Path, generator: &Path, meter: &Path, holders: usize
 }
 
 /// Runs every scenario; returns the markdown table and the JSON results.
-pub(crate) fn failure_storms(bindtrace: &Path, generator: &Path, meter: &Path) -> Result<(String, Value)> {
+pub(super) fn failure_storms(bindtrace: &Path, generator: &Path, meter: &Path) -> Result<(String, Value)> {
     let mut markdown = String::from(
         "\n### failure storms (release build, no filter, output to a pipe read as it comes)\n\n\
          | scenario | failures in | lines by storm end | bind→line p50 / p99 / max | unrelated bind→line | peak RSS | (port, second) diagnosed naming a holder | events lost | diagnoses followed / shed |\n\
