@@ -36,23 +36,30 @@ attach() {
     if [ $i -gt 600 ] || ! kill -0 $tracer 2>/dev/null; then return 1; fi
   done
 }
-# counted MARKER MODE: `bind-scenarios MODE` under its own bindtrace ($backend), then what
-# `bind-scenarios --count` makes of its events, after @@MARKER.
+# The per-thread checks under one bindtrace ($backend): `bind-scenarios --collide N`, then
+# `--sleepers`, each thread's events counted by `bind-scenarios --count` (threads of one
+# never bind in the other), after @@COLLISION and @@SLEEPERS. One start for both: under TCG a
+# start costs seconds.
 counted() {
-  rm -f /tmp/counted.ndjson
-  echo "@@$1"
+  rm -f /tmp/counted.ndjson /tmp/collide-plan.json /tmp/sleepers-plan.json
   if attach /tmp/counted.txt --attach "$backend" $PER_THREAD_TRACER_ARGS --file /tmp/counted.ndjson; then
-    /bind-scenarios "$2" > /tmp/counted-plan.json
+    /bind-scenarios --collide $COLLIDE_BINDS > /tmp/collide-plan.json
+    /bind-scenarios --sleepers > /tmp/sleepers-plan.json
     sleep 1
     kill -INT $tracer 2>/dev/null
     wait $tracer
-    /bind-scenarios --count /tmp/counted-plan.json /tmp/counted.ndjson
-    # bindtrace's own words on that run (its warnings), for a failure's console.
-    sed 's/^/tracer-stderr: /' /tmp/counted.txt
   else
     kill $tracer 2>/dev/null
     wait $tracer
   fi
+  for run in collide:COLLISION sleepers:SLEEPERS; do
+    echo "@@${run#*:}"
+    if [ -s "/tmp/${run%:*}-plan.json" ]; then
+      /bind-scenarios --count "/tmp/${run%:*}-plan.json" /tmp/counted.ndjson
+    fi
+    # bindtrace's own words on that run (its warnings), for a failure's console.
+    sed 's/^/tracer-stderr: /' /tmp/counted.txt
+  done
 }
 for backend in $BACKENDS; do
   at "$backend" scenarios
@@ -113,10 +120,8 @@ for backend in $BACKENDS; do
   # whose tids once shared an entry slot bind at the same time (every bind reported once);
   # many AF_UNIX binds sleep at once in one directory's lock (each reported, or counted lost
   # when a kretprobe's return instances run out).
-  at "$backend" tid_slot_collision
-  counted COLLISION --collide
-  at "$backend" sleeping_binds
-  counted SLEEPERS --sleepers
+  at "$backend" per_thread_state
+  counted
 done
 # What tracing costs here (emulated: indicative only), when the host asks for it on the kernel
 # command line: a getppid loop (collateral) and a bind storm, untraced and with bindtrace
