@@ -587,8 +587,7 @@ fn start_tree(root: TreeRoot, probe: &mut AttachedProbe) -> Result<StartedTree> 
             let held = crate::command::launch(&argv, run_as.clone(), *child_mask, fd_limit)?;
             let tree = crate::tree::FollowedTree::new(map, held.pid(), std::process::id())?;
             // A command line is text anyone chose: escaped like a process name.
-            let mut escaped = String::new();
-            crate::sink::push_escaped(&mut escaped, shown.as_bytes());
+            let escaped = crate::text::for_terminal(&shown);
             crate::say::line(&format!(
                 "tracing the binds of `{escaped}` (pid {}{}) and every process it starts",
                 held.pid(),
@@ -636,9 +635,9 @@ fn release_command(
 fn shown_command(argv: &[std::ffi::OsString]) -> String {
     argv.iter()
         .map(|arg| {
-            let arg = arg.to_string_lossy();
+            let arg = crate::text::from_bytes(std::os::unix::ffi::OsStrExt::as_bytes(arg.as_os_str()));
             if !arg.is_empty() && arg.chars().all(|c| c.is_ascii_alphanumeric() || "-_./=:,+@%".contains(c)) {
-                arg.into_owned()
+                arg
             } else {
                 format!("'{}'", arg.replace('\'', "'\\''"))
             }

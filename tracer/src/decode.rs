@@ -78,13 +78,7 @@ impl UnixPath {
     /// [`Self::display_bytes`] as text, bytes that are not UTF-8 written as `\xNN` (NDJSON,
     /// and the table before its own escaping).
     pub(crate) fn display_text(&self) -> String {
-        let mut text = String::new();
-        for chunk in self.display_bytes().utf8_chunks() {
-            text.push_str(chunk.valid());
-            for byte in chunk.invalid() {
-                text.push_str(&format!("\\x{byte:02x}"));
-            }
-        }
+        let mut text = crate::text::from_bytes(&self.display_bytes());
         if self.is_autobind() {
             text.push_str("(autobind)");
         }

@@ -29,6 +29,7 @@ pub(crate) mod probe;
 pub(crate) mod say;
 pub(crate) mod sink;
 pub(crate) mod summary;
+pub(crate) mod text;
 pub(crate) mod tree;
 pub(crate) mod who;
 

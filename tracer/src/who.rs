@@ -24,10 +24,8 @@ use crate::{
         sockdiag::{state_name, Proto},
     },
     model::{shrink_holders, HolderReport, HoldersSummary},
-    sink::{
-        columns::{Align, Columns},
-        push_escaped,
-    },
+    sink::columns::{Align, Columns},
+    text::push_for_terminal,
 };
 
 #[derive(Serialize)]
@@ -259,12 +257,12 @@ pub(crate) fn run(args: &WhoArgs, netns: &Netns) -> Result<Verdict> {
                         if publisher.socket { "" } else { " (no socket: only the runtime's port table holds it)" }
                     );
                     out.push_str("  └ ");
-                    push_escaped(&mut out, line.as_bytes());
+                    push_for_terminal(&mut out, &line);
                     out.push('\n');
                 }
                 for claim in &forwarded_by {
                     out.push_str("  └ ");
-                    push_escaped(&mut out, claim.describe().as_bytes());
+                    push_for_terminal(&mut out, &claim.describe());
                     out.push('\n');
                 }
             } else {
@@ -369,11 +367,7 @@ fn render_table(out: &mut String, holders: &[Holder], census: Option<&PortCensus
         let _ = writeln!(out, "{summary}");
         return;
     }
-    let escaped = |text: &str| {
-        let mut escaped = String::new();
-        push_escaped(&mut escaped, text.as_bytes());
-        escaped
-    };
+    let escaped = crate::text::for_terminal;
     let mut table = Columns::new(
         ["PROTO", "STATE", "LOCAL", "PEER", "PID", "COMM", "UID", "WHERE"],
         [Align::Left, Align::Left, Align::Left, Align::Left, Align::Right, Align::Left, Align::Right, Align::Left],
@@ -420,7 +414,7 @@ fn render_table(out: &mut String, holders: &[Holder], census: Option<&PortCensus
     }
     table.render(out);
     out.push_str("  └ ");
-    push_escaped(out, summary.as_bytes());
+    push_for_terminal(out, summary);
     out.push('\n');
 }
 

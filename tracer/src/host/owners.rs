@@ -117,12 +117,7 @@ fn cmdline_text(raw: &[u8]) -> String {
         if i > 0 {
             text.push(' ');
         }
-        for chunk in arg.utf8_chunks() {
-            text.push_str(chunk.valid());
-            for byte in chunk.invalid() {
-                text.push_str(&format!("\\x{byte:02x}"));
-            }
-        }
+        text.push_str(&crate::text::from_bytes(arg));
     }
     text
 }
@@ -622,6 +617,8 @@ mod tests {
         assert_eq!(cmdline_text(b"sleep\x0060\x00"), "sleep 60");
         assert_eq!(cmdline_text(b"srv\x00--name=\xff\xfeok\x00"), "srv --name=\\xff\\xfeok");
         assert_eq!(cmdline_text(b""), "");
+        // A literal `\xff` is not the byte 0xff.
+        assert_eq!(cmdline_text(b"echo\x00\\xff\x00"), "echo \\\\xff");
         // redis rewrites its title over the old argv: the rest is padding.
         assert_eq!(cmdline_text(b"redis-server *:6379\x00\x00\x00\x00"), "redis-server *:6379");
         assert_eq!(cmdline_text(b"redis-server *:6379                \x00"), "redis-server *:6379");

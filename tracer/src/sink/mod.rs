@@ -12,10 +12,7 @@ pub(crate) mod ndjson;
 pub(crate) mod table;
 pub(crate) mod writer;
 
-use std::{
-    fmt::Write as _,
-    io::{self, Write},
-};
+use std::io::{self, Write};
 
 use bytes::BytesMut;
 
@@ -112,40 +109,6 @@ impl Output {
     }
 }
 
-/// Appends text a process chose (its name, later its command line) with every control
-/// character escaped, so that it can never drive the operator's terminal.
-/// Unicode's bidirectional formatting characters: not controls to `char::is_control`, but
-/// a process name holding U+202E (right-to-left override) reorders the rest of the line on
-/// the terminal, so they are escaped like controls.
-fn is_bidi_control(c: char) -> bool {
-    matches!(c, '\u{061c}' | '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
-}
-
-pub(crate) fn push_escaped(out: &mut String, bytes: &[u8]) {
-    for chunk in bytes.utf8_chunks() {
-        for c in chunk.valid().chars() {
-            // The escapes a reader knows for the common controls (a newline inside a
-            // `python -c` command line), `\u{..}` for the rest.
-            if c == '\n' {
-                out.push_str("\\n");
-            } else if c == '\t' {
-                out.push_str("\\t");
-            } else if c == '\r' {
-                out.push_str("\\r");
-            } else if c.is_control() || is_bidi_control(c) {
-                let _ = write!(out, "\\u{{{:x}}}", c as u32);
-            } else if c == '\\' {
-                out.push_str("\\\\");
-            } else {
-                out.push(c);
-            }
-        }
-        for byte in chunk.invalid() {
-            let _ = write!(out, "\\x{byte:02x}");
-        }
-    }
-}
-
 #[cfg(test)]
 pub(crate) mod tests {
     use std::sync::{Arc, Mutex};
@@ -170,24 +133,5 @@ pub(crate) mod tests {
         fn flush(&mut self) -> io::Result<()> {
             Ok(())
         }
-    }
-
-    fn escaped(bytes: &[u8]) -> String {
-        let mut out = String::new();
-        push_escaped(&mut out, bytes);
-        out
-    }
-
-    #[test]
-    fn control_characters_are_escaped() {
-        assert_eq!(escaped(b"nginx"), "nginx");
-        assert_eq!(escaped(b"\x1b[31mred"), "\\u{1b}[31mred");
-        assert_eq!(escaped(b"a\nb\tc\r\x7f"), "a\\nb\\tc\\r\\u{7f}");
-        assert_eq!(escaped("é\u{9b}".as_bytes()), "é\\u{9b}", "C1 controls too");
-        assert_eq!(escaped(b"\xff\xfe"), "\\xff\\xfe");
-        assert_eq!(escaped(b"back\\slash"), "back\\\\slash");
-        // Bidi overrides would reorder the terminal line (issue 11).
-        assert_eq!(escaped("evil\u{202e}gnp.exe".as_bytes()), "evil\\u{202e}gnp.exe");
-        assert_eq!(escaped("a\u{2066}b\u{200f}".as_bytes()), "a\\u{2066}b\\u{200f}");
     }
 }

@@ -8,7 +8,7 @@ use bindtrace_common::{sock_flags, BindEvent, AF_NETLINK};
 
 use super::{
     columns::{push_cell, Align, Cut},
-    push_escaped, Output, Sink,
+    Output, Sink,
 };
 use crate::{
     clock::local_time_of_day,
@@ -16,6 +16,7 @@ use crate::{
     enrich::{Enriched, Explained, FollowUp},
     errno,
     summary::Report,
+    text::{self, push_for_terminal},
 };
 
 const FAILURE: Style = AnsiColor::Red.on_default().bold();
@@ -122,7 +123,7 @@ fn push_tree_report(text: &mut String, tree: &crate::summary::TreeReport) {
     let mut root = match &tree.command {
         Some(command) => {
             let mut shown = String::new();
-            push_escaped(&mut shown, command.as_bytes());
+            push_for_terminal(&mut shown, command);
             format!("`{shown}` (pid {})", tree.root_pid)
         }
         None => format!("pid {}", tree.root_pid),
@@ -142,9 +143,9 @@ fn push_tree_report(text: &mut String, tree: &crate::summary::TreeReport) {
     );
     for process in &tree.failed_processes {
         let mut comm = String::new();
-        push_escaped(&mut comm, process.comm.as_bytes());
+        push_for_terminal(&mut comm, &process.comm);
         let mut address = String::new();
-        push_escaped(&mut address, process.first_address.as_bytes());
+        push_for_terminal(&mut address, &process.first_address);
         let _ = writeln!(
             text,
             "              pid {} ({comm}, depth {}, started by {}): {} {} on {address}",
@@ -236,16 +237,16 @@ impl Sink for TableSink {
         if let Some((_, depth)) = place {
             comm.extend(std::iter::repeat_n(' ', usize::from(depth.min(TREE_INDENT_MAX))));
         }
-        push_escaped(&mut comm, event.comm_bytes());
+        push_for_terminal(&mut comm, &text::from_bytes(event.comm_bytes()));
         // Escaped like comm: an AF_UNIX path (later) is a name a process chose.
         let mut address = String::with_capacity(48);
-        push_escaped(&mut address, address_column(event).as_bytes());
+        push_for_terminal(&mut address, &address_column(event));
         // The pod or container; "-" on the host; "?" when it could not be resolved; empty
         // when nothing was looked up (--no-diagnosis).
         let mut container = String::with_capacity(16);
         if let Some(identity) = enriched.identity.as_deref() {
             match identity.short() {
-                Some(name) => push_escaped(&mut container, name.as_bytes()),
+                Some(name) => push_for_terminal(&mut container, &name),
                 None if identity.unresolved.is_some() => container.push('?'),
                 None => container.push('-'),
             }
@@ -275,7 +276,7 @@ impl Sink for TableSink {
         if let Explained::Now(diagnosis) = &enriched.explained {
             // The summary quotes command lines, which processes choose: escaped like comm.
             self.line.push_str("    └ ");
-            push_escaped(&mut self.line, diagnosis.summary.as_bytes());
+            push_for_terminal(&mut self.line, &diagnosis.summary);
             self.push_line()?;
         }
         Ok(())
@@ -294,7 +295,7 @@ impl Sink for TableSink {
             event.tgid,
             requested_endpoint(event)
         );
-        push_escaped(&mut self.line, follow_up.diagnosis.summary.as_bytes());
+        push_for_terminal(&mut self.line, &follow_up.diagnosis.summary);
         self.push_line()
     }
 
@@ -347,7 +348,7 @@ impl Sink for TableSink {
                 .iter()
                 .map(|p| {
                     let mut comm = String::new();
-                    push_escaped(&mut comm, p.comm.as_bytes());
+                    push_for_terminal(&mut comm, &p.comm);
                     format!("{} ({}) {}", p.pid, comm, p.count)
                 })
                 .collect();

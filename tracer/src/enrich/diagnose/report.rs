@@ -9,7 +9,7 @@ use crate::{
 
 pub(crate) fn comm_text(comm: &[u8]) -> String {
     let end = comm.iter().position(|&b| b == 0).unwrap_or(comm.len());
-    String::from_utf8_lossy(&comm[..end]).into_owned()
+    crate::text::from_bytes(&comm[..end])
 }
 
 pub(crate) fn seen_report(seen: &SeenBind) -> SeenBindReport {
