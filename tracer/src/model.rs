@@ -88,18 +88,83 @@ impl DiagnosisKind {
     ];
 }
 
+/// What holds the address a bind asked for: inet sockets or AF_UNIX ones, never both (a
+/// diagnosis is about one address family). Written as the list alone, `holders`.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(untagged)]
+pub(crate) enum Holders {
+    Inet(Vec<HolderReport>),
+    /// The AF_UNIX sockets bound to the path or name asked for.
+    Unix(Vec<UnixHolderReport>),
+}
+
+impl Default for Holders {
+    fn default() -> Self {
+        Self::Inet(Vec::new())
+    }
+}
+
+impl Holders {
+    pub(crate) fn len(&self) -> usize {
+        match self {
+            Self::Inet(holders) => holders.len(),
+            Self::Unix(holders) => holders.len(),
+        }
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The inet holders (none for AF_UNIX).
+    pub(crate) fn inet(&self) -> &[HolderReport] {
+        match self {
+            Self::Inet(holders) => holders,
+            Self::Unix(_) => &[],
+        }
+    }
+
+    /// Each holder's processes.
+    fn processes(&self) -> impl Iterator<Item = &ProcessInfo> {
+        let inet = self.inet().iter().flat_map(|h| &h.processes);
+        let unix = match self {
+            Self::Unix(holders) => &holders[..],
+            Self::Inet(_) => &[],
+        };
+        inet.chain(unix.iter().flat_map(|h| &h.processes))
+    }
+
+    /// Makes the list shorter (fewer processes of a holder, fewer holders, shorter command
+    /// lines); false when there is nothing left to cut but the list itself.
+    fn shrink(&mut self) -> bool {
+        match self {
+            Self::Inet(holders) => shrink_holders(holders),
+            Self::Unix(holders) => {
+                if let Some(holder) =
+                    holders.iter_mut().filter(|h| h.processes.len() > 1).max_by_key(|h| h.processes.len())
+                {
+                    let keep = (holder.processes.len() / 2).max(1);
+                    cut_processes(&mut holder.processes, &mut holder.processes_total, keep);
+                    return true;
+                }
+                if holders.len() > 1 {
+                    holders.pop();
+                    return true;
+                }
+                holders.iter_mut().flat_map(|h| h.processes.iter_mut()).any(|p| cut_cmdline(&mut p.cmdline))
+            }
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub(crate) struct Diagnosis {
     /// A stable label of the case.
     pub kind: DiagnosisKind,
     /// One sentence for a person: who is in the way and what to do.
     pub summary: String,
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub holders: Vec<HolderReport>,
-    /// The AF_UNIX sockets bound to the path or name asked for; written as `holders` too (a
-    /// diagnosis has one kind of holder or the other, never both).
-    #[serde(rename = "holders", skip_serializing_if = "Vec::is_empty")]
-    pub unix_holders: Vec<UnixHolderReport>,
+    #[serde(skip_serializing_if = "Holders::is_empty")]
+    pub holders: Holders,
     /// Every socket in the way, counted, when `holders` lists only some of them (a busy
     /// port's connections, or a list cut to fit the line).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -325,21 +390,14 @@ impl Diagnosis {
     /// so in `holders_summary`. Every NDJSON line of bindtrace stays under 16 KiB: container
     /// runtimes split longer lines, and a log pipeline then gets broken JSON.
     pub(crate) fn fit(&mut self, max: usize) {
-        let listed = self.holders.len() + self.unix_holders.len();
+        let listed = self.holders.len();
         // Most diagnoses are far under the limit: an upper bound of their size (every
         // string escaped at 6 bytes a byte, each holder and process with its field names)
         // spares encoding them here; only a large one is measured.
         let strings: usize = self.summary.len()
             + self.unknown.iter().map(String::len).sum::<usize>()
-            + self.holders.iter().flat_map(|h| &h.processes).map(|p| p.cmdline.len() + p.comm.len()).sum::<usize>()
-            + self
-                .unix_holders
-                .iter()
-                .flat_map(|h| &h.processes)
-                .map(|p| p.cmdline.len() + p.comm.len())
-                .sum::<usize>();
-        let processes: usize = self.holders.iter().map(|h| h.processes.len()).sum::<usize>()
-            + self.unix_holders.iter().map(|h| h.processes.len()).sum::<usize>();
+            + self.holders.processes().map(|p| p.cmdline.len() + p.comm.len()).sum::<usize>();
+        let processes = self.holders.processes().count();
         if strings * 6 + (listed + processes) * 1_024 + 4_096 <= max {
             return;
         }
@@ -347,26 +405,11 @@ impl Diagnosis {
         let mut cut = false;
         while size(self) > max {
             cut = true;
-            if shrink_holders(&mut self.holders) {
+            if self.holders.shrink() {
                 continue;
             }
-            if let Some(holder) =
-                self.unix_holders.iter_mut().filter(|h| h.processes.len() > 1).max_by_key(|h| h.processes.len())
-            {
-                let keep = (holder.processes.len() / 2).max(1);
-                cut_processes(&mut holder.processes, &mut holder.processes_total, keep);
-                continue;
-            }
-            if self.unix_holders.len() > 1 {
-                self.unix_holders.pop();
-                continue;
-            }
-            if self.unix_holders.iter_mut().flat_map(|h| h.processes.iter_mut()).any(|p| cut_cmdline(&mut p.cmdline)) {
-                continue;
-            }
-            if !self.holders.is_empty() || !self.unix_holders.is_empty() {
-                self.holders.clear();
-                self.unix_holders.clear();
+            if !self.holders.is_empty() {
+                self.holders = Holders::default();
                 continue;
             }
             // What is left is the summary, the facts and the unknowns, each bounded.
@@ -376,7 +419,7 @@ impl Diagnosis {
             let summary = self
                 .holders_summary
                 .get_or_insert_with(|| HoldersSummary { total: listed, ..HoldersSummary::default() });
-            summary.shown = self.holders.len() + self.unix_holders.len();
+            summary.shown = self.holders.len();
             summary.truncated = true;
         }
     }

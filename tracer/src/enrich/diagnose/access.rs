@@ -7,7 +7,7 @@ use super::super::lookup::{NetnsFacts, ProcessFacts, ProcessUnread};
 use super::report::comm_text;
 use crate::decode::BindEventExt as _;
 use crate::host::policy::BindPolicy;
-use crate::model::{Diagnosis, DiagnosisFacts, DiagnosisKind};
+use crate::model::{Diagnosis, DiagnosisFacts, DiagnosisKind, Holders};
 
 pub(super) const CAP_NET_BIND_SERVICE: u32 = 10;
 
@@ -46,10 +46,9 @@ pub(super) fn access(
         return Diagnosis {
             kind: DiagnosisKind::Unknown,
             summary: format!("EACCES for port {port}: a privileged port, a cgroup BPF program or an LSM refused it"),
-            holders: Vec::new(),
+            holders: Holders::default(),
             facts,
             unknown,
-            unix_holders: Vec::new(),
             holders_summary: None,
         };
     };
@@ -65,10 +64,9 @@ pub(super) fn access(
                 return Diagnosis {
                     kind: policy.0,
                     summary: policy.1,
-                    holders: Vec::new(),
+                    holders: Holders::default(),
                     facts,
                     unknown,
-                    unix_holders: Vec::new(),
                     holders_summary: None,
                 };
             }
@@ -100,7 +98,7 @@ pub(super) fn access(
             ),
         ),
     };
-    Diagnosis { kind, summary, holders: Vec::new(), facts, unknown, unix_holders: Vec::new(), holders_summary: None }
+    Diagnosis { kind, summary, holders: Holders::default(), facts, unknown, holders_summary: None }
 }
 
 /// A refusal that capabilities do not explain, named from what is in force: a cgroup BPF bind

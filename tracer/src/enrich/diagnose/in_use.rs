@@ -20,7 +20,7 @@ use super::{
 };
 use crate::decode::{requested_endpoint, Bind, BindEventExt as _};
 use crate::host::sockdiag::{state_name, Proto, TCP_LISTEN, TCP_TIME_WAIT};
-use crate::model::{Diagnosis, DiagnosisFacts, DiagnosisKind, HoldersSummary};
+use crate::model::{Diagnosis, DiagnosisFacts, DiagnosisKind, Holders, HoldersSummary};
 
 /// Is `netns` bindtrace's own network namespace (the host's, where runtimes publish ports)?
 pub(super) fn in_own_netns(netns: u32) -> bool {
@@ -104,10 +104,9 @@ pub(super) fn ephemeral_exhausted(event: &BindEvent, table: &SocketTable) -> Dia
     Diagnosis {
         kind: DiagnosisKind::EphemeralExhausted,
         summary,
-        holders: Vec::new(),
+        holders: Holders::default(),
         facts,
         unknown: Vec::new(),
-        unix_holders: Vec::new(),
         holders_summary: None,
     }
 }
@@ -205,10 +204,9 @@ pub(super) fn in_use(
                     own.addr.map(|ip| endpoint(SocketAddr::new(ip, port))).unwrap_or_default(),
                     local_time_of_day(own.wall_ns)
                 ),
-                holders: reports,
+                holders: Holders::Inet(reports),
                 facts,
                 unknown: Vec::new(),
-                unix_holders: Vec::new(),
                 holders_summary: None,
             };
         }
@@ -228,10 +226,9 @@ pub(super) fn in_use(
         return Diagnosis {
             kind: DiagnosisKind::Released,
             summary,
-            holders: reports,
+            holders: Holders::Inet(reports),
             facts,
             unknown: Vec::new(),
-            unix_holders: Vec::new(),
             holders_summary: None,
         };
     };
@@ -262,10 +259,9 @@ pub(super) fn in_use(
         return Diagnosis {
             kind: DiagnosisKind::TimeWait,
             summary: format!("only TIME_WAIT sockets hold {port}/{}{expires_text}, no process: {advice}", proto.name()),
-            holders: reports,
+            holders: Holders::Inet(reports),
             facts,
             unknown: Vec::new(),
-            unix_holders: Vec::new(),
             holders_summary: counted,
         };
     }
@@ -362,10 +358,9 @@ pub(super) fn in_use(
     Diagnosis {
         kind,
         summary: format!("{base}; {advice}"),
-        holders: reports,
+        holders: Holders::Inet(reports),
         facts,
         unknown,
-        unix_holders: Vec::new(),
         holders_summary: counted,
     }
 }
@@ -430,19 +425,17 @@ pub(super) fn in_use_of<'a>(
         Some((key, _)) => Diagnosis {
             kind: DiagnosisKind::Unknown,
             summary: format!("port {} is in use, but its holders could not be looked up", event.port),
-            holders: Vec::new(),
+            holders: Holders::default(),
             facts: DiagnosisFacts::default(),
             unknown: vec![lookup_error(key).unwrap_or_else(|| "holder lookup did not finish".to_owned())],
-            unix_holders: Vec::new(),
             holders_summary: None,
         },
         None => Diagnosis {
             kind: DiagnosisKind::Unknown,
             summary: format!("port {} is in use; holders are looked up for TCP and UDP only", event.port),
-            holders: Vec::new(),
+            holders: Holders::default(),
             facts: DiagnosisFacts::default(),
             unknown: Vec::new(),
-            unix_holders: Vec::new(),
             holders_summary: None,
         },
     }

@@ -6,17 +6,16 @@ use std::net::IpAddr;
 use bindtrace_common::{sock_flags, BindEvent, AF_INET, AF_INET6};
 
 use crate::decode::BindEventExt as _;
-use crate::model::{Diagnosis, DiagnosisFacts, DiagnosisKind};
+use crate::model::{Diagnosis, DiagnosisFacts, DiagnosisKind, Holders};
 
 /// A bind the caller got wrong, where nothing on the host is in the way.
 pub(super) fn caller_error(kind: DiagnosisKind, summary: &str) -> Diagnosis {
     Diagnosis {
         kind,
         summary: summary.to_owned(),
-        holders: Vec::new(),
+        holders: Holders::default(),
         facts: DiagnosisFacts::default(),
         unknown: Vec::new(),
-        unix_holders: Vec::new(),
         holders_summary: None,
     }
 }
@@ -60,13 +59,5 @@ pub(super) fn invalid(event: &BindEvent) -> Diagnosis {
     } else {
         (DiagnosisKind::InvalidAddress, "bind() rejected the address as invalid for this socket".to_owned())
     };
-    Diagnosis {
-        kind,
-        summary,
-        holders: Vec::new(),
-        facts,
-        unknown: Vec::new(),
-        unix_holders: Vec::new(),
-        holders_summary: None,
-    }
+    Diagnosis { kind, summary, holders: Holders::default(), facts, unknown: Vec::new(), holders_summary: None }
 }

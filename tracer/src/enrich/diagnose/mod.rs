@@ -44,7 +44,7 @@ use super::{
 use crate::host::sockdiag::Proto;
 #[cfg(test)]
 use crate::model::PROCESSES_SHOWN_MAX as PROCESSES_SHOWN;
-use crate::model::{Diagnosis, DiagnosisFacts, DiagnosisKind, DIAGNOSIS_BYTES_MAX};
+use crate::model::{Diagnosis, DiagnosisFacts, DiagnosisKind, Holders, DIAGNOSIS_BYTES_MAX};
 use crate::{
     decode::{Bind, BindEventExt as _},
     errno,
@@ -199,10 +199,9 @@ pub(crate) fn diagnose<'a>(
                 (Some(name), Some(message)) => format!("{name}: {message}"),
                 _ => format!("errno {errno}"),
             },
-            holders: Vec::new(),
+            holders: Holders::default(),
             facts: DiagnosisFacts::default(),
             unknown: Vec::new(),
-            unix_holders: Vec::new(),
             holders_summary: None,
         },
     };

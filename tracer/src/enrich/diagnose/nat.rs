@@ -15,7 +15,7 @@ use crate::{
         nat::{NatClaim, NatRules},
         sockdiag::Proto,
     },
-    model::{Diagnosis, DiagnosisFacts, DiagnosisKind},
+    model::{Diagnosis, DiagnosisFacts, DiagnosisKind, Holders},
 };
 
 /// A successful bind to a port it chose (not port 0's pick) asks for the NAT rules.
@@ -54,8 +54,7 @@ pub(super) fn port_forwarded<'a>(event: &Bind, facts: &impl Fn(&LookupKey) -> Op
             first.describe(),
             if more > 0 { format!(" (+{more} more rule{})", if more == 1 { "" } else { "s" }) } else { String::new() },
         ),
-        holders: Vec::new(),
-        unix_holders: Vec::new(),
+        holders: Holders::default(),
         holders_summary: None,
         facts: DiagnosisFacts { forwarded_by: claims.into_iter().cloned().collect(), ..DiagnosisFacts::default() },
         unknown: rules.unread.clone(),
@@ -73,6 +72,7 @@ pub(super) fn note_claims(diagnosis: &mut Diagnosis, event: &Bind, rules: &Resul
             // a rule that forwards to them only says again what the sentence says.
             let named: Vec<&str> = diagnosis
                 .holders
+                .inet()
                 .iter()
                 .flat_map(|h| &h.processes)
                 .flat_map(|p| {

@@ -7,7 +7,7 @@ use bindtrace_common::{sock_flags, BindEvent};
 
 use super::super::lookup::{NetnsFacts, IFA_F_DADFAILED, IFA_F_OPTIMISTIC, IFA_F_TENTATIVE};
 use crate::decode::BindEventExt as _;
-use crate::model::{Diagnosis, DiagnosisFacts, DiagnosisKind};
+use crate::model::{Diagnosis, DiagnosisFacts, DiagnosisKind, Holders};
 
 /// Is `addr` local in a namespace with these interface addresses? 127.0.0.0/8 is local as a
 /// whole when loopback is up; multicast addresses may always be bound.
@@ -24,10 +24,9 @@ pub(super) fn not_available(event: &BindEvent, netns: Option<&NetnsFacts>) -> Di
         return Diagnosis {
             kind: DiagnosisKind::Unknown,
             summary: "the requested address could not be read, so the cause is unknown".to_owned(),
-            holders: Vec::new(),
+            holders: Holders::default(),
             facts,
             unknown: vec!["requested address".to_owned()],
-            unix_holders: Vec::new(),
             holders_summary: None,
         };
     };
@@ -35,10 +34,9 @@ pub(super) fn not_available(event: &BindEvent, netns: Option<&NetnsFacts>) -> Di
         return Diagnosis {
             kind: DiagnosisKind::Unknown,
             summary: format!("{addr} could not be checked: the network namespace was not found"),
-            holders: Vec::new(),
+            holders: Holders::default(),
             facts,
             unknown: vec!["interface addresses of the namespace".to_owned()],
-            unix_holders: Vec::new(),
             holders_summary: None,
         };
     };
@@ -85,10 +83,9 @@ pub(super) fn not_available(event: &BindEvent, netns: Option<&NetnsFacts>) -> Di
             return Diagnosis {
                 kind,
                 summary,
-                holders: Vec::new(),
+                holders: Holders::default(),
                 facts,
                 unknown: Vec::new(),
-                unix_holders: Vec::new(),
                 holders_summary: None,
             };
         }
@@ -106,10 +103,9 @@ pub(super) fn not_available(event: &BindEvent, netns: Option<&NetnsFacts>) -> Di
     Diagnosis {
         kind: DiagnosisKind::AddressNotAvailable,
         summary,
-        holders: Vec::new(),
+        holders: Holders::default(),
         facts,
         unknown: Vec::new(),
-        unix_holders: Vec::new(),
         holders_summary: None,
     }
 }

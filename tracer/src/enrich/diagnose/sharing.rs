@@ -33,7 +33,7 @@ use crate::{
         cgroup,
         sockdiag::{Proto, TCP_LISTEN},
     },
-    model::{Diagnosis, DiagnosisFacts, DiagnosisKind, HoldersSummary},
+    model::{Diagnosis, DiagnosisFacts, DiagnosisKind, Holders, HoldersSummary},
 };
 
 /// The most sharing sockets a report lists; the rest are counted.
@@ -209,8 +209,7 @@ pub(super) fn port_shared<'a>(
     Some(Diagnosis {
         kind: DiagnosisKind::PortShared,
         summary,
-        holders: reports,
-        unix_holders: Vec::new(),
+        holders: Holders::Inet(reports),
         holders_summary,
         facts: DiagnosisFacts { shared_through: Some(option), ..DiagnosisFacts::default() },
         unknown,

@@ -100,9 +100,9 @@ fn a_busy_port_names_its_listener_and_counts_the_connections() {
     let facts = vec![(needed_lookups(&event.into()).remove(0), holders_facts(holders))];
     let d = run(&event, &facts, &BindHistory::default());
     assert_eq!(d.kind, DiagnosisKind::InUse);
-    assert_eq!(d.holders[0].state, "LISTEN");
+    assert_eq!(d.holders.inet()[0].state, "LISTEN");
     assert!(d.holders.len() <= HOLDERS_SHOWN_MAX + CONNECTIONS_SHOWN_MAX, "{}", d.holders.len());
-    assert_eq!((d.holders[0].processes.len(), d.holders[0].processes_total), (PROCESSES_SHOWN, Some(40)));
+    assert_eq!((d.holders.inet()[0].processes.len(), d.holders.inet()[0].processes_total), (PROCESSES_SHOWN, Some(40)));
     let summary = d.holders_summary.as_ref().expect("counted");
     assert_eq!((summary.total, summary.shown, summary.truncated), (18_001, d.holders.len(), true));
     assert_eq!(summary.by_state.get("ESTABLISHED"), Some(&18_000));
@@ -160,8 +160,8 @@ fn listener_holder_is_named_with_its_process_and_bind_time() {
     );
     assert!(d.summary.ends_with("; stop it or bind another port"), "{}", d.summary);
     assert_eq!(d.holders.len(), 1);
-    assert_eq!(d.holders[0].processes[0].pid, 977);
-    assert!(d.holders[0].seen_bind.is_some());
+    assert_eq!(d.holders.inet()[0].processes[0].pid, 977);
+    assert!(d.holders.inet()[0].seen_bind.is_some());
 }
 
 #[test]
@@ -186,7 +186,7 @@ fn time_wait_only_explains_the_reuseaddr_rule() {
     assert!(d.summary.contains("set SO_REUSEADDR on the new socket and on the listening socket"), "{}", d.summary);
     assert_eq!(d.facts.time_wait_expires_ms, Some(40_100));
     assert_eq!(d.facts.new_socket_reuseaddr, Some(false));
-    assert_eq!(d.holders[0].peer, Some("127.0.0.1:50000".parse().expect("peer")));
+    assert_eq!(d.holders.inet()[0].peer, Some("127.0.0.1:50000".parse().expect("peer")));
 
     // The new socket has it, the old listener (seen by bindtrace) did not.
     event.sock_flags |= sock_flags::REUSEADDR;
@@ -219,7 +219,7 @@ fn a_holder_of_the_same_family_leads_over_a_dual_stack_overlap() {
     let d = run(&event, &facts, &BindHistory::default());
     assert_eq!(d.kind, DiagnosisKind::InUse, "{}", d.summary);
     assert!(!d.summary.contains("IPV6_V6ONLY"), "{}", d.summary);
-    assert!(d.holders.first().is_some_and(|h| h.addr.is_ipv6()), "the [::] holder first: {:?}", d.holders);
+    assert!(d.holders.inet().first().is_some_and(|h| h.addr.is_ipv6()), "the [::] holder first: {:?}", d.holders);
     // Only the IPv4 holder: then dual-stack is the reason, and fixing it is enough.
     let facts =
         vec![(needed_lookups(&event.into()).remove(0), holders_facts(vec![nginx_listening("0.0.0.0:8080", None)]))];
@@ -246,7 +246,7 @@ fn the_seen_bind_is_the_blocking_sockets_own() {
         holders_facts(vec![nginx_listening("0.0.0.0:8080", None), nginx_listening("[::]:8080", Some(true))]),
     )];
     let d = run(&event, &facts, &history);
-    let first = d.holders.first().expect("the blocking holder");
+    let first = d.holders.inet().first().expect("the blocking holder");
     assert!(first.addr.is_ipv4(), "{:?}", d.holders);
     let seen = serde_json::to_value(first).expect("json")["seen_bind"].clone();
     assert_eq!(seen["time"], "00:00:01.000", "the 0.0.0.0 bind's time, not the [::] one's: {seen}");

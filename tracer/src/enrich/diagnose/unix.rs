@@ -3,14 +3,15 @@
 
 use super::super::lookup::{Facts, OwnersSeen, UnixFacts, UnixFile, UnixHolder};
 use crate::decode::{Bind, UnixPath};
-use crate::model::{Diagnosis, DiagnosisFacts, DiagnosisKind, UnixFileReport, UnixHolderReport, PROCESSES_SHOWN_MAX};
+use crate::model::{
+    Diagnosis, DiagnosisFacts, DiagnosisKind, Holders, UnixFileReport, UnixHolderReport, PROCESSES_SHOWN_MAX,
+};
 
 fn unknown(summary: String, why: String) -> Diagnosis {
     Diagnosis {
         kind: DiagnosisKind::Unknown,
         summary,
-        holders: Vec::new(),
-        unix_holders: Vec::new(),
+        holders: Holders::default(),
         holders_summary: None,
         facts: DiagnosisFacts::default(),
         unknown: vec![why],
@@ -170,8 +171,7 @@ pub(super) fn unix_in_use(event: &Bind, answer: Option<&Facts>) -> Diagnosis {
     Diagnosis {
         kind,
         summary,
-        holders: Vec::new(),
-        unix_holders,
+        holders: Holders::Unix(unix_holders),
         holders_summary: None,
         facts: details,
         unknown: unknown_facts,
@@ -185,6 +185,13 @@ mod tests {
         owners::{Blind, ProcessInfo},
         unixdiag::UnixSocket,
     };
+
+    fn unix_holders(d: &Diagnosis) -> &[UnixHolderReport] {
+        match &d.holders {
+            Holders::Unix(holders) => holders,
+            Holders::Inet(holders) => panic!("inet holders in an AF_UNIX diagnosis: {holders:?}"),
+        }
+    }
 
     fn event(path: &[u8]) -> Bind {
         let mut bind = Bind::from(crate::decode::tests::sample_event());
@@ -247,7 +254,7 @@ mod tests {
             "{}",
             d.summary
         );
-        assert_eq!(d.unix_holders[0].processes[0].pid, 977);
+        assert_eq!(unix_holders(&d)[0].processes[0].pid, 977);
         let json = serde_json::to_value(&d).expect("json");
         assert_eq!(json["holders"][0]["type"], "stream", "{json}");
         assert_eq!(json["facts"]["unix_file"]["kind"], "socket");
