@@ -166,9 +166,7 @@ fn check_pids(pids: &[u32]) -> Result<()> {
         anyhow::bail!("--pid {pid} is not a process id here: this system's ids stay below {max} (kernel.pid_max)");
     }
     for &pid in pids {
-        let tgid = std::fs::read_to_string(format!("/proc/{pid}/status")).ok().and_then(|status| {
-            status.lines().find_map(|l| l.strip_prefix("Tgid:")).and_then(|v| v.trim().parse::<u32>().ok())
-        });
+        let tgid = crate::host::owners::tgid_of(pid);
         match tgid {
             None => crate::say::line(&format!(
                 "warning: --pid {pid}: no such process now; it matches only a process that gets this id"

@@ -25,9 +25,9 @@ use rustc_hash::{FxHashMap, FxHashSet};
 
 use crate::{
     decode::BindEventExt as _,
-    enrich::{EnrichCounters, Enriched},
     errno,
     host::identity::Identity,
+    model::{EnrichCounters, Enriched},
     probe::{KernelCounters, ProgramStats},
 };
 
@@ -456,7 +456,7 @@ pub(crate) async fn serve(listener: std::net::TcpListener, registry: Arc<Registr
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{decode::tests::sample_event, enrich::Explained, host::runtimes::Runtime};
+    use crate::{decode::tests::sample_event, host::runtimes::Runtime, model::Explained};
 
     fn in_container(name: &str) -> Enriched {
         let mut container = crate::host::runtimes::Container::unnamed(Runtime::Docker, format!("{name:0>64}"));

@@ -9,7 +9,12 @@ use std::{
 
 use serde::Serialize;
 
-use crate::host::{owners::ProcessInfo, sockdiag::Proto};
+use std::sync::Arc;
+
+use crate::{
+    decode::Bind,
+    host::{identity::Identity, owners::ProcessInfo, sockdiag::Proto},
+};
 
 /// The case a diagnosis is, as the NDJSON schema's `diagnosis.kind` names it (snake case):
 /// a stable label a script can match on; docs/ndjson-schema.md says what each means.
@@ -423,6 +428,56 @@ impl Diagnosis {
             summary.truncated = true;
         }
     }
+}
+
+/// What an event carries about its diagnosis when it is written.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) enum Explained {
+    /// A success, or diagnoses are off.
+    Nothing,
+    Now(Arc<Diagnosis>),
+    /// The lookups were not done in time: a [`FollowUp`] with the same `seq` comes later.
+    Follows,
+    /// No diagnosis will come, and why (counted in the summary).
+    Shed(&'static str),
+}
+
+/// An event ready for the sinks.
+pub(crate) struct Enriched {
+    /// 1 for the first event of the run, then one more for each.
+    pub seq: u64,
+    pub event: Bind,
+    pub wall_ns: i128,
+    pub explained: Explained,
+    /// Who ran the bind (container, pod, unit); `None` when lookups are off.
+    pub identity: Option<Arc<Identity>>,
+}
+
+/// The diagnosis of an event written earlier with [`Explained::Follows`].
+pub(crate) struct FollowUp {
+    pub seq: u64,
+    pub event: Bind,
+    pub wall_ns: i128,
+    pub diagnosis: Arc<Diagnosis>,
+}
+
+/// Counters for the live report and the summary.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub(crate) struct EnrichCounters {
+    pub lookups: u64,
+    pub lookup_timeouts: u64,
+    pub worker_restarts: u64,
+    /// Diagnoses written after their event.
+    pub followed: u64,
+    /// Failures that got no diagnosis.
+    pub shed: u64,
+    /// Successful binds reported as sharing their port with another service or container.
+    pub ports_shared: u64,
+    /// Successful binds with SO_REUSEPORT (or UDP SO_REUSEADDR) whose sharing could not be
+    /// checked (overload).
+    pub sharing_unchecked: u64,
+    /// Successful binds to a port a NAT rule takes (`port_forwarded`).
+    pub ports_forwarded: u64,
 }
 
 #[cfg(test)]

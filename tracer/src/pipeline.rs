@@ -16,8 +16,9 @@ use tokio::sync::mpsc::UnboundedReceiver;
 use crate::{
     clock::WallClock,
     decode::decode,
-    enrich::{Done, EnrichCounters, Enricher},
+    enrich::{Done, Enricher},
     filter::EventFilter,
+    model::EnrichCounters,
     probe::KernelCounters,
     probe::{AttachedProbe, ProbeLogger},
     sink::Sink,

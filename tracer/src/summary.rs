@@ -1,7 +1,7 @@
 //! Counts what went by, for the report printed at exit: events by result, by port, the
 //! busiest processes, and the probe's own counters (drops among them).
 
-use crate::enrich::EnrichCounters;
+use crate::model::EnrichCounters;
 use std::collections::HashMap;
 
 use bindtrace_common::{BindEvent, COMM_LEN};

@@ -150,9 +150,7 @@ fn process_parents() -> StdHashMap<u32, u32> {
 
 /// Is `pid` a process (a thread group's leader), not a thread nor gone?
 fn is_process(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/status")).is_ok_and(|status| {
-        status.lines().find_map(|l| l.strip_prefix("Tgid:")).and_then(|v| v.trim().parse::<u32>().ok()) == Some(pid)
-    })
+    crate::host::owners::tgid_of(pid) == Some(pid)
 }
 
 /// A process's parent now (`--tree`'s root is recorded with it).
@@ -160,10 +158,7 @@ pub(crate) fn parent_of(pid: u32) -> Result<u32> {
     let stat = procfs::process::Process::new(pid as i32)
         .and_then(|process| process.stat())
         .with_context(|| format!("--tree {pid}: no such process"))?;
-    let tgid = std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("Tgid:")).and_then(|v| v.trim().parse::<u32>().ok()));
-    if let Some(tgid) = tgid.filter(|&tgid| tgid != pid) {
+    if let Some(tgid) = crate::host::owners::tgid_of(pid).filter(|&tgid| tgid != pid) {
         bail!("--tree {pid} is a thread of process {tgid}: use --tree {tgid}");
     }
     Ok(u32::try_from(stat.ppid).unwrap_or(0))

@@ -129,6 +129,13 @@ const INITIAL_PID_NAMESPACE_INODE: u64 = 0xEFFF_FFFC;
 /// Does bindtrace run in a PID namespace of its own (a container without `--pid=host`,
 /// `unshare --pid`)? The probe reports the host's pids, and /proc shows only the processes
 /// of this namespace: holders outside it are invisible, never absent. Read once.
+/// The process a task id belongs to (its thread group id, from /proc/PID/status): `pid` itself
+/// for a process, another for a thread; `None` when there is no such task now.
+pub(crate) fn tgid_of(pid: u32) -> Option<u32> {
+    let status = Process::new(i32::try_from(pid).ok()?).and_then(|process| process.status()).ok()?;
+    u32::try_from(status.tgid).ok()
+}
+
 pub(crate) fn in_own_pid_namespace() -> bool {
     static OWN: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *OWN.get_or_init(|| {

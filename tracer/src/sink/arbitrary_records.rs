@@ -12,7 +12,7 @@ use proptest::prelude::*;
 
 use crate::{
     decode::decode,
-    enrich::{Enriched, Explained},
+    model::{Enriched, Explained},
     sink::{ndjson::NdjsonSink, table::TableSink, Output, Sink},
 };
 

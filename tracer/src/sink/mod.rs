@@ -17,7 +17,7 @@ use std::io::{self, Write};
 use bytes::BytesMut;
 
 use crate::{
-    enrich::{Enriched, FollowUp},
+    model::{Enriched, FollowUp},
     summary::Report,
 };
 

@@ -15,10 +15,10 @@ use super::{Output, Sink};
 use crate::{
     clock::Rfc3339,
     decode::{family_name, BindEventExt as _},
-    enrich::{Enriched, Explained, FollowUp},
     errno,
     host::identity::Identity,
     model::Diagnosis,
+    model::{Enriched, Explained, FollowUp},
     summary::Report,
 };
 

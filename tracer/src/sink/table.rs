@@ -13,8 +13,8 @@ use super::{
 use crate::{
     clock::local_time_of_day,
     decode::{requested_endpoint, Bind, BindEventExt as _},
-    enrich::{Enriched, Explained, FollowUp},
     errno,
+    model::{Enriched, Explained, FollowUp},
     summary::Report,
     text::{self, push_for_terminal},
 };
