@@ -9,6 +9,7 @@
 // through `bench_api` (feature `bench`).
 pub(crate) mod app;
 pub(crate) mod bpf_sys;
+pub(crate) mod check;
 pub(crate) mod cli;
 pub(crate) mod clock;
 pub(crate) mod command;

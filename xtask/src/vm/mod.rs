@@ -155,7 +155,8 @@ pub(crate) fn vm(args: &VmArgs, binaries: &[GuestBinaries]) -> Result<()> {
     let queue = std::sync::Mutex::new(std::collections::VecDeque::from(queue));
     let results = std::sync::Mutex::new(Vec::new());
     let workers = args.parallel_guests();
-    eprintln!("xtask: vm: {} guests, {workers} at a time", guests.len());
+    let plural = if guests.len() == 1 { "" } else { "s" };
+    eprintln!("xtask: vm: {} guest{plural}, {} at a time", guests.len(), workers.min(guests.len()));
     std::thread::scope(|scope| {
         for _ in 0..workers {
             scope.spawn(|| {
