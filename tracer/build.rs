@@ -1,5 +1,5 @@
 //! Builds the eBPF probe (nightly, `-Z build-std=core`, bpfel-unknown-none, bpf-linker, debug
-//! info and BTF kept) and leaves it in OUT_DIR, where `src/probe/load.rs` embeds it: the
+//! info and BTF kept) and leaves it in OUT_DIR, where `src/probe/mod.rs` embeds it: the
 //! `bindtrace` binary is the only file a user copies to a host.
 use std::{path::PathBuf, process::Command};
 

@@ -1,5 +1,5 @@
-//! The filter stage: turns the command line into the [`FilterConfig`] the probe applies in
-//! the kernel, and applies the very same predicates (shared through `bindtrace-common`) to
+//! The filter stage: turns the [`Selection`] (the command line's filters, resolved by
+//! `config`) into the [`FilterConfig`] the probe applies in the kernel, and applies the very same predicates (shared through `bindtrace-common`) to
 //! every decoded event, so that an event only reaches the sinks if both sides agree.
 
 use std::collections::HashSet;

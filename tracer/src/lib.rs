@@ -32,6 +32,7 @@ pub(crate) mod sink;
 pub(crate) mod summary;
 pub(crate) mod text;
 pub(crate) mod tree;
+pub(crate) mod tree_run;
 pub(crate) mod who;
 
 pub use app::main;

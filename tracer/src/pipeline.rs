@@ -1,5 +1,6 @@
-//! Drives the stages in order — ring buffer → decode → filter → sink — until a signal, the
-//! duration, the event count or a closed output ends the run, and reports drops live.
+//! Drives the stages in order — ring buffer → decode → filter → enrich → sink — until a
+//! signal, the duration, the event count, the traced command's exit or a closed output ends
+//! the run, and reports drops live.
 
 use std::{io, os::fd::AsRawFd, time::Duration};
 
@@ -148,8 +149,9 @@ impl Pipeline<'_> {
     /// Reads every record in the ring buffer now into the enrich stage.
     fn read_ring(&mut self, ring: &mut RingBuf<MapData>) -> (usize, Option<Ending>) {
         let mut records = 0;
-        // One arrival time for the batch: every record in it was in the ring by then, so a
-        // lookup started after it sees the state after each of their binds.
+        // One arrival time for the batch, taken before it is read (records keep arriving
+        // meanwhile): lookups are dispatched only after the loop, so a lookup started for any
+        // record of the batch still sees the state after its bind.
         let arrived = std::time::Instant::now();
         // Bounded: under a storm the producer refills the ring while it is read.
         while records < READ_MAX {
