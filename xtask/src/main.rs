@@ -56,8 +56,9 @@ enum Task {
         #[arg(long, value_delimiter = ',', default_values = ["x86_64", "aarch64"])]
         arch: Vec<String>,
     },
-    /// Boot Debian's 6.1 and 6.12 cloud kernels under QEMU and check the bind scenarios
-    /// traced inside them (or, with --host, on this machine).
+    /// Boot Debian's kernels under QEMU (x86_64 5.10, 6.1, 6.1-rt, 6.12; arm64 6.1, 6.12,
+    /// 6.12 with 16K pages) and check the bind scenarios traced inside them (or, with --host,
+    /// on this machine).
     Vm(vm::VmArgs),
     /// The container image bindtrace:VERSION (deploy/Dockerfile: the static binary alone),
     /// built with the local Docker; nothing is pulled.
