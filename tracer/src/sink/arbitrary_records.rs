@@ -2,38 +2,14 @@
 //! bytes, nothing panics, every NDJSON line is valid JSON, and the table carries no raw
 //! control or bidi character a terminal would act on.
 
-use std::{
-    io,
-    sync::{Arc, Mutex},
-};
-
 use bindtrace_common::{BindEvent, AF_UNIX, BIND_EVENT_SIZE, UNIX_BIND_EVENT_SIZE};
 use proptest::prelude::*;
 
 use crate::{
     decode::decode,
     model::{Enriched, Explained},
-    sink::{ndjson::NdjsonSink, table::TableSink, Output, Sink},
+    sink::{ndjson::NdjsonSink, table::TableSink, tests::Shared, Output, Sink},
 };
-
-#[derive(Clone, Default)]
-struct Shared(Arc<Mutex<Vec<u8>>>);
-
-impl io::Write for Shared {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.0.lock().expect("lock").extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Shared {
-    fn text(&self) -> String {
-        String::from_utf8(self.0.lock().expect("lock").clone()).expect("sinks write UTF-8")
-    }
-}
 
 fn render(sink: &mut dyn Sink, shared: &Shared, record: &[u8]) -> Option<String> {
     let event = decode(record).ok()?;

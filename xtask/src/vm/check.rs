@@ -193,17 +193,9 @@ mod tests {
             GuestRun {
                 backend: backend.into(),
                 exit: "exit=0".into(),
-                stderr: Vec::new(),
                 events,
                 scenarios: vec![scenario()],
-                scope_exit: String::new(),
-                scope: Vec::new(),
-                scope_stderr: Vec::new(),
-                tree_exit: String::new(),
-                tree: Vec::new(),
-                tree_stderr: Vec::new(),
-                collision: None,
-                sleepers: None,
+                ..GuestRun::default()
             }
         };
         let mut tally = Tally::default();

@@ -3,6 +3,7 @@
 use serde_json::Value;
 
 /// One backend's run, cut out of the console output.
+#[derive(Default)]
 pub(super) struct GuestRun {
     pub(super) backend: String,
     pub(super) exit: String,
@@ -82,17 +83,7 @@ pub(super) fn parse_console(console: &str) -> Vec<GuestRun> {
             runs.push(GuestRun {
                 backend: words.next().unwrap_or("?").to_owned(),
                 exit: words.next().unwrap_or("").to_owned(),
-                stderr: Vec::new(),
-                events: Vec::new(),
-                scenarios: Vec::new(),
-                scope_exit: String::new(),
-                scope: Vec::new(),
-                scope_stderr: Vec::new(),
-                tree_exit: String::new(),
-                tree: Vec::new(),
-                tree_stderr: Vec::new(),
-                collision: None,
-                sleepers: None,
+                ..GuestRun::default()
             });
             section = "";
         } else if let Some(exit) = line.strip_prefix("@@TREE ") {

@@ -34,17 +34,11 @@ pub(super) fn run_on_host(bindtrace: &Path, scenarios: &Path, tally: &mut Tally)
     let runs = vec![GuestRun {
         backend: "tracepoint".into(),
         exit: if status.success() { "exit=0".into() } else { format!("exit={status}") },
-        stderr: Vec::new(),
         events,
         scenarios: scenario_lines,
-        scope_exit: String::new(),
-        scope: Vec::new(),
-        scope_stderr: Vec::new(),
-        tree_exit: String::new(),
-        tree: Vec::new(),
-        tree_stderr: Vec::new(),
         collision: serde_json::from_str(counted.trim()).ok(),
         sleepers: serde_json::from_str(sleepers.trim()).ok(),
+        ..GuestRun::default()
     }];
     report("host", &runs, &["tracepoint"], false, &[], tally);
     Ok(())
