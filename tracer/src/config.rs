@@ -1,6 +1,7 @@
 //! The command line resolved once into the domain's terms (as ripgrep's `HiArgs`): the
 //! filter's [`Selection`], the loader's [`BackendChoice`], the run's limits and outputs. Only
-//! `app` and this module see [`Cli`]; no stage below them sees a clap type. What needs the
+//! `app` and this module see [`Cli`]; no stage of a trace sees a clap type (`bindtrace who`
+//! takes its own subcommand's arguments). What needs the
 //! host (opening `--file`, binding `--metrics`, finding CMD) is `app`'s, after this.
 
 use std::{ffi::OsString, net::SocketAddr, path::PathBuf};

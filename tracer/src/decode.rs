@@ -75,8 +75,8 @@ impl UnixPath {
         }
     }
 
-    /// [`Self::display_bytes`] as text, bytes that are not UTF-8 written as `\xNN` (NDJSON,
-    /// and the table before its own escaping).
+    /// [`Self::display_bytes`] as text, by `text::from_bytes` (bytes that are not UTF-8 as
+    /// `\xNN`, a backslash doubled); the table then only makes controls visible.
     pub(crate) fn display_text(&self) -> String {
         let mut text = crate::text::from_bytes(&self.display_bytes());
         if self.is_autobind() {

@@ -209,7 +209,7 @@ impl Summary {
                 order,
                 FailedProcess {
                     pid: bind.tgid,
-                    comm: String::from_utf8_lossy(&bind.comm[..end]).into_owned(),
+                    comm: crate::text::from_bytes(&bind.comm[..end]),
                     ppid: bind.tree_parent,
                     depth: bind.tree_depth,
                     failures: 1,
@@ -285,7 +285,7 @@ impl Summary {
             .iter()
             .map(|(&pid, (comm, count))| {
                 let end = comm.iter().position(|&b| b == 0).unwrap_or(COMM_LEN);
-                ProcessCount { pid, comm: String::from_utf8_lossy(&comm[..end]).into_owned(), count: *count }
+                ProcessCount { pid, comm: crate::text::from_bytes(&comm[..end]), count: *count }
             })
             .collect();
         top_processes.sort_by(|a, b| b.count.cmp(&a.count).then(a.pid.cmp(&b.pid)));

@@ -6,7 +6,16 @@
 //! makes what a terminal would act on visible and leaves backslashes alone. NDJSON carries the
 //! `from_bytes` text, controls included (JSON escapes those itself).
 
-use std::fmt::Write as _;
+use std::{borrow::Cow, fmt::Write as _};
+
+/// [`from_bytes`], borrowed when there is nothing to change (valid UTF-8 without a
+/// backslash: nearly every task name), so that the NDJSON sink allocates nothing per event.
+pub(crate) fn cow_from_bytes(bytes: &[u8]) -> Cow<'_, str> {
+    match std::str::from_utf8(bytes) {
+        Ok(text) if !text.contains('\\') => Cow::Borrowed(text),
+        _ => Cow::Owned(from_bytes(bytes)),
+    }
+}
 
 /// `bytes` as text, losslessly: valid UTF-8 as it is, a backslash doubled, each byte that is
 /// not UTF-8 as `\xNN`.
@@ -72,6 +81,8 @@ mod tests {
         assert_eq!(from_bytes(b"\xff\xfe"), "\\xff\\xfe");
         assert_eq!(from_bytes(b"literal\\xff"), "literal\\\\xff", "a literal \\xff is not a raw byte");
         assert_eq!(from_bytes(b"a\nb"), "a\nb", "controls stay for NDJSON, which escapes them itself");
+        assert!(matches!(cow_from_bytes(b"nginx"), Cow::Borrowed("nginx")));
+        assert_eq!(cow_from_bytes(b"a\\b\xff"), from_bytes(b"a\\b\xff"));
     }
 
     #[test]

@@ -97,9 +97,11 @@ pub(crate) fn release_command(
 pub(crate) fn shown_command(argv: &[std::ffi::OsString]) -> String {
     argv.iter()
         .map(|arg| {
-            let arg = crate::text::from_bytes(std::os::unix::ffi::OsStrExt::as_bytes(arg.as_os_str()));
+            // Quoted as the shell would need it, so not through `text::from_bytes`, whose
+            // doubled backslashes would change what is between the quotes.
+            let arg = arg.to_string_lossy();
             if !arg.is_empty() && arg.chars().all(|c| c.is_ascii_alphanumeric() || "-_./=:,+@%".contains(c)) {
-                arg
+                arg.into_owned()
             } else {
                 format!("'{}'", arg.replace('\'', "'\\''"))
             }
@@ -122,7 +124,7 @@ pub(crate) async fn end_tree(
     let mut finished = Finished::OK;
     if let Some((running, shown)) = command {
         if !root_exited {
-            crate::say::line(&format!("waiting for `{shown}` (pid {root_pid}) to exit"));
+            crate::say::line(&format!("waiting for `{}` (pid {root_pid}) to exit", crate::text::for_terminal(&shown)));
             running.handle().try_clone()?.exited().await?;
         }
         let status = running.status()?;

@@ -364,7 +364,7 @@ fn has_socket(holders: &[Holder], publication: &Publication) -> bool {
 fn render_table(out: &mut String, holders: &[Holder], census: Option<&PortCensus>, all: bool, summary: &str) {
     use std::fmt::Write as _;
     if holders.is_empty() {
-        let _ = writeln!(out, "{summary}");
+        let _ = writeln!(out, "{}", crate::text::for_terminal(summary));
         return;
     }
     let escaped = crate::text::for_terminal;

@@ -83,7 +83,8 @@ impl ProcessInfo {
         let cgroup = cgroup_of(&process);
         Some(Self {
             pid,
-            comm: stat.comm,
+            // As the probe's names are shown (procfs has made it UTF-8 already).
+            comm: crate::text::from_bytes(stat.comm.as_bytes()),
             cmdline,
             cgroup,
             uid: process.uid().ok(),

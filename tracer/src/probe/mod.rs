@@ -1,7 +1,8 @@
 //! The loader: loads the embedded eBPF object with its configuration, fills the pid and
 //! cgroup filters, attaches the first backend the kernel accepts and hands out the ring
-//! buffer, the maps the tracer updates and the counters. With `pipeline` (which reads the
-//! ring buffer it hands out), the only module that uses aya.
+//! buffer, the maps the tracer updates and the counters. The only module that loads or
+//! attaches programs; the maps it hands out are used through aya where they are read or
+//! written (`pipeline`'s ring buffer, `tree`'s and `follow`'s maps).
 
 mod check;
 mod counters;

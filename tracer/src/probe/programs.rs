@@ -172,7 +172,9 @@ fn attach_group(ebpf: &mut Ebpf, group: &[Program], mut btf: Option<&mut BtfSour
                             Ok(_) => {}
                             // IPv6 may be a module that is not loaded: the rest still works.
                             Err(err) if function == INET6_BIND => {
-                                attached.inet6_bind = Some(format!("attaching a kprobe to {function} failed: {err}"));
+                                let err =
+                                    anyhow::Error::new(err).context(format!("attaching a kprobe to {function} failed"));
+                                attached.inet6_bind = Some(format!("{err:#}"));
                             }
                             Err(err) => {
                                 return Err(err).with_context(|| format!("attaching a kprobe to {function} failed"))
@@ -272,7 +274,12 @@ fn attach_programs(ebpf: &mut Ebpf, programs: &BackendPrograms, btf: &mut BtfSou
         Backend::Kprobe if !Path::new(KPROBE_PMU).exists() => {
             bail!("this kernel has no kprobes ({KPROBE_PMU} is missing)")
         }
-        Backend::Fexit => btf.fexit_supported()?,
+        Backend::Fexit => {
+            btf.fexit_supported()?;
+            // Parsed now, once: a parse that fails fails the backend, not first its
+            // optional `__sys_bind` group.
+            btf.get()?;
+        }
         Backend::Kprobe => {}
     }
     let needs_btf = backend == Backend::Fexit;

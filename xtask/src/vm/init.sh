@@ -8,7 +8,7 @@ mkdir -p /sys/fs/cgroup && mount -t cgroup2 none /sys/fs/cgroup
 ip link set lo up
 echo "@@BEGIN $(uname -r) $(uname -m)"
 # at STAGE: the guest's uptime as STAGE starts (the host tells where a guest's minutes go).
-at() { echo "@@AT $(cut -d' ' -f1 /proc/uptime) $*"; }
+at() { read -r up _ < /proc/uptime; echo "@@AT $up $*"; }
 at check
 echo "@@CHECK"
 /bindtrace --check --verbose
@@ -57,9 +57,9 @@ counted() {
     if [ -s "/tmp/${run%:*}-plan.json" ]; then
       /bind-scenarios --count "/tmp/${run%:*}-plan.json" /tmp/counted.ndjson
     fi
-    # bindtrace's own words on that run (its warnings), for a failure's console.
-    sed 's/^/tracer-stderr: /' /tmp/counted.txt
   done
+  # bindtrace's own words on those runs (its warnings), for a failure's console.
+  while read -r line; do echo "tracer-stderr: $line"; done < /tmp/counted.txt
 }
 for backend in $BACKENDS; do
   at "$backend" scenarios

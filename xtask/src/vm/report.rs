@@ -187,6 +187,14 @@ pub(super) fn report(
                     Some(problem) => problems.push(format!("sleeping_binds: {problem}")),
                     None => tally.passed += 1,
                 }
+                // Not `exact`: each run's check lets the summary's `dropped` cover its losses,
+                // and the two runs share one bindtrace, so one summary: the binds of both
+                // must be reported or counted together too.
+                if !exact {
+                    if let Some(problem) = shared_loss_problem(run.collision.as_ref(), run.sleepers.as_ref()) {
+                        problems.push(format!("tid_slot_collision: {problem}"));
+                    }
+                }
                 let failing: std::collections::HashSet<&str> =
                     problems.iter().filter_map(|p| p.split(':').next()).collect();
                 tally.failed += failing.len();
@@ -326,6 +334,24 @@ pub(super) fn sleepers_problem(counted: Option<&Value>, exact: bool) -> Option<S
         .then(|| format!("{reported} reported ({dropped} counted lost) of {made} binds made; kernel counters {kernel}"))
 }
 
+/// The per-thread runs share one bindtrace and so one summary: every bind of both is reported
+/// or counted in its `dropped`, or the loss went unsaid.
+pub(super) fn shared_loss_problem(collision: Option<&Value>, sleepers: Option<&Value>) -> Option<String> {
+    let (Ok((collision, c_binds, c_threads)), Ok((sleepers, s_binds, s_threads))) =
+        (counted_plan(collision), counted_plan(sleepers))
+    else {
+        // Said by the runs' own checks.
+        return None;
+    };
+    let reported =
+        |counted: &Value| -> u64 { counted["events"].as_array().into_iter().flatten().filter_map(Value::as_u64).sum() };
+    let made = c_binds * c_threads.len() as u64 + s_binds * s_threads.len() as u64;
+    let reported = reported(collision) + reported(sleepers);
+    let dropped = sleepers["summary"]["dropped"].as_u64().unwrap_or(0);
+    (reported + dropped < made)
+        .then(|| format!("both runs: {reported} reported and {dropped} counted lost of {made} binds made"))
+}
+
 /// `--ring-buffer-size 4K`: accepted where a page is 4K, refused with one line naming the
 /// page size (exit 2) where it is larger.
 pub(super) fn ring_problem(console: &str, page_kib: u32) -> Option<String> {
@@ -391,6 +417,21 @@ mod tests {
         assert_eq!(sleepers_problem(Some(&counted([7, 10], 5)), false), None, "PREEMPT_RT: over-counted passes");
         assert!(sleepers_problem(Some(&counted([7, 10], 0)), false).is_some(), "PREEMPT_RT: a silent loss fails");
         assert!(sleepers_problem(Some(&counted([11, 10], 0)), false).is_some(), "PREEMPT_RT: reported twice fails");
+    }
+
+    #[test]
+    fn the_shared_runs_losses_are_counted_together() {
+        let counted = |events: [u64; 2], binds: u64, dropped: u64| {
+            json!({"plan": {"binds_each": binds, "threads": [{"tid": 1}, {"tid": 2}]},
+                   "events": events, "summary": {"dropped": dropped, "kernel": {}}})
+        };
+        // Each run alone passes (3 lost, 3 counted), both together do not (6 lost).
+        let (collision, sleepers) = (counted([7, 10], 10, 3), counted([7, 10], 10, 3));
+        assert_eq!(collision_problem(Some(&collision), false), None);
+        assert_eq!(sleepers_problem(Some(&sleepers), false), None);
+        assert!(shared_loss_problem(Some(&collision), Some(&sleepers)).is_some_and(|p| p.contains("34 reported")));
+        let (collision, sleepers) = (counted([7, 10], 10, 6), counted([7, 10], 10, 6));
+        assert_eq!(shared_loss_problem(Some(&collision), Some(&sleepers)), None);
     }
 
     #[test]

@@ -8,12 +8,12 @@ use crate::host::sockdiag::{DiagSocket, TCP_LISTEN, TCP_TIME_WAIT};
 /// Does a socket on the requested port stand in the way, by the kernel's address rules?
 /// Equal addresses and the wildcards 0.0.0.0 and :: conflict; an IPv6 socket without
 /// IPV6_V6ONLY also covers IPv4 (:: all of it, ::ffff:a.b.c.d that one address).
-pub(crate) fn conflicts(requested: Option<IpAddr>, requested_v6only: bool, holder: &DiagSocket) -> bool {
+pub(super) fn conflicts(requested: Option<IpAddr>, requested_v6only: bool, holder: &DiagSocket) -> bool {
     conflicts_with(requested, requested_v6only, holder.local.ip(), holder.v6only)
 }
 
 /// [`conflicts`] with a socket's local address and IPV6_V6ONLY.
-pub(crate) fn conflicts_with(
+pub(super) fn conflicts_with(
     requested: Option<IpAddr>,
     requested_v6only: bool,
     held: IpAddr,

@@ -6,10 +6,6 @@ use std::net::SocketAddr;
 
 use bindtrace_common::{sock_flags, BindEvent, AF_INET, AF_INET6};
 
-use super::super::{
-    history::{BindHistory, SeenBind},
-    lookup::{is_connection, Facts, Holder, LookupKey, PortCensus, SocketTable},
-};
 use super::{
     conflict::{conflicts, conflicts_with, holder_rank},
     nat, needed_lookups,
@@ -19,6 +15,10 @@ use super::{
     wording::{endpoint, holders_summary, stop_advice},
 };
 use crate::decode::{requested_endpoint, Bind, BindEventExt as _};
+use crate::enrich::{
+    history::{BindHistory, SeenBind},
+    lookup::{is_connection, Facts, Holder, LookupKey, PortCensus, SocketTable},
+};
 use crate::host::sockdiag::{state_name, Proto, TCP_LISTEN, TCP_TIME_WAIT};
 use crate::model::{Diagnosis, DiagnosisFacts, DiagnosisKind, Holders, HoldersSummary};
 

@@ -24,7 +24,7 @@ use std::net::IpAddr;
 
 use bindtrace_common::{sock_flags, AF_UNIX};
 
-pub(crate) use self::conflict::{conflicts, holder_rank};
+pub(crate) use self::conflict::holder_rank;
 use self::report::comm_text;
 use self::{
     access::access,

@@ -11,7 +11,7 @@ use crate::model::{Diagnosis, DiagnosisFacts, DiagnosisKind, Holders};
 
 /// Is `addr` local in a namespace with these interface addresses? 127.0.0.0/8 is local as a
 /// whole when loopback is up; multicast addresses may always be bound.
-pub(crate) fn is_local_address(addr: IpAddr, addresses: &[IpAddr]) -> bool {
+pub(super) fn is_local_address(addr: IpAddr, addresses: &[IpAddr]) -> bool {
     addr.is_unspecified()
         || addr.is_multicast()
         || addresses.contains(&addr)

@@ -122,7 +122,7 @@ pub(super) fn port_shared<'a>(
         if proto == Proto::Tcp && holder.socket.state != TCP_LISTEN {
             continue;
         }
-        if !super::conflicts(requested, v6only, &holder.socket) {
+        if !super::conflict::conflicts(requested, v6only, &holder.socket) {
             continue;
         }
         if holder.processes.iter().any(|p| p.pid == event.tgid) {

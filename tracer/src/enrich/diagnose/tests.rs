@@ -5,6 +5,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use bindtrace_common::{BindEvent, AF_INET6};
 
 use super::{
+    conflict::conflicts,
     in_use::{CONNECTIONS_SHOWN_MAX, HOLDERS_SHOWN_MAX},
     not_available::is_local_address,
     *,
