@@ -88,13 +88,7 @@ pub(super) fn soak(bindtrace: &Path, seconds: u64, stall_seconds: u64) -> Result
     let held: Vec<TcpListener> = (0..50).map(|_| TcpListener::bind("127.0.0.1:0")).collect::<Result<_, _>>()?;
     let ports: Vec<u16> = held.iter().filter_map(|l| l.local_addr().ok()).map(|a| a.port()).collect();
 
-    let mut tracer = Command::new(bindtrace)
-        .args(["-o", "ndjson"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .context("starting bindtrace")?;
+    let mut tracer = super::tracer::spawn_ndjson(bindtrace)?;
     let stderr = tracer.stderr.take().context("stderr")?;
     let rest = super::tracer::wait_attached(stderr)?;
     let stderr_lines = std::thread::spawn(move || rest.map_while(Result::ok).collect::<Vec<String>>());

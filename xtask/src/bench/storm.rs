@@ -47,13 +47,7 @@ fn run_scenario(bindtrace: &Path, generator: &Path, meter: &Path, holders: usize
         other => bail!("fail-storm did not get ready: {other:?}"),
     }
 
-    let mut tracer = Command::new(bindtrace)
-        .args(["-o", "ndjson"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .context("starting bindtrace")?;
+    let mut tracer = super::tracer::spawn_ndjson(bindtrace)?;
     let stdout = tracer.stdout.take().ok_or_else(|| anyhow!("no stdout"))?;
     // A deeper pipe than the default 64 KiB absorbs the meter's scheduling jitter.
     // SAFETY: fcntl on a pipe fd this process owns.

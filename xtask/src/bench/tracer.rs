@@ -5,7 +5,7 @@ use std::{
     path::Path,
 };
 
-use anyhow::{anyhow, bail, Result};
+use anyhow::{anyhow, bail, Context as _, Result};
 
 /// Runs `load` while `bindtrace ARGS` is attached and idle beside it (no output, no summary),
 /// then stops bindtrace: what staying attached costs a load bindtrace does not trace.
@@ -63,4 +63,15 @@ pub(super) fn wait_with_usage(pid: u32) -> Result<f64> {
     }
     let seconds = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
     Ok(seconds(usage.ru_utime) + seconds(usage.ru_stime))
+}
+
+/// `bindtrace -o ndjson`, its stdout and stderr piped: the benches read both.
+pub(super) fn spawn_ndjson(bindtrace: &Path) -> Result<std::process::Child> {
+    std::process::Command::new(bindtrace)
+        .args(["-o", "ndjson"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .context("starting bindtrace")
 }
