@@ -224,8 +224,9 @@ fn test_steps() -> Result<()> {
         "warnings",
     ]))?;
     let mut tests = cargo();
-    // The features clippy checked with: the same build-script run serves both, so the probe
-    // is built once for them (another feature set builds it again, about 40 s).
+    // The features clippy checked with, so that `bench_api` is built here too. (This does not
+    // spare a build of the probe: clippy's wrapper gives tracer/build.rs's run another
+    // fingerprint, and the test build runs it again, about 25 s.)
     tests.args(["test", "--workspace", "--exclude", "bindtrace-probe", "--features", "bindtrace/bench"]);
     let mut rootfs = None;
     if let Some(fetching) = &fetching {
