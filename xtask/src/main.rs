@@ -224,9 +224,8 @@ fn test_steps() -> Result<()> {
         "warnings",
     ]))?;
     let mut tests = cargo();
-    // The features clippy checked with, so that `bench_api` is built here too. (This does not
-    // spare a build of the probe: clippy's wrapper gives tracer/build.rs's run another
-    // fingerprint, and the test build runs it again, about 25 s.)
+    // The features clippy checked with, so that `bench_api` is built here too. (The probe
+    // itself is built once per architecture whatever builds the tracer: see tracer/build.rs.)
     tests.args(["test", "--workspace", "--exclude", "bindtrace-probe", "--features", "bindtrace/bench"]);
     let mut rootfs = None;
     if let Some(fetching) = &fetching {
