@@ -237,7 +237,7 @@ impl Sink for TableSink {
         if let Some((_, depth)) = place {
             comm.extend(std::iter::repeat_n(' ', usize::from(depth.min(TREE_INDENT_MAX))));
         }
-        push_for_terminal(&mut comm, &text::from_bytes(event.comm_bytes()));
+        push_for_terminal(&mut comm, &text::cow_from_bytes(event.comm_bytes()));
         // Escaped like comm: an AF_UNIX path (later) is a name a process chose.
         let mut address = String::with_capacity(48);
         push_for_terminal(&mut address, &address_column(event));
