@@ -430,6 +430,11 @@ pub(crate) fn spawn_child(plan: ChildPlan) -> ForkedChild {
     if pid == 0 {
         // SAFETY: see the fork; every pointer passed is to a local or to `plan`, alive here.
         unsafe {
+            // The fds this test binary had at the fork are other tests' sockets (the tests run
+            // in parallel): a child that kept them would be one more holder of a listener
+            // another test hands to its own process and expects named (a CI run saw it).
+            // The child opens whatever it uses itself.
+            libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
             let set_reuse = |fd: libc::c_int| match plan.reuse {
                 Some(option) => {
                     libc::setsockopt(
